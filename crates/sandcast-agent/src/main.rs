@@ -1,0 +1,3 @@
+//! sandcast-agent: the first process inside every session.
+
+fn main() {}

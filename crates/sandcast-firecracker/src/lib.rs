@@ -1,0 +1,1 @@
+//! The Firecracker backend: one microVM per session, driven through Firecracker's HTTP API.

@@ -1,0 +1,1 @@
+//! Builds and checks sandcast root file system images (directory, ext4, manifest).

@@ -1,0 +1,1 @@
+//! Screen capture, video encoding, input injection, clipboard and resize on the session's X display.

@@ -1,0 +1,373 @@
+//! Control messages.
+//!
+//! Readers are tolerant: fields added later get defaults, so an agent built
+//! from an older image keeps working with a newer server of the same
+//! [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+
+use serde::{Deserialize, Serialize};
+
+use crate::input::InputEvent;
+use crate::video::Codec;
+
+/// What a connection is for; named in its [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The session's one control connection.
+    Control,
+    /// Encoded video from the agent.
+    Video,
+    /// The agent's side of a tunnelled stream the server asked for with
+    /// [`Message::OpenStream`].
+    Stream {
+        /// The id from `OpenStream`.
+        id: u64,
+    },
+}
+
+/// First message on every connection, from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+    pub protocol: u16,
+    /// What this connection carries.
+    pub role: Role,
+    /// The agent's build version, for the session's record.
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// A control message. Direction is noted on each variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Agent → server: opens every connection.
+    Hello(Hello),
+    /// Server → agent: the hello is accepted. On a stream connection, raw
+    /// bytes follow.
+    Welcome {
+        /// The server's protocol version.
+        protocol: u16,
+    },
+    /// Server → agent: the hello is refused; the connection closes.
+    Reject {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Server → agent: the whole session configuration, sent after `Welcome`
+    /// on the control connection.
+    Config(SessionConfig),
+    /// Agent → server: a child process changed state.
+    Child(ChildReport),
+    /// Agent → server: a line of output of a child or of the agent.
+    Log(LogLine),
+    /// Agent → server: everything the session needs is up (display, browser,
+    /// VNC server).
+    Ready,
+    /// Agent → server: the session cannot work; the agent gives up.
+    Fatal {
+        /// Why, in words, naming the child and its last output.
+        reason: String,
+    },
+    /// Server → agent: open a stream connection with this id to the target.
+    OpenStream {
+        /// Chosen by the server, unique within the session.
+        id: u64,
+        /// What to connect the stream to.
+        target: StreamTarget,
+    },
+    /// Server → agent: inject one input event.
+    Input(InputEvent),
+    /// Both ways: the clipboard's text changed.
+    Clipboard {
+        /// New clipboard text.
+        text: String,
+    },
+    /// Server → agent: resize the display (the viewer's size, within limits).
+    Resize {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// Agent → server: the display's size now.
+    DisplaySize {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// Server → agent: start, change or stop the video stream.
+    Video(VideoControl),
+    /// Agent → server: counters the agent keeps (dropped input, frames).
+    Stats(AgentStats),
+    /// Server → agent: stop every child and exit.
+    Shutdown,
+    /// Either way: liveness probe.
+    Ping {
+        /// Echoed in the pong.
+        seq: u64,
+    },
+    /// Either way: answer to a ping.
+    Pong {
+        /// The ping's sequence number.
+        seq: u64,
+    },
+}
+
+/// What a tunnelled stream connects to inside the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamTarget {
+    /// The session's VNC server.
+    Vnc,
+}
+
+/// Video control from the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VideoControl {
+    /// Start encoding (or switch codec) at this bitrate.
+    Start {
+        /// Codec the viewers negotiated.
+        codec: Codec,
+        /// Target bitrate in bits per second.
+        bitrate_bps: u32,
+    },
+    /// Stop encoding; nobody is watching.
+    Stop,
+    /// Send a key frame as soon as possible.
+    KeyFrame,
+    /// Change the target bitrate.
+    Bitrate {
+        /// Bits per second.
+        bitrate_bps: u32,
+    },
+}
+
+/// Everything the agent needs to run a session. Sent by the server, so
+/// nothing depends on the environment or on files written into an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionConfig {
+    /// The session's id, for logs.
+    pub session_id: String,
+    /// Display width in pixels.
+    pub width: u32,
+    /// Display height in pixels.
+    pub height: u32,
+    /// Page the browser opens.
+    pub start_url: String,
+    /// Browser without its own tabs and address bar.
+    #[serde(default)]
+    pub kiosk: bool,
+    /// Optional command run beside the browser (argv; not a shell line).
+    #[serde(default)]
+    pub launch: Option<Vec<String>>,
+    /// Browser binary and extra flags.
+    pub browser: BrowserConfig,
+    /// Restart policy for crashed children.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Highest video frame rate.
+    #[serde(default = "default_max_fps")]
+    pub max_fps: u32,
+    /// The wall-clock time at the server when it sent this, in milliseconds
+    /// since the Unix epoch; a microVM restored from a snapshot sets its clock
+    /// from it.
+    #[serde(default)]
+    pub server_time_ms: u64,
+}
+
+fn default_max_fps() -> u32 {
+    60
+}
+
+/// Which browser to run and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrowserConfig {
+    /// Path of the browser binary inside the session.
+    pub binary: String,
+    /// Flags added after sandcast's own.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+/// How the agent restarts a child that died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    /// First delay before a restart.
+    pub initial_backoff_ms: u64,
+    /// Longest delay; the delay doubles up to this.
+    pub max_backoff_ms: u64,
+    /// A child that dies this many times within `window_ms` is in a crash loop.
+    pub crash_loop_restarts: u32,
+    /// The window for `crash_loop_restarts`.
+    pub crash_loop_window_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            initial_backoff_ms: 250,
+            max_backoff_ms: 10_000,
+            crash_loop_restarts: 5,
+            crash_loop_window_ms: 60_000,
+        }
+    }
+}
+
+/// State of one supervised child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildState {
+    /// Started, not yet ready.
+    Starting,
+    /// Up and ready.
+    Running,
+    /// Died; a restart is scheduled.
+    Restarting,
+    /// Died too often too quickly; still restarted, with the longest backoff.
+    CrashLoop,
+    /// Stopped on purpose, or gave up.
+    Stopped,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => write!(f, "killed by signal {sig}"),
+            (None, None) => write!(f, "unknown exit"),
+        }
+    }
+}
+
+/// A child's state, as the agent reports it on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildReport {
+    /// Stable name: `xvfb`, `browser`, `vnc`, `launch`.
+    pub name: String,
+    /// Its state now.
+    pub state: ChildState,
+    /// Its process id inside the session, while it runs.
+    pub pid: Option<u32>,
+    /// How often it was restarted.
+    pub restarts: u32,
+    /// How it last ended.
+    pub last_exit: Option<ExitInfo>,
+    /// The last lines of its output when it ended.
+    #[serde(default)]
+    pub tail: Vec<String>,
+}
+
+/// Where a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// A child's standard output.
+    Stdout,
+    /// A child's standard error.
+    Stderr,
+    /// The agent itself.
+    Agent,
+}
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The child's name, or `agent`.
+    pub source: String,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The line, without its newline, cut to a bounded length.
+    pub line: String,
+}
+
+/// Counters from the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStats {
+    /// Input events refused by validation or rate.
+    #[serde(default)]
+    pub input_dropped: u64,
+    /// Frames encoded.
+    #[serde(default)]
+    pub frames_encoded: u64,
+    /// Frames dropped because the channel was busy.
+    #[serde(default)]
+    pub frames_dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let json = serde_json::to_string(&Message::Resize {
+            width: 800,
+            height: 600,
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"type":"resize","width":800,"height":600}"#);
+        let back: Message = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back,
+            Message::Resize {
+                width: 800,
+                height: 600
+            }
+        );
+    }
+
+    #[test]
+    fn config_defaults_fill_missing_fields() {
+        let cfg: SessionConfig = serde_json::from_str(
+            r#"{"session_id":"s","width":1280,"height":720,"start_url":"about:blank",
+                "browser":{"binary":"/usr/bin/chromium"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.max_fps, 60);
+        assert_eq!(cfg.restart, RestartPolicy::default());
+        assert!(cfg.launch.is_none());
+    }
+
+    #[test]
+    fn exit_info_reads_well() {
+        assert_eq!(
+            ExitInfo {
+                code: Some(1),
+                signal: None
+            }
+            .to_string(),
+            "exit code 1"
+        );
+        assert_eq!(
+            ExitInfo {
+                code: None,
+                signal: Some(9)
+            }
+            .to_string(),
+            "killed by signal 9"
+        );
+    }
+
+    #[test]
+    fn stream_role_round_trips() {
+        let hello = Message::Hello(Hello {
+            protocol: 1,
+            role: Role::Stream { id: 42 },
+            agent_version: String::new(),
+        });
+        let json = serde_json::to_string(&hello).unwrap();
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), hello);
+    }
+}

@@ -1,0 +1,1 @@
+//! The sandbox backend: one session in Linux namespaces and a cgroup, with its own network namespace.

@@ -1,0 +1,1 @@
+//! The sandcast server: HTTP API, session manager, store, VNC gateway.

@@ -1,0 +1,3 @@
+//! The sandcast command.
+
+fn main() {}
