@@ -220,7 +220,10 @@ mod tests {
         };
         let mut buf = BytesMut::new();
         FrameCodec.encode(video.clone(), &mut buf).unwrap();
-        assert_eq!(FrameCodec.decode(&mut buf).unwrap(), Some(Frame::Video(video)));
+        assert_eq!(
+            FrameCodec.decode(&mut buf).unwrap(),
+            Some(Frame::Video(video))
+        );
     }
 
     #[test]
@@ -228,9 +231,15 @@ mod tests {
         let full = encode_message(&hello());
         for cut in 0..full.len() {
             let mut buf = BytesMut::from(&full[..cut]);
-            assert!(FrameCodec.decode(&mut buf).unwrap().is_none(), "cut at {cut}");
+            assert!(
+                FrameCodec.decode(&mut buf).unwrap().is_none(),
+                "cut at {cut}"
+            );
             buf.extend_from_slice(&full[cut..]);
-            assert!(FrameCodec.decode(&mut buf).unwrap().is_some(), "cut at {cut}");
+            assert!(
+                FrameCodec.decode(&mut buf).unwrap().is_some(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -275,14 +284,20 @@ mod tests {
         buf.put_u8(KIND_JSON);
         assert!(matches!(
             FrameCodec.decode(&mut buf),
-            Err(FrameError::TooLong { max: MAX_JSON_LEN, .. })
+            Err(FrameError::TooLong {
+                max: MAX_JSON_LEN,
+                ..
+            })
         ));
     }
 
     #[test]
     fn empty_and_unknown_frames_are_errors() {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 0][..]);
-        assert!(matches!(FrameCodec.decode(&mut buf), Err(FrameError::Empty)));
+        assert!(matches!(
+            FrameCodec.decode(&mut buf),
+            Err(FrameError::Empty)
+        ));
         let mut buf = BytesMut::from(&[0u8, 0, 0, 2, 99, 0][..]);
         assert!(matches!(
             FrameCodec.decode(&mut buf),
@@ -294,13 +309,19 @@ mod tests {
     fn garbage_json_is_an_error() {
         let mut buf = BytesMut::new();
         put_frame(&mut buf, KIND_JSON, &[b"{not json"]);
-        assert!(matches!(FrameCodec.decode(&mut buf), Err(FrameError::Json(_))));
+        assert!(matches!(
+            FrameCodec.decode(&mut buf),
+            Err(FrameError::Json(_))
+        ));
     }
 
     #[test]
     fn short_video_header_is_an_error() {
         let mut buf = BytesMut::new();
         put_frame(&mut buf, KIND_VIDEO, &[&[1, 2, 3]]);
-        assert!(matches!(FrameCodec.decode(&mut buf), Err(FrameError::Video(_))));
+        assert!(matches!(
+            FrameCodec.decode(&mut buf),
+            Err(FrameError::Video(_))
+        ));
     }
 }

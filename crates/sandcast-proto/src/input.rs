@@ -172,7 +172,10 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_kinds_are_refused() {
-        assert!(serde_json::from_str::<InputEvent>(r#"{"kind":"pointer_move","x":1,"y":2,"z":3}"#).is_err());
+        assert!(
+            serde_json::from_str::<InputEvent>(r#"{"kind":"pointer_move","x":1,"y":2,"z":3}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<InputEvent>(r#"{"kind":"teleport"}"#).is_err());
     }
 
@@ -180,10 +183,27 @@ mod tests {
     fn validation_bounds() {
         assert!(InputEvent::PointerMove { x: 0, y: 0 }.validate().is_ok());
         assert!(InputEvent::PointerMove { x: -1, y: 0 }.validate().is_err());
-        assert!(InputEvent::PointerMove { x: 0, y: 100_000 }.validate().is_err());
+        assert!(
+            InputEvent::PointerMove { x: 0, y: 100_000 }
+                .validate()
+                .is_err()
+        );
         assert!(InputEvent::Wheel { dx: -120, dy: 120 }.validate().is_ok());
-        assert!(InputEvent::Wheel { dx: 0, dy: i32::MIN }.validate().is_err());
-        assert!(InputEvent::Text { text: String::new() }.validate().is_err());
+        assert!(
+            InputEvent::Wheel {
+                dx: 0,
+                dy: i32::MIN
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            InputEvent::Text {
+                text: String::new()
+            }
+            .validate()
+            .is_err()
+        );
         assert!(
             InputEvent::Text {
                 text: "x".repeat(MAX_TEXT_LEN + 1)

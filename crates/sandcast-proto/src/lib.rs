@@ -30,10 +30,10 @@ mod input;
 mod message;
 mod video;
 
-pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN};
+pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};
 pub use input::{InputError, InputEvent, MAX_TEXT_LEN, PointerButton};
 pub use message::*;
-pub use video::{Codec, VideoFrame, VideoHeader, VIDEO_HEADER_LEN};
+pub use video::{Codec, VIDEO_HEADER_LEN, VideoFrame, VideoHeader};
 
 /// Version of this protocol. A peer refuses a `Hello` with another version,
 /// naming both, instead of misreading frames.
