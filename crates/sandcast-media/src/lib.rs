@@ -1,1 +1,41 @@
-//! Screen capture, video encoding, input injection, clipboard and resize on the session's X display.
+//! Screen capture, video encoding, input injection, clipboard and resize on
+//! the session's X display.
+//!
+//! This is the media half of the sandcast agent. Everything talks to the X
+//! server directly over the X protocol (x11rb):
+//!
+//! - [`VideoPipeline`]: a thread that sleeps on the X connection until the
+//!   Damage extension reports a change, captures the screen through MIT-SHM,
+//!   converts BGRA to I420 and encodes H.264 (openh264) or VP8 (libvpx). The
+//!   newest frame wins: the pipeline never queues encoded frames, it captures
+//!   again only once the previous frame was taken ([`FrameReceiver`]).
+//! - [`InputInjector`]: validated, rate-limited XTest injection of pointer,
+//!   wheel, keys and text, binding spare key codes for keysyms the current
+//!   keyboard map lacks.
+//! - [`Clipboard`]: the session's CLIPBOARD and PRIMARY selections both ways.
+//! - [`resize_display`]: RandR screen resize with the top-level windows
+//!   following.
+//!
+//! An idle display costs nothing: every thread blocks on its X connection.
+
+mod capture;
+mod clipboard;
+mod convert;
+mod encoder;
+mod error;
+mod h264;
+mod input;
+mod keysym;
+mod pipeline;
+mod resize;
+mod vp8;
+mod xutil;
+pub mod xvfb;
+
+pub use capture::{Capture, CaptureMethod, CapturedFrame};
+pub use convert::{I420Frame, bgra_to_i420};
+pub use encoder::{EncodedFrame, Encoder, EncoderSettings, KeyFramePolicy, new_encoder};
+pub use error::{Error, Result};
+pub use h264::{H264Encoder, H264Mode};
+pub use pipeline::{FrameReceiver, PipelineStats, VideoPipeline, VideoSettings};
+pub use vp8::Vp8Encoder;
