@@ -1,1 +1,1212 @@
 //! The sandbox backend: one session in Linux namespaces and a cgroup, with its own network namespace.
+//!
+//! Each session runs `sandcast-agent` under bubblewrap as an unprivileged
+//! host user (default 65534, `nobody`) in new user, mount, PID, IPC and UTS
+//! namespaces, inside a network namespace of its own (`<prefix>-<id>`) that
+//! is joined before bwrap starts. The root file system (the host's `/` or an
+//! image directory) is read-only; home, `/tmp` and `/dev/shm` are private and
+//! writable. Memory, CPU and process limits live in a cgroup
+//! (`<cgroup_parent>/<id>`, v1 or v2, detected at runtime).
+//!
+//! The session reaches the outside only through a veth pair (`sc-<8 hex>`)
+//! and NAT in the nftables table `inet <prefix>`, which drops everything
+//! from sessions to the host itself and between sessions, and forwards a
+//! session's traffic out only when its egress is on.
+//!
+//! Everything made for a session is recorded under `state_dir/sessions`, so
+//! [`Instance::stop`] and, after a crash, [`Backend::reap`] remove processes,
+//! cgroups, veths, namespaces, firewall elements and files exactly.
+
+pub mod cgroup;
+pub mod launch;
+pub mod net;
+pub mod state;
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::io::{self, Read};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
+use sandcast_backend::{
+    Backend, BackendError, Check, Instance, InstanceExit, LaunchSpec, Readiness, SessionId,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{OnceCell, watch};
+
+use crate::cgroup::{Layout, SessionCgroup};
+use crate::net::FirewallEntry;
+use crate::state::Record;
+
+/// How many lines of bwrap/agent output are kept to explain an exit.
+const TAIL_LINES: usize = 20;
+/// How long killing and emptying a cgroup may take before it is an error.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Configuration of the sandbox backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Where the backend records what it made for each session.
+    pub state_dir: PathBuf,
+    /// Root file system shown read-only in sessions; `None` is the host's `/`.
+    pub image_root: Option<PathBuf>,
+    /// Host uid the session runs as (never 0).
+    pub run_as_uid: u32,
+    /// Host gid the session runs as (never 0).
+    pub run_as_gid: u32,
+    /// Parent of the session cgroups, relative to each hierarchy's root.
+    pub cgroup_parent: String,
+    /// Where cgroup file systems are mounted.
+    pub cgroup_root: PathBuf,
+    /// IPv4 subnet from which each session gets a /30.
+    pub subnet: String,
+    /// Names this backend's netns (`<prefix>-<id>`), nft table and veth
+    /// aliases: 1-16 lowercase letters or digits, starting with a letter.
+    pub name_prefix: String,
+    /// DNS servers for sessions; empty means the host's upstream servers
+    /// (never its loopback stub), else public ones.
+    pub dns: Vec<IpAddr>,
+    /// Size of each session's /dev/shm in MiB (Chromium needs plenty).
+    pub shm_mib: u64,
+    /// Host paths hidden inside sessions when the host root is used (for
+    /// example the server's data directory). The state directory and the
+    /// parent of the session directory are always hidden.
+    pub hide_paths: Vec<PathBuf>,
+    /// Host directory (mode 0755) holding the stage mount point and the
+    /// lock that serialises address allocation between backends.
+    pub stage_dir: PathBuf,
+    /// The bubblewrap binary.
+    pub bwrap: PathBuf,
+    /// The `ip` binary (iproute2).
+    pub ip: PathBuf,
+    /// The `nft` binary (nftables).
+    pub nft: PathBuf,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            state_dir: "/var/lib/sandcast/sandbox".into(),
+            image_root: None,
+            run_as_uid: 65534,
+            run_as_gid: 65534,
+            cgroup_parent: "sandcast".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            subnet: "100.64.0.0/16".into(),
+            name_prefix: "sandcast".into(),
+            dns: Vec::new(),
+            shm_mib: 512,
+            hide_paths: Vec::new(),
+            stage_dir: "/run/sandcast-sandbox".into(),
+            bwrap: "/usr/bin/bwrap".into(),
+            ip: "/usr/sbin/ip".into(),
+            nft: "/usr/sbin/nft".into(),
+        }
+    }
+}
+
+/// The sandbox backend.
+#[derive(Clone)]
+pub struct SandboxBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: SandboxConfig,
+    subnet: Ipv4Net,
+    layout: Result<Layout, String>,
+    table: String,
+    host_ready: OnceCell<()>,
+}
+
+/// A tool the backend runs, with the package that provides it.
+struct Tool<'a> {
+    path: &'a Path,
+    package: &'static str,
+}
+
+impl Tool<'_> {
+    fn check(&self) -> Result<(), BackendError> {
+        let ok = std::fs::metadata(self.path)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            Err(BackendError::NotReady(format!(
+                "{} not found at {}: apt-get install {}",
+                self.path.file_name().unwrap_or_default().to_string_lossy(),
+                self.path.display(),
+                self.package
+            )))
+        }
+    }
+}
+
+/// Held while allocating addresses or changing the firewall; an flock, so
+/// it also orders backends in different processes.
+struct HostLock {
+    _file: std::fs::File,
+}
+
+impl SandboxBackend {
+    /// Validates the configuration and prepares the backend's directories.
+    /// Host problems (missing tools, cgroups) do not fail here; they show in
+    /// [`Backend::readiness`] and in the error of [`Backend::start`].
+    pub fn new(cfg: SandboxConfig) -> Result<SandboxBackend, BackendError> {
+        let bad = |m: String| Err(BackendError::InvalidSpec(m));
+        let p = &cfg.name_prefix;
+        if p.is_empty()
+            || p.len() > 16
+            || !p.starts_with(|c: char| c.is_ascii_lowercase())
+            || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return bad(format!(
+                "name_prefix {p:?} must be 1-16 lowercase letters or digits, starting with a letter"
+            ));
+        }
+        if cfg.run_as_uid == 0 || cfg.run_as_gid == 0 {
+            return bad(format!(
+                "run_as_uid {} / run_as_gid {}: sessions must run as an unprivileged user, not root",
+                cfg.run_as_uid, cfg.run_as_gid
+            ));
+        }
+        let parent = Path::new(&cfg.cgroup_parent);
+        if cfg.cgroup_parent.is_empty()
+            || parent.is_absolute()
+            || parent
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return bad(format!(
+                "cgroup_parent {:?} must be a relative path like \"sandcast\"",
+                cfg.cgroup_parent
+            ));
+        }
+        if cfg.shm_mib < 16 {
+            return bad(format!("shm_mib {} is below 16", cfg.shm_mib));
+        }
+        for (name, dir) in [("state_dir", &cfg.state_dir), ("stage_dir", &cfg.stage_dir)] {
+            if !dir.is_absolute() {
+                return bad(format!("{name} {} must be absolute", dir.display()));
+            }
+        }
+        if let Some(root) = &cfg.image_root
+            && !root.join("bin/sh").exists()
+        {
+            return bad(format!(
+                "image_root {} is not a root file system (no bin/sh in it)",
+                root.display()
+            ));
+        }
+        let subnet = net::parse_subnet(&cfg.subnet)?;
+        let mkdir = |d: &Path, mode: u32| -> Result<(), BackendError> {
+            std::fs::create_dir_all(d)
+                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)))
+                .map_err(|e| BackendError::io(format!("creating {}", d.display()), e))
+        };
+        mkdir(&cfg.state_dir, 0o700)?;
+        mkdir(&state::dir(&cfg.state_dir), 0o700)?;
+        // bwrap runs as the session user and must traverse the stage.
+        mkdir(&cfg.stage_dir, 0o755)?;
+        mkdir(&cfg.stage_dir.join("stage"), 0o755)?;
+        let layout = Layout::detect(&cfg.cgroup_root).map_err(|e| e.to_string());
+        let table = net::table_name(&cfg.name_prefix);
+        Ok(SandboxBackend {
+            inner: Arc::new(Inner {
+                cfg,
+                subnet,
+                layout,
+                table,
+                host_ready: OnceCell::new(),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.cfg
+    }
+}
+
+impl Inner {
+    fn tools(&self) -> [Tool<'_>; 3] {
+        [
+            Tool {
+                path: &self.cfg.bwrap,
+                package: "bubblewrap",
+            },
+            Tool {
+                path: &self.cfg.ip,
+                package: "iproute2",
+            },
+            Tool {
+                path: &self.cfg.nft,
+                package: "nftables",
+            },
+        ]
+    }
+
+    fn layout(&self) -> Result<&Layout, BackendError> {
+        self.layout
+            .as_ref()
+            .map_err(|e| BackendError::NotReady(e.clone()))
+    }
+
+    async fn host_lock(&self) -> Result<HostLock, BackendError> {
+        let path = self.cfg.stage_dir.join("host.lock");
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| BackendError::io(format!("opening {}", path.display()), e))?;
+            // SAFETY: flock(2) on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(BackendError::io(
+                    format!("locking {}", path.display()),
+                    io::Error::last_os_error(),
+                ));
+            }
+            Ok(HostLock { _file: file })
+        })
+        .await
+        .expect("lock task")
+    }
+
+    /// One-time host preparation: forwarding on, firewall table built from
+    /// the recorded sessions.
+    async fn ensure_host(&self) -> Result<(), BackendError> {
+        self.host_ready
+            .get_or_try_init(|| async {
+                for t in self.tools() {
+                    t.check()?;
+                }
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| {
+                    BackendError::io("setting net.ipv4.ip_forward=1 (needed for NAT egress)", e)
+                })?;
+                let _lock = self.host_lock().await?;
+                self.rebuild_firewall(None).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Replaces the nft table with one listing the recorded sessions (only
+    /// those in `keep` when given). Caller holds the host lock.
+    async fn rebuild_firewall(&self, keep: Option<&HashSet<String>>) -> Result<(), BackendError> {
+        let (records, _) = Record::load_all(&self.cfg.state_dir);
+        let entries: Vec<FirewallEntry> = records
+            .iter()
+            .filter(|r| keep.is_none_or(|k| k.contains(&r.id)))
+            .map(|r| FirewallEntry {
+                veth: r.veth.clone(),
+                egress: r.egress,
+            })
+            .collect();
+        let text = net::ruleset(&self.table, self.subnet, &entries);
+        net::run(&self.cfg.nft, &["-f", "-"], Some(&text)).await?;
+        Ok(())
+    }
+
+    fn cgroup_of(&self, rec: &Record) -> Option<SessionCgroup> {
+        let layout = self.layout().ok()?;
+        Some(layout.session(&self.cfg.cgroup_parent, &rec.id))
+    }
+
+    /// Removes everything a record lists. Returns one line per thing removed.
+    async fn teardown(&self, rec: &Record) -> Result<Vec<String>, BackendError> {
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        if let Some(cg) = self.cgroup_of(rec) {
+            let n = cg.pids().len();
+            let existed = cg.exists();
+            match tokio::task::spawn_blocking(move || cg.destroy(KILL_TIMEOUT))
+                .await
+                .expect("cgroup task")
+            {
+                Ok(()) if existed => {
+                    done.push(format!("killed {n} process(es) and removed cgroup of {}", rec.id))
+                }
+                Ok(()) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        {
+            let _lock = self.host_lock().await?;
+            if Path::new("/sys/class/net").join(&rec.veth).exists() {
+                match net::run(&self.cfg.ip, &["link", "del", &rec.veth], None).await {
+                    Ok(_) => done.push(format!("removed veth {}", rec.veth)),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if Path::new("/run/netns").join(&rec.netns).exists() {
+                match net::run(&self.cfg.ip, &["netns", "del", &rec.netns], None).await {
+                    Ok(_) => done.push(format!("removed netns {}", rec.netns)),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            let mut sets = vec!["sessions"];
+            if rec.egress {
+                sets.push("egress");
+            }
+            for set in sets {
+                let cmd = format!(
+                    "delete element inet {} {set} {{ \"{}\" }}\n",
+                    self.table, rec.veth
+                );
+                if let Err(e) = net::run(&self.cfg.nft, &["-f", "-"], Some(&cmd)).await {
+                    // Already gone (table rebuilt, or never added) is the goal.
+                    if !e.to_string().contains("No such file or directory") {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        if rec.files_dir.exists() {
+            // remove_dir_all does not follow symlinks the session may have made.
+            match std::fs::remove_dir_all(&rec.files_dir) {
+                Ok(()) => done.push(format!("removed {}", rec.files_dir.display())),
+                Err(e) => errors.push(format!("removing {}: {e}", rec.files_dir.display())),
+            }
+        }
+        if errors.is_empty() {
+            Record::delete(&self.cfg.state_dir, &rec.id)?;
+            Ok(done)
+        } else {
+            Err(BackendError::Cleanup(format!(
+                "session {}: {}",
+                rec.id,
+                errors.join("; ")
+            )))
+        }
+    }
+
+    /// Host paths hidden inside a session with this session directory.
+    fn hidden(&self, session_dir: &Path) -> Vec<PathBuf> {
+        if self.cfg.image_root.is_some() {
+            return Vec::new(); // host paths are not in an image root anyway
+        }
+        let mut v: Vec<PathBuf> = vec![self.cfg.state_dir.clone()];
+        if let Some(p) = session_dir.parent()
+            && p != Path::new("/")
+        {
+            v.push(p.to_path_buf());
+        }
+        v.extend(self.cfg.hide_paths.iter().cloned());
+        v.retain(|p| p.is_absolute() && p.is_dir());
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    async fn setup_network(&self, rec: &Record) -> Result<(), BackendError> {
+        let ip = &self.cfg.ip;
+        let cidr = |a| format!("{a}/30");
+        net::run(ip, &["netns", "add", &rec.netns], None).await?;
+        let alias = net::veth_alias(&self.cfg.name_prefix, &rec.id);
+        let host_side = format!(
+            "link add {veth} type veth peer name {inner} netns {ns}\n\
+             link set {veth} alias {alias}\n",
+            veth = rec.veth,
+            inner = net::INNER_IF,
+            ns = rec.netns
+        );
+        net::run(ip, &["-batch", "-"], Some(&host_side)).await?;
+        // No IPv6 on the host end: a session must not reach the host over
+        // link-local addresses either.
+        let v6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", rec.veth);
+        if Path::new(&v6).exists() {
+            std::fs::write(&v6, "1").map_err(|e| BackendError::io(format!("writing {v6}"), e))?;
+        }
+        // Into the firewall sets before the link carries anything.
+        let entry = FirewallEntry {
+            veth: rec.veth.clone(),
+            egress: rec.egress,
+        };
+        net::run(
+            &self.cfg.nft,
+            &["-f", "-"],
+            Some(&net::add_elements(&self.table, &entry)),
+        )
+        .await?;
+        let up = format!(
+            "addr add {} dev {}\nlink set {} up\n",
+            cidr(rec.host_addr),
+            rec.veth,
+            rec.veth
+        );
+        net::run(ip, &["-batch", "-"], Some(&up)).await?;
+        let inside = format!(
+            "link set lo up\naddr add {a} dev {i}\nlink set {i} up\nroute add default via {gw}\n",
+            a = cidr(rec.session_addr),
+            i = net::INNER_IF,
+            gw = rec.host_addr
+        );
+        net::run(ip, &["-n", &rec.netns, "-batch", "-"], Some(&inside)).await?;
+        Ok(())
+    }
+
+    fn write_files(&self, spec: &LaunchSpec, files: &Path) -> Result<(), BackendError> {
+        let cfg = &self.cfg;
+        let io_err = |what: &str, p: &Path| {
+            let what = format!("{what} {}", p.display());
+            move |e| BackendError::io(what, e)
+        };
+        std::fs::create_dir_all(&spec.session_dir).map_err(io_err("creating", &spec.session_dir))?;
+        std::fs::create_dir(files).map_err(io_err("creating", files))?;
+        std::fs::set_permissions(files, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", files))?;
+        for d in ["home", "tmp"] {
+            let p = files.join(d);
+            std::fs::create_dir(&p).map_err(io_err("creating", &p))?;
+            std::os::unix::fs::chown(&p, Some(cfg.run_as_uid), Some(cfg.run_as_gid))
+                .map_err(io_err("chown", &p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", &p))?;
+        }
+        let host_resolv: Vec<String> = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .collect();
+        let refs: Vec<&str> = host_resolv.iter().map(String::as_str).collect();
+        let resolv = net::resolv_conf(&cfg.dns, &refs, self.subnet);
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            h = launch::inside::HOSTNAME
+        );
+        for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+            let p = files.join(name);
+            std::fs::write(&p, text).map_err(io_err("writing", &p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err("chmod", &p))?;
+        }
+        // The session user connects to the server's socket, so it must own it.
+        std::os::unix::fs::chown(&spec.agent_socket, Some(cfg.run_as_uid), Some(cfg.run_as_gid))
+            .map_err(io_err("chown", &spec.agent_socket))?;
+        Ok(())
+    }
+
+    fn check_spec(&self, spec: &LaunchSpec) -> Result<(), BackendError> {
+        cgroup::validate_limits(&spec.limits)?;
+        let uid = self.cfg.run_as_uid;
+        let meta = std::fs::metadata(&spec.agent_binary).map_err(|e| {
+            BackendError::InvalidSpec(format!(
+                "agent binary {}: {e}",
+                spec.agent_binary.display()
+            ))
+        })?;
+        let mode = meta.permissions().mode();
+        let rx = if meta.uid() == uid {
+            mode & 0o500 == 0o500
+        } else if meta.gid() == self.cfg.run_as_gid {
+            mode & 0o050 == 0o050
+        } else {
+            mode & 0o005 == 0o005
+        };
+        if !meta.is_file() || !rx {
+            return Err(BackendError::InvalidSpec(format!(
+                "agent binary {} must be a file readable and executable by uid {uid} (mode is {:o})",
+                spec.agent_binary.display(),
+                mode & 0o7777
+            )));
+        }
+        use std::os::unix::fs::FileTypeExt;
+        let is_socket = std::fs::metadata(&spec.agent_socket)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false);
+        if !is_socket {
+            return Err(BackendError::InvalidSpec(format!(
+                "agent socket {} is not a listening Unix socket: the server must bind it before start",
+                spec.agent_socket.display()
+            )));
+        }
+        if !spec.session_dir.is_absolute() {
+            return Err(BackendError::InvalidSpec(format!(
+                "session_dir {} must be absolute",
+                spec.session_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn start(self: &Arc<Self>, spec: &LaunchSpec) -> Result<SandboxInstance, BackendError> {
+        self.check_spec(spec)?;
+        for t in self.tools() {
+            t.check()?;
+        }
+        let layout = self.layout()?.clone();
+        self.ensure_host().await?;
+        let cfg = &self.cfg;
+        let id = spec.id.as_str();
+        let lock = self.host_lock().await?;
+        let netns = net::netns_name(&cfg.name_prefix, id);
+        if Record::exists(&cfg.state_dir, id) || Path::new("/run/netns").join(&netns).exists() {
+            return Err(BackendError::Start(format!(
+                "session {id} is already running in this backend (stop or reap it first)"
+            )));
+        }
+        let (records, _) = Record::load_all(&cfg.state_dir);
+        let used: BTreeSet<u32> = records.iter().map(|r| r.block).collect();
+        let live = net::host_ipv4_addrs(&cfg.ip).await?;
+        let block = net::allocate(self.subnet, &used, &live)?;
+        let cg = layout.session(&cfg.cgroup_parent, id);
+        let rec = Record {
+            id: id.to_string(),
+            netns,
+            veth: net::veth_name(&cfg.name_prefix, id),
+            block: block.index,
+            host_addr: block.host,
+            session_addr: block.session,
+            egress: spec.network.egress,
+            cgroup_dirs: cg.dirs().to_vec(),
+            files_dir: spec.session_dir.join("sandbox"),
+            pid: None,
+        };
+        rec.save(&cfg.state_dir)?;
+        let net_result = self.setup_network(&rec).await;
+        drop(lock);
+        let result = match net_result {
+            Ok(()) => self.launch(spec, rec.clone(), cg).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(inst) => Ok(inst),
+            Err(e) => {
+                if let Err(cleanup) = self.teardown(&rec).await {
+                    tracing::error!(session = id, "cleanup after failed start: {cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        spec: &LaunchSpec,
+        mut rec: Record,
+        cg: SessionCgroup,
+    ) -> Result<SandboxInstance, BackendError> {
+        let cfg = &self.cfg;
+        self.write_files(spec, &rec.files_dir)?;
+        let limits = spec.limits;
+        let parent = cfg.cgroup_parent.clone();
+        let cg2 = cg.clone();
+        tokio::task::spawn_blocking(move || cg2.create(&parent, &limits))
+            .await
+            .expect("cgroup task")?;
+
+        let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
+        let stage = cfg.stage_dir.join("stage");
+        let files = &rec.files_dir;
+        let staged = launch::staged(
+            &spec.agent_binary,
+            &spec.agent_socket,
+            &files.join("home"),
+            &files.join("tmp"),
+            &files.join("resolv.conf"),
+            &files.join("hosts"),
+        );
+        let (info_r, info_w) = pipe()?;
+        let (step_r, step_w) = pipe()?;
+        let args = launch::bwrap_args(&launch::BwrapArgs {
+            root: root.clone(),
+            stage: stage.clone(),
+            shm_bytes: cfg.shm_mib << 20,
+            hide: self.hidden(&spec.session_dir),
+            resolv_target: launch::resolv_target(&root),
+            info_fd: info_w.as_raw_fd(),
+        });
+        let pre = launch::PreExec::prepare(
+            &Path::new("/run/netns").join(&rec.netns),
+            &cg.procs_files(),
+            &stage,
+            &staged,
+            cfg.run_as_uid,
+            cfg.run_as_gid,
+            info_w.as_raw_fd(),
+            step_w.as_raw_fd(),
+        )
+        .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&cfg.bwrap);
+        cmd.args(&args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: PreExec::run makes only async-signal-safe system calls on
+        // data prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || pre.run());
+        }
+        let spawned = cmd.spawn();
+        drop(cmd); // closes our copies of the netns and cgroup fds
+        drop(info_w);
+        drop(step_w);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let mut step = [0u8; 1];
+                let mut f = std::fs::File::from(step_r);
+                let what = match f.read(&mut step) {
+                    Ok(1) => launch::step_name(step[0]),
+                    _ => "starting bwrap",
+                };
+                return Err(BackendError::Start(format!(
+                    "{what} for {} failed: {e}",
+                    cfg.bwrap.display()
+                )));
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(tokio::spawn(forward_lines(out, rec.id.clone(), tail.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(tokio::spawn(forward_lines(err, rec.id.clone(), tail.clone())));
+        }
+        // bwrap writes its info once the namespaces exist; EOF first means it
+        // failed before that.
+        let info = tokio::task::spawn_blocking(move || read_info(info_r));
+        let info = tokio::time::timeout(Duration::from_secs(20), info).await;
+        let init_pid = match info {
+            Ok(Ok(Some(p))) => p,
+            _ => {
+                let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                if status.is_err() {
+                    let _ = child.start_kill();
+                }
+                for r in readers {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+                }
+                let lines: Vec<String> = tail.lock().expect("tail").iter().cloned().collect();
+                return Err(BackendError::Start(format!(
+                    "bwrap did not set up the sandbox: {}",
+                    if lines.is_empty() {
+                        "no output".to_string()
+                    } else {
+                        lines.join(" | ")
+                    }
+                )));
+            }
+        };
+        rec.pid = Some(pid);
+        rec.save(&cfg.state_dir)?;
+        tracing::info!(session = %rec.id, pid, init_pid, veth = %rec.veth, addr = %rec.session_addr, "sandbox started");
+
+        let (tx, rx) = watch::channel(None);
+        let requested = Arc::new(AtomicBool::new(false));
+        let req = requested.clone();
+        let mon_cg = cg.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // bwrap is gone, so the session is over: nothing may linger.
+            let _ = tokio::task::spawn_blocking(move || mon_cg.kill_all(KILL_TIMEOUT)).await;
+            for r in readers {
+                let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+            }
+            let lines: Vec<String> = tail.lock().expect("tail").iter().cloned().collect();
+            let reason = describe_exit(&status, &lines);
+            tracing::info!(session = %id, "sandbox ended: {reason}");
+            let _ = tx.send(Some(InstanceExit {
+                reason,
+                requested: req.load(Ordering::SeqCst),
+            }));
+        });
+        Ok(SandboxInstance {
+            inner: self.clone(),
+            rec,
+            cgroup: cg,
+            pid,
+            init_pid,
+            exit: rx,
+            requested,
+            stopped: tokio::sync::Mutex::new(false),
+        })
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), BackendError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(BackendError::io("creating a pipe", io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads bwrap's info JSON up to the closing brace; the pid of the sandbox's
+/// init, or `None` when bwrap closed the pipe first.
+fn read_info(fd: OwnedFd) -> Option<u32> {
+    let mut f = std::fs::File::from(fd);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !buf.contains(&b'}') {
+        match f.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+    v.get("child-pid")?.as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
+async fn forward_lines<R: tokio::io::AsyncRead + Unpin>(
+    r: R,
+    id: String,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(session = %id, "sandbox: {line}");
+        let mut t = tail.lock().expect("tail");
+        if t.len() == TAIL_LINES {
+            t.pop_front();
+        }
+        t.push_back(line);
+    }
+}
+
+/// Words for how bwrap (and through it the agent) ended.
+pub fn describe_exit(status: &io::Result<ExitStatus>, tail: &[String]) -> String {
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => return format!("could not wait for bwrap: {e}"),
+    };
+    let last = tail.last().map(|l| format!("; last output: {l}")).unwrap_or_default();
+    if let Some(sig) = status.signal() {
+        return format!("sandbox (bwrap) killed by signal {sig}{last}");
+    }
+    match status.code() {
+        Some(0) => "agent exited with status 0".to_string(),
+        // bwrap reports a command killed by signal N as 128 + N.
+        Some(c) if (129..=192).contains(&c) => format!("agent killed by signal {}{last}", c - 128),
+        Some(1) if tail.iter().any(|l| l.starts_with("bwrap:")) => {
+            let l = tail.iter().rev().find(|l| l.starts_with("bwrap:")).expect("found");
+            format!("sandbox setup failed: {l}")
+        }
+        Some(c) => format!("agent exited with status {c}{last}"),
+        None => format!("bwrap ended with {status}{last}"),
+    }
+}
+
+/// A running sandbox session.
+pub struct SandboxInstance {
+    inner: Arc<Inner>,
+    rec: Record,
+    cgroup: SessionCgroup,
+    pid: u32,
+    init_pid: u32,
+    exit: watch::Receiver<Option<InstanceExit>>,
+    requested: Arc<AtomicBool>,
+    stopped: tokio::sync::Mutex<bool>,
+}
+
+impl SandboxInstance {
+    /// The session's address inside its network namespace.
+    pub fn session_addr(&self) -> std::net::Ipv4Addr {
+        self.rec.session_addr
+    }
+
+    /// The host end of the session's veth (its gateway).
+    pub fn host_addr(&self) -> std::net::Ipv4Addr {
+        self.rec.host_addr
+    }
+
+    /// The host-side veth name.
+    pub fn veth(&self) -> &str {
+        &self.rec.veth
+    }
+
+    /// The network namespace name (under /run/netns).
+    pub fn netns(&self) -> &str {
+        &self.rec.netns
+    }
+
+    /// The session's cgroup directories, one per hierarchy.
+    pub fn cgroup_dirs(&self) -> &[PathBuf] {
+        &self.rec.cgroup_dirs
+    }
+
+    /// The per-session files (home, tmp, generated config).
+    pub fn files_dir(&self) -> &Path {
+        &self.rec.files_dir
+    }
+
+    /// Pids in the session's cgroup whose parent is the sandbox's init: the
+    /// agent (and any orphan the init adopted).
+    fn agent_pids(&self) -> Vec<i32> {
+        self.cgroup
+            .pids()
+            .into_iter()
+            .filter(|p| parent_pid(*p) == Some(self.init_pid as i32))
+            .collect()
+    }
+}
+
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+#[async_trait]
+impl Instance for SandboxInstance {
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    fn exited(&self) -> watch::Receiver<Option<InstanceExit>> {
+        self.exit.clone()
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<(), BackendError> {
+        let mut stopped = self.stopped.lock().await;
+        if *stopped {
+            return Ok(());
+        }
+        self.requested.store(true, Ordering::SeqCst);
+        let mut rx = self.exit.clone();
+        if rx.borrow().is_none() && !grace.is_zero() {
+            // Ask the agent to end; it stops its own children.
+            for pid in self.agent_pids() {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let _ = tokio::time::timeout(grace, rx.wait_for(Option::is_some)).await;
+        }
+        let removed = self.inner.teardown(&self.rec).await?;
+        // Killing the cgroup ends bwrap; its exit is reported by the monitor.
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
+        tracing::info!(session = %self.rec.id, "sandbox stopped: {}", removed.join(", "));
+        *stopped = true;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for SandboxBackend {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    async fn readiness(&self) -> Readiness {
+        let checks = readiness_checks(&self.inner).await;
+        Readiness {
+            ready: checks.iter().all(|c| c.ok),
+            checks,
+        }
+    }
+
+    async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
+        Ok(Box::new(self.inner.start(spec).await?))
+    }
+
+    async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
+        let inner = &self.inner;
+        let cfg = &inner.cfg;
+        let keep: HashSet<String> = keep.iter().map(|k| k.as_str().to_string()).collect();
+        let mut lines = Vec::new();
+        let mut errors = Vec::new();
+        let (records, bad) = Record::load_all(&cfg.state_dir);
+        for p in bad {
+            if std::fs::remove_file(&p).is_ok() {
+                lines.push(format!("removed unreadable record {}", p.display()));
+            }
+        }
+        for rec in records.iter().filter(|r| !keep.contains(&r.id)) {
+            match inner.teardown(rec).await {
+                Ok(done) => lines.extend(done),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        // Leftovers without a record (a crash between steps of start).
+        if let Ok(layout) = inner.layout() {
+            for name in layout.list_sessions(&cfg.cgroup_parent) {
+                if keep.contains(&name) {
+                    continue;
+                }
+                let cg = layout.session(&cfg.cgroup_parent, &name);
+                let n = cg.pids().len();
+                match tokio::task::spawn_blocking(move || cg.destroy(KILL_TIMEOUT))
+                    .await
+                    .expect("cgroup task")
+                {
+                    Ok(()) => lines.push(format!("killed {n} process(es) and removed cgroup of {name}")),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        let _lock = inner.host_lock().await?;
+        let prefix = format!("{}-", cfg.name_prefix);
+        if let Ok(rd) = std::fs::read_dir("/run/netns") {
+            for e in rd.filter_map(Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(id) = name.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if keep.contains(id) {
+                    continue;
+                }
+                match net::run(&cfg.ip, &["netns", "del", &name], None).await {
+                    Ok(_) => lines.push(format!("removed netns {name}")),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        let alias_prefix = net::veth_alias(&cfg.name_prefix, "");
+        if let Ok(links) = net::links(&cfg.ip).await {
+            for l in links {
+                let Some(id) = l.ifalias.as_deref().and_then(|a| a.strip_prefix(&alias_prefix)) else {
+                    continue;
+                };
+                if keep.contains(id) {
+                    continue;
+                }
+                match net::run(&cfg.ip, &["link", "del", &l.ifname], None).await {
+                    Ok(_) => lines.push(format!("removed veth {}", l.ifname)),
+                    // Deleting the netns may have taken the pair with it.
+                    Err(_) if !Path::new("/sys/class/net").join(&l.ifname).exists() => {}
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        if inner.tools()[2].check().is_ok() {
+            if let Err(e) = inner.rebuild_firewall(Some(&keep)).await {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(lines)
+        } else {
+            Err(BackendError::Cleanup(format!(
+                "removed [{}] but: {}",
+                lines.join(", "),
+                errors.join("; ")
+            )))
+        }
+    }
+}
+
+async fn readiness_checks(inner: &Inner) -> Vec<Check> {
+    let cfg = &inner.cfg;
+    let mut checks = Vec::new();
+    let mut add = |name: &str, r: Result<String, String>| {
+        checks.push(match r {
+            Ok(detail) => Check {
+                name: name.into(),
+                ok: true,
+                detail,
+            },
+            Err(detail) => Check {
+                name: name.into(),
+                ok: false,
+                detail,
+            },
+        })
+    };
+    // SAFETY: geteuid(2) cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    add(
+        "root",
+        if euid == 0 {
+            Ok("running as root (needed for namespaces, cgroups and nftables)".into())
+        } else {
+            Err(format!(
+                "running as uid {euid}: the sandbox backend must run as root"
+            ))
+        },
+    );
+    for (t, flag) in inner.tools().iter().zip(["--version", "-V", "--version"]) {
+        let name = t.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let r = match t.check() {
+            Err(e) => Err(e.to_string().trim_start_matches("host is not ready: ").to_string()),
+            Ok(()) => net::run(t.path, &[flag], None)
+                .await
+                .map(|v| format!("{} ({})", t.path.display(), v.trim()))
+                .map_err(|e| e.to_string()),
+        };
+        add(&name, r);
+    }
+    if inner.tools()[2].check().is_ok() {
+        add(
+            "nftables kernel support",
+            net::run(&cfg.nft, &["list", "tables"], None)
+                .await
+                .map(|_| "nft can list tables".to_string())
+                .map_err(|e| format!("{e} (kernel needs nf_tables, nft_masq, nft_ct)")),
+        );
+    }
+    add(
+        "cgroups",
+        match inner.layout() {
+            Ok(l) => {
+                let dirs = l.parent_dirs(&cfg.cgroup_parent);
+                let unwritable: Vec<String> = dirs
+                    .iter()
+                    .map(|d| d.parent().unwrap_or(d).to_path_buf())
+                    .filter(|d| {
+                        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok();
+                        // SAFETY: access(2) on a NUL-terminated path.
+                        !c.is_some_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+                    })
+                    .map(|d| d.display().to_string())
+                    .collect();
+                if unwritable.is_empty() {
+                    Ok(format!("{}; sessions under {}", l.describe(), cfg.cgroup_parent))
+                } else {
+                    Err(format!(
+                        "{}, but cannot write {}",
+                        l.describe(),
+                        unwritable.join(", ")
+                    ))
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    add(
+        "ip_forward",
+        match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
+            Ok(v) if v.trim() == "1" => Ok("net.ipv4.ip_forward=1".into()),
+            Ok(_) if euid == 0 => {
+                Ok("net.ipv4.ip_forward=0 now; set to 1 when the first session starts".into())
+            }
+            Ok(_) => Err("net.ipv4.ip_forward=0 and not root to change it".into()),
+            Err(e) => Err(format!("cannot read /proc/sys/net/ipv4/ip_forward: {e}")),
+        },
+    );
+    add("user namespaces", probe_userns(inner).await);
+    add(
+        "root file system",
+        match &cfg.image_root {
+            None => Ok("the host's / (read-only in sessions)".into()),
+            Some(r) if r.join("bin/sh").exists() => Ok(format!("image at {}", r.display())),
+            Some(r) => Err(format!("image_root {} has no bin/sh", r.display())),
+        },
+    );
+    checks
+}
+
+/// Runs bwrap as the session user with the namespaces sessions use.
+async fn probe_userns(inner: &Inner) -> Result<String, String> {
+    let cfg = &inner.cfg;
+    inner.tools()[0].check().map_err(|e| e.to_string())?;
+    let (uid, gid) = (cfg.run_as_uid, cfg.run_as_gid);
+    let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
+    let mut cmd = tokio::process::Command::new(&cfg.bwrap);
+    cmd.args(["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--ro-bind"])
+        .arg(&root)
+        .args(["/", "--proc", "/proc", "--dev", "/dev", "--", "/bin/sh", "-c", "exit 0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe credential calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
+        .await
+        .map_err(|_| "bwrap probe hung for 10 s".to_string())?
+        .map_err(|e| format!("cannot run {} as uid {uid}: {e}", cfg.bwrap.display()))?;
+    if out.status.success() {
+        Ok(format!("uid {uid} can create user, pid, ipc and uts namespaces with bwrap"))
+    } else {
+        Err(format!(
+            "bwrap as uid {uid} failed: {} (enable unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(raw: i32) -> io::Result<ExitStatus> {
+        Ok(ExitStatus::from_raw(raw))
+    }
+
+    #[test]
+    fn exits_are_described() {
+        assert_eq!(describe_exit(&status(0), &[]), "agent exited with status 0");
+        // bwrap exit code 137: the agent got SIGKILL.
+        assert_eq!(describe_exit(&status(137 << 8), &[]), "agent killed by signal 9");
+        assert_eq!(
+            describe_exit(&status(9), &["x".into()]),
+            "sandbox (bwrap) killed by signal 9; last output: x"
+        );
+        let tail = vec!["bwrap: Can't mount proc on /newroot/proc: Operation not permitted".to_string()];
+        assert_eq!(
+            describe_exit(&status(1 << 8), &tail),
+            "sandbox setup failed: bwrap: Can't mount proc on /newroot/proc: Operation not permitted"
+        );
+        assert_eq!(
+            describe_exit(&status(3 << 8), &["boom".into()]),
+            "agent exited with status 3; last output: boom"
+        );
+    }
+
+    #[test]
+    fn config_is_validated_with_the_bad_value() {
+        let t = tempfile::tempdir().unwrap();
+        let base = SandboxConfig {
+            state_dir: t.path().join("state"),
+            stage_dir: t.path().join("stage"),
+            ..SandboxConfig::default()
+        };
+        let err = |c: SandboxConfig| SandboxBackend::new(c).err().expect("error").to_string();
+        assert!(err(SandboxConfig { name_prefix: "Bad-Prefix".into(), ..base.clone() }).contains("\"Bad-Prefix\""));
+        assert!(err(SandboxConfig { run_as_uid: 0, ..base.clone() }).contains("run_as_uid 0"));
+        assert!(err(SandboxConfig { subnet: "10.0.0.0/8x".into(), ..base.clone() }).contains("10.0.0.0/8x"));
+        assert!(err(SandboxConfig { cgroup_parent: "../x".into(), ..base.clone() }).contains("\"../x\""));
+        assert!(err(SandboxConfig { image_root: Some(t.path().join("nope")), ..base.clone() }).contains("nope"));
+        let b = SandboxBackend::new(base.clone()).unwrap();
+        assert_eq!(b.name(), "sandbox");
+        // The stage must be traversable by the session user.
+        let mode = std::fs::metadata(&base.stage_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+
+    #[test]
+    fn config_reads_from_toml_like_json_with_defaults() {
+        let c: SandboxConfig =
+            serde_json::from_str(r#"{"run_as_uid": 1500, "subnet": "10.200.0.0/16"}"#).unwrap();
+        assert_eq!(c.run_as_uid, 1500);
+        assert_eq!(c.name_prefix, "sandcast");
+        assert!(serde_json::from_str::<SandboxConfig>(r#"{"nope": 1}"#).is_err());
+    }
+
+    #[test]
+    fn parent_pid_reads_proc_stat() {
+        // SAFETY: getpid/getppid cannot fail.
+        let (me, parent) = unsafe { (libc::getpid(), libc::getppid()) };
+        assert_eq!(parent_pid(me), Some(parent));
+        assert_eq!(parent_pid(-5), None);
+    }
+}

@@ -1,0 +1,467 @@
+//! Spawning bubblewrap: its arguments, and the few system calls made in the
+//! forked child before it execs (join the netns and cgroup, stage the host
+//! paths, drop to the unprivileged user).
+//!
+//! bwrap runs as the unprivileged user in a user namespace, so it can only
+//! bind host paths that user may traverse. The server's session directory is
+//! usually not such a path, so the child first enters a private mount
+//! namespace, mounts a tiny tmpfs on the stage directory and bind-mounts each
+//! needed host path there while still root. That namespace (and every mount
+//! in it) vanishes with the sandbox: nothing is mounted on the host.
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Where things appear inside the sandbox.
+pub mod inside {
+    /// Directory holding the agent and its socket.
+    pub const RUN_DIR: &str = "/run/sandcast";
+    /// The agent binary.
+    pub const AGENT: &str = "/run/sandcast/sandcast-agent";
+    /// The agent channel socket.
+    pub const SOCKET: &str = "/run/sandcast/agent.sock";
+    /// The session user's home.
+    pub const HOME: &str = "/home/sandcast";
+    /// The hostname.
+    pub const HOSTNAME: &str = "sandcast";
+    /// The search path.
+    pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+}
+
+/// One host path to stage, by the name it gets in the stage directory.
+#[derive(Debug, Clone)]
+pub struct StagedPath {
+    /// Path on the host.
+    pub host: PathBuf,
+    /// File name under the stage directory.
+    pub name: &'static str,
+    /// Whether it is a directory (else a file or socket).
+    pub dir: bool,
+}
+
+/// Everything needed to build the bwrap command line.
+#[derive(Debug, Clone)]
+pub struct BwrapArgs {
+    /// Root file system shown read-only at `/`.
+    pub root: PathBuf,
+    /// Stage directory (host path) where staged paths appear.
+    pub stage: PathBuf,
+    /// Size of /dev/shm in bytes.
+    pub shm_bytes: u64,
+    /// Host paths hidden behind an empty tmpfs (other sessions, server data).
+    pub hide: Vec<PathBuf>,
+    /// Where /etc/resolv.conf must be bound (it may be a symlink in the root).
+    pub resolv_target: PathBuf,
+    /// The fd bwrap writes its info JSON to.
+    pub info_fd: RawFd,
+}
+
+/// The bwrap arguments (after the program name).
+pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
+    let mut v: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&dyn AsRefOs]| {
+        for i in items {
+            v.push(i.os());
+        }
+    };
+    let stage = |n: &str| a.stage.join(n);
+    push(&[
+        &"--die-with-parent",
+        &"--new-session",
+        &"--unshare-user",
+        &"--unshare-pid",
+        &"--unshare-ipc",
+        &"--unshare-uts",
+        &"--unshare-cgroup-try",
+        &"--hostname",
+        &inside::HOSTNAME,
+        &"--ro-bind",
+        &a.root,
+        &"/",
+        &"--dev",
+        &"/dev",
+        &"--perms",
+        &"1777",
+        &"--size",
+        &a.shm_bytes.to_string(),
+        &"--tmpfs",
+        &"/dev/shm",
+        &"--proc",
+        &"/proc",
+        &"--ro-bind",
+        &"/sys",
+        &"/sys",
+    ]);
+    for h in &a.hide {
+        push(&[&"--tmpfs", h]);
+    }
+    push(&[
+        &"--tmpfs",
+        &"/run",
+        &"--tmpfs",
+        &"/var/tmp",
+        &"--tmpfs",
+        &"/home",
+        &"--perms",
+        &"0755",
+        &"--dir",
+        &inside::RUN_DIR,
+        &"--ro-bind",
+        &stage("agent"),
+        &inside::AGENT,
+        &"--bind",
+        &stage("agent.sock"),
+        &inside::SOCKET,
+        &"--bind",
+        &stage("home"),
+        &inside::HOME,
+        &"--bind",
+        &stage("tmp"),
+        &"/tmp",
+        &"--ro-bind",
+        &stage("resolv.conf"),
+        &a.resolv_target,
+        &"--ro-bind",
+        &stage("hosts"),
+        &"/etc/hosts",
+        &"--clearenv",
+        &"--setenv",
+        &"HOME",
+        &inside::HOME,
+        &"--setenv",
+        &"TMPDIR",
+        &"/tmp",
+        &"--setenv",
+        &"PATH",
+        &inside::PATH,
+        &"--setenv",
+        &"LANG",
+        &"C.UTF-8",
+        &"--setenv",
+        &"USER",
+        &"sandcast",
+        &"--chdir",
+        &inside::HOME,
+        &"--info-fd",
+        &a.info_fd.to_string(),
+        &"--",
+        &inside::AGENT,
+        &"--connect",
+        &format!("unix:{}", inside::SOCKET),
+    ]);
+    v
+}
+
+/// Anything that can be an argument.
+trait AsRefOs {
+    fn os(&self) -> OsString;
+}
+impl AsRefOs for &str {
+    fn os(&self) -> OsString {
+        (*self).into()
+    }
+}
+impl AsRefOs for String {
+    fn os(&self) -> OsString {
+        self.into()
+    }
+}
+impl AsRefOs for PathBuf {
+    fn os(&self) -> OsString {
+        self.as_os_str().to_owned()
+    }
+}
+
+/// The staged paths and their fixed names (as used by [`bwrap_args`]).
+pub fn staged(
+    agent: &Path,
+    socket: &Path,
+    home: &Path,
+    tmp: &Path,
+    resolv: &Path,
+    hosts: &Path,
+) -> Vec<StagedPath> {
+    let s = |host: &Path, name, dir| StagedPath {
+        host: host.to_path_buf(),
+        name,
+        dir,
+    };
+    vec![
+        s(agent, "agent", false),
+        s(socket, "agent.sock", false),
+        s(home, "home", true),
+        s(tmp, "tmp", true),
+        s(resolv, "resolv.conf", false),
+        s(hosts, "hosts", false),
+    ]
+}
+
+/// Where /etc/resolv.conf must be bound inside `root`: the file itself, or
+/// the absolute target of the symlink it is (as with systemd-resolved).
+pub fn resolv_target(root: &Path) -> PathBuf {
+    let etc = Path::new("/etc/resolv.conf");
+    let host = root.join("etc/resolv.conf");
+    let target = match std::fs::read_link(&host) {
+        Ok(t) => Path::new("/etc").join(t),
+        Err(_) => return etc.to_path_buf(),
+    };
+    // Lexical clean-up: bwrap wants a plain absolute destination.
+    let mut out = PathBuf::from("/");
+    for c in target.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Steps of the pre-exec sequence, reported by number when one fails.
+const STEPS: [&str; 9] = [
+    "joining the network namespace",
+    "joining the cgroup",
+    "creating a private mount namespace",
+    "making mounts private",
+    "mounting the stage tmpfs",
+    "creating a stage entry",
+    "bind-mounting a host path into the stage",
+    "dropping to the unprivileged user",
+    "passing the info fd",
+];
+
+/// Name of a pre-exec step reported by the child.
+pub fn step_name(step: u8) -> &'static str {
+    STEPS.get(usize::from(step)).copied().unwrap_or("unknown step")
+}
+
+/// The prepared pre-exec work: only plain data and fds, so the closure makes
+/// no allocation after fork.
+pub struct PreExec {
+    netns: OwnedFd,
+    cgroup_procs: Vec<OwnedFd>,
+    stage: CString,
+    entries: Vec<(CString, CString, bool)>,
+    uid: u32,
+    gid: u32,
+    info_fd: RawFd,
+    step_fd: RawFd,
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in path {}", p.display())))
+}
+
+impl PreExec {
+    /// Opens the netns and cgroup files (in the parent, before fork).
+    pub fn prepare(
+        netns_path: &Path,
+        cgroup_procs: &[PathBuf],
+        stage: &Path,
+        staged: &[StagedPath],
+        uid: u32,
+        gid: u32,
+        info_fd: RawFd,
+        step_fd: RawFd,
+    ) -> io::Result<PreExec> {
+        let open = |p: &Path, write: bool| -> io::Result<OwnedFd> {
+            let f = std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(p)
+                .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", p.display())))?;
+            Ok(f.into())
+        };
+        Ok(PreExec {
+            netns: open(netns_path, false)?,
+            cgroup_procs: cgroup_procs
+                .iter()
+                .map(|p| open(p, true))
+                .collect::<io::Result<_>>()?,
+            stage: cstr(stage)?,
+            entries: staged
+                .iter()
+                .map(|s| Ok((cstr(&s.host)?, cstr(&stage.join(s.name))?, s.dir)))
+                .collect::<io::Result<_>>()?,
+            uid,
+            gid,
+            info_fd,
+            step_fd,
+        })
+    }
+
+    /// Runs in the forked child. Only async-signal-safe system calls.
+    ///
+    /// # Safety
+    /// Must only be called between fork and exec.
+    pub unsafe fn run(&self) -> io::Result<()> {
+        let fail = |step: u8| -> io::Result<()> {
+            let err = io::Error::last_os_error();
+            // SAFETY: write(2) of a one-byte buffer on an fd we own.
+            unsafe { libc::write(self.step_fd, [step].as_ptr().cast(), 1) };
+            Err(err)
+        };
+        // SAFETY (whole block): plain system calls on fds and NUL-terminated
+        // strings prepared before fork and alive for the closure's lifetime.
+        unsafe {
+            if libc::setns(self.netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return fail(0);
+            }
+            // "0" moves the writing process; its children inherit the cgroup.
+            for fd in &self.cgroup_procs {
+                if libc::write(fd.as_raw_fd(), c"0".as_ptr().cast(), 1) != 1 {
+                    return fail(1);
+                }
+            }
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail(2);
+            }
+            let none = std::ptr::null::<libc::c_char>();
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail(3);
+            }
+            if libc::mount(
+                c"tmpfs".as_ptr(),
+                self.stage.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                c"mode=0755,size=64k".as_ptr().cast(),
+            ) != 0
+            {
+                return fail(4);
+            }
+            for (src, dst, dir) in &self.entries {
+                if *dir {
+                    if libc::mkdir(dst.as_ptr(), 0o755) != 0 {
+                        return fail(5);
+                    }
+                } else {
+                    let fd = libc::open(
+                        dst.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if fd < 0 {
+                        return fail(5);
+                    }
+                    libc::close(fd);
+                }
+                if libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0 {
+                    return fail(6);
+                }
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(self.gid, self.gid, self.gid) != 0
+                || libc::setresuid(self.uid, self.uid, self.uid) != 0
+            {
+                return fail(7);
+            }
+            if libc::fcntl(self.info_fd, libc::F_SETFD, 0) != 0 {
+                return fail(8);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> Vec<String> {
+        bwrap_args(&BwrapArgs {
+            root: "/".into(),
+            stage: "/run/stage".into(),
+            shm_bytes: 512 << 20,
+            hide: vec!["/var/lib/sandcast".into()],
+            resolv_target: "/etc/resolv.conf".into(),
+            info_fd: 7,
+        })
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect()
+    }
+
+    fn has_seq(v: &[String], seq: &[&str]) -> bool {
+        v.windows(seq.len()).any(|w| w == seq)
+    }
+
+    #[test]
+    fn bwrap_gets_namespaces_but_shares_the_prepared_netns() {
+        let a = args();
+        for flag in ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"] {
+            assert!(a.iter().any(|x| x == flag), "{flag}");
+        }
+        // The netns is joined before exec; bwrap must not make another.
+        assert!(!a.iter().any(|x| x == "--unshare-net" || x == "--unshare-all"));
+    }
+
+    #[test]
+    fn bwrap_mounts_are_read_only_root_and_private_writables() {
+        let a = args();
+        assert!(has_seq(&a, &["--ro-bind", "/", "/"]));
+        assert!(has_seq(&a, &["--perms", "1777", "--size", "536870912", "--tmpfs", "/dev/shm"]));
+        assert!(has_seq(&a, &["--bind", "/run/stage/home", "/home/sandcast"]));
+        assert!(has_seq(&a, &["--bind", "/run/stage/tmp", "/tmp"]));
+        assert!(has_seq(&a, &["--ro-bind", "/run/stage/agent", "/run/sandcast/sandcast-agent"]));
+        assert!(has_seq(&a, &["--bind", "/run/stage/agent.sock", "/run/sandcast/agent.sock"]));
+        assert!(has_seq(&a, &["--tmpfs", "/var/lib/sandcast"]));
+        assert!(has_seq(&a, &["--info-fd", "7"]));
+        // The hidden paths are masked after the root is bound, not before.
+        let root = a.iter().position(|x| x == "--ro-bind").unwrap();
+        let hide = a.iter().position(|x| x == "/var/lib/sandcast").unwrap();
+        assert!(root < hide);
+    }
+
+    #[test]
+    fn command_is_the_agent_with_the_socket() {
+        let a = args();
+        let dashdash = a.iter().position(|x| x == "--").unwrap();
+        assert_eq!(
+            &a[dashdash + 1..],
+            ["/run/sandcast/sandcast-agent", "--connect", "unix:/run/sandcast/agent.sock"]
+        );
+        assert!(has_seq(&a, &["--setenv", "HOME", "/home/sandcast"]));
+        assert!(has_seq(&a, &["--setenv", "TMPDIR", "/tmp"]));
+        assert!(a.iter().any(|x| x == "--clearenv"));
+    }
+
+    #[test]
+    fn resolv_target_follows_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("etc")).unwrap();
+        assert_eq!(resolv_target(t.path()), Path::new("/etc/resolv.conf"));
+        std::os::unix::fs::symlink(
+            "../run/systemd/resolve/stub-resolv.conf",
+            t.path().join("etc/resolv.conf"),
+        )
+        .unwrap();
+        assert_eq!(
+            resolv_target(t.path()),
+            Path::new("/run/systemd/resolve/stub-resolv.conf")
+        );
+        std::fs::remove_file(t.path().join("etc/resolv.conf")).unwrap();
+        std::os::unix::fs::symlink("/run/x.conf", t.path().join("etc/resolv.conf")).unwrap();
+        assert_eq!(resolv_target(t.path()), Path::new("/run/x.conf"));
+    }
+
+    #[test]
+    fn step_names_cover_every_step() {
+        assert_eq!(step_name(0), "joining the network namespace");
+        assert_eq!(step_name(8), "passing the info fd");
+        assert_eq!(step_name(200), "unknown step");
+    }
+}

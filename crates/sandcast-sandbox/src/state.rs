@@ -1,0 +1,128 @@
+//! What the backend made for each session, on disk, so that `stop` and a
+//! `reap` after a restart know exactly what to remove.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use sandcast_backend::BackendError;
+use serde::{Deserialize, Serialize};
+
+/// One session's host resources.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Session id.
+    pub id: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// Host-side veth.
+    pub veth: String,
+    /// Index of the session's /30.
+    pub block: u32,
+    /// Host end address.
+    pub host_addr: Ipv4Addr,
+    /// Session end address.
+    pub session_addr: Ipv4Addr,
+    /// Whether egress is allowed.
+    pub egress: bool,
+    /// The cgroup directories, one per hierarchy.
+    pub cgroup_dirs: Vec<PathBuf>,
+    /// The per-session files (home, tmp, generated config), removed on stop.
+    pub files_dir: PathBuf,
+    /// bwrap's host pid once started.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// The directory of session records under a state dir.
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("sessions")
+}
+
+fn path(state_dir: &Path, id: &str) -> PathBuf {
+    dir(state_dir).join(format!("{id}.json"))
+}
+
+impl Record {
+    /// Writes the record atomically (temp file and rename).
+    pub fn save(&self, state_dir: &Path) -> Result<(), BackendError> {
+        let final_path = path(state_dir, &self.id);
+        let tmp = final_path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(self).expect("record serialises");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &final_path))
+            .map_err(|e| BackendError::io(format!("writing {}", final_path.display()), e))
+    }
+
+    /// Removes the record file (missing is fine).
+    pub fn delete(state_dir: &Path, id: &str) -> Result<(), BackendError> {
+        let p = path(state_dir, id);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(BackendError::io(format!("removing {}", p.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a record exists for `id`.
+    pub fn exists(state_dir: &Path, id: &str) -> bool {
+        path(state_dir, id).exists()
+    }
+
+    /// Every readable record; unreadable ones are returned by file name so the
+    /// caller can report them.
+    pub fn load_all(state_dir: &Path) -> (Vec<Record>, Vec<PathBuf>) {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        let Ok(rd) = std::fs::read_dir(dir(state_dir)) else {
+            return (good, bad);
+        };
+        for e in rd.filter_map(Result::ok) {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            match std::fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            {
+                Some(r) => good.push(r),
+                None => bad.push(p),
+            }
+        }
+        good.sort_by(|a, b| a.id.cmp(&b.id));
+        (good, bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_bad_files_are_reported() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir(t.path())).unwrap();
+        let r = Record {
+            id: "s1".into(),
+            netns: "sandcast-s1".into(),
+            veth: "sc-01234567".into(),
+            block: 3,
+            host_addr: "100.64.0.13".parse().unwrap(),
+            session_addr: "100.64.0.14".parse().unwrap(),
+            egress: true,
+            cgroup_dirs: vec!["/sys/fs/cgroup/sandcast/s1".into()],
+            files_dir: "/data/s1/sandbox".into(),
+            pid: Some(42),
+        };
+        r.save(t.path()).unwrap();
+        std::fs::write(dir(t.path()).join("broken.json"), "{").unwrap();
+        let (good, bad) = Record::load_all(t.path());
+        assert_eq!(good, vec![r]);
+        assert_eq!(bad, vec![dir(t.path()).join("broken.json")]);
+        assert!(Record::exists(t.path(), "s1"));
+        Record::delete(t.path(), "s1").unwrap();
+        Record::delete(t.path(), "s1").unwrap();
+        assert!(!Record::exists(t.path(), "s1"));
+    }
+}
