@@ -1,0 +1,157 @@
+//! Public types of the gateway's API.
+
+use std::fmt;
+
+use sandcast_proto::{Codec, InputEvent};
+use serde::{Deserialize, Serialize};
+
+/// Identifies one viewer connection, unique for the gateway's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ViewerId(pub u64);
+
+impl fmt::Display for ViewerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// How a viewer may interact with its session.
+///
+/// `control: true` lets the viewer drive the session always (shared
+/// control). With `false` the viewer drives it only while no other viewer
+/// does: the first viewer of a session controls it, later ones watch, and
+/// control passes on when the controlling viewer leaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewerOptions {
+    /// Always in control, alongside any others.
+    #[serde(default)]
+    pub control: bool,
+}
+
+/// The answer to a viewer's offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The new viewer.
+    pub viewer_id: ViewerId,
+    /// SDP answer for the viewer's `setRemoteDescription`.
+    pub sdp: String,
+}
+
+/// Where a viewer's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewerState {
+    /// Offer answered; ICE and DTLS under way.
+    Connecting,
+    /// Media can flow.
+    Connected,
+    /// The viewer went away or was closed.
+    Closed,
+}
+
+/// Counters kept per viewer; bad input is dropped and counted, never fatal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewerCounters {
+    /// Data-channel messages accepted.
+    pub messages_accepted: u64,
+    /// Data-channel messages dropped (malformed, invalid, oversized, over the
+    /// rate, or from a viewer not in control).
+    pub messages_dropped: u64,
+    /// Of the dropped: larger than the size cap.
+    pub messages_oversized: u64,
+    /// Of the dropped: over the rate limit.
+    pub messages_rate_limited: u64,
+    /// Of the dropped: valid, but the viewer is not in control.
+    pub messages_not_in_control: u64,
+    /// Video frames handed to the packetiser.
+    pub frames_sent: u64,
+    /// Video frames skipped (waiting for a key frame, codec not negotiated).
+    pub frames_skipped: u64,
+    /// PLI and FIR received.
+    pub key_frame_requests: u64,
+    /// Last round-trip time from receiver reports, in milliseconds.
+    pub rtt_ms: u32,
+}
+
+/// What the gateway tells the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayEvent {
+    /// A session's first viewer arrived, or its codec changed: start the
+    /// encoder with this codec (`VideoControl::Start`).
+    VideoWanted {
+        /// Session id.
+        session: String,
+        /// Codec every viewer decodes.
+        codec: Codec,
+        /// Initial target bitrate.
+        bitrate_bps: u32,
+    },
+    /// The session's last viewer left: stop the encoder.
+    VideoUnwanted {
+        /// Session id.
+        session: String,
+    },
+    /// A viewer needs a key frame (new viewer, PLI, FIR); rate-limited.
+    KeyFrameWanted {
+        /// Session id.
+        session: String,
+    },
+    /// New target bitrate: the minimum over the session's viewers, clamped.
+    Bitrate {
+        /// Session id.
+        session: String,
+        /// Bits per second.
+        bps: u32,
+    },
+    /// Input from a viewer in control, validated.
+    Input {
+        /// Session id.
+        session: String,
+        /// Which viewer sent it.
+        viewer: ViewerId,
+        /// The event.
+        event: InputEvent,
+    },
+    /// A viewer in control pasted text.
+    Clipboard {
+        /// Session id.
+        session: String,
+        /// The text.
+        text: String,
+    },
+    /// A viewer in control changed size; the display should follow.
+    Resize {
+        /// Session id.
+        session: String,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// A viewer's connection changed state.
+    ViewerState {
+        /// Session id.
+        session: String,
+        /// The viewer.
+        viewer: ViewerId,
+        /// Its new state.
+        state: ViewerState,
+    },
+}
+
+impl GatewayEvent {
+    /// The session the event is about.
+    pub fn session(&self) -> &str {
+        match self {
+            GatewayEvent::VideoWanted { session, .. }
+            | GatewayEvent::VideoUnwanted { session }
+            | GatewayEvent::KeyFrameWanted { session }
+            | GatewayEvent::Bitrate { session, .. }
+            | GatewayEvent::Input { session, .. }
+            | GatewayEvent::Clipboard { session, .. }
+            | GatewayEvent::Resize { session, .. }
+            | GatewayEvent::ViewerState { session, .. } => session,
+        }
+    }
+}
