@@ -1,1 +1,608 @@
-//! stub
+//! Input injection with XTest.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sandcast_proto::InputEvent;
+use x11rb::connection::Connection;
+use x11rb::protocol::xproto::{self, ConnectionExt as _};
+use x11rb::protocol::xtest::ConnectionExt as _;
+use x11rb::rust_connection::RustConnection;
+
+use crate::error::{Error, Result};
+use crate::keysym::{keysym_for_char, keysym_for_key};
+use crate::xutil;
+
+/// Viewer pixels per wheel click. Chromium on X11 scrolls about 53 px per
+/// wheel click, so one click per 53 px makes the remote page move as far as
+/// the viewer scrolled; touchpads' small deltas add up instead of being
+/// lost, and a remainder is kept for the next event.
+pub const WHEEL_PX_PER_CLICK: i32 = 53;
+
+/// At most this many clicks per wheel event, whatever the delta.
+const MAX_CLICKS_PER_EVENT: i32 = 50;
+
+/// Text events cost one token plus one per this many characters.
+const CHARS_PER_TOKEN: usize = 8;
+
+const SHIFT_L: u32 = 0xffe1;
+const SHIFT_R: u32 = 0xffe2;
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    per_second: u32,
+    burst: u32,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    /// A full bucket.
+    pub fn new(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second,
+            burst,
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `cost` tokens at `now`, or refuses without taking any.
+    pub fn take_at(&mut self, cost: u32, now: Instant) -> Result<()> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens =
+            (self.tokens + elapsed * f64::from(self.per_second)).min(f64::from(self.burst));
+        if self.tokens < f64::from(cost) {
+            return Err(Error::RateLimited {
+                per_second: self.per_second,
+                burst: self.burst,
+            });
+        }
+        self.tokens -= f64::from(cost);
+        Ok(())
+    }
+}
+
+impl Default for RateLimit {
+    /// 1000 events a second, bursts of 2000: far above what a person does,
+    /// far below what floods the X server.
+    fn default() -> Self {
+        RateLimit::new(1000, 2000)
+    }
+}
+
+/// The core keyboard map, cached.
+struct Keymap {
+    min: u8,
+    per: u8,
+    syms: Vec<u32>,
+    /// Key codes with no keysym, for binding keysyms the layout lacks,
+    /// least recently used first.
+    spare: Vec<u8>,
+}
+
+impl Keymap {
+    fn load(conn: &RustConnection) -> Result<Keymap> {
+        let setup = conn.setup();
+        let (min, max) = (setup.min_keycode, setup.max_keycode);
+        let reply = conn.get_keyboard_mapping(min, max - min + 1)?.reply()?;
+        let per = reply.keysyms_per_keycode;
+        let syms = reply.keysyms;
+        let spare = (min..=max)
+            .filter(|kc| {
+                let i = usize::from(kc - min) * usize::from(per);
+                syms[i..i + usize::from(per)].iter().all(|s| *s == 0)
+            })
+            .collect::<Vec<_>>();
+        Ok(Keymap {
+            min,
+            per,
+            syms,
+            spare,
+        })
+    }
+
+    /// The key code and column (0 plain, 1 shifted) that give `sym`.
+    fn find(&self, sym: u32) -> Option<(u8, usize)> {
+        let per = usize::from(self.per);
+        for col in 0..per.min(2) {
+            for (i, chunk) in self.syms.chunks(per).enumerate() {
+                if chunk[col] == sym {
+                    return Some((self.min + i as u8, col));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Injects viewer input into an X display.
+pub struct InputInjector {
+    conn: RustConnection,
+    root: xproto::Window,
+    keymap: Keymap,
+    limit: RateLimit,
+    /// Keys held, by the viewer's `code`, with the key code pressed.
+    keys_down: HashMap<String, u8>,
+    buttons_down: Vec<u8>,
+    wheel_rem: (i32, i32),
+    dropped: u64,
+}
+
+impl std::fmt::Debug for InputInjector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputInjector")
+            .field("dropped", &self.dropped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InputInjector {
+    /// Connects to `display` with the default rate limit.
+    pub fn connect(display: &str) -> Result<InputInjector> {
+        Self::with_rate_limit(display, RateLimit::default())
+    }
+
+    /// Connects to `display` with a given rate limit.
+    pub fn with_rate_limit(display: &str, limit: RateLimit) -> Result<InputInjector> {
+        let (conn, screen) = xutil::connect(display)?;
+        conn.xtest_get_version(2, 2)?
+            .reply()
+            .map_err(|_| Error::MissingExtension("XTEST"))?;
+        let root = conn.setup().roots[screen].root;
+        let keymap = Keymap::load(&conn)?;
+        Ok(InputInjector {
+            conn,
+            root,
+            keymap,
+            limit,
+            keys_down: HashMap::new(),
+            buttons_down: Vec::new(),
+            wheel_rem: (0, 0),
+            dropped: 0,
+        })
+    }
+
+    /// Events refused so far (validation, rate, unknown keys).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Validates and injects one event. A refused event is counted and
+    /// returned as an error; the injector stays usable.
+    pub fn apply(&mut self, event: &InputEvent) -> Result<()> {
+        let res = self.apply_inner(event);
+        if let Err(e) = &res {
+            self.dropped += 1;
+            tracing::debug!(error = %e, "input event refused");
+        }
+        res
+    }
+
+    fn apply_inner(&mut self, event: &InputEvent) -> Result<()> {
+        event.validate()?;
+        let cost = match event {
+            InputEvent::Text { text } => 1 + text.chars().count() / CHARS_PER_TOKEN,
+            _ => 1,
+        };
+        self.limit
+            .take_at(u32::try_from(cost).unwrap_or(u32::MAX), Instant::now())?;
+        match event {
+            InputEvent::PointerMove { x, y } => {
+                self.fake(xproto::MOTION_NOTIFY_EVENT, 0, *x as i16, *y as i16)?;
+            }
+            InputEvent::PointerButton { button, down } => {
+                let b = button.x11_button();
+                self.button(b, *down)?;
+            }
+            InputEvent::Wheel { dx, dy } => {
+                self.wheel(*dx, *dy)?;
+            }
+            InputEvent::Key { code, key, down } => self.key(code, key, *down)?,
+            InputEvent::Text { text } => {
+                for c in text.chars() {
+                    // Characters without a key (other control characters)
+                    // are skipped, not fatal for the rest of the text.
+                    if let Some(sym) = keysym_for_char(c) {
+                        self.type_sym(sym)?;
+                    }
+                }
+            }
+            InputEvent::ReleaseAll => self.release_all()?,
+        }
+        self.conn.flush()?;
+        Ok(())
+    }
+
+    fn fake(&self, kind: u8, detail: u8, x: i16, y: i16) -> Result<()> {
+        let root = if kind == xproto::MOTION_NOTIFY_EVENT {
+            self.root
+        } else {
+            x11rb::NONE
+        };
+        self.conn
+            .xtest_fake_input(kind, detail, x11rb::CURRENT_TIME, root, x, y, 0)?;
+        Ok(())
+    }
+
+    fn button(&mut self, b: u8, down: bool) -> Result<()> {
+        if down {
+            if !self.buttons_down.contains(&b) {
+                self.buttons_down.push(b);
+            }
+            self.fake(xproto::BUTTON_PRESS_EVENT, b, 0, 0)
+        } else {
+            self.buttons_down.retain(|x| *x != b);
+            self.fake(xproto::BUTTON_RELEASE_EVENT, b, 0, 0)
+        }
+    }
+
+    fn wheel(&mut self, dx: i32, dy: i32) -> Result<()> {
+        // Positive is down or right: buttons 5 and 7; negative 4 and 6.
+        for (delta, rem, neg, pos) in [(dy, 1, 4u8, 5u8), (dx, 0, 6, 7)] {
+            let r = if rem == 1 {
+                &mut self.wheel_rem.1
+            } else {
+                &mut self.wheel_rem.0
+            };
+            // A change of direction drops what was left over the other way.
+            if (*r > 0 && delta < 0) || (*r < 0 && delta > 0) {
+                *r = 0;
+            }
+            *r += delta;
+            let clicks =
+                (*r / WHEEL_PX_PER_CLICK).clamp(-MAX_CLICKS_PER_EVENT, MAX_CLICKS_PER_EVENT);
+            *r -= clicks * WHEEL_PX_PER_CLICK;
+            *r = (*r).clamp(-WHEEL_PX_PER_CLICK, WHEEL_PX_PER_CLICK);
+            let b = if clicks < 0 { neg } else { pos };
+            for _ in 0..clicks.abs() {
+                self.fake(xproto::BUTTON_PRESS_EVENT, b, 0, 0)?;
+                self.fake(xproto::BUTTON_RELEASE_EVENT, b, 0, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn shift_held(&self) -> bool {
+        self.keys_down.values().any(|kc| {
+            let i = usize::from(kc - self.keymap.min) * usize::from(self.keymap.per);
+            matches!(self.keymap.syms.get(i), Some(&SHIFT_L) | Some(&SHIFT_R))
+        })
+    }
+
+    fn key(&mut self, code: &str, key: &str, down: bool) -> Result<()> {
+        if !down {
+            // Release what the press pressed, whatever `key` says now (the
+            // user may have let go of Shift first).
+            if let Some(kc) = self.keys_down.remove(code) {
+                self.fake(xproto::KEY_RELEASE_EVENT, kc, 0, 0)?;
+            }
+            return Ok(());
+        }
+        let sym = keysym_for_key(key, code).ok_or_else(|| Error::UnknownKey {
+            key: key.to_owned(),
+            code: code.to_owned(),
+        })?;
+        let is_char = key.chars().count() == 1;
+        let shift = self.shift_held();
+        let kc = match self.keymap.find(sym) {
+            // A character must come out of the column the current Shift
+            // state selects; named keys ignore columns.
+            Some((kc, col)) if !is_char || (col == 1) == shift => kc,
+            _ => self.bind_spare(sym)?,
+        };
+        if let Some(old) = self.keys_down.insert(code.to_owned(), kc) {
+            // Auto-repeat from the viewer: a press while held repeats.
+            if old != kc {
+                self.fake(xproto::KEY_RELEASE_EVENT, old, 0, 0)?;
+            }
+        }
+        self.fake(xproto::KEY_PRESS_EVENT, kc, 0, 0)
+    }
+
+    /// Types one keysym with a press and a release, adding Shift when the
+    /// layout has it in the shifted column.
+    fn type_sym(&mut self, sym: u32) -> Result<()> {
+        let shift = self.shift_held();
+        let (kc, needs_shift) = match self.keymap.find(sym) {
+            Some((kc, 0)) if !shift => (kc, false),
+            Some((kc, 1)) if !shift => (kc, true),
+            Some((kc, 1)) => (kc, false),
+            _ => (self.bind_spare(sym)?, false),
+        };
+        let shift_kc = if needs_shift {
+            self.keymap.find(SHIFT_L).map(|(k, _)| k)
+        } else {
+            None
+        };
+        if let Some(s) = shift_kc {
+            self.fake(xproto::KEY_PRESS_EVENT, s, 0, 0)?;
+        }
+        self.fake(xproto::KEY_PRESS_EVENT, kc, 0, 0)?;
+        self.fake(xproto::KEY_RELEASE_EVENT, kc, 0, 0)?;
+        if let Some(s) = shift_kc {
+            self.fake(xproto::KEY_RELEASE_EVENT, s, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Binds `sym` to a spare key code (in both columns, so Shift does not
+    /// change it) and returns the key code. Bindings stay until the code is
+    /// needed for another keysym, least recently used first.
+    fn bind_spare(&mut self, sym: u32) -> Result<u8> {
+        let held: Vec<u8> = self.keys_down.values().copied().collect();
+        let pos = self
+            .keymap
+            .spare
+            .iter()
+            .position(|kc| !held.contains(kc))
+            .ok_or_else(|| Error::Unsupported("no spare key code to bind a keysym to".into()))?;
+        let kc = self.keymap.spare.remove(pos);
+        self.keymap.spare.push(kc);
+        let per = usize::from(self.keymap.per);
+        let mut row = vec![0u32; per];
+        row[0] = sym;
+        if per > 1 {
+            row[1] = sym;
+        }
+        self.conn
+            .change_keyboard_mapping(1, kc, self.keymap.per, &row)?;
+        let i = usize::from(kc - self.keymap.min) * per;
+        self.keymap.syms[i..i + per].copy_from_slice(&row);
+        Ok(kc)
+    }
+
+    fn release_all(&mut self) -> Result<()> {
+        for (_, kc) in std::mem::take(&mut self.keys_down) {
+            self.fake(xproto::KEY_RELEASE_EVENT, kc, 0, 0)?;
+        }
+        for b in std::mem::take(&mut self.buttons_down) {
+            self.fake(xproto::BUTTON_RELEASE_EVENT, b, 0, 0)?;
+        }
+        self.wheel_rem = (0, 0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xvfb::Xvfb;
+    use sandcast_proto::PointerButton;
+    use std::time::Duration;
+    use x11rb::protocol::Event;
+    use x11rb::protocol::xproto::{
+        CreateWindowAux, EventMask, InputFocus, KeyButMask, WindowClass,
+    };
+
+    struct Client {
+        conn: RustConnection,
+    }
+
+    impl Client {
+        /// A focused 200x200 window at the origin that selects input.
+        fn new(display: &str) -> Client {
+            let (conn, screen) = xutil::connect(display).unwrap();
+            let root = conn.setup().roots[screen].root;
+            let win = conn.generate_id().unwrap();
+            conn.create_window(
+                0,
+                win,
+                root,
+                0,
+                0,
+                200,
+                200,
+                0,
+                WindowClass::INPUT_OUTPUT,
+                0,
+                &CreateWindowAux::new().override_redirect(1).event_mask(
+                    EventMask::KEY_PRESS
+                        | EventMask::KEY_RELEASE
+                        | EventMask::BUTTON_PRESS
+                        | EventMask::BUTTON_RELEASE
+                        | EventMask::POINTER_MOTION
+                        | EventMask::EXPOSURE,
+                ),
+            )
+            .unwrap();
+            conn.map_window(win).unwrap();
+            conn.flush().unwrap();
+            let c = Client { conn };
+            c.next(|e| matches!(e, Event::Expose(_)));
+            c.conn
+                .set_input_focus(InputFocus::PARENT, win, x11rb::CURRENT_TIME)
+                .unwrap();
+            c.conn.get_input_focus().unwrap().reply().unwrap();
+            c
+        }
+
+        fn next(&self, want: impl Fn(&Event) -> bool) -> Event {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match xutil::wait_event(&self.conn, Some(deadline)).unwrap() {
+                    Some(e) if want(&e) => return e,
+                    Some(_) => {}
+                    None => panic!("no matching event within 10 s"),
+                }
+            }
+        }
+
+        /// The keysym of the next KeyPress, as a client would look it up.
+        fn next_keysym(&self) -> u32 {
+            let Event::KeyPress(ev) = self.next(|e| matches!(e, Event::KeyPress(_))) else {
+                unreachable!()
+            };
+            let map = self
+                .conn
+                .get_keyboard_mapping(ev.detail, 1)
+                .unwrap()
+                .reply()
+                .unwrap();
+            let col = usize::from(u16::from(ev.state) & u16::from(KeyButMask::SHIFT) != 0);
+            map.keysyms[col]
+        }
+
+        fn next_button(&self) -> u8 {
+            let Event::ButtonPress(ev) = self.next(|e| matches!(e, Event::ButtonPress(_))) else {
+                unreachable!()
+            };
+            ev.detail
+        }
+    }
+
+    fn key(code: &str, key: &str, down: bool) -> InputEvent {
+        InputEvent::Key {
+            code: code.into(),
+            key: key.into(),
+            down,
+        }
+    }
+
+    fn tap(inj: &mut InputInjector, code: &str, k: &str) {
+        inj.apply(&key(code, k, true)).unwrap();
+        inj.apply(&key(code, k, false)).unwrap();
+    }
+
+    #[test]
+    fn keys_and_text_arrive_with_the_right_keysyms() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let client = Client::new(x.display());
+        let mut inj = InputInjector::connect(x.display()).unwrap();
+        tap(&mut inj, "KeyA", "a");
+        assert_eq!(client.next_keysym(), 0x61);
+        // Not in the US map: bound to spare key codes.
+        tap(&mut inj, "Quote", "ä");
+        assert_eq!(client.next_keysym(), 0xe4);
+        tap(&mut inj, "KeyE", "€");
+        assert_eq!(client.next_keysym(), 0x10020ac);
+        tap(&mut inj, "Enter", "Enter");
+        assert_eq!(client.next_keysym(), 0xff0d);
+        tap(&mut inj, "ArrowLeft", "ArrowLeft");
+        assert_eq!(client.next_keysym(), 0xff51);
+        inj.apply(&InputEvent::Text {
+            text: "xA€жä!".into(),
+        })
+        .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let mut sym = client.next_keysym();
+            if sym == SHIFT_L {
+                sym = client.next_keysym();
+            }
+            got.push(sym);
+        }
+        assert_eq!(got, vec![0x78, 0x41, 0x10020ac, 0x1000436, 0xe4, 0x21]);
+        assert_eq!(inj.dropped(), 0);
+    }
+
+    #[test]
+    fn shift_with_a_letter_types_the_capital() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let client = Client::new(x.display());
+        let mut inj = InputInjector::connect(x.display()).unwrap();
+        inj.apply(&key("ShiftLeft", "Shift", true)).unwrap();
+        assert_eq!(client.next_keysym(), SHIFT_L);
+        tap(&mut inj, "KeyA", "A");
+        assert_eq!(client.next_keysym(), 0x41);
+        inj.apply(&key("ShiftLeft", "Shift", false)).unwrap();
+        // Caps Lock in the viewer: "A" without Shift still types "A".
+        tap(&mut inj, "KeyA", "A");
+        assert_eq!(client.next_keysym(), 0x41);
+    }
+
+    #[test]
+    fn pointer_buttons_and_wheel() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let client = Client::new(x.display());
+        let mut inj = InputInjector::connect(x.display()).unwrap();
+        inj.apply(&InputEvent::PointerMove { x: 50, y: 60 })
+            .unwrap();
+        let Event::MotionNotify(m) = client.next(|e| matches!(e, Event::MotionNotify(_))) else {
+            unreachable!()
+        };
+        assert_eq!((m.event_x, m.event_y), (50, 60));
+        for (button, n) in [(PointerButton::Left, 1), (PointerButton::Right, 3)] {
+            inj.apply(&InputEvent::PointerButton { button, down: true })
+                .unwrap();
+            inj.apply(&InputEvent::PointerButton {
+                button,
+                down: false,
+            })
+            .unwrap();
+            assert_eq!(client.next_button(), n);
+        }
+        let px = WHEEL_PX_PER_CLICK;
+        inj.apply(&InputEvent::Wheel { dx: 0, dy: 2 * px }).unwrap();
+        assert_eq!((client.next_button(), client.next_button()), (5, 5));
+        inj.apply(&InputEvent::Wheel { dx: 0, dy: -px }).unwrap();
+        assert_eq!(client.next_button(), 4);
+        inj.apply(&InputEvent::Wheel { dx: px, dy: 0 }).unwrap();
+        assert_eq!(client.next_button(), 7);
+        inj.apply(&InputEvent::Wheel { dx: -px, dy: 0 }).unwrap();
+        assert_eq!(client.next_button(), 6);
+        // Small deltas add up to a click.
+        inj.apply(&InputEvent::Wheel { dx: 0, dy: px / 2 }).unwrap();
+        inj.apply(&InputEvent::Wheel {
+            dx: 0,
+            dy: px / 2 + 1,
+        })
+        .unwrap();
+        assert_eq!(client.next_button(), 5);
+        // ...and the button that follows proves no extra click came first.
+        inj.apply(&InputEvent::PointerButton {
+            button: PointerButton::Middle,
+            down: true,
+        })
+        .unwrap();
+        assert_eq!(client.next_button(), 2);
+        inj.apply(&InputEvent::ReleaseAll).unwrap();
+        let Event::ButtonRelease(r) =
+            client.next(|e| matches!(e, Event::ButtonRelease(r) if r.detail == 2))
+        else {
+            unreachable!()
+        };
+        assert_eq!(r.detail, 2);
+    }
+
+    #[test]
+    fn bad_events_are_refused_counted_and_not_fatal() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let client = Client::new(x.display());
+        let mut inj = InputInjector::with_rate_limit(x.display(), RateLimit::new(1, 5)).unwrap();
+        let err = inj
+            .apply(&InputEvent::PointerMove { x: -5, y: 0 })
+            .unwrap_err();
+        assert!(err.to_string().contains("-5"), "{err}");
+        let err = inj.apply(&key("Nonsense", "Nonsense", true)).unwrap_err();
+        assert!(err.to_string().contains("Nonsense"), "{err}");
+        assert_eq!(inj.dropped(), 2);
+        // Four of the five tokens are left: an invalid event costs none, an
+        // unknown key one.
+        for _ in 0..4 {
+            inj.apply(&InputEvent::PointerMove { x: 1, y: 1 }).unwrap();
+        }
+        let err = inj
+            .apply(&InputEvent::PointerMove { x: 2, y: 2 })
+            .unwrap_err();
+        assert!(matches!(err, Error::RateLimited { .. }), "{err}");
+        assert_eq!(inj.dropped(), 3);
+        drop(client);
+    }
+
+    #[test]
+    fn token_bucket_refills_at_its_rate() {
+        let mut rl = RateLimit::new(1000, 2000);
+        let t0 = Instant::now();
+        rl.last = t0;
+        assert!(rl.take_at(2000, t0).is_ok());
+        assert!(rl.take_at(1, t0).is_err());
+        assert!(rl.take_at(100, t0 + Duration::from_millis(100)).is_ok());
+        assert!(rl.take_at(1, t0 + Duration::from_millis(100)).is_err());
+        // Never more than the burst, however long the pause.
+        assert!(rl.take_at(2001, t0 + Duration::from_secs(60)).is_err());
+        assert!(rl.take_at(2000, t0 + Duration::from_secs(60)).is_ok());
+    }
+}

@@ -37,5 +37,7 @@ pub use convert::{I420Frame, bgra_to_i420};
 pub use encoder::{EncodedFrame, Encoder, EncoderSettings, KeyFramePolicy, new_encoder};
 pub use error::{Error, Result};
 pub use h264::{H264Encoder, H264Mode};
+pub use input::{InputInjector, RateLimit, WHEEL_PX_PER_CLICK};
+pub use keysym::{keysym_for_char, keysym_for_key};
 pub use pipeline::{FrameReceiver, PipelineStats, VideoPipeline, VideoSettings};
 pub use vp8::Vp8Encoder;
