@@ -169,11 +169,13 @@ impl Gateway {
         // packet's destination (which ICE checks) is known without pktinfo.
         let mut udp: Vec<(UdpSocket, SocketAddr)> = Vec::new();
         let bind_udp = |addr: SocketAddr| async move {
-            UdpSocket::bind(addr).await.map_err(|source| GatewayError::Bind {
-                proto: "udp",
-                addr,
-                source,
-            })
+            UdpSocket::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    proto: "udp",
+                    addr,
+                    source,
+                })
         };
         if cfg.udp_bind.ip().is_unspecified() && cfg.public_ips.is_empty() {
             let mut port = cfg.udp_bind.port();
@@ -407,11 +409,8 @@ async fn serve_tcp(
             }
         }
     });
-    loop {
-        let len = match rd.read_u16().await {
-            Ok(l) => usize::from(l),
-            Err(_) => break,
-        };
+    while let Ok(len) = rd.read_u16().await {
+        let len = usize::from(len);
         if len == 0 || len > MAX_PACKET {
             tracing::debug!(%peer, len, "ice-tcp frame length out of range; closing");
             break;

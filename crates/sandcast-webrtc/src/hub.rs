@@ -15,7 +15,7 @@ use crate::bitrate::{START_BITRATE_BPS, clamp_bitrate, worth_updating};
 use crate::keyframe::KeyFrameLimiter;
 use crate::messages::{RateLimiter, ViewerMessage, ViewerRequest};
 use crate::negotiate::{OfferError, common_codecs, offered_codecs};
-use crate::peer::{Peer, PeerEvent};
+use crate::peer::{Peer, PeerEvent, PeerSetup};
 use crate::{Answer, GatewayEvent, ViewerCounters, ViewerId, ViewerOptions, ViewerState};
 
 /// Longest session id accepted.
@@ -75,7 +75,9 @@ pub fn check_session_id(id: &str) -> Result<(), OfferError> {
     if ok {
         Ok(())
     } else {
-        Err(OfferError::BadSession(id.chars().take(MAX_SESSION_ID_LEN).collect()))
+        Err(OfferError::BadSession(
+            id.chars().take(MAX_SESSION_ID_LEN).collect(),
+        ))
     }
 }
 
@@ -124,17 +126,12 @@ impl Hub {
         let common = common_codecs(existing.as_deref(), &offered)?;
         let id = ViewerId(self.next_id);
         let limiter = RateLimiter::new(self.cfg.input_rate_per_second, self.cfg.input_burst);
-        let (peer, answer) = Peer::accept(
-            id,
-            session,
-            sdp,
-            &offered.codecs,
-            &offered.video_mids,
-            &self.candidates,
-            opts.control,
+        let setup = PeerSetup {
+            candidates: &self.candidates,
+            control: opts.control,
             limiter,
-            now,
-        )?;
+        };
+        let (peer, answer) = Peer::accept(id, session, sdp, &offered, &setup, now)?;
         self.next_id += 1;
         self.peers.insert(id, peer);
         let interval = self.cfg.keyframe_interval;
@@ -349,12 +346,12 @@ impl Hub {
                 }
                 PeerEvent::Closed => {}
                 PeerEvent::KeyFrameRequest => {
-                    if let Some(s) = self.sessions.get_mut(&session) {
-                        if s.keyframes.request(now) {
-                            self.events.push(GatewayEvent::KeyFrameWanted {
-                                session: session.clone(),
-                            });
-                        }
+                    if let Some(s) = self.sessions.get_mut(&session)
+                        && s.keyframes.request(now)
+                    {
+                        self.events.push(GatewayEvent::KeyFrameWanted {
+                            session: session.clone(),
+                        });
                     }
                 }
                 PeerEvent::Bitrate(_) => self.update_bitrate(&session),
@@ -371,7 +368,11 @@ impl Hub {
         let display = self.sessions.get(&p.session).and_then(|s| s.display);
         let granted = self.in_control(id);
         if let Some(p) = self.peers.get_mut(&id) {
-            p.send_message(&ViewerMessage::Control { granted }, &mut self.transmits, now);
+            p.send_message(
+                &ViewerMessage::Control { granted },
+                &mut self.transmits,
+                now,
+            );
             if let Some((width, height)) = display {
                 p.send_message(
                     &ViewerMessage::DisplaySize { width, height },
@@ -406,10 +407,14 @@ impl Hub {
         let viewers = self.viewers(session);
         for id in viewers {
             let granted = self.in_control(id);
-            if let Some(p) = self.peers.get_mut(&id) {
-                if p.connected {
-                    p.send_message(&ViewerMessage::Control { granted }, &mut self.transmits, now);
-                }
+            if let Some(p) = self.peers.get_mut(&id)
+                && p.connected
+            {
+                p.send_message(
+                    &ViewerMessage::Control { granted },
+                    &mut self.transmits,
+                    now,
+                );
             }
         }
     }
@@ -566,8 +571,12 @@ mod tests {
     fn a_vp8_only_viewer_switches_the_session_and_leaving_switches_back() {
         let mut h = hub();
         let now = Instant::now();
-        let a = h.accept_offer("s", DEFAULT, ViewerOptions::default(), now).unwrap();
-        let b = h.accept_offer("s", VP8, ViewerOptions::default(), now).unwrap();
+        let a = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), now)
+            .unwrap();
+        let b = h
+            .accept_offer("s", VP8, ViewerOptions::default(), now)
+            .unwrap();
         let ev = h.take_events();
         assert!(ev.contains(&GatewayEvent::VideoWanted {
             session: "s".into(),
@@ -620,14 +629,22 @@ mod tests {
     fn first_viewer_controls_unless_shared() {
         let mut h = hub();
         let now = Instant::now();
-        let a = h.accept_offer("s", DEFAULT, ViewerOptions::default(), now).unwrap();
-        let b = h.accept_offer("s", DEFAULT, ViewerOptions::default(), now).unwrap();
+        let a = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), now)
+            .unwrap();
+        let b = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), now)
+            .unwrap();
         assert!(h.in_control(a.viewer_id));
         assert!(!h.in_control(b.viewer_id));
         // Only the controlling viewer's input reaches the server.
         let ev = InputEventFixture::click();
         h.on_request(b.viewer_id, "s", ViewerRequest::Input(ev.clone()));
-        assert!(h.take_events().iter().all(|e| !matches!(e, GatewayEvent::Input { .. })));
+        assert!(
+            h.take_events()
+                .iter()
+                .all(|e| !matches!(e, GatewayEvent::Input { .. }))
+        );
         h.on_request(a.viewer_id, "s", ViewerRequest::Input(ev.clone()));
         assert!(h.take_events().contains(&GatewayEvent::Input {
             session: "s".into(),
@@ -641,7 +658,10 @@ mod tests {
             .accept_offer("s", DEFAULT, ViewerOptions { control: true }, now)
             .unwrap();
         assert!(h.in_control(c.viewer_id));
-        assert!(!h.in_control(b.viewer_id), "shared control takes over from the implicit one");
+        assert!(
+            !h.in_control(b.viewer_id),
+            "shared control takes over from the implicit one"
+        );
     }
 
     struct InputEventFixture;
@@ -665,10 +685,16 @@ mod tests {
     #[test]
     fn wallclock_follows_the_capture_time() {
         let now = Instant::now();
-        let us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+        let us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
         let w = wallclock_of(us - 50_000, now);
         let age = now - w;
-        assert!(age >= Duration::from_millis(50) && age < Duration::from_millis(60), "{age:?}");
+        assert!(
+            age >= Duration::from_millis(50) && age < Duration::from_millis(60),
+            "{age:?}"
+        );
         // A capture time in the future (clock skew) maps to now.
         assert_eq!(wallclock_of(us + 10_000_000, now), now);
     }

@@ -38,6 +38,4 @@ pub use hub::{Hub, HubConfig, MAX_SESSION_ID_LEN, check_session_id};
 pub use messages::{ViewerMessage, ViewerRequest};
 pub use negotiate::OfferError;
 pub use peer::{INPUT_CHANNEL, UNRELIABLE_CHANNEL};
-pub use types::{
-    Answer, GatewayEvent, ViewerCounters, ViewerId, ViewerOptions, ViewerState,
-};
+pub use types::{Answer, GatewayEvent, ViewerCounters, ViewerId, ViewerOptions, ViewerState};

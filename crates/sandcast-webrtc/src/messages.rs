@@ -101,8 +101,8 @@ pub fn parse_viewer_message(data: &[u8]) -> Result<ViewerRequest, MessageError> 
             }
         }
         _ => {
-            let ev: InputEvent = serde_json::from_slice(data)
-                .map_err(|e| MessageError::Malformed(e.to_string()))?;
+            let ev: InputEvent =
+                serde_json::from_slice(data).map_err(|e| MessageError::Malformed(e.to_string()))?;
             ev.validate()
                 .map_err(|e| MessageError::Invalid(e.to_string()))?;
             ViewerRequest::Input(ev)
@@ -204,7 +204,10 @@ mod tests {
     fn parses_input_clipboard_and_resize() {
         assert_eq!(
             parse_viewer_message(br#"{"kind":"pointer_move","x":10,"y":20}"#),
-            Ok(ViewerRequest::Input(InputEvent::PointerMove { x: 10, y: 20 }))
+            Ok(ViewerRequest::Input(InputEvent::PointerMove {
+                x: 10,
+                y: 20
+            }))
         );
         assert_eq!(
             parse_viewer_message(br#"{"kind":"pointer_button","button":"left","down":true}"#),
@@ -247,10 +250,16 @@ mod tests {
     #[test]
     fn out_of_range_values_are_invalid() {
         let err = parse_viewer_message(br#"{"kind":"pointer_move","x":-5,"y":2}"#).unwrap_err();
-        assert!(matches!(&err, MessageError::Invalid(m) if m.contains("-5")), "{err}");
-        let err = parse_viewer_message(br#"{"kind":"resize","width":100000,"height":720}"#)
-            .unwrap_err();
-        assert!(matches!(&err, MessageError::Invalid(m) if m.contains("100000")), "{err}");
+        assert!(
+            matches!(&err, MessageError::Invalid(m) if m.contains("-5")),
+            "{err}"
+        );
+        let err =
+            parse_viewer_message(br#"{"kind":"resize","width":100000,"height":720}"#).unwrap_err();
+        assert!(
+            matches!(&err, MessageError::Invalid(m) if m.contains("100000")),
+            "{err}"
+        );
         let long = format!(
             r#"{{"kind":"clipboard","text":"{}"}}"#,
             "a".repeat(MAX_TEXT_LEN + 1)

@@ -23,7 +23,9 @@ pub enum OfferError {
     NoVideo(String),
     /// The offer lists neither H.264 constrained baseline
     /// (packetization-mode=1) nor VP8.
-    #[error("no usable video codec in the offer (need H.264 constrained baseline with packetization-mode=1, or VP8); offered: {0}")]
+    #[error(
+        "no usable video codec in the offer (need H.264 constrained baseline with packetization-mode=1, or VP8); offered: {0}"
+    )]
     NoCodec(String),
     /// The session already streams a codec this viewer cannot decode.
     #[error("session streams {session:?} but the offer supports only {offered:?}")]
@@ -300,7 +302,10 @@ mod tests {
             codecs: vec![Codec::H264],
             video_mids: vec!["0".into()],
         };
-        assert_eq!(common_codecs(None, &both).unwrap(), vec![Codec::H264, Codec::Vp8]);
+        assert_eq!(
+            common_codecs(None, &both).unwrap(),
+            vec![Codec::H264, Codec::Vp8]
+        );
         // A VP8-only viewer moves the session to VP8, which everyone decodes.
         assert_eq!(
             common_codecs(Some(&[Codec::H264, Codec::Vp8]), &vp8).unwrap(),

@@ -15,8 +15,10 @@ use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::bitrate::LossController;
-use crate::messages::{MessageError, RateLimiter, ViewerMessage, ViewerRequest, parse_viewer_message};
-use crate::negotiate::{H264_PROFILE_LEVEL_ID, OfferError};
+use crate::messages::{
+    MessageError, RateLimiter, ViewerMessage, ViewerRequest, parse_viewer_message,
+};
+use crate::negotiate::{H264_PROFILE_LEVEL_ID, OfferError, OfferedCodecs};
 use crate::{ViewerCounters, ViewerId};
 
 /// Label of the ordered, reliable data channel for input and messages.
@@ -43,6 +45,13 @@ pub(crate) enum PeerEvent {
     Request(ViewerRequest),
 }
 
+/// What every new viewer gets besides its offer.
+pub(crate) struct PeerSetup<'a> {
+    pub candidates: &'a [Candidate],
+    pub control: bool,
+    pub limiter: RateLimiter,
+}
+
 pub(crate) struct Peer {
     pub id: ViewerId,
     pub session: String,
@@ -67,11 +76,8 @@ impl Peer {
         id: ViewerId,
         session: &str,
         offer: &str,
-        codecs: &[Codec],
-        video_mids: &[String],
-        candidates: &[Candidate],
-        control: bool,
-        limiter: RateLimiter,
+        offered: &OfferedCodecs,
+        setup: &PeerSetup<'_>,
         now: Instant,
     ) -> Result<(Peer, String), OfferError> {
         let offer =
@@ -84,6 +90,8 @@ impl Peer {
             .clear_codecs()
             .set_extension(PLAYOUT_DELAY_EXT_ID, Extension::PlayoutDelay)
             .set_stats_interval(Some(Duration::from_secs(1)));
+        let codecs = &offered.codecs;
+        let video_mids = &offered.video_mids;
         for codec in codecs {
             match codec {
                 Codec::H264 => cfg.codec_config().add_h264(
@@ -96,7 +104,7 @@ impl Peer {
             }
         }
         let mut rtc = cfg.build(now);
-        for c in candidates {
+        for c in setup.candidates {
             rtc.add_local_candidate(c.clone());
         }
         let answer = rtc
@@ -107,14 +115,14 @@ impl Peer {
             id,
             session: session.to_string(),
             codecs: codecs.to_vec(),
-            control,
+            control: setup.control,
             counters: ViewerCounters::default(),
             connected: false,
             loss: LossController::default(),
             rtc,
             mid: None,
             channels: Vec::new(),
-            limiter,
+            limiter: setup.limiter.clone(),
             timeout: now,
             awaiting_key_frame: true,
             outbox: Vec::new(),
@@ -124,9 +132,9 @@ impl Peer {
         peer.drain(&mut sink, now);
         if peer.mid.is_none() {
             peer.mid = video_mids.iter().map(|m| Mid::from(m.as_str())).find(|m| {
-                peer.rtc
-                    .media(*m)
-                    .is_some_and(|media| media.kind() == MediaKind::Video && media.direction().is_sending())
+                peer.rtc.media(*m).is_some_and(|media| {
+                    media.kind() == MediaKind::Video && media.direction().is_sending()
+                })
             });
         }
         if peer.mid.is_none() {
@@ -304,10 +312,10 @@ impl Peer {
 
     fn on_event(&mut self, e: Event, now: Instant) {
         match e {
-            Event::MediaAdded(m) => {
-                if m.kind == MediaKind::Video && m.direction.is_sending() && self.mid.is_none() {
-                    self.mid = Some(m.mid);
-                }
+            Event::MediaAdded(m)
+                if m.kind == MediaKind::Video && m.direction.is_sending() && self.mid.is_none() =>
+            {
+                self.mid = Some(m.mid);
             }
             Event::Connected => {
                 self.connected = true;

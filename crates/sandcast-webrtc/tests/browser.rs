@@ -1,0 +1,437 @@
+//! End to end in headless Chromium: the gateway, a small signaling and
+//! static-file server on 127.0.0.1, frames encoded with openh264 from a
+//! synthetic moving pattern, and `viewer/src/webrtc.js` in a real browser.
+//!
+//! Needs `/usr/bin/chromium` and `npm install` in `tests/browser`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use openh264::OpenH264API;
+use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, FrameType};
+use openh264::formats::{RgbSliceU8, YUVBuffer};
+use sandcast_proto::{Codec, InputEvent, VideoFrame, VideoHeader};
+use sandcast_webrtc::{
+    Gateway, GatewayConfig, GatewayEvent, OfferError, ViewerMessage, ViewerOptions, ViewerState,
+};
+use serde_json::{Value, json};
+use tower_http::services::ServeDir;
+
+const W: usize = 640;
+const H: usize = 360;
+/// Colour of the left half of every synthetic frame.
+const COLOUR: [u8; 3] = [200, 40, 40];
+
+/// Chromium instances share two cores with everything else: one at a time.
+static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+enum Feed {
+    Start,
+    KeyFrame,
+    Stop,
+}
+
+/// Encodes a moving pattern at 30 fps while the gateway wants video.
+fn spawn_feeder(gw: Gateway, session: &'static str) -> std::sync::mpsc::Sender<Feed> {
+    let (tx, rx) = std::sync::mpsc::channel::<Feed>();
+    std::thread::spawn(move || {
+        let cfg = EncoderConfig::new()
+            .bitrate(BitRate::from_bps(1_500_000))
+            .max_frame_rate(FrameRate::from_hz(30.0))
+            .skip_frames(false);
+        let mut enc = Encoder::with_api_config(OpenH264API::from_source(), cfg).unwrap();
+        let mut rgb = vec![0u8; W * H * 3];
+        let mut running = false;
+        let mut seq = 0u32;
+        loop {
+            let msg = if running {
+                match rx.recv_timeout(Duration::from_millis(33)) {
+                    Ok(m) => Some(m),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(_) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                }
+            };
+            match msg {
+                Some(Feed::Start) => {
+                    running = true;
+                    enc.force_intra_frame();
+                }
+                Some(Feed::KeyFrame) => enc.force_intra_frame(),
+                Some(Feed::Stop) => running = false,
+                None => {}
+            }
+            if !running {
+                continue;
+            }
+            // Left half solid colour; right half grey with a white bar moving.
+            let bar = (seq as usize * 8) % (W / 2);
+            for y in 0..H {
+                for x in 0..W {
+                    let px = if x < W / 2 {
+                        COLOUR
+                    } else if (x - W / 2) / 32 == bar / 32 {
+                        [255, 255, 255]
+                    } else {
+                        [60, 60, 60]
+                    };
+                    rgb[(y * W + x) * 3..(y * W + x) * 3 + 3].copy_from_slice(&px);
+                }
+            }
+            let yuv = YUVBuffer::from_rgb_source(RgbSliceU8::new(&rgb, (W, H)));
+            let bs = enc.encode(&yuv).unwrap();
+            let keyframe = matches!(bs.frame_type(), FrameType::IDR | FrameType::I);
+            let data = bs.to_vec();
+            if data.is_empty() {
+                continue;
+            }
+            seq += 1;
+            let capture_us = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as u64;
+            gw.push_frame(
+                session,
+                VideoFrame {
+                    header: VideoHeader {
+                        codec: Codec::H264,
+                        keyframe,
+                        width: W as u16,
+                        height: H as u16,
+                        seq,
+                        capture_us,
+                    },
+                    data: Bytes::from(data),
+                },
+            );
+        }
+    });
+    tx
+}
+
+struct Harness {
+    base: String,
+    events: Arc<Mutex<Vec<GatewayEvent>>>,
+}
+
+async fn offer(
+    State(gw): State<Gateway>,
+    Path(session): Path<String>,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let sdp = body["sdp"].as_str().unwrap_or_default();
+    match gw
+        .accept_offer(&session, sdp, ViewerOptions::default())
+        .await
+    {
+        Ok(a) => (
+            StatusCode::OK,
+            Json(json!({"type": "answer", "sdp": a.sdp})),
+        ),
+        Err(e @ OfferError::Stopped) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        ),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+async fn start(advertise_udp: bool) -> Harness {
+    let gw = Gateway::start(GatewayConfig {
+        udp_bind: "127.0.0.1:0".parse().unwrap(),
+        tcp_bind: Some("127.0.0.1:0".parse().unwrap()),
+        public_ips: vec!["127.0.0.1".parse().unwrap()],
+        advertise_udp,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let feeder = spawn_feeder(gw.clone(), "s1");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut rx = gw.events();
+    let (gw2, ev2) = (gw.clone(), events.clone());
+    tokio::spawn(async move {
+        while let Ok(e) = rx.recv().await {
+            match &e {
+                GatewayEvent::VideoWanted { .. } => {
+                    let _ = feeder.send(Feed::Start);
+                }
+                GatewayEvent::KeyFrameWanted { .. } => {
+                    let _ = feeder.send(Feed::KeyFrame);
+                }
+                GatewayEvent::VideoUnwanted { .. } => {
+                    let _ = feeder.send(Feed::Stop);
+                }
+                GatewayEvent::ViewerState {
+                    session,
+                    state: ViewerState::Connected,
+                    ..
+                } => {
+                    gw2.send_to_viewers(
+                        session,
+                        ViewerMessage::DisplaySize {
+                            width: W as u32,
+                            height: H as u32,
+                        },
+                    );
+                }
+                // Acknowledge what reached the server, with the sender's counters,
+                // so the page can wait for delivery instead of sleeping.
+                GatewayEvent::Input {
+                    session,
+                    viewer,
+                    event,
+                } => {
+                    let counters = gw2.viewer_counters(*viewer).await;
+                    let ev = match event {
+                        InputEvent::PointerMove { x, y } => {
+                            json!({"kind": "pointer_move", "x": x, "y": y}).to_string()
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    ack(&gw2, session, ev, counters);
+                }
+                GatewayEvent::Clipboard { session, text } => {
+                    let ev = json!({"kind": "clipboard", "text": text}).to_string();
+                    ack(&gw2, session, ev, None);
+                }
+                GatewayEvent::Resize {
+                    session,
+                    width,
+                    height,
+                } => {
+                    // Field order as the page's JSON.stringify writes it.
+                    let ev = format!(r#"{{"kind":"resize","width":{width},"height":{height}}}"#);
+                    ack(&gw2, session, ev, None);
+                }
+                _ => {}
+            }
+            ev2.lock().unwrap().push(e);
+        }
+    });
+
+    let app = Router::new()
+        .route("/api/webrtc/session/{id}/offer", post(offer))
+        .with_state(gw.clone())
+        .nest_service("/viewer", ServeDir::new(root().join("viewer/src")))
+        .nest_service("/test", ServeDir::new(root().join("tests/browser")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // Keep the gateway alive as long as the server task holds its handle.
+    Harness {
+        base: format!("http://{addr}"),
+        events,
+    }
+}
+
+fn ack(
+    gw: &Gateway,
+    session: &str,
+    event: String,
+    counters: Option<sandcast_webrtc::ViewerCounters>,
+) {
+    let reason = json!({"event": event, "counters": counters}).to_string();
+    gw.send_to_viewers(
+        session,
+        ViewerMessage::SessionState {
+            state: "ack".into(),
+            reason: Some(reason),
+        },
+    );
+}
+
+async fn run_page(h: &Harness, scenario: &str) -> Value {
+    let _one = BROWSER.lock().await;
+    let script = root().join("tests/browser/webrtc-e2e.mjs");
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("node")
+            .arg(script)
+            .arg(&h.base)
+            .arg(scenario)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("browser scenario finished in time")
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no result from the page\nstdout: {stdout}\nstderr: {stderr}"));
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(
+        v["ok"], true,
+        "scenario {scenario} failed: {}\nstderr: {stderr}",
+        v["error"]
+    );
+    v["result"].clone()
+}
+
+fn close(a: u64, b: u8) -> bool {
+    a.abs_diff(u64::from(b)) <= 30
+}
+
+fn assert_colour(rgb: &Value) {
+    let px: Vec<u64> = rgb
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        close(px[0], COLOUR[0]) && close(px[1], COLOUR[1]) && close(px[2], COLOUR[2]),
+        "decoded pixel {px:?} is not the synthetic colour {COLOUR:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_plays_and_input_reaches_the_server() {
+    let h = start(true).await;
+    let r = run_page(&h, "play").await;
+    assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
+    assert_colour(&r["rgb"]);
+    assert_eq!(r["size"], json!([W, H]));
+    assert_eq!(r["protocol"], "udp", "{r}");
+    assert_eq!(r["control"], json!({"kind": "control", "granted": true}));
+    let ev = h.events.lock().unwrap().clone();
+    assert!(ev.iter().any(|e| matches!(e,
+        GatewayEvent::Input { session, event: InputEvent::PointerMove { x: 123, y: 45 }, .. } if session == "s1")));
+    assert!(ev.iter().any(|e| matches!(e,
+        GatewayEvent::Clipboard { text, .. } if text == "hello from the viewer")));
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        GatewayEvent::Resize {
+            width: 800,
+            height: 600,
+            ..
+        }
+    )));
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, GatewayEvent::KeyFrameWanted { .. }))
+    );
+    // The page closed its connection: the viewer is gone and video stops.
+    wait_for(&h, |e| matches!(e, GatewayEvent::VideoUnwanted { .. })).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_viewers_watch_one_session_and_only_the_first_controls() {
+    let h = start(true).await;
+    let r = run_page(&h, "two").await;
+    for i in 0..2 {
+        assert!(r["frames"][i].as_u64().unwrap() >= 20, "{r}");
+        assert_colour(&r["rgb"][i]);
+    }
+    assert_eq!(r["control"][0]["granted"], true);
+    assert_eq!(r["control"][1]["granted"], false);
+    let ev = h.events.lock().unwrap().clone();
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        GatewayEvent::Input {
+            event: InputEvent::PointerMove { x: 8, y: 8 },
+            ..
+        }
+    )));
+    assert!(
+        !ev.iter().any(|e| matches!(
+            e,
+            GatewayEvent::Input {
+                event: InputEvent::PointerMove { x: 7, y: 7 },
+                ..
+            }
+        )),
+        "input from the watching viewer must not reach the session"
+    );
+    let viewers: std::collections::HashSet<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            GatewayEvent::ViewerState {
+                viewer,
+                state: ViewerState::Connected,
+                ..
+            } => Some(*viewer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(viewers.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_codecless_offers_get_clear_errors() {
+    let h = start(true).await;
+    let r = run_page(&h, "bad").await;
+    assert_eq!(r["garbage"]["status"], 400, "{r}");
+    assert!(
+        r["garbage"]["text"].as_str().unwrap().contains("bad SDP"),
+        "{r}"
+    );
+    assert_eq!(r["nocodec"]["status"], 400, "{r}");
+    let text = r["nocodec"]["text"].as_str().unwrap();
+    assert!(
+        text.contains("no usable video codec") && text.contains("VP9"),
+        "{r}"
+    );
+    assert!(r["framesAfter"].as_u64().unwrap() >= 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_flooding_messages_are_dropped_and_counted() {
+    let h = start(true).await;
+    let r = run_page(&h, "abuse").await;
+    let c = &r["ack"]["counters"];
+    assert!(c["messages_oversized"].as_u64().unwrap() >= 1, "{r}");
+    assert!(c["messages_rate_limited"].as_u64().unwrap() >= 1, "{r}");
+    // Oversized, two malformed and the rate-limited part of the flood.
+    assert!(
+        c["messages_dropped"].as_u64().unwrap() >= 3 + c["messages_rate_limited"].as_u64().unwrap(),
+        "{r}"
+    );
+    assert!(r["framesAfterFlood"].as_u64().unwrap() >= 10, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_tcp_carries_the_session_when_no_udp_candidate_is_offered() {
+    // The gateway advertises only its passive TCP candidate, so Chromium has
+    // no UDP path and must connect with an active ICE-TCP candidate.
+    let h = start(false).await;
+    let r = run_page(&h, "play").await;
+    assert_eq!(r["protocol"], "tcp", "{r}");
+    assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
+    assert_colour(&r["rgb"]);
+}
+
+async fn wait_for(h: &Harness, f: impl Fn(&GatewayEvent) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        if h.events.lock().unwrap().iter().any(&f) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "event did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
