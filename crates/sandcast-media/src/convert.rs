@@ -57,8 +57,10 @@ pub fn bgra_to_i420(src: &CapturedFrame<'_>, out: &mut I420Frame) -> Result<()> 
         return Err(Error::BadSize {
             width: src.width,
             height: src.height,
-            min: 2,
-            max: u16::MAX.into(),
+            min_width: 2,
+            min_height: 2,
+            max_width: u16::MAX.into(),
+            max_height: u16::MAX.into(),
         });
     }
     let cw = out.chroma_stride();

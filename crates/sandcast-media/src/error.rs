@@ -26,16 +26,22 @@ pub enum Error {
     #[error("the X server lacks the {0} extension")]
     MissingExtension(&'static str),
     /// A size outside what sandcast accepts.
-    #[error("display size {width}x{height} is outside {min}x{min} to {max}x{max}")]
+    #[error(
+        "display size {width}x{height} is outside {min_width}x{min_height} to {max_width}x{max_height}"
+    )]
     BadSize {
         /// Width asked for.
         width: u32,
         /// Height asked for.
         height: u32,
-        /// Smallest side accepted.
-        min: u32,
-        /// Largest side accepted.
-        max: u32,
+        /// Smallest width accepted.
+        min_width: u32,
+        /// Smallest height accepted.
+        min_height: u32,
+        /// Largest width accepted.
+        max_width: u32,
+        /// Largest height accepted.
+        max_height: u32,
     },
     /// The X server cannot do what was asked (resize, key binding).
     #[error("{0}")]

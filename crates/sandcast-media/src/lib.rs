@@ -33,6 +33,7 @@ mod xutil;
 pub mod xvfb;
 
 pub use capture::{Capture, CaptureMethod, CapturedFrame};
+pub use clipboard::Clipboard;
 pub use convert::{I420Frame, bgra_to_i420};
 pub use encoder::{EncodedFrame, Encoder, EncoderSettings, KeyFramePolicy, new_encoder};
 pub use error::{Error, Result};
@@ -40,4 +41,5 @@ pub use h264::{H264Encoder, H264Mode};
 pub use input::{InputInjector, RateLimit, WHEEL_PX_PER_CLICK};
 pub use keysym::{keysym_for_char, keysym_for_key};
 pub use pipeline::{FrameReceiver, PipelineStats, VideoPipeline, VideoSettings};
+pub use resize::{MAX_DISPLAY_SIZE, MIN_DISPLAY_SIZE, resize_display};
 pub use vp8::Vp8Encoder;
