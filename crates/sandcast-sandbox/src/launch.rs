@@ -94,6 +94,12 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         &"--ro-bind",
         &"/sys",
         &"/sys",
+        // The host's sysfs lists the host's network devices (other sessions'
+        // veths among them); the session sees its own through netlink.
+        &"--tmpfs",
+        &"/sys/class/net",
+        &"--tmpfs",
+        &"/sys/devices/virtual/net",
     ]);
     for h in &a.hide {
         push(&[&"--tmpfs", h]);

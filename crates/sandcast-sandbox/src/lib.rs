@@ -237,6 +237,12 @@ impl SandboxBackend {
     pub fn config(&self) -> &SandboxConfig {
         &self.inner.cfg
     }
+
+    /// [`Backend::start`], returning the concrete instance (with its
+    /// addresses and names) rather than a trait object.
+    pub async fn start_sandbox(&self, spec: &LaunchSpec) -> Result<SandboxInstance, BackendError> {
+        self.inner.start(spec).await
+    }
 }
 
 impl Inner {
@@ -671,7 +677,7 @@ impl Inner {
         };
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let mut readers = Vec::new();
+        let mut readers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         if let Some(out) = child.stdout.take() {
             readers.push(tokio::spawn(forward_lines(out, rec.id.clone(), tail.clone())));
         }
@@ -683,26 +689,54 @@ impl Inner {
         let info = tokio::task::spawn_blocking(move || read_info(info_r));
         let info = tokio::time::timeout(Duration::from_secs(20), info).await;
         let init_pid = match info {
-            Ok(Ok(Some(p))) => p,
-            _ => {
-                let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-                if status.is_err() {
-                    let _ = child.start_kill();
-                }
-                for r in readers {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
-                }
-                let lines: Vec<String> = tail.lock().expect("tail").iter().cloned().collect();
-                return Err(BackendError::Start(format!(
-                    "bwrap did not set up the sandbox: {}",
-                    if lines.is_empty() {
-                        "no output".to_string()
-                    } else {
-                        lines.join(" | ")
-                    }
-                )));
-            }
+            Ok(Ok(Some(p))) => Some(p),
+            _ => None,
         };
+        // Then wait until the agent is exec'd (bwrap's mounts are done) or
+        // bwrap gives up, so that setup errors are start errors.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut failed = init_pid.is_none();
+        while let Some(init) = init_pid {
+            if child.try_wait().ok().flatten().is_some() {
+                for r in readers.drain(..) {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+                }
+                // A quick agent may already be done; only bwrap's own words
+                // mean the sandbox never came up.
+                failed = tail.lock().expect("tail").iter().any(|l| l.starts_with("bwrap:"));
+                break;
+            }
+            if exec_done(&cg, init) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                failed = true;
+                tail.lock()
+                    .expect("tail")
+                    .push_back("the agent was not started within 20 s".into());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if failed {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                let _ = child.start_kill();
+            }
+            for r in readers {
+                let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+            }
+            let lines: Vec<String> = tail.lock().expect("tail").iter().cloned().collect();
+            return Err(BackendError::Start(format!(
+                "bwrap did not set up the sandbox: {}",
+                if lines.is_empty() {
+                    "no output".to_string()
+                } else {
+                    lines.join(" | ")
+                }
+            )));
+        }
+        let init_pid = init_pid.unwrap_or(0);
         rec.pid = Some(pid);
         rec.save(&cfg.state_dir)?;
         tracing::info!(session = %rec.id, pid, init_pid, veth = %rec.veth, addr = %rec.session_addr, "sandbox started");
@@ -857,6 +891,15 @@ impl SandboxInstance {
             .filter(|p| parent_pid(*p) == Some(self.init_pid as i32))
             .collect()
     }
+}
+
+/// Whether the sandbox's init has a child that is no longer bwrap: the
+/// agent has been exec'd, so every mount succeeded.
+fn exec_done(cg: &SessionCgroup, init_pid: u32) -> bool {
+    cg.pids().into_iter().any(|p| {
+        parent_pid(p) == Some(init_pid as i32)
+            && std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() != "bwrap")
+    })
 }
 
 fn parent_pid(pid: i32) -> Option<i32> {
@@ -1060,7 +1103,8 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
                 let dirs = l.parent_dirs(&cfg.cgroup_parent);
                 let unwritable: Vec<String> = dirs
                     .iter()
-                    .map(|d| d.parent().unwrap_or(d).to_path_buf())
+                    // The nearest existing ancestor is where mkdir happens.
+                    .filter_map(|d| d.ancestors().find(|a| a.exists()).map(Path::to_path_buf))
                     .filter(|d| {
                         let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok();
                         // SAFETY: access(2) on a NUL-terminated path.

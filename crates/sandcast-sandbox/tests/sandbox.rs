@@ -1,0 +1,786 @@
+//! Real sandboxes: bwrap, network namespaces, veths, nftables and cgroups on
+//! this host. Needs root; each test says so and returns when not root.
+//!
+//! The "agent" is a shell script written by the test; it reports what it sees
+//! as `key=value` lines through the bound agent socket, which the test
+//! listens on, so every report also proves the socket works inside.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sandcast_backend::{Backend, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId};
+use sandcast_sandbox::{SandboxBackend, SandboxConfig, SandboxInstance};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: this test needs root (namespaces, cgroups, nftables)");
+            return;
+        }
+    };
+}
+
+fn unique_tag() -> String {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let v = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(nanos)
+        .wrapping_add(N.fetch_add(1, Ordering::SeqCst).wrapping_mul(7_919));
+    format!("{v:08x}")
+}
+
+/// One backend with its own names, state and cgroup parent.
+struct Harness {
+    dir: tempfile::TempDir,
+    backend: SandboxBackend,
+    cfg: SandboxConfig,
+}
+
+/// A session's spec and the listener the server would hold.
+struct Session {
+    spec: LaunchSpec,
+    listener: UnixListener,
+}
+
+/// Everything that must be gone after a session ends.
+#[derive(Debug, Clone)]
+struct Traces {
+    id: String,
+    veth: String,
+    netns: String,
+    cgroups: Vec<PathBuf>,
+    files: PathBuf,
+    record: PathBuf,
+    table: String,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        // Outside /tmp (which sessions replace) and traversable by the session
+        // user, so hiding other sessions' files is really put to the test.
+        let base = Path::new("/var/lib/sandcast-sandbox-tests");
+        std::fs::create_dir_all(base).unwrap();
+        let dir = tempfile::tempdir_in(base).unwrap();
+        for p in [base, dir.path()] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let tag = unique_tag();
+        let cfg = SandboxConfig {
+            state_dir: dir.path().join("state"),
+            cgroup_parent: format!("sandcast-test/{tag}"),
+            name_prefix: format!("t{tag}"),
+            subnet: "100.72.0.0/16".into(),
+            ..SandboxConfig::default()
+        };
+        let backend = SandboxBackend::new(cfg.clone()).unwrap();
+        Harness { dir, backend, cfg }
+    }
+
+    fn session(&self, name: &str, script: &str, egress: bool) -> Session {
+        let session_dir = self.dir.path().join("sessions").join(name);
+        std::fs::create_dir_all(&session_dir).unwrap();
+        let agents = self.dir.path().join("agents");
+        std::fs::create_dir_all(&agents).unwrap();
+        let agent = agents.join(format!("{name}.sh"));
+        std::fs::write(&agent, script).unwrap();
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = self.backend.agent_socket(&session_dir);
+        let listener = UnixListener::bind(&socket).unwrap();
+        Session {
+            spec: LaunchSpec {
+                id: SessionId::new(name).unwrap(),
+                session_dir,
+                agent_socket: socket,
+                agent_binary: agent,
+                limits: Limits {
+                    memory_mib: 1536,
+                    cpu_millis: 1500,
+                    pids: 512,
+                },
+                network: NetworkPolicy { egress },
+            },
+            listener,
+        }
+    }
+
+    fn traces(&self, inst: &SandboxInstance, id: &str) -> Traces {
+        Traces {
+            id: id.into(),
+            veth: inst.veth().into(),
+            netns: inst.netns().into(),
+            cgroups: inst.cgroup_dirs().to_vec(),
+            files: inst.files_dir().into(),
+            record: self.cfg.state_dir.join("sessions").join(format!("{id}.json")),
+            table: self.cfg.name_prefix.clone(),
+        }
+    }
+
+    /// Removes the test's cgroup parents (the backend leaves parents in place).
+    fn remove_cgroup_parents(&self) {
+        for root in ["memory", "cpu", "pids", "unified", ""] {
+            let p = Path::new("/sys/fs/cgroup").join(root).join(&self.cfg.cgroup_parent);
+            let _ = std::fs::remove_dir(&p);
+            // Shared by concurrent tests: removed by whichever ends last.
+            let _ = std::fs::remove_dir(p.parent().unwrap());
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.remove_cgroup_parents();
+        // The table belongs to this test's prefix only.
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.cfg.name_prefix])
+            .status();
+    }
+}
+
+/// Reads one report from the agent: `key=value` lines until it closes.
+async fn report(listener: &UnixListener, within: Duration) -> HashMap<String, String> {
+    let (mut conn, _) = tokio::time::timeout(within, listener.accept())
+        .await
+        .expect("agent did not connect in time")
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(within, conn.read_to_string(&mut text))
+        .await
+        .expect("agent report did not finish in time")
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+const PROBE_FN: &str = r#"probe() { perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(PeerAddr=>$ARGV[0],PeerPort=>$ARGV[1],Timeout=>2); if($s){$l=<$s>; chomp $l; print "ok:$l"} else {print "fail:$!"}' "$1" "$2"; }"#;
+
+const SEND: &str = r#"perl -MIO::Socket::UNIX -e '$s=IO::Socket::UNIX->new(Peer=>"/run/sandcast/agent.sock") or die "agent socket: $!\n"; print $s $_ while <STDIN>;'"#;
+
+/// An agent script: `body` prints `key=value` lines that go to the socket,
+/// then `after` runs (by default it waits to be stopped).
+fn script(body: &str, after: &str) -> String {
+    format!("#!/bin/sh\n{PROBE_FN}\nreport() {{\n{body}\n}}\nreport 2>&1 | {SEND}\n{after}\n")
+}
+
+const IDENTITY: &str = r#"
+echo "uid=$(id -u)"
+echo "gid=$(id -g)"
+echo "procs=$(ls /proc | grep -c '^[0-9]')"
+echo "hostname=$(cat /proc/sys/kernel/hostname)"
+echo "home=$HOME"
+echo "tmpdir=$TMPDIR"
+echo "path=$PATH"
+echo "root_write=$(touch /usr/sandcast-probe 2>/dev/null && echo yes || echo no)"
+echo "etc_write=$(touch /etc/sandcast-probe 2>/dev/null && echo yes || echo no)"
+echo "home_write=$(echo x > "$HOME/mine" && echo yes || echo no)"
+echo "tmp_write=$(echo x > /tmp/mine && echo yes || echo no)"
+echo "tmp_list=$(ls -A /tmp | tr '\n' ,)"
+echo "shm_kb=$(df -k /dev/shm | awk 'NR==2{print $2}')"
+echo "shm_write=$(echo x > /dev/shm/x && echo yes || echo no)"
+echo "resolv=$(grep -m1 nameserver /etc/resolv.conf)"
+echo "fonts=$(ls /usr/share/fonts | head -1)"
+echo "ifaces=$(ip -o link | awk -F': ' '{print $2}' | cut -d@ -f1 | tr '\n' ,)"
+echo "sys_net=$(ls /sys/class/net | wc -l)"
+"#;
+
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie has state Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let rest = &s[s.rfind(')').unwrap() + 2..];
+            !rest.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn assert_gone(t: &Traces) {
+    for d in &t.cgroups {
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    }
+    assert!(
+        !Path::new("/sys/class/net").join(&t.veth).exists(),
+        "veth {} left behind",
+        t.veth
+    );
+    assert!(
+        !Path::new("/run/netns").join(&t.netns).exists(),
+        "netns {} left behind",
+        t.netns
+    );
+    assert!(!t.files.exists(), "files {} left behind", t.files.display());
+    assert!(!t.record.exists(), "record {} left behind", t.record.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&t.netns), "netns mount of {} left", t.id);
+    assert!(
+        !mounts.contains(t.files.to_str().unwrap()),
+        "mount under {} left",
+        t.files.display()
+    );
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", &t.table])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(&t.veth), "nft still lists {}: {text}", t.veth);
+}
+
+/// A TCP server that greets each connection with a line, for probes.
+async fn greeter(bind: &str, greeting: &'static str) -> u16 {
+    let l = tokio::net::TcpListener::bind(bind).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let _ = c.write_all(format!("{greeting}\n").as_bytes()).await;
+        }
+    });
+    port
+}
+
+async fn connect_greeting(addr: Ipv4Addr, port: u16) -> Option<String> {
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((addr, port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// Connects from a thread inside network namespace `netns` and reads the greeting.
+fn connect_in_netns(netns: &str, addr: Ipv4Addr, port: u16) -> Option<String> {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let f = std::fs::File::open(&path).ok()?;
+        // SAFETY: setns on this short-lived thread only.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })
+    .join()
+    .unwrap()
+}
+
+/// An "upstream" network (TEST-NET-3) in its own namespace, linked to the
+/// host by a veth, with a greeting TCP server inside.
+struct Upstream {
+    netns: String,
+    veth: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    addr: Ipv4Addr,
+    port: u16,
+}
+
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Upstream {
+    fn new() -> Upstream {
+        let tag = unique_tag();
+        let netns = format!("sctest-up-{tag}");
+        let veth = format!("sctu{}", &tag[..8]);
+        sh(&["ip", "netns", "add", &netns]);
+        sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        sh(&["ip", "addr", "add", "203.0.113.1/24", "dev", &veth]);
+        sh(&["ip", "link", "set", &veth, "up"]);
+        sh(&["ip", "-n", &netns, "addr", "add", "203.0.113.2/24", "dev", "eth0"]);
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns_path = format!("/run/netns/{netns}");
+        let stop2 = stop.clone();
+        // setns on a thread of its own: the listener lives in the upstream netns.
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns_path).unwrap();
+            // SAFETY: setns on this thread only, with an fd we own.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let l = std::net::TcpListener::bind("203.0.113.2:0").unwrap();
+            l.set_nonblocking(true).unwrap();
+            tx.send(l.local_addr().unwrap().port()).unwrap();
+            while !stop2.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        use std::io::Write;
+                        let _ = c.write_all(b"hello-upstream\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Upstream {
+            netns,
+            veth,
+            stop,
+            thread: Some(thread),
+            addr: "203.0.113.2".parse().unwrap(),
+            port,
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.veth]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_limits_network_and_cleanup() {
+    require_root!();
+    let h = Harness::new();
+    let upstream = Upstream::new();
+    // Host servers: one on loopback only, one on every address.
+    let lo_port = greeter("127.0.0.1:0", "hello-loopback").await;
+    let any_port = greeter("0.0.0.0:0", "hello-host").await;
+
+    // Session B: listens on 7777 inside its netns, no egress.
+    let b_body = format!(
+        "{IDENTITY}\necho \"upstream=$(probe {up} {upp})\"",
+        up = upstream.addr,
+        upp = upstream.port
+    );
+    let b_script = script(
+        &b_body,
+        r#"exec perl -MIO::Socket::INET -e '$l=IO::Socket::INET->new(LocalPort=>7777,Listen=>5,ReuseAddr=>1) or die "listen: $!"; while($c=$l->accept){print $c "hello-from-b\n"; close $c}'"#,
+    );
+    let b = h.session("sb", &b_script, false);
+    let b_inst = h.backend.start_sandbox(&b.spec).await.unwrap();
+    let b_report = report(&b.listener, Duration::from_secs(20)).await;
+
+    // B's listener answers on B's address (positive control for A's probe;
+    // from inside B's netns, since nothing may answer the host from a session).
+    let mut b_greeting = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b_greeting.is_none() && Instant::now() < deadline {
+        b_greeting = connect_in_netns(b_inst.netns(), b_inst.session_addr(), 7777);
+    }
+    assert_eq!(b_greeting.as_deref(), Some("hello-from-b"));
+    // The host's 0.0.0.0 server answers on the veth address from the host itself.
+    assert_eq!(
+        connect_greeting(b_inst.host_addr(), any_port).await.as_deref(),
+        Some("hello-host")
+    );
+
+    // Session A: egress on; probes everything.
+    let a_body = format!(
+        r#"{IDENTITY}
+echo "hostpid_visible=$(test -e /proc/{hostpid} && echo yes || echo no)"
+echo "other_home=$(ls {other_home} >/dev/null 2>&1 && echo visible || echo hidden)"
+echo "other_socket=$(test -e {other_sock} && echo visible || echo hidden)"
+echo "state_entries=$(ls -A {state} 2>/dev/null | wc -l)"
+echo "loopback=$(probe 127.0.0.1 {lo_port})"
+echo "host_veth=$(probe {gw} {any_port})"
+echo "other_host_end=$(probe {b_gw} {any_port})"
+echo "other_session=$(probe {b_addr} 7777)"
+echo "upstream=$(probe {up} {upp})"
+"#,
+        hostpid = std::process::id(),
+        other_home = b_inst.files_dir().join("home").display(),
+        other_sock = b.spec.agent_socket.display(),
+        state = h.cfg.state_dir.display(),
+        gw = "$(ip route 2>/dev/null | awk '/default/{print $3}')",
+        b_gw = b_inst.host_addr(),
+        b_addr = b_inst.session_addr(),
+        up = upstream.addr,
+        upp = upstream.port,
+    );
+    let a = h.session("sa", &script(&a_body, "exec sleep 600"), true);
+    let a_inst = h.backend.start_sandbox(&a.spec).await.unwrap();
+    let r = report(&a.listener, Duration::from_secs(30)).await;
+    eprintln!("A report: {r:#?}\nB report: {b_report:#?}");
+
+    // Identity and file system.
+    assert_eq!(r["uid"], "65534");
+    assert_eq!(r["gid"], "65534");
+    let procs: u32 = r["procs"].parse().unwrap();
+    assert!(procs <= 8, "sees {procs} processes: not a private pid namespace");
+    assert_eq!(r["hostpid_visible"], "no");
+    assert_eq!(r["hostname"], "sandcast");
+    assert_eq!(r["home"], "/home/sandcast");
+    assert_eq!(r["tmpdir"], "/tmp");
+    assert!(r["path"].contains("/usr/bin"));
+    assert_eq!(r["root_write"], "no");
+    assert_eq!(r["etc_write"], "no");
+    assert_eq!(r["home_write"], "yes");
+    assert_eq!(r["tmp_write"], "yes");
+    assert_eq!(r["tmp_list"], "mine,", "A's /tmp is not private");
+    assert_eq!(r["shm_write"], "yes");
+    assert_eq!(r["shm_kb"], (512 * 1024).to_string());
+    assert!(r["resolv"].starts_with("nameserver "), "{}", r["resolv"]);
+    assert!(!r["resolv"].contains("127."), "{}", r["resolv"]);
+    assert!(!r["fonts"].is_empty(), "no fonts visible");
+    assert_eq!(r["ifaces"], "lo,eth0,");
+    assert_eq!(r["sys_net"], "0", "host network devices visible in /sys");
+    // Files written inside land in the session's own directory, owned by the user.
+    let mine = a_inst.files_dir().join("home/mine");
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "x\n");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&mine).unwrap().uid(), 65534);
+    // B wrote its own /tmp/mine; A saw only its own, and B's home is hidden from A.
+    assert_eq!(b_report["tmp_list"], "mine,");
+    assert_eq!(r["other_home"], "hidden");
+    assert_eq!(r["other_socket"], "hidden");
+    assert_eq!(r["state_entries"], "0", "the backend's state is visible inside");
+
+    // Network isolation, whatever the egress setting.
+    assert!(r["loopback"].starts_with("fail"), "host loopback reached: {}", r["loopback"]);
+    assert!(r["host_veth"].starts_with("fail"), "host reached via veth: {}", r["host_veth"]);
+    assert!(
+        r["other_host_end"].starts_with("fail"),
+        "host reached via another session's veth: {}",
+        r["other_host_end"]
+    );
+    assert!(
+        r["other_session"].starts_with("fail"),
+        "other session reached: {}",
+        r["other_session"]
+    );
+    // Egress: A (on) reaches the upstream network, B (off) does not.
+    assert_eq!(r["upstream"], "ok:hello-upstream");
+    assert!(b_report["upstream"].starts_with("fail"), "{}", b_report["upstream"]);
+
+    // Limits in the cgroup (v1 here: memory, cpu, pids hierarchies).
+    let cg = a_inst.cgroup_dirs().to_vec();
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap().trim().to_string();
+    let bwrap_pid = a_inst.pid().unwrap().to_string();
+    let mut found_limits = 0;
+    for d in &cg {
+        assert!(read(d.join("cgroup.procs")).lines().any(|l| l == bwrap_pid), "bwrap not in {}", d.display());
+        if d.join("memory.limit_in_bytes").exists() {
+            assert_eq!(read(d.join("memory.limit_in_bytes")), (1536u64 << 20).to_string());
+            found_limits += 1;
+        }
+        if d.join("memory.max").exists() {
+            assert_eq!(read(d.join("memory.max")), (1536u64 << 20).to_string());
+            found_limits += 1;
+        }
+        if d.join("cpu.cfs_quota_us").exists() {
+            assert_eq!(read(d.join("cpu.cfs_quota_us")), "150000");
+            found_limits += 1;
+        }
+        if d.join("cpu.max").exists() {
+            assert_eq!(read(d.join("cpu.max")), "150000 100000");
+            found_limits += 1;
+        }
+        if d.join("pids.max").exists() {
+            assert_eq!(read(d.join("pids.max")), "512");
+            found_limits += 1;
+        }
+    }
+    assert_eq!(found_limits, 3, "memory, cpu and pids limits in {cg:?}");
+    // Every process of the session (agent included) is in the cgroup.
+    let in_cg = read(cg[0].join("cgroup.procs")).lines().count();
+    assert!(in_cg >= 3, "bwrap, its init and the agent: {in_cg}");
+
+    // Stop: graceful (the agent is sleep, which dies of SIGTERM), then all gone.
+    let ta = h.traces(&a_inst, "sa");
+    let tb = h.traces(&b_inst, "sb");
+    let a_pid = a_inst.pid().unwrap();
+    a_inst.stop(Duration::from_secs(3)).await.unwrap();
+    let exit = a_inst.exited().borrow().clone().expect("exit reported after stop");
+    assert!(exit.requested);
+    assert_eq!(exit.reason, "agent killed by signal 15");
+    assert!(!pid_alive(a_pid));
+    assert_gone(&ta);
+    // Idempotent.
+    a_inst.stop(Duration::from_secs(1)).await.unwrap();
+    let inst: Box<dyn Instance> = Box::new(b_inst);
+    inst.stop(Duration::from_millis(500)).await.unwrap();
+    assert_gone(&tb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_bwrap_is_reported_and_nothing_keeps_running() {
+    require_root!();
+    let h = Harness::new();
+    let s = h.session("sk", &script("echo up=1", "exec sleep 600"), false);
+    let inst = h.backend.start_sandbox(&s.spec).await.unwrap();
+    assert_eq!(report(&s.listener, Duration::from_secs(20)).await["up"], "1");
+    let cg = inst.cgroup_dirs()[0].clone();
+    let before = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+    assert!(before.lines().count() >= 3, "{before}");
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(inst.pid().unwrap() as i32, libc::SIGKILL) };
+    let mut rx = inst.exited();
+    let exit = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+        .await
+        .expect("exit reported")
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert!(!exit.requested);
+    assert!(exit.reason.contains("killed by signal 9"), "{}", exit.reason);
+    // The agent and its sleep died with bwrap.
+    let left = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+    assert_eq!(left.trim(), "", "processes left after bwrap died");
+    let t = h.traces(&inst, "sk");
+    inst.stop(Duration::from_secs(1)).await.unwrap();
+    assert_gone(&t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_agent_exit_is_requested_and_clean() {
+    require_root!();
+    let h = Harness::new();
+    // The agent traps SIGTERM and ends cleanly, as sandcast-agent does.
+    let agent = script("echo up=1", "sleep 600 &\nwait")
+        .replacen("#!/bin/sh\n", "#!/bin/sh\ntrap 'exit 0' TERM\n", 1);
+    let s = h.session("gr", &agent, false);
+    let inst: Box<dyn Instance> = h.backend.start(&s.spec).await.unwrap();
+    report(&s.listener, Duration::from_secs(20)).await;
+    inst.stop(Duration::from_secs(5)).await.unwrap();
+    let exit = inst.exited().borrow().clone().unwrap();
+    assert_eq!(exit.reason, "agent exited with status 0");
+    assert!(exit.requested);
+    assert!(!s.spec.session_dir.join("sandbox").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reap_after_a_crash_removes_everything_but_kept_sessions() {
+    require_root!();
+    let h = Harness::new();
+    let mut traces = Vec::new();
+    let mut pids = Vec::new();
+    let mut kept = None;
+    for name in ["c1", "c2", "keep"] {
+        let s = h.session(name, &script("echo up=1", "exec sleep 600"), true);
+        let inst = h.backend.start_sandbox(&s.spec).await.unwrap();
+        report(&s.listener, Duration::from_secs(20)).await;
+        pids.push(inst.pid().unwrap());
+        if name == "keep" {
+            kept = Some((inst, s));
+        } else {
+            traces.push(h.traces(&inst, name));
+            // Simulated crash: the instance is forgotten without stop.
+            drop(inst);
+        }
+    }
+    // One of them loses bwrap to kill -9 as well; the other keeps running.
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    let (keep_inst, keep_s) = kept.unwrap();
+    // A fresh backend, as after a server restart.
+    let fresh = SandboxBackend::new(h.cfg.clone()).unwrap();
+    let removed = fresh
+        .reap(&[SessionId::new("keep").unwrap()])
+        .await
+        .unwrap();
+    eprintln!("reap: {removed:#?}");
+    assert!(removed.iter().any(|l| l.contains("cgroup of c2")), "{removed:?}");
+    for t in &traces {
+        assert!(removed.iter().any(|l| l.contains(&t.veth)), "{removed:?}");
+        assert_gone(t);
+    }
+    wait_until("crashed sessions' bwrap to be reaped", Duration::from_secs(5), || {
+        !pid_alive(pids[0]) && !pid_alive(pids[1])
+    });
+    // The kept session still runs and still has its network and firewall entry.
+    assert!(pid_alive(pids[2]));
+    assert!(keep_inst.exited().borrow().is_none());
+    let kt = h.traces(&keep_inst, "keep");
+    let nft = std::process::Command::new("nft")
+        .args(["list", "set", "inet", &kt.table, "egress"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&nft.stdout).contains(&kt.veth));
+    assert!(Path::new("/run/netns").join(&kt.netns).exists());
+    // Reaping again removes nothing; reaping with nothing kept removes the rest.
+    assert_eq!(fresh.reap(&[SessionId::new("keep").unwrap()]).await.unwrap(), Vec::<String>::new());
+    drop(keep_s);
+    let removed = fresh.reap(&[]).await.unwrap();
+    assert!(removed.iter().any(|l| l.contains("cgroup of keep")), "{removed:?}");
+    assert_gone(&kt);
+    let mut rx = keep_inst.exited();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
+    require_root!();
+    let h = Harness::new();
+    let s = h.session("bad", &script("echo up=1", ""), true);
+    let check_nothing_left = |what: &str| {
+        assert!(!s.spec.session_dir.join("sandbox").exists(), "{what}: files left");
+        assert!(
+            !Path::new("/run/netns").join(format!("{}-bad", h.cfg.name_prefix)).exists(),
+            "{what}: netns left"
+        );
+        assert!(
+            std::fs::read_dir(h.cfg.state_dir.join("sessions")).unwrap().next().is_none(),
+            "{what}: record left"
+        );
+        for root in ["memory", "cpu", "pids", "unified", ""] {
+            let p = Path::new("/sys/fs/cgroup").join(root).join(&h.cfg.cgroup_parent).join("bad");
+            assert!(!p.exists(), "{what}: cgroup {} left", p.display());
+        }
+    };
+    let mut spec = s.spec.clone();
+    spec.limits.memory_mib = 3;
+    let e = h.backend.start(&spec).await.err().unwrap().to_string();
+    assert!(e.contains("memory_mib 3"), "{e}");
+    check_nothing_left("bad limits");
+
+    let mut spec = s.spec.clone();
+    spec.agent_socket = s.spec.session_dir.join("nope.sock");
+    let e = h.backend.start(&spec).await.err().unwrap().to_string();
+    assert!(e.contains("nope.sock") && e.contains("not a listening Unix socket"), "{e}");
+    check_nothing_left("missing socket");
+
+    let mut spec = s.spec.clone();
+    spec.agent_binary = h.dir.path().join("missing-agent");
+    let e = h.backend.start(&spec).await.err().unwrap().to_string();
+    assert!(e.contains("missing-agent"), "{e}");
+    check_nothing_left("missing agent");
+
+    let nobwrap = SandboxBackend::new(SandboxConfig {
+        bwrap: "/nonexistent/bwrap".into(),
+        ..h.cfg.clone()
+    })
+    .unwrap();
+    let e = nobwrap.start(&s.spec).await.err().unwrap().to_string();
+    assert_eq!(
+        e,
+        "host is not ready: bwrap not found at /nonexistent/bwrap: apt-get install bubblewrap"
+    );
+    check_nothing_left("missing bwrap");
+
+    // A failure after the network exists (the image root has no /sys for
+    // bwrap to bind) is reported with bwrap's words and rolled back.
+    let img = h.dir.path().join("img");
+    std::fs::create_dir_all(img.join("bin")).unwrap();
+    std::os::unix::fs::symlink("/bin/sh", img.join("bin/sh")).unwrap();
+    let broken = SandboxBackend::new(SandboxConfig {
+        image_root: Some(img),
+        ..h.cfg.clone()
+    })
+    .unwrap();
+    let e = broken.start(&s.spec).await.err().map(|e| e.to_string());
+    match e {
+        Some(e) => assert!(e.contains("bwrap"), "{e}"),
+        None => panic!("an image without /etc, /usr or /sys started"),
+    }
+    check_nothing_left("broken image");
+
+    // A second start of a running id is refused.
+    let inst = h.backend.start(&s.spec).await.unwrap();
+    let e = h.backend.start(&s.spec).await.err().unwrap().to_string();
+    assert!(e.contains("already running"), "{e}");
+    inst.stop(Duration::from_secs(1)).await.unwrap();
+    check_nothing_left("after stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_checks_the_host() {
+    require_root!();
+    let h = Harness::new();
+    let r = h.backend.readiness().await;
+    eprintln!("{r:#?}");
+    let names: Vec<&str> = r.checks.iter().map(|c| c.name.as_str()).collect();
+    for n in ["root", "bwrap", "ip", "nft", "cgroups", "ip_forward", "user namespaces"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    assert!(r.ready, "{r:#?}");
+    let bad = SandboxBackend::new(SandboxConfig {
+        nft: "/nonexistent/nft".into(),
+        ..h.cfg.clone()
+    })
+    .unwrap()
+    .readiness()
+    .await;
+    assert!(!bad.ready);
+    let nft = bad.checks.iter().find(|c| c.name == "nft").unwrap();
+    assert!(!nft.ok);
+    assert_eq!(nft.detail, "nft not found at /nonexistent/nft: apt-get install nftables");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_runs_inside_the_sandbox() {
+    require_root!();
+    if !Path::new("/usr/bin/chromium").exists() {
+        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    let h = Harness::new();
+    let body = r#"
+echo '<html><body><p id="m">sandcast-marker-42</p></body></html>' > /tmp/page.html
+CH="/usr/bin/chromium --headless=new --disable-gpu --disable-background-networking --disable-component-update --disable-sync --no-first-run"
+echo "nosandbox=$(timeout 60 $CH --no-sandbox --user-data-dir=/tmp/p1 --dump-dom file:///tmp/page.html 2>/tmp/e1 | tr -d '\n')"
+echo "nosandbox_err=$(tail -2 /tmp/e1 | tr '\n' ' ')"
+echo "sandboxed=$(timeout 60 $CH --user-data-dir=/tmp/p2 --dump-dom file:///tmp/page.html 2>/tmp/e2 | tr -d '\n')"
+echo "sandboxed_err=$(grep -v -e dbus -e Fontconfig /tmp/e2 | tail -2 | tr '\n' ' ')"
+"#;
+    let mut s = h.session("chr", &script(body, ""), false);
+    s.spec.limits.memory_mib = 2048;
+    let inst = h.backend.start_sandbox(&s.spec).await.unwrap();
+    let r = report(&s.listener, Duration::from_secs(150)).await;
+    eprintln!("chromium --no-sandbox: {}\n  stderr: {}", r["nosandbox"], r["nosandbox_err"]);
+    eprintln!("chromium with its own sandbox: {}\n  stderr: {}", r["sandboxed"], r["sandboxed_err"]);
+    assert!(
+        r["nosandbox"].contains(r#"<p id="m">sandcast-marker-42</p>"#),
+        "chromium --no-sandbox failed: {}",
+        r["nosandbox_err"]
+    );
+    // Chromium's own (user namespace) sandbox nests inside bwrap here.
+    assert!(
+        r["sandboxed"].contains(r#"<p id="m">sandcast-marker-42</p>"#),
+        "chromium with its sandbox failed: {}",
+        r["sandboxed_err"]
+    );
+    inst.stop(Duration::from_secs(2)).await.unwrap();
+}
