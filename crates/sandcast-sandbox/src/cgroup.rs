@@ -40,8 +40,9 @@ impl Layout {
     /// Detects the layout under `root` (normally `/sys/fs/cgroup`).
     pub fn detect(root: &Path) -> Result<Layout, BackendError> {
         if root.join("cgroup.controllers").is_file() {
-            let have = fs::read_to_string(root.join("cgroup.controllers"))
-                .map_err(|e| BackendError::io(format!("reading {}/cgroup.controllers", root.display()), e))?;
+            let have = fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| {
+                BackendError::io(format!("reading {}/cgroup.controllers", root.display()), e)
+            })?;
             let missing: Vec<&str> = ["memory", "cpu", "pids"]
                 .into_iter()
                 .filter(|c| !have.split_whitespace().any(|h| h == *c))
@@ -233,10 +234,16 @@ impl SessionCgroup {
                     )));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir_all(d)
-                        .map_err(|e| BackendError::io(format!("creating cgroup {}", d.display()), e))?;
+                    fs::create_dir_all(d).map_err(|e| {
+                        BackendError::io(format!("creating cgroup {}", d.display()), e)
+                    })?;
                 }
-                Err(e) => return Err(BackendError::io(format!("creating cgroup {}", d.display()), e)),
+                Err(e) => {
+                    return Err(BackendError::io(
+                        format!("creating cgroup {}", d.display()),
+                        e,
+                    ));
+                }
             }
         }
         for (hierarchy, file, value) in limit_writes(&self.layout, limits) {
@@ -244,8 +251,9 @@ impl SessionCgroup {
             if !path.exists() && matches!(file, "memory.swap.max" | "memory.memsw.limit_in_bytes") {
                 continue; // no swap accounting on this host: nothing to limit
             }
-            write_file(&path, &value)
-                .map_err(|e| BackendError::io(format!("writing {value} to {}", path.display()), e))?;
+            write_file(&path, &value).map_err(|e| {
+                BackendError::io(format!("writing {value} to {}", path.display()), e)
+            })?;
         }
         Ok(())
     }
@@ -324,11 +332,16 @@ impl SessionCgroup {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                     // Exiting tasks leave the cgroup a moment after they die.
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     Err(e) => {
-                        return Err(BackendError::io(format!("removing cgroup {}", d.display()), e));
+                        return Err(BackendError::io(
+                            format!("removing cgroup {}", d.display()),
+                            e,
+                        ));
                     }
                 }
             }
@@ -348,7 +361,8 @@ fn enable_v2_controllers(root: &Path, parent: &str) -> Result<(), BackendError> 
     }
     for d in &chain {
         if !d.exists() {
-            fs::create_dir(d).map_err(|e| BackendError::io(format!("creating cgroup {}", d.display()), e))?;
+            fs::create_dir(d)
+                .map_err(|e| BackendError::io(format!("creating cgroup {}", d.display()), e))?;
         }
         let control = d.join("cgroup.subtree_control");
         let have = fs::read_to_string(&control).unwrap_or_default();
@@ -387,7 +401,11 @@ mod tests {
     #[test]
     fn detects_v2_by_root_controllers_file() {
         let t = tempfile::tempdir().unwrap();
-        fs::write(t.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        fs::write(
+            t.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
         assert_eq!(
             Layout::detect(t.path()).unwrap(),
             Layout::V2 {
@@ -453,7 +471,11 @@ mod tests {
         assert_eq!(r("cpu/sandcast/s1/cpu.cfs_quota_us"), "150000");
         assert_eq!(r("pids/sandcast/s1/pids.max"), "300");
         // No swap accounting in the fake: the memsw file is not invented.
-        assert!(!t.path().join("memory/sandcast/s1/memory.memsw.limit_in_bytes").exists());
+        assert!(
+            !t.path()
+                .join("memory/sandcast/s1/memory.memsw.limit_in_bytes")
+                .exists()
+        );
         assert!(t.path().join("unified/sandcast/s1").is_dir());
         assert_eq!(cg.procs_files().len(), 4);
         assert_eq!(layout.list_sessions("sandcast"), vec!["s1".to_string()]);
@@ -493,11 +515,23 @@ mod tests {
     fn limits_are_validated_with_the_bad_value() {
         let ok = Limits::default();
         assert!(validate_limits(&ok).is_ok());
-        let e = validate_limits(&Limits { memory_mib: 1, ..ok }).unwrap_err().to_string();
+        let e = validate_limits(&Limits {
+            memory_mib: 1,
+            ..ok
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("memory_mib 1"), "{e}");
-        let e = validate_limits(&Limits { cpu_millis: 5, ..ok }).unwrap_err().to_string();
+        let e = validate_limits(&Limits {
+            cpu_millis: 5,
+            ..ok
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("cpu_millis 5"), "{e}");
-        let e = validate_limits(&Limits { pids: 0, ..ok }).unwrap_err().to_string();
+        let e = validate_limits(&Limits { pids: 0, ..ok })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pids 0"), "{e}");
     }
 }

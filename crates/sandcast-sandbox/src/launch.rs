@@ -243,7 +243,10 @@ const STEPS: [&str; 9] = [
 
 /// Name of a pre-exec step reported by the child.
 pub fn step_name(step: u8) -> &'static str {
-    STEPS.get(usize::from(step)).copied().unwrap_or("unknown step")
+    STEPS
+        .get(usize::from(step))
+        .copied()
+        .unwrap_or("unknown step")
 }
 
 /// The prepared pre-exec work: only plain data and fds, so the closure makes
@@ -260,19 +263,23 @@ pub struct PreExec {
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in path {}", p.display())))
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("NUL in path {}", p.display()),
+        )
+    })
 }
 
 impl PreExec {
-    /// Opens the netns and cgroup files (in the parent, before fork).
+    /// Opens the netns and cgroup files (in the parent, before fork);
+    /// `(uid, gid)` is the user bwrap runs as.
     pub fn prepare(
         netns_path: &Path,
         cgroup_procs: &[PathBuf],
         stage: &Path,
         staged: &[StagedPath],
-        uid: u32,
-        gid: u32,
+        (uid, gid): (u32, u32),
         info_fd: RawFd,
         step_fd: RawFd,
     ) -> io::Result<PreExec> {
@@ -365,7 +372,14 @@ impl PreExec {
                     }
                     libc::close(fd);
                 }
-                if libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0 {
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
                     return fail(6);
                 }
             }
@@ -408,22 +422,58 @@ mod tests {
     #[test]
     fn bwrap_gets_namespaces_but_shares_the_prepared_netns() {
         let a = args();
-        for flag in ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"] {
+        for flag in [
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--die-with-parent",
+        ] {
             assert!(a.iter().any(|x| x == flag), "{flag}");
         }
         // The netns is joined before exec; bwrap must not make another.
-        assert!(!a.iter().any(|x| x == "--unshare-net" || x == "--unshare-all"));
+        assert!(
+            !a.iter()
+                .any(|x| x == "--unshare-net" || x == "--unshare-all")
+        );
     }
 
     #[test]
     fn bwrap_mounts_are_read_only_root_and_private_writables() {
         let a = args();
         assert!(has_seq(&a, &["--ro-bind", "/", "/"]));
-        assert!(has_seq(&a, &["--perms", "1777", "--size", "536870912", "--tmpfs", "/dev/shm"]));
-        assert!(has_seq(&a, &["--bind", "/run/stage/home", "/home/sandcast"]));
+        assert!(has_seq(
+            &a,
+            &[
+                "--perms",
+                "1777",
+                "--size",
+                "536870912",
+                "--tmpfs",
+                "/dev/shm"
+            ]
+        ));
+        assert!(has_seq(
+            &a,
+            &["--bind", "/run/stage/home", "/home/sandcast"]
+        ));
         assert!(has_seq(&a, &["--bind", "/run/stage/tmp", "/tmp"]));
-        assert!(has_seq(&a, &["--ro-bind", "/run/stage/agent", "/run/sandcast/sandcast-agent"]));
-        assert!(has_seq(&a, &["--bind", "/run/stage/agent.sock", "/run/sandcast/agent.sock"]));
+        assert!(has_seq(
+            &a,
+            &[
+                "--ro-bind",
+                "/run/stage/agent",
+                "/run/sandcast/sandcast-agent"
+            ]
+        ));
+        assert!(has_seq(
+            &a,
+            &[
+                "--bind",
+                "/run/stage/agent.sock",
+                "/run/sandcast/agent.sock"
+            ]
+        ));
         assert!(has_seq(&a, &["--tmpfs", "/var/lib/sandcast"]));
         assert!(has_seq(&a, &["--info-fd", "7"]));
         // The hidden paths are masked after the root is bound, not before.
@@ -438,7 +488,11 @@ mod tests {
         let dashdash = a.iter().position(|x| x == "--").unwrap();
         assert_eq!(
             &a[dashdash + 1..],
-            ["/run/sandcast/sandcast-agent", "--connect", "unix:/run/sandcast/agent.sock"]
+            [
+                "/run/sandcast/sandcast-agent",
+                "--connect",
+                "unix:/run/sandcast/agent.sock"
+            ]
         );
         assert!(has_seq(&a, &["--setenv", "HOME", "/home/sandcast"]));
         assert!(has_seq(&a, &["--setenv", "TMPDIR", "/tmp"]));

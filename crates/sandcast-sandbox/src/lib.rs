@@ -169,7 +169,9 @@ impl SandboxBackend {
         if p.is_empty()
             || p.len() > 16
             || !p.starts_with(|c: char| c.is_ascii_lowercase())
-            || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         {
             return bad(format!(
                 "name_prefix {p:?} must be 1-16 lowercase letters or digits, starting with a letter"
@@ -342,9 +344,10 @@ impl Inner {
                 .await
                 .expect("cgroup task")
             {
-                Ok(()) if existed => {
-                    done.push(format!("killed {n} process(es) and removed cgroup of {}", rec.id))
-                }
+                Ok(()) if existed => done.push(format!(
+                    "killed {n} process(es) and removed cgroup of {}",
+                    rec.id
+                )),
                 Ok(()) => {}
                 Err(e) => errors.push(e.to_string()),
             }
@@ -470,7 +473,8 @@ impl Inner {
             let what = format!("{what} {}", p.display());
             move |e| BackendError::io(what, e)
         };
-        std::fs::create_dir_all(&spec.session_dir).map_err(io_err("creating", &spec.session_dir))?;
+        std::fs::create_dir_all(&spec.session_dir)
+            .map_err(io_err("creating", &spec.session_dir))?;
         std::fs::create_dir(files).map_err(io_err("creating", files))?;
         std::fs::set_permissions(files, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod", files))?;
@@ -499,8 +503,12 @@ impl Inner {
                 .map_err(io_err("chmod", &p))?;
         }
         // The session user connects to the server's socket, so it must own it.
-        std::os::unix::fs::chown(&spec.agent_socket, Some(cfg.run_as_uid), Some(cfg.run_as_gid))
-            .map_err(io_err("chown", &spec.agent_socket))?;
+        std::os::unix::fs::chown(
+            &spec.agent_socket,
+            Some(cfg.run_as_uid),
+            Some(cfg.run_as_gid),
+        )
+        .map_err(io_err("chown", &spec.agent_socket))?;
         Ok(())
     }
 
@@ -508,10 +516,7 @@ impl Inner {
         cgroup::validate_limits(&spec.limits)?;
         let uid = self.cfg.run_as_uid;
         let meta = std::fs::metadata(&spec.agent_binary).map_err(|e| {
-            BackendError::InvalidSpec(format!(
-                "agent binary {}: {e}",
-                spec.agent_binary.display()
-            ))
+            BackendError::InvalidSpec(format!("agent binary {}: {e}", spec.agent_binary.display()))
         })?;
         let mode = meta.permissions().mode();
         let rx = if meta.uid() == uid {
@@ -639,8 +644,7 @@ impl Inner {
             &cg.procs_files(),
             &stage,
             &staged,
-            cfg.run_as_uid,
-            cfg.run_as_gid,
+            (cfg.run_as_uid, cfg.run_as_gid),
             info_w.as_raw_fd(),
             step_w.as_raw_fd(),
         )
@@ -679,10 +683,18 @@ impl Inner {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let mut readers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         if let Some(out) = child.stdout.take() {
-            readers.push(tokio::spawn(forward_lines(out, rec.id.clone(), tail.clone())));
+            readers.push(tokio::spawn(forward_lines(
+                out,
+                rec.id.clone(),
+                tail.clone(),
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            readers.push(tokio::spawn(forward_lines(err, rec.id.clone(), tail.clone())));
+            readers.push(tokio::spawn(forward_lines(
+                err,
+                rec.id.clone(),
+                tail.clone(),
+            )));
         }
         // bwrap writes its info once the namespaces exist; EOF first means it
         // failed before that.
@@ -703,7 +715,11 @@ impl Inner {
                 }
                 // A quick agent may already be done; only bwrap's own words
                 // mean the sandbox never came up.
-                failed = tail.lock().expect("tail").iter().any(|l| l.starts_with("bwrap:"));
+                failed = tail
+                    .lock()
+                    .expect("tail")
+                    .iter()
+                    .any(|l| l.starts_with("bwrap:"));
                 break;
             }
             if exec_done(&cg, init) {
@@ -720,7 +736,10 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if failed {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.start_kill();
             }
             for r in readers {
@@ -778,7 +797,10 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), BackendError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(BackendError::io("creating a pipe", io::Error::last_os_error()));
+        return Err(BackendError::io(
+            "creating a pipe",
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: both fds were just created and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
@@ -797,7 +819,9 @@ fn read_info(fd: OwnedFd) -> Option<u32> {
         }
     }
     let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
-    v.get("child-pid")?.as_u64().and_then(|p| u32::try_from(p).ok())
+    v.get("child-pid")?
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
 }
 
 async fn forward_lines<R: tokio::io::AsyncRead + Unpin>(
@@ -822,7 +846,10 @@ pub fn describe_exit(status: &io::Result<ExitStatus>, tail: &[String]) -> String
         Ok(s) => s,
         Err(e) => return format!("could not wait for bwrap: {e}"),
     };
-    let last = tail.last().map(|l| format!("; last output: {l}")).unwrap_or_default();
+    let last = tail
+        .last()
+        .map(|l| format!("; last output: {l}"))
+        .unwrap_or_default();
     if let Some(sig) = status.signal() {
         return format!("sandbox (bwrap) killed by signal {sig}{last}");
     }
@@ -831,7 +858,11 @@ pub fn describe_exit(status: &io::Result<ExitStatus>, tail: &[String]) -> String
         // bwrap reports a command killed by signal N as 128 + N.
         Some(c) if (129..=192).contains(&c) => format!("agent killed by signal {}{last}", c - 128),
         Some(1) if tail.iter().any(|l| l.starts_with("bwrap:")) => {
-            let l = tail.iter().rev().find(|l| l.starts_with("bwrap:")).expect("found");
+            let l = tail
+                .iter()
+                .rev()
+                .find(|l| l.starts_with("bwrap:"))
+                .expect("found");
             format!("sandbox setup failed: {l}")
         }
         Some(c) => format!("agent exited with status {c}{last}"),
@@ -991,7 +1022,9 @@ impl Backend for SandboxBackend {
                     .await
                     .expect("cgroup task")
                 {
-                    Ok(()) => lines.push(format!("killed {n} process(es) and removed cgroup of {name}")),
+                    Ok(()) => lines.push(format!(
+                        "killed {n} process(es) and removed cgroup of {name}"
+                    )),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
@@ -1016,7 +1049,11 @@ impl Backend for SandboxBackend {
         let alias_prefix = net::veth_alias(&cfg.name_prefix, "");
         if let Ok(links) = net::links(&cfg.ip).await {
             for l in links {
-                let Some(id) = l.ifalias.as_deref().and_then(|a| a.strip_prefix(&alias_prefix)) else {
+                let Some(id) = l
+                    .ifalias
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix(&alias_prefix))
+                else {
                     continue;
                 };
                 if keep.contains(id) {
@@ -1030,10 +1067,10 @@ impl Backend for SandboxBackend {
                 }
             }
         }
-        if inner.tools()[2].check().is_ok() {
-            if let Err(e) = inner.rebuild_firewall(Some(&keep)).await {
-                errors.push(e.to_string());
-            }
+        if inner.tools()[2].check().is_ok()
+            && let Err(e) = inner.rebuild_firewall(Some(&keep)).await
+        {
+            errors.push(e.to_string());
         }
         if errors.is_empty() {
             Ok(lines)
@@ -1077,9 +1114,17 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
         },
     );
     for (t, flag) in inner.tools().iter().zip(["--version", "-V", "--version"]) {
-        let name = t.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = t
+            .path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let r = match t.check() {
-            Err(e) => Err(e.to_string().trim_start_matches("host is not ready: ").to_string()),
+            Err(e) => Err(e
+                .to_string()
+                .trim_start_matches("host is not ready: ")
+                .to_string()),
             Ok(()) => net::run(t.path, &[flag], None)
                 .await
                 .map(|v| format!("{} ({})", t.path.display(), v.trim()))
@@ -1108,12 +1153,16 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
                     .filter(|d| {
                         let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok();
                         // SAFETY: access(2) on a NUL-terminated path.
-                        !c.is_some_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+                        c.is_none_or(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0)
                     })
                     .map(|d| d.display().to_string())
                     .collect();
                 if unwritable.is_empty() {
-                    Ok(format!("{}; sessions under {}", l.describe(), cfg.cgroup_parent))
+                    Ok(format!(
+                        "{}; sessions under {}",
+                        l.describe(),
+                        cfg.cgroup_parent
+                    ))
                 } else {
                     Err(format!(
                         "{}, but cannot write {}",
@@ -1155,13 +1204,21 @@ async fn probe_userns(inner: &Inner) -> Result<String, String> {
     let (uid, gid) = (cfg.run_as_uid, cfg.run_as_gid);
     let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
     let mut cmd = tokio::process::Command::new(&cfg.bwrap);
-    cmd.args(["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--ro-bind"])
-        .arg(&root)
-        .args(["/", "--proc", "/proc", "--dev", "/dev", "--", "/bin/sh", "-c", "exit 0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args([
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--ro-bind",
+    ])
+    .arg(&root)
+    .args([
+        "/", "--proc", "/proc", "--dev", "/dev", "--", "/bin/sh", "-c", "exit 0",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     // SAFETY: only async-signal-safe credential calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -1179,7 +1236,9 @@ async fn probe_userns(inner: &Inner) -> Result<String, String> {
         .map_err(|_| "bwrap probe hung for 10 s".to_string())?
         .map_err(|e| format!("cannot run {} as uid {uid}: {e}", cfg.bwrap.display()))?;
     if out.status.success() {
-        Ok(format!("uid {uid} can create user, pid, ipc and uts namespaces with bwrap"))
+        Ok(format!(
+            "uid {uid} can create user, pid, ipc and uts namespaces with bwrap"
+        ))
     } else {
         Err(format!(
             "bwrap as uid {uid} failed: {} (enable unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0)",
@@ -1200,12 +1259,16 @@ mod tests {
     fn exits_are_described() {
         assert_eq!(describe_exit(&status(0), &[]), "agent exited with status 0");
         // bwrap exit code 137: the agent got SIGKILL.
-        assert_eq!(describe_exit(&status(137 << 8), &[]), "agent killed by signal 9");
+        assert_eq!(
+            describe_exit(&status(137 << 8), &[]),
+            "agent killed by signal 9"
+        );
         assert_eq!(
             describe_exit(&status(9), &["x".into()]),
             "sandbox (bwrap) killed by signal 9; last output: x"
         );
-        let tail = vec!["bwrap: Can't mount proc on /newroot/proc: Operation not permitted".to_string()];
+        let tail =
+            vec!["bwrap: Can't mount proc on /newroot/proc: Operation not permitted".to_string()];
         assert_eq!(
             describe_exit(&status(1 << 8), &tail),
             "sandbox setup failed: bwrap: Can't mount proc on /newroot/proc: Operation not permitted"
@@ -1225,15 +1288,48 @@ mod tests {
             ..SandboxConfig::default()
         };
         let err = |c: SandboxConfig| SandboxBackend::new(c).err().expect("error").to_string();
-        assert!(err(SandboxConfig { name_prefix: "Bad-Prefix".into(), ..base.clone() }).contains("\"Bad-Prefix\""));
-        assert!(err(SandboxConfig { run_as_uid: 0, ..base.clone() }).contains("run_as_uid 0"));
-        assert!(err(SandboxConfig { subnet: "10.0.0.0/8x".into(), ..base.clone() }).contains("10.0.0.0/8x"));
-        assert!(err(SandboxConfig { cgroup_parent: "../x".into(), ..base.clone() }).contains("\"../x\""));
-        assert!(err(SandboxConfig { image_root: Some(t.path().join("nope")), ..base.clone() }).contains("nope"));
+        assert!(
+            err(SandboxConfig {
+                name_prefix: "Bad-Prefix".into(),
+                ..base.clone()
+            })
+            .contains("\"Bad-Prefix\"")
+        );
+        assert!(
+            err(SandboxConfig {
+                run_as_uid: 0,
+                ..base.clone()
+            })
+            .contains("run_as_uid 0")
+        );
+        assert!(
+            err(SandboxConfig {
+                subnet: "10.0.0.0/8x".into(),
+                ..base.clone()
+            })
+            .contains("10.0.0.0/8x")
+        );
+        assert!(
+            err(SandboxConfig {
+                cgroup_parent: "../x".into(),
+                ..base.clone()
+            })
+            .contains("\"../x\"")
+        );
+        assert!(
+            err(SandboxConfig {
+                image_root: Some(t.path().join("nope")),
+                ..base.clone()
+            })
+            .contains("nope")
+        );
         let b = SandboxBackend::new(base.clone()).unwrap();
         assert_eq!(b.name(), "sandbox");
         // The stage must be traversable by the session user.
-        let mode = std::fs::metadata(&base.stage_dir).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&base.stage_dir)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
     }
 

@@ -99,7 +99,9 @@ pub fn allocate(
 /// Validates the configured subnet: IPv4, at least one /30.
 pub fn parse_subnet(s: &str) -> Result<Ipv4Net, BackendError> {
     let net: Ipv4Net = s.parse().map_err(|e| {
-        BackendError::InvalidSpec(format!("subnet {s:?} is not an IPv4 CIDR like 100.64.0.0/16: {e}"))
+        BackendError::InvalidSpec(format!(
+            "subnet {s:?} is not an IPv4 CIDR like 100.64.0.0/16: {e}"
+        ))
     })?;
     if net.prefix_len() > 30 {
         return Err(BackendError::InvalidSpec(format!(
@@ -165,9 +167,16 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, sessions: &[FirewallEntry]) -> Stri
 
 /// Commands that add one session's interface to the sets.
 pub fn add_elements(table: &str, entry: &FirewallEntry) -> String {
-    let mut s = format!("add element inet {table} sessions {{ \"{}\" }}\n", entry.veth);
+    let mut s = format!(
+        "add element inet {table} sessions {{ \"{}\" }}\n",
+        entry.veth
+    );
     if entry.egress {
-        let _ = writeln!(s, "add element inet {table} egress {{ \"{}\" }}", entry.veth);
+        let _ = writeln!(
+            s,
+            "add element inet {table} egress {{ \"{}\" }}",
+            entry.veth
+        );
     }
     s
 }
@@ -184,9 +193,9 @@ pub async fn run(tool: &Path, args: &[&str], stdin: Option<&str>) -> Result<Stri
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| {
-        BackendError::NotReady(format!("cannot run {}: {e}", tool.display()))
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BackendError::NotReady(format!("cannot run {}: {e}", tool.display())))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())
             .await
@@ -323,7 +332,10 @@ mod tests {
         assert_eq!(allocate(net, &used, &live).unwrap().index, 2);
         let full: BTreeSet<u32> = [0, 2, 3].into();
         let err = allocate(net, &full, &live).unwrap_err().to_string();
-        assert!(err.contains("no free /30") && err.contains("100.64.0.0/28"), "{err}");
+        assert!(
+            err.contains("no free /30") && err.contains("100.64.0.0/28"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -333,7 +345,10 @@ mod tests {
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
         // Host bits are dropped, not an error.
-        assert_eq!(parse_subnet("10.1.2.3/16").unwrap().to_string(), "10.1.0.0/16");
+        assert_eq!(
+            parse_subnet("10.1.2.3/16").unwrap().to_string(),
+            "10.1.0.0/16"
+        );
     }
 
     #[test]
@@ -354,7 +369,9 @@ mod tests {
             ],
         );
         assert!(text.starts_with("table inet sandcast\ndelete table inet sandcast\n"));
-        assert!(text.contains("set sessions { type ifname; elements = { \"sc-00000001\", \"sc-00000002\" }; }"));
+        assert!(text.contains(
+            "set sessions { type ifname; elements = { \"sc-00000001\", \"sc-00000002\" }; }"
+        ));
         assert!(text.contains("set egress { type ifname; elements = { \"sc-00000001\" }; }"));
         assert!(text.contains("hook input priority filter - 10; policy accept;\n\t\t# Nothing"));
         assert!(text.contains("\t\tiifname \"sc-*\" drop\n"));

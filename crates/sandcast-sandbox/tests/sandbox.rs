@@ -128,7 +128,11 @@ impl Harness {
             netns: inst.netns().into(),
             cgroups: inst.cgroup_dirs().to_vec(),
             files: inst.files_dir().into(),
-            record: self.cfg.state_dir.join("sessions").join(format!("{id}.json")),
+            record: self
+                .cfg
+                .state_dir
+                .join("sessions")
+                .join(format!("{id}.json")),
             table: self.cfg.name_prefix.clone(),
         }
     }
@@ -136,7 +140,9 @@ impl Harness {
     /// Removes the test's cgroup parents (the backend leaves parents in place).
     fn remove_cgroup_parents(&self) {
         for root in ["memory", "cpu", "pids", "unified", ""] {
-            let p = Path::new("/sys/fs/cgroup").join(root).join(&self.cfg.cgroup_parent);
+            let p = Path::new("/sys/fs/cgroup")
+                .join(root)
+                .join(&self.cfg.cgroup_parent);
             let _ = std::fs::remove_dir(&p);
             // Shared by concurrent tests: removed by whichever ends last.
             let _ = std::fs::remove_dir(p.parent().unwrap());
@@ -235,7 +241,11 @@ fn assert_gone(t: &Traces) {
         t.netns
     );
     assert!(!t.files.exists(), "files {} left behind", t.files.display());
-    assert!(!t.record.exists(), "record {} left behind", t.record.display());
+    assert!(
+        !t.record.exists(),
+        "record {} left behind",
+        t.record.display()
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&t.netns), "netns mount of {} left", t.id);
     assert!(
@@ -248,7 +258,11 @@ fn assert_gone(t: &Traces) {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains(&t.veth), "nft still lists {}: {text}", t.veth);
+    assert!(
+        !text.contains(&t.veth),
+        "nft still lists {}: {text}",
+        t.veth
+    );
 }
 
 /// A TCP server that greets each connection with a line, for probes.
@@ -290,7 +304,8 @@ fn connect_in_netns(netns: &str, addr: Ipv4Addr, port: u16) -> Option<String> {
             return None;
         }
         let mut s =
-            std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2)).ok()?;
+            std::net::TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2))
+                .ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).ok()?;
@@ -312,7 +327,10 @@ struct Upstream {
 }
 
 fn sh(args: &[&str]) {
-    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -326,10 +344,21 @@ impl Upstream {
         let netns = format!("sctest-up-{tag}");
         let veth = format!("sctu{}", &tag[..8]);
         sh(&["ip", "netns", "add", &netns]);
-        sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        sh(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ]);
         sh(&["ip", "addr", "add", "203.0.113.1/24", "dev", &veth]);
         sh(&["ip", "link", "set", &veth, "up"]);
-        sh(&["ip", "-n", &netns, "addr", "add", "203.0.113.2/24", "dev", "eth0"]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            "203.0.113.2/24",
+            "dev",
+            "eth0",
+        ]);
         sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
         let stop = Arc::new(AtomicBool::new(false));
@@ -372,8 +401,12 @@ impl Drop for Upstream {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.veth]).status();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
     }
 }
 
@@ -410,7 +443,9 @@ async fn isolation_limits_network_and_cleanup() {
     assert_eq!(b_greeting.as_deref(), Some("hello-from-b"));
     // The host's 0.0.0.0 server answers on the veth address from the host itself.
     assert_eq!(
-        connect_greeting(b_inst.host_addr(), any_port).await.as_deref(),
+        connect_greeting(b_inst.host_addr(), any_port)
+            .await
+            .as_deref(),
         Some("hello-host")
     );
 
@@ -446,7 +481,10 @@ echo "upstream=$(probe {up} {upp})"
     assert_eq!(r["uid"], "65534");
     assert_eq!(r["gid"], "65534");
     let procs: u32 = r["procs"].parse().unwrap();
-    assert!(procs <= 8, "sees {procs} processes: not a private pid namespace");
+    assert!(
+        procs <= 8,
+        "sees {procs} processes: not a private pid namespace"
+    );
     assert_eq!(r["hostpid_visible"], "no");
     assert_eq!(r["hostname"], "sandcast");
     assert_eq!(r["home"], "/home/sandcast");
@@ -473,11 +511,22 @@ echo "upstream=$(probe {up} {upp})"
     assert_eq!(b_report["tmp_list"], "mine,");
     assert_eq!(r["other_home"], "hidden");
     assert_eq!(r["other_socket"], "hidden");
-    assert_eq!(r["state_entries"], "0", "the backend's state is visible inside");
+    assert_eq!(
+        r["state_entries"], "0",
+        "the backend's state is visible inside"
+    );
 
     // Network isolation, whatever the egress setting.
-    assert!(r["loopback"].starts_with("fail"), "host loopback reached: {}", r["loopback"]);
-    assert!(r["host_veth"].starts_with("fail"), "host reached via veth: {}", r["host_veth"]);
+    assert!(
+        r["loopback"].starts_with("fail"),
+        "host loopback reached: {}",
+        r["loopback"]
+    );
+    assert!(
+        r["host_veth"].starts_with("fail"),
+        "host reached via veth: {}",
+        r["host_veth"]
+    );
     assert!(
         r["other_host_end"].starts_with("fail"),
         "host reached via another session's veth: {}",
@@ -490,7 +539,11 @@ echo "upstream=$(probe {up} {upp})"
     );
     // Egress: A (on) reaches the upstream network, B (off) does not.
     assert_eq!(r["upstream"], "ok:hello-upstream");
-    assert!(b_report["upstream"].starts_with("fail"), "{}", b_report["upstream"]);
+    assert!(
+        b_report["upstream"].starts_with("fail"),
+        "{}",
+        b_report["upstream"]
+    );
 
     // Limits in the cgroup (v1 here: memory, cpu, pids hierarchies).
     let cg = a_inst.cgroup_dirs().to_vec();
@@ -498,9 +551,16 @@ echo "upstream=$(probe {up} {upp})"
     let bwrap_pid = a_inst.pid().unwrap().to_string();
     let mut found_limits = 0;
     for d in &cg {
-        assert!(read(d.join("cgroup.procs")).lines().any(|l| l == bwrap_pid), "bwrap not in {}", d.display());
+        assert!(
+            read(d.join("cgroup.procs")).lines().any(|l| l == bwrap_pid),
+            "bwrap not in {}",
+            d.display()
+        );
         if d.join("memory.limit_in_bytes").exists() {
-            assert_eq!(read(d.join("memory.limit_in_bytes")), (1536u64 << 20).to_string());
+            assert_eq!(
+                read(d.join("memory.limit_in_bytes")),
+                (1536u64 << 20).to_string()
+            );
             found_limits += 1;
         }
         if d.join("memory.max").exists() {
@@ -530,7 +590,11 @@ echo "upstream=$(probe {up} {upp})"
     let tb = h.traces(&b_inst, "sb");
     let a_pid = a_inst.pid().unwrap();
     a_inst.stop(Duration::from_secs(3)).await.unwrap();
-    let exit = a_inst.exited().borrow().clone().expect("exit reported after stop");
+    let exit = a_inst
+        .exited()
+        .borrow()
+        .clone()
+        .expect("exit reported after stop");
     assert!(exit.requested);
     assert_eq!(exit.reason, "agent killed by signal 15");
     assert!(!pid_alive(a_pid));
@@ -548,7 +612,10 @@ async fn sigkill_of_bwrap_is_reported_and_nothing_keeps_running() {
     let h = Harness::new();
     let s = h.session("sk", &script("echo up=1", "exec sleep 600"), false);
     let inst = h.backend.start_sandbox(&s.spec).await.unwrap();
-    assert_eq!(report(&s.listener, Duration::from_secs(20)).await["up"], "1");
+    assert_eq!(
+        report(&s.listener, Duration::from_secs(20)).await["up"],
+        "1"
+    );
     let cg = inst.cgroup_dirs()[0].clone();
     let before = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
     assert!(before.lines().count() >= 3, "{before}");
@@ -562,7 +629,11 @@ async fn sigkill_of_bwrap_is_reported_and_nothing_keeps_running() {
         .clone()
         .unwrap();
     assert!(!exit.requested);
-    assert!(exit.reason.contains("killed by signal 9"), "{}", exit.reason);
+    assert!(
+        exit.reason.contains("killed by signal 9"),
+        "{}",
+        exit.reason
+    );
     // The agent and its sleep died with bwrap.
     let left = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
     assert_eq!(left.trim(), "", "processes left after bwrap died");
@@ -576,8 +647,11 @@ async fn graceful_agent_exit_is_requested_and_clean() {
     require_root!();
     let h = Harness::new();
     // The agent traps SIGTERM and ends cleanly, as sandcast-agent does.
-    let agent = script("echo up=1", "sleep 600 &\nwait")
-        .replacen("#!/bin/sh\n", "#!/bin/sh\ntrap 'exit 0' TERM\n", 1);
+    let agent = script("echo up=1", "sleep 600 &\nwait").replacen(
+        "#!/bin/sh\n",
+        "#!/bin/sh\ntrap 'exit 0' TERM\n",
+        1,
+    );
     let s = h.session("gr", &agent, false);
     let inst: Box<dyn Instance> = h.backend.start(&s.spec).await.unwrap();
     report(&s.listener, Duration::from_secs(20)).await;
@@ -612,6 +686,9 @@ async fn reap_after_a_crash_removes_everything_but_kept_sessions() {
     // SAFETY: kill(2) of our own child.
     unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
     let (keep_inst, keep_s) = kept.unwrap();
+    // c2's record is lost too (a crash in the middle of start, or a wiped
+    // state dir): its cgroup, netns and veth must be found by name.
+    std::fs::remove_file(&traces[1].record).unwrap();
     // A fresh backend, as after a server restart.
     let fresh = SandboxBackend::new(h.cfg.clone()).unwrap();
     let removed = fresh
@@ -619,14 +696,36 @@ async fn reap_after_a_crash_removes_everything_but_kept_sessions() {
         .await
         .unwrap();
     eprintln!("reap: {removed:#?}");
-    assert!(removed.iter().any(|l| l.contains("cgroup of c2")), "{removed:?}");
-    for t in &traces {
-        assert!(removed.iter().any(|l| l.contains(&t.veth)), "{removed:?}");
-        assert_gone(t);
-    }
-    wait_until("crashed sessions' bwrap to be reaped", Duration::from_secs(5), || {
-        !pid_alive(pids[0]) && !pid_alive(pids[1])
+    assert!(
+        removed.iter().any(|l| l.contains("cgroup of c1")),
+        "{removed:?}"
+    );
+    assert!(
+        removed.iter().any(|l| l.contains("cgroup of c2")),
+        "{removed:?}"
+    );
+    assert!(
+        removed.iter().any(|l| l.contains(&traces[0].veth)),
+        "{removed:?}"
+    );
+    assert_gone(&traces[0]);
+    let orphan = &traces[1];
+    assert!(
+        removed
+            .iter()
+            .any(|l| l == &format!("removed netns {}", orphan.netns)),
+        "{removed:?}"
+    );
+    assert_gone(&Traces {
+        // Files are only found through the record; everything else by name.
+        files: PathBuf::from("/nonexistent"),
+        ..orphan.clone()
     });
+    wait_until(
+        "crashed sessions' bwrap to be reaped",
+        Duration::from_secs(5),
+        || !pid_alive(pids[0]) && !pid_alive(pids[1]),
+    );
     // The kept session still runs and still has its network and firewall entry.
     assert!(pid_alive(pids[2]));
     assert!(keep_inst.exited().borrow().is_none());
@@ -638,10 +737,19 @@ async fn reap_after_a_crash_removes_everything_but_kept_sessions() {
     assert!(String::from_utf8_lossy(&nft.stdout).contains(&kt.veth));
     assert!(Path::new("/run/netns").join(&kt.netns).exists());
     // Reaping again removes nothing; reaping with nothing kept removes the rest.
-    assert_eq!(fresh.reap(&[SessionId::new("keep").unwrap()]).await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        fresh
+            .reap(&[SessionId::new("keep").unwrap()])
+            .await
+            .unwrap(),
+        Vec::<String>::new()
+    );
     drop(keep_s);
     let removed = fresh.reap(&[]).await.unwrap();
-    assert!(removed.iter().any(|l| l.contains("cgroup of keep")), "{removed:?}");
+    assert!(
+        removed.iter().any(|l| l.contains("cgroup of keep")),
+        "{removed:?}"
+    );
     assert_gone(&kt);
     let mut rx = keep_inst.exited();
     tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some))
@@ -656,17 +764,28 @@ async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
     let h = Harness::new();
     let s = h.session("bad", &script("echo up=1", ""), true);
     let check_nothing_left = |what: &str| {
-        assert!(!s.spec.session_dir.join("sandbox").exists(), "{what}: files left");
         assert!(
-            !Path::new("/run/netns").join(format!("{}-bad", h.cfg.name_prefix)).exists(),
+            !s.spec.session_dir.join("sandbox").exists(),
+            "{what}: files left"
+        );
+        assert!(
+            !Path::new("/run/netns")
+                .join(format!("{}-bad", h.cfg.name_prefix))
+                .exists(),
             "{what}: netns left"
         );
         assert!(
-            std::fs::read_dir(h.cfg.state_dir.join("sessions")).unwrap().next().is_none(),
+            std::fs::read_dir(h.cfg.state_dir.join("sessions"))
+                .unwrap()
+                .next()
+                .is_none(),
             "{what}: record left"
         );
         for root in ["memory", "cpu", "pids", "unified", ""] {
-            let p = Path::new("/sys/fs/cgroup").join(root).join(&h.cfg.cgroup_parent).join("bad");
+            let p = Path::new("/sys/fs/cgroup")
+                .join(root)
+                .join(&h.cfg.cgroup_parent)
+                .join("bad");
             assert!(!p.exists(), "{what}: cgroup {} left", p.display());
         }
     };
@@ -679,7 +798,10 @@ async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
     let mut spec = s.spec.clone();
     spec.agent_socket = s.spec.session_dir.join("nope.sock");
     let e = h.backend.start(&spec).await.err().unwrap().to_string();
-    assert!(e.contains("nope.sock") && e.contains("not a listening Unix socket"), "{e}");
+    assert!(
+        e.contains("nope.sock") && e.contains("not a listening Unix socket"),
+        "{e}"
+    );
     check_nothing_left("missing socket");
 
     let mut spec = s.spec.clone();
@@ -732,7 +854,15 @@ async fn readiness_checks_the_host() {
     let r = h.backend.readiness().await;
     eprintln!("{r:#?}");
     let names: Vec<&str> = r.checks.iter().map(|c| c.name.as_str()).collect();
-    for n in ["root", "bwrap", "ip", "nft", "cgroups", "ip_forward", "user namespaces"] {
+    for n in [
+        "root",
+        "bwrap",
+        "ip",
+        "nft",
+        "cgroups",
+        "ip_forward",
+        "user namespaces",
+    ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
     assert!(r.ready, "{r:#?}");
@@ -746,7 +876,10 @@ async fn readiness_checks_the_host() {
     assert!(!bad.ready);
     let nft = bad.checks.iter().find(|c| c.name == "nft").unwrap();
     assert!(!nft.ok);
-    assert_eq!(nft.detail, "nft not found at /nonexistent/nft: apt-get install nftables");
+    assert_eq!(
+        nft.detail,
+        "nft not found at /nonexistent/nft: apt-get install nftables"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,8 +902,14 @@ echo "sandboxed_err=$(grep -v -e dbus -e Fontconfig /tmp/e2 | tail -2 | tr '\n' 
     s.spec.limits.memory_mib = 2048;
     let inst = h.backend.start_sandbox(&s.spec).await.unwrap();
     let r = report(&s.listener, Duration::from_secs(150)).await;
-    eprintln!("chromium --no-sandbox: {}\n  stderr: {}", r["nosandbox"], r["nosandbox_err"]);
-    eprintln!("chromium with its own sandbox: {}\n  stderr: {}", r["sandboxed"], r["sandboxed_err"]);
+    eprintln!(
+        "chromium --no-sandbox: {}\n  stderr: {}",
+        r["nosandbox"], r["nosandbox_err"]
+    );
+    eprintln!(
+        "chromium with its own sandbox: {}\n  stderr: {}",
+        r["sandboxed"], r["sandboxed_err"]
+    );
     assert!(
         r["nosandbox"].contains(r#"<p id="m">sandcast-marker-42</p>"#),
         "chromium --no-sandbox failed: {}",
