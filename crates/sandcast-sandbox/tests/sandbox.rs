@@ -152,6 +152,23 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // A failed assertion must not leave sessions behind: reap everything
+        // of this harness's prefix (a no-op after a clean run), on a thread
+        // of its own since Drop may run inside the test's runtime.
+        let backend = self.backend.clone();
+        let reaped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(backend.reap(&[]))
+        })
+        .join();
+        if let Ok(Ok(lines)) = &reaped
+            && !lines.is_empty()
+        {
+            eprintln!("cleaned up after the test: {lines:?}");
+        }
         self.remove_cgroup_parents();
         // The table belongs to this test's prefix only.
         let _ = std::process::Command::new("nft")
