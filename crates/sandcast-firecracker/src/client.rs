@@ -177,6 +177,14 @@ impl FirecrackerClient {
         self.send(Method::PUT, &path, drive).await
     }
 
+    /// `PATCH /drives/{drive_id}`: a new backing file (post-boot, also after
+    /// a snapshot load).
+    pub async fn patch_drive(&self, drive_id: &str, path_on_host: &str) -> Result<(), ClientError> {
+        let path = format!("/drives/{}", path_segment(drive_id));
+        let body = serde_json::json!({ "drive_id": drive_id, "path_on_host": path_on_host });
+        self.send(Method::PATCH, &path, &body).await
+    }
+
     /// `PUT /network-interfaces/{iface_id}`.
     pub async fn put_network_interface(&self, iface: &NetworkInterface) -> Result<(), ClientError> {
         let path = format!("/network-interfaces/{}", path_segment(&iface.iface_id));

@@ -226,6 +226,10 @@ pub struct GuestBehaviour {
     pub listening_ports: Vec<u32>,
     /// Host port the simulated agent connects to after boot or restore.
     pub agent_port: Option<u32>,
+    /// Also write the serial console to stdout, as Firecracker does.
+    pub echo_console: bool,
+    /// Append every request as a JSON line to this file.
+    pub request_log: Option<PathBuf>,
 }
 
 impl Default for GuestBehaviour {
@@ -234,6 +238,8 @@ impl Default for GuestBehaviour {
             honours_ctrl_alt_del: true,
             listening_ports: vec![52],
             agent_port: Some(crate::AGENT_VSOCK_PORT),
+            echo_console: false,
+            request_log: None,
         }
     }
 }
@@ -258,6 +264,10 @@ struct State {
     injected: HashMap<(Method, String), (u16, String)>,
     vsock_task: Option<tokio::task::JoinHandle<()>>,
     vsock_uds: Option<PathBuf>,
+    /// The booted kernel has no i8042 keyboard (`sandcast_double.no_i8042`).
+    no_i8042: bool,
+    /// Loaded from a snapshot and not yet resumed.
+    restored: bool,
 }
 
 /// An in-process Firecracker double serving one API socket.
@@ -290,6 +300,8 @@ impl FirecrackerDouble {
                 injected: HashMap::new(),
                 vsock_task: None,
                 vsock_uds: None,
+                no_i8042: false,
+                restored: false,
             })),
             shutdown: watch::channel(false).0,
             console: Arc::new(Mutex::new(Vec::new())),
@@ -406,12 +418,25 @@ impl FirecrackerDouble {
             ),
             Err((status, msg)) => (status, fault(status, &msg)),
         };
-        self.state.lock().unwrap().requests.push(Recorded {
+        let rec = Recorded {
             method,
             path,
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
             status: status.as_u16(),
-        });
+        };
+        if let Some(log) = &self.guest.request_log {
+            use std::io::Write;
+            let line = json!({
+                "method": rec.method.as_str(),
+                "path": rec.path,
+                "body": rec.body,
+                "status": rec.status,
+            });
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        self.state.lock().unwrap().requests.push(rec);
         response
     }
 
@@ -521,13 +546,35 @@ impl FirecrackerDouble {
                 st.config.drives.insert((*id).to_owned(), body);
                 Ok(None)
             }
+            ("PATCH", ["drives", _]) if !started => bad(BEFORE_START),
+            ("PATCH", ["drives", id]) => {
+                if body["drive_id"] != *id {
+                    return bad("The id from the path does not match the id from the body!");
+                }
+                let Some(drive) = st.config.drives.get_mut(*id) else {
+                    return bad(&format!("Unable to patch the block device: Device {id} not found."));
+                };
+                if let Some(host) = body["path_on_host"].as_str() {
+                    if let Err(e) = std::fs::metadata(host) {
+                        return bad(&format!("Unable to patch the block device: Error manipulating the backing file: {e} {host}"));
+                    }
+                    drive["path_on_host"] = json!(host);
+                }
+                Ok(None)
+            }
             ("PUT", ["network-interfaces", _]) if started => bad(AFTER_START),
             ("PUT", ["network-interfaces", id]) => {
                 if body["iface_id"] != *id {
                     return bad("The id from the path does not match the id from the body!");
                 }
                 let tap = body["host_dev_name"].as_str().unwrap_or_default();
-                if !Path::new("/sys/class/net").join(tap).exists() {
+                // /proc/self/net shows the devices of this process's network
+                // namespace, where Firecracker opens the TAP.
+                let devs = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+                let found = devs
+                    .lines()
+                    .any(|l| l.trim_start().split(':').next() == Some(tap));
+                if !found {
                     return bad(&format!(
                         "Could not create the network device: Open tap device failed: Error while creating ifreq structure: Invalid argument (os error 22). Invalid TUN/TAP Backend provided by {tap}. Check our documentation on setting up the network devices."
                     ));
@@ -598,6 +645,7 @@ impl FirecrackerDouble {
                     }
                     st.vmm = VmmState::Running;
                     let args = boot["boot_args"].as_str().unwrap_or_default().to_owned();
+                    st.no_i8042 = args.split(' ').any(|a| a == "sandcast_double.no_i8042");
                     drop(st);
                     self.guest_boots(&args);
                     Ok(None)
@@ -607,8 +655,9 @@ impl FirecrackerDouble {
                         return bad(BEFORE_START);
                     }
                     drop(st);
-                    if self.guest.honours_ctrl_alt_del {
-                        self.console.lock().unwrap().push("reboot: Restarting system".into());
+                    let no_i8042 = self.state.lock().unwrap().no_i8042;
+                    if self.guest.honours_ctrl_alt_del && !no_i8042 {
+                        self.say("reboot: Restarting system");
                         let _ = self.shutdown.send(true);
                     }
                     Ok(None)
@@ -630,6 +679,13 @@ impl FirecrackerDouble {
                 } else {
                     VmmState::Running
                 };
+                // The first run after a restore: vsock connections were reset,
+                // so the agent connects again.
+                let reconnect = st.vmm == VmmState::Running && std::mem::take(&mut st.restored);
+                drop(st);
+                if reconnect {
+                    self.guest_resumes();
+                }
                 Ok(None)
             }
             ("PUT", ["snapshot", "create"]) => {
@@ -708,6 +764,7 @@ impl FirecrackerDouble {
                     VmmState::Paused
                 };
                 let resume = st.vmm == VmmState::Running;
+                st.restored = !resume;
                 drop(st);
                 if let Some(uds) = vsock["uds_path"].as_str().map(PathBuf::from) {
                     let task = self
@@ -741,17 +798,24 @@ impl FirecrackerDouble {
         }))
     }
 
-    fn guest_boots(&self, boot_args: &str) {
-        {
-            let mut console = self.console.lock().unwrap();
-            console.push(format!("Linux version 6.1 (sandcast double) cmdline: {boot_args}"));
-            console.push("Run /usr/local/bin/sandcast-agent as init process".into());
+    fn say(&self, line: &str) {
+        self.console.lock().unwrap().push(line.to_owned());
+        if self.guest.echo_console {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
         }
+    }
+
+    fn guest_boots(&self, boot_args: &str) {
+        self.say(&format!("Kernel command line: {boot_args}"));
+        self.say("Run /usr/local/bin/sandcast-agent as init process");
         self.guest_agent_connects();
     }
 
     fn guest_resumes(&self) {
-        self.console.lock().unwrap().push("restored from snapshot".into());
+        self.say("sandcast double: resumed from snapshot");
         self.guest_agent_connects();
     }
 

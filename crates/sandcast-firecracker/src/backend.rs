@@ -1,0 +1,980 @@
+//! The `firecracker` backend: one microVM per session.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sandcast_backend::{
+    Backend, BackendError, Check, Instance, InstanceExit, LaunchSpec, Readiness, SessionId,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+use crate::api::*;
+use crate::client::{ClientError, FirecrackerClient};
+use crate::host::{self, SessionCgroup, SessionNet};
+use crate::kernel::{self, GuestKernel};
+use crate::{AGENT_VSOCK_PORT, GUEST_CID, kvm, vsock};
+
+/// Configuration of the Firecracker backend. [`Default`] gives the documented
+/// defaults; `kernel` and `rootfs` usually need setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirecrackerConfig {
+    /// The `firecracker` binary: a path, or a name looked up on `PATH`.
+    /// Default `firecracker`.
+    pub firecracker_bin: PathBuf,
+    /// Uncompressed guest kernel (`vmlinux`). Default `/var/lib/sandcast/vmlinux`.
+    pub kernel: PathBuf,
+    /// Optional initramfs (for a kernel with its virtio drivers as modules).
+    pub initramfs: Option<PathBuf>,
+    /// The kernel's `.config`; default: looked for beside the kernel.
+    pub kernel_config: Option<PathBuf>,
+    /// The image's ext4 root file system, shared read-only by every VM.
+    /// Default `/var/lib/sandcast/image/rootfs.ext4`.
+    pub rootfs: PathBuf,
+    /// The KVM device. Default `/dev/kvm`.
+    pub kvm_device: PathBuf,
+    /// Run a trivial guest on `kvm_device` before each start to report an
+    /// unusable KVM clearly. Default `true`.
+    pub probe_kvm: bool,
+    /// Size of each session's sparse writable drive in MiB. Default 4096.
+    pub writable_drive_mib: u64,
+    /// A network interface on a TAP device in a per-session namespace.
+    /// Default `true`.
+    pub network: bool,
+    /// DNS server the guest uses (it cannot reach the host). Default `1.1.1.1`.
+    pub dns: String,
+    /// Extra kernel command line arguments.
+    pub extra_boot_args: Vec<String>,
+    /// Where [`FirecrackerBackend::build_snapshot`] keeps the ready-VM
+    /// snapshot; sessions restore from it when it exists. Default `None`
+    /// (every session boots).
+    pub snapshot_dir: Option<PathBuf>,
+    /// Where the backend records its sessions for [`Backend::reap`].
+    /// Default `/run/sandcast-firecracker`.
+    pub runtime_dir: PathBuf,
+    /// How long to wait for Firecracker's API socket and for each call.
+    /// Default 10 s.
+    pub api_timeout: Duration,
+    /// How long a template VM may take to boot to its agent. Default 60 s.
+    pub boot_timeout: Duration,
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        FirecrackerConfig {
+            firecracker_bin: "firecracker".into(),
+            kernel: "/var/lib/sandcast/vmlinux".into(),
+            initramfs: None,
+            kernel_config: None,
+            rootfs: "/var/lib/sandcast/image/rootfs.ext4".into(),
+            kvm_device: "/dev/kvm".into(),
+            probe_kvm: true,
+            writable_drive_mib: 4096,
+            network: true,
+            dns: "1.1.1.1".into(),
+            extra_boot_args: Vec::new(),
+            snapshot_dir: None,
+            runtime_dir: "/run/sandcast-firecracker".into(),
+            api_timeout: Duration::from_secs(10),
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Files of a ready-VM snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// The microVM state.
+    pub state: PathBuf,
+    /// Guest memory.
+    pub memory: PathBuf,
+    /// The template's writable drive at snapshot time; each restored session
+    /// starts from a copy of it.
+    pub writable: PathBuf,
+}
+
+impl SnapshotFiles {
+    fn in_dir(dir: &Path) -> Self {
+        SnapshotFiles {
+            state: dir.join("vm.state"),
+            memory: dir.join("vm.mem"),
+            writable: dir.join("template").join(WRITABLE_DRIVE),
+        }
+    }
+
+    fn exist(&self) -> bool {
+        self.state.is_file() && self.memory.is_file() && self.writable.is_file()
+    }
+}
+
+/// File names inside a session directory.
+const API_SOCKET: &str = "firecracker.sock";
+const VSOCK_SOCKET: &str = "vsock.sock";
+const WRITABLE_DRIVE: &str = "writable.ext4";
+const CONSOLE_LOG: &str = "console.log";
+const FIRECRACKER_LOG: &str = "firecracker.log";
+const METRICS_FILE: &str = "metrics.json";
+/// Drive and interface ids in the VM configuration.
+const ROOT_DRIVE_ID: &str = "rootfs";
+const WRITABLE_DRIVE_ID: &str = "writable";
+const IFACE_ID: &str = "eth0";
+/// Where the image installs the agent.
+pub const AGENT_PATH_IN_IMAGE: &str = "/usr/local/bin/sandcast-agent";
+
+/// The Firecracker backend.
+#[derive(Debug)]
+pub struct FirecrackerBackend {
+    config: FirecrackerConfig,
+    kernel: GuestKernel,
+}
+
+/// What the backend records per session so that [`Backend::reap`] can clean
+/// up after a crash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    session_dir: PathBuf,
+    pid: Option<u32>,
+}
+
+impl FirecrackerBackend {
+    /// Checks the kernel (and its config when there is one) and the root
+    /// file system image; the binary and KVM are checked at each start and by
+    /// [`Backend::readiness`], so a server can start and say what is missing.
+    pub fn new(config: FirecrackerConfig) -> Result<Self, BackendError> {
+        let kernel = kernel::check_kernel(
+            &config.kernel,
+            config.initramfs.as_deref(),
+            config.kernel_config.as_deref(),
+        )
+        .map_err(|e| BackendError::NotReady(e.to_string()))?;
+        check_rootfs(&config.rootfs)?;
+        if let Some(report) = &kernel.config_report {
+            for w in &report.warnings {
+                tracing::warn!(kernel = %config.kernel.display(), "{w}");
+            }
+        }
+        Ok(FirecrackerBackend { config, kernel })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &FirecrackerConfig {
+        &self.config
+    }
+
+    /// The checked guest kernel.
+    pub fn kernel(&self) -> &GuestKernel {
+        &self.kernel
+    }
+
+    /// The snapshot sessions restore from, when one has been built.
+    pub fn snapshot(&self) -> Option<SnapshotFiles> {
+        let files = SnapshotFiles::in_dir(self.config.snapshot_dir.as_deref()?);
+        files.exist().then_some(files)
+    }
+
+    /// The kernel command line of a freshly booted VM.
+    pub fn boot_args(&self) -> String {
+        let mut args = vec![
+            "console=ttyS0".to_owned(),
+            "reboot=k".into(),
+            "panic=1".into(),
+            "pci=off".into(),
+            // Firecracker's i8042 has no AUX port or PNP; probing them only costs time.
+            "i8042.noaux".into(),
+            "i8042.nomux".into(),
+            "i8042.nopnp".into(),
+            "i8042.dumbkbd".into(),
+            "root=/dev/vda".into(),
+            "rootfstype=ext4".into(),
+            "ro".into(),
+        ];
+        if self.config.network {
+            args.push(format!(
+                "ip={}::{}:{}:sandcast:eth0:off:{}",
+                host::GUEST_IP,
+                host::GATEWAY_IP,
+                host::TAP_NETMASK,
+                self.config.dns
+            ));
+        }
+        args.extend(self.config.extra_boot_args.iter().cloned());
+        args.push(format!("init={AGENT_PATH_IN_IMAGE}"));
+        // Everything after `--` is the init's argv.
+        args.push("--".into());
+        args.push("--vm".into());
+        args.push("--connect".into());
+        args.push(format!("vsock:2:{AGENT_VSOCK_PORT}"));
+        args.join(" ")
+    }
+
+    fn resolve_binary(&self) -> Result<PathBuf, BackendError> {
+        let bin = &self.config.firecracker_bin;
+        let found = if bin.components().count() > 1 {
+            bin.is_file().then(|| bin.clone())
+        } else {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(bin))
+                    .find(|p| p.is_file())
+            })
+        };
+        found.ok_or_else(|| {
+            BackendError::NotReady(format!(
+                "firecracker binary {} not found{}; install a Firecracker v1.16.1 release binary (see docs/firecracker.md)",
+                bin.display(),
+                if bin.components().count() > 1 { "" } else { " on PATH" }
+            ))
+        })
+    }
+
+    fn check_kvm(&self) -> Result<(), BackendError> {
+        if self.config.probe_kvm {
+            kvm::probe(&self.config.kvm_device).map_err(BackendError::NotReady)?;
+        }
+        Ok(())
+    }
+
+    /// Boots one template VM to the point where its agent waits for a
+    /// session, snapshots it into `snapshot_dir`, and stops it. Later
+    /// sessions restore from this snapshot.
+    pub async fn build_snapshot(&self) -> Result<SnapshotFiles, BackendError> {
+        let dir = self.config.snapshot_dir.clone().ok_or_else(|| {
+            BackendError::InvalidSpec("snapshot_dir is not configured".into())
+        })?;
+        let files = SnapshotFiles::in_dir(&dir);
+        let template_dir = dir.join("template");
+        let _ = std::fs::remove_dir_all(&template_dir);
+        std::fs::create_dir_all(&template_dir)
+            .map_err(|e| BackendError::io(format!("creating {}", template_dir.display()), e))?;
+        let spec = LaunchSpec {
+            id: SessionId::new("snapshot-template")?,
+            session_dir: template_dir.clone(),
+            agent_socket: self.agent_socket(&template_dir),
+            agent_binary: PathBuf::new(),
+            limits: sandcast_backend::Limits::default(),
+            network: sandcast_backend::NetworkPolicy { egress: false },
+        };
+        // The template's agent connects and waits; it gets no configuration.
+        let listener = UnixListener::bind(&spec.agent_socket)
+            .map_err(|e| BackendError::io(format!("listening on {}", spec.agent_socket.display()), e))?;
+        let running = self.launch(&spec, None).await?;
+        let result = async {
+            let (_conn, _) = tokio::time::timeout(self.config.boot_timeout, listener.accept())
+                .await
+                .map_err(|_| {
+                    BackendError::Start(format!(
+                        "the template VM's agent did not connect within {:?}; console: {}",
+                        self.config.boot_timeout,
+                        console_tail(&template_dir, 10)
+                    ))
+                })?
+                .map_err(|e| BackendError::io("accepting the template agent", e))?;
+            let client = &running.client;
+            api(client.set_vm_state(VmState::Paused).await)?;
+            for f in [&files.state, &files.memory] {
+                let _ = std::fs::remove_file(f);
+            }
+            api(client
+                .create_snapshot(&SnapshotCreateParams {
+                    snapshot_path: files.state.display().to_string(),
+                    mem_file_path: files.memory.display().to_string(),
+                    snapshot_type: Some(SnapshotType::Full),
+                })
+                .await)?;
+            Ok(())
+        }
+        .await;
+        running.kill_and_clean(&[WRITABLE_DRIVE]).await;
+        let _ = std::fs::remove_file(&spec.agent_socket);
+        result.map(|()| files)
+    }
+
+    /// Starts Firecracker for a session and configures it (boot or restore).
+    async fn launch(
+        &self,
+        spec: &LaunchSpec,
+        snapshot: Option<&SnapshotFiles>,
+    ) -> Result<Running, BackendError> {
+        let bin = self.resolve_binary()?;
+        self.check_kvm()?;
+        check_rootfs(&self.config.rootfs)?;
+        let dir = &spec.session_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
+        let mut running = Running {
+            id: spec.id.clone(),
+            dir: dir.clone(),
+            client: FirecrackerClient::new(dir.join(API_SOCKET)),
+            pid: None,
+            net: None,
+            cgroup: None,
+            child: None,
+            record: self.config.runtime_dir.join(format!("{}.json", spec.id)),
+        };
+        match self.launch_inner(spec, snapshot, &bin, &mut running).await {
+            Ok(()) => Ok(running),
+            Err(e) => {
+                let detail = console_tail(dir, 5);
+                running.kill_and_clean(&[]).await;
+                Err(match (e, detail.is_empty()) {
+                    (BackendError::Start(m), false) => {
+                        BackendError::Start(format!("{m}; console: {detail}"))
+                    }
+                    (e, _) => e,
+                })
+            }
+        }
+    }
+
+    async fn launch_inner(
+        &self,
+        spec: &LaunchSpec,
+        snapshot: Option<&SnapshotFiles>,
+        bin: &Path,
+        running: &mut Running,
+    ) -> Result<(), BackendError> {
+        let dir = &spec.session_dir;
+        std::fs::create_dir_all(&self.config.runtime_dir).map_err(|e| {
+            BackendError::io(format!("creating {}", self.config.runtime_dir.display()), e)
+        })?;
+        write_record(&running.record, &Record {
+            session_dir: dir.clone(),
+            pid: None,
+        })?;
+        // Stale sockets from an earlier run would make Firecracker fail to bind.
+        for name in [API_SOCKET, VSOCK_SOCKET] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let writable = dir.join(WRITABLE_DRIVE);
+        match snapshot {
+            Some(s) => copy_sparse(&s.writable, &writable).await?,
+            None => make_writable_drive(&writable, self.config.writable_drive_mib).await?,
+        }
+        for name in [FIRECRACKER_LOG, METRICS_FILE] {
+            std::fs::File::create(dir.join(name))
+                .map_err(|e| BackendError::io(format!("creating {}", dir.join(name).display()), e))?;
+        }
+        if self.config.network {
+            running.net = Some(host::setup_network(&spec.id, spec.network.egress)?);
+        }
+        running.cgroup = Some(host::setup_cgroup(&spec.id, &spec.limits)?);
+        self.spawn(spec, bin, running)?;
+        write_record(&running.record, &Record {
+            session_dir: dir.clone(),
+            pid: running.pid,
+        })?;
+        self.wait_for_api(running).await?;
+        let c = running.client.clone();
+        let logger = Logger {
+            log_path: dir.join(FIRECRACKER_LOG).display().to_string(),
+            level: Some(LogLevel::Warning),
+            show_level: Some(true),
+        };
+        api(c.put_logger(&logger).await)?;
+        api(c
+            .put_metrics(&Metrics {
+                metrics_path: dir.join(METRICS_FILE).display().to_string(),
+            })
+            .await)?;
+        let vsock_uds = dir.join(VSOCK_SOCKET).display().to_string();
+        match snapshot {
+            None => {
+                let vcpus = spec.limits.cpu_millis.div_ceil(1000).clamp(1, 32) as u8;
+                api(c
+                    .put_machine_config(&MachineConfig {
+                        vcpu_count: vcpus,
+                        mem_size_mib: spec.limits.memory_mib,
+                        smt: None,
+                        track_dirty_pages: None,
+                    })
+                    .await)?;
+                api(c
+                    .put_boot_source(&BootSource {
+                        kernel_image_path: self.kernel.vmlinux.display().to_string(),
+                        boot_args: Some(self.boot_args()),
+                        initrd_path: self.kernel.initramfs.as_ref().map(|p| p.display().to_string()),
+                    })
+                    .await)?;
+                api(c
+                    .put_drive(&Drive {
+                        drive_id: ROOT_DRIVE_ID.into(),
+                        is_root_device: true,
+                        is_read_only: true,
+                        path_on_host: self.config.rootfs.display().to_string(),
+                        cache_type: None,
+                    })
+                    .await)?;
+                api(c
+                    .put_drive(&Drive {
+                        drive_id: WRITABLE_DRIVE_ID.into(),
+                        is_root_device: false,
+                        is_read_only: false,
+                        path_on_host: writable.display().to_string(),
+                        cache_type: None,
+                    })
+                    .await)?;
+                if self.config.network {
+                    api(c
+                        .put_network_interface(&NetworkInterface {
+                            iface_id: IFACE_ID.into(),
+                            host_dev_name: host::TAP_NAME.into(),
+                            guest_mac: Some(guest_mac(&spec.id)),
+                        })
+                        .await)?;
+                    api(c
+                        .put_mmds_config(&MmdsConfig {
+                            network_interfaces: vec![IFACE_ID.into()],
+                            version: Some(MmdsVersion::V2),
+                            ipv4_address: None,
+                        })
+                        .await)?;
+                    api(c.put_mmds(&mmds_contents(&spec.id)).await)?;
+                }
+                api(c
+                    .put_vsock(&Vsock {
+                        guest_cid: GUEST_CID,
+                        uds_path: vsock_uds,
+                    })
+                    .await)?;
+                api(c.action(ActionType::InstanceStart).await)?;
+            }
+            Some(s) => {
+                api(c
+                    .load_snapshot(&SnapshotLoadParams {
+                        snapshot_path: s.state.display().to_string(),
+                        mem_backend: MemoryBackend {
+                            backend_type: MemoryBackendType::File,
+                            backend_path: s.memory.display().to_string(),
+                        },
+                        resume_vm: Some(false),
+                        network_overrides: if self.config.network {
+                            vec![NetworkOverride {
+                                iface_id: IFACE_ID.into(),
+                                host_dev_name: host::TAP_NAME.into(),
+                            }]
+                        } else {
+                            Vec::new()
+                        },
+                        vsock_override: Some(VsockOverride { uds_path: vsock_uds }),
+                        clock_realtime: Some(true),
+                    })
+                    .await)?;
+                // The snapshot names the template's writable drive; this
+                // session writes to its own copy before the guest runs again.
+                api(c
+                    .patch_drive(WRITABLE_DRIVE_ID, &writable.display().to_string())
+                    .await)?;
+                if self.config.network {
+                    // MMDS contents are not part of a snapshot.
+                    api(c.put_mmds(&mmds_contents(&spec.id)).await)?;
+                }
+                api(c.set_vm_state(VmState::Resumed).await)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, spec: &LaunchSpec, bin: &Path, running: &mut Running) -> Result<(), BackendError> {
+        let dir = &spec.session_dir;
+        let console = std::fs::File::create(dir.join(CONSOLE_LOG))
+            .map_err(|e| BackendError::io(format!("creating {}", dir.join(CONSOLE_LOG).display()), e))?;
+        let console2 = console
+            .try_clone()
+            .map_err(|e| BackendError::io("duplicating the console log", e))?;
+        let netns: Option<OwnedFd> = match &running.net {
+            Some(net) => Some(
+                std::fs::File::open(net.netns_path())
+                    .map_err(|e| BackendError::io(format!("opening {}", net.netns_path().display()), e))?
+                    .into(),
+            ),
+            None => None,
+        };
+        let procs: Vec<OwnedFd> = running
+            .cgroup
+            .as_ref()
+            .map(|cg| cg.procs_files())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .map(OwnedFd::from)
+                    .map_err(|e| BackendError::io(format!("opening {}", p.display()), e))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("--api-sock")
+            .arg(dir.join(API_SOCKET))
+            .arg("--id")
+            .arg(spec.id.as_str())
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console2)
+            .kill_on_drop(false);
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: only async-signal-safe system calls run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: a signal to the server's process group does
+                // not reach the VM, and stop() decides when it ends.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for fd in &proc_fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(fd) = netns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| BackendError::io(format!("starting {}", bin.display()), e))?;
+        running.pid = child.id();
+        running.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_for_api(&self, running: &mut Running) -> Result<(), BackendError> {
+        let deadline = Instant::now() + self.config.api_timeout;
+        loop {
+            if let Some(child) = running.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(BackendError::Start(format!(
+                    "firecracker exited before its API was up ({status})"
+                )));
+            }
+            if running.client.socket().exists() && running.client.describe().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BackendError::Start(format!(
+                    "firecracker's API socket {} did not answer within {:?}",
+                    running.client.socket().display(),
+                    self.config.api_timeout
+                )));
+            }
+            // Polling a condition with a deadline: Firecracker gives no
+            // other signal that its socket is up.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn check_rootfs(rootfs: &Path) -> Result<(), BackendError> {
+    let meta = std::fs::metadata(rootfs).map_err(|e| {
+        BackendError::NotReady(format!(
+            "root file system image {}: {e} (build one with `sandcast image build`)",
+            rootfs.display()
+        ))
+    })?;
+    if !meta.is_file() {
+        return Err(BackendError::NotReady(format!(
+            "root file system image {} is not a file (the microVM needs the image's ext4, not its directory)",
+            rootfs.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Wraps an API failure; Firecracker's own message is kept verbatim.
+fn api<T>(r: Result<T, ClientError>) -> Result<T, BackendError> {
+    r.map_err(|e| BackendError::Start(e.to_string()))
+}
+
+/// What the guest finds in MMDS (version 2).
+fn mmds_contents(id: &SessionId) -> serde_json::Value {
+    serde_json::json!({
+        "sandcast": {
+            "session_id": id.as_str(),
+            "agent_vsock_port": AGENT_VSOCK_PORT,
+        }
+    })
+}
+
+/// A locally administered MAC derived from the session id.
+fn guest_mac(id: &SessionId) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(id.as_str().as_bytes());
+    format!("06:fc:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
+}
+
+fn write_record(path: &Path, record: &Record) -> Result<(), BackendError> {
+    let json = serde_json::to_vec(record).expect("records serialise");
+    std::fs::write(path, json).map_err(|e| BackendError::io(format!("writing {}", path.display()), e))
+}
+
+/// A sparse file formatted as ext4, without mounting anything.
+async fn make_writable_drive(path: &Path, mib: u64) -> Result<(), BackendError> {
+    let f = std::fs::File::create(path)
+        .map_err(|e| BackendError::io(format!("creating {}", path.display()), e))?;
+    f.set_len(mib << 20)
+        .map_err(|e| BackendError::io(format!("sizing {}", path.display()), e))?;
+    drop(f);
+    let out = tokio::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "sandcast-rw", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| BackendError::io("running mkfs.ext4 (install e2fsprogs)", e))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(BackendError::Start(format!(
+            "mkfs.ext4 {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+async fn copy_sparse(from: &Path, to: &Path) -> Result<(), BackendError> {
+    let out = tokio::process::Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .map_err(|e| BackendError::io("running cp", e))?;
+    if !out.status.success() {
+        return Err(BackendError::Start(format!(
+            "copying the snapshot's writable drive {}: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a session's serial console, joined with ` | `.
+fn console_tail(dir: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(dir.join(CONSOLE_LOG)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// A started Firecracker process and what it holds on the host.
+struct Running {
+    id: SessionId,
+    dir: PathBuf,
+    client: FirecrackerClient,
+    pid: Option<u32>,
+    net: Option<SessionNet>,
+    cgroup: Option<SessionCgroup>,
+    child: Option<tokio::process::Child>,
+    record: PathBuf,
+}
+
+impl Running {
+    /// Kills the process and removes everything but the files named in `keep`
+    /// and the logs.
+    async fn kill_and_clean(mut self, keep: &[&str]) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        let _ = self.cleanup(keep);
+    }
+
+    fn cleanup(&self, keep: &[&str]) -> Result<(), BackendError> {
+        let mut errors = Vec::new();
+        if let Some(cg) = &self.cgroup
+            && let Err(e) = cg.remove()
+        {
+            errors.push(e.to_string());
+        }
+        if let Some(net) = &self.net
+            && let Err(e) = net.teardown()
+        {
+            errors.push(e.to_string());
+        }
+        remove_runtime_files(&self.dir, keep);
+        let _ = std::fs::remove_file(&self.record);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Cleanup(format!("session {}: {}", self.id, errors.join("; "))))
+        }
+    }
+}
+
+/// Removes what a VM had in its session directory (sockets, drives, metrics);
+/// the console and Firecracker logs stay for the server, which removes the
+/// directory itself.
+fn remove_runtime_files(dir: &Path, keep: &[&str]) {
+    for name in [API_SOCKET, WRITABLE_DRIVE, METRICS_FILE, VSOCK_SOCKET] {
+        if !keep.contains(&name) {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
+}
+
+/// A running microVM.
+struct FcInstance {
+    pid: Option<u32>,
+    exited: watch::Receiver<Option<InstanceExit>>,
+    requested: Arc<std::sync::atomic::AtomicBool>,
+    client: FirecrackerClient,
+    state: Arc<Mutex<Option<Running>>>,
+}
+
+#[async_trait]
+impl Backend for FirecrackerBackend {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    async fn readiness(&self) -> Readiness {
+        let mut checks = Vec::new();
+        let mut check = |name: &str, r: Result<String, String>| {
+            checks.push(Check {
+                name: name.to_owned(),
+                ok: r.is_ok(),
+                detail: r.unwrap_or_else(|e| e),
+            });
+        };
+        check(
+            "firecracker binary",
+            self.resolve_binary().map(|p| p.display().to_string()).map_err(|e| e.to_string()),
+        );
+        check(
+            "kvm",
+            if self.config.probe_kvm {
+                kvm::probe(&self.config.kvm_device)
+                    .map(|()| format!("{} runs a probe guest", self.config.kvm_device.display()))
+            } else {
+                Ok("not probed (probe_kvm = false)".into())
+            },
+        );
+        check(
+            "guest kernel",
+            kernel::check_kernel(
+                &self.config.kernel,
+                self.config.initramfs.as_deref(),
+                self.config.kernel_config.as_deref(),
+            )
+            .map(|k| match k.config_report {
+                Some(r) if !r.warnings.is_empty() => format!(
+                    "{} (warnings: {})",
+                    k.vmlinux.display(),
+                    r.warnings.join("; ")
+                ),
+                _ => k.vmlinux.display().to_string(),
+            })
+            .map_err(|e| e.to_string()),
+        );
+        check(
+            "root file system",
+            check_rootfs(&self.config.rootfs)
+                .map(|()| self.config.rootfs.display().to_string())
+                .map_err(|e| e.to_string()),
+        );
+        check(
+            "mkfs.ext4",
+            std::process::Command::new("mkfs.ext4")
+                .arg("-V")
+                .output()
+                .map(|_| "found".to_owned())
+                .map_err(|e| format!("mkfs.ext4: {e} (install e2fsprogs)")),
+        );
+        if let Some(dir) = &self.config.snapshot_dir {
+            check(
+                "snapshot",
+                Ok(match self.snapshot() {
+                    Some(_) => format!("sessions restore from {}", dir.display()),
+                    None => format!("no snapshot in {} yet; sessions boot", dir.display()),
+                }),
+            );
+        }
+        Readiness {
+            ready: checks.iter().all(|c| c.ok),
+            checks,
+        }
+    }
+
+    fn agent_socket(&self, session_dir: &Path) -> PathBuf {
+        vsock::guest_port_socket(&session_dir.join(VSOCK_SOCKET), AGENT_VSOCK_PORT)
+    }
+
+    async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
+        if spec.agent_socket != self.agent_socket(&spec.session_dir) {
+            return Err(BackendError::InvalidSpec(format!(
+                "agent socket {} is not where the VM's vsock delivers the agent ({})",
+                spec.agent_socket.display(),
+                self.agent_socket(&spec.session_dir).display()
+            )));
+        }
+        let snapshot = self.snapshot();
+        let mut running = self.launch(spec, snapshot.as_ref()).await?;
+        let (tx, rx) = watch::channel(None);
+        let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut child = running.child.take().expect("launch leaves a child");
+        let client = running.client.clone();
+        let pid = running.pid;
+        let dir = running.dir.clone();
+        let state = Arc::new(Mutex::new(Some(running)));
+        let req = requested.clone();
+        let st = state.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let requested = req.load(std::sync::atomic::Ordering::SeqCst);
+            let how = match status {
+                Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+                    (Some(c), _) => format!("exit code {c}"),
+                    (None, Some(sig)) => format!("killed by signal {sig}"),
+                    _ => "unknown exit".into(),
+                },
+                Err(e) => format!("cannot wait: {e}"),
+            };
+            let reason = if requested {
+                format!("microVM stopped on request (firecracker {how})")
+            } else {
+                format!(
+                    "firecracker ended unexpectedly ({how}); console: {}",
+                    console_tail(&dir, 5)
+                )
+            };
+            // A VM that died on its own still leaves nothing behind.
+            if !requested && let Some(r) = st.lock().unwrap().take() {
+                let _ = r.cleanup(&[]);
+            }
+            let _ = tx.send(Some(InstanceExit { reason, requested }));
+        });
+        Ok(Box::new(FcInstance {
+            pid,
+            exited: rx,
+            requested,
+            client,
+            state,
+        }))
+    }
+
+    async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
+        let mut removed = Vec::new();
+        let keep_names: Vec<String> = keep.iter().map(|k| format!("{k}.json")).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.config.runtime_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".json") || keep_names.contains(&name) {
+                    continue;
+                }
+                let Ok(record) = std::fs::read(e.path())
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
+                else {
+                    continue;
+                };
+                if let Some(pid) = record.pid
+                    && is_our_firecracker(pid, &record.session_dir)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    removed.push(format!("firecracker process {pid}"));
+                }
+                remove_runtime_files(&record.session_dir, &[]);
+                removed.push(format!("runtime files in {}", record.session_dir.display()));
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // cgroups first: removing one kills what is still inside.
+        removed.extend(host::reap_cgroups(keep));
+        removed.extend(host::reap_network(keep));
+        Ok(removed)
+    }
+}
+
+/// Whether `pid` is still a Firecracker of ours (pids are reused).
+fn is_our_firecracker(pid: u32, session_dir: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let sock = session_dir.join(API_SOCKET);
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == sock.as_os_str().as_encoded_bytes())
+}
+
+#[async_trait]
+impl Instance for FcInstance {
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    fn exited(&self) -> watch::Receiver<Option<InstanceExit>> {
+        self.exited.clone()
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<(), BackendError> {
+        self.requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut exited = self.exited.clone();
+        let running = exited.borrow().is_none();
+        if running {
+            // A clean guest shutdown first; the guest may lack an i8042
+            // keyboard, so the kill below is the guarantee.
+            let _ = self.client.action(ActionType::SendCtrlAltDel).await;
+            let ended = tokio::time::timeout(grace, exited.wait_for(|e| e.is_some()))
+                .await
+                .is_ok();
+            if !ended
+                && let Some(pid) = self.pid
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let gone = exited.wait_for(|e| e.is_some()).await.is_ok();
+                debug_assert!(gone);
+            }
+        }
+        let running = self.state.lock().unwrap().take();
+        match running {
+            Some(r) => r.cleanup(&[]),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_socket_is_the_vsock_port_socket() {
+        let b = FirecrackerBackend {
+            config: FirecrackerConfig::default(),
+            kernel: GuestKernel {
+                vmlinux: "/k".into(),
+                initramfs: None,
+                config_report: None,
+            },
+        };
+        assert_eq!(
+            b.agent_socket(Path::new("/s/x")),
+            PathBuf::from("/s/x/vsock.sock_1024")
+        );
+        let args = b.boot_args();
+        assert!(args.ends_with("init=/usr/local/bin/sandcast-agent -- --vm --connect vsock:2:1024"), "{args}");
+        assert!(args.contains("ip=172.16.0.2::172.16.0.1:255.255.255.252:sandcast:eth0:off:1.1.1.1"), "{args}");
+    }
+
+    #[test]
+    fn guest_macs_are_unicast_and_local() {
+        let mac = guest_mac(&SessionId::new("abc").unwrap());
+        assert!(mac.starts_with("06:fc:"), "{mac}");
+        assert_eq!(mac.len(), 17);
+    }
+}
