@@ -171,7 +171,7 @@ impl Capture {
                 None
             };
             // Attaching an fd needs MIT-SHM 1.2.
-            if !version.is_some_and(|v| (v.major_version, v.minor_version) >= (1, 2)) {
+            if version.is_none_or(|v| (v.major_version, v.minor_version) < (1, 2)) {
                 return Err(Error::MissingExtension("MIT-SHM 1.2"));
             }
         }

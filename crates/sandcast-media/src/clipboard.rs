@@ -181,26 +181,24 @@ impl Worker {
             }
             let ev = xutil::wait_event(&self.conn, None)?;
             match ev {
-                Some(Event::XfixesSelectionNotify(ev)) => {
-                    // Our own SetSelectionOwner comes back here too.
-                    if ev.owner != self.window && ev.owner != x11rb::NONE {
-                        self.owned = None;
-                        match self.read(ev.selection) {
-                            Ok(Some(text)) => {
-                                if self.last_seen.as_deref() != Some(&text) {
-                                    self.last_seen = Some(text.clone());
-                                    (self.on_change)(text);
-                                }
+                // Our own SetSelectionOwner comes back here too.
+                Some(Event::XfixesSelectionNotify(ev))
+                    if ev.owner != self.window && ev.owner != x11rb::NONE =>
+                {
+                    match self.read(ev.selection) {
+                        Ok(Some(text)) => {
+                            if self.last_seen.as_deref() != Some(&text) {
+                                self.last_seen = Some(text.clone());
+                                (self.on_change)(text);
                             }
-                            Ok(None) => {}
-                            Err(e) => tracing::warn!(error = %e, "reading the clipboard failed"),
                         }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "reading the clipboard failed"),
                     }
                 }
+                // The server sends requests only while we own a selection,
+                // so the text is kept, not cleared on SelectionClear.
                 Some(Event::SelectionRequest(req)) => self.answer(&req)?,
-                Some(Event::SelectionClear(ev)) if ev.selection == self.atoms.CLIPBOARD => {
-                    self.owned = None;
-                }
                 _ => {}
             }
         }

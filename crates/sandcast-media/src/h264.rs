@@ -203,8 +203,9 @@ pub(crate) mod tests {
             let line = (y + offset) / 16;
             let in_glyph = (y + offset) % 16 < 10;
             for x in 0..width {
-                let glyph =
-                    in_glyph && ((x / 7 + line * 3) % 5 != 0) && (x * 13 + line * 7) % 11 < 6;
+                let glyph = in_glyph
+                    && !(x / 7 + line * 3).is_multiple_of(5)
+                    && (x * 13 + line * 7) % 11 < 6;
                 f.y[(y * width + x) as usize] = if glyph { 30 } else { 230 };
             }
         }
