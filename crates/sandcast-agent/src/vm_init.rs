@@ -37,7 +37,13 @@ pub fn prepare_vm_root() -> io::Result<()> {
 pub fn prepare_vm_root_with(writable: &Path) -> io::Result<()> {
     // devtmpfs may already be there (CONFIG_DEVTMPFS_MOUNT).
     mount_ignoring_busy("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
-    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755")?;
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
     std::fs::create_dir_all(RW_MOUNT)?;
     std::fs::create_dir_all(NEW_ROOT)?;
     mount(
@@ -47,7 +53,12 @@ pub fn prepare_vm_root_with(writable: &Path) -> io::Result<()> {
         libc::MS_NOATIME,
         "",
     )
-    .map_err(|e| context(e, &format!("mounting the writable drive {}", writable.display())))?;
+    .map_err(|e| {
+        context(
+            e,
+            &format!("mounting the writable drive {}", writable.display()),
+        )
+    })?;
     let upper = format!("{RW_MOUNT}/upper");
     let work = format!("{RW_MOUNT}/work");
     std::fs::create_dir_all(&upper)?;
@@ -62,8 +73,20 @@ pub fn prepare_vm_root_with(writable: &Path) -> io::Result<()> {
     .map_err(|e| context(e, "mounting the overlay root"))?;
     pivot_into(NEW_ROOT)?;
 
-    mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
-    mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
     mount_ignoring_busy("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
     for dir in ["/dev/pts", "/dev/shm"] {
         std::fs::create_dir_all(dir)?;
@@ -75,14 +98,35 @@ pub fn prepare_vm_root_with(writable: &Path) -> io::Result<()> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     )?;
-    mount("shm", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, SHM_OPTIONS)?;
-    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755")?;
-    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
+    mount(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        SHM_OPTIONS,
+    )?;
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
     loopback_up()?;
     if let Ok(pnp) = std::fs::read_to_string("/proc/net/pnp") {
         let servers = nameservers(&pnp);
         if !servers.is_empty() {
-            let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
+            let text: String = servers
+                .iter()
+                .map(|s| format!("nameserver {s}\n"))
+                .collect();
             std::fs::write("/etc/resolv.conf", text)?;
         }
     }
@@ -108,10 +152,17 @@ fn context(e: io::Error, what: &str) -> io::Error {
 }
 
 fn cstr(s: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {s:?}")))
+    CString::new(s)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {s:?}")))
 }
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: every pointer is a valid NUL-terminated string for the call.
     let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
@@ -145,18 +196,27 @@ fn pivot_into(new_root: &str) -> io::Result<()> {
     // SAFETY: plain system calls on valid strings; no memory is shared.
     let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), old_rel.as_ptr()) };
     if rc != 0 {
-        return Err(context(io::Error::last_os_error(), "pivot_root into the overlay"));
+        return Err(context(
+            io::Error::last_os_error(),
+            "pivot_root into the overlay",
+        ));
     }
     // SAFETY: as above.
     if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(context(io::Error::last_os_error(), "chroot into the overlay"));
+        return Err(context(
+            io::Error::last_os_error(),
+            "chroot into the overlay",
+        ));
     }
     std::env::set_current_dir("/")?;
     let old_abs = cstr("/oldroot")?;
     // The writable drive stays mounted underneath the overlay, which holds it.
     // SAFETY: as above.
     if unsafe { libc::umount2(old_abs.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(context(io::Error::last_os_error(), "detaching the old root"));
+        return Err(context(
+            io::Error::last_os_error(),
+            "detaching the old root",
+        ));
     }
     let _ = std::fs::remove_dir("/oldroot");
     Ok(())

@@ -280,7 +280,10 @@ mod tests {
             track_dirty_pages: None,
         })
         .unwrap();
-        assert_eq!(json, serde_json::json!({"vcpu_count": 2, "mem_size_mib": 1024}));
+        assert_eq!(
+            json,
+            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 1024})
+        );
     }
 
     #[test]

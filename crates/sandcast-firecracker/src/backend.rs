@@ -243,9 +243,10 @@ impl FirecrackerBackend {
     /// session, snapshots it into `snapshot_dir`, and stops it. Later
     /// sessions restore from this snapshot.
     pub async fn build_snapshot(&self) -> Result<SnapshotFiles, BackendError> {
-        let dir = self.config.snapshot_dir.clone().ok_or_else(|| {
-            BackendError::InvalidSpec("snapshot_dir is not configured".into())
-        })?;
+        let dir =
+            self.config.snapshot_dir.clone().ok_or_else(|| {
+                BackendError::InvalidSpec("snapshot_dir is not configured".into())
+            })?;
         let files = SnapshotFiles::in_dir(&dir);
         let template_dir = dir.join("template");
         let _ = std::fs::remove_dir_all(&template_dir);
@@ -260,8 +261,9 @@ impl FirecrackerBackend {
             network: sandcast_backend::NetworkPolicy { egress: false },
         };
         // The template's agent connects and waits; it gets no configuration.
-        let listener = UnixListener::bind(&spec.agent_socket)
-            .map_err(|e| BackendError::io(format!("listening on {}", spec.agent_socket.display()), e))?;
+        let listener = UnixListener::bind(&spec.agent_socket).map_err(|e| {
+            BackendError::io(format!("listening on {}", spec.agent_socket.display()), e)
+        })?;
         let running = self.launch(&spec, None).await?;
         let result = async {
             let (_conn, _) = tokio::time::timeout(self.config.boot_timeout, listener.accept())
@@ -342,10 +344,13 @@ impl FirecrackerBackend {
         std::fs::create_dir_all(&self.config.runtime_dir).map_err(|e| {
             BackendError::io(format!("creating {}", self.config.runtime_dir.display()), e)
         })?;
-        write_record(&running.record, &Record {
-            session_dir: dir.clone(),
-            pid: None,
-        })?;
+        write_record(
+            &running.record,
+            &Record {
+                session_dir: dir.clone(),
+                pid: None,
+            },
+        )?;
         // Stale sockets from an earlier run would make Firecracker fail to bind.
         for name in [API_SOCKET, VSOCK_SOCKET] {
             let _ = std::fs::remove_file(dir.join(name));
@@ -356,18 +361,22 @@ impl FirecrackerBackend {
             None => make_writable_drive(&writable, self.config.writable_drive_mib).await?,
         }
         for name in [FIRECRACKER_LOG, METRICS_FILE] {
-            std::fs::File::create(dir.join(name))
-                .map_err(|e| BackendError::io(format!("creating {}", dir.join(name).display()), e))?;
+            std::fs::File::create(dir.join(name)).map_err(|e| {
+                BackendError::io(format!("creating {}", dir.join(name).display()), e)
+            })?;
         }
         if self.config.network {
             running.net = Some(host::setup_network(&spec.id, spec.network.egress)?);
         }
         running.cgroup = Some(host::setup_cgroup(&spec.id, &spec.limits)?);
         self.spawn(spec, bin, running)?;
-        write_record(&running.record, &Record {
-            session_dir: dir.clone(),
-            pid: running.pid,
-        })?;
+        write_record(
+            &running.record,
+            &Record {
+                session_dir: dir.clone(),
+                pid: running.pid,
+            },
+        )?;
         self.wait_for_api(running).await?;
         let c = running.client.clone();
         let logger = Logger {
@@ -397,7 +406,11 @@ impl FirecrackerBackend {
                     .put_boot_source(&BootSource {
                         kernel_image_path: self.kernel.vmlinux.display().to_string(),
                         boot_args: Some(self.boot_args()),
-                        initrd_path: self.kernel.initramfs.as_ref().map(|p| p.display().to_string()),
+                        initrd_path: self
+                            .kernel
+                            .initramfs
+                            .as_ref()
+                            .map(|p| p.display().to_string()),
                     })
                     .await)?;
                 api(c
@@ -460,7 +473,9 @@ impl FirecrackerBackend {
                         } else {
                             Vec::new()
                         },
-                        vsock_override: Some(VsockOverride { uds_path: vsock_uds }),
+                        vsock_override: Some(VsockOverride {
+                            uds_path: vsock_uds,
+                        }),
                         clock_realtime: Some(true),
                     })
                     .await)?;
@@ -479,17 +494,25 @@ impl FirecrackerBackend {
         Ok(())
     }
 
-    fn spawn(&self, spec: &LaunchSpec, bin: &Path, running: &mut Running) -> Result<(), BackendError> {
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        bin: &Path,
+        running: &mut Running,
+    ) -> Result<(), BackendError> {
         let dir = &spec.session_dir;
-        let console = std::fs::File::create(dir.join(CONSOLE_LOG))
-            .map_err(|e| BackendError::io(format!("creating {}", dir.join(CONSOLE_LOG).display()), e))?;
+        let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(|e| {
+            BackendError::io(format!("creating {}", dir.join(CONSOLE_LOG).display()), e)
+        })?;
         let console2 = console
             .try_clone()
             .map_err(|e| BackendError::io("duplicating the console log", e))?;
         let netns: Option<OwnedFd> = match &running.net {
             Some(net) => Some(
                 std::fs::File::open(net.netns_path())
-                    .map_err(|e| BackendError::io(format!("opening {}", net.netns_path().display()), e))?
+                    .map_err(|e| {
+                        BackendError::io(format!("opening {}", net.netns_path().display()), e)
+                    })?
                     .into(),
             ),
             None => None,
@@ -615,7 +638,8 @@ fn guest_mac(id: &SessionId) -> String {
 
 fn write_record(path: &Path, record: &Record) -> Result<(), BackendError> {
     let json = serde_json::to_vec(record).expect("records serialise");
-    std::fs::write(path, json).map_err(|e| BackendError::io(format!("writing {}", path.display()), e))
+    std::fs::write(path, json)
+        .map_err(|e| BackendError::io(format!("writing {}", path.display()), e))
 }
 
 /// A sparse file formatted as ext4, without mounting anything.
@@ -626,7 +650,14 @@ async fn make_writable_drive(path: &Path, mib: u64) -> Result<(), BackendError> 
         .map_err(|e| BackendError::io(format!("sizing {}", path.display()), e))?;
     drop(f);
     let out = tokio::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "sandcast-rw", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "sandcast-rw",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+        ])
         .arg(path)
         .output()
         .await
@@ -707,7 +738,11 @@ impl Running {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(BackendError::Cleanup(format!("session {}: {}", self.id, errors.join("; "))))
+            Err(BackendError::Cleanup(format!(
+                "session {}: {}",
+                self.id,
+                errors.join("; ")
+            )))
         }
     }
 }
@@ -749,7 +784,9 @@ impl Backend for FirecrackerBackend {
         };
         check(
             "firecracker binary",
-            self.resolve_binary().map(|p| p.display().to_string()).map_err(|e| e.to_string()),
+            self.resolve_binary()
+                .map(|p| p.display().to_string())
+                .map_err(|e| e.to_string()),
         );
         check(
             "kvm",
@@ -919,7 +956,8 @@ impl Instance for FcInstance {
     }
 
     async fn stop(&self, grace: Duration) -> Result<(), BackendError> {
-        self.requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut exited = self.exited.clone();
         let running = exited.borrow().is_none();
         if running {
@@ -929,9 +967,7 @@ impl Instance for FcInstance {
             let ended = tokio::time::timeout(grace, exited.wait_for(|e| e.is_some()))
                 .await
                 .is_ok();
-            if !ended
-                && let Some(pid) = self.pid
-            {
+            if !ended && let Some(pid) = self.pid {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
                     nix::sys::signal::Signal::SIGKILL,
@@ -967,8 +1003,14 @@ mod tests {
             PathBuf::from("/s/x/vsock.sock_1024")
         );
         let args = b.boot_args();
-        assert!(args.ends_with("init=/usr/local/bin/sandcast-agent -- --vm --connect vsock:2:1024"), "{args}");
-        assert!(args.contains("ip=172.16.0.2::172.16.0.1:255.255.255.252:sandcast:eth0:off:1.1.1.1"), "{args}");
+        assert!(
+            args.ends_with("init=/usr/local/bin/sandcast-agent -- --vm --connect vsock:2:1024"),
+            "{args}"
+        );
+        assert!(
+            args.contains("ip=172.16.0.2::172.16.0.1:255.255.255.252:sandcast:eth0:off:1.1.1.1"),
+            "{args}"
+        );
     }
 
     #[test]

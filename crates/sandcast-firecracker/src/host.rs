@@ -166,14 +166,24 @@ pub fn setup_network(id: &SessionId, egress: bool) -> Result<SessionNet, Backend
             ],
         )?;
         run("ip", &["link", "set", &veth, "alias", &ns])?;
-        run("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &veth])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/30"), "dev", &veth],
+        )?;
         run("ip", &["link", "set", &veth, "up"])?;
         ip_ns(&["addr", "add", &format!("{ns_ip}/30"), "dev", NS_UPLINK])?;
         ip_ns(&["link", "set", NS_UPLINK, "up"])?;
         ip_ns(&["route", "add", "default", "via", &host_ip])?;
         run(
             "ip",
-            &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
         )?;
         run_stdin(
             "ip",
@@ -273,9 +283,7 @@ fn reap_network_matching(keep: &[SessionId], prefix: &str) -> Vec<String> {
             let alias = alias.trim().to_owned();
             // An uplink without our alias is one half-made by a crash: ours too.
             let ours = alias.starts_with(prefix) || (alias.is_empty() && prefix == "fc-");
-            if ours && !keep_ns.contains(&alias)
-                && run("ip", &["link", "del", &name]).is_ok()
-            {
+            if ours && !keep_ns.contains(&alias) && run("ip", &["link", "del", &name]).is_ok() {
                 removed.push(format!("uplink {name}"));
             }
         }
@@ -333,7 +341,10 @@ pub fn setup_cgroup(id: &SessionId, limits: &Limits) -> Result<SessionCgroup, Ba
             write(&dir.join("pids.max"), &limits.pids.to_string())?;
         } else {
             for ctl in V1_CONTROLLERS {
-                let dir = Path::new(CGROUP_ROOT).join(ctl).join(CGROUP_PARENT).join(&name);
+                let dir = Path::new(CGROUP_ROOT)
+                    .join(ctl)
+                    .join(CGROUP_PARENT)
+                    .join(&name);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
                 cg.dirs.push(dir.clone());
@@ -521,7 +532,10 @@ mod tests {
             reap_cgroups_matching(&keep, "fc-reaptest-"),
         ]
         .concat();
-        assert!(removed.iter().any(|r| r.contains(&net.netns)), "{removed:?}");
+        assert!(
+            removed.iter().any(|r| r.contains(&net.netns)),
+            "{removed:?}"
+        );
         assert!(!net.netns_path().exists());
         assert!(cg.dirs.iter().all(|d| !d.exists()));
         assert!(kept.netns_path().exists());
@@ -543,11 +557,21 @@ mod tests {
             .flat_map(|d| std::fs::read_dir(d).unwrap().flatten())
             .filter(|e| {
                 let n = e.file_name().to_string_lossy().into_owned();
-                ["memory.max", "memory.limit_in_bytes", "pids.max", "cpu.max", "cpu.cfs_quota_us"].contains(&n.as_str())
+                [
+                    "memory.max",
+                    "memory.limit_in_bytes",
+                    "pids.max",
+                    "cpu.max",
+                    "cpu.cfs_quota_us",
+                ]
+                .contains(&n.as_str())
             })
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .collect();
-        assert!(all.contains(&((512 + VMM_OVERHEAD_MIB) << 20).to_string()), "{all}");
+        assert!(
+            all.contains(&((512 + VMM_OVERHEAD_MIB) << 20).to_string()),
+            "{all}"
+        );
         assert!(all.contains("77"), "{all}");
         assert!(all.contains("150000"), "{all}");
         cg.remove().unwrap();

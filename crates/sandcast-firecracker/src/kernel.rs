@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 /// Options a sandcast guest kernel needs built in (`=y`), or as modules
 /// (`=m`) when an initramfs loads them, with why.
 pub const REQUIRED_OPTIONS: &[(&str, &str)] = &[
-    ("ACPI", "Firecracker 1.16 describes its virtio-mmio devices through ACPI"),
+    (
+        "ACPI",
+        "Firecracker 1.16 describes its virtio-mmio devices through ACPI",
+    ),
     ("VIRTIO_MMIO", "every Firecracker device is virtio-mmio"),
     ("VIRTIO_BLK", "root and writable drives"),
     ("VIRTIO_NET", "the network interface"),
@@ -230,7 +233,9 @@ mod tests {
         let (path, text) = ci_config();
         let text: String = text
             .lines()
-            .filter(|l| !l.starts_with("CONFIG_OVERLAY_FS=") && !l.starts_with("CONFIG_VIRTIO_VSOCKETS="))
+            .filter(|l| {
+                !l.starts_with("CONFIG_OVERLAY_FS=") && !l.starts_with("CONFIG_VIRTIO_VSOCKETS=")
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         let text = text.replace("CONFIG_VIRTIO_BLK=y", "CONFIG_VIRTIO_BLK=m");
@@ -242,7 +247,11 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_OVERLAY_FS"]
+            [
+                "CONFIG_VIRTIO_BLK",
+                "CONFIG_VIRTIO_VSOCKETS",
+                "CONFIG_OVERLAY_FS"
+            ]
         );
         assert!(report.missing[0].contains("no initramfs"));
         // With an initramfs a module is acceptable.
@@ -269,7 +278,11 @@ mod tests {
 
         // A config beside the kernel is found and enforced.
         let (_, text) = ci_config();
-        std::fs::write(dir.join("vmlinux.config"), text.replace("CONFIG_ACPI=y", "")).unwrap();
+        std::fs::write(
+            dir.join("vmlinux.config"),
+            text.replace("CONFIG_ACPI=y", ""),
+        )
+        .unwrap();
         let e = check_kernel(&k, None, None).unwrap_err();
         assert!(e.to_string().contains("CONFIG_ACPI is not set"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -432,7 +432,11 @@ impl FirecrackerDouble {
                 "body": rec.body,
                 "status": rec.status,
             });
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
                 let _ = writeln!(f, "{line}");
             }
         }
@@ -508,7 +512,9 @@ impl FirecrackerDouble {
                 if let Some(initrd) = body["initrd_path"].as_str()
                     && let Err(e) = std::fs::File::open(initrd)
                 {
-                    return bad(&format!("The initrd file cannot be opened due to invalid permissions or missing file: {e}"));
+                    return bad(&format!(
+                        "The initrd file cannot be opened due to invalid permissions or missing file: {e}"
+                    ));
                 }
                 st.config.boot_source = Some(body);
                 Ok(None)
@@ -522,14 +528,12 @@ impl FirecrackerDouble {
                     return bad("The id from the path does not match the id from the body!");
                 }
                 let Some(host) = body["path_on_host"].as_str() else {
-                    return bad("Unable to create the virtio block device: path_on_host is required for a virtio-block drive.");
+                    return bad(
+                        "Unable to create the virtio block device: path_on_host is required for a virtio-block drive.",
+                    );
                 };
                 let ro = body["is_read_only"] == true;
-                if let Err(e) = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(!ro)
-                    .open(host)
-                {
+                if let Err(e) = std::fs::OpenOptions::new().read(true).write(!ro).open(host) {
                     return bad(&format!(
                         "Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: {e} {host}"
                     ));
@@ -552,11 +556,15 @@ impl FirecrackerDouble {
                     return bad("The id from the path does not match the id from the body!");
                 }
                 let Some(drive) = st.config.drives.get_mut(*id) else {
-                    return bad(&format!("Unable to patch the block device: Device {id} not found."));
+                    return bad(&format!(
+                        "Unable to patch the block device: Device {id} not found."
+                    ));
                 };
                 if let Some(host) = body["path_on_host"].as_str() {
                     if let Err(e) = std::fs::metadata(host) {
-                        return bad(&format!("Unable to patch the block device: Error manipulating the backing file: {e} {host}"));
+                        return bad(&format!(
+                            "Unable to patch the block device: Error manipulating the backing file: {e} {host}"
+                        ));
                     }
                     drive["path_on_host"] = json!(host);
                 }
@@ -586,9 +594,12 @@ impl FirecrackerDouble {
             ("PUT", ["vsock"]) => {
                 let uds = PathBuf::from(body["uds_path"].as_str().unwrap_or_default());
                 drop(st);
-                let task = self
-                    .bind_vsock(&uds)
-                    .map_err(|e| (StatusCode::BAD_REQUEST, format!("Cannot create vsock device: {e}")))?;
+                let task = self.bind_vsock(&uds).map_err(|e| {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("Cannot create vsock device: {e}"),
+                    )
+                })?;
                 let mut st = self.state.lock().unwrap();
                 if let Some(old) = st.vsock_task.replace(task) {
                     old.abort();
@@ -605,7 +616,9 @@ impl FirecrackerDouble {
                     .flatten()
                     .all(|i| i.as_str().is_some_and(|i| st.config.ifaces.contains_key(i)));
                 if !ok {
-                    return bad("The list of network interface IDs that allow forwarding MMDS requests is empty or contains an ID that does not exist.");
+                    return bad(
+                        "The list of network interface IDs that allow forwarding MMDS requests is empty or contains an ID that does not exist.",
+                    );
                 }
                 st.config.mmds_config = Some(body);
                 Ok(None)
@@ -633,13 +646,17 @@ impl FirecrackerDouble {
                         return bad(AFTER_START);
                     }
                     let Some(boot) = st.config.boot_source.clone() else {
-                        return bad("Start microVM error: Cannot start microvm without kernel configuration.");
+                        return bad(
+                            "Start microVM error: Cannot start microvm without kernel configuration.",
+                        );
                     };
                     let kernel = boot["kernel_image_path"].as_str().unwrap_or_default();
                     match std::fs::read(kernel) {
                         Ok(bytes) if bytes.starts_with(b"\x7fELF") => {}
                         Ok(_) => {
-                            return bad("Start microVM error: Cannot load kernel due to invalid memory configuration or invalid kernel image: Kernel Loader: failed to load ELF kernel image");
+                            return bad(
+                                "Start microVM error: Cannot load kernel due to invalid memory configuration or invalid kernel image: Kernel Loader: failed to load ELF kernel image",
+                            );
                         }
                         Err(e) => return bad(&format!("Start microVM error: {e}")),
                     }
@@ -690,7 +707,9 @@ impl FirecrackerDouble {
             }
             ("PUT", ["snapshot", "create"]) => {
                 if st.vmm != VmmState::Paused {
-                    return bad("Create snapshot error: Cannot save the microVM state: the microVM must be paused before creating a snapshot.");
+                    return bad(
+                        "Create snapshot error: Cannot save the microVM state: the microVM must be paused before creating a snapshot.",
+                    );
                 }
                 let saved = json!({
                     "firecracker_version": SPEC_VERSION,
@@ -702,14 +721,24 @@ impl FirecrackerDouble {
                 });
                 let snap = body["snapshot_path"].as_str().unwrap_or_default();
                 let mem = body["mem_file_path"].as_str().unwrap_or_default();
-                let mem_mib = st.config.machine.as_ref().and_then(|m| m["mem_size_mib"].as_u64()).unwrap_or(128);
+                let mem_mib = st
+                    .config
+                    .machine
+                    .as_ref()
+                    .and_then(|m| m["mem_size_mib"].as_u64())
+                    .unwrap_or(128);
                 std::fs::write(snap, saved.to_string())
                     .and_then(|()| {
                         let f = std::fs::File::create(mem)?;
                         // Sparse, like guest memory that was mostly never touched.
                         f.set_len(mem_mib << 20)
                     })
-                    .map_err(|e| (StatusCode::BAD_REQUEST, format!("Create snapshot error: {e}")))?;
+                    .map_err(|e| {
+                        (
+                            StatusCode::BAD_REQUEST,
+                            format!("Create snapshot error: {e}"),
+                        )
+                    })?;
                 Ok(None)
             }
             ("PUT", ["snapshot", "load"]) => {
@@ -722,7 +751,9 @@ impl FirecrackerDouble {
                     || c.vsock.is_some()
                     || c.mmds_config.is_some()
                 {
-                    return bad("Loading a microVM snapshot not allowed after configuring boot-specific resources.");
+                    return bad(
+                        "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+                    );
                 }
                 let snap = body["snapshot_path"].as_str().unwrap_or_default();
                 let saved: Value = std::fs::read(snap)
@@ -734,7 +765,9 @@ impl FirecrackerDouble {
                     .or(body["mem_file_path"].as_str())
                     .unwrap_or_default();
                 if let Err(e) = std::fs::metadata(mem) {
-                    return bad(&format!("Load snapshot error: Failed to restore from snapshot: Failed to load guest memory: {e}"));
+                    return bad(&format!(
+                        "Load snapshot error: Failed to restore from snapshot: Failed to load guest memory: {e}"
+                    ));
                 }
                 let mut ifaces: BTreeMap<String, Value> =
                     serde_json::from_value(saved["ifaces"].clone()).unwrap_or_default();
@@ -742,18 +775,25 @@ impl FirecrackerDouble {
                     let id = o["iface_id"].as_str().unwrap_or_default();
                     match ifaces.get_mut(id) {
                         Some(i) => i["host_dev_name"] = o["host_dev_name"].clone(),
-                        None => return bad(&format!("Load snapshot error: Invalid network override: unknown interface {id}")),
+                        None => {
+                            return bad(&format!(
+                                "Load snapshot error: Invalid network override: unknown interface {id}"
+                            ));
+                        }
                     }
                 }
                 let mut vsock = saved["vsock"].clone();
                 if let Some(uds) = body["vsock_override"]["uds_path"].as_str() {
                     if vsock.is_null() {
-                        return bad("Load snapshot error: The snapshot has no vsock device to override.");
+                        return bad(
+                            "Load snapshot error: The snapshot has no vsock device to override.",
+                        );
                     }
                     vsock["uds_path"] = json!(uds);
                 }
                 st.config.machine = Some(saved["machine"].clone());
-                st.config.drives = serde_json::from_value(saved["drives"].clone()).unwrap_or_default();
+                st.config.drives =
+                    serde_json::from_value(saved["drives"].clone()).unwrap_or_default();
                 st.config.ifaces = ifaces;
                 st.config.mmds_config = Some(saved["mmds_config"].clone()).filter(|v| !v.is_null());
                 // MMDS contents are not part of a snapshot.
@@ -767,9 +807,12 @@ impl FirecrackerDouble {
                 st.restored = !resume;
                 drop(st);
                 if let Some(uds) = vsock["uds_path"].as_str().map(PathBuf::from) {
-                    let task = self
-                        .bind_vsock(&uds)
-                        .map_err(|e| (StatusCode::BAD_REQUEST, format!("Load snapshot error: Cannot restore vsock device: {e}")))?;
+                    let task = self.bind_vsock(&uds).map_err(|e| {
+                        (
+                            StatusCode::BAD_REQUEST,
+                            format!("Load snapshot error: Cannot restore vsock device: {e}"),
+                        )
+                    })?;
                     let mut st = self.state.lock().unwrap();
                     st.vsock_task = Some(task);
                     st.vsock_uds = Some(uds);
@@ -822,8 +865,10 @@ impl FirecrackerDouble {
     /// The simulated agent connects to the host port, as a guest-initiated
     /// vsock connection arrives on `<uds_path>_<port>`, and says hello.
     fn guest_agent_connects(&self) {
-        let (Some(port), Some(uds)) = (self.guest.agent_port, self.state.lock().unwrap().vsock_uds.clone())
-        else {
+        let (Some(port), Some(uds)) = (
+            self.guest.agent_port,
+            self.state.lock().unwrap().vsock_uds.clone(),
+        ) else {
             return;
         };
         let target = PathBuf::from(format!("{}_{port}", uds.display()));
@@ -922,25 +967,62 @@ mod tests {
     fn spec_checks_paths_methods_and_bodies() {
         let spec = Spec::fixture();
         let ok = |m: Method, p: &str, b: &str| spec.check(&m, p, b.as_bytes());
-        assert!(ok(Method::PUT, "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":512}"#).is_ok());
+        assert!(
+            ok(
+                Method::PUT,
+                "/machine-config",
+                r#"{"vcpu_count":2,"mem_size_mib":512}"#
+            )
+            .is_ok()
+        );
         // Missing required field.
         let e = ok(Method::PUT, "/machine-config", r#"{"vcpu_count":2}"#).unwrap_err();
         assert!(e.contains("mem_size_mib"), "{e}");
         // Out of range.
-        assert!(ok(Method::PUT, "/machine-config", r#"{"vcpu_count":33,"mem_size_mib":512}"#).is_err());
+        assert!(
+            ok(
+                Method::PUT,
+                "/machine-config",
+                r#"{"vcpu_count":33,"mem_size_mib":512}"#
+            )
+            .is_err()
+        );
         // Wrong type.
-        assert!(ok(Method::PUT, "/machine-config", r#"{"vcpu_count":"2","mem_size_mib":512}"#).is_err());
+        assert!(
+            ok(
+                Method::PUT,
+                "/machine-config",
+                r#"{"vcpu_count":"2","mem_size_mib":512}"#
+            )
+            .is_err()
+        );
         // Unknown field.
-        let e = ok(Method::PUT, "/boot-source", r#"{"kernel_image_path":"/k","bogus":1}"#).unwrap_err();
+        let e = ok(
+            Method::PUT,
+            "/boot-source",
+            r#"{"kernel_image_path":"/k","bogus":1}"#,
+        )
+        .unwrap_err();
         assert!(e.contains("bogus"), "{e}");
         // Bad enum value.
         assert!(ok(Method::PUT, "/actions", r#"{"action_type":"Reboot"}"#).is_err());
-        assert!(ok(Method::PUT, "/actions", r#"{"action_type":"InstanceStart"}"#).is_ok());
+        assert!(
+            ok(
+                Method::PUT,
+                "/actions",
+                r#"{"action_type":"InstanceStart"}"#
+            )
+            .is_ok()
+        );
         // Nested schema through a $ref.
         assert!(ok(Method::PUT, "/snapshot/load", r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"Disk","backend_path":"/m"}}"#).is_err());
         assert!(ok(Method::PUT, "/snapshot/load", r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"},"vsock_override":{"uds_path":"/v"}}"#).is_ok());
         // Unknown path or method.
-        assert!(ok(Method::PUT, "/nope", "{}").unwrap_err().contains("Invalid request"));
+        assert!(
+            ok(Method::PUT, "/nope", "{}")
+                .unwrap_err()
+                .contains("Invalid request")
+        );
         assert!(ok(Method::DELETE, "/vsock", "").is_err());
         // Required body missing.
         assert!(ok(Method::PUT, "/vsock", "").is_err());
@@ -951,8 +1033,9 @@ mod tests {
     #[test]
     fn mmds_contents_may_hold_any_properties() {
         let spec = Spec::fixture();
-        assert!(spec
-            .check(&Method::PUT, "/mmds", br#"{"anything":{"goes":[1,2]}}"#)
-            .is_ok());
+        assert!(
+            spec.check(&Method::PUT, "/mmds", br#"{"anything":{"goes":[1,2]}}"#)
+                .is_ok()
+        );
     }
 }

@@ -68,14 +68,19 @@ pub struct VsockStream {
 }
 
 /// Connects to `port` in the guest through the vsock socket `uds_path`.
-pub async fn connect(uds_path: &Path, port: u32, timeout: Duration) -> Result<VsockStream, VsockError> {
+pub async fn connect(
+    uds_path: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<VsockStream, VsockError> {
     let handshake = async {
-        let mut stream = UnixStream::connect(uds_path)
-            .await
-            .map_err(|source| VsockError::Socket {
-                path: uds_path.to_owned(),
-                source,
-            })?;
+        let mut stream =
+            UnixStream::connect(uds_path)
+                .await
+                .map_err(|source| VsockError::Socket {
+                    path: uds_path.to_owned(),
+                    source,
+                })?;
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .await

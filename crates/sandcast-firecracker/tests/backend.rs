@@ -35,10 +35,20 @@ async fn boot_configures_the_vm_and_stop_leaves_nothing() {
     assert_eq!(hello["type"], "hello");
 
     let reqs = requests(&spec.session_dir);
-    assert!(reqs.iter().all(|r| r["status"] == 204 || r["status"] == 200), "{reqs:#?}");
+    assert!(
+        reqs.iter()
+            .all(|r| r["status"] == 204 || r["status"] == 200),
+        "{reqs:#?}"
+    );
     let calls: Vec<String> = reqs
         .iter()
-        .map(|r| format!("{} {}", r["method"].as_str().unwrap(), r["path"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["method"].as_str().unwrap(),
+                r["path"].as_str().unwrap()
+            )
+        })
         .filter(|c| c != "GET /")
         .collect();
     assert_eq!(
@@ -58,8 +68,14 @@ async fn boot_configures_the_vm_and_stop_leaves_nothing() {
         ]
     );
     let body = |path: &str| reqs.iter().find(|r| r["path"] == path).unwrap()["body"].clone();
-    assert_eq!(body("/machine-config"), json!({"vcpu_count": 2, "mem_size_mib": 512}));
-    let args = body("/boot-source")["boot_args"].as_str().unwrap().to_owned();
+    assert_eq!(
+        body("/machine-config"),
+        json!({"vcpu_count": 2, "mem_size_mib": 512})
+    );
+    let args = body("/boot-source")["boot_args"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(args.contains("root=/dev/vda"), "{args}");
     assert!(args.ends_with("-- --vm --connect vsock:2:1024"), "{args}");
     assert_eq!(body("/drives/rootfs")["is_read_only"], true);
@@ -85,13 +101,21 @@ async fn boot_configures_the_vm_and_stop_leaves_nothing() {
     let exit = instance.exited().borrow().clone().unwrap();
     assert!(exit.requested, "{exit:?}");
     let reqs = requests(&spec.session_dir);
-    assert_eq!(reqs.last().unwrap()["body"], json!({"action_type": "SendCtrlAltDel"}));
+    assert_eq!(
+        reqs.last().unwrap()["body"],
+        json!({"action_type": "SendCtrlAltDel"})
+    );
     // The guest shut down on Ctrl+Alt+Del: Firecracker exited by itself.
     assert!(exit.reason.contains("exit code 0"), "{exit:?}");
     assert!(!process_alive(pid));
     assert!(!netns_exists(&id));
     assert!(!cgroup_exists(&id));
-    for f in ["writable.ext4", "firecracker.sock", "vsock.sock", "metrics.json"] {
+    for f in [
+        "writable.ext4",
+        "firecracker.sock",
+        "vsock.sock",
+        "metrics.json",
+    ] {
         assert!(!spec.session_dir.join(f).exists(), "{f} left behind");
     }
     assert!(!dir.0.join("run").join(format!("{id}.json")).exists());
@@ -133,10 +157,18 @@ async fn a_vm_that_dies_is_reported_and_cleaned_up() {
     )
     .unwrap();
     let mut exited = instance.exited();
-    let exit = exited.wait_for(|e| e.is_some()).await.unwrap().clone().unwrap();
+    let exit = exited
+        .wait_for(|e| e.is_some())
+        .await
+        .unwrap()
+        .clone()
+        .unwrap();
     assert!(!exit.requested);
     assert!(exit.reason.contains("ended unexpectedly"), "{exit:?}");
-    assert!(exit.reason.contains("Kernel command line"), "console tail: {exit:?}");
+    assert!(
+        exit.reason.contains("Kernel command line"),
+        "console tail: {exit:?}"
+    );
     assert!(!netns_exists(&id));
     assert!(!cgroup_exists(&id));
     instance.stop(Duration::from_secs(1)).await.unwrap();
@@ -152,10 +184,19 @@ async fn a_missing_binary_is_named() {
     let spec = launch_spec(&backend, &dir.0, &id);
     let e = backend.start(&spec).await.err().unwrap();
     assert!(matches!(e, BackendError::NotReady(_)), "{e}");
-    assert!(e.to_string().contains("firecracker-that-does-not-exist not found on PATH"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("firecracker-that-does-not-exist not found on PATH"),
+        "{e}"
+    );
     let ready = backend.readiness().await;
     assert!(!ready.ready);
-    assert!(ready.checks.iter().any(|c| c.name == "firecracker binary" && !c.ok));
+    assert!(
+        ready
+            .checks
+            .iter()
+            .any(|c| c.name == "firecracker binary" && !c.ok)
+    );
     assert!(!netns_exists(&id));
 }
 
@@ -177,7 +218,12 @@ async fn missing_or_unusable_kvm_is_named() {
         assert!(e.to_string().contains(want), "{e}");
         assert!(!netns_exists(&id));
         let ready = backend.readiness().await;
-        assert!(ready.checks.iter().any(|c| c.name == "kvm" && !c.ok && c.detail.contains(want)));
+        assert!(
+            ready
+                .checks
+                .iter()
+                .any(|c| c.name == "kvm" && !c.ok && c.detail.contains(want))
+        );
     }
 }
 
@@ -211,8 +257,9 @@ async fn an_api_error_is_surfaced_verbatim_and_nothing_is_left() {
     };
     let e = backend.start(&spec).await.err().unwrap();
     assert!(
-        e.to_string()
-            .contains("Firecracker refused PUT /machine-config (400): The memory size (MiB) is invalid."),
+        e.to_string().contains(
+            "Firecracker refused PUT /machine-config (400): The memory size (MiB) is invalid."
+        ),
         "{e}"
     );
     assert!(!netns_exists(&id));
@@ -224,7 +271,10 @@ async fn an_api_error_is_surfaced_verbatim_and_nothing_is_left() {
         .flatten()
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .any(|c| String::from_utf8_lossy(&c).contains(&format!("{}", spec.session_dir.display())));
-    assert!(!alive, "a firecracker process of the failed session is still running");
+    assert!(
+        !alive,
+        "a firecracker process of the failed session is still running"
+    );
 }
 
 #[tokio::test]
@@ -236,11 +286,19 @@ async fn sessions_restore_from_a_snapshot_with_fresh_mmds() {
     assert!(backend.snapshot().is_none());
     let files = backend.build_snapshot().await.unwrap();
     assert!(files.state.is_file() && files.memory.is_file() && files.writable.is_file());
-    assert!(!netns_exists(&sandcast_backend::SessionId::new("snapshot-template").unwrap()));
+    assert!(!netns_exists(
+        &sandcast_backend::SessionId::new("snapshot-template").unwrap()
+    ));
     let template_reqs = requests(&dir.0.join("snapshot/template"));
     let calls: Vec<String> = template_reqs
         .iter()
-        .map(|r| format!("{} {}", r["method"].as_str().unwrap(), r["path"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["method"].as_str().unwrap(),
+                r["path"].as_str().unwrap()
+            )
+        })
         .collect();
     let pause = calls.iter().position(|c| c == "PATCH /vm").unwrap();
     assert_eq!(calls[pause + 1], "PUT /snapshot/create");
@@ -255,7 +313,11 @@ async fn sessions_restore_from_a_snapshot_with_fresh_mmds() {
         let (_conn, hello) = agent_hello(&listener).await;
         assert_eq!(hello["type"], "hello");
         let reqs = requests(&spec.session_dir);
-        assert!(reqs.iter().all(|r| r["status"] == 204 || r["status"] == 200), "{reqs:#?}");
+        assert!(
+            reqs.iter()
+                .all(|r| r["status"] == 204 || r["status"] == 200),
+            "{reqs:#?}"
+        );
         assert!(!reqs.iter().any(|r| r["path"] == "/boot-source"));
         let load = reqs.iter().find(|r| r["path"] == "/snapshot/load").unwrap();
         assert_eq!(
@@ -265,11 +327,22 @@ async fn sessions_restore_from_a_snapshot_with_fresh_mmds() {
         let after: Vec<String> = reqs
             .iter()
             .skip_while(|r| r["path"] != "/snapshot/load")
-            .map(|r| format!("{} {}", r["method"].as_str().unwrap(), r["path"].as_str().unwrap()))
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["method"].as_str().unwrap(),
+                    r["path"].as_str().unwrap()
+                )
+            })
             .collect();
         assert_eq!(
             after,
-            ["PUT /snapshot/load", "PATCH /drives/writable", "PUT /mmds", "PATCH /vm"]
+            [
+                "PUT /snapshot/load",
+                "PATCH /drives/writable",
+                "PUT /mmds",
+                "PATCH /vm"
+            ]
         );
         let mmds = reqs.iter().find(|r| r["path"] == "/mmds").unwrap();
         assert_eq!(mmds["body"]["sandcast"]["session_id"], id.as_str());

@@ -41,10 +41,13 @@ async fn boots_a_real_microvm() {
     let Some(image) = std::env::var_os("SANDCAST_FC_IMAGE").map(PathBuf::from) else {
         return skip("SANDCAST_FC_IMAGE (a tiny image directory with the real agent) is not set");
     };
-    sandcast_image::check(&image, &sandcast_image::Requirements {
-        ext4: true,
-        ..Default::default()
-    })
+    sandcast_image::check(
+        &image,
+        &sandcast_image::Requirements {
+            ext4: true,
+            ..Default::default()
+        },
+    )
     .expect("a usable tiny image");
     let dir = std::env::temp_dir().join(format!("sc-fc-real-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -27,8 +27,16 @@ async fn reap_removes_a_session_the_server_forgot() {
 
     // A restarted server has a new backend and knows only the kept session.
     let after_restart = FirecrackerBackend::new(config(&dir.0)).unwrap();
-    let removed = after_restart.reap(std::slice::from_ref(&keep_id)).await.unwrap();
-    assert!(removed.iter().any(|r| r.contains(&format!("process {lost_pid}"))), "{removed:?}");
+    let removed = after_restart
+        .reap(std::slice::from_ref(&keep_id))
+        .await
+        .unwrap();
+    assert!(
+        removed
+            .iter()
+            .any(|r| r.contains(&format!("process {lost_pid}"))),
+        "{removed:?}"
+    );
     let mut exited = lost.exited();
     exited.wait_for(|e| e.is_some()).await.unwrap();
     assert!(!process_alive(lost_pid));

@@ -12,7 +12,9 @@ use sandcast_image::{BuildOptions, Distro, Variant, build_with_report};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        eprintln!("usage: build-image OUTPUT_DIR AGENT_BINARY [--tiny] [--suite S] [--mirror URL] [--ubuntu]");
+        eprintln!(
+            "usage: build-image OUTPUT_DIR AGENT_BINARY [--tiny] [--suite S] [--mirror URL] [--ubuntu]"
+        );
         std::process::exit(2);
     }
     let mut opts = BuildOptions::new(&args[0], &args[1], env!("CARGO_PKG_VERSION"));

@@ -96,7 +96,11 @@ pub struct BuildOptions {
 
 impl BuildOptions {
     /// Options with the defaults: browser variant, Debian bookworm.
-    pub fn new(output: impl Into<PathBuf>, agent_binary: impl Into<PathBuf>, agent_version: impl Into<String>) -> Self {
+    pub fn new(
+        output: impl Into<PathBuf>,
+        agent_binary: impl Into<PathBuf>,
+        agent_version: impl Into<String>,
+    ) -> Self {
         BuildOptions {
             output: output.into(),
             variant: Variant::Browser,
@@ -119,7 +123,9 @@ impl BuildOptions {
 
     fn mirror(&self) -> String {
         self.mirror.clone().unwrap_or_else(|| match self.distro {
-            Distro::Debian => host_debian_mirror().unwrap_or_else(|| "http://deb.debian.org/debian".into()),
+            Distro::Debian => {
+                host_debian_mirror().unwrap_or_else(|| "http://deb.debian.org/debian".into())
+            }
             Distro::Ubuntu => "http://archive.ubuntu.com/ubuntu".into(),
         })
     }
@@ -174,7 +180,8 @@ fn host_debian_mirror() -> Option<String> {
         } else {
             None
         }?;
-        (uri.ends_with("/debian") || uri.ends_with("/debian/")).then(|| uri.trim_end_matches('/').to_owned())
+        (uri.ends_with("/debian") || uri.ends_with("/debian/"))
+            .then(|| uri.trim_end_matches('/').to_owned())
     })
 }
 
@@ -244,7 +251,9 @@ pub enum ImageError {
         reason: String,
     },
     /// The manifest is of another format.
-    #[error("image {dir} has manifest format {found}, this sandcast reads format {expected}; rebuild the image")]
+    #[error(
+        "image {dir} has manifest format {found}, this sandcast reads format {expected}; rebuild the image"
+    )]
     Format {
         /// The image directory.
         dir: PathBuf,
@@ -304,11 +313,12 @@ pub fn build_with_report(opts: &BuildOptions) -> Result<BuildReport, ImageError>
     let agent = std::fs::read(&opts.agent_binary).map_err(|e| {
         ImageError::Options(format!("agent binary {}: {e}", opts.agent_binary.display()))
     })?;
-    if let Some(bad) = opts
-        .packages()
-        .into_iter()
-        .find(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b)))
-    {
+    if let Some(bad) = opts.packages().into_iter().find(|p| {
+        p.is_empty()
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+    }) {
         return Err(ImageError::Options(format!("bad package name {bad:?}")));
     }
     let agent_sha256 = hex::encode(Sha256::digest(&agent));
@@ -333,7 +343,9 @@ pub fn build_with_report(opts: &BuildOptions) -> Result<BuildReport, ImageError>
 
     // Step 2: the agent, as /usr/local/bin/sandcast-agent and the VM's init.
     let agent_dst = rootfs.join(AGENT_PATH.trim_start_matches('/'));
-    let current = std::fs::read(&agent_dst).ok().map(|b| hex::encode(Sha256::digest(&b)));
+    let current = std::fs::read(&agent_dst)
+        .ok()
+        .map(|b| hex::encode(Sha256::digest(&b)));
     if current.as_deref() == Some(agent_sha256.as_str()) {
         skipped.push("agent");
     } else {
@@ -356,8 +368,13 @@ pub fn build_with_report(opts: &BuildOptions) -> Result<BuildReport, ImageError>
         let _ = std::fs::remove_file(out.join(MANIFEST));
         make_ext4(&rootfs, &ext4, opts.ext4_headroom_mib)?;
         ran.push("ext4");
-        let size = std::fs::metadata(&ext4).map_err(|e| step_io("ext4", &ext4, e))?.len();
-        (size, sha256_file(&ext4).map_err(|e| step_io("ext4", &ext4, e))?)
+        let size = std::fs::metadata(&ext4)
+            .map_err(|e| step_io("ext4", &ext4, e))?
+            .len();
+        (
+            size,
+            sha256_file(&ext4).map_err(|e| step_io("ext4", &ext4, e))?,
+        )
     };
 
     // Step 4: the manifest.
@@ -384,9 +401,12 @@ pub fn build_with_report(opts: &BuildOptions) -> Result<BuildReport, ImageError>
         rootfs_key: key,
     };
     let tmp = out.join(format!("{MANIFEST}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest).expect("manifest serialises"))
-        .and_then(|()| std::fs::rename(&tmp, out.join(MANIFEST)))
-        .map_err(|e| step_io("manifest", &out.join(MANIFEST), e))?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&manifest).expect("manifest serialises"),
+    )
+    .and_then(|()| std::fs::rename(&tmp, out.join(MANIFEST)))
+    .map_err(|e| step_io("manifest", &out.join(MANIFEST), e))?;
     Ok(BuildReport {
         manifest,
         ran,
@@ -457,7 +477,10 @@ fn bootstrap(opts: &BuildOptions, out: &Path, key: &str) -> Result<(), ImageErro
     // Runtime settings every session expects.
     let files: [(&str, &str); 3] = [
         ("etc/hostname", "sandcast\n"),
-        ("etc/hosts", "127.0.0.1 localhost\n127.0.1.1 sandcast\n::1 localhost\n"),
+        (
+            "etc/hosts",
+            "127.0.0.1 localhost\n127.0.1.1 sandcast\n::1 localhost\n",
+        ),
         ("etc/resolv.conf", "nameserver 1.1.1.1\n"),
     ];
     for (name, text) in files {
@@ -487,12 +510,16 @@ fn add_session_user(root: &Path) -> Result<(), ImageError> {
             .and_then(|mut f| writeln!(f, "{line}"))
             .map_err(|e| step_io("bootstrap", &p, e))
     };
-    append("etc/passwd", "sandcast:x:1000:1000:sandcast session:/home/sandcast:/bin/sh")?;
+    append(
+        "etc/passwd",
+        "sandcast:x:1000:1000:sandcast session:/home/sandcast:/bin/sh",
+    )?;
     append("etc/group", "sandcast:x:1000:")?;
     append("etc/shadow", "sandcast:!:19000:0:99999:7:::")?;
     let home = root.join("home/sandcast");
     std::fs::create_dir_all(&home).map_err(|e| step_io("bootstrap", &home, e))?;
-    std::os::unix::fs::chown(&home, Some(1000), Some(1000)).map_err(|e| step_io("bootstrap", &home, e))
+    std::os::unix::fs::chown(&home, Some(1000), Some(1000))
+        .map_err(|e| step_io("bootstrap", &home, e))
 }
 
 fn install_agent(rootfs: &Path, agent: &[u8]) -> Result<(), ImageError> {
@@ -639,7 +666,8 @@ pub fn check(image_dir: &Path, req: &Requirements) -> Result<Manifest, ImageErro
     };
     if req.ext4 || req.verify_digest {
         let ext4 = image_dir.join(ROOTFS_EXT4);
-        let md = std::fs::metadata(&ext4).map_err(|e| damaged(format!("{}: {e}", ext4.display())))?;
+        let md =
+            std::fs::metadata(&ext4).map_err(|e| damaged(format!("{}: {e}", ext4.display())))?;
         if md.len() != manifest.ext4_size {
             return Err(damaged(format!(
                 "{} is {} bytes, the manifest says {}",
@@ -649,7 +677,8 @@ pub fn check(image_dir: &Path, req: &Requirements) -> Result<Manifest, ImageErro
             )));
         }
         if req.verify_digest {
-            let digest = sha256_file(&ext4).map_err(|e| damaged(format!("{}: {e}", ext4.display())))?;
+            let digest =
+                sha256_file(&ext4).map_err(|e| damaged(format!("{}: {e}", ext4.display())))?;
             if digest != manifest.ext4_sha256 {
                 return Err(damaged(format!(
                     "{} has SHA-256 {digest}, the manifest says {}",
@@ -660,7 +689,9 @@ pub fn check(image_dir: &Path, req: &Requirements) -> Result<Manifest, ImageErro
         }
     }
     if req.directory {
-        let agent = image_dir.join(ROOTFS_DIR).join(AGENT_PATH.trim_start_matches('/'));
+        let agent = image_dir
+            .join(ROOTFS_DIR)
+            .join(AGENT_PATH.trim_start_matches('/'));
         if !agent.is_file() {
             return Err(damaged(format!("the agent {} is missing", agent.display())));
         }
@@ -679,7 +710,10 @@ mod tests {
             distro: Distro::Debian,
             suite: "bookworm".into(),
             mirror: "http://deb.debian.org/debian".into(),
-            packages: packages.iter().map(|p| (p.to_string(), "1.0".to_string())).collect(),
+            packages: packages
+                .iter()
+                .map(|p| (p.to_string(), "1.0".to_string()))
+                .collect(),
             agent_version: "0.1.0".into(),
             agent_sha256: "00".into(),
             built_at: 0,
@@ -700,19 +734,27 @@ mod tests {
 
     #[test]
     fn check_refuses_an_image_without_the_browser_naming_what_is_missing() {
-        let d = image_dir("nobrowser", &manifest(&["busybox", "ca-certificates", "x11vnc"]));
+        let d = image_dir(
+            "nobrowser",
+            &manifest(&["busybox", "ca-certificates", "x11vnc"]),
+        );
         let e = check(&d, &Requirements::browser()).unwrap_err();
         match &e {
-            ImageError::MissingPackages { missing, .. } => assert_eq!(missing, &["xvfb", "chromium"]),
+            ImageError::MissingPackages { missing, .. } => {
+                assert_eq!(missing, &["xvfb", "chromium"])
+            }
             other => panic!("{other}"),
         }
         assert!(e.to_string().contains("lacks xvfb, chromium"), "{e}");
-        let ok = check(&d, &Requirements {
-            packages: vec!["busybox".into()],
-            ext4: true,
-            verify_digest: true,
-            directory: false,
-        });
+        let ok = check(
+            &d,
+            &Requirements {
+                packages: vec!["busybox".into()],
+                ext4: true,
+                verify_digest: true,
+                directory: false,
+            },
+        );
         assert!(ok.is_ok(), "{ok:?}");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -767,7 +809,10 @@ mod tests {
         let mut o = BuildOptions::new("/tmp/sc-image-never", "/bin/true", "1");
         o.extra_packages.push("x; rm -rf /".into());
         let e = build(&o).unwrap_err();
-        assert!(e.to_string().contains("bad package name \"x; rm -rf /\""), "{e}");
+        assert!(
+            e.to_string().contains("bad package name \"x; rm -rf /\""),
+            "{e}"
+        );
         let o = BuildOptions::new("/tmp/sc-image-never", "/nonexistent/agent", "1");
         let e = build(&o).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/agent"), "{e}");

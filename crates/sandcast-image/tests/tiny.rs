@@ -14,7 +14,11 @@ fn debugfs(ext4: &Path, request: &str) -> Vec<u8> {
         .arg(ext4)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -35,7 +39,11 @@ fn tiny_image_builds_with_a_true_manifest_and_is_cached() {
     let m = &report.manifest;
     assert_eq!(m.suite, "bookworm");
     assert_eq!(m.variant, Variant::Tiny);
-    assert!(m.packages["busybox"].contains("1.35"), "{:?}", m.packages.get("busybox"));
+    assert!(
+        m.packages["busybox"].contains("1.35"),
+        "{:?}",
+        m.packages.get("busybox")
+    );
     assert!(m.packages.contains_key("libc6"));
     assert!(m.packages.contains_key("ca-certificates"));
     assert!(!m.packages.contains_key("chromium"));
@@ -44,18 +52,24 @@ fn tiny_image_builds_with_a_true_manifest_and_is_cached() {
     // The manifest's digest and size are the ext4's.
     let ext4 = dir.join(ROOTFS_EXT4);
     assert_eq!(std::fs::metadata(&ext4).unwrap().len(), m.ext4_size);
-    let checked = check(&dir, &Requirements {
-        packages: vec!["busybox".into()],
-        ext4: true,
-        verify_digest: true,
-        directory: true,
-    })
+    let checked = check(
+        &dir,
+        &Requirements {
+            packages: vec!["busybox".into()],
+            ext4: true,
+            verify_digest: true,
+            directory: true,
+        },
+    )
     .unwrap();
     assert_eq!(&checked, m);
 
     // The agent is inside the ext4 (read without mounting), byte for byte,
     // and is the init.
-    assert_eq!(debugfs(&ext4, &format!("cat {AGENT_PATH}")), std::fs::read(agent).unwrap());
+    assert_eq!(
+        debugfs(&ext4, &format!("cat {AGENT_PATH}")),
+        std::fs::read(agent).unwrap()
+    );
     let init = String::from_utf8(debugfs(&ext4, "stat /sbin/init")).unwrap();
     assert!(init.contains(AGENT_PATH), "{init}");
     let hostname = debugfs(&ext4, "cat /etc/hostname");

@@ -36,7 +36,10 @@ pub fn config(dir: &Path) -> FirecrackerConfig {
     // An ELF header is all the double (and the kernel check) looks at.
     std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00").unwrap();
     let rootfs = dir.join("rootfs.ext4");
-    std::fs::File::create(&rootfs).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&rootfs)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     FirecrackerConfig {
         firecracker_bin: env!("CARGO_BIN_EXE_firecracker-double").into(),
         kernel,
@@ -95,7 +98,13 @@ pub async fn agent_hello(listener: &UnixListener) -> (UnixStream, Value) {
 pub fn process_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes; its state letter is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
