@@ -148,9 +148,14 @@ fn bench(c: &mut Criterion) {
 
     // Nothing of the benchmark stays on the host.
     let left = rt.block_on(b.backend.reap(&[])).unwrap();
-    assert!(left.is_empty(), "sessions left after the benchmark: {left:?}");
+    assert!(
+        left.is_empty(),
+        "sessions left after the benchmark: {left:?}"
+    );
     for root in ["memory", "cpu", "pids", "unified", ""] {
-        let p = Path::new("/sys/fs/cgroup").join(root).join(&cfg.cgroup_parent);
+        let p = Path::new("/sys/fs/cgroup")
+            .join(root)
+            .join(&cfg.cgroup_parent);
         let _ = std::fs::remove_dir(&p);
         let _ = std::fs::remove_dir(p.parent().unwrap());
     }

@@ -660,8 +660,8 @@ impl Inner {
         unsafe {
             cmd.pre_exec(move || pre.run());
         }
-        let spawned = cmd.spawn();
-        drop(cmd); // closes our copies of the netns and cgroup fds
+        // The spawner thread drops cmd (closing our netns and cgroup fds).
+        let spawned = spawn_from_lasting_thread(cmd).await;
         drop(info_w);
         drop(step_w);
         let mut child = match spawned {
@@ -791,6 +791,42 @@ impl Inner {
             stopped: tokio::sync::Mutex::new(false),
         })
     }
+}
+
+type SpawnJob = (
+    tokio::runtime::Handle,
+    tokio::process::Command,
+    tokio::sync::oneshot::Sender<io::Result<tokio::process::Child>>,
+);
+
+/// Spawns on a thread that lives as long as the process. bwrap's
+/// `--die-with-parent` fires when the *thread* that forked it exits, and
+/// runtime threads may come and go (blocking pools, `block_in_place`); a
+/// session must end with the server process, not with a thread.
+async fn spawn_from_lasting_thread(
+    cmd: tokio::process::Command,
+) -> io::Result<tokio::process::Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<SpawnJob>> =
+        std::sync::OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("sandbox-spawner".into())
+            .spawn(move || {
+                for (handle, mut cmd, reply) in rx {
+                    // The child is reaped by the caller's runtime.
+                    let _guard = handle.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawner thread");
+        tx
+    });
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    tx.send((tokio::runtime::Handle::current(), cmd, reply))
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    rx.await
+        .map_err(|_| io::Error::other("the spawner thread dropped the request"))?
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), BackendError> {

@@ -940,3 +940,85 @@ echo "sandboxed_err=$(grep -v -e dbus -e Fontconfig /tmp/e2 | tail -2 | tr '\n' 
     );
     inst.stop(Duration::from_secs(2)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_outlives_the_thread_that_started_it() {
+    require_root!();
+    let h = Harness::new();
+    // After its report the agent waits for a file the test drops in its home,
+    // then reports again: proof it is still alive.
+    let after = r#"while [ ! -e "$HOME/go" ]; do sleep 0.05; done
+echo "second=1" | perl -MIO::Socket::UNIX -e '$s=IO::Socket::UNIX->new(Peer=>"/run/sandcast/agent.sock") or die; print $s $_ while <STDIN>;'
+exec sleep 600"#;
+    let s = h.session("th", &script("echo up=1", after), false);
+    let backend = h.backend.clone();
+    let spec = s.spec.clone();
+    let handle = tokio::runtime::Handle::current();
+    // start() runs on a thread that ends right after (as blocking-pool threads do).
+    let inst = std::thread::spawn(move || handle.block_on(backend.start_sandbox(&spec)))
+        .join()
+        .unwrap()
+        .unwrap();
+    report(&s.listener, Duration::from_secs(20)).await;
+    std::fs::write(inst.files_dir().join("home/go"), "").unwrap();
+    let second = report(&s.listener, Duration::from_secs(20)).await;
+    assert_eq!(second["second"], "1");
+    assert!(inst.exited().borrow().is_none());
+    inst.stop(Duration::from_secs(2)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_get_distinct_blocks_and_all_clean_up() {
+    require_root!();
+    let h = Harness::new();
+    let sessions: Vec<Session> = (0..5)
+        .map(|i| {
+            h.session(
+                &format!("p{i}"),
+                &script(
+                    "echo addr=$(ip -o -4 addr show eth0 | awk '{print $4}')",
+                    "exec sleep 600",
+                ),
+                i % 2 == 0,
+            )
+        })
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    for s in sessions {
+        let backend = h.backend.clone();
+        set.spawn(async move {
+            let inst = backend.start_sandbox(&s.spec).await.unwrap();
+            let r = report(&s.listener, Duration::from_secs(30)).await;
+            (inst, r, s)
+        });
+    }
+    let mut started = Vec::new();
+    while let Some(r) = set.join_next().await {
+        started.push(r.unwrap());
+    }
+    let mut addrs: Vec<String> = started.iter().map(|(_, r, _)| r["addr"].clone()).collect();
+    for (inst, r, _) in &started {
+        // What the session sees is what the backend allocated.
+        assert_eq!(r["addr"], format!("{}/30", inst.session_addr()));
+    }
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 5, "address blocks collided: {addrs:?}");
+    let traces: Vec<Traces> = started
+        .iter()
+        .map(|(inst, _, s)| h.traces(inst, s.spec.id.as_str()))
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    for (inst, _, s) in started {
+        set.spawn(async move {
+            inst.stop(Duration::from_secs(2)).await.unwrap();
+            drop(s);
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    for t in &traces {
+        assert_gone(t);
+    }
+}
