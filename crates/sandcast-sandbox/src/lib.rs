@@ -73,6 +73,9 @@ pub struct SandboxConfig {
     /// Names this backend's netns (`<prefix>-<id>`), nft table and veth
     /// aliases: 1-16 lowercase letters or digits, starting with a letter.
     pub name_prefix: String,
+    /// IPv4 networks no session may reach even with egress on; by default
+    /// the link-local range (cloud metadata services live at 169.254.169.254).
+    pub egress_deny: Vec<String>,
     /// DNS servers for sessions; empty means the host's upstream servers
     /// (never its loopback stub), else public ones.
     pub dns: Vec<IpAddr>,
@@ -104,6 +107,7 @@ impl Default for SandboxConfig {
             cgroup_root: "/sys/fs/cgroup".into(),
             subnet: "100.64.0.0/16".into(),
             name_prefix: "sandcast".into(),
+            egress_deny: vec!["169.254.0.0/16".into()],
             dns: Vec::new(),
             shm_mib: 512,
             hide_paths: Vec::new(),
@@ -124,6 +128,7 @@ pub struct SandboxBackend {
 struct Inner {
     cfg: SandboxConfig,
     subnet: Ipv4Net,
+    deny: Vec<Ipv4Net>,
     layout: Result<Layout, String>,
     table: String,
     host_ready: OnceCell<()>,
@@ -212,6 +217,17 @@ impl SandboxBackend {
             ));
         }
         let subnet = net::parse_subnet(&cfg.subnet)?;
+        let deny = cfg
+            .egress_deny
+            .iter()
+            .map(|d| {
+                d.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|e| {
+                    BackendError::InvalidSpec(format!(
+                        "egress_deny entry {d:?} is not an IPv4 CIDR: {e}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mkdir = |d: &Path, mode: u32| -> Result<(), BackendError> {
             std::fs::create_dir_all(d)
                 .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)))
@@ -228,6 +244,7 @@ impl SandboxBackend {
             inner: Arc::new(Inner {
                 cfg,
                 subnet,
+                deny,
                 layout,
                 table,
                 host_ready: OnceCell::new(),
@@ -323,7 +340,7 @@ impl Inner {
                 egress: r.egress,
             })
             .collect();
-        let text = net::ruleset(&self.table, self.subnet, &entries);
+        let text = net::ruleset(&self.table, self.subnet, &self.deny, &entries);
         net::run(&self.cfg.nft, &["-f", "-"], Some(&text)).await?;
         Ok(())
     }

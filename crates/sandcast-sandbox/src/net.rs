@@ -121,8 +121,15 @@ pub struct FirewallEntry {
 }
 
 /// The whole table, as one atomic `nft -f` transaction that replaces any
-/// previous version of it.
-pub fn ruleset(table: &str, subnet: Ipv4Net, sessions: &[FirewallEntry]) -> String {
+/// previous version of it. `deny` lists destinations no session may reach
+/// even with egress on (by default the link-local range with the cloud
+/// metadata service).
+pub fn ruleset(
+    table: &str,
+    subnet: Ipv4Net,
+    deny: &[Ipv4Net],
+    sessions: &[FirewallEntry],
+) -> String {
     let elems = |pick: &dyn Fn(&FirewallEntry) -> bool| -> String {
         let list: Vec<String> = sessions
             .iter()
@@ -138,6 +145,15 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, sessions: &[FirewallEntry]) -> Stri
     let all = elems(&|_| true);
     let egress = elems(&|s| s.egress);
     let p = VETH_PREFIX;
+    let deny = if deny.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = deny.iter().map(ToString::to_string).collect();
+        format!(
+            "\t\tiifname @sessions ip daddr {{ {} }} drop\n",
+            list.join(", ")
+        )
+    };
     format!(
         "table inet {table}\n\
          delete table inet {table}\n\
@@ -154,6 +170,7 @@ pub fn ruleset(table: &str, subnet: Ipv4Net, sessions: &[FirewallEntry]) -> Stri
          \t\tiifname \"{p}*\" oifname \"{p}*\" drop\n\
          \t\toifname \"{p}*\" ct state established,related accept\n\
          \t\toifname \"{p}*\" drop\n\
+         {deny}\
          \t\tiifname @sessions iifname != @egress drop\n\
          \t\tiifname @sessions accept\n\
          \t}}\n\
@@ -357,6 +374,7 @@ mod tests {
         let text = ruleset(
             "sandcast",
             net,
+            &[parse_subnet("169.254.0.0/16").unwrap()],
             &[
                 FirewallEntry {
                     veth: "sc-00000001".into(),
@@ -377,13 +395,15 @@ mod tests {
         assert!(text.contains("\t\tiifname \"sc-*\" drop\n"));
         assert!(text.contains("iifname \"sc-*\" oifname \"sc-*\" drop"));
         assert!(text.contains("iifname @sessions iifname != @egress drop"));
+        assert!(text.contains("\t\tiifname @sessions ip daddr { 169.254.0.0/16 } drop\n"));
         assert!(text.contains("ip saddr 100.64.0.0/16 oifname != \"sc-*\" masquerade"));
         // Sessions-to-sessions drop comes before any accept.
         let drop_between = text.find("oifname \"sc-*\" drop").unwrap();
         let accept = text.find("iifname @sessions accept").unwrap();
         assert!(drop_between < accept);
         // Empty sets carry no (invalid) empty element list.
-        let empty = ruleset("t", net, &[]);
+        let empty = ruleset("t", net, &[], &[]);
+        assert!(!empty.contains("daddr"), "{empty}");
         assert!(empty.contains("set sessions { type ifname; }"), "{empty}");
     }
 

@@ -378,6 +378,25 @@ impl Upstream {
         ]);
         sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        // A stand-in for a cloud metadata service behind the same link.
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            "eth0",
+        ]);
+        sh(&[
+            "ip",
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "via",
+            "203.0.113.2",
+        ]);
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let ns_path = format!("/run/netns/{netns}");
@@ -387,7 +406,7 @@ impl Upstream {
             let f = std::fs::File::open(&ns_path).unwrap();
             // SAFETY: setns on this thread only, with an fd we own.
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let l = std::net::TcpListener::bind("203.0.113.2:0").unwrap();
+            let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
             l.set_nonblocking(true).unwrap();
             tx.send(l.local_addr().unwrap().port()).unwrap();
             while !stop2.load(Ordering::SeqCst) {
@@ -478,6 +497,7 @@ echo "host_veth=$(probe {gw} {any_port})"
 echo "other_host_end=$(probe {b_gw} {any_port})"
 echo "other_session=$(probe {b_addr} 7777)"
 echo "upstream=$(probe {up} {upp})"
+echo "metadata=$(probe 169.254.169.254 {upp})"
 "#,
         hostpid = std::process::id(),
         other_home = b_inst.files_dir().join("home").display(),
@@ -560,6 +580,18 @@ echo "upstream=$(probe {up} {upp})"
         b_report["upstream"].starts_with("fail"),
         "{}",
         b_report["upstream"]
+    );
+    // The metadata address answers the host, but not a session with egress.
+    assert_eq!(
+        connect_greeting("169.254.169.254".parse().unwrap(), upstream.port)
+            .await
+            .as_deref(),
+        Some("hello-upstream")
+    );
+    assert!(
+        r["metadata"].starts_with("fail"),
+        "metadata service reached: {}",
+        r["metadata"]
     );
 
     // Limits in the cgroup (v1 here: memory, cpu, pids hierarchies).
