@@ -1054,3 +1054,36 @@ async fn concurrent_starts_get_distinct_blocks_and_all_clean_up() {
         assert_gone(t);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn display_stack_runs_inside_the_sandbox() {
+    require_root!();
+    for bin in ["/usr/bin/Xvfb", "/usr/bin/x11vnc", "/usr/bin/xdpyinfo"] {
+        if !Path::new(bin).exists() {
+            eprintln!("SKIPPED: {bin} is not installed (apt-get install xvfb x11vnc x11-utils)");
+            return;
+        }
+    }
+    let h = Harness::new();
+    // What the agent will run: Xvfb, then x11vnc on its display (polled
+    // until ready, with a deadline).
+    let body = r#"
+Xvfb :7 -screen 0 1280x720x24 -nolisten tcp >/tmp/xvfb.log 2>&1 &
+i=0; until xdpyinfo -display :7 >/dev/null 2>&1 || [ $i -ge 100 ]; do i=$((i+1)); sleep 0.1; done
+echo "display=$(xdpyinfo -display :7 2>&1 | grep -m1 dimensions | awk '{print $2}')"
+x11vnc -display :7 -rfbport 5907 -localhost -nopw -forever -quiet >/tmp/vnc.log 2>&1 &
+i=0; until probe 127.0.0.1 5907 | grep -q '^ok:RFB' || [ $i -ge 100 ]; do i=$((i+1)); sleep 0.1; done
+echo "vnc=$(probe 127.0.0.1 5907)"
+echo "x11_socket=$(ls /tmp/.X11-unix)"
+"#;
+    let s = h.session("disp", &script(body, "exec sleep 600"), false);
+    let inst = h.backend.start_sandbox(&s.spec).await.unwrap();
+    let r = report(&s.listener, Duration::from_secs(60)).await;
+    eprintln!("{r:#?}");
+    assert_eq!(r["display"], "1280x720");
+    assert!(r["vnc"].starts_with("ok:RFB 003.008"), "{}", r["vnc"]);
+    assert_eq!(r["x11_socket"], "X7");
+    // The display lives in the session: the host has no such X socket.
+    assert!(!Path::new("/tmp/.X11-unix/X7").exists());
+    inst.stop(Duration::from_secs(2)).await.unwrap();
+}
