@@ -369,8 +369,15 @@ fn enable_v2_controllers(root: &Path, parent: &str) -> Result<(), BackendError> 
         for c in ["memory", "cpu", "pids"] {
             if !have.split_whitespace().any(|h| h == c) {
                 write_file(&control, &format!("+{c}")).map_err(|e| {
+                    // EBUSY: processes sit in this cgroup itself, and v2 only
+                    // hands controllers to children of cgroups without any.
+                    let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+                        " (processes live directly in this cgroup; run the server in a leaf cgroup, e.g. systemd Delegate=yes)"
+                    } else {
+                        ""
+                    };
                     BackendError::io(
-                        format!("enabling the {c} controller in {}", control.display()),
+                        format!("enabling the {c} controller in {}{hint}", control.display()),
                         e,
                     )
                 })?;

@@ -16,6 +16,40 @@
 //! Everything made for a session is recorded under `state_dir/sessions`, so
 //! [`Instance::stop`] and, after a crash, [`Backend::reap`] remove processes,
 //! cgroups, veths, namespaces, firewall elements and files exactly.
+//!
+//! # Using it
+//!
+//! ```no_run
+//! # async fn demo(spec: sandcast_backend::LaunchSpec) -> Result<(), sandcast_backend::BackendError> {
+//! use sandcast_backend::Backend;
+//! use sandcast_sandbox::{SandboxBackend, SandboxConfig};
+//! let backend = SandboxBackend::new(SandboxConfig {
+//!     state_dir: "/var/lib/sandcast/sandbox".into(),
+//!     // The server's data directory, so sessions cannot read its database.
+//!     hide_paths: vec!["/var/lib/sandcast".into()],
+//!     ..SandboxConfig::default()
+//! })?;
+//! backend.reap(&[]).await?; // leftovers of a previous run
+//! let _ready = backend.readiness().await; // one check per requirement
+//! // The server binds a UnixListener at backend.agent_socket(&spec.session_dir) first.
+//! let inst = backend.start(&spec).await?;
+//! let mut exited = inst.exited(); // Some(InstanceExit) once the agent/bwrap ended
+//! inst.stop(std::time::Duration::from_secs(3)).await?; // also after an unexpected exit
+//! # Ok(()) }
+//! ```
+//!
+//! - Sessions run as `run_as_uid`/`run_as_gid` (default 65534, `nobody`);
+//!   nothing is added to the host's `/etc/passwd`. The agent socket is
+//!   chowned to that user so it can connect.
+//! - `start` must run inside a tokio runtime, which also reaps the sandbox.
+//!   bwrap is forked from a thread that lives as long as the process, so a
+//!   session ends (`--die-with-parent`) when the server process ends, not
+//!   when some runtime thread does.
+//! - When the agent or bwrap ends by itself, every process of the session is
+//!   killed at once; its network, cgroup and files stay until
+//!   [`Instance::stop`] (or [`Backend::reap`]).
+//! - Only `session_dir/sandbox` (home, `/tmp`, generated `resolv.conf` and
+//!   `hosts`) belongs to the backend; the server removes the session directory.
 
 pub mod cgroup;
 pub mod launch;
