@@ -228,6 +228,37 @@ pub fn resolv_target(root: &Path) -> PathBuf {
     out
 }
 
+/// Checks that an image root has what a session needs: a shell, the mount
+/// points bwrap binds over (it cannot create them in a read-only root) and
+/// the files it replaces. The error lists everything missing.
+pub fn check_image_root(root: &Path) -> Result<(), String> {
+    let present = |p: &str| std::fs::symlink_metadata(root.join(p)).is_ok();
+    let missing: Vec<&str> = [
+        "bin/sh",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "home",
+        "var/tmp",
+        "etc/hosts",
+        "etc/resolv.conf",
+    ]
+    .into_iter()
+    .filter(|p| !present(p))
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "image_root {} lacks {} (an image needs a shell, these mount points and files; empty ones will do)",
+            root.display(),
+            missing.join(", ")
+        ))
+    }
+}
+
 /// Steps of the pre-exec sequence, reported by number when one fails.
 const STEPS: [&str; 9] = [
     "joining the network namespace",
@@ -516,6 +547,30 @@ mod tests {
         std::fs::remove_file(t.path().join("etc/resolv.conf")).unwrap();
         std::os::unix::fs::symlink("/run/x.conf", t.path().join("etc/resolv.conf")).unwrap();
         assert_eq!(resolv_target(t.path()), Path::new("/run/x.conf"));
+    }
+
+    #[test]
+    fn image_roots_are_checked_for_what_bwrap_needs() {
+        assert_eq!(check_image_root(Path::new("/")), Ok(()));
+        let t = tempfile::tempdir().unwrap();
+        for d in [
+            "bin", "dev", "proc", "sys", "tmp", "run", "home", "var/tmp", "etc",
+        ] {
+            std::fs::create_dir_all(t.path().join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink("dash", t.path().join("bin/sh")).unwrap();
+        std::fs::write(t.path().join("etc/hosts"), "").unwrap();
+        let e = check_image_root(t.path()).unwrap_err();
+        assert!(e.ends_with("lacks etc/resolv.conf (an image needs a shell, these mount points and files; empty ones will do)") && e.contains(t.path().to_str().unwrap()), "{e}");
+        // A dangling symlink (to /run/...) is fine: the target is bound.
+        std::os::unix::fs::symlink("../run/resolv.conf", t.path().join("etc/resolv.conf")).unwrap();
+        assert_eq!(check_image_root(t.path()), Ok(()));
+        std::fs::remove_dir(t.path().join("sys")).unwrap();
+        assert!(
+            check_image_root(t.path())
+                .unwrap_err()
+                .contains("lacks sys (")
+        );
     }
 
     #[test]

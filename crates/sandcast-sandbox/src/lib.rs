@@ -242,13 +242,8 @@ impl SandboxBackend {
                 return bad(format!("{name} {} must be absolute", dir.display()));
             }
         }
-        if let Some(root) = &cfg.image_root
-            && !root.join("bin/sh").exists()
-        {
-            return bad(format!(
-                "image_root {} is not a root file system (no bin/sh in it)",
-                root.display()
-            ));
+        if let Some(root) = &cfg.image_root {
+            launch::check_image_root(root).map_err(BackendError::InvalidSpec)?;
         }
         let subnet = net::parse_subnet(&cfg.subnet)?;
         let deny = cfg
@@ -1277,8 +1272,7 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
         "root file system",
         match &cfg.image_root {
             None => Ok("the host's / (read-only in sessions)".into()),
-            Some(r) if r.join("bin/sh").exists() => Ok(format!("image at {}", r.display())),
-            Some(r) => Err(format!("image_root {} has no bin/sh", r.display())),
+            Some(r) => launch::check_image_root(r).map(|()| format!("image at {}", r.display())),
         },
     );
     checks

@@ -871,21 +871,43 @@ async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
     );
     check_nothing_left("missing bwrap");
 
-    // A failure after the network exists (the image root has no /sys for
-    // bwrap to bind) is reported with bwrap's words and rolled back.
+    // A failure after the network exists is reported with bwrap's words and
+    // rolled back: an image whose /bin/sh is a symlink loop, so the agent
+    // script cannot be exec'd.
     let img = h.dir.path().join("img");
-    std::fs::create_dir_all(img.join("bin")).unwrap();
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "run", "home", "var/tmp", "etc",
+    ] {
+        std::fs::create_dir_all(img.join(d)).unwrap();
+    }
+    for f in ["etc/hosts", "etc/resolv.conf"] {
+        std::fs::write(img.join(f), "").unwrap();
+    }
     std::os::unix::fs::symlink("/bin/sh", img.join("bin/sh")).unwrap();
     let broken = SandboxBackend::new(SandboxConfig {
-        image_root: Some(img),
+        image_root: Some(img.clone()),
         ..h.cfg.clone()
     })
     .unwrap();
     let e = broken.start(&s.spec).await.err().map(|e| e.to_string());
     match e {
-        Some(e) => assert!(e.contains("bwrap"), "{e}"),
-        None => panic!("an image without /etc, /usr or /sys started"),
+        Some(e) => assert!(
+            e.contains("bwrap: execvp /run/sandcast/sandcast-agent"),
+            "{e}"
+        ),
+        None => panic!("an image without a working /bin/sh started"),
     }
+    check_nothing_left("broken image");
+    // An image missing mount points is refused up front, naming them.
+    std::fs::remove_dir(img.join("run")).unwrap();
+    let e = SandboxBackend::new(SandboxConfig {
+        image_root: Some(img),
+        ..h.cfg.clone()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("lacks run ("), "{e}");
     check_nothing_left("broken image");
 
     // A second start of a running id is refused.
