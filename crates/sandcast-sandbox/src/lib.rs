@@ -521,6 +521,10 @@ impl Inner {
         };
         std::fs::create_dir_all(&spec.session_dir)
             .map_err(io_err("creating", &spec.session_dir))?;
+        // No record means no live session: anything here is a stale leftover.
+        if files.exists() {
+            std::fs::remove_dir_all(files).map_err(io_err("removing stale", files))?;
+        }
         std::fs::create_dir(files).map_err(io_err("creating", files))?;
         std::fs::set_permissions(files, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod", files))?;
