@@ -64,10 +64,14 @@ impl SessionNet {
         if Path::new("/run/netns").join(&self.netns).exists() {
             run("ip", &["netns", "del", &self.netns])?;
         }
+        // Deleting the namespace deletes the pair asynchronously; the host
+        // end may vanish between the check and the delete.
         if let Some(v) = &self.host_veth
             && Path::new("/sys/class/net").join(v).exists()
+            && let Err(e) = run("ip", &["link", "del", v])
+            && Path::new("/sys/class/net").join(v).exists()
         {
-            run("ip", &["link", "del", v])?;
+            return Err(e);
         }
         Ok(())
     }
