@@ -36,6 +36,10 @@ pub struct FirecrackerConfig {
     /// The image's ext4 root file system, shared read-only by every VM.
     /// Default `/var/lib/sandcast/image/rootfs.ext4`.
     pub rootfs: PathBuf,
+    /// An image directory from `sandcast image build`. When set, its
+    /// manifest is checked for what a browser session needs and `rootfs`
+    /// is taken to be its `rootfs.ext4`. Default `None`.
+    pub image: Option<PathBuf>,
     /// The KVM device. Default `/dev/kvm`.
     pub kvm_device: PathBuf,
     /// Run a trivial guest on `kvm_device` before each start to report an
@@ -72,6 +76,7 @@ impl Default for FirecrackerConfig {
             initramfs: None,
             kernel_config: None,
             rootfs: "/var/lib/sandcast/image/rootfs.ext4".into(),
+            image: None,
             kvm_device: "/dev/kvm".into(),
             probe_kvm: true,
             writable_drive_mib: 4096,
@@ -145,7 +150,16 @@ impl FirecrackerBackend {
     /// Checks the kernel (and its config when there is one) and the root
     /// file system image; the binary and KVM are checked at each start and by
     /// [`Backend::readiness`], so a server can start and say what is missing.
-    pub fn new(config: FirecrackerConfig) -> Result<Self, BackendError> {
+    pub fn new(mut config: FirecrackerConfig) -> Result<Self, BackendError> {
+        if let Some(image) = &config.image {
+            let req = sandcast_image::Requirements {
+                ext4: true,
+                ..sandcast_image::Requirements::browser()
+            };
+            sandcast_image::check(image, &req)
+                .map_err(|e| BackendError::NotReady(e.to_string()))?;
+            config.rootfs = image.join(sandcast_image::ROOTFS_EXT4);
+        }
         let kernel = kernel::check_kernel(
             &config.kernel,
             config.initramfs.as_deref(),

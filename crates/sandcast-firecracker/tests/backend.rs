@@ -350,3 +350,30 @@ async fn sessions_restore_from_a_snapshot_with_fresh_mmds() {
         assert!(!netns_exists(&id));
     }
 }
+
+#[tokio::test]
+async fn an_image_without_the_browser_is_refused_with_the_reason() {
+    let dir = TestDir::new("image");
+    let image = dir.0.join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("rootfs.ext4"), b"ext4").unwrap();
+    let manifest = json!({
+        "format": 1, "variant": "tiny", "distro": "debian", "suite": "bookworm",
+        "mirror": "http://deb.debian.org/debian",
+        "packages": {"busybox": "1:1.35.0-4+b3", "ca-certificates": "20230311", "x11vnc": "0.9.16-9"},
+        "agent_version": "0.1.0", "agent_sha256": "00", "built_at": 0,
+        "ext4_size": 4, "ext4_sha256": "00", "rootfs_key": ""
+    });
+    std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
+    let mut cfg = config(&dir.0);
+    cfg.image = Some(image.clone());
+    let e = FirecrackerBackend::new(cfg.clone()).unwrap_err();
+    assert!(e.to_string().contains("lacks xvfb, chromium"), "{e}");
+
+    let mut manifest = manifest;
+    manifest["packages"]["xvfb"] = json!("2:21.1.7-3");
+    manifest["packages"]["chromium"] = json!("131.0");
+    std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
+    let backend = FirecrackerBackend::new(cfg).unwrap();
+    assert_eq!(backend.config().rootfs, image.join("rootfs.ext4"));
+}
