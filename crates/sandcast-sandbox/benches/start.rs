@@ -162,6 +162,8 @@ fn bench(c: &mut Criterion) {
     let _ = std::process::Command::new("nft")
         .args(["delete", "table", "inet", &cfg.name_prefix])
         .status();
+    drop(b);
+    let _ = std::fs::remove_dir(base);
 }
 
 criterion_group!(benches, bench);

@@ -77,8 +77,15 @@ impl Harness {
         // Outside /tmp (which sessions replace) and traversable by the session
         // user, so hiding other sessions' files is really put to the test.
         let base = Path::new("/var/lib/sandcast-sandbox-tests");
-        std::fs::create_dir_all(base).unwrap();
-        let dir = tempfile::tempdir_in(base).unwrap();
+        // Another test may remove the base between the two steps: retry.
+        let dir = loop {
+            std::fs::create_dir_all(base).unwrap();
+            match tempfile::tempdir_in(base) {
+                Ok(d) => break d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("temp dir in {}: {e}", base.display()),
+            }
+        };
         for p in [base, dir.path()] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
@@ -174,6 +181,11 @@ impl Drop for Harness {
         let _ = std::process::Command::new("nft")
             .args(["delete", "table", "inet", &self.cfg.name_prefix])
             .status();
+        // The shared base goes with the last test using it.
+        let _ = std::fs::remove_dir_all(self.dir.path());
+        if let Some(base) = self.dir.path().parent() {
+            let _ = std::fs::remove_dir(base);
+        }
     }
 }
 
