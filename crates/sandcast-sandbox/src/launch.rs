@@ -100,6 +100,9 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         &"/sys/class/net",
         &"--tmpfs",
         &"/sys/devices/virtual/net",
+        // The host's cgroup tree names every session.
+        &"--tmpfs",
+        &"/sys/fs/cgroup",
     ]);
     for h in &a.hide {
         push(&[&"--tmpfs", h]);

@@ -235,6 +235,7 @@ echo "resolv=$(grep -m1 nameserver /etc/resolv.conf)"
 echo "fonts=$(ls /usr/share/fonts | head -1)"
 echo "ifaces=$(ip -o link | awk -F': ' '{print $2}' | cut -d@ -f1 | tr '\n' ,)"
 echo "sys_net=$(ls /sys/class/net | wc -l)"
+echo "sys_cgroup=$(ls /sys/fs/cgroup | wc -l)"
 "#;
 
 fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
@@ -551,6 +552,7 @@ echo "metadata=$(probe 169.254.169.254 {upp})"
     assert!(!r["fonts"].is_empty(), "no fonts visible");
     assert_eq!(r["ifaces"], "lo,eth0,");
     assert_eq!(r["sys_net"], "0", "host network devices visible in /sys");
+    assert_eq!(r["sys_cgroup"], "0", "host cgroups visible in /sys");
     // Files written inside land in the session's own directory, owned by the user.
     let mine = a_inst.files_dir().join("home/mine");
     assert_eq!(std::fs::read_to_string(&mine).unwrap(), "x\n");
