@@ -59,11 +59,14 @@ pub trait Encoder: Send {
     fn codec(&self) -> Codec;
 }
 
-/// Makes the encoder sandcast uses for `codec`: H.264 in real-time mode
-/// (the faster of openh264's modes, see `docs/encoders.md`) or VP8.
+/// Makes the encoder sandcast uses for `codec`: H.264 in screen-content
+/// mode or VP8. Screen mode costs about twice the time of real-time mode a
+/// frame, but at 2.5 Mbit/s real-time mode skips nearly every frame of
+/// scrolling text to hold its rate, where screen mode keeps most of them
+/// (figures in `docs/encoders.md`).
 pub fn new_encoder(codec: Codec, settings: EncoderSettings) -> Result<Box<dyn Encoder>> {
     Ok(match codec {
-        Codec::H264 => Box::new(H264Encoder::new(settings, H264Mode::RealTime)?),
+        Codec::H264 => Box::new(H264Encoder::new(settings, H264Mode::Screen)?),
         Codec::Vp8 => Box::new(Vp8Encoder::new(settings)?),
     })
 }

@@ -18,9 +18,11 @@ use crate::error::{Error, Result};
 /// openh264's two usage modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum H264Mode {
-    /// Camera real-time: the faster one (about 2x).
+    /// Camera real-time: about twice as fast a frame, but it holds its
+    /// bitrate on scrolling text only by skipping most frames.
     RealTime,
-    /// Screen content: slower, far fewer bits on scrolling text.
+    /// Screen content: slower a frame, far fewer bits on scrolling text;
+    /// sandcast's default.
     Screen,
 }
 

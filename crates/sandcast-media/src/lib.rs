@@ -28,6 +28,7 @@ mod input;
 mod keysym;
 mod pipeline;
 mod resize;
+pub mod testdata;
 mod vp8;
 mod xutil;
 pub mod xvfb;

@@ -410,6 +410,8 @@ impl Worker {
             match c {
                 VideoControl::Start { codec, bitrate_bps } => {
                     if codec != self.encoder.codec() {
+                        // A waiting frame of the old codec is no use now.
+                        self.shared.slot.lock().expect("slot lock").frame = None;
                         self.encoder = new_encoder(
                             codec,
                             EncoderSettings {
@@ -447,7 +449,18 @@ impl Worker {
         let now = Instant::now();
         self.last_frame = Some(now);
         let capture_us = xutil::now_us();
-        let grabbed = self.capture.grab()?;
+        let grabbed = match self.capture.grab() {
+            Ok(g) => g,
+            // The screen shrank between its resize and our ConfigureNotify:
+            // learn the new size and capture again, rather than stop.
+            Err(Error::Reply(x11rb::errors::ReplyError::X11Error(e))) => {
+                tracing::debug!(error = ?e.error_kind, "capture refused; re-reading the screen size");
+                self.capture.refresh_size()?;
+                self.dirty = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.shared
             .counters
             .captures
@@ -669,6 +682,26 @@ mod tests {
                 .expect("a frame after a bitrate change");
             assert!(!f.header.keyframe);
         });
+    }
+
+    #[test]
+    fn a_resize_produces_a_key_frame_at_the_new_size() {
+        let x = Xvfb::start(1280, 720).unwrap();
+        let (pipe, mut rx) = VideoPipeline::spawn(x.display(), VideoSettings::default()).unwrap();
+        rt().block_on(async {
+            let first = next_within(&mut rx, 10).await.unwrap();
+            assert_eq!((first.header.width, first.header.height), (1280, 720));
+            crate::resize::resize_display(x.display(), 800, 600).unwrap();
+            let f = next_within(&mut rx, 10)
+                .await
+                .expect("a frame after the resize");
+            assert_eq!((f.header.width, f.header.height), (800, 600));
+            assert!(f.header.keyframe, "a new size starts with a key frame");
+            let mut dec = Decoder::new().unwrap();
+            let yuv = dec.decode(&f.data).unwrap().expect("decodes on its own");
+            assert_eq!(yuv.dimensions(), (800, 600));
+        });
+        drop(pipe);
     }
 
     #[test]

@@ -94,11 +94,13 @@ impl Vp8Encoder {
         c.g_pass = vpx::vpx_enc_pass::VPX_RC_ONE_PASS;
         c.rc_end_usage = vpx::vpx_rc_mode::VPX_CBR;
         c.rc_target_bitrate = self.settings.bitrate_bps / 1000;
-        // Never drop a frame: it may be the last before the screen idles.
-        c.rc_dropframe_thresh = 0;
+        // Dropping is how libvpx holds its rate on fast scrolling; the
+        // pipeline retries a dropped picture one frame later, so the last
+        // change before the screen idles is never lost.
+        c.rc_dropframe_thresh = 30;
         c.rc_resize_allowed = 0;
         c.rc_min_quantizer = 4;
-        c.rc_max_quantizer = 56;
+        c.rc_max_quantizer = 63;
         c.rc_undershoot_pct = 50;
         c.rc_overshoot_pct = 15;
         // A short buffer: the rate follows the bitrate within half a second.

@@ -41,11 +41,17 @@ impl Xvfb {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe fcntl between fork and exec; it lets
-        // the child inherit the pipe's write end (std opens it close-on-exec).
+        // SAFETY: only async-signal-safe fcntl and prctl between fork and
+        // exec; the child inherits the pipe's write end (std opens it
+        // close-on-exec).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::fcntl(wfd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Xvfb dies with the thread that started it, even if that is
+                // killed before Drop runs: no server outlives its test.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
