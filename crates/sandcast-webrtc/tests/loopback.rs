@@ -72,6 +72,27 @@ fn connects_and_delivers_the_encoders_frames_byte_for_byte() {
 }
 
 #[test]
+fn lost_packets_are_repaired_by_nack_retransmission() {
+    let mut l = Loopback::new();
+    l.add_client("s", ViewerOptions::default());
+    l.connect_all();
+    // Big frames: many packets each, so a loss hits the middle of frames.
+    let frames = h264_frames(30, 640, 480);
+    l.drop_every = 10;
+    for (i, (key, data)) in frames.iter().enumerate() {
+        l.hub.push_frame("s", &frame(i as u32, *key, data), l.now);
+        l.run_for(Duration::from_millis(33));
+    }
+    l.run_for(Duration::from_secs(2));
+    assert!(l.dropped >= 3, "only {} packets dropped", l.dropped);
+    let got = &l.clients[0].frames;
+    assert_eq!(got.len(), frames.len(), "lost packets were resent");
+    for (i, (_, data)) in frames.iter().enumerate() {
+        assert_eq!(&got[i], data, "frame {i} differs");
+    }
+}
+
+#[test]
 fn plis_become_rate_limited_key_frame_requests() {
     let mut l = Loopback::new();
     l.add_client("s", ViewerOptions::default());

@@ -38,6 +38,11 @@ pub struct Loopback {
     pub now: Instant,
     /// How often the hub's timer fired (its wake-ups without network input).
     pub hub_wakeups: u64,
+    /// Drop every n-th packet from the hub to the viewers (0: none).
+    pub drop_every: usize,
+    /// Packets dropped so far.
+    pub dropped: usize,
+    sent: usize,
 }
 
 impl Loopback {
@@ -49,6 +54,9 @@ impl Loopback {
             clients: Vec::new(),
             now: Instant::now(),
             hub_wakeups: 0,
+            drop_every: 0,
+            dropped: 0,
+            sent: 0,
         }
     }
 
@@ -121,6 +129,11 @@ impl Loopback {
             }
             for t in self.hub.take_transmits() {
                 moved = true;
+                self.sent += 1;
+                if self.drop_every > 0 && self.sent % self.drop_every == 0 {
+                    self.dropped += 1;
+                    continue;
+                }
                 if let Some(c) = self.clients.iter_mut().find(|c| c.addr == t.destination) {
                     let r =
                         Receive::new(Protocol::Udp, t.source, t.destination, &t.contents).unwrap();
