@@ -17,6 +17,35 @@
 //!   following.
 //!
 //! An idle display costs nothing: every thread blocks on its X connection.
+//!
+//! ```no_run
+//! use sandcast_media::{Clipboard, InputInjector, VideoPipeline, VideoSettings, resize_display};
+//! use sandcast_proto::{Codec, InputEvent, VideoControl};
+//!
+//! # async fn agent() -> sandcast_media::Result<()> {
+//! // Xvfb started at the largest size a viewer may ask for, so RandR can
+//! // shrink and grow it: `Xvfb :99 -screen 0 3840x2160x24`.
+//! resize_display(":99", 1280, 720)?;
+//! let (pipeline, mut frames) = VideoPipeline::spawn(
+//!     ":99",
+//!     VideoSettings { codec: Codec::H264, bitrate_bps: 2_500_000, max_fps: 60 },
+//! )?;
+//! pipeline.control(VideoControl::KeyFrame);
+//! let mut input = InputInjector::connect(":99")?;
+//! input.apply(&InputEvent::PointerMove { x: 10, y: 20 })?;
+//! let clipboard = Clipboard::spawn(":99", |text| println!("copied: {text}"))?;
+//! clipboard.set("pasted from the viewer")?;
+//! while let Some(frame) = frames.next().await {
+//!     // send `frame` on the video connection; slow sends drop, not queue
+//!     # let _ = frame;
+//! }
+//! let stats = pipeline.stats().to_agent_stats(input.dropped());
+//! # let _ = stats;
+//! # Ok(())
+//! # }
+//! ```
+
+#![deny(missing_docs)]
 
 mod capture;
 mod clipboard;

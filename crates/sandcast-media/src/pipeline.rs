@@ -59,6 +59,17 @@ pub struct PipelineStats {
     pub bytes: u64,
 }
 
+impl PipelineStats {
+    /// The counters the agent reports, with its count of refused input.
+    pub fn to_agent_stats(&self, input_dropped: u64) -> sandcast_proto::AgentStats {
+        sandcast_proto::AgentStats {
+            input_dropped,
+            frames_encoded: self.frames_encoded,
+            frames_dropped: self.frames_dropped,
+        }
+    }
+}
+
 /// Shortest gap between two requested key frames.
 const KEYFRAME_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -289,7 +300,9 @@ impl VideoPipeline {
     }
 
     /// Starts, stops, re-keys or re-rates the stream. Takes effect within
-    /// one frame; never blocks on the encoder.
+    /// one frame; never blocks on the encoder. `Start` always brings a key
+    /// frame at once (a new viewer); `KeyFrame` requests are served at most
+    /// once a second, merged in between.
     pub fn control(&self, control: VideoControl) {
         self.shared
             .controls
