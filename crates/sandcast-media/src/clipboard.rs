@@ -8,7 +8,7 @@
 //! and PRIMARY, so Ctrl+V and middle-click paste the same text.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,8 +42,12 @@ x11rb::atom_manager! {
 /// How long an owner may take to answer, including an incremental transfer.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long [`Clipboard::set`] waits for the clipboard thread.
+const SET_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Shared {
-    pending: Mutex<Option<String>>,
+    /// Text to own, and who waits for it to be owned.
+    pending: Mutex<Option<(String, mpsc::Sender<()>)>>,
     stop: AtomicBool,
 }
 
@@ -127,7 +131,8 @@ impl Clipboard {
         })
     }
 
-    /// Puts `text` on the session's CLIPBOARD and PRIMARY.
+    /// Puts `text` on the session's CLIPBOARD and PRIMARY; when it returns,
+    /// a paste in the session gets `text`.
     pub fn set(&self, text: &str) -> Result<()> {
         if text.len() > MAX_TEXT_LEN {
             return Err(Error::BadInput(sandcast_proto::InputError::BadLength {
@@ -139,8 +144,11 @@ impl Clipboard {
         if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
             return Err(Error::Stopped("clipboard"));
         }
-        *self.shared.pending.lock().expect("clipboard lock") = Some(text.to_owned());
-        self.wake()
+        let (tx, rx) = mpsc::channel();
+        *self.shared.pending.lock().expect("clipboard lock") = Some((text.to_owned(), tx));
+        self.wake()?;
+        rx.recv_timeout(SET_TIMEOUT)
+            .map_err(|_| Error::Stopped("clipboard"))
     }
 
     fn wake(&self) -> Result<()> {
@@ -176,8 +184,10 @@ struct Worker {
 impl Worker {
     fn run(&mut self, shared: &Shared) -> Result<()> {
         while !shared.stop.load(Ordering::SeqCst) {
-            if let Some(text) = shared.pending.lock().expect("clipboard lock").take() {
+            let pending = shared.pending.lock().expect("clipboard lock").take();
+            if let Some((text, done)) = pending {
                 self.own(text)?;
+                let _ = done.send(());
             }
             let ev = xutil::wait_event(&self.conn, None)?;
             match ev {
@@ -212,7 +222,16 @@ impl Worker {
         }
         self.last_seen = Some(text.clone());
         self.owned = Some(text);
-        self.conn.flush()?;
+        // A round trip: once answered, the server has made us the owner, so
+        // a paste that follows `set` sees the new text.
+        let owner = self
+            .conn
+            .get_selection_owner(self.atoms.CLIPBOARD)?
+            .reply()?
+            .owner;
+        if owner != self.window {
+            tracing::warn!("another client took the clipboard at once");
+        }
         Ok(())
     }
 
@@ -428,15 +447,10 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let clip = Clipboard::spawn(x.display(), move |t| tx.send(t).unwrap()).unwrap();
         clip.set("héllo € 世界").unwrap();
-        // set() returns once queued; poll the selection until it is owned.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let got = loop {
-            if let Some(t) = read_as_client(x.display(), |a| a.CLIPBOARD) {
-                break t;
-            }
-            assert!(Instant::now() < deadline, "CLIPBOARD never owned");
-        };
-        assert_eq!(got, "héllo € 世界");
+        assert_eq!(
+            read_as_client(x.display(), |a| a.CLIPBOARD).as_deref(),
+            Some("héllo € 世界")
+        );
         assert_eq!(
             read_as_client(x.display(), |a| a.PRIMARY).as_deref(),
             Some("héllo € 世界")

@@ -209,3 +209,72 @@ fn keys_text_and_clicks_reach_a_page() {
     wait_for_pixel(&mut cap, 750, 150, 0x0000ff, "the right click");
     assert_eq!(inj.dropped(), 0);
 }
+
+#[test]
+fn clipboard_round_trips_with_chromium() {
+    let x = Xvfb::start(800, 600).unwrap();
+    // Grey until the input is clicked, red once a paste put the viewer's
+    // text in it.
+    let html = "<body style='margin:0;background:#808080'>\
+        <input id=i style='position:absolute;left:0;top:200px;width:600px;height:200px'>\
+        <script>\
+        const i = document.getElementById('i');\
+        i.addEventListener('mousedown', () => {\
+          if (i.value === '') document.body.style.background = '#ffffff';\
+        });\
+        i.addEventListener('input', () => {\
+          if (i.value === 'from the viewer ✓') document.body.style.background = '#ff0000';\
+        });\
+        </script></body>";
+    let _b = Browser::start(x.display(), 800, 600, html);
+    let mut cap = Capture::open(x.display(), CaptureMethod::Shm).unwrap();
+    wait_for_pixel(&mut cap, 750, 150, 0x808080, "the page");
+    let mut inj = InputInjector::connect(x.display()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        inj.apply(&InputEvent::PointerMove { x: 300, y: 330 })
+            .unwrap();
+        for down in [true, false] {
+            inj.apply(&InputEvent::PointerButton {
+                button: PointerButton::Left,
+                down,
+            })
+            .unwrap();
+        }
+        if poll_pixel(&mut cap, 750, 150, 0xffffff, Duration::from_millis(500)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the page never saw a click");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let clip = sandcast_media::Clipboard::spawn(x.display(), move |t| {
+        let _ = tx.send(t);
+    })
+    .unwrap();
+    let key = |code: &str, key: &str, down| InputEvent::Key {
+        code: code.into(),
+        key: key.into(),
+        down,
+    };
+    let ctrl = |inj: &mut InputInjector, code: &str, k: &str| {
+        inj.apply(&key("ControlLeft", "Control", true)).unwrap();
+        inj.apply(&key(code, k, true)).unwrap();
+        inj.apply(&key(code, k, false)).unwrap();
+        inj.apply(&key("ControlLeft", "Control", false)).unwrap();
+    };
+    // Viewer to session: set, then Ctrl+V in the page.
+    clip.set("from the viewer ✓").unwrap();
+    ctrl(&mut inj, "KeyV", "v");
+    wait_for_pixel(&mut cap, 750, 150, 0xff0000, "the pasted text");
+    // Session to viewer: change the text, select all, Ctrl+C.
+    inj.apply(&InputEvent::Text {
+        text: " and back".into(),
+    })
+    .unwrap();
+    ctrl(&mut inj, "KeyA", "a");
+    ctrl(&mut inj, "KeyC", "c");
+    let copied = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the copy in Chromium reached the callback");
+    assert_eq!(copied, "from the viewer ✓ and back");
+}
