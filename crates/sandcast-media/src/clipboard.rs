@@ -508,4 +508,88 @@ mod tests {
         }
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), text);
     }
+
+    #[test]
+    fn a_missing_display_is_named() {
+        let err = Clipboard::spawn(":4244", |_| {}).unwrap_err();
+        assert!(err.to_string().contains(":4244"), "{err}");
+    }
+
+    #[test]
+    fn large_copies_arrive_by_incremental_transfer() {
+        use x11rb::protocol::xproto::ChangeWindowAttributesAux;
+        let x = Xvfb::start(320, 240).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let _clip = Clipboard::spawn(x.display(), move |t| tx.send(t).unwrap()).unwrap();
+        let (conn, win, atoms) = client(x.display());
+        let text: String = (0..10_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        conn.set_selection_owner(win, atoms.CLIPBOARD, x11rb::CURRENT_TIME)
+            .unwrap();
+        conn.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next = || match xutil::wait_event(&conn, Some(deadline)).unwrap() {
+            Some(e) => e,
+            None => panic!("the transfer stalled"),
+        };
+        // The request: answer INCR, and watch the requestor's property.
+        let req = loop {
+            if let Event::SelectionRequest(req) = next() {
+                break req;
+            }
+        };
+        conn.change_window_attributes(
+            req.requestor,
+            &ChangeWindowAttributesAux::new().event_mask(EventMask::PROPERTY_CHANGE),
+        )
+        .unwrap();
+        conn.change_property32(
+            PropMode::REPLACE,
+            req.requestor,
+            req.property,
+            atoms.INCR,
+            &[text.len() as u32],
+        )
+        .unwrap();
+        let notify = SelectionNotifyEvent {
+            response_type: x11rb::protocol::xproto::SELECTION_NOTIFY_EVENT,
+            sequence: 0,
+            time: req.time,
+            requestor: req.requestor,
+            selection: req.selection,
+            target: req.target,
+            property: req.property,
+        };
+        conn.send_event(false, req.requestor, EventMask::NO_EVENT, notify)
+            .unwrap();
+        conn.flush().unwrap();
+        // Each deletion asks for the next chunk; an empty one ends it.
+        let mut chunks = text.as_bytes().chunks(3000).chain(std::iter::once(&[][..]));
+        loop {
+            match next() {
+                Event::PropertyNotify(ev)
+                    if ev.window == req.requestor
+                        && ev.atom == req.property
+                        && ev.state == Property::DELETE =>
+                {
+                    let Some(chunk) = chunks.next() else { break };
+                    conn.change_property8(
+                        PropMode::REPLACE,
+                        req.requestor,
+                        req.property,
+                        atoms.UTF8_STRING,
+                        chunk,
+                    )
+                    .unwrap();
+                    conn.flush().unwrap();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), text);
+    }
 }

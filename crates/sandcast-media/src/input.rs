@@ -593,6 +593,12 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_display_is_named() {
+        let err = InputInjector::connect(":4243").unwrap_err();
+        assert!(err.to_string().contains(":4243"), "{err}");
+    }
+
+    #[test]
     fn token_bucket_refills_at_its_rate() {
         let mut rl = RateLimit::new(1000, 2000);
         let t0 = Instant::now();
