@@ -1,4 +1,4 @@
-//! Small helpers shared by the X clients of this crate.
+//! Connection, event wait and clock functions shared by the X clients of this crate.
 
 use std::os::fd::AsRawFd;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
