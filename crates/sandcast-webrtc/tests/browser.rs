@@ -314,6 +314,12 @@ async fn video_plays_and_input_reaches_the_server() {
     assert_colour(&r["rgb"]);
     assert_eq!(r["size"], json!([W, H]));
     assert_eq!(r["protocol"], "udp", "{r}");
+    // viewer/src/stats.js reads the inbound stream.
+    let stats = &r["stats"];
+    assert_eq!(stats["codec"], "video/H264", "{r}");
+    assert!(stats["framesDecoded"].as_u64().unwrap() >= 30, "{r}");
+    assert!(stats["decodeMs"].as_f64().is_some(), "{r}");
+    assert_eq!(stats["width"], W, "{r}");
     assert_eq!(r["control"], json!({"kind": "control", "granted": true}));
     let ev = h.events.lock().unwrap().clone();
     assert!(ev.iter().any(|e| matches!(e,

@@ -1,0 +1,134 @@
+// viewer/src/input.js with real DOM events in headless Chromium.
+//   node --test tests/browser/webrtc-input.test.mjs
+// Files are served to the page through request interception: no server, no network.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
+import { dirname, join, normalize } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const root = normalize(join(dirname(fileURLToPath(import.meta.url)), '../..'));
+const ORIGIN = 'http://sandcast.test';
+let browser;
+let page;
+
+const PAGE = `<!doctype html><html><body style="margin:0">
+<div id="el" style="position:absolute;left:0;top:0;width:800px;height:600px;background:#222"></div>
+<script type="module">
+  import { attachInput, mapPointer } from '/viewer/src/input.js';
+  const sent = [];
+  const conn = { send: (m) => sent.push(m), onMessage: null };
+  window.sent = sent;
+  window.conn = conn;
+  window.mapPointer = mapPointer;
+  // A 1600x900 display letterboxed into 800x600: scale 0.5, 75 px bars top and bottom.
+  window.detach = attachInput(document.getElementById('el'), conn, { displaySize: { width: 1600, height: 900 }, resizeDebounceMs: 50 });
+  window.ready = true;
+</script></body></html>`;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+  page = await browser.newPage({ viewport: { width: 1000, height: 700 } });
+  await page.route(`${ORIGIN}/**`, async (route) => {
+    const path = new URL(route.request().url()).pathname;
+    if (path === '/') return route.fulfill({ contentType: 'text/html', body: PAGE });
+    const file = normalize(join(root, path));
+    if (!file.startsWith(root)) return route.fulfill({ status: 403 });
+    return route.fulfill({ contentType: 'text/javascript', body: await readFile(file, 'utf8') });
+  });
+  await page.goto(`${ORIGIN}/`);
+  await page.waitForFunction(() => window.ready === true);
+});
+
+after(async () => { await browser?.close(); });
+
+const take = () => page.evaluate(() => window.sent.splice(0));
+const until = (pred) => page.waitForFunction(pred, null, { timeout: 5000 });
+
+test('the initial size is sent as a resize, debounced', async () => {
+  await until(() => window.sent.some((m) => m.kind === 'resize'));
+  const msgs = await take();
+  assert.deepEqual(msgs.filter((m) => m.kind === 'resize'), [{ kind: 'resize', width: 800, height: 600 }]);
+});
+
+test('pointer positions map to display pixels through the letterbox', async () => {
+  await page.mouse.move(400, 300);
+  await page.mouse.move(10, 20); // in the top bar: outside the picture, not sent
+  await page.mouse.move(799, 524);
+  const moves = (await take()).filter((m) => m.kind === 'pointer_move');
+  assert.deepEqual(moves.at(0), { kind: 'pointer_move', x: 800, y: 450 });
+  assert.deepEqual(moves.at(-1), { kind: 'pointer_move', x: 1598, y: 898 });
+  assert.ok(!moves.some((m) => m.y < 0 || m.y >= 900), JSON.stringify(moves));
+});
+
+test('buttons, right click and wheel (both axes)', async () => {
+  await page.mouse.move(100, 100);
+  await page.mouse.down({ button: 'left' });
+  await page.mouse.up({ button: 'left' });
+  await page.mouse.down({ button: 'right' });
+  await page.mouse.up({ button: 'right' });
+  await page.mouse.wheel(0, 120);
+  await page.mouse.wheel(-40, 0);
+  await until(() => window.sent.filter((m) => m.kind === 'wheel').length >= 2);
+  const msgs = (await take()).filter((m) => m.kind !== 'pointer_move');
+  assert.deepEqual(msgs, [
+    { kind: 'pointer_button', button: 'left', down: true },
+    { kind: 'pointer_button', button: 'left', down: false },
+    { kind: 'pointer_button', button: 'right', down: true },
+    { kind: 'pointer_button', button: 'right', down: false },
+    { kind: 'wheel', dx: 0, dy: 120 },
+    { kind: 'wheel', dx: -40, dy: 0 },
+  ]);
+});
+
+test('keys carry code and key, and the host browser does not act on them', async () => {
+  await page.mouse.click(200, 200);
+  await take();
+  const prevented = await page.evaluate(() => {
+    const el = document.getElementById('el');
+    const ev = new KeyboardEvent('keydown', { code: 'KeyW', key: 'w', ctrlKey: true, bubbles: true, cancelable: true });
+    el.dispatchEvent(ev);
+    return ev.defaultPrevented;
+  });
+  assert.equal(prevented, true, 'Ctrl+W goes to the remote, not the host');
+  await page.keyboard.press('Shift+KeyA');
+  const keys = (await take()).filter((m) => m.kind === 'key');
+  assert.deepEqual(keys, [
+    { kind: 'key', code: 'KeyW', key: 'w', down: true },
+    { kind: 'key', code: 'ShiftLeft', key: 'Shift', down: true },
+    { kind: 'key', code: 'KeyA', key: 'A', down: true },
+    { kind: 'key', code: 'KeyA', key: 'A', down: false },
+    { kind: 'key', code: 'ShiftLeft', key: 'Shift', down: false },
+  ]);
+});
+
+test('paste sends the clipboard text; losing focus releases everything', async () => {
+  await page.evaluate(() => {
+    const dt = new DataTransfer();
+    dt.setData('text/plain', 'pasted ✓');
+    document.getElementById('el').dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+    document.getElementById('el').blur();
+  });
+  const msgs = await take();
+  assert.deepEqual(msgs, [{ kind: 'clipboard', text: 'pasted ✓' }, { kind: 'release_all' }]);
+});
+
+test('display_size messages change the mapping; resizing the element sends a resize', async () => {
+  await page.evaluate(() => window.conn.onMessage({ kind: 'display_size', width: 800, height: 600 }));
+  await page.mouse.move(100, 50);
+  assert.deepEqual((await take()).filter((m) => m.kind === 'pointer_move').at(-1), { kind: 'pointer_move', x: 100, y: 50 });
+  await page.evaluate(() => { document.getElementById('el').style.width = '640px'; document.getElementById('el').style.height = '480px'; });
+  await until(() => window.sent.some((m) => m.kind === 'resize'));
+  assert.deepEqual((await take()).filter((m) => m.kind === 'resize'), [{ kind: 'resize', width: 640, height: 480 }]);
+});
+
+test('detaching stops capture', async () => {
+  await page.evaluate(() => window.detach());
+  await page.mouse.move(300, 300);
+  await page.mouse.click(300, 300);
+  assert.deepEqual(await take(), []);
+});
