@@ -50,9 +50,18 @@ async fn offer(
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     let sdp = body["sdp"].as_str().unwrap_or_default();
-    match gw.accept_offer(&session, sdp, ViewerOptions::default()).await {
-        Ok(a) => (StatusCode::OK, Json(json!({"type": "answer", "sdp": a.sdp}))),
-        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))),
+    match gw
+        .accept_offer(&session, sdp, ViewerOptions::default())
+        .await
+    {
+        Ok(a) => (
+            StatusCode::OK,
+            Json(json!({"type": "answer", "sdp": a.sdp})),
+        ),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": e.to_string()})),
+        ),
     }
 }
 
@@ -162,7 +171,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let r = &v["result"];
         println!(
             "run {run}: samples {} p50 {} ms p95 {} ms (fps {:.1}, decode {:.1} ms)",
-            r["samples"], r["p50"], r["p95"], r["fps"].as_f64().unwrap_or(0.0),
+            r["samples"],
+            r["p50"],
+            r["p95"],
+            r["fps"].as_f64().unwrap_or(0.0),
             r["decodeMs"].as_f64().unwrap_or(0.0)
         );
         p50s.push(r["p50"].as_f64().unwrap_or(f64::NAN));

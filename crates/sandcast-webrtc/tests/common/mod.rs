@@ -130,7 +130,7 @@ impl Loopback {
             for t in self.hub.take_transmits() {
                 moved = true;
                 self.sent += 1;
-                if self.drop_every > 0 && self.sent % self.drop_every == 0 {
+                if self.drop_every > 0 && self.sent.is_multiple_of(self.drop_every) {
                     self.dropped += 1;
                     continue;
                 }
