@@ -8,9 +8,12 @@
 //!
 //! ```text
 //! cd bench/latency/harness && cargo run --release -- [seconds] [runs]
+//! cd bench/latency/harness && cargo run --release -- idle [seconds]
 //! ```
 //!
-//! Prints p50/p95 per run and the median over runs.
+//! Prints p50/p95 per run and the median over runs. `idle` shows a page
+//! that never changes and reports the CPU this process (capture, encode
+//! and gateway) uses while a viewer stays connected.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -67,9 +70,13 @@ async fn offer(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let seconds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(15);
-    let runs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let idle = args.first().is_some_and(|a| a == "idle");
+    if idle {
+        args.remove(0);
+    }
+    let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
 
     let gw = Gateway::start(GatewayConfig {
         udp_bind: "127.0.0.1:0".parse()?,
@@ -101,7 +108,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "--window-position=0,0",
                 &format!("--window-size={W},{H}"),
                 &format!("--user-data-dir={}", profile.display()),
-                &format!("{base}/bench/clock.html"),
+                &if idle {
+                    format!("{base}/bench/static.html")
+                } else {
+                    format!("{base}/bench/clock.html")
+                },
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -140,6 +151,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     });
+
+    if idle {
+        return measure_idle(&base, seconds, &pipeline).await;
+    }
 
     let mut p50s = Vec::new();
     let mut p95s = Vec::new();
@@ -191,5 +206,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pipeline.stats()
     );
     let _ = std::fs::remove_dir_all(&profile);
+    Ok(())
+}
+
+/// CPU time of this process so far (user + system), from /proc/self/stat.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after ')'.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // USER_HZ is 100 on every Linux this runs on.
+    let hz = 100u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+async fn measure_idle(
+    base: &str,
+    seconds: u64,
+    pipeline: &VideoPipeline,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let viewer = tokio::process::Command::new("node")
+        .arg(root().join("bench/latency/webrtc-measure.mjs"))
+        .arg(base)
+        .arg((seconds + 10).to_string())
+        .arg("hold")
+        .kill_on_drop(true)
+        .output();
+    let sampler = async {
+        // Skip connection set-up and the first key frame.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (c0, t0, s0) = (cpu_time(), std::time::Instant::now(), pipeline.stats());
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let (c1, t1, s1) = (cpu_time(), std::time::Instant::now(), pipeline.stats());
+        let share = (c1 - c0).as_secs_f64() / (t1 - t0).as_secs_f64() * 100.0;
+        println!(
+            "idle: {share:.2} % of one core for capture + encode + gateway over {seconds} s \
+             ({} frames encoded, {} bytes)",
+            s1.frames_encoded - s0.frames_encoded,
+            s1.bytes - s0.bytes
+        );
+    };
+    let (out, ()) = tokio::join!(viewer, sampler);
+    let out = out?;
+    println!("viewer: {}", String::from_utf8_lossy(&out.stdout).trim());
     Ok(())
 }
