@@ -71,6 +71,62 @@ fn connects_and_delivers_the_encoders_frames_byte_for_byte() {
     }
 }
 
+/// A VP8 key frame header (RFC 6386 9.1): frame tag with the key-frame bit
+/// clear, start code, 320x240; the rest is payload the packetiser only
+/// splits.
+fn vp8_frame(seq: u32, key: bool, len: usize) -> VideoFrame {
+    let mut data = vec![0u8; len];
+    let size = (len as u32 - 10) << 5;
+    data[0] = (size as u8 & 0xe0) | 0x10 | u8::from(!key);
+    data[1] = (size >> 8) as u8;
+    data[2] = (size >> 16) as u8;
+    if key {
+        data[3..6].copy_from_slice(&[0x9d, 0x01, 0x2a]);
+        data[6..8].copy_from_slice(&320u16.to_le_bytes());
+        data[8..10].copy_from_slice(&240u16.to_le_bytes());
+    }
+    for (i, b) in data.iter_mut().enumerate().skip(10) {
+        *b = (i * 7 + seq as usize) as u8;
+    }
+    let mut f = frame(seq, key, &data);
+    f.header.codec = Codec::Vp8;
+    f
+}
+
+#[test]
+fn a_vp8_only_viewer_gets_vp8_packetised() {
+    let mut l = Loopback::new();
+    l.add_vp8_client("s");
+    let ev = l.hub.take_events();
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            GatewayEvent::VideoWanted {
+                codec: Codec::Vp8,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    l.connect_all();
+    let frames: Vec<VideoFrame> = (0..6)
+        .map(|i| vp8_frame(i, i == 0, 3000 + i as usize * 1500))
+        .collect();
+    // H.264 frames still in flight from before a codec switch are dropped.
+    let stale = frame(99, true, &h264_frames(1, 64, 64)[0].1);
+    l.hub.push_frame("s", &stale, l.now);
+    for f in &frames {
+        l.hub.push_frame("s", f, l.now);
+        l.run_for(Duration::from_millis(33));
+    }
+    l.run_for(Duration::from_millis(200));
+    let got = &l.clients[0].frames;
+    assert_eq!(got.len(), frames.len());
+    for (g, f) in got.iter().zip(&frames) {
+        assert_eq!(g.as_slice(), &f.data[..]);
+    }
+}
+
 #[test]
 fn lost_packets_are_repaired_by_nack_retransmission() {
     let mut l = Loopback::new();

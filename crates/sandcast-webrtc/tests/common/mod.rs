@@ -12,7 +12,7 @@ use str0m::change::SdpAnswer;
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 /// The hub's advertised UDP address.
 pub const HUB_ADDR: &str = "127.0.0.1:3478";
@@ -62,9 +62,19 @@ impl Loopback {
 
     /// Adds a viewer of `session` that offers str0m's default codecs.
     pub fn add_client(&mut self, session: &str, opts: ViewerOptions) -> usize {
+        self.add_client_with(session, opts, Rtc::builder())
+    }
+
+    /// Adds a viewer of `session` that offers VP8 only.
+    pub fn add_vp8_client(&mut self, session: &str) -> usize {
+        let cfg = Rtc::builder().clear_codecs().enable_vp8(true);
+        self.add_client_with(session, ViewerOptions::default(), cfg)
+    }
+
+    fn add_client_with(&mut self, session: &str, opts: ViewerOptions, cfg: RtcConfig) -> usize {
         let i = self.clients.len();
         let addr: SocketAddr = format!("127.0.0.{}:{}", 10 + i, 5000 + i).parse().unwrap();
-        let mut rtc = Rtc::builder().build(self.now);
+        let mut rtc = cfg.build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
         let mid = api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
