@@ -29,6 +29,13 @@ const MAX_PACKET: usize = 2048;
 const FRAME_QUEUE: usize = 8;
 /// Packets waiting for one ICE-TCP connection's writer.
 const TCP_QUEUE: usize = 512;
+/// Most ICE-TCP connections open at once; more are refused at accept.
+const MAX_TCP_CONNECTIONS: usize = 1024;
+/// An ICE-TCP connection silent this long is closed; a live one carries
+/// consent checks every few seconds.
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Shortest gap between key-frame requests caused by dropped frames.
+const DROP_KEYFRAME_GAP_MS: u64 = 500;
 
 /// Where the gateway listens and what it advertises.
 #[derive(Debug, Clone)]
@@ -112,6 +119,9 @@ struct Inner {
     frames: mpsc::Sender<(String, VideoFrame)>,
     events: broadcast::Sender<GatewayEvent>,
     frames_dropped: AtomicU64,
+    /// When a dropped frame last asked for a key frame (ms since `epoch`).
+    last_drop_keyframe_ms: AtomicU64,
+    epoch: Instant,
     udp_addrs: Vec<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
 }
@@ -265,6 +275,8 @@ impl Gateway {
                 frames: frame_tx,
                 events: ev_tx,
                 frames_dropped: AtomicU64::new(0),
+                last_drop_keyframe_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
                 udp_addrs,
                 tcp_addr,
             }),
@@ -313,9 +325,21 @@ impl Gateway {
             .is_err()
         {
             self.inner.frames_dropped.fetch_add(1, Ordering::Relaxed);
-            let _ = self.inner.events.send(GatewayEvent::KeyFrameWanted {
-                session: session_id.to_string(),
-            });
+            // Rate-limited, so an overloaded gateway is not sent key frames,
+            // the largest frames there are, on every drop.
+            let now_ms = self.inner.epoch.elapsed().as_millis() as u64 + DROP_KEYFRAME_GAP_MS;
+            let last = self.inner.last_drop_keyframe_ms.load(Ordering::Relaxed);
+            if now_ms >= last + DROP_KEYFRAME_GAP_MS
+                && self
+                    .inner
+                    .last_drop_keyframe_ms
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let _ = self.inner.events.send(GatewayEvent::KeyFrameWanted {
+                    session: session_id.to_string(),
+                });
+            }
         }
     }
 
@@ -362,6 +386,7 @@ impl Gateway {
 }
 
 async fn accept_tcp(listener: TcpListener, ips: Vec<IpAddr>, to_hub: mpsc::Sender<TcpIn>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -373,6 +398,10 @@ async fn accept_tcp(listener: TcpListener, ips: Vec<IpAddr>, to_hub: mpsc::Sende
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "refusing ice-tcp connection: {MAX_TCP_CONNECTIONS} open");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let Ok(local) = stream.local_addr() else {
             continue;
@@ -383,7 +412,11 @@ async fn accept_tcp(listener: TcpListener, ips: Vec<IpAddr>, to_hub: mpsc::Sende
         } else {
             SocketAddr::new(ips[0], local.port())
         };
-        tokio::spawn(serve_tcp(stream, peer, destination, to_hub.clone()));
+        let to_hub = to_hub.clone();
+        tokio::spawn(async move {
+            serve_tcp(stream, peer, destination, to_hub).await;
+            drop(permit);
+        });
     }
 }
 
@@ -409,15 +442,16 @@ async fn serve_tcp(
             }
         }
     });
-    while let Ok(len) = rd.read_u16().await {
+    while let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, rd.read_u16()).await {
         let len = usize::from(len);
         if len == 0 || len > MAX_PACKET {
             tracing::debug!(%peer, len, "ice-tcp frame length out of range; closing");
             break;
         }
         let mut data = vec![0u8; len];
-        if rd.read_exact(&mut data).await.is_err() {
-            break;
+        match tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut data)).await {
+            Ok(Ok(_)) => {}
+            _ => break,
         }
         let msg = TcpIn::Packet {
             source: peer,
@@ -531,5 +565,88 @@ async fn run(
     }
     for r in readers {
         r.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    const OFFER: &str = include_str!("../tests/fixtures/chromium-offer-default.sdp");
+
+    fn local() -> GatewayConfig {
+        GatewayConfig {
+            udp_bind: "127.0.0.1:0".parse().unwrap(),
+            tcp_bind: Some("127.0.0.1:0".parse().unwrap()),
+            public_ips: vec!["127.0.0.1".parse().unwrap()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bind_failure_names_the_address() {
+        // 192.0.2.0/24 is TEST-NET-1: never an address of this host.
+        let cfg = GatewayConfig {
+            udp_bind: "192.0.2.1:0".parse().unwrap(),
+            ..local()
+        };
+        let err = Gateway::start(cfg).await.unwrap_err();
+        assert!(err.to_string().contains("udp 192.0.2.1:0"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn answers_offers_with_udp_and_tcp_candidates() {
+        let gw = Gateway::start(local()).await.unwrap();
+        let mut events = gw.events();
+        let a = gw
+            .accept_offer("s", OFFER, ViewerOptions::default())
+            .await
+            .unwrap();
+        let udp = gw.udp_addrs()[0];
+        let tcp = gw.tcp_addr().unwrap();
+        assert!(
+            a.sdp
+                .contains(&format!("127.0.0.1 {} typ host", udp.port())),
+            "{}",
+            a.sdp
+        );
+        assert!(
+            a.sdp.contains(&format!(
+                "127.0.0.1 {} typ host tcptype passive",
+                tcp.port()
+            )),
+            "{}",
+            a.sdp
+        );
+        let first = events.recv().await.unwrap();
+        assert!(
+            matches!(first, GatewayEvent::ViewerState { .. }),
+            "{first:?}"
+        );
+        assert!(matches!(
+            gw.accept_offer("s", "nonsense", ViewerOptions::default())
+                .await,
+            Err(OfferError::BadSdp(_))
+        ));
+        assert!(gw.viewer_counters(a.viewer_id).await.is_some());
+        gw.close_viewer(a.viewer_id);
+        assert!(gw.viewer_counters(a.viewer_id).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn ice_tcp_closes_connections_with_bad_framing() {
+        let gw = Gateway::start(local()).await.unwrap();
+        for bad in [&[0u8, 0][..], &[0xff, 0xff][..]] {
+            let mut s = TcpStream::connect(gw.tcp_addr().unwrap()).await.unwrap();
+            s.write_all(bad).await.unwrap();
+            let mut buf = [0u8; 16];
+            // The gateway closes: read returns end of stream, not a timeout.
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("connection closed by the gateway")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
     }
 }

@@ -30,6 +30,11 @@ pub struct HubConfig {
     pub input_rate_per_second: u32,
     /// Data-channel burst per viewer.
     pub input_burst: u32,
+    /// Most viewers one session may have at once.
+    pub max_viewers_per_session: usize,
+    /// A viewer not connected this long after its offer is dropped, so a
+    /// failed connection never keeps a session's encoder running.
+    pub connect_timeout: Duration,
 }
 
 impl Default for HubConfig {
@@ -38,6 +43,8 @@ impl Default for HubConfig {
             keyframe_interval: crate::keyframe::DEFAULT_KEYFRAME_INTERVAL,
             input_rate_per_second: crate::messages::DEFAULT_RATE_PER_SECOND,
             input_burst: crate::messages::DEFAULT_BURST,
+            max_viewers_per_session: 16,
+            connect_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -118,6 +125,17 @@ impl Hub {
     ) -> Result<Answer, OfferError> {
         check_session_id(session)?;
         let offered = offered_codecs(sdp)?;
+        let max = self.cfg.max_viewers_per_session;
+        if self
+            .sessions
+            .get(session)
+            .is_some_and(|s| s.viewers.len() >= max)
+        {
+            return Err(OfferError::TooManyViewers {
+                session: session.to_string(),
+                max,
+            });
+        }
         let existing = self
             .sessions
             .get(session)
@@ -127,6 +145,7 @@ impl Hub {
         let id = ViewerId(self.next_id);
         let limiter = RateLimiter::new(self.cfg.input_rate_per_second, self.cfg.input_burst);
         let setup = PeerSetup {
+            connect_deadline: now + self.cfg.connect_timeout,
             candidates: &self.candidates,
             control: opts.control,
             limiter,
@@ -672,6 +691,55 @@ mod tests {
                 down: true,
             }
         }
+    }
+
+    #[test]
+    fn a_viewer_that_never_connects_is_dropped_and_video_stops() {
+        let mut h = hub();
+        let t0 = Instant::now();
+        h.accept_offer("s", DEFAULT, ViewerOptions::default(), t0)
+            .unwrap();
+        h.take_events();
+        let due = h.poll_timeout().unwrap();
+        assert!(due <= t0 + HubConfig::default().connect_timeout);
+        h.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(h.viewers("s").len(), 1, "still within the connect timeout");
+        h.handle_timeout(t0 + HubConfig::default().connect_timeout);
+        let ev = h.take_events();
+        assert!(h.viewers("s").is_empty(), "{ev:?}");
+        assert!(ev.contains(&GatewayEvent::VideoUnwanted {
+            session: "s".into()
+        }));
+        assert_eq!(h.poll_timeout(), None);
+    }
+
+    #[test]
+    fn viewers_per_session_are_capped() {
+        let cfg = HubConfig {
+            max_viewers_per_session: 2,
+            ..HubConfig::default()
+        };
+        let c = Candidate::host("127.0.0.1:3478".parse().unwrap(), "udp").unwrap();
+        let mut h = Hub::new(cfg, vec![c]);
+        let now = Instant::now();
+        for _ in 0..2 {
+            h.accept_offer("s", DEFAULT, ViewerOptions::default(), now)
+                .unwrap();
+        }
+        let err = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), now)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            OfferError::TooManyViewers {
+                session: "s".into(),
+                max: 2
+            }
+        );
+        assert!(
+            h.accept_offer("other", DEFAULT, ViewerOptions::default(), now)
+                .is_ok()
+        );
     }
 
     #[test]

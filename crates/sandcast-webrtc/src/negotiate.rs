@@ -35,6 +35,14 @@ pub enum OfferError {
         /// What the offer supports.
         offered: Vec<Codec>,
     },
+    /// The session has as many viewers as it may have.
+    #[error("session {session:?} already has the most viewers allowed ({max})")]
+    TooManyViewers {
+        /// Session id.
+        session: String,
+        /// The limit.
+        max: usize,
+    },
     /// The session has been closed, or its name is not acceptable.
     #[error("bad session id {0:?}")]
     BadSession(String),

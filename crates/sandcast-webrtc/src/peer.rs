@@ -47,6 +47,7 @@ pub(crate) enum PeerEvent {
 
 /// What every new viewer gets besides its offer.
 pub(crate) struct PeerSetup<'a> {
+    pub connect_deadline: Instant,
     pub candidates: &'a [Candidate],
     pub control: bool,
     pub limiter: RateLimiter,
@@ -66,6 +67,8 @@ pub(crate) struct Peer {
     limiter: RateLimiter,
     timeout: Instant,
     awaiting_key_frame: bool,
+    connect_deadline: Option<Instant>,
+    egress_packets: u64,
     outbox: Vec<String>,
     events: Vec<PeerEvent>,
 }
@@ -125,6 +128,8 @@ impl Peer {
             limiter: setup.limiter.clone(),
             timeout: now,
             awaiting_key_frame: true,
+            connect_deadline: Some(setup.connect_deadline),
+            egress_packets: 0,
             outbox: Vec::new(),
             events: Vec::new(),
         };
@@ -159,7 +164,10 @@ impl Peer {
 
     /// When this viewer next needs [`Peer::handle_timeout`].
     pub fn timeout(&self) -> Instant {
-        self.timeout
+        match self.connect_deadline {
+            Some(d) => d.min(self.timeout),
+            None => self.timeout,
+        }
     }
 
     /// Feeds a network packet.
@@ -172,6 +180,13 @@ impl Peer {
 
     /// Advances time.
     pub fn handle_timeout(&mut self, out: &mut Vec<Transmit>, now: Instant) {
+        if self.connect_deadline.is_some_and(|d| now >= d) {
+            tracing::debug!(viewer = %self.id, "not connected in time; closing");
+            self.connect_deadline = None;
+            self.rtc.disconnect();
+            self.events.push(PeerEvent::Closed);
+            return;
+        }
         if now < self.timeout {
             return;
         }
@@ -319,6 +334,7 @@ impl Peer {
             }
             Event::Connected => {
                 self.connected = true;
+                self.connect_deadline = None;
                 self.awaiting_key_frame = true;
                 self.events.push(PeerEvent::Connected);
             }
@@ -333,7 +349,11 @@ impl Peer {
                 self.events.push(PeerEvent::KeyFrameRequest);
             }
             Event::MediaEgressStats(s) => {
-                if let Some(loss) = s.loss {
+                // A clean report with nothing sent since the last one says
+                // nothing about capacity: hold instead of climbing while idle.
+                let sent = s.packets > self.egress_packets;
+                self.egress_packets = s.packets;
+                if let Some(loss) = s.loss.filter(|l| sent || *l >= 0.02) {
                     let before = self.loss.bitrate();
                     let after = self.loss.on_loss(loss);
                     if before != after {
