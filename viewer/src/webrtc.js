@@ -104,13 +104,29 @@ export class Connection {
     this.pc = pc;
     this.input = input;
     this.moves = moves;
-    /** Called with each parsed server message. */
-    this.onMessage = null;
+    this._onMessage = null;
+    // Messages can arrive before the caller has set onMessage (the channel
+    // opens before the connection reports "connected"); keep them.
+    this._early = [];
     input.addEventListener('message', (ev) => {
       let msg;
       try { msg = JSON.parse(ev.data); } catch (_) { return; }
-      if (this.onMessage) this.onMessage(msg);
+      if (this._onMessage) this._onMessage(msg);
+      else if (this._early.length < 256) this._early.push(msg);
     });
+  }
+
+  /** Called with each parsed server message; set it to receive them, early ones included. */
+  get onMessage() {
+    return this._onMessage;
+  }
+
+  set onMessage(fn) {
+    this._onMessage = fn;
+    if (fn) {
+      const early = this._early.splice(0);
+      for (const msg of early) fn(msg);
+    }
   }
 
   /** Sends one message; pointer moves go on the unordered channel when open. */
