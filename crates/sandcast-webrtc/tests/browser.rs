@@ -441,3 +441,93 @@ async fn wait_for(h: &Harness, f: impl Fn(&GatewayEvent) -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn ice_tcp_takes_over_when_udp_is_blocked() {
+    // A network namespace of this test's own, with only loopback and an
+    // nftables rule dropping every UDP packet. The gateway advertises UDP
+    // and TCP; Chromium's UDP checks die, so ICE must settle on TCP.
+    let r = std::thread::spawn(|| {
+        // SAFETY: unshare affects only this thread, which creates every
+        // socket and child process of the scenario and then ends.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET) needs root: {}",
+            std::io::Error::last_os_error()
+        );
+        let sh = |cmd: &str, args: &[&str], stdin: Option<&str>| {
+            use std::io::Write;
+            let mut child = std::process::Command::new(cmd)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            if let Some(text) = stdin {
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(text.as_bytes())
+                    .unwrap();
+            }
+            drop(child.stdin.take());
+            assert!(child.wait().unwrap().success(), "{cmd} {args:?} failed");
+        };
+        sh("ip", &["link", "set", "lo", "up"], None);
+        // Chromium gathers no candidates on a host with loopback alone. This
+        // kernel has no dummy or veth links, so a TAP device held open by
+        // this test (carrier up, nothing ever read) gives it a network.
+        let _tap = open_tap("sc0");
+        sh("ip", &["addr", "add", "10.213.0.1/24", "dev", "sc0"], None);
+        sh("ip", &["link", "set", "sc0", "up"], None);
+        sh("ip", &["route", "add", "default", "dev", "sc0"], None);
+        sh(
+            "nft",
+            &["-f", "-"],
+            Some(
+                "table inet sandcast_test {\n chain input {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n",
+            ),
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let h = start(true).await;
+                run_page(&h, "play").await
+            })
+    })
+    .join()
+    .expect("scenario thread");
+    assert_eq!(r["protocol"], "tcp", "{r}");
+    assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
+    assert_colour(&r["rgb"]);
+}
+
+/// Creates a TAP device in the current network namespace and keeps it
+/// attached while the returned file is open.
+fn open_tap(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("/dev/net/tun");
+    // struct ifreq: 16-byte name, then the flags (short) of the union.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `ifr` is sized for.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+    assert_eq!(
+        rc,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    file
+}
