@@ -2,7 +2,9 @@
 //! static-file server on 127.0.0.1, frames encoded with openh264 from a
 //! synthetic moving pattern, and `viewer/src/webrtc.js` in a real browser.
 //!
-//! Needs `/usr/bin/chromium` and `npm install` in `tests/browser`.
+//! Every scenario runs in a network namespace of its own (see `in_netns`),
+//! so test traffic never leaves it. Needs root (unshare, TAP, nftables),
+//! `/usr/bin/chromium`, `ip`, `nft`, and `npm install` in `tests/browser`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -306,126 +308,137 @@ fn assert_colour(rgb: &Value) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn video_plays_and_input_reaches_the_server() {
-    let h = start(true).await;
-    let r = run_page(&h, "play").await;
-    assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
-    assert_colour(&r["rgb"]);
-    assert_eq!(r["size"], json!([W, H]));
-    assert_eq!(r["protocol"], "udp", "{r}");
-    // viewer/src/stats.js reads the inbound stream.
-    let stats = &r["stats"];
-    assert_eq!(stats["codec"], "video/H264", "{r}");
-    assert!(stats["framesDecoded"].as_u64().unwrap() >= 30, "{r}");
-    assert!(stats["decodeMs"].as_f64().is_some(), "{r}");
-    assert_eq!(stats["width"], W, "{r}");
-    assert_eq!(r["control"], json!({"kind": "control", "granted": true}));
-    let ev = h.events.lock().unwrap().clone();
-    assert!(ev.iter().any(|e| matches!(e,
-        GatewayEvent::Input { session, event: InputEvent::PointerMove { x: 123, y: 45 }, .. } if session == "s1")));
-    assert!(ev.iter().any(|e| matches!(e,
-        GatewayEvent::Clipboard { text, .. } if text == "hello from the viewer")));
-    assert!(ev.iter().any(|e| matches!(
-        e,
-        GatewayEvent::Resize {
-            width: 800,
-            height: 600,
-            ..
-        }
-    )));
-    assert!(
-        ev.iter()
-            .any(|e| matches!(e, GatewayEvent::KeyFrameWanted { .. }))
-    );
-    // The page closed its connection: the viewer is gone and video stops.
-    wait_for(&h, |e| matches!(e, GatewayEvent::VideoUnwanted { .. })).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_viewers_watch_one_session_and_only_the_first_controls() {
-    let h = start(true).await;
-    let r = run_page(&h, "two").await;
-    for i in 0..2 {
-        assert!(r["frames"][i].as_u64().unwrap() >= 20, "{r}");
-        assert_colour(&r["rgb"][i]);
-    }
-    assert_eq!(r["control"][0]["granted"], true);
-    assert_eq!(r["control"][1]["granted"], false);
-    let ev = h.events.lock().unwrap().clone();
-    assert!(ev.iter().any(|e| matches!(
-        e,
-        GatewayEvent::Input {
-            event: InputEvent::PointerMove { x: 8, y: 8 },
-            ..
-        }
-    )));
-    assert!(
-        !ev.iter().any(|e| matches!(
+#[test]
+fn video_plays_and_input_reaches_the_server() {
+    in_netns(false, || async {
+        let h = start(true).await;
+        let r = run_page(&h, "play").await;
+        assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
+        assert_colour(&r["rgb"]);
+        assert_eq!(r["size"], json!([W, H]));
+        assert_eq!(r["protocol"], "udp", "{r}");
+        // viewer/src/stats.js reads the inbound stream.
+        let stats = &r["stats"];
+        assert_eq!(stats["codec"], "video/H264", "{r}");
+        assert!(stats["framesDecoded"].as_u64().unwrap() >= 30, "{r}");
+        assert!(stats["decodeMs"].as_f64().is_some(), "{r}");
+        assert_eq!(stats["width"], W, "{r}");
+        assert_eq!(r["control"], json!({"kind": "control", "granted": true}));
+        let ev = h.events.lock().unwrap().clone();
+        assert!(ev.iter().any(|e| matches!(e,
+            GatewayEvent::Input { session, event: InputEvent::PointerMove { x: 123, y: 45 }, .. } if session == "s1")));
+        assert!(ev.iter().any(|e| matches!(e,
+            GatewayEvent::Clipboard { text, .. } if text == "hello from the viewer")));
+        assert!(ev.iter().any(|e| matches!(
             e,
-            GatewayEvent::Input {
-                event: InputEvent::PointerMove { x: 7, y: 7 },
+            GatewayEvent::Resize {
+                width: 800,
+                height: 600,
                 ..
             }
-        )),
-        "input from the watching viewer must not reach the session"
-    );
-    let viewers: std::collections::HashSet<_> = ev
-        .iter()
-        .filter_map(|e| match e {
-            GatewayEvent::ViewerState {
-                viewer,
-                state: ViewerState::Connected,
+        )));
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, GatewayEvent::KeyFrameWanted { .. }))
+        );
+        // The page closed its connection: the viewer is gone and video stops.
+        wait_for(&h, |e| matches!(e, GatewayEvent::VideoUnwanted { .. })).await;
+    });
+}
+
+#[test]
+fn two_viewers_watch_one_session_and_only_the_first_controls() {
+    in_netns(false, || async {
+        let h = start(true).await;
+        let r = run_page(&h, "two").await;
+        for i in 0..2 {
+            assert!(r["frames"][i].as_u64().unwrap() >= 20, "{r}");
+            assert_colour(&r["rgb"][i]);
+        }
+        assert_eq!(r["control"][0]["granted"], true);
+        assert_eq!(r["control"][1]["granted"], false);
+        let ev = h.events.lock().unwrap().clone();
+        assert!(ev.iter().any(|e| matches!(
+            e,
+            GatewayEvent::Input {
+                event: InputEvent::PointerMove { x: 8, y: 8 },
                 ..
-            } => Some(*viewer),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(viewers.len(), 2);
+            }
+        )));
+        assert!(
+            !ev.iter().any(|e| matches!(
+                e,
+                GatewayEvent::Input {
+                    event: InputEvent::PointerMove { x: 7, y: 7 },
+                    ..
+                }
+            )),
+            "input from the watching viewer must not reach the session"
+        );
+        let viewers: std::collections::HashSet<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                GatewayEvent::ViewerState {
+                    viewer,
+                    state: ViewerState::Connected,
+                    ..
+                } => Some(*viewer),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(viewers.len(), 2);
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_codecless_offers_get_clear_errors() {
-    let h = start(true).await;
-    let r = run_page(&h, "bad").await;
-    assert_eq!(r["garbage"]["status"], 400, "{r}");
-    assert!(
-        r["garbage"]["text"].as_str().unwrap().contains("bad SDP"),
-        "{r}"
-    );
-    assert_eq!(r["nocodec"]["status"], 400, "{r}");
-    let text = r["nocodec"]["text"].as_str().unwrap();
-    assert!(
-        text.contains("no usable video codec") && text.contains("VP9"),
-        "{r}"
-    );
-    assert!(r["framesAfter"].as_u64().unwrap() >= 10);
+#[test]
+fn garbage_and_codecless_offers_get_clear_errors() {
+    in_netns(false, || async {
+        let h = start(true).await;
+        let r = run_page(&h, "bad").await;
+        assert_eq!(r["garbage"]["status"], 400, "{r}");
+        assert!(
+            r["garbage"]["text"].as_str().unwrap().contains("bad SDP"),
+            "{r}"
+        );
+        assert_eq!(r["nocodec"]["status"], 400, "{r}");
+        let text = r["nocodec"]["text"].as_str().unwrap();
+        assert!(
+            text.contains("no usable video codec") && text.contains("VP9"),
+            "{r}"
+        );
+        assert!(r["framesAfter"].as_u64().unwrap() >= 10);
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_and_flooding_messages_are_dropped_and_counted() {
-    let h = start(true).await;
-    let r = run_page(&h, "abuse").await;
-    let c = &r["ack"]["counters"];
-    assert!(c["messages_oversized"].as_u64().unwrap() >= 1, "{r}");
-    assert!(c["messages_rate_limited"].as_u64().unwrap() >= 1, "{r}");
-    // Oversized, two malformed and the rate-limited part of the flood.
-    assert!(
-        c["messages_dropped"].as_u64().unwrap() >= 3 + c["messages_rate_limited"].as_u64().unwrap(),
-        "{r}"
-    );
-    assert!(r["framesAfterFlood"].as_u64().unwrap() >= 10, "{r}");
+#[test]
+fn oversized_and_flooding_messages_are_dropped_and_counted() {
+    in_netns(false, || async {
+        let h = start(true).await;
+        let r = run_page(&h, "abuse").await;
+        let c = &r["ack"]["counters"];
+        assert!(c["messages_oversized"].as_u64().unwrap() >= 1, "{r}");
+        assert!(c["messages_rate_limited"].as_u64().unwrap() >= 1, "{r}");
+        // Oversized, two malformed and the rate-limited part of the flood.
+        assert!(
+            c["messages_dropped"].as_u64().unwrap()
+                >= 3 + c["messages_rate_limited"].as_u64().unwrap(),
+            "{r}"
+        );
+        assert!(r["framesAfterFlood"].as_u64().unwrap() >= 10, "{r}");
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ice_tcp_carries_the_session_when_no_udp_candidate_is_offered() {
-    // The gateway advertises only its passive TCP candidate, so Chromium has
-    // no UDP path and must connect with an active ICE-TCP candidate.
-    let h = start(false).await;
-    let r = run_page(&h, "play").await;
-    assert_eq!(r["protocol"], "tcp", "{r}");
-    assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
-    assert_colour(&r["rgb"]);
+#[test]
+fn ice_tcp_carries_the_session_when_no_udp_candidate_is_offered() {
+    in_netns(false, || async {
+        // The gateway advertises only its passive TCP candidate, so Chromium has
+        // no UDP path and must connect with an active ICE-TCP candidate.
+        let h = start(false).await;
+        let r = run_page(&h, "play").await;
+        assert_eq!(r["protocol"], "tcp", "{r}");
+        assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
+        assert_colour(&r["rgb"]);
+    });
 }
 
 async fn wait_for(h: &Harness, f: impl Fn(&GatewayEvent) -> bool) {
@@ -442,12 +455,19 @@ async fn wait_for(h: &Harness, f: impl Fn(&GatewayEvent) -> bool) {
     }
 }
 
-#[test]
-fn ice_tcp_takes_over_when_udp_is_blocked() {
-    // A network namespace of this test's own, with only loopback and an
-    // nftables rule dropping every UDP packet. The gateway advertises UDP
-    // and TCP; Chromium's UDP checks die, so ICE must settle on TCP.
-    let r = std::thread::spawn(|| {
+/// Runs `f` on a thread of its own in a fresh network namespace: loopback,
+/// a TAP device (Chromium gathers no candidates with loopback alone, and
+/// this kernel has no dummy or veth links) and, with `block_udp`, an
+/// nftables rule dropping every UDP packet. Every socket and process of the
+/// scenario lives there, so no test traffic leaves it, and it all goes away
+/// with the thread.
+fn in_netns<F, Fut, T>(block_udp: bool, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread, which creates every
         // socket and child process of the scenario and then ends.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
@@ -465,42 +485,43 @@ fn ice_tcp_takes_over_when_udp_is_blocked() {
                 .spawn()
                 .unwrap_or_else(|e| panic!("{cmd}: {e}"));
             if let Some(text) = stdin {
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(text.as_bytes())
-                    .unwrap();
+                child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
             }
             drop(child.stdin.take());
             assert!(child.wait().unwrap().success(), "{cmd} {args:?} failed");
         };
         sh("ip", &["link", "set", "lo", "up"], None);
-        // Chromium gathers no candidates on a host with loopback alone. This
-        // kernel has no dummy or veth links, so a TAP device held open by
-        // this test (carrier up, nothing ever read) gives it a network.
         let _tap = open_tap("sc0");
         sh("ip", &["addr", "add", "10.213.0.1/24", "dev", "sc0"], None);
         sh("ip", &["link", "set", "sc0", "up"], None);
         sh("ip", &["route", "add", "default", "dev", "sc0"], None);
-        sh(
-            "nft",
-            &["-f", "-"],
-            Some(
-                "table inet sandcast_test {\n chain input {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n",
-            ),
-        );
+        if block_udp {
+            sh(
+                "nft",
+                &["-f", "-"],
+                Some(
+                    "table inet sandcast_test {\n chain input {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n",
+                ),
+            );
+        }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(async {
-                let h = start(true).await;
-                run_page(&h, "play").await
-            })
+            .block_on(f())
     })
     .join()
-    .expect("scenario thread");
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+#[test]
+fn ice_tcp_takes_over_when_udp_is_blocked() {
+    // The gateway advertises UDP and TCP; with UDP dropped, Chromium's UDP
+    // checks die and ICE must settle on TCP.
+    let r = in_netns(true, || async {
+        let h = start(true).await;
+        run_page(&h, "play").await
+    });
     assert_eq!(r["protocol"], "tcp", "{r}");
     assert!(r["frames"].as_u64().unwrap() >= 30, "{r}");
     assert_colour(&r["rgb"]);
