@@ -9,6 +9,7 @@ use bytes::Bytes;
 use common::{Loopback, h264_frames};
 use sandcast_proto::{Codec, InputEvent, VideoFrame, VideoHeader};
 use sandcast_webrtc::{GatewayEvent, ViewerMessage, ViewerOptions, ViewerState};
+use str0m::media::MediaTime;
 
 fn frame(seq: u32, key: bool, data: &[u8]) -> VideoFrame {
     VideoFrame {
@@ -51,14 +52,24 @@ fn connects_and_delivers_the_encoders_frames_byte_for_byte() {
     )));
 
     let frames = h264_frames(10, 320, 240);
+    let mut sent_capture: Vec<u64> = Vec::new();
     // A delta frame before the first key frame cannot be decoded: skipped.
     l.hub.push_frame("s", &frame(0, false, &frames[1].1), l.now);
     for (i, (key, data)) in frames.iter().enumerate() {
-        l.hub
-            .push_frame("s", &frame(i as u32 + 1, *key, data), l.now);
+        let f = frame(i as u32 + 1, *key, data);
+        sent_capture.push(f.header.capture_us);
+        l.hub.push_frame("s", &f, l.now);
         l.run_for(Duration::from_millis(33));
+        std::thread::sleep(Duration::from_millis(2));
     }
     l.run_for(Duration::from_millis(200));
+    // RTP time is the capture time at 90 kHz; playout delay asks for zero.
+    let meta = &l.clients[0].frame_meta;
+    assert_eq!(meta.len(), frames.len());
+    for (i, (rtp, min, max)) in meta.iter().enumerate() {
+        assert_eq!(*rtp as u32, (sent_capture[i] * 9 / 100) as u32, "frame {i}");
+        assert_eq!((*min, *max), (Some(MediaTime::ZERO), Some(MediaTime::ZERO)));
+    }
     let got = &l.clients[0].frames;
     assert_eq!(
         got.len(),

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use sandcast_webrtc::{Answer, Hub, HubConfig, ViewerOptions};
 use str0m::change::SdpAnswer;
 use str0m::channel::ChannelId;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Extension;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 /// The hub's advertised UDP address.
@@ -27,6 +28,8 @@ pub struct Client {
     pub connected: bool,
     pub timeout: Instant,
     pub frames: Vec<Vec<u8>>,
+    /// Per frame: RTP time (90 kHz) and the playout-delay extension's min/max.
+    pub frame_meta: Vec<(u64, Option<MediaTime>, Option<MediaTime>)>,
     pub messages: Vec<String>,
     pub answer: Answer,
 }
@@ -62,7 +65,9 @@ impl Loopback {
 
     /// Adds a viewer of `session` that offers str0m's default codecs.
     pub fn add_client(&mut self, session: &str, opts: ViewerOptions) -> usize {
-        self.add_client_with(session, opts, Rtc::builder())
+        // Browsers offer playout-delay; str0m's default map lacks it.
+        let cfg = Rtc::builder().set_extension(5, Extension::PlayoutDelay);
+        self.add_client_with(session, opts, cfg)
     }
 
     /// Adds a viewer of `session` that offers VP8 only.
@@ -96,6 +101,7 @@ impl Loopback {
             connected: false,
             timeout: self.now,
             frames: Vec::new(),
+            frame_meta: Vec::new(),
             messages: Vec::new(),
             answer,
         });
@@ -128,7 +134,14 @@ impl Loopback {
                         Output::Event(e) => match e {
                             Event::Connected => c.connected = true,
                             Event::ChannelOpen(id, _) if id == c.channel => c.channel_open = true,
-                            Event::MediaData(d) => c.frames.push(d.data.to_vec()),
+                            Event::MediaData(d) => {
+                                c.frames.push(d.data.to_vec());
+                                c.frame_meta.push((
+                                    d.time.rebase(Frequency::NINETY_KHZ).numer(),
+                                    d.ext_vals.play_delay_min,
+                                    d.ext_vals.play_delay_max,
+                                ));
+                            }
                             Event::ChannelData(d) => c
                                 .messages
                                 .push(String::from_utf8_lossy(&d.data).into_owned()),
