@@ -15,6 +15,19 @@
 //!   driven as a state machine);
 //! - the I/O edge, [`Gateway`]: sockets, timers, the server's handle.
 //!
+//! # Wiring into the server
+//!
+//! - `POST /api/webrtc/session/{id}/offer`: [`Gateway::accept_offer`];
+//!   answer `{"type":"answer","sdp":..}`, or [`OfferError::http_status`]
+//!   with the error's text.
+//! - Every [`GatewayEvent`] for a session goes to its agent as
+//!   [`GatewayEvent::to_agent_message`]; `ViewerState` is for the session's
+//!   record.
+//! - Frames from the agent's video connection: [`Gateway::push_frame`]
+//!   (never blocks). Clipboard and display size from the agent:
+//!   [`Gateway::send_to_viewers`] with [`ViewerMessage`].
+//! - Ending a session: [`Gateway::close_session`].
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use sandcast_webrtc::{Gateway, GatewayConfig, ViewerOptions};

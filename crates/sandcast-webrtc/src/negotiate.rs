@@ -51,6 +51,20 @@ pub enum OfferError {
     Stopped,
 }
 
+impl OfferError {
+    /// The HTTP status a signaling endpoint answers with: 400 for an offer
+    /// that cannot work, 409 when the session cannot take this viewer, 503
+    /// when the gateway is down.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            OfferError::BadSdp(_) | OfferError::NoVideo(_) | OfferError::NoCodec(_) => 400,
+            OfferError::BadSession(_) => 404,
+            OfferError::CodecMismatch { .. } | OfferError::TooManyViewers { .. } => 409,
+            OfferError::Stopped => 503,
+        }
+    }
+}
+
 /// What a viewer's offer supports, in the gateway's order of preference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferedCodecs {
@@ -261,6 +275,19 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn errors_map_to_http_statuses() {
+        assert_eq!(OfferError::BadSdp("x".into()).http_status(), 400);
+        assert_eq!(OfferError::NoCodec("VP9".into()).http_status(), 400);
+        assert_eq!(OfferError::BadSession("x".into()).http_status(), 404);
+        let busy = OfferError::TooManyViewers {
+            session: "s".into(),
+            max: 1,
+        };
+        assert_eq!(busy.http_status(), 409);
+        assert_eq!(OfferError::Stopped.http_status(), 503);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use sandcast_proto::{Codec, InputEvent};
+use sandcast_proto::{Codec, InputEvent, Message, VideoControl};
 use serde::{Deserialize, Serialize};
 
 /// Identifies one viewer connection, unique for the gateway's lifetime.
@@ -141,6 +141,31 @@ pub enum GatewayEvent {
 }
 
 impl GatewayEvent {
+    /// The agent-channel message that carries this event to the session's
+    /// agent, for the events the agent acts on.
+    pub fn to_agent_message(&self) -> Option<Message> {
+        Some(match self {
+            GatewayEvent::VideoWanted {
+                codec, bitrate_bps, ..
+            } => Message::Video(VideoControl::Start {
+                codec: *codec,
+                bitrate_bps: *bitrate_bps,
+            }),
+            GatewayEvent::VideoUnwanted { .. } => Message::Video(VideoControl::Stop),
+            GatewayEvent::KeyFrameWanted { .. } => Message::Video(VideoControl::KeyFrame),
+            GatewayEvent::Bitrate { bps, .. } => {
+                Message::Video(VideoControl::Bitrate { bitrate_bps: *bps })
+            }
+            GatewayEvent::Input { event, .. } => Message::Input(event.clone()),
+            GatewayEvent::Clipboard { text, .. } => Message::Clipboard { text: text.clone() },
+            GatewayEvent::Resize { width, height, .. } => Message::Resize {
+                width: *width,
+                height: *height,
+            },
+            GatewayEvent::ViewerState { .. } => return None,
+        })
+    }
+
     /// The session the event is about.
     pub fn session(&self) -> &str {
         match self {
@@ -152,6 +177,84 @@ impl GatewayEvent {
             | GatewayEvent::Clipboard { session, .. }
             | GatewayEvent::Resize { session, .. }
             | GatewayEvent::ViewerState { session, .. } => session,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_map_to_agent_messages() {
+        let s = || "s".to_string();
+        let cases = [
+            (
+                GatewayEvent::VideoWanted {
+                    session: s(),
+                    codec: Codec::Vp8,
+                    bitrate_bps: 1_000_000,
+                },
+                Some(Message::Video(VideoControl::Start {
+                    codec: Codec::Vp8,
+                    bitrate_bps: 1_000_000,
+                })),
+            ),
+            (
+                GatewayEvent::VideoUnwanted { session: s() },
+                Some(Message::Video(VideoControl::Stop)),
+            ),
+            (
+                GatewayEvent::KeyFrameWanted { session: s() },
+                Some(Message::Video(VideoControl::KeyFrame)),
+            ),
+            (
+                GatewayEvent::Bitrate {
+                    session: s(),
+                    bps: 500_000,
+                },
+                Some(Message::Video(VideoControl::Bitrate {
+                    bitrate_bps: 500_000,
+                })),
+            ),
+            (
+                GatewayEvent::Input {
+                    session: s(),
+                    viewer: ViewerId(1),
+                    event: InputEvent::ReleaseAll,
+                },
+                Some(Message::Input(InputEvent::ReleaseAll)),
+            ),
+            (
+                GatewayEvent::Clipboard {
+                    session: s(),
+                    text: "t".into(),
+                },
+                Some(Message::Clipboard { text: "t".into() }),
+            ),
+            (
+                GatewayEvent::Resize {
+                    session: s(),
+                    width: 800,
+                    height: 600,
+                },
+                Some(Message::Resize {
+                    width: 800,
+                    height: 600,
+                }),
+            ),
+            (
+                GatewayEvent::ViewerState {
+                    session: s(),
+                    viewer: ViewerId(1),
+                    state: ViewerState::Closed,
+                },
+                None,
+            ),
+        ];
+        for (ev, msg) in cases {
+            assert_eq!(ev.session(), "s");
+            assert_eq!(ev.to_agent_message(), msg, "{ev:?}");
         }
     }
 }

@@ -21,7 +21,7 @@ use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, FrameType};
 use openh264::formats::{RgbSliceU8, YUVBuffer};
 use sandcast_proto::{Codec, InputEvent, VideoFrame, VideoHeader};
 use sandcast_webrtc::{
-    Gateway, GatewayConfig, GatewayEvent, OfferError, ViewerMessage, ViewerOptions, ViewerState,
+    Gateway, GatewayConfig, GatewayEvent, ViewerMessage, ViewerOptions, ViewerState,
 };
 use serde_json::{Value, json};
 use tower_http::services::ServeDir;
@@ -145,12 +145,8 @@ async fn offer(
             StatusCode::OK,
             Json(json!({"type": "answer", "sdp": a.sdp})),
         ),
-        Err(e @ OfferError::Stopped) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": e.to_string()})),
-        ),
         Err(e) => (
-            StatusCode::BAD_REQUEST,
+            StatusCode::from_u16(e.http_status()).unwrap(),
             Json(json!({"error": e.to_string()})),
         ),
     }
