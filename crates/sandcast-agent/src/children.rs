@@ -1,0 +1,293 @@
+//! What the agent runs: command lines for the display, the browser, the VNC
+//! server and the launch command, and how each is known to be ready.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sandcast_proto::SessionConfig;
+use tokio::io::AsyncReadExt;
+use x11rb::connection::Connection;
+use x11rb::protocol::Event;
+use x11rb::protocol::xproto::{AtomEnum, ConnectionExt, EventMask, MapState};
+
+/// A command to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Program path or name.
+    pub program: String,
+    /// Arguments.
+    pub args: Vec<String>,
+}
+
+/// Xvfb at the session's size; it writes its display number to `display_fd`.
+pub fn xvfb(config: &SessionConfig, display_fd: i32) -> Command {
+    // The screen is allocated at the largest size a viewer may resize to, so
+    // RandR can change the visible size later without restarting the display.
+    Command {
+        program: "Xvfb".into(),
+        args: vec![
+            "-displayfd".into(),
+            display_fd.to_string(),
+            "-screen".into(),
+            "0".into(),
+            format!("{}x{}x24", config.width, config.height),
+            "-nolisten".into(),
+            "tcp".into(),
+            "-noreset".into(),
+            "-dpi".into(),
+            "96".into(),
+            "+extension".into(),
+            "RANDR".into(),
+        ],
+    }
+}
+
+/// The browser, on the start URL, filling the display.
+pub fn browser(config: &SessionConfig, profile_dir: &Path, own_sandbox: bool) -> Command {
+    let mut args = vec![
+        format!("--user-data-dir={}", profile_dir.display()),
+        "--no-first-run".into(),
+        "--no-default-browser-check".into(),
+        "--disable-background-networking".into(),
+        "--disable-component-update".into(),
+        "--disable-sync".into(),
+        "--disable-features=Translate,MediaRouter".into(),
+        "--password-store=basic".into(),
+        "--noerrdialogs".into(),
+        "--hide-crash-restore-bubble".into(),
+        "--disable-session-crashed-bubble".into(),
+        // Xvfb has no GPU; say so rather than let Chromium probe and log.
+        "--disable-gpu".into(),
+        "--window-position=0,0".into(),
+        format!("--window-size={},{}", config.width, config.height),
+        "--start-maximized".into(),
+    ];
+    if !own_sandbox {
+        // The session itself is the sandbox; Chromium's own needs nested user
+        // namespaces, which some hosts forbid.
+        args.push("--no-sandbox".into());
+    }
+    if config.kiosk {
+        args.push("--kiosk".into());
+    }
+    args.extend(config.browser.extra_args.iter().cloned());
+    args.push(config.start_url.clone());
+    Command {
+        program: config.browser.binary.clone(),
+        args,
+    }
+}
+
+/// x11vnc on the display, tuned for latency: it waits 1 ms between screen
+/// polls and defers updates 1 ms (its defaults of 20 ms double the latency),
+/// and never naps when idle. It listens on the session's own loopback only.
+pub fn vnc(display: &str, port: u16) -> Command {
+    Command {
+        program: "x11vnc".into(),
+        args: [
+            "-display", display, "-rfbport", &port.to_string(), "-localhost", "-forever",
+            "-shared", "-nopw", "-noipv6", "-wait", "1", "-defer", "1", "-nonap", "-xkb",
+            "-noxrecord", "-nowf", "-noscr", "-cursor", "arrow",
+        ]
+        .map(String::from)
+        .to_vec(),
+    }
+}
+
+/// The operator's launch command, as given.
+pub fn launch(argv: &[String]) -> Option<Command> {
+    let (program, args) = argv.split_first()?;
+    Some(Command {
+        program: program.clone(),
+        args: args.to_vec(),
+    })
+}
+
+/// Whether this kernel lets us make a user namespace, which Chromium's own
+/// sandbox needs. Asked of `unshare(1)` so the agent stays single-threaded-safe.
+pub async fn user_namespaces_work() -> bool {
+    tokio::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "true"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A free TCP port on the loopback, for the VNC server.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits until the VNC server on `port` greets with its RFB banner.
+pub async fn wait_vnc(port: u16) -> anyhow::Result<()> {
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let mut banner = [0u8; 12];
+            if s.read_exact(&mut banner).await.is_ok() && banner.starts_with(b"RFB ") {
+                return Ok(());
+            }
+        }
+        // Polling a condition: x11vnc gives no other signal of readiness.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until a mapped top-level window whose `WM_CLASS` names `class` is on
+/// the display: the browser has drawn its first window. Event driven: it
+/// watches the root window's substructure rather than polling.
+pub fn wait_window_blocking(display: &str, class: &str) -> anyhow::Result<()> {
+    let (conn, screen) = x11rb::connect(Some(display))
+        .with_context(|| format!("connecting to display {display}"))?;
+    let root = conn.setup().roots[screen].root;
+    conn.change_window_attributes(
+        root,
+        &x11rb::protocol::xproto::ChangeWindowAttributesAux::new()
+            .event_mask(EventMask::SUBSTRUCTURE_NOTIFY | EventMask::PROPERTY_CHANGE),
+    )?
+    .check()?;
+    let class = class.to_ascii_lowercase();
+    loop {
+        if has_window(&conn, root, &class)? {
+            return Ok(());
+        }
+        match conn.wait_for_event()? {
+            Event::MapNotify(_) | Event::ConfigureNotify(_) | Event::PropertyNotify(_) => {}
+            _ => continue,
+        }
+    }
+}
+
+fn has_window(conn: &impl Connection, root: u32, class: &str) -> anyhow::Result<bool> {
+    let tree = conn.query_tree(root)?.reply()?;
+    for w in tree.children {
+        let Ok(attrs) = conn.get_window_attributes(w)?.reply() else {
+            continue;
+        };
+        if attrs.map_state != MapState::VIEWABLE {
+            continue;
+        }
+        let Ok(geo) = conn.get_geometry(w)?.reply() else {
+            continue;
+        };
+        if geo.width < 100 || geo.height < 100 {
+            continue;
+        }
+        let Ok(prop) = conn
+            .get_property(false, w, AtomEnum::WM_CLASS, AtomEnum::STRING, 0, 256)?
+            .reply()
+        else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&prop.value).to_ascii_lowercase();
+        if text.split('\0').any(|part| !part.is_empty() && part.contains(class)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The name a browser binary's windows carry in `WM_CLASS`.
+pub fn window_class(binary: &str) -> String {
+    let base = Path::new(binary)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Debian's wrapper script and the real binary share the class.
+    base.trim_end_matches("-browser").to_string()
+}
+
+/// Reads Xvfb's display number from the pipe it was given with `-displayfd`.
+pub async fn read_display(mut pipe: tokio::fs::File) -> anyhow::Result<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = pipe.read(&mut byte).await?;
+        if n == 0 {
+            bail!("Xvfb closed its display pipe without naming a display");
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        buf.push(byte[0]);
+        if buf.len() > 16 {
+            bail!("Xvfb wrote a bad display number");
+        }
+    }
+    let n: u32 = String::from_utf8_lossy(&buf)
+        .trim()
+        .parse()
+        .context("Xvfb wrote a bad display number")?;
+    Ok(format!(":{n}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandcast_proto::{BrowserConfig, RestartPolicy};
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            session_id: "s1".into(),
+            width: 1280,
+            height: 720,
+            start_url: "https://example.org/".into(),
+            kiosk: true,
+            launch: None,
+            browser: BrowserConfig {
+                binary: "/usr/bin/chromium".into(),
+                extra_args: vec!["--lang=de".into()],
+            },
+            restart: RestartPolicy::default(),
+            max_fps: 60,
+            server_time_ms: 0,
+        }
+    }
+
+    #[test]
+    fn browser_command_line() {
+        let cmd = browser(&config(), Path::new("/tmp/p"), false);
+        assert_eq!(cmd.program, "/usr/bin/chromium");
+        assert!(cmd.args.contains(&"--no-sandbox".to_string()));
+        assert!(cmd.args.contains(&"--kiosk".to_string()));
+        assert!(cmd.args.contains(&"--window-size=1280,720".to_string()));
+        assert!(cmd.args.contains(&"--user-data-dir=/tmp/p".to_string()));
+        // Operator flags come after ours so they win; the URL comes last.
+        let n = cmd.args.len();
+        assert_eq!(cmd.args[n - 2], "--lang=de");
+        assert_eq!(cmd.args[n - 1], "https://example.org/");
+        let own = browser(&config(), Path::new("/tmp/p"), true);
+        assert!(!own.args.contains(&"--no-sandbox".to_string()));
+    }
+
+    #[test]
+    fn xvfb_and_vnc_command_lines() {
+        let x = xvfb(&config(), 5);
+        assert_eq!(x.args[..2], ["-displayfd", "5"]);
+        assert!(x.args.contains(&"1280x720x24".to_string()));
+        let v = vnc(":3", 5901);
+        let line = v.args.join(" ");
+        assert!(line.contains("-display :3 -rfbport 5901 -localhost"), "{line}");
+        assert!(line.contains("-wait 1 -defer 1 -nonap"), "{line}");
+    }
+
+    #[test]
+    fn launch_splits_argv() {
+        assert_eq!(launch(&[]), None);
+        let cmd = launch(&["xterm".into(), "-e".into(), "top".into()]).unwrap();
+        assert_eq!(cmd.program, "xterm");
+        assert_eq!(cmd.args, ["-e", "top"]);
+    }
+
+    #[test]
+    fn window_classes() {
+        assert_eq!(window_class("/usr/bin/chromium"), "chromium");
+        assert_eq!(window_class("chromium-browser"), "chromium");
+        assert_eq!(window_class("/opt/google/chrome/google-chrome"), "google-chrome");
+    }
+}

@@ -1,0 +1,158 @@
+//! The agent's main loop: say hello, take the session's configuration, start
+//! the supervisor and serve the server's requests until told to stop or until
+//! the server goes away (then everything stops: a session never runs on
+//! without its server).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt};
+use sandcast_proto::{Frame, FrameCodec, Message, Role, StreamTarget};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+use crate::channel::{self, Target};
+use crate::supervisor::{Event, Supervisor};
+
+/// Outgoing control messages waiting for the writer; logs beyond this are dropped.
+const OUTBOX: usize = 2048;
+
+/// Runs one session to its end.
+pub async fn run(target: Target) -> anyhow::Result<()> {
+    let conn = channel::open(&target, Role::Control)
+        .await
+        .context("opening the control connection")?;
+    let mut framed = Framed::new(conn, FrameCodec);
+    let config = loop {
+        match framed.next().await {
+            Some(Ok(Frame::Message(Message::Config(c)))) => break c,
+            Some(Ok(Frame::Message(Message::Ping { seq }))) => {
+                framed.send(Message::Pong { seq }).await?;
+            }
+            Some(Ok(Frame::Message(Message::Shutdown))) | None => return Ok(()),
+            Some(Ok(other)) => bail!("expected the session configuration, got {other:?}"),
+            Some(Err(e)) => return Err(e).context("reading the session configuration"),
+        }
+    };
+    if config.server_time_ms > 0 {
+        set_clock_if_behind(config.server_time_ms);
+    }
+    let (mut sink, mut stream) = framed.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUTBOX);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut supervisor = Supervisor::start(config, out_tx.clone()).await;
+    let mut next_stream_ok = true;
+    let reason = loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Frame::Message(msg))) => match msg {
+                    Message::Shutdown => break "the server asked to shut down".to_string(),
+                    Message::Ping { seq } => { let _ = out_tx.send(Message::Pong { seq }).await; }
+                    Message::OpenStream { id, target: StreamTarget::Vnc } => {
+                        let vnc = supervisor.vnc_port.clone();
+                        let target = target.clone();
+                        let out = out_tx.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = open_vnc_stream(&target, id, vnc).await {
+                                agent_log(&out, format!("stream {id} to the VNC server: {e:#}"));
+                            }
+                        });
+                    }
+                    other => {
+                        if next_stream_ok {
+                            agent_log(&out_tx, format!("ignoring unsupported message {}", kind_of(&other)));
+                            next_stream_ok = false;
+                        }
+                    }
+                },
+                Some(Ok(Frame::Video(_))) => {}
+                Some(Err(e)) => break format!("the control connection failed: {e}"),
+                None => break "the server closed the control connection".to_string(),
+            },
+            ev = supervisor.events.recv() => match ev {
+                Some(Event::Ready) => { let _ = out_tx.send(Message::Ready).await; }
+                Some(Event::Fatal(reason)) => {
+                    let _ = out_tx.send(Message::Fatal { reason: reason.clone() }).await;
+                    break reason;
+                }
+                None => break "the supervisor ended".to_string(),
+            },
+        }
+    };
+    agent_log(&out_tx, format!("stopping: {reason}"));
+    supervisor.shutdown().await;
+    drop(out_tx);
+    // Give the writer a moment to flush the last reports; the server may be gone.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    Ok(())
+}
+
+/// Opens a stream connection for `id` and splices it to the VNC server.
+async fn open_vnc_stream(
+    target: &Target,
+    id: u64,
+    mut vnc: tokio::sync::watch::Receiver<Option<u16>>,
+) -> anyhow::Result<()> {
+    let port = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(p) = *vnc.borrow_and_update() {
+                return Ok(p);
+            }
+            if vnc.changed().await.is_err() {
+                bail!("the VNC server is gone");
+            }
+        }
+    })
+    .await
+    .context("the VNC server is not up")??;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("connecting to the VNC server")?;
+    tcp.set_nodelay(true)?;
+    let mut conn = channel::open(target, Role::Stream { id }).await?;
+    tokio::io::copy_bidirectional(&mut conn, &mut tcp).await?;
+    Ok(())
+}
+
+fn agent_log(out: &mpsc::Sender<Message>, line: String) {
+    let _ = out.try_send(Message::Log(sandcast_proto::LogLine {
+        source: "agent".into(),
+        stream: sandcast_proto::LogStream::Agent,
+        line,
+    }));
+}
+
+fn kind_of(msg: &Message) -> String {
+    serde_json::to_value(msg)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(String::from))
+        .unwrap_or_default()
+}
+
+/// A microVM restored from a snapshot wakes with the clock of the snapshot;
+/// the server's time is the best we have. Only ever moves the clock forward,
+/// and only where the agent may (it is PID 1 in a microVM).
+fn set_clock_if_behind(server_ms: u64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if server_ms > now_ms + 2000 {
+        let ts = libc::timespec {
+            tv_sec: (server_ms / 1000) as libc::time_t,
+            tv_nsec: ((server_ms % 1000) * 1_000_000) as libc::c_long,
+        };
+        // SAFETY: a valid timespec; failure (no CAP_SYS_TIME) is harmless.
+        unsafe {
+            libc::clock_settime(libc::CLOCK_REALTIME, &ts);
+        }
+    }
+}

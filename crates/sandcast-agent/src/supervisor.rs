@@ -1,0 +1,567 @@
+//! Starts, watches and restarts the session's processes: the display first,
+//! then the browser, the VNC server and the launch command on it.
+//!
+//! Every child runs in its own process group (so its helpers die with it) and
+//! with a parent-death signal (so nothing outlives the agent). Its output goes
+//! to the server line by line, and its last lines are kept for the report
+//! when it dies. A child whose display goes away is restarted on the new one
+//! without counting as a crash.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sandcast_proto::{
+    ChildReport, ChildState, ExitInfo, LogLine, LogStream, Message, SessionConfig,
+};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::children::{self, Command};
+use crate::restart::RestartTracker;
+
+/// How long a child may take to become ready on its first start.
+const READY_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a child gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Lines of output kept per child for its exit report.
+const TAIL_LINES: usize = 30;
+/// Longest log line sent; the rest is cut.
+const MAX_LINE: usize = 4000;
+
+/// What the supervisor tells the agent's main loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Display, browser and VNC server are all up for the first time.
+    Ready,
+    /// An essential child cannot be kept running.
+    Fatal(String),
+}
+
+/// The running supervisor.
+pub struct Supervisor {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    /// The display (`:N`) while Xvfb is up.
+    pub display: watch::Receiver<Option<String>>,
+    /// The VNC server's port on the session's loopback while it is up.
+    pub vnc_port: watch::Receiver<Option<u16>>,
+    /// Ready and fatal events.
+    pub events: mpsc::Receiver<Event>,
+}
+
+#[derive(Default)]
+struct ReadyFlags {
+    display: bool,
+    browser: bool,
+    vnc: bool,
+    sent: bool,
+}
+
+struct Ctx {
+    config: SessionConfig,
+    out: mpsc::Sender<Message>,
+    stop: watch::Receiver<bool>,
+    display: watch::Sender<Option<String>>,
+    vnc_port: watch::Sender<Option<u16>>,
+    events: mpsc::Sender<Event>,
+    ready: Mutex<ReadyFlags>,
+    own_sandbox: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Xvfb,
+    Browser,
+    Vnc,
+    Launch,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Xvfb => "xvfb",
+            Kind::Browser => "browser",
+            Kind::Vnc => "vnc",
+            Kind::Launch => "launch",
+        }
+    }
+
+    /// A crash loop of an essential child fails the session.
+    fn essential(self) -> bool {
+        self != Kind::Launch
+    }
+}
+
+impl Supervisor {
+    /// Starts every child of `config`; messages for the server go to `out`.
+    pub async fn start(config: SessionConfig, out: mpsc::Sender<Message>) -> Supervisor {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (display_tx, display_rx) = watch::channel(None);
+        let (vnc_tx, vnc_rx) = watch::channel(None);
+        let (events_tx, events_rx) = mpsc::channel(8);
+        let own_sandbox = children::user_namespaces_work().await;
+        let launch = config.launch.clone().filter(|argv| !argv.is_empty());
+        let ctx = Arc::new(Ctx {
+            config,
+            out,
+            stop: stop_rx,
+            display: display_tx,
+            vnc_port: vnc_tx,
+            events: events_tx,
+            ready: Mutex::new(ReadyFlags::default()),
+            own_sandbox,
+        });
+        let mut tasks = JoinSet::new();
+        let mut kinds = vec![Kind::Xvfb, Kind::Browser, Kind::Vnc];
+        if launch.is_some() {
+            kinds.push(Kind::Launch);
+        }
+        for kind in kinds {
+            tasks.spawn(supervise(ctx.clone(), kind));
+        }
+        Supervisor {
+            stop: stop_tx,
+            tasks,
+            display: display_rx,
+            vnc_port: vnc_rx,
+            events: events_rx,
+        }
+    }
+
+    /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
+    /// waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// What a child needs before it can start, and how it is known to be ready.
+enum Probe {
+    Display(tokio::fs::File),
+    Window(String),
+    Vnc(u16),
+    Started,
+}
+
+struct Prepared {
+    command: Command,
+    probe: Probe,
+    /// A descriptor the child must inherit (Xvfb's `-displayfd` pipe).
+    inherit: Option<OwnedFd>,
+}
+
+fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
+    let config = &ctx.config;
+    Ok(match kind {
+        Kind::Xvfb => {
+            let (read, write) = pipe()?;
+            Prepared {
+                command: children::xvfb(config, write.as_raw_fd()),
+                probe: Probe::Display(tokio::fs::File::from_std(std::fs::File::from(read))),
+                inherit: Some(write),
+            }
+        }
+        Kind::Browser => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+            let profile = std::path::Path::new(&home).join(".sandcast-browser");
+            let _ = display;
+            Prepared {
+                command: children::browser(config, &profile, ctx.own_sandbox),
+                probe: Probe::Window(children::window_class(&config.browser.binary)),
+                inherit: None,
+            }
+        }
+        Kind::Vnc => {
+            let port = children::free_port()?;
+            Prepared {
+                command: children::vnc(display, port),
+                probe: Probe::Vnc(port),
+                inherit: None,
+            }
+        }
+        Kind::Launch => Prepared {
+            command: children::launch(config.launch.as_deref().unwrap_or_default())
+                .ok_or_else(|| anyhow::anyhow!("empty launch command"))?,
+            probe: Probe::Started,
+            inherit: None,
+        },
+    })
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The outcome of one run of a child.
+enum RunEnd {
+    Exited(ExitInfo),
+    DisplayChanged,
+    Stop,
+    NotReady(String),
+}
+
+async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
+    let name = kind.name();
+    let mut tracker = RestartTracker::new(ctx.config.restart);
+    let mut stop = ctx.stop.clone();
+    let mut display_rx = ctx.display.subscribe();
+    let mut last_exit = None;
+    let mut first = true;
+    loop {
+        // Dependents wait for the display.
+        let display = if kind == Kind::Xvfb {
+            String::new()
+        } else {
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                if let Some(d) = display_rx.borrow_and_update().clone() {
+                    break d;
+                }
+                tokio::select! {
+                    _ = display_rx.changed() => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let started = Instant::now();
+        let end = run_once(&ctx, kind, &display, &tail, &mut display_rx, first, &tracker, last_exit)
+            .await;
+        if kind == Kind::Xvfb {
+            ctx.display.send_replace(None);
+        }
+        if kind == Kind::Vnc {
+            ctx.vnc_port.send_replace(None);
+        }
+        let tail_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
+        let exit = match end {
+            RunEnd::Stop => {
+                report(&ctx, name, ChildState::Stopped, None, tracker.restarts(), last_exit, tail_lines)
+                    .await;
+                return;
+            }
+            RunEnd::DisplayChanged => continue,
+            RunEnd::NotReady(reason) => {
+                let reason = format!("{name} {reason}; last output: {}", tail_lines.join(" | "));
+                log(&ctx, &reason);
+                if kind.essential() {
+                    let _ = ctx.events.send(Event::Fatal(reason)).await;
+                    report(&ctx, name, ChildState::Stopped, None, tracker.restarts(), last_exit, tail_lines)
+                        .await;
+                    return;
+                }
+                ExitInfo { code: None, signal: None }
+            }
+            RunEnd::Exited(exit) => exit,
+        };
+        first = false;
+        last_exit = Some(exit);
+        let decision = tracker.on_exit(Instant::now(), started.elapsed());
+        let state = if decision.crash_loop {
+            ChildState::CrashLoop
+        } else {
+            ChildState::Restarting
+        };
+        log(&ctx, &format!("{name} ended ({exit}); restarting in {} ms", decision.delay.as_millis()));
+        report(&ctx, name, state, None, tracker.restarts(), last_exit, tail_lines.clone()).await;
+        if decision.crash_loop && kind.essential() {
+            let reason = format!(
+                "{name} is in a crash loop: it died {} times, last with {exit}; last output: {}",
+                tracker.restarts(),
+                tail_lines.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join(" | ")
+            );
+            let _ = ctx.events.send(Event::Fatal(reason)).await;
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(decision.delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_once(
+    ctx: &Arc<Ctx>,
+    kind: Kind,
+    display: &str,
+    tail: &Arc<Mutex<VecDeque<String>>>,
+    display_rx: &mut watch::Receiver<Option<String>>,
+    first: bool,
+    tracker: &RestartTracker,
+    last_exit: Option<ExitInfo>,
+) -> RunEnd {
+    let name = kind.name();
+    let mut stop = ctx.stop.clone();
+    let prepared = match prepare(ctx, kind, display) {
+        Ok(p) => p,
+        Err(e) => {
+            push_tail(tail, format!("cannot prepare {name}: {e:#}"));
+            return RunEnd::Exited(ExitInfo { code: Some(127), signal: None });
+        }
+    };
+    let mut child = match spawn(&prepared, kind != Kind::Xvfb, display) {
+        Ok(c) => c,
+        Err(e) => {
+            let line = format!("cannot start {}: {e}", prepared.command.program);
+            push_tail(tail, line.clone());
+            log(ctx, &line);
+            return RunEnd::Exited(ExitInfo { code: Some(127), signal: None });
+        }
+    };
+    // The child holds its copy; ours must close so EOF means Xvfb is gone.
+    drop(prepared.inherit);
+    let pid = child.id();
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump(ctx.clone(), name, LogStream::Stdout, out, tail.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump(ctx.clone(), name, LogStream::Stderr, err, tail.clone()));
+    }
+    report(ctx, name, ChildState::Starting, pid, tracker.restarts(), last_exit, vec![]).await;
+
+    let probe = wait_ready(ctx, prepared.probe, display);
+    let timeout = if first { READY_TIMEOUT } else { READY_TIMEOUT * 2 };
+    tokio::select! {
+        status = child.wait() => {
+            kill_group(pid, libc::SIGKILL);
+            return RunEnd::Exited(exit_info(status));
+        }
+        r = tokio::time::timeout(timeout, probe) => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                stop_child(&mut child, pid).await;
+                return RunEnd::NotReady(format!("failed to become ready: {e:#}"));
+            }
+            Err(_) => {
+                stop_child(&mut child, pid).await;
+                return RunEnd::NotReady(format!("was not ready within {} s", timeout.as_secs()));
+            }
+        },
+        _ = display_changed(kind, display_rx) => {
+            stop_child(&mut child, pid).await;
+            return RunEnd::DisplayChanged;
+        }
+        _ = stop.changed() => {
+            stop_child(&mut child, pid).await;
+            return RunEnd::Stop;
+        }
+    }
+    mark_ready(ctx, kind).await;
+    report(ctx, name, ChildState::Running, pid, tracker.restarts(), last_exit, vec![]).await;
+    tokio::select! {
+        status = child.wait() => {
+            kill_group(pid, libc::SIGKILL);
+            RunEnd::Exited(exit_info(status))
+        }
+        _ = display_changed(kind, display_rx) => {
+            stop_child(&mut child, pid).await;
+            RunEnd::DisplayChanged
+        }
+        _ = stop.changed() => {
+            stop_child(&mut child, pid).await;
+            RunEnd::Stop
+        }
+    }
+}
+
+/// Resolves when the display a dependent runs on is no longer current.
+async fn display_changed(kind: Kind, rx: &mut watch::Receiver<Option<String>>) {
+    if kind == Kind::Xvfb {
+        return std::future::pending().await;
+    }
+    let _ = rx.changed().await;
+}
+
+async fn wait_ready(ctx: &Arc<Ctx>, probe: Probe, display: &str) -> anyhow::Result<()> {
+    match probe {
+        Probe::Display(pipe) => {
+            let d = children::read_display(pipe).await?;
+            ctx.display.send_replace(Some(d));
+            Ok(())
+        }
+        Probe::Window(class) => {
+            let display = display.to_string();
+            tokio::task::spawn_blocking(move || children::wait_window_blocking(&display, &class))
+                .await?
+        }
+        Probe::Vnc(port) => {
+            children::wait_vnc(port).await?;
+            ctx.vnc_port.send_replace(Some(port));
+            Ok(())
+        }
+        Probe::Started => Ok(()),
+    }
+}
+
+async fn mark_ready(ctx: &Arc<Ctx>, kind: Kind) {
+    let send = {
+        let mut flags = ctx.ready.lock().unwrap();
+        match kind {
+            Kind::Xvfb => flags.display = true,
+            Kind::Browser => flags.browser = true,
+            Kind::Vnc => flags.vnc = true,
+            Kind::Launch => {}
+        }
+        let all = flags.display && flags.browser && flags.vnc;
+        let send = all && !flags.sent;
+        flags.sent |= all;
+        send
+    };
+    if send {
+        let _ = ctx.events.send(Event::Ready).await;
+    }
+}
+
+fn spawn(
+    prepared: &Prepared,
+    with_display: bool,
+    display: &str,
+) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&prepared.command.program);
+    cmd.args(&prepared.command.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if with_display {
+        cmd.env("DISPLAY", display);
+    }
+    let inherit = prepared.inherit.as_ref().map(|fd| fd.as_raw_fd());
+    // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn exit_info(status: std::io::Result<std::process::ExitStatus>) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => ExitInfo {
+            code: s.code(),
+            signal: s.signal(),
+        },
+        Err(_) => ExitInfo {
+            code: None,
+            signal: None,
+        },
+    }
+}
+
+fn kill_group(pid: Option<u32>, signal: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: kill has no memory effects; a stale group id only fails.
+        unsafe {
+            libc::kill(-(pid as i32), signal);
+        }
+    }
+}
+
+async fn stop_child(child: &mut tokio::process::Child, pid: Option<u32>) {
+    kill_group(pid, libc::SIGTERM);
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        kill_group(pid, libc::SIGKILL);
+        let _ = child.wait().await;
+    }
+    kill_group(pid, libc::SIGKILL);
+}
+
+async fn pump(
+    ctx: Arc<Ctx>,
+    name: &'static str,
+    stream: LogStream,
+    reader: impl AsyncRead + Unpin,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut reader = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut line = String::from_utf8_lossy(&buf).trim_end().to_string();
+        if line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        push_tail(&tail, line.clone());
+        // Logs are best effort: under a flood they are dropped, never queued
+        // without bound and never in the way of state reports.
+        let _ = ctx.out.try_send(Message::Log(LogLine {
+            source: name.into(),
+            stream,
+            line,
+        }));
+    }
+}
+
+fn push_tail(tail: &Mutex<VecDeque<String>>, line: String) {
+    let mut t = tail.lock().unwrap();
+    if t.len() == TAIL_LINES {
+        t.pop_front();
+    }
+    t.push_back(line);
+}
+
+fn log(ctx: &Ctx, line: &str) {
+    let _ = ctx.out.try_send(Message::Log(LogLine {
+        source: "agent".into(),
+        stream: LogStream::Agent,
+        line: line.into(),
+    }));
+}
+
+async fn report(
+    ctx: &Ctx,
+    name: &str,
+    state: ChildState,
+    pid: Option<u32>,
+    restarts: u32,
+    last_exit: Option<ExitInfo>,
+    tail: Vec<String>,
+) {
+    let _ = ctx
+        .out
+        .send(Message::Child(ChildReport {
+            name: name.into(),
+            state,
+            pid,
+            restarts,
+            last_exit,
+            tail,
+        }))
+        .await;
+}

@@ -1,0 +1,247 @@
+//! The agent against a test server on a Unix socket, with real Xvfb,
+//! Chromium and x11vnc on the host: readiness, restart after a crash, the VNC
+//! stream and a clean shutdown.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use sandcast_proto::{
+    BrowserConfig, ChildReport, ChildState, Frame, FrameCodec, Message, PROTOCOL_VERSION,
+    RestartPolicy, Role, SessionConfig, StreamTarget,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::Framed;
+
+struct Harness {
+    dir: PathBuf,
+    listener: UnixListener,
+    agent: tokio::process::Child,
+}
+
+impl Harness {
+    fn new(name: &str) -> Harness {
+        let dir = std::env::temp_dir().join(format!("sc-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandcast-agent"))
+            .arg("--connect")
+            .arg(format!("unix:{}", sock.display()))
+            .env("HOME", &dir)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Harness {
+            dir,
+            listener,
+            agent,
+        }
+    }
+
+    async fn accept(&self, want: Role) -> UnixStream {
+        let (mut s, _) = self.listener.accept().await.unwrap();
+        let mut framed = Framed::new(&mut s, FrameCodec);
+        match framed.next().await.unwrap().unwrap() {
+            Frame::Message(Message::Hello(h)) => {
+                assert_eq!(h.role, want);
+                assert_eq!(h.protocol, PROTOCOL_VERSION);
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+        framed
+            .send(Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await
+            .unwrap();
+        assert!(framed.read_buffer().is_empty());
+        drop(framed);
+        s
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config(url: &str) -> SessionConfig {
+    SessionConfig {
+        session_id: "agent-test".into(),
+        width: 800,
+        height: 600,
+        start_url: url.into(),
+        kiosk: false,
+        launch: None,
+        browser: BrowserConfig {
+            binary: "/usr/bin/chromium".into(),
+            extra_args: vec![],
+        },
+        restart: RestartPolicy {
+            initial_backoff_ms: 50,
+            max_backoff_ms: 500,
+            crash_loop_restarts: 3,
+            crash_loop_window_ms: 30_000,
+        },
+        max_fps: 60,
+        server_time_ms: 0,
+    }
+}
+
+/// Reads messages until `pred` picks one, keeping child reports seen on the way.
+async fn until<T>(
+    framed: &mut Framed<UnixStream, FrameCodec>,
+    reports: &mut Vec<ChildReport>,
+    mut pred: impl FnMut(&Message) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, framed.next())
+            .await
+            .expect("timed out waiting for the agent")
+            .expect("agent closed the connection")
+            .unwrap();
+        let Frame::Message(msg) = frame else { continue };
+        if let Message::Child(r) = &msg {
+            reports.push(r.clone());
+        }
+        if let Some(t) = pred(&msg) {
+            return t;
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test]
+async fn supervises_display_browser_and_vnc() {
+    let mut h = Harness::new("sup");
+    let control = h.accept(Role::Control).await;
+    let mut framed = Framed::new(control, FrameCodec);
+    framed
+        .send(Message::Config(config("data:text/html,<h1>hello</h1>")))
+        .await
+        .unwrap();
+    let mut reports = Vec::new();
+    until(&mut framed, &mut reports, |m| matches!(m, Message::Ready).then_some(())).await;
+    let running = |reports: &[ChildReport], name: &str| {
+        reports
+            .iter()
+            .rev()
+            .find(|r| r.name == name)
+            .filter(|r| r.state == ChildState::Running)
+            .and_then(|r| r.pid)
+    };
+    for name in ["xvfb", "browser", "vnc"] {
+        assert!(running(&reports, name).is_some(), "{name} not running: {reports:?}");
+    }
+    let browser = running(&reports, "browser").unwrap();
+    let xvfb = running(&reports, "xvfb").unwrap();
+
+    // The VNC server is reachable only through a stream the agent opens.
+    framed
+        .send(Message::OpenStream {
+            id: 1,
+            target: StreamTarget::Vnc,
+        })
+        .await
+        .unwrap();
+    let mut stream = h.accept(Role::Stream { id: 1 }).await;
+    let mut banner = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(banner.starts_with(b"RFB 003."), "{banner:?}");
+    drop(stream);
+
+    // A killed browser is reported with its signal and comes back.
+    unsafe { libc::kill(browser as i32, libc::SIGKILL) };
+    let exit = until(&mut framed, &mut reports, |m| match m {
+        Message::Child(r) if r.name == "browser" && r.state == ChildState::Restarting => {
+            Some(r.clone())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(exit.last_exit.unwrap().signal, Some(libc::SIGKILL));
+    assert_eq!(exit.restarts, 1);
+    let back = until(&mut framed, &mut reports, |m| match m {
+        Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
+        _ => None,
+    })
+    .await;
+    assert_ne!(back, browser);
+
+    // Shutdown stops every child and the agent itself.
+    framed.send(Message::Shutdown).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), h.agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    for pid in [back, xvfb] {
+        assert!(!alive(pid), "pid {pid} still alive");
+    }
+}
+
+#[tokio::test]
+async fn a_browser_that_cannot_start_is_a_crash_loop_and_fatal() {
+    let mut h = Harness::new("loop");
+    let control = h.accept(Role::Control).await;
+    let mut framed = Framed::new(control, FrameCodec);
+    let mut cfg = config("about:blank");
+    cfg.browser.binary = "/bin/false".into();
+    framed.send(Message::Config(cfg)).await.unwrap();
+    let mut reports = Vec::new();
+    let reason = until(&mut framed, &mut reports, |m| match m {
+        Message::Fatal { reason } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("browser is in a crash loop"), "{reason}");
+    assert!(reason.contains("exit code 1"), "{reason}");
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.name == "browser" && r.state == ChildState::CrashLoop)
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), h.agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn the_agent_stops_everything_when_the_server_goes_away() {
+    let mut h = Harness::new("gone");
+    let control = h.accept(Role::Control).await;
+    let mut framed = Framed::new(control, FrameCodec);
+    framed
+        .send(Message::Config(config("about:blank")))
+        .await
+        .unwrap();
+    let mut reports = Vec::new();
+    let xvfb = until(&mut framed, &mut reports, |m| match m {
+        Message::Child(r) if r.name == "xvfb" && r.state == ChildState::Running => r.pid,
+        _ => None,
+    })
+    .await;
+    drop(framed);
+    tokio::time::timeout(Duration::from_secs(20), h.agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!alive(xvfb), "Xvfb {xvfb} outlived the agent");
+}
