@@ -1,0 +1,216 @@
+// The viewer page (viewer/index.html + <sandcast-viewer>) in headless Chromium
+// against a real Xvfb + x11vnc and a Node stand-in for the server's viewer
+// routes (viewer-fixture.mjs).
+//   cd tests/browser && node --test viewer-page.test.mjs
+import { test, before, after, beforeEach, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+import { startDisplay, startServer, until, CHROMIUM_ARGS } from './viewer-fixture.mjs';
+
+let display;
+let fixture;
+let browser;
+let page;
+
+before(async () => {
+  display = await startDisplay();
+  await display.setColour('#ff0000');
+  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: CHROMIUM_ARGS });
+});
+
+after(async () => {
+  await browser?.close();
+  await display?.stop();
+});
+
+beforeEach(async () => {
+  fixture = await startServer({ vncPort: display.vncPort });
+  page = await browser.newPage({ viewport: { width: 800, height: 600 } });
+  page.on('pageerror', (e) => console.error('page error:', e.message));
+});
+
+afterEach(async () => {
+  await page?.close();
+  await fixture?.stop();
+});
+
+const status = () => page.evaluate(() => {
+  const { element, ...s } = window.sandcast ?? {};
+  return s;
+});
+
+const overlay = () => page.evaluate(() => {
+  const root = document.querySelector('sandcast-viewer').shadowRoot;
+  const o = root.querySelector('.overlay');
+  return {
+    shown: !o.hidden,
+    title: o.querySelector('.title').textContent,
+    detail: o.querySelector('.detail').textContent,
+    path: root.querySelector('.path').textContent,
+  };
+});
+
+const waitFor = (fn, arg, ms = 15000) => page.waitForFunction(fn, arg, { timeout: ms, polling: 50 });
+
+// Average colour of the middle of noVNC's canvas.
+const centrePixel = () => page.evaluate(() => {
+  const canvas = document.querySelector('sandcast-viewer').shadowRoot.querySelector('.vnc canvas');
+  if (!canvas || !canvas.width) return null;
+  const d = canvas.getContext('2d').getImageData(canvas.width / 2 - 5, canvas.height / 2 - 5, 10, 10).data;
+  let r = 0; let g = 0; let b = 0;
+  for (let i = 0; i < d.length; i += 4) { r += d[i]; g += d[i + 1]; b += d[i + 2]; }
+  const n = d.length / 4;
+  return [Math.round(r / n), Math.round(g / n), Math.round(b / n)];
+});
+
+const near = (px, rgb) => px && px.every((v, i) => Math.abs(v - rgb[i]) < 16);
+
+test('noVNC shows the pixels of the X display and follows changes', async () => {
+  await display.setColour('#ff0000');
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');
+  await until(async () => near(await centrePixel(), [255, 0, 0]), 10000, 'red on the noVNC canvas');
+  await display.setColour('#0000ff');
+  await until(async () => near(await centrePixel(), [0, 0, 255]), 10000, 'blue on the noVNC canvas');
+  const o = await overlay();
+  assert.equal(o.shown, false, 'no overlay while connected');
+  assert.match(o.path, /^noVNC \(forced by mode=vnc\)$/);
+  const root = await page.evaluate(() => ({ ...document.documentElement.dataset }));
+  assert.equal(root.mode, 'vnc');
+  assert.equal(root.connected, 'true');
+  assert.equal(root.state, 'ready');
+  const canvasSize = await page.evaluate(() => {
+    const c = document.querySelector('sandcast-viewer').shadowRoot.querySelector('.vnc canvas');
+    return [c.width, c.height];
+  });
+  assert.deepEqual(canvasSize, [640, 480]);
+});
+
+test('the token leaves the address bar and is sent only as bearer / ws query', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  const href = await page.evaluate(() => location.href);
+  assert.ok(!href.includes(fixture.token), `token still in ${href}`);
+  assert.equal(href, `${fixture.origin}/viewer/x?mode=vnc`);
+  const stateReqs = fixture.requests.filter((r) => r.path === '/viewer/x/state');
+  assert.ok(stateReqs.length > 0);
+  assert.ok(stateReqs.every((r) => r.auth === `Bearer ${fixture.token}`));
+  assert.ok(fixture.requests.some((r) => r.method === 'WS' && r.path === '/viewer/x/vnc' && r.auth === fixture.token));
+  // Reloading without the fragment still works: the token is kept for this tab.
+  await page.reload();
+  await waitFor(() => window.sandcast?.connected === true);
+});
+
+test('starting shows the children, then failed shows the reason', async () => {
+  fixture.state.body = {
+    id: 'x', state: 'starting', reason: null, width: 640, height: 480,
+    children: [{ name: 'xvfb', state: 'running', restarts: 0 }, { name: 'browser', state: 'starting', restarts: 0 }],
+  };
+  await page.goto(fixture.viewerUrl());
+  await waitFor(() => window.sandcast?.state === 'starting');
+  let o = await overlay();
+  assert.equal(o.shown, true);
+  assert.equal(o.title, 'starting…');
+  assert.equal(o.detail, 'xvfb: running · browser: starting');
+  fixture.state.body = { ...fixture.state.body, state: 'failed', reason: 'browser is in a crash loop' };
+  await waitFor(() => window.sandcast?.state === 'failed');
+  o = await overlay();
+  assert.equal(o.title, 'failed: browser is in a crash loop');
+  assert.equal((await status()).connected, false);
+  assert.equal(fixture.vncConnections, 0, 'nothing streams from a session that never became ready');
+});
+
+test('a wrong token shows "not authorised" and stops polling', async () => {
+  await page.goto(fixture.viewerUrl('', 'wrong-token'));
+  await waitFor(() => window.sandcast?.state === 'unauthorised');
+  const o = await overlay();
+  assert.equal(o.title, 'not authorised');
+  const polls = fixture.requests.filter((r) => r.path === '/viewer/x/state').length;
+  assert.equal(polls, 1);
+  assert.equal(await page.evaluate(() => document.documentElement.dataset.state), 'unauthorised');
+});
+
+test('a missing token shows "not authorised" without asking the server', async () => {
+  await page.goto(`${fixture.origin}/viewer/x`);
+  await waitFor(() => window.sandcast?.state === 'unauthorised');
+  assert.equal((await overlay()).title, 'not authorised');
+  assert.equal(fixture.requests.filter((r) => r.path === '/viewer/x/state').length, 0);
+});
+
+test('a stopped session shows "session ended" and closes the stream', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  await page.evaluate(() => {
+    window.ended = null;
+    window.sandcast.element.addEventListener('ended', (e) => { window.ended = e.detail; });
+  });
+  fixture.state.body = { ...fixture.state.body, state: 'stopped', reason: 'deleted by the operator' };
+  await waitFor(() => window.ended !== null);
+  assert.deepEqual(await page.evaluate(() => window.ended), { state: 'stopped', reason: 'deleted by the operator' });
+  const o = await overlay();
+  assert.equal(o.title, 'session ended');
+  assert.equal((await status()).connected, false);
+  await until(() => fixture.sockets.size === 0, 5000, 'the VNC tunnel to close');
+});
+
+test('a refused WebRTC offer falls back to noVNC and says why', async () => {
+  await page.goto(fixture.viewerUrl());
+  await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');
+  const offers = fixture.requests.filter((r) => r.path === '/api/webrtc/session/x/offer');
+  assert.equal(offers.length, 1, 'WebRTC was tried first');
+  assert.equal(offers[0].auth, `Bearer ${fixture.token}`);
+  const s = await status();
+  assert.match(s.path, /^WebRTC failed: offer refused: HTTP 503 /);
+  assert.match((await overlay()).path, /^noVNC \(WebRTC failed: offer refused: HTTP 503 .*webrtc gateway not available/);
+  await display.setColour('#00ff00');
+  await until(async () => near(await centrePixel(), [0, 255, 0]), 10000, 'green on the noVNC canvas');
+});
+
+test('a WebRTC offer that never answers falls back after the timeout', async () => {
+  fixture.offer = 'hang';
+  await page.goto(fixture.viewerUrl('?webrtc-timeout=1500'));
+  await page.evaluate(() => {
+    window.fallbacks = [];
+    window.sandcast.element.addEventListener('fallback', (e) => window.fallbacks.push(e.detail.reason));
+  });
+  await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');
+  assert.deepEqual(await page.evaluate(() => window.fallbacks), ['WebRTC did not connect within 1.5 s']);
+  assert.equal((await overlay()).path, 'noVNC (WebRTC did not connect within 1.5 s)');
+});
+
+test('mode=webrtc never falls back', async () => {
+  await page.goto(fixture.viewerUrl('?mode=webrtc'));
+  await waitFor(() => /WebRTC failed/.test(window.sandcast?.reason ?? ''));
+  const o = await overlay();
+  assert.equal(o.title, 'WebRTC did not connect, retrying…');
+  assert.equal(fixture.vncConnections, 0);
+  assert.equal((await status()).mode, null);
+});
+
+test('noVNC reconnects after the tunnel drops while the session is ready', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  assert.equal(fixture.vncConnections, 1);
+  fixture.dropVnc();
+  await waitFor(() => window.sandcast?.connected === false);
+  assert.equal((await overlay()).title, 'reconnecting…');
+  await waitFor(() => window.sandcast?.connected === true);
+  assert.equal(fixture.vncConnections, 2);
+});
+
+test('Ctrl+Alt+Shift+S toggles the stats panel', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  const panel = () => page.evaluate(() => {
+    const p = document.querySelector('sandcast-viewer').shadowRoot.querySelector('.stats');
+    return { shown: !p.hidden, text: p.textContent };
+  });
+  assert.equal((await panel()).shown, false);
+  await page.keyboard.press('Control+Alt+Shift+KeyS');
+  await waitFor(() => document.querySelector('sandcast-viewer').shadowRoot.querySelector('.stats').textContent.length > 0);
+  assert.deepEqual(await panel(), { shown: true, text: 'noVNC · 640x480' });
+  const stats = await page.evaluate(() => window.sandcast.element.stats());
+  assert.deepEqual(stats, { mode: 'vnc', connected: true, width: 640, height: 480 });
+  await page.keyboard.press('Control+Alt+Shift+KeyS');
+  assert.equal((await panel()).shown, false);
+});

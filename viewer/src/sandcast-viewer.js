@@ -1,0 +1,535 @@
+// sandcast viewer: the <sandcast-viewer> custom element.
+//
+//   <script type="module" src="https://sandcast.example:8080/assets/src/sandcast-viewer.js"></script>
+//   <sandcast-viewer session="ID" token="VIEWER_TOKEN"></sandcast-viewer>
+//
+// It polls the session's state, shows what is going on (starting, failed,
+// ended, not authorised), and once the session is ready plays it over WebRTC,
+// falling back to noVNC when WebRTC does not connect in time. The full API
+// (attributes, properties, events, methods) is in docs/embedding.md.
+
+import RFB from '../vendor/novnc/core/rfb.js';
+import { connectWebRtc } from './webrtc.js';
+import { attachInput } from './input.js';
+import { collectStats, formatStats } from './stats.js';
+
+/** Modes the `mode` attribute accepts. */
+export const MODES = ['auto', 'webrtc', 'vnc'];
+/** Default time WebRTC gets to connect before noVNC takes over, in ms. */
+export const DEFAULT_WEBRTC_TIMEOUT_MS = 5000;
+/** Default interval between polls of the session's state, in ms. */
+export const DEFAULT_POLL_MS = 1000;
+
+// Session states after which nothing will ever be shown again.
+const ENDED = new Set(['stopping', 'stopped']);
+const XK_V = 0x76;
+
+const STYLE = `
+:host { display: block; position: relative; overflow: hidden; background: #111; color: #eee;
+  font: 14px/1.4 system-ui, sans-serif; min-height: 240px; }
+.stage, video, .vnc { position: absolute; inset: 0; width: 100%; height: 100%; }
+video { object-fit: contain; background: #000; outline: none; }
+[hidden] { display: none !important; }
+.overlay { position: absolute; inset: 0; display: flex; flex-direction: column; align-items: center;
+  justify-content: center; gap: .5em; background: rgba(17,17,17,.92); text-align: center; padding: 1em; z-index: 3; }
+.overlay .title { font-size: 1.3em; }
+.overlay .detail { opacity: .75; font-size: .9em; white-space: pre-line; }
+.bar { position: absolute; top: 0; right: 0; display: flex; gap: .4em; align-items: center; z-index: 4;
+  padding: .2em .4em; background: rgba(0,0,0,.55); border-bottom-left-radius: 6px; font-size: 12px; }
+.bar button { font: inherit; color: inherit; background: #333; border: 1px solid #555; border-radius: 4px;
+  padding: 0 .5em; cursor: pointer; }
+.stats { position: absolute; left: 0; bottom: 0; z-index: 4; padding: .3em .6em; background: rgba(0,0,0,.7);
+  font: 12px ui-monospace, monospace; }
+`;
+
+const msg = (e) => (e && e.message) || String(e);
+
+/** Reads a positive integer attribute, else the default. */
+function intAttr(el, name, fallback) {
+  const raw = el.getAttribute(name);
+  if (raw === null || raw === '') return fallback;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n <= 0) {
+    console.warn(`sandcast-viewer: ignoring ${name}="${raw}" (not a positive number)`);
+    return fallback;
+  }
+  return n;
+}
+
+/** Formats the children's states as "xvfb running · browser starting". */
+export function describeChildren(children) {
+  if (!Array.isArray(children) || children.length === 0) return '';
+  return children
+    .map((c) => `${c.name}: ${c.state}${c.restarts ? ` (${c.restarts} restarts)` : ''}`)
+    .join(' · ');
+}
+
+/** Builds the noVNC WebSocket URL for a session from the server's base URL. */
+export function vncUrl(server, session, token) {
+  const u = new URL(`viewer/${encodeURIComponent(session)}/vnc`, server.endsWith('/') ? server : `${server}/`);
+  u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+  u.searchParams.set('token', token);
+  return u.href;
+}
+
+/** The `<sandcast-viewer>` element: one session, WebRTC first, noVNC fallback. */
+export class SandcastViewer extends HTMLElement {
+  /** Attributes whose change reconnects the viewer. */
+  static get observedAttributes() { return ['server', 'session', 'token', 'mode']; }
+
+  constructor() {
+    super();
+    const root = this.attachShadow({ mode: 'open' });
+    root.innerHTML = `<style>${STYLE}</style>
+      <div class="stage" part="stage">
+        <video part="video" hidden autoplay muted playsinline tabindex="0"></video>
+        <div class="vnc" part="vnc" hidden></div>
+      </div>
+      <div class="overlay" part="overlay"><div class="title">not connected</div><div class="detail"></div></div>
+      <div class="bar" part="bar"><span class="path"></span>
+        <button type="button" class="stats-toggle" title="Stats (Ctrl+Alt+Shift+S)">stats</button></div>
+      <div class="stats" part="stats" hidden></div>`;
+    this._video = root.querySelector('video');
+    this._vncBox = root.querySelector('.vnc');
+    this._overlay = root.querySelector('.overlay');
+    this._pathLabel = root.querySelector('.path');
+    this._statsBox = root.querySelector('.stats');
+    root.querySelector('.stats-toggle').addEventListener('click', () => this.toggleStats());
+    this._onKey = (ev) => {
+      if (ev.ctrlKey && ev.altKey && ev.shiftKey && ev.code === 'KeyS') {
+        ev.preventDefault();
+        ev.stopPropagation();
+        this.toggleStats();
+      }
+    };
+    this._status = { state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null };
+    this._run = 0; // bumped on every (dis)connect so stale async work can tell it is stale
+    this._timers = new Set();
+    this._rtc = null;
+    this._rfb = null;
+    this._detachInput = null;
+    this._statsTimer = null;
+    this._retries = 0;
+    this._notBefore = 0; // no new stream before this time (reconnect backoff)
+    this.remoteClipboard = null;
+  }
+
+  connectedCallback() {
+    window.addEventListener('keydown', this._onKey, true);
+    if (!this.hasAttribute('manual')) queueMicrotask(() => { if (this.isConnected) this.connect(); });
+  }
+
+  disconnectedCallback() {
+    window.removeEventListener('keydown', this._onKey, true);
+    this.disconnect();
+  }
+
+  attributeChangedCallback(name, oldValue, newValue) {
+    if (oldValue === newValue || this._run === 0 || !this.isConnected) return;
+    if (this._status.state !== 'idle') this.connect();
+  }
+
+  /** The server's base URL: the `server` attribute, else the origin this module was loaded from. */
+  get server() {
+    return this.getAttribute('server') || new URL(import.meta.url).origin;
+  }
+
+  /** The session id (`session` attribute). */
+  get session() { return this.getAttribute('session') || ''; }
+
+  /** The viewer token (`token` attribute). */
+  get token() { return this.getAttribute('token') || ''; }
+
+  /** `auto` (WebRTC, then noVNC), `webrtc` or `vnc`. */
+  get mode() {
+    const m = (this.getAttribute('mode') || 'auto').toLowerCase();
+    return MODES.includes(m) ? m : 'auto';
+  }
+
+  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session }`. */
+  get status() { return { ...this._status, children: [...this._status.children] }; }
+
+  /** Starts (or restarts) watching the session and streaming it once ready. */
+  connect() {
+    this._teardown();
+    const run = ++this._run;
+    this._retries = 0;
+    this._notBefore = 0;
+    const mode = (this.getAttribute('mode') || 'auto').toLowerCase();
+    if (!MODES.includes(mode)) {
+      this._set({ state: 'error', reason: `unknown mode "${mode}" (expected auto, webrtc or vnc)` }, 'error', `unknown mode "${mode}"`);
+      return;
+    }
+    if (!this.session) return this._set({ state: 'error', reason: 'no session attribute' }, 'error', 'no session given');
+    if (!this.token) {
+      return this._set({ state: 'unauthorised', reason: 'no viewer token' }, 'not authorised', 'the viewer link has no token');
+    }
+    this._set({ state: 'connecting', session: this.session, mode: null, connected: false, reason: null, path: null }, 'connecting…');
+    this._poll(run);
+  }
+
+  /** Stops streaming and polling; the element shows "disconnected". */
+  disconnect() {
+    this._run++;
+    this._teardown();
+    if (this._status.state === 'idle') return;
+    // Keep a final message (failed, ended, not authorised) rather than hiding it.
+    const final = ['failed', 'stopping', 'stopped', 'unauthorised', 'not_found', 'error'].includes(this._status.state);
+    this._set({ connected: false, mode: null, path: null }, final ? this._overlayTitle : 'disconnected');
+  }
+
+  /** Live figures of the active path: WebRTC stats (see stats.js) or noVNC's framebuffer size. */
+  async stats() {
+    const base = { mode: this._status.mode, connected: this._status.connected };
+    if (this._rtc) return { ...base, ...(await collectStats(this._rtc.pc)) };
+    if (this._rfb) {
+      const canvas = this._vncBox.querySelector('canvas');
+      return { ...base, width: canvas?.width ?? null, height: canvas?.height ?? null };
+    }
+    return base;
+  }
+
+  /** Shows or hides the stats panel. */
+  toggleStats(show = this._statsBox.hidden) {
+    this._statsBox.hidden = !show;
+    clearInterval(this._statsTimer);
+    this._statsTimer = null;
+    if (!show) return;
+    const update = async () => {
+      try {
+        const s = await this.stats();
+        if (s.mode === 'webrtc') this._statsBox.textContent = `WebRTC · ${formatStats(s)}`;
+        else if (s.mode === 'vnc') this._statsBox.textContent = `noVNC · ${s.width ?? '–'}x${s.height ?? '–'}`;
+        else this._statsBox.textContent = 'not streaming';
+      } catch (e) {
+        this._statsBox.textContent = `stats unavailable: ${msg(e)}`;
+      }
+    };
+    update();
+    this._statsTimer = setInterval(update, 1000);
+  }
+
+  // ---- state and overlay ----
+
+  _set(patch, overlayTitle, overlayDetail = '') {
+    const before = JSON.stringify(this._status);
+    Object.assign(this._status, patch);
+    if (overlayTitle !== undefined) {
+      this._overlayTitle = overlayTitle;
+      this._overlay.hidden = overlayTitle === null;
+      if (overlayTitle !== null) {
+        this._overlay.querySelector('.title').textContent = overlayTitle;
+        this._overlay.querySelector('.detail').textContent = overlayDetail;
+      }
+    }
+    const s = this._status;
+    this._pathLabel.textContent = s.mode === 'webrtc' ? 'WebRTC'
+      : s.mode === 'vnc' ? `noVNC${s.path ? ` (${s.path})` : ''}` : '';
+    this.dataset.state = s.state;
+    this.dataset.mode = s.mode ?? '';
+    this.dataset.connected = String(s.connected);
+    if (JSON.stringify(s) !== before) this._emit('statechange', this.status);
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true }));
+  }
+
+  _later(fn, ms) {
+    const t = setTimeout(() => { this._timers.delete(t); fn(); }, ms);
+    this._timers.add(t);
+  }
+
+  _headers() { return { Authorization: `Bearer ${this.token}` }; }
+
+  _url(path) { return new URL(path, this.server.endsWith('/') ? this.server : `${this.server}/`).href; }
+
+  // ---- session state polling ----
+
+  async _poll(run) {
+    if (run !== this._run) return;
+    const interval = intAttr(this, 'poll-interval', DEFAULT_POLL_MS);
+    let res;
+    try {
+      res = await fetch(this._url(`viewer/${encodeURIComponent(this.session)}/state`), { headers: this._headers(), cache: 'no-store' });
+    } catch (e) {
+      if (run !== this._run) return;
+      if (!this._status.connected) this._set({ reason: `server unreachable: ${msg(e)}` }, 'server unreachable, retrying…', msg(e));
+      this._later(() => this._poll(run), Math.min(interval * 3, 5000));
+      return;
+    }
+    if (run !== this._run) return;
+    if (res.status === 401 || res.status === 403) {
+      this._teardown();
+      this._set({ state: 'unauthorised', connected: false, mode: null, reason: `HTTP ${res.status}` },
+        'not authorised', 'this viewer link is not valid for this session');
+      return;
+    }
+    if (res.status === 404) {
+      this._teardown();
+      this._set({ state: 'not_found', connected: false, mode: null, reason: 'unknown session' }, 'session not found');
+      this._emit('ended', { state: 'not_found', reason: 'unknown session' });
+      return;
+    }
+    if (!res.ok) {
+      const text = (await res.text().catch(() => '')).slice(0, 200);
+      if (!this._status.connected) this._set({ reason: `HTTP ${res.status}` }, 'server error, retrying…', `HTTP ${res.status} ${text}`);
+      this._later(() => this._poll(run), Math.min(interval * 3, 5000));
+      return;
+    }
+    let body;
+    try { body = await res.json(); } catch (e) { body = { state: 'error', reason: `bad state response: ${msg(e)}` }; }
+    if (run !== this._run) return;
+    this._onSessionState(run, body);
+    if (!ENDED.has(body.state) && body.state !== 'failed') this._later(() => this._poll(run), interval);
+  }
+
+  _onSessionState(run, body) {
+    const children = Array.isArray(body.children) ? body.children : [];
+    this._size = body.width && body.height ? { width: body.width, height: body.height } : this._size;
+    switch (body.state) {
+      case 'ready':
+        if (!this._rtc && !this._rfb && !this._starting && Date.now() >= this._notBefore) {
+          this._set({ state: 'ready', children, reason: null }, 'connecting…', describeChildren(children));
+          this._startStream(run);
+        } else {
+          this._set({ state: 'ready', children });
+        }
+        break;
+      case 'failed':
+        this._teardown();
+        this._set({ state: 'failed', children, connected: false, mode: null, reason: body.reason || 'unknown reason' },
+          `failed: ${body.reason || 'unknown reason'}`, describeChildren(children));
+        this._emit('ended', { state: 'failed', reason: body.reason || null });
+        break;
+      case 'stopping':
+      case 'stopped':
+        this._ended(body.state, body.reason);
+        break;
+      case 'starting':
+        this._set({ state: 'starting', children, reason: null }, 'starting…', describeChildren(children));
+        break;
+      default:
+        this._set({ state: String(body.state ?? 'unknown'), children, reason: body.reason ?? null },
+          `session ${body.state ?? 'in an unknown state'}`, body.reason ?? '');
+    }
+  }
+
+  _ended(state, reason) {
+    if (ENDED.has(this._status.state) && !this._rtc && !this._rfb) return;
+    this._teardown();
+    this._set({ state, connected: false, mode: null, path: null, reason: reason ?? null }, 'session ended', reason ?? '');
+    this._emit('ended', { state, reason: reason ?? null });
+  }
+
+  // ---- streaming ----
+
+  async _startStream(run) {
+    this._starting = true;
+    try {
+      const mode = this.mode;
+      if (mode === 'vnc') return this._startVnc(run, 'forced by mode=vnc');
+      const timeoutMs = intAttr(this, 'webrtc-timeout', DEFAULT_WEBRTC_TIMEOUT_MS);
+      try {
+        await this._startWebRtc(run, timeoutMs);
+      } catch (e) {
+        if (run !== this._run) return;
+        const why = e && e.timeout
+          ? `WebRTC did not connect within ${+(timeoutMs / 1000).toFixed(1)} s`
+          : `WebRTC failed: ${msg(e)}`;
+        if (mode === 'webrtc') {
+          this._set({ connected: false, mode: null, reason: why }, 'WebRTC did not connect, retrying…', why);
+          this._retry(run);
+          return;
+        }
+        this._emit('fallback', { reason: why });
+        this._startVnc(run, why);
+      }
+    } finally {
+      this._starting = false;
+    }
+  }
+
+  async _iceServers() {
+    const ctl = new AbortController();
+    const t = setTimeout(() => ctl.abort(), 1500);
+    try {
+      const res = await fetch(this._url('api/webrtc/ice-servers'), { headers: this._headers(), signal: ctl.signal });
+      if (!res.ok) return [];
+      const body = await res.json();
+      return Array.isArray(body.iceServers) ? body.iceServers : [];
+    } catch (_) {
+      return []; // the gateway's own host candidates are enough on most networks
+    } finally {
+      clearTimeout(t);
+    }
+  }
+
+  async _startWebRtc(run, timeoutMs) {
+    const deadline = Date.now() + timeoutMs;
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(Object.assign(new Error('timeout'), { timeout: true })), timeoutMs);
+    });
+    const attempt = (async () => {
+      const iceServers = await this._iceServers();
+      return connectWebRtc({
+        video: this._video,
+        offerUrl: this._url(`api/webrtc/session/${encodeURIComponent(this.session)}/offer`),
+        headers: this._headers(),
+        iceServers,
+        timeoutMs: Math.max(500, deadline - Date.now()),
+      });
+    })();
+    let conn;
+    try {
+      conn = await Promise.race([attempt, timeout]);
+    } catch (e) {
+      // A connection that completes after the deadline is not wanted any more.
+      attempt.then((c) => c.close(), () => {});
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
+    if (run !== this._run) { conn.close(); return; }
+    this._rtc = conn;
+    this._video.hidden = false;
+    this._vncBox.hidden = true;
+    this._detachInput = attachInput(this._video, conn, { displaySize: this._size });
+    const prev = conn.onMessage;
+    conn.onMessage = (m) => {
+      if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
+      if (m && m.kind === 'session_state' && ENDED.has(m.state)) this._ended(m.state, m.reason);
+      if (prev) prev(m);
+    };
+    let lost;
+    conn.pc.addEventListener('connectionstatechange', () => {
+      const st = conn.pc.connectionState;
+      clearTimeout(lost);
+      if (st === 'failed' || st === 'closed') this._dropped(run, conn, `WebRTC connection ${st}`);
+      // "disconnected" often heals by itself; give ICE a moment first.
+      else if (st === 'disconnected') lost = setTimeout(() => this._dropped(run, conn, 'WebRTC connection lost'), 4000);
+    });
+    this._retries = 0;
+    this._set({ mode: 'webrtc', connected: true, path: null, reason: null }, null);
+    this._emit('connected', { mode: 'webrtc' });
+  }
+
+  _startVnc(run, why) {
+    const box = this._vncBox;
+    box.replaceChildren();
+    box.hidden = false;
+    this._video.hidden = true;
+    this._set({ mode: 'vnc', connected: false, path: why, reason: why }, 'connecting to noVNC…', why);
+    let rfb;
+    try {
+      rfb = new RFB(box, vncUrl(this.server, this.session, this.token), { shared: true });
+    } catch (e) {
+      this._set({ mode: null }, 'noVNC could not start', msg(e));
+      this._retry(run);
+      return;
+    }
+    this._rfb = rfb;
+    rfb.scaleViewport = true;
+    rfb.resizeSession = false;
+    rfb.background = '#000';
+    rfb.addEventListener('connect', () => {
+      if (run !== this._run || this._rfb !== rfb) return;
+      this._retries = 0;
+      this._set({ connected: true }, null);
+      this._emit('connected', { mode: 'vnc' });
+      rfb.focus({ preventScroll: true });
+    });
+    rfb.addEventListener('disconnect', (ev) => {
+      if (run !== this._run || this._rfb !== rfb) return;
+      this._dropped(run, rfb, ev.detail?.clean ? 'noVNC connection closed' : 'noVNC connection lost');
+    });
+    rfb.addEventListener('securityfailure', (ev) => {
+      this._set({ reason: `VNC security failure: ${ev.detail?.reason ?? ev.detail?.status}` });
+    });
+    rfb.addEventListener('clipboard', (ev) => this._remoteClipboard(ev.detail.text));
+    this._vncPaste(rfb, run);
+  }
+
+  // Local clipboard to the remote one. noVNC cancels every key it forwards,
+  // which would also cancel the browser's paste; so Ctrl/Cmd+V is kept from
+  // noVNC, the browser fires "paste" with the text (no permission needed),
+  // the text goes to the remote clipboard, and then "v" is typed remotely
+  // (the remote already holds Ctrl down) so the remote app pastes it.
+  _vncPaste(rfb, run) {
+    const box = this._vncBox;
+    const onKey = (ev) => {
+      if ((ev.ctrlKey || ev.metaKey) && !ev.altKey && ev.code === 'KeyV') ev.stopPropagation();
+    };
+    const onPaste = (ev) => {
+      if (run !== this._run || this._rfb !== rfb) return;
+      const text = ev.clipboardData?.getData('text/plain');
+      ev.preventDefault();
+      if (!text) return;
+      rfb.clipboardPasteFrom(text);
+      rfb.sendKey(XK_V, 'KeyV', true);
+      rfb.sendKey(XK_V, 'KeyV', false);
+    };
+    box.addEventListener('keydown', onKey, true);
+    box.addEventListener('keyup', onKey, true);
+    box.addEventListener('paste', onPaste, true);
+  }
+
+  _remoteClipboard(text) {
+    this.remoteClipboard = text;
+    this._emit('clipboard', { text });
+    if (navigator.clipboard?.writeText && document.hasFocus()) {
+      navigator.clipboard.writeText(text).catch(() => { /* not permitted: the event still carries it */ });
+    }
+  }
+
+  _dropped(run, which, why) {
+    if (run !== this._run || (which !== this._rtc && which !== this._rfb)) return;
+    this._teardownStreams();
+    if (ENDED.has(this._status.state)) return;
+    this._set({ connected: false, reason: why }, 'reconnecting…', why);
+    this._retry(run);
+  }
+
+  // Checks the session again and, if it is still ready, reconnects with backoff.
+  _retry(run) {
+    const delay = Math.min(1000 * 2 ** this._retries, 10000);
+    this._retries++;
+    this._notBefore = Date.now() + delay;
+    this._later(async () => {
+      if (run !== this._run) return;
+      let res;
+      try {
+        res = await fetch(this._url(`viewer/${encodeURIComponent(this.session)}/state`), { headers: this._headers(), cache: 'no-store' });
+      } catch (_) { return this._retry(run); }
+      if (run !== this._run) return;
+      if (!res.ok) return this._retry(run);
+      const body = await res.json().catch(() => ({}));
+      if (run !== this._run) return;
+      // A ready session with no stream starts one inside _onSessionState.
+      this._onSessionState(run, body);
+    }, delay);
+  }
+
+  _teardownStreams() {
+    this._detachInput?.();
+    this._detachInput = null;
+    if (this._rtc) { const c = this._rtc; this._rtc = null; c.close(); }
+    this._video.srcObject = null;
+    if (this._rfb) {
+      const r = this._rfb;
+      this._rfb = null;
+      try { r.disconnect(); } catch (_) { /* already closed */ }
+    }
+    this._vncBox.replaceChildren();
+  }
+
+  _teardown() {
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+    this._teardownStreams();
+    this._starting = false;
+  }
+}
+
+if (!customElements.get('sandcast-viewer')) customElements.define('sandcast-viewer', SandcastViewer);
