@@ -164,7 +164,8 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
       fixture.vncConnections++;
       const tcp = createConnection({ host: '127.0.0.1', port: vncPort });
       fixture.sockets.add(ws);
-      tcp.on('data', (d) => { if (ws.readyState === ws.OPEN) ws.send(d); });
+      ws.lastServerData = Date.now();
+      tcp.on('data', (d) => { ws.lastServerData = Date.now(); if (ws.readyState === ws.OPEN) ws.send(d); });
       ws.on('message', (d) => tcp.write(d));
       const end = () => { fixture.sockets.delete(ws); tcp.destroy(); ws.terminate(); };
       tcp.on('close', end);
@@ -179,6 +180,20 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
   fixture.viewerUrl = (query = '', tok = token) => `${fixture.origin}/viewer/${session}${query}#token=${tok}`;
   /** Drops every VNC tunnel, as a server restart or network hiccup would. */
   fixture.dropVnc = () => { for (const ws of fixture.sockets) ws.terminate(); };
+  /**
+   * Sends an RFB ServerCutText message to every viewer, as a VNC server does
+   * when the remote clipboard changes. It waits for a quiet moment in the
+   * stream so that it lands between two server messages.
+   */
+  fixture.serverCutText = async (text) => {
+    const latin1 = Buffer.from(text, 'latin1');
+    const msg = Buffer.concat([Buffer.from([3, 0, 0, 0]), Buffer.alloc(4), latin1]);
+    msg.writeUInt32BE(latin1.length, 4);
+    for (const ws of fixture.sockets) {
+      await until(() => Date.now() - ws.lastServerData > 300, 10000, 'a quiet VNC stream');
+      ws.send(msg);
+    }
+  };
   fixture.stop = async () => {
     for (const res of hanging) res.destroy();
     fixture.dropVnc();

@@ -4,9 +4,12 @@
 //   cd tests/browser && node --test viewer-page.test.mjs
 import { test, before, after, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { chromium } from 'playwright-core';
 import { startDisplay, startServer, until, CHROMIUM_ARGS } from './viewer-fixture.mjs';
 
+const run = promisify(execFile);
 let display;
 let fixture;
 let browser;
@@ -214,3 +217,31 @@ test('Ctrl+Alt+Shift+S toggles the stats panel', async () => {
   await page.keyboard.press('Control+Alt+Shift+KeyS');
   assert.equal((await panel()).shown, false);
 });
+
+test('clipboard: Ctrl+V sends local text to the remote X server, server cut text reaches the local clipboard', async (t) => {
+  const context = await browser.newContext({ viewport: { width: 800, height: 600 } });
+  t.after(() => context.close());
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: fixture.origin });
+  const p = await context.newPage();
+  await p.goto(fixture.viewerUrl('?mode=vnc'));
+  await p.waitForFunction(() => window.sandcast?.connected === true, null, { timeout: 15000 });
+
+  // Local to remote: paste into the focused viewer.
+  await p.evaluate(() => navigator.clipboard.writeText('pasted locally'));
+  await p.mouse.click(400, 300);
+  await p.keyboard.press('Control+KeyV');
+  // x11vnc stores received text in the X cut buffer.
+  await until(async () => (await cutBuffer()) === 'pasted locally', 10000, 'the X cut buffer to hold the pasted text');
+
+  // Remote to local: a ServerCutText message (x11vnc here does not forward
+  // X selection changes, so the fixture sends the message a VNC server sends).
+  await fixture.serverCutText('from the remote session');
+  await p.waitForFunction(() => window.sandcast.element.remoteClipboard === 'from the remote session', null, { timeout: 10000 });
+  assert.equal(await p.evaluate(() => navigator.clipboard.readText()), 'from the remote session');
+});
+
+async function cutBuffer() {
+  const { stdout } = await run('xprop', ['-display', display.display, '-root', 'CUT_BUFFER0']);
+  const m = /^CUT_BUFFER0\(STRING\) = "(.*)"$/m.exec(stdout);
+  return m ? m[1] : null;
+}

@@ -9,6 +9,7 @@
 // (attributes, properties, events, methods) is in docs/embedding.md.
 
 import RFB from '../vendor/novnc/core/rfb.js';
+import { encodings } from '../vendor/novnc/core/encodings.js';
 import { connectWebRtc } from './webrtc.js';
 import { attachInput } from './input.js';
 import { collectStats, formatStats } from './stats.js';
@@ -43,6 +44,18 @@ video { object-fit: contain; background: #000; outline: none; }
 `;
 
 const msg = (e) => (e && e.message) || String(e);
+
+// x11vnc (the VNC server of every session) accepts noVNC's extended
+// clipboard through libvncserver but never applies its data to the X
+// selections, so pasted text would silently vanish. Without that
+// pseudo-encoding noVNC falls back to classic cut text, which x11vnc handles.
+if (!RFB.messages.clientEncodings.sandcast) {
+  const send = RFB.messages.clientEncodings;
+  RFB.messages.clientEncodings = Object.assign(
+    (sock, encs) => send.call(RFB.messages, sock, encs.filter((e) => e !== encodings.pseudoEncodingExtendedClipboard)),
+    { sandcast: true },
+  );
+}
 
 /** Reads a positive integer attribute, else the default. */
 function intAttr(el, name, fallback) {
