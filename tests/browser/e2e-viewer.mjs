@@ -1,0 +1,199 @@
+// Opens sandcast viewer pages in headless Chromium and runs a list of steps
+// against what they show:
+//   node e2e-viewer.mjs '<json>'
+// json: { url, kind: "canvas"|"video", viewers: 1, viewport: [w, h],
+//         timeoutMs, steps: [...] }
+// steps (run in order; actions go to the first viewer, checks to all):
+//   { expect: "#rrggbb", tolerance?: 48, timeoutMs? }  the remote screen's centre has that colour
+//   { click: true }                                     click the centre of the remote screen
+//   { type: "text" }                                    type text
+//   { resize: [w, h] }                                  resize the viewer's window
+//   { expectResized: { from?: [w, h], max: [w, h] } }   video/canvas size changed (from the size
+//                                                       before the last resize) and fits in max
+// Or, to check a page directly on this host (a control for isolation tests):
+//   { control: "<url>", expect: "#rrggbb", timeoutMs }
+// Prints one line "RESULT <json>" with { ok, steps, error?, console }.
+import { chromium } from 'playwright-core';
+
+const arg = JSON.parse(process.argv[2]);
+const result = { ok: false, steps: [], console: [] };
+const done = (code) => {
+  console.log('RESULT ' + JSON.stringify(result));
+  process.exit(code);
+};
+setTimeout(() => {
+  result.error = 'scenario timed out';
+  done(1);
+}, arg.timeoutMs ?? 90000);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+  args: [
+    '--no-sandbox', '--disable-background-networking', '--disable-component-update',
+    '--disable-sync', '--no-first-run', '--autoplay-policy=no-user-gesture-required',
+    '--allow-loopback-in-peer-connection',
+    '--disable-features=LocalNetworkAccessChecks,PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults,BlockInsecurePrivateNetworkRequests',
+  ],
+});
+
+function parseColour(hex) {
+  const n = parseInt(hex.slice(1), 16);
+  return [(n >> 16) & 255, (n >> 8) & 255, n & 255];
+}
+
+function close(a, b, tol) {
+  return a.every((v, i) => Math.abs(v - b[i]) <= tol);
+}
+
+// Runs in the viewer page: finds the remote screen (the largest playing
+// <video> or the largest <canvas>, also inside shadow roots) and reads the
+// average colour of a small square at its centre.
+function sampleInPage(kind) {
+  const all = (sel, root = document, out = []) => {
+    root.querySelectorAll(sel).forEach((e) => out.push(e));
+    root.querySelectorAll('*').forEach((e) => { if (e.shadowRoot) all(sel, e.shadowRoot, out); });
+    return out;
+  };
+  const info = { videos: all('video').length, canvases: all('canvas').length };
+  let el, w, h, src;
+  if (kind === 'video') {
+    const vs = all('video').filter((v) => v.videoWidth > 0 && v.readyState >= 2);
+    vs.sort((a, b) => b.videoWidth * b.videoHeight - a.videoWidth * a.videoHeight);
+    el = vs[0];
+    if (!el) return { ...info, found: false };
+    w = el.videoWidth; h = el.videoHeight; src = el;
+  } else {
+    const cs = all('canvas').filter((c) => c.width > 0 && c.height > 0 && !c.dataset.e2e);
+    cs.sort((a, b) => b.width * b.height - a.width * a.height);
+    el = cs[0];
+    if (!el) return { ...info, found: false };
+    w = el.width; h = el.height; src = el;
+  }
+  const c = document.createElement('canvas');
+  c.dataset.e2e = '1';
+  c.width = 9; c.height = 9;
+  const ctx = c.getContext('2d', { willReadFrequently: true });
+  ctx.drawImage(src, Math.floor(w / 2) - 4, Math.floor(h / 2) - 4, 9, 9, 0, 0, 9, 9);
+  const d = ctx.getImageData(0, 0, 9, 9).data;
+  const sum = [0, 0, 0];
+  for (let i = 0; i < d.length; i += 4) { sum[0] += d[i]; sum[1] += d[i + 1]; sum[2] += d[i + 2]; }
+  const px = d.length / 4;
+  const r = el.getBoundingClientRect();
+  return {
+    ...info, found: true, width: w, height: h,
+    rgb: sum.map((s) => Math.round(s / px)),
+    centre: [r.left + r.width / 2, r.top + r.height / 2],
+    time: el.currentTime ?? null,
+  };
+}
+
+async function waitColour(page, kind, want, tol, timeoutMs) {
+  const target = parseColour(want);
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    last = await page.evaluate(sampleInPage, kind).catch((e) => ({ error: String(e) }));
+    if (last.found && close(last.rgb, target, tol)) return { ok: true, sample: last };
+    if (Date.now() > deadline) return { ok: false, sample: last };
+    await page.waitForTimeout(50);
+  }
+}
+
+async function runControl() {
+  const page = await browser.newPage();
+  await page.goto(arg.control);
+  const target = parseColour(arg.expect);
+  const deadline = Date.now() + (arg.controlTimeoutMs ?? 20000);
+  for (;;) {
+    const bg = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+    const rgb = (bg.match(/\d+/g) ?? []).slice(0, 3).map(Number);
+    if (close(rgb, target, 8)) {
+      result.steps.push({ control: arg.control.slice(0, 60), ok: true, rgb });
+      result.title = await page.title();
+      result.ok = true;
+      return;
+    }
+    if (Date.now() > deadline) {
+      result.steps.push({ control: arg.control.slice(0, 60), ok: false, rgb });
+      result.title = await page.title();
+      result.error = `control page has background ${bg}, wanted ${arg.expect}`;
+      return;
+    }
+    await page.waitForTimeout(100);
+  }
+}
+
+async function runViewers() {
+  const [vw, vh] = arg.viewport ?? [1280, 800];
+  const pages = [];
+  for (let i = 0; i < (arg.viewers ?? 1); i++) {
+    const ctx = await browser.newContext({ viewport: { width: vw, height: vh } });
+    const page = await ctx.newPage();
+    page.on('console', (m) => {
+      if (m.type() === 'error' || m.type() === 'warning') result.console.push(`viewer${i}: ${m.text()}`);
+    });
+    page.on('pageerror', (e) => result.console.push(`viewer${i} error: ${e.message}`));
+    await page.goto(arg.url);
+    pages.push(page);
+  }
+  const kind = arg.kind ?? 'video';
+  let lastSize = null;
+  for (const step of arg.steps) {
+    const t0 = Date.now();
+    const rec = { step };
+    result.steps.push(rec);
+    if (step.expect) {
+      const outs = await Promise.all(pages.map((p) =>
+        waitColour(p, kind, step.expect, step.tolerance ?? 48, step.timeoutMs ?? 20000)));
+      rec.samples = outs.map((o) => o.sample);
+      rec.ok = outs.every((o) => o.ok);
+    } else if (step.click) {
+      const s = await pages[0].evaluate(sampleInPage, kind);
+      if (!s.found) { rec.ok = false; rec.error = 'no remote screen to click'; }
+      else {
+        await pages[0].mouse.click(s.centre[0], s.centre[1]);
+        rec.ok = true;
+      }
+    } else if (step.type) {
+      await pages[0].keyboard.type(step.type, { delay: 40 });
+      rec.ok = true;
+    } else if (step.resize) {
+      const before = await pages[0].evaluate(sampleInPage, kind);
+      lastSize = before.found ? [before.width, before.height] : null;
+      rec.before = lastSize;
+      await pages[0].setViewportSize({ width: step.resize[0], height: step.resize[1] });
+      rec.ok = true;
+    } else if (step.expectResized) {
+      const { max } = step.expectResized;
+      const from = step.expectResized.from ?? lastSize ?? [0, 0];
+      const deadline = Date.now() + (step.timeoutMs ?? 20000);
+      let s;
+      for (;;) {
+        s = await pages[0].evaluate(sampleInPage, kind);
+        const changed = s.found && (s.width !== from[0] || s.height !== from[1]);
+        if (changed && s.width <= max[0] && s.height <= max[1]) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(100);
+      }
+      rec.sample = s;
+    } else {
+      rec.ok = false;
+      rec.error = 'unknown step';
+    }
+    rec.ms = Date.now() - t0;
+    if (!rec.ok) {
+      result.error = `step ${result.steps.length} failed: ${JSON.stringify(step)}`;
+      return;
+    }
+  }
+  result.ok = true;
+}
+
+try {
+  if (arg.control) await runControl();
+  else await runViewers();
+} catch (e) {
+  result.error = String(e?.stack ?? e);
+}
+await browser.close().catch(() => {});
+done(result.ok ? 0 : 1);

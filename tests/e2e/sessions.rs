@@ -1,0 +1,351 @@
+//! Sessions through the real server, sandbox and agent, seen in headless
+//! Chromium viewers: noVNC and WebRTC, input, resize, two viewers,
+//! isolation of the page and of viewer tokens.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sandcast_e2e::{
+    Server, child, children_running, colours, data_url, find_session_process, input_page,
+    run_browser, run_viewer, wait_no_leftovers, with_query,
+};
+use serde_json::{Value, json};
+
+const READY: Duration = Duration::from_secs(40);
+
+/// Creates a session showing `page` and waits until it is ready.
+fn ready_session(s: &Server, page: &str) -> (String, Value) {
+    let created =
+        s.create(&json!({ "start_url": page, "kiosk": true, "width": 1280, "height": 720 }));
+    let id = created["id"].as_str().expect("id").to_string();
+    s.wait_state(&id, "ready", READY);
+    (id, created)
+}
+
+/// Deletes the session and asserts nothing of it is left on the host.
+fn delete_clean(s: &Server, id: &str) {
+    let stopped = s.delete(id);
+    assert_eq!(stopped["state"], "stopped", "{stopped:#}");
+    let left = wait_no_leftovers(id, Duration::from_secs(15));
+    assert!(
+        left.is_empty(),
+        "session {id} left behind:\n{}",
+        left.join("\n")
+    );
+}
+
+fn input_steps() -> Value {
+    json!([
+        { "expect": colours::START, "timeoutMs": 30000 },
+        { "click": true },
+        { "expect": colours::CLICKED },
+        { "type": "hi" },
+        { "expect": colours::TYPED },
+    ])
+}
+
+#[test]
+fn novnc_lifecycle_shows_the_page_takes_input_and_leaves_nothing() {
+    let s = Server::start_default();
+    let created = s
+        .create(&json!({ "start_url": input_page(), "kiosk": true, "width": 1280, "height": 720 }));
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(created["state"], "starting", "{created:#}");
+    let token = created["viewer_token"].as_str().expect("viewer_token");
+    let url = created["viewer_url"].as_str().expect("viewer_url");
+    assert!(
+        url.starts_with(&format!("{}/viewer/{id}", s.base))
+            && url.ends_with(&format!("#token={token}")),
+        "viewer_url {url:?}"
+    );
+    assert!(
+        created["expires_at"]
+            .as_str()
+            .is_some_and(|t| t.contains('T')),
+        "{created:#}"
+    );
+
+    let ready = s.wait_state(&id, "ready", READY);
+    assert!(
+        children_running(&ready),
+        "ready with children not running: {ready:#}"
+    );
+    assert!(ready["ready_at"].is_string(), "{ready:#}");
+    for (name, hint) in [("xvfb", "Xvfb"), ("browser", "chrom"), ("vnc", "x11vnc")] {
+        let pid = child(&ready, name).unwrap()["pid"].as_i64().unwrap() as i32;
+        assert!(
+            find_session_process(&id, pid, hint).is_some(),
+            "{name} pid {pid} is no {hint} process of session {id}"
+        );
+    }
+
+    let view = run_viewer(&json!({
+        "url": with_query(url, "mode=vnc"),
+        "kind": "canvas",
+        "steps": input_steps(),
+    }));
+    eprintln!("noVNC steps: {}", view["steps"]);
+
+    let logs = s.api("GET", &format!("/api/sessions/{id}/logs"), None);
+    assert_eq!(logs.status, 200, "{logs:?}");
+    assert!(
+        logs.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{:?}",
+        logs.headers
+    );
+    assert!(
+        logs.body.lines().any(|l| l.contains("browser")),
+        "no browser lines in the session log:\n{}",
+        logs.body
+    );
+    assert!(
+        !logs.body.contains(token),
+        "the session log holds the viewer token"
+    );
+    assert!(
+        !s.logs().contains(token),
+        "the server logged a viewer token"
+    );
+
+    delete_clean(&s, &id);
+    let state = s.raw(
+        "GET",
+        &format!("/viewer/{id}/state"),
+        &[("authorization", &format!("Bearer {token}"))],
+        None,
+    );
+    if state.status == 200 {
+        assert_eq!(state.json()["state"], "stopped", "{}", state.body);
+    }
+}
+
+#[test]
+fn webrtc_two_viewers_see_the_page_and_input_changes_it() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    let view = run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "video",
+        "viewers": 2,
+        "steps": input_steps(),
+    }));
+    eprintln!("WebRTC steps: {}", view["steps"]);
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn webrtc_viewer_resize_resizes_the_remote_display() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    let view = run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "video",
+        "viewport": [1280, 800],
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            { "resize": [900, 640] },
+            { "expectResized": { "max": [900, 640] } },
+            { "expect": colours::START },
+        ],
+    }));
+    let last = &view["steps"][2]["sample"];
+    let (w, h) = (
+        last["width"].as_u64().unwrap(),
+        last["height"].as_u64().unwrap(),
+    );
+    let got = s.wait_session(&id, Duration::from_secs(10), "the video's size", |v| {
+        (v["width"] == w && v["height"] == h).then_some(true)
+    });
+    assert_eq!(
+        (got["width"].as_u64(), got["height"].as_u64()),
+        (Some(w), Some(h))
+    );
+    delete_clean(&s, &id);
+}
+
+/// A TCP listener on every host address that answers HTTP 200 and counts
+/// connections: any connection from a session is an isolation failure.
+struct Canary {
+    port: u16,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Canary {
+    fn start() -> Canary {
+        let l = TcpListener::bind("0.0.0.0:0").expect("bind canary");
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                h.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 1024];
+                let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        Canary { port, hits }
+    }
+}
+
+/// The host's IPv4 addresses (all interfaces, including session gateways).
+fn host_ipv4() -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            it.position(|w| w == "inet")?;
+            it.next()?.split('/').next().map(String::from)
+        })
+        .collect()
+}
+
+/// A page that requests every URL in its fragment (JSON list), then turns
+/// teal when none answered, magenta when one did (grey while trying).
+fn probe_page() -> String {
+    data_url(
+        "<!doctype html><html><head><style>html,body{margin:0;height:100%;background:#808080}</style></head><body><script>\
+         const urls=JSON.parse(decodeURIComponent(location.hash.slice(1)));const reached=[];\
+         const tries=urls.map(u=>u.startsWith('ws')\
+           ?new Promise(r=>{try{const w=new WebSocket(u);const t=setTimeout(()=>{w.close();r()},4000);\
+              w.onopen=()=>{reached.push(u);clearTimeout(t);r()};w.onerror=()=>{clearTimeout(t);r()}}catch(e){r()}})\
+           :fetch(u,{mode:'no-cors',cache:'no-store',signal:AbortSignal.timeout(4000)}).then(()=>reached.push(u),()=>{}));\
+         Promise.all(tries).then(()=>{document.title='reached:'+JSON.stringify(reached);\
+           document.body.style.background=reached.length?'#c000c0':'#00c0c0'});\
+         </script></body></html>",
+    )
+}
+
+#[test]
+fn a_session_cannot_reach_the_host_and_tokens_open_only_their_session() {
+    let s = Server::start_default();
+    let canary = Canary::start();
+    // Session A first, so that its gateway is one of the host addresses B probes.
+    let (a, created_a) = ready_session(&s, "about:blank");
+    let token_a = created_a["viewer_token"].as_str().unwrap().to_string();
+
+    let api = s.port;
+    let mut urls = vec![
+        format!("http://127.0.0.1:{api}/health"),
+        format!("http://localhost:{api}/health"),
+        format!("ws://127.0.0.1:{api}/viewer/{a}/vnc?token={token_a}"),
+    ];
+    for ip in host_ipv4() {
+        urls.push(format!("http://{ip}:{}/", canary.port));
+    }
+    let fragment = |u: &[String]| {
+        let j = serde_json::to_string(u).unwrap();
+        j.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect::<String>()
+    };
+
+    // Control: the same page, run on the host itself, does reach the server.
+    let control_urls = vec![
+        format!("http://127.0.0.1:{api}/health"),
+        format!("http://127.0.0.1:{}/", canary.port),
+    ];
+    let control = run_browser(
+        "e2e-viewer.mjs",
+        &json!({ "control": format!("{}#{}", probe_page(), fragment(&control_urls)), "expect": "#c000c0" }),
+    );
+    assert!(
+        control["ok"] == true,
+        "the probe page does not reach the host even from the host: {control:#}"
+    );
+    assert!(
+        canary.hits.load(Ordering::SeqCst) >= 1,
+        "control never reached the canary"
+    );
+    let before = canary.hits.load(Ordering::SeqCst);
+
+    let (b, created_b) = ready_session(&s, &format!("{}#{}", probe_page(), fragment(&urls)));
+    let token_b = created_b["viewer_token"].as_str().unwrap().to_string();
+    let view = run_viewer(&json!({
+        "url": with_query(created_b["viewer_url"].as_str().unwrap(), "mode=vnc"),
+        "kind": "canvas",
+        "steps": [{ "expect": "#00c0c0", "tolerance": 40, "timeoutMs": 40000 }],
+    }));
+    eprintln!("probe targets {urls:?}; viewer {}", view["steps"]);
+    assert_eq!(
+        canary.hits.load(Ordering::SeqCst),
+        before,
+        "a session connected to the host"
+    );
+
+    // Viewer tokens: each opens its own session only.
+    let state = |id: &str, token: Option<&str>| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let h: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        s.raw("GET", &format!("/viewer/{id}/state"), &h, None)
+    };
+    let own = state(&b, Some(&token_b));
+    assert_eq!(own.status, 200, "{own:?}");
+    assert_eq!(own.json()["id"], b.as_str());
+    assert_eq!(own.json()["state"], "ready");
+    for (what, r) in [
+        ("A's token on B", state(&b, Some(&token_a))),
+        ("no token", state(&b, None)),
+        ("wrong token", state(&b, Some("not-a-token"))),
+        ("B's token on A", state(&a, Some(&token_b))),
+    ] {
+        assert!(matches!(r.status, 401 | 403), "{what}: {r:?}");
+        assert!(r.json()["error"].is_string(), "{what}: {}", r.body);
+        assert!(
+            !r.body.contains("\"children\""),
+            "{what} leaked the state: {}",
+            r.body
+        );
+    }
+    let unknown = state("no-such-session-1234", Some(&token_a));
+    assert!(matches!(unknown.status, 401 | 403 | 404), "{unknown:?}");
+
+    assert_eq!(
+        s.ws_handshake(&format!("/viewer/{b}/vnc?token={token_b}")),
+        101
+    );
+    for (what, path) in [
+        ("A's token", format!("/viewer/{b}/vnc?token={token_a}")),
+        ("no token", format!("/viewer/{b}/vnc")),
+        ("wrong token", format!("/viewer/{b}/vnc?token=x{token_b}")),
+    ] {
+        let code = s.ws_handshake(&path);
+        assert!(
+            matches!(code, 401 | 403),
+            "VNC WebSocket of B with {what}: {code}"
+        );
+    }
+    let offer = s.raw(
+        "POST",
+        &format!("/api/webrtc/session/{b}/offer"),
+        &[
+            ("authorization", &format!("Bearer {token_a}")),
+            ("content-type", "application/json"),
+        ],
+        Some(br#"{"type":"offer","sdp":"v=0\r\n"}"#),
+    );
+    assert!(
+        matches!(offer.status, 401 | 403),
+        "offer for B with A's token: {offer:?}"
+    );
+
+    delete_clean(&s, &a);
+    delete_clean(&s, &b);
+}
