@@ -2,6 +2,7 @@
 // against what they show:
 //   node e2e-viewer.mjs '<json>'
 // json: { url, kind: "canvas"|"video", viewers: 1, viewport: [w, h],
+//         mode?: "webrtc"|"vnc" (the viewer's window.sandcast.mode must be this),
 //         timeoutMs, steps: [...] }
 // steps (run in order; actions go to the first viewer, checks to all):
 //   { expect: "#rrggbb", tolerance?: 48, timeoutMs? }  the remote screen's centre has that colour
@@ -54,7 +55,11 @@ function sampleInPage(kind) {
     root.querySelectorAll('*').forEach((e) => { if (e.shadowRoot) all(sel, e.shadowRoot, out); });
     return out;
   };
-  const info = { videos: all('video').length, canvases: all('canvas').length };
+  const info = {
+    videos: all('video').length, canvases: all('canvas').length,
+    mode: window.sandcast?.mode ?? null, state: window.sandcast?.state ?? null,
+    reason: window.sandcast?.reason ?? null,
+  };
   let el, w, h, src;
   if (kind === 'video') {
     const vs = all('video').filter((v) => v.videoWidth > 0 && v.readyState >= 2);
@@ -87,13 +92,14 @@ function sampleInPage(kind) {
   };
 }
 
-async function waitColour(page, kind, want, tol, timeoutMs) {
+async function waitColour(page, kind, want, tol, timeoutMs, mode) {
   const target = parseColour(want);
   const deadline = Date.now() + timeoutMs;
   let last;
   for (;;) {
     last = await page.evaluate(sampleInPage, kind).catch((e) => ({ error: String(e) }));
-    if (last.found && close(last.rgb, target, tol)) return { ok: true, sample: last };
+    const modeOk = !mode || last.mode === mode;
+    if (last.found && modeOk && close(last.rgb, target, tol)) return { ok: true, sample: last };
     if (Date.now() > deadline) return { ok: false, sample: last };
     await page.waitForTimeout(50);
   }
@@ -144,7 +150,7 @@ async function runViewers() {
     result.steps.push(rec);
     if (step.expect) {
       const outs = await Promise.all(pages.map((p) =>
-        waitColour(p, kind, step.expect, step.tolerance ?? 48, step.timeoutMs ?? 20000)));
+        waitColour(p, kind, step.expect, step.tolerance ?? 48, step.timeoutMs ?? 20000, arg.mode)));
       rec.samples = outs.map((o) => o.sample);
       rec.ok = outs.every((o) => o.ok);
     } else if (step.click) {

@@ -85,6 +85,7 @@ fn novnc_lifecycle_shows_the_page_takes_input_and_leaves_nothing() {
     let view = run_viewer(&json!({
         "url": with_query(url, "mode=vnc"),
         "kind": "canvas",
+        "mode": "vnc",
         "steps": input_steps(),
     }));
     eprintln!("noVNC steps: {}", view["steps"]);
@@ -130,6 +131,7 @@ fn webrtc_two_viewers_see_the_page_and_input_changes_it() {
     let view = run_viewer(&json!({
         "url": created["viewer_url"],
         "kind": "video",
+        "mode": "webrtc",
         "viewers": 2,
         "steps": input_steps(),
     }));
@@ -144,6 +146,7 @@ fn webrtc_viewer_resize_resizes_the_remote_display() {
     let view = run_viewer(&json!({
         "url": created["viewer_url"],
         "kind": "video",
+        "mode": "webrtc",
         "viewport": [1280, 800],
         "steps": [
             { "expect": colours::START, "timeoutMs": 30000 },
@@ -281,6 +284,7 @@ fn a_session_cannot_reach_the_host_and_tokens_open_only_their_session() {
     let view = run_viewer(&json!({
         "url": with_query(created_b["viewer_url"].as_str().unwrap(), "mode=vnc"),
         "kind": "canvas",
+        "mode": "vnc",
         "steps": [{ "expect": "#00c0c0", "tolerance": 40, "timeoutMs": 40000 }],
     }));
     eprintln!("probe targets {urls:?}; viewer {}", view["steps"]);
