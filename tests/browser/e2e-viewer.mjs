@@ -1,14 +1,17 @@
 // Opens sandcast viewer pages in headless Chromium and runs a list of steps
 // against what they show:
 //   node e2e-viewer.mjs '<json>'
-// json: { url, kind: "canvas"|"video", viewers: 1, viewport: [w, h],
+// json: { url, kind: "canvas"|"video"|"any", viewers: 1, viewport: [w, h],
 //         mode?: "webrtc"|"vnc" (the viewer's window.sandcast.mode must be this),
+//         chromiumArgs?: [...] (more flags for the viewers' browser),
 //         timeoutMs, steps: [...] }
 // steps (run in order; actions go to the first viewer, checks to all):
 //   { expect: "#rrggbb", tolerance?: 48, timeoutMs? }  the remote screen's centre has that colour
 //   { click: true }                                     click the centre of the remote screen
 //   { type: "text" }                                    type text
 //   { resize: [w, h] }                                  resize the viewer's window
+//   { stats: true }                                     record the viewers' stats; WebRTC ones
+//                                                       must have decoded frames
 //   { expectResized: { from?: [w, h], max: [w, h] } }   video/canvas size changed (from the size
 //                                                       before the last resize) and fits in max
 // Or, to check a page directly on this host (a control for isolation tests):
@@ -34,6 +37,7 @@ const browser = await chromium.launch({
     '--disable-sync', '--no-first-run', '--autoplay-policy=no-user-gesture-required',
     '--allow-loopback-in-peer-connection',
     '--disable-features=LocalNetworkAccessChecks,PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults,BlockInsecurePrivateNetworkRequests',
+    ...(arg.chromiumArgs ?? []),
   ],
 });
 
@@ -61,6 +65,8 @@ function sampleInPage(kind) {
     reason: window.sandcast?.reason ?? null,
   };
   let el, w, h, src;
+  // "any": whatever the viewer currently streams with.
+  if (kind === 'any') kind = info.mode === 'vnc' ? 'canvas' : 'video';
   if (kind === 'video') {
     const vs = all('video').filter((v) => v.videoWidth > 0 && v.readyState >= 2);
     vs.sort((a, b) => b.videoWidth * b.videoHeight - a.videoWidth * a.videoHeight);
@@ -90,6 +96,29 @@ function sampleInPage(kind) {
     centre: [r.left + r.width / 2, r.top + r.height / 2],
     time: el.currentTime ?? null,
   };
+}
+
+// Runs in the viewer page: the viewer's public stats plus the protocol of
+// the selected ICE candidate pair (from the element's peer connection).
+async function statsInPage() {
+  const el = window.sandcast?.element;
+  if (!el) return { error: 'no window.sandcast.element' };
+  const out = { ...(await el.stats()) };
+  const pc = el._rtc?.pc;
+  if (pc) {
+    const report = await pc.getStats();
+    let pair;
+    const cands = new Map();
+    report.forEach((s) => {
+      if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
+      if (s.type === 'local-candidate' || s.type === 'remote-candidate') cands.set(s.id, s);
+    });
+    if (pair) {
+      out.localProtocol = cands.get(pair.localCandidateId)?.protocol ?? null;
+      out.remoteProtocol = cands.get(pair.remoteCandidateId)?.protocol ?? null;
+    }
+  }
+  return out;
 }
 
 async function waitColour(page, kind, want, tol, timeoutMs, mode) {
@@ -153,6 +182,9 @@ async function runViewers() {
         waitColour(p, kind, step.expect, step.tolerance ?? 48, step.timeoutMs ?? 20000, arg.mode)));
       rec.samples = outs.map((o) => o.sample);
       rec.ok = outs.every((o) => o.ok);
+    } else if (step.stats) {
+      rec.stats = await Promise.all(pages.map((p) => p.evaluate(statsInPage)));
+      rec.ok = rec.stats.every((st) => st.mode !== 'webrtc' || st.framesDecoded > 0);
     } else if (step.click) {
       const s = await pages[0].evaluate(sampleInPage, kind);
       if (!s.found) { rec.ok = false; rec.error = 'no remote screen to click'; }

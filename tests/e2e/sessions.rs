@@ -128,14 +128,46 @@ fn novnc_lifecycle_shows_the_page_takes_input_and_leaves_nothing() {
 fn webrtc_two_viewers_see_the_page_and_input_changes_it() {
     let s = Server::start_default();
     let (id, created) = ready_session(&s, &input_page());
+    let mut steps = input_steps();
+    steps.as_array_mut().unwrap().push(json!({ "stats": true }));
     let view = run_viewer(&json!({
         "url": created["viewer_url"],
         "kind": "video",
         "mode": "webrtc",
         "viewers": 2,
-        "steps": input_steps(),
+        "steps": steps,
     }));
     eprintln!("WebRTC steps: {}", view["steps"]);
+    for st in view["steps"][5]["stats"].as_array().unwrap() {
+        assert!(st["framesDecoded"].as_u64().unwrap_or(0) > 0, "{st}");
+        assert_eq!(st["localProtocol"], "udp", "{st}");
+    }
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn without_udp_the_viewer_uses_ice_tcp_or_falls_back_to_novnc() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    // This policy keeps Chromium's WebRTC off UDP entirely (no proxy here).
+    let view = run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "any",
+        "chromiumArgs": ["--force-webrtc-ip-handling-policy=disable_non_proxied_udp"],
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 40000 },
+            { "stats": true },
+            { "click": true },
+            { "expect": colours::CLICKED },
+        ],
+    }));
+    let st = &view["steps"][1]["stats"][0];
+    eprintln!("without UDP: {st}");
+    match st["mode"].as_str() {
+        Some("webrtc") => assert_eq!(st["localProtocol"], "tcp", "{st}"),
+        Some("vnc") => {}
+        other => panic!("viewer mode {other:?}: {st}"),
+    }
     delete_clean(&s, &id);
 }
 
