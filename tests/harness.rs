@@ -100,6 +100,8 @@ pub struct ServerOptions {
     pub tables: String,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Extra arguments after `sandcast serve ...`.
+    pub args: Vec<String>,
 }
 
 /// A running `sandcast serve` with its own data directory.
@@ -230,6 +232,7 @@ impl Server {
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
+        cmd.args(&self.opts.args);
         let mut child = cmd.spawn().expect("spawn sandcast serve");
         let (tx, rx) = mpsc::channel::<String>();
         let stdout = child.stdout.take().expect("stdout");
@@ -320,6 +323,46 @@ impl Server {
         let _ = c.kill();
         let _ = c.wait();
         None
+    }
+
+    /// Polls the server's output for a line containing `needle`; returns it.
+    pub fn wait_output(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .output
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no line with {needle:?} in the server's output:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `sandcast <args>` as a client of this server; returns
+    /// (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin_dir().join("sandcast"))
+            .args(args)
+            .env("SANDCAST_SERVER", &self.base)
+            .env("SANDCAST_API_KEY", &self.api_key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run sandcast");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// The server's output so far.

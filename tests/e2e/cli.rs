@@ -1,0 +1,118 @@
+//! The `sandcast` command line against a real server: the session
+//! commands, `serve --open-session` and `doctor`.
+
+use std::time::Duration;
+
+use sandcast_e2e::{Server, ServerOptions, bin_dir, input_page, wait_no_leftovers};
+use serde_json::Value;
+
+fn json_of(out: &str) -> Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+}
+
+#[test]
+fn session_commands_drive_the_api() {
+    let s = Server::start_default();
+    let page = input_page();
+    let (code, out, err) = s.cli(&[
+        "session",
+        "create",
+        "--start-url",
+        &page,
+        "--width",
+        "1024",
+        "--height",
+        "768",
+        "--wait",
+    ]);
+    assert_eq!(code, 0, "create failed: {out}\n{err}");
+    let created = json_of(&out);
+    let id = created["id"].as_str().expect("id").to_string();
+    let got = s.session(&id);
+    assert_eq!(
+        got["state"], "ready",
+        "--wait returned before ready: {got:#}"
+    );
+    assert_eq!(
+        (got["width"].as_u64(), got["height"].as_u64()),
+        (Some(1024), Some(768))
+    );
+
+    let (code, out, err) = s.cli(&["session", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id), "list lacks {id}: {out}");
+    let (code, out, err) = s.cli(&["session", "get", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["id"], id.as_str());
+    let (code, out, err) = s.cli(&["session", "logs", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("browser"), "logs: {out}");
+
+    let (code, out, err) = s.cli(&["session", "get", "no-such-session-42"]);
+    assert_ne!(code, 0, "get of an unknown session succeeded: {out}");
+    assert!(
+        err.contains("no-such-session-42") || err.contains("404"),
+        "{err}"
+    );
+    let (code, _, err) = s.cli(&["session", "create", "--start-url", "file:///etc/passwd"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("file"),
+        "bad URL error does not name it: {err}"
+    );
+
+    let (code, _, err) = s.cli(&["session", "delete", &id]);
+    assert_eq!(code, 0, "{err}");
+    s.wait_state(&id, "stopped", Duration::from_secs(20));
+    let left = wait_no_leftovers(&id, Duration::from_secs(15));
+    assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+}
+
+#[test]
+fn serve_open_session_prints_the_viewer_of_a_ready_session() {
+    let s = Server::start(ServerOptions {
+        args: vec!["--open-session".into()],
+        ..Default::default()
+    });
+    let line = s.wait_output("viewer: ", Duration::from_secs(60));
+    let url = line.split("viewer: ").nth(1).unwrap().trim().to_string();
+    assert!(url.starts_with(&format!("{}/viewer/", s.base)), "{url}");
+    let (path, token) = url
+        .split_once("#token=")
+        .unwrap_or_else(|| panic!("no token in {url}"));
+    let id = path.rsplit('/').next().unwrap();
+    let st = s.raw(
+        "GET",
+        &format!("/viewer/{id}/state"),
+        &[("authorization", &format!("Bearer {token}"))],
+        None,
+    );
+    assert_eq!(st.status, 200, "{st:?}");
+    assert_eq!(st.json()["state"], "ready", "{}", st.body);
+    assert!(
+        !s.logs().replace(&line, "").contains(token),
+        "the token was printed elsewhere too"
+    );
+    s.delete(id);
+}
+
+#[test]
+fn doctor_says_this_host_is_ready() {
+    let out = std::process::Command::new(bin_dir().join("sandcast"))
+        .arg("doctor")
+        .output()
+        .expect("run sandcast doctor");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "doctor says the host is not ready:\n{text}"
+    );
+    assert!(
+        text.to_lowercase().contains("chromium"),
+        "doctor does not check the browser:\n{text}"
+    );
+}
