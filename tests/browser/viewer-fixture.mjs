@@ -91,7 +91,8 @@ export async function startDisplay({ width = 640, height = 480 } = {}) {
 /**
  * Starts the HTTP + WebSocket stand-in for the viewer routes of the sandcast
  * server. Mutate `fixture.state` ({ status, body }) and `fixture.offer`
- * ({ status, body } or 'hang') to script it. `fixture.requests` logs
+ * ({ status, body }, 'hang', or an async function from offer to answer) to
+ * script it. `fixture.requests` logs
  * `{ method, path, auth }`; `fixture.vncConnections` counts tunnels.
  */
 export async function startServer({ vncPort, token = 'tok-123', session = 'x', cors = false }) {
@@ -99,7 +100,9 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
     token,
     session,
     state: { status: 200, body: { id: session, state: 'ready', reason: null, width: 640, height: 480, children: [] } },
+    // { status, body }, 'hang', or async (offer) => answer.
     offer: { status: 503, body: { error: 'webrtc gateway not available' } },
+    offers: [],
     requests: [],
     vncConnections: 0,
     sockets: new Set(),
@@ -143,9 +146,18 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
       return;
     }
     if (path === `/api/webrtc/session/${session}/offer` && req.method === 'POST') {
-      req.resume();
+      const chunks = [];
+      for await (const c of req) chunks.push(c);
+      fixture.offers.push(Buffer.concat(chunks).toString());
       if (!authorised(req.headers.authorization)) return json(401, { error: 'unauthorised' });
       if (fixture.offer === 'hang') { hanging.add(res); return; }
+      if (typeof fixture.offer === 'function') {
+        try {
+          return json(200, await fixture.offer(JSON.parse(fixture.offers.at(-1))));
+        } catch (e) {
+          return json(500, { error: 'answerer failed', detail: String(e) });
+        }
+      }
       return json(fixture.offer.status, fixture.offer.body);
     }
     if (path === '/api/webrtc/ice-servers') return json(200, { iceServers: [] });

@@ -115,7 +115,7 @@ export class SandcastViewer extends HTMLElement {
         this.toggleStats();
       }
     };
-    this._status = { state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null };
+    this._status = { state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null, control: true };
     this._run = 0; // bumped on every (dis)connect so stale async work can tell it is stale
     this._timers = new Set();
     this._rtc = null;
@@ -159,7 +159,7 @@ export class SandcastViewer extends HTMLElement {
     return MODES.includes(m) ? m : 'auto';
   }
 
-  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session }`. */
+  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session, control }`. */
   get status() { return { ...this._status, children: [...this._status.children] }; }
 
   /** Starts (or restarts) watching the session and streaming it once ready. */
@@ -236,8 +236,9 @@ export class SandcastViewer extends HTMLElement {
       }
     }
     const s = this._status;
-    this._pathLabel.textContent = s.mode === 'webrtc' ? 'WebRTC'
-      : s.mode === 'vnc' ? `noVNC${s.path ? ` (${s.path})` : ''}` : '';
+    this._pathLabel.textContent = (s.mode === 'webrtc' ? 'WebRTC'
+      : s.mode === 'vnc' ? `noVNC${s.path ? ` (${s.path})` : ''}` : '')
+      + (s.mode && s.control === false ? ' · view only' : '');
     this.dataset.state = s.state;
     this.dataset.mode = s.mode ?? '';
     this.dataset.connected = String(s.connected);
@@ -310,6 +311,7 @@ export class SandcastViewer extends HTMLElement {
         }
         break;
       case 'failed':
+        this._run++;
         this._teardown();
         this._set({ state: 'failed', children, connected: false, mode: null, reason: body.reason || 'unknown reason' },
           `failed: ${body.reason || 'unknown reason'}`, describeChildren(children));
@@ -330,6 +332,7 @@ export class SandcastViewer extends HTMLElement {
 
   _ended(state, reason) {
     if (ENDED.has(this._status.state) && !this._rtc && !this._rfb) return;
+    this._run++; // a poll still in flight must not start a stream again
     this._teardown();
     this._set({ state, connected: false, mode: null, path: null, reason: reason ?? null }, 'session ended', reason ?? '');
     this._emit('ended', { state, reason: reason ?? null });
@@ -412,7 +415,11 @@ export class SandcastViewer extends HTMLElement {
     const prev = conn.onMessage;
     conn.onMessage = (m) => {
       if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
-      if (m && m.kind === 'session_state' && ENDED.has(m.state)) this._ended(m.state, m.reason);
+      // The gateway says "ended"; the session API says "stopping"/"stopped".
+      if (m && m.kind === 'session_state' && (m.state === 'ended' || ENDED.has(m.state))) {
+        this._ended(m.state === 'ended' ? 'stopped' : m.state, m.reason);
+      }
+      if (m && m.kind === 'control') this._set({ control: m.granted !== false });
       if (prev) prev(m);
     };
     let lost;
@@ -424,7 +431,7 @@ export class SandcastViewer extends HTMLElement {
       else if (st === 'disconnected') lost = setTimeout(() => this._dropped(run, conn, 'WebRTC connection lost'), 4000);
     });
     this._retries = 0;
-    this._set({ mode: 'webrtc', connected: true, path: null, reason: null }, null);
+    this._set({ mode: 'webrtc', connected: true, path: null, reason: null, control: true }, null);
     this._emit('connected', { mode: 'webrtc' });
   }
 
