@@ -245,3 +245,16 @@ async function cutBuffer() {
   const m = /^CUT_BUFFER0\(STRING\) = "(.*)"$/m.exec(stdout);
   return m ? m[1] : null;
 }
+
+test('noVNC pointer positions reach the X server, scaled to the display', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  // 640x480 scaled into 800x600: factor 1.25.
+  for (const [px, py, x, y] of [[400, 300, 320, 240], [100, 500, 80, 400]]) {
+    await page.mouse.move(px, py);
+    await until(async () => {
+      const { stdout } = await run('xdotool', ['getmouselocation', '--shell'], { env: { ...process.env, DISPLAY: display.display } });
+      return stdout.includes(`X=${x}\n`) && stdout.includes(`Y=${y}\n`);
+    }, 5000, `the X pointer at ${x},${y}`);
+  }
+});
