@@ -258,3 +258,16 @@ test('noVNC pointer positions reach the X server, scaled to the display', async 
     }, 5000, `the X pointer at ${x},${y}`);
   }
 });
+
+test('index.html preloads exactly the modules the page loads', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  const { loaded, preloaded, entries } = await page.evaluate(() => ({
+    loaded: performance.getEntriesByType('resource').map((r) => new URL(r.name).pathname).filter((p) => p.endsWith('.js')),
+    preloaded: [...document.querySelectorAll('link[rel=modulepreload]')].map((l) => new URL(l.href).pathname),
+    entries: [...document.querySelectorAll('script[type=module]')].map((s) => new URL(s.src).pathname),
+  }));
+  const sorted = (xs) => [...new Set(xs)].sort();
+  assert.deepEqual(sorted(loaded), sorted([...preloaded, ...entries]),
+    'update the modulepreload links in viewer/index.html (see viewer/README.md)');
+});
