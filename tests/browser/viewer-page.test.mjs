@@ -271,3 +271,19 @@ test('index.html preloads exactly the modules the page loads', async () => {
   assert.deepEqual(sorted(loaded), sorted([...preloaded, ...entries]),
     'update the modulepreload links in viewer/index.html (see viewer/README.md)');
 });
+
+test('after a fallback, a dropped noVNC tunnel reconnects without trying WebRTC again', async () => {
+  await page.goto(fixture.viewerUrl());
+  await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');
+  const offers = () => fixture.requests.filter((r) => r.path === '/api/webrtc/session/x/offer').length;
+  assert.equal(offers(), 1);
+  fixture.dropVnc();
+  await waitFor(() => window.sandcast?.connected === false);
+  await waitFor(() => window.sandcast?.connected === true);
+  assert.equal(fixture.vncConnections, 2);
+  assert.equal(offers(), 1);
+  assert.match((await overlay()).path, /^noVNC \(WebRTC failed: offer refused: HTTP 503/);
+  // connect() tries WebRTC afresh.
+  await page.evaluate(() => window.sandcast.element.connect());
+  await until(() => offers() === 2, 10000, 'a second offer after connect()');
+});

@@ -168,6 +168,7 @@ export class SandcastViewer extends HTMLElement {
     const run = ++this._run;
     this._retries = 0;
     this._notBefore = 0;
+    this._webrtcFailed = null;
     const mode = (this.getAttribute('mode') || 'auto').toLowerCase();
     if (!MODES.includes(mode)) {
       this._set({ state: 'error', reason: `unknown mode "${mode}" (expected auto, webrtc or vnc)` }, 'error', `unknown mode "${mode}"`);
@@ -345,6 +346,9 @@ export class SandcastViewer extends HTMLElement {
     try {
       const mode = this.mode;
       if (mode === 'vnc') return this._startVnc(run, 'forced by mode=vnc');
+      // Once WebRTC has failed, reconnects go straight to noVNC rather than
+      // waiting for the timeout again; connect() tries WebRTC afresh.
+      if (mode === 'auto' && this._webrtcFailed) return this._startVnc(run, this._webrtcFailed);
       const timeoutMs = intAttr(this, 'webrtc-timeout', DEFAULT_WEBRTC_TIMEOUT_MS);
       try {
         await this._startWebRtc(run, timeoutMs);
@@ -358,6 +362,7 @@ export class SandcastViewer extends HTMLElement {
           this._retry(run);
           return;
         }
+        this._webrtcFailed = why;
         this._emit('fallback', { reason: why });
         this._startVnc(run, why);
       }
@@ -433,6 +438,7 @@ export class SandcastViewer extends HTMLElement {
     this._retries = 0;
     this._set({ mode: 'webrtc', connected: true, path: null, reason: null, control: true }, null);
     this._emit('connected', { mode: 'webrtc' });
+    if (this.hasAttribute('autofocus')) this._video.focus({ preventScroll: true });
   }
 
   _startVnc(run, why) {
@@ -458,7 +464,7 @@ export class SandcastViewer extends HTMLElement {
       this._retries = 0;
       this._set({ connected: true }, null);
       this._emit('connected', { mode: 'vnc' });
-      rfb.focus({ preventScroll: true });
+      if (this.hasAttribute('autofocus')) rfb.focus({ preventScroll: true });
     });
     rfb.addEventListener('disconnect', (ev) => {
       if (run !== this._run || this._rfb !== rfb) return;

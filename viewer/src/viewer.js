@@ -34,6 +34,7 @@ function main() {
   const params = new URLSearchParams(location.search);
   const el = document.createElement('sandcast-viewer');
   el.setAttribute('manual', '');
+  el.setAttribute('autofocus', '');
   el.setAttribute('server', location.origin);
   el.setAttribute('session', id ?? '');
   el.setAttribute('token', token ?? '');
