@@ -98,7 +98,7 @@ export class SandcastViewer extends HTMLElement {
         <video part="video" hidden autoplay muted playsinline tabindex="0"></video>
         <div class="vnc" part="vnc" hidden></div>
       </div>
-      <div class="overlay" part="overlay"><div class="title">not connected</div><div class="detail"></div></div>
+      <div class="overlay" part="overlay" role="status" aria-live="polite"><div class="title">not connected</div><div class="detail"></div></div>
       <div class="bar" part="bar"><span class="path"></span>
         <button type="button" class="stats-toggle" title="Stats (Ctrl+Alt+Shift+S)">stats</button></div>
       <div class="stats" part="stats" hidden></div>`;
@@ -134,6 +134,7 @@ export class SandcastViewer extends HTMLElement {
 
   disconnectedCallback() {
     window.removeEventListener('keydown', this._onKey, true);
+    this.toggleStats(false);
     this.disconnect();
   }
 
