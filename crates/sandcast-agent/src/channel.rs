@@ -45,9 +45,7 @@ impl FromStr for Target {
                 .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
             return Ok(Target::Vsock { cid, port });
         }
-        Err(format!(
-            "{s:?}: expected unix:<path> or vsock:<cid>:<port>"
-        ))
+        Err(format!("{s:?}: expected unix:<path> or vsock:<cid>:<port>"))
     }
 }
 

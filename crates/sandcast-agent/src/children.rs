@@ -20,10 +20,12 @@ pub struct Command {
     pub args: Vec<String>,
 }
 
-/// Xvfb at the session's size; it writes its display number to `display_fd`.
-pub fn xvfb(config: &SessionConfig, display_fd: i32) -> Command {
-    // The screen is allocated at the largest size a viewer may resize to, so
-    // RandR can change the visible size later without restarting the display.
+/// Xvfb at the largest display size; it writes its display number to
+/// `display_fd`. The agent shrinks it to the session's size at once.
+pub fn xvfb(display_fd: i32) -> Command {
+    // Xvfb's RandR cannot grow the screen past its start size, so it starts
+    // at the largest size a viewer may resize to.
+    let (w, h) = sandcast_media::MAX_DISPLAY_SIZE;
     Command {
         program: "Xvfb".into(),
         args: vec![
@@ -31,7 +33,7 @@ pub fn xvfb(config: &SessionConfig, display_fd: i32) -> Command {
             display_fd.to_string(),
             "-screen".into(),
             "0".into(),
-            format!("{}x{}x24", config.width, config.height),
+            format!("{w}x{h}x24"),
             "-nolisten".into(),
             "tcp".into(),
             "-noreset".into(),
@@ -86,9 +88,26 @@ pub fn vnc(display: &str, port: u16) -> Command {
     Command {
         program: "x11vnc".into(),
         args: [
-            "-display", display, "-rfbport", &port.to_string(), "-localhost", "-forever",
-            "-shared", "-nopw", "-noipv6", "-wait", "1", "-defer", "1", "-nonap", "-xkb",
-            "-noxrecord", "-nowf", "-noscr", "-cursor", "arrow",
+            "-display",
+            display,
+            "-rfbport",
+            &port.to_string(),
+            "-localhost",
+            "-forever",
+            "-shared",
+            "-nopw",
+            "-noipv6",
+            "-wait",
+            "1",
+            "-defer",
+            "1",
+            "-nonap",
+            "-xkb",
+            "-noxrecord",
+            "-nowf",
+            "-noscr",
+            "-cursor",
+            "arrow",
         ]
         .map(String::from)
         .to_vec(),
@@ -141,6 +160,12 @@ pub async fn wait_vnc(port: u16) -> anyhow::Result<()> {
 /// Waits until a mapped top-level window whose `WM_CLASS` names `class` is on
 /// the display: the browser has drawn its first window. Event driven: it
 /// watches the root window's substructure rather than polling.
+///
+/// Chromium still drops XTest input for a short while after this (its
+/// renderer is not yet attached). No X-visible signal marks the end of that
+/// window for every page (the title is the page's own, and damage or expose
+/// counts vary by page), so readiness means "window mapped"; a person's first
+/// input comes later than that, and tests retry their first click.
 pub fn wait_window_blocking(display: &str, class: &str) -> anyhow::Result<()> {
     let (conn, screen) = x11rb::connect(Some(display))
         .with_context(|| format!("connecting to display {display}"))?;
@@ -185,7 +210,10 @@ fn has_window(conn: &impl Connection, root: u32, class: &str) -> anyhow::Result<
             continue;
         };
         let text = String::from_utf8_lossy(&prop.value).to_ascii_lowercase();
-        if text.split('\0').any(|part| !part.is_empty() && part.contains(class)) {
+        if text
+            .split('\0')
+            .any(|part| !part.is_empty() && part.contains(class))
+        {
             return Ok(true);
         }
     }
@@ -267,12 +295,15 @@ mod tests {
 
     #[test]
     fn xvfb_and_vnc_command_lines() {
-        let x = xvfb(&config(), 5);
+        let x = xvfb(5);
         assert_eq!(x.args[..2], ["-displayfd", "5"]);
-        assert!(x.args.contains(&"1280x720x24".to_string()));
+        assert!(x.args.contains(&"3840x2160x24".to_string()));
         let v = vnc(":3", 5901);
         let line = v.args.join(" ");
-        assert!(line.contains("-display :3 -rfbport 5901 -localhost"), "{line}");
+        assert!(
+            line.contains("-display :3 -rfbport 5901 -localhost"),
+            "{line}"
+        );
         assert!(line.contains("-wait 1 -defer 1 -nonap"), "{line}");
     }
 
@@ -288,6 +319,9 @@ mod tests {
     fn window_classes() {
         assert_eq!(window_class("/usr/bin/chromium"), "chromium");
         assert_eq!(window_class("chromium-browser"), "chromium");
-        assert_eq!(window_class("/opt/google/chrome/google-chrome"), "google-chrome");
+        assert_eq!(
+            window_class("/opt/google/chrome/google-chrome"),
+            "google-chrome"
+        );
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 
 use crate::channel::{self, Target};
+use crate::media::{self, Media};
 use crate::supervisor::{Event, Supervisor};
 
 /// Outgoing control messages waiting for the writer; logs beyond this are dropped.
@@ -48,7 +49,16 @@ pub async fn run(target: Target) -> anyhow::Result<()> {
         let _ = sink.close().await;
     });
 
-    let mut supervisor = Supervisor::start(config, out_tx.clone()).await;
+    let sizes = media::initial_sizes(config.width, config.height, &out_tx);
+    let max_fps = config.max_fps;
+    let mut supervisor = Supervisor::start(config, out_tx.clone(), sizes.clone()).await;
+    let media = Media::spawn(
+        target.clone(),
+        out_tx.clone(),
+        supervisor.display.clone(),
+        sizes,
+        max_fps,
+    );
     let mut next_stream_ok = true;
     let reason = loop {
         tokio::select! {
@@ -66,6 +76,10 @@ pub async fn run(target: Target) -> anyhow::Result<()> {
                             }
                         });
                     }
+                    msg @ (Message::Input(_)
+                    | Message::Clipboard { .. }
+                    | Message::Resize { .. }
+                    | Message::Video(_)) => media.handle(msg),
                     other => {
                         if next_stream_ok {
                             agent_log(&out_tx, format!("ignoring unsupported message {}", kind_of(&other)));
@@ -88,6 +102,7 @@ pub async fn run(target: Target) -> anyhow::Result<()> {
         }
     };
     agent_log(&out_tx, format!("stopping: {reason}"));
+    media.stop();
     supervisor.shutdown().await;
     drop(out_tx);
     // Give the writer a moment to flush the last reports; the server may be gone.

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::children::{self, Command};
+use crate::media::{self, SharedSizes};
 use crate::restart::RestartTracker;
 
 /// How long a child may take to become ready on its first start.
@@ -70,6 +71,8 @@ struct Ctx {
     events: mpsc::Sender<Event>,
     ready: Mutex<ReadyFlags>,
     own_sandbox: bool,
+    /// The display size to give a new display and a new browser window.
+    sizes: SharedSizes,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -98,12 +101,22 @@ impl Kind {
 
 impl Supervisor {
     /// Starts every child of `config`; messages for the server go to `out`.
-    pub async fn start(config: SessionConfig, out: mpsc::Sender<Message>) -> Supervisor {
+    /// Every new display is resized to `sizes.wanted` before anything runs
+    /// on it.
+    pub async fn start(
+        config: SessionConfig,
+        out: mpsc::Sender<Message>,
+        sizes: SharedSizes,
+    ) -> Supervisor {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (display_tx, display_rx) = watch::channel(None);
         let (vnc_tx, vnc_rx) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(8);
-        let own_sandbox = children::user_namespaces_work().await;
+        // Chromium refuses to run its own sandbox as root (a microVM's init,
+        // or a test host), whatever the kernel allows.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let own_sandbox = !root && children::user_namespaces_work().await;
         let launch = config.launch.clone().filter(|argv| !argv.is_empty());
         let ctx = Arc::new(Ctx {
             config,
@@ -114,6 +127,7 @@ impl Supervisor {
             events: events_tx,
             ready: Mutex::new(ReadyFlags::default()),
             own_sandbox,
+            sizes,
         });
         let mut tasks = JoinSet::new();
         let mut kinds = vec![Kind::Xvfb, Kind::Browser, Kind::Vnc];
@@ -161,7 +175,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
         Kind::Xvfb => {
             let (read, write) = pipe()?;
             Prepared {
-                command: children::xvfb(config, write.as_raw_fd()),
+                command: children::xvfb(write.as_raw_fd()),
                 probe: Probe::Display(tokio::fs::File::from_std(std::fs::File::from(read))),
                 inherit: Some(write),
             }
@@ -170,8 +184,12 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
             let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
             let profile = std::path::Path::new(&home).join(".sandcast-browser");
             let _ = display;
+            // The window starts at the display's size now, not the
+            // configured one: the viewer may have resized since.
+            let mut config = config.clone();
+            (config.width, config.height) = ctx.sizes.lock().unwrap().wanted;
             Prepared {
-                command: children::browser(config, &profile, ctx.own_sandbox),
+                command: children::browser(&config, &profile, ctx.own_sandbox),
                 probe: Probe::Window(children::window_class(&config.browser.binary)),
                 inherit: None,
             }
@@ -241,8 +259,17 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
         }
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let started = Instant::now();
-        let end = run_once(&ctx, kind, &display, &tail, &mut display_rx, first, &tracker, last_exit)
-            .await;
+        let end = run_once(
+            &ctx,
+            kind,
+            &display,
+            &tail,
+            &mut display_rx,
+            first,
+            &tracker,
+            last_exit,
+        )
+        .await;
         if kind == Kind::Xvfb {
             ctx.display.send_replace(None);
         }
@@ -252,8 +279,16 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
         let tail_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
         let exit = match end {
             RunEnd::Stop => {
-                report(&ctx, name, ChildState::Stopped, None, tracker.restarts(), last_exit, tail_lines)
-                    .await;
+                report(
+                    &ctx,
+                    name,
+                    ChildState::Stopped,
+                    None,
+                    tracker.restarts(),
+                    last_exit,
+                    tail_lines,
+                )
+                .await;
                 return;
             }
             RunEnd::DisplayChanged => continue,
@@ -262,11 +297,22 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
                 log(&ctx, &reason);
                 if kind.essential() {
                     let _ = ctx.events.send(Event::Fatal(reason)).await;
-                    report(&ctx, name, ChildState::Stopped, None, tracker.restarts(), last_exit, tail_lines)
-                        .await;
+                    report(
+                        &ctx,
+                        name,
+                        ChildState::Stopped,
+                        None,
+                        tracker.restarts(),
+                        last_exit,
+                        tail_lines,
+                    )
+                    .await;
                     return;
                 }
-                ExitInfo { code: None, signal: None }
+                ExitInfo {
+                    code: None,
+                    signal: None,
+                }
             }
             RunEnd::Exited(exit) => exit,
         };
@@ -278,13 +324,35 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
         } else {
             ChildState::Restarting
         };
-        log(&ctx, &format!("{name} ended ({exit}); restarting in {} ms", decision.delay.as_millis()));
-        report(&ctx, name, state, None, tracker.restarts(), last_exit, tail_lines.clone()).await;
+        log(
+            &ctx,
+            &format!(
+                "{name} ended ({exit}); restarting in {} ms",
+                decision.delay.as_millis()
+            ),
+        );
+        report(
+            &ctx,
+            name,
+            state,
+            None,
+            tracker.restarts(),
+            last_exit,
+            tail_lines.clone(),
+        )
+        .await;
         if decision.crash_loop && kind.essential() {
             let reason = format!(
                 "{name} is in a crash loop: it died {} times, last with {exit}; last output: {}",
                 tracker.restarts(),
-                tail_lines.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join(" | ")
+                tail_lines
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .rev()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" | ")
             );
             let _ = ctx.events.send(Event::Fatal(reason)).await;
             return;
@@ -313,7 +381,10 @@ async fn run_once(
         Ok(p) => p,
         Err(e) => {
             push_tail(tail, format!("cannot prepare {name}: {e:#}"));
-            return RunEnd::Exited(ExitInfo { code: Some(127), signal: None });
+            return RunEnd::Exited(ExitInfo {
+                code: Some(127),
+                signal: None,
+            });
         }
     };
     let mut child = match spawn(&prepared, kind != Kind::Xvfb, display) {
@@ -322,22 +393,50 @@ async fn run_once(
             let line = format!("cannot start {}: {e}", prepared.command.program);
             push_tail(tail, line.clone());
             log(ctx, &line);
-            return RunEnd::Exited(ExitInfo { code: Some(127), signal: None });
+            return RunEnd::Exited(ExitInfo {
+                code: Some(127),
+                signal: None,
+            });
         }
     };
     // The child holds its copy; ours must close so EOF means Xvfb is gone.
     drop(prepared.inherit);
     let pid = child.id();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(ctx.clone(), name, LogStream::Stdout, out, tail.clone()));
+        tokio::spawn(pump(
+            ctx.clone(),
+            name,
+            LogStream::Stdout,
+            out,
+            tail.clone(),
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(ctx.clone(), name, LogStream::Stderr, err, tail.clone()));
+        tokio::spawn(pump(
+            ctx.clone(),
+            name,
+            LogStream::Stderr,
+            err,
+            tail.clone(),
+        ));
     }
-    report(ctx, name, ChildState::Starting, pid, tracker.restarts(), last_exit, vec![]).await;
+    report(
+        ctx,
+        name,
+        ChildState::Starting,
+        pid,
+        tracker.restarts(),
+        last_exit,
+        vec![],
+    )
+    .await;
 
     let probe = wait_ready(ctx, prepared.probe, display);
-    let timeout = if first { READY_TIMEOUT } else { READY_TIMEOUT * 2 };
+    let timeout = if first {
+        READY_TIMEOUT
+    } else {
+        READY_TIMEOUT * 2
+    };
     tokio::select! {
         status = child.wait() => {
             kill_group(pid, libc::SIGKILL);
@@ -364,7 +463,16 @@ async fn run_once(
         }
     }
     mark_ready(ctx, kind).await;
-    report(ctx, name, ChildState::Running, pid, tracker.restarts(), last_exit, vec![]).await;
+    report(
+        ctx,
+        name,
+        ChildState::Running,
+        pid,
+        tracker.restarts(),
+        last_exit,
+        vec![],
+    )
+    .await;
     tokio::select! {
         status = child.wait() => {
             kill_group(pid, libc::SIGKILL);
@@ -393,6 +501,13 @@ async fn wait_ready(ctx: &Arc<Ctx>, probe: Probe, display: &str) -> anyhow::Resu
     match probe {
         Probe::Display(pipe) => {
             let d = children::read_display(pipe).await?;
+            // Xvfb starts at the largest size; the session's size is set
+            // before the display is announced, so the browser starts on it.
+            let (sizes, out, display) = (ctx.sizes.clone(), ctx.out.clone(), d.clone());
+            tokio::task::spawn_blocking(move || {
+                media::apply_wanted_size(&display, &sizes, &out, true)
+            })
+            .await?;
             ctx.display.send_replace(Some(d));
             Ok(())
         }
@@ -451,10 +566,10 @@ fn spawn(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(fd) = inherit {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(fd) = inherit
+                && libc::fcntl(fd, libc::F_SETFD, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
@@ -487,7 +602,10 @@ fn kill_group(pid: Option<u32>, signal: i32) {
 
 async fn stop_child(child: &mut tokio::process::Child, pid: Option<u32>) {
     kill_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         kill_group(pid, libc::SIGKILL);
         let _ = child.wait().await;
     }

@@ -133,7 +133,10 @@ async fn supervises_display_browser_and_vnc() {
         .await
         .unwrap();
     let mut reports = Vec::new();
-    until(&mut framed, &mut reports, |m| matches!(m, Message::Ready).then_some(())).await;
+    until(&mut framed, &mut reports, |m| {
+        matches!(m, Message::Ready).then_some(())
+    })
+    .await;
     let running = |reports: &[ChildReport], name: &str| {
         reports
             .iter()
@@ -143,7 +146,10 @@ async fn supervises_display_browser_and_vnc() {
             .and_then(|r| r.pid)
     };
     for name in ["xvfb", "browser", "vnc"] {
-        assert!(running(&reports, name).is_some(), "{name} not running: {reports:?}");
+        assert!(
+            running(&reports, name).is_some(),
+            "{name} not running: {reports:?}"
+        );
     }
     let browser = running(&reports, "browser").unwrap();
     let xvfb = running(&reports, "xvfb").unwrap();

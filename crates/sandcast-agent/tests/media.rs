@@ -1,0 +1,438 @@
+//! The agent's media paths against a test server on a Unix socket, with real
+//! Xvfb, Chromium and x11vnc: video on its own connection at the session's
+//! size and after a resize, input reaching a page, the clipboard both ways
+//! and refused input counted in the stats.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use openh264::decoder::Decoder;
+use openh264::formats::YUVSource;
+use sandcast_proto::{
+    BrowserConfig, ChildState, Codec, Frame, FrameCodec, InputEvent, Message, PROTOCOL_VERSION,
+    PointerButton, RestartPolicy, Role, SessionConfig, VideoControl, VideoFrame,
+};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::Framed;
+use x11rb::connection::Connection;
+use x11rb::protocol::xproto::{AtomEnum, ConnectionExt as _};
+
+type Channel = Framed<UnixStream, FrameCodec>;
+
+struct Harness {
+    dir: PathBuf,
+    listener: UnixListener,
+    _agent: tokio::process::Child,
+}
+
+impl Harness {
+    fn new(name: &str) -> Harness {
+        let dir = std::env::temp_dir().join(format!("sc-agentmedia-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandcast-agent"))
+            .arg("--connect")
+            .arg(format!("unix:{}", sock.display()))
+            .env("HOME", &dir)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Harness {
+            dir,
+            listener,
+            _agent: agent,
+        }
+    }
+
+    /// Accepts the next connection, checks its role and welcomes it.
+    async fn accept(&self, want: Role) -> Channel {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(30), self.listener.accept())
+            .await
+            .expect("no connection from the agent")
+            .unwrap();
+        let mut framed = Framed::new(s, FrameCodec);
+        match framed.next().await.unwrap().unwrap() {
+            Frame::Message(Message::Hello(h)) => {
+                assert_eq!(h.role, want);
+                assert_eq!(h.protocol, PROTOCOL_VERSION);
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+        framed
+            .send(Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await
+            .unwrap();
+        framed
+    }
+
+    /// The control connection with the configuration sent; waits for Ready
+    /// and returns every message seen on the way.
+    async fn ready(&self, config: SessionConfig) -> (Channel, Vec<Message>) {
+        let mut control = self.accept(Role::Control).await;
+        control.send(Message::Config(config)).await.unwrap();
+        let mut seen = Vec::new();
+        until(&mut control, &mut seen, |m| {
+            matches!(m, Message::Ready).then_some(())
+        })
+        .await;
+        (control, seen)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config(width: u32, height: u32, html: &str) -> SessionConfig {
+    SessionConfig {
+        session_id: "agent-media-test".into(),
+        width,
+        height,
+        start_url: data_url(html),
+        kiosk: true,
+        launch: None,
+        browser: BrowserConfig {
+            binary: "/usr/bin/chromium".into(),
+            extra_args: vec![],
+        },
+        restart: RestartPolicy::default(),
+        max_fps: 30,
+        server_time_ms: 0,
+    }
+}
+
+/// A `data:` URL of `html`, every byte but letters and digits escaped.
+fn data_url(html: &str) -> String {
+    let mut url = String::from("data:text/html;charset=utf-8,");
+    for b in html.bytes() {
+        if b.is_ascii_alphanumeric() {
+            url.push(b as char);
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url
+}
+
+/// Reads control messages until `pred` picks one; keeps all of them.
+async fn until<T>(
+    control: &mut Channel,
+    seen: &mut Vec<Message>,
+    mut pred: impl FnMut(&Message) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, control.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for the agent; seen {seen:?}"))
+            .unwrap_or_else(|| panic!("agent closed the control connection; seen {seen:?}"))
+            .unwrap();
+        let Frame::Message(msg) = frame else { continue };
+        seen.push(msg.clone());
+        if let Some(t) = pred(&msg) {
+            return t;
+        }
+    }
+}
+
+async fn next_video(video: &mut Channel) -> VideoFrame {
+    match tokio::time::timeout(Duration::from_secs(30), video.next())
+        .await
+        .expect("no video frame within 30 s")
+        .expect("video connection closed")
+        .unwrap()
+    {
+        Frame::Video(f) => f,
+        other => panic!("expected a video frame, got {other:?}"),
+    }
+}
+
+/// NAL unit types in an Annex B byte stream.
+fn nal_types(data: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut i = 0;
+    while i + 3 < data.len() {
+        if data[i..i + 3] == [0, 0, 1] {
+            types.push(data[i + 3] & 0x1f);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    types
+}
+
+/// Decodes `frame` and returns the picture's size.
+fn decoded_size(dec: &mut Decoder, frame: &VideoFrame) -> Option<(usize, usize)> {
+    dec.decode(&frame.data)
+        .expect("the frame decodes")
+        .map(|yuv| yuv.dimensions())
+}
+
+#[tokio::test]
+async fn video_starts_at_the_session_size_and_follows_a_resize() {
+    let h = Harness::new("video");
+    let (mut control, mut seen) = h
+        .ready(config(
+            800,
+            600,
+            "<body style='margin:0;background:rgb(0,160,0)'>video</body>",
+        ))
+        .await;
+    // The display was sized before anything ran on it.
+    assert!(
+        seen.contains(&Message::DisplaySize {
+            width: 800,
+            height: 600
+        }),
+        "{seen:?}"
+    );
+
+    control
+        .send(Message::Video(VideoControl::Start {
+            codec: Codec::H264,
+            bitrate_bps: 2_000_000,
+        }))
+        .await
+        .unwrap();
+    let mut video = h.accept(Role::Video).await;
+    let first = next_video(&mut video).await;
+    assert_eq!(first.header.codec, Codec::H264);
+    assert!(first.header.keyframe, "{:?}", first.header);
+    assert_eq!((first.header.width, first.header.height), (800, 600));
+    let types = nal_types(&first.data);
+    assert!(
+        types.contains(&7) && types.contains(&5),
+        "SPS and IDR: {types:?}"
+    );
+    let mut dec = Decoder::new().unwrap();
+    assert_eq!(decoded_size(&mut dec, &first), Some((800, 600)));
+
+    control
+        .send(Message::Resize {
+            width: 1024,
+            height: 768,
+        })
+        .await
+        .unwrap();
+    until(&mut control, &mut seen, |m| {
+        (*m == Message::DisplaySize {
+            width: 1024,
+            height: 768,
+        })
+        .then_some(())
+    })
+    .await;
+    control
+        .send(Message::Video(VideoControl::KeyFrame))
+        .await
+        .unwrap();
+    let key = loop {
+        let f = next_video(&mut video).await;
+        let size = decoded_size(&mut dec, &f);
+        if f.header.keyframe {
+            break (f, size);
+        }
+    };
+    assert_eq!((key.0.header.width, key.0.header.height), (1024, 768));
+    assert_eq!(key.1, Some((1024, 768)));
+
+    // Stop closes the video connection; the session goes on.
+    control
+        .send(Message::Video(VideoControl::Stop))
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match video.next().await {
+                Some(Ok(Frame::Video(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the video connection stayed open after Stop");
+    assert!(end.is_none(), "{end:?}");
+    control.send(Message::Ping { seq: 9 }).await.unwrap();
+    until(&mut control, &mut seen, |m| {
+        matches!(m, Message::Pong { seq: 9 }).then_some(())
+    })
+    .await;
+}
+
+/// The display the browser runs on, from its environment.
+fn display_of(pid: u32) -> String {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"DISPLAY="))
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .expect("the browser has DISPLAY")
+}
+
+/// Titles (`_NET_WM_NAME`, else `WM_NAME`) of the display's top-level windows.
+fn titles(display: &str) -> Vec<String> {
+    let (conn, screen) = x11rb::connect(Some(display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let net_wm_name = conn
+        .intern_atom(false, b"_NET_WM_NAME")
+        .unwrap()
+        .reply()
+        .unwrap()
+        .atom;
+    let mut out = Vec::new();
+    for w in conn.query_tree(root).unwrap().reply().unwrap().children {
+        for atom in [net_wm_name, AtomEnum::WM_NAME.into()] {
+            if let Ok(p) = conn
+                .get_property(false, w, atom, AtomEnum::ANY, 0, 1024)
+                .unwrap()
+                .reply()
+                && !p.value.is_empty()
+            {
+                out.push(String::from_utf8_lossy(&p.value).into_owned());
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Polls the window titles until one starts with `prefix`.
+async fn wait_title(display: &str, prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = titles(display);
+        if t.iter().any(|t| t.starts_with(prefix)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no window titled {prefix:?}: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn key(code: &str, key: &str, down: bool) -> Message {
+    Message::Input(InputEvent::Key {
+        code: code.into(),
+        key: key.into(),
+        down,
+    })
+}
+
+async fn ctrl(control: &mut Channel, code: &str, k: &str) {
+    for m in [
+        key("ControlLeft", "Control", true),
+        key(code, k, true),
+        key(code, k, false),
+        key("ControlLeft", "Control", false),
+    ] {
+        control.send(m).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn input_and_clipboard_reach_the_page_and_bad_input_is_counted() {
+    let h = Harness::new("input");
+    let html = "<title>ready</title><body style='margin:0'>\
+        <input id=i style='position:absolute;left:0;top:0;width:100%;height:100%'>\
+        <script>\
+        const i = document.getElementById('i');\
+        i.addEventListener('mousedown', () => {\
+          if (document.title === 'ready') document.title = 'clicked';\
+        });\
+        i.addEventListener('keydown', e => { document.title = 'key ' + e.key; });\
+        i.addEventListener('input', () => { document.title = 'value ' + i.value; });\
+        </script></body>";
+    let (mut control, mut seen) = h.ready(config(800, 600, html)).await;
+    let browser = seen
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
+            _ => None,
+        })
+        .expect("the browser runs");
+    let display = display_of(browser);
+    wait_title(&display, "ready").await;
+
+    // Chromium drops input that comes before it is ready, so click until
+    // the page answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for m in [
+            Message::Input(InputEvent::PointerMove { x: 400, y: 300 }),
+            Message::Input(InputEvent::PointerButton {
+                button: PointerButton::Left,
+                down: true,
+            }),
+            Message::Input(InputEvent::PointerButton {
+                button: PointerButton::Left,
+                down: false,
+            }),
+        ] {
+            control.send(m).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if titles(&display).iter().any(|t| t.starts_with("clicked")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the page never saw a click");
+    }
+    control.send(key("KeyQ", "q", true)).await.unwrap();
+    control.send(key("KeyQ", "q", false)).await.unwrap();
+    wait_title(&display, "value q").await;
+
+    // Server to session: the clipboard is set before the paste that
+    // follows it is typed.
+    control
+        .send(Message::Clipboard {
+            text: "from the server ✓".into(),
+        })
+        .await
+        .unwrap();
+    ctrl(&mut control, "KeyA", "a").await;
+    ctrl(&mut control, "KeyV", "v").await;
+    wait_title(&display, "value from the server ✓").await;
+
+    // Session to server: a copy in the page.
+    control
+        .send(Message::Input(InputEvent::Text {
+            text: " and back".into(),
+        }))
+        .await
+        .unwrap();
+    wait_title(&display, "value from the server ✓ and back").await;
+    ctrl(&mut control, "KeyA", "a").await;
+    ctrl(&mut control, "KeyC", "c").await;
+    let copied = until(&mut control, &mut seen, |m| match m {
+        Message::Clipboard { text } => Some(text.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(copied, "from the server ✓ and back");
+
+    // Out of range: dropped, counted, and the session goes on.
+    control
+        .send(Message::Input(InputEvent::PointerMove { x: -5, y: 10 }))
+        .await
+        .unwrap();
+    let stats = until(&mut control, &mut seen, |m| match m {
+        Message::Stats(s) if s.input_dropped > 0 => Some(s.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(stats.input_dropped, 1, "{stats:?}");
+    // The copy left everything selected: the next key replaces it.
+    control.send(key("KeyZ", "z", true)).await.unwrap();
+    control.send(key("KeyZ", "z", false)).await.unwrap();
+    wait_title(&display, "value z").await;
+}
