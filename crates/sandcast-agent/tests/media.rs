@@ -155,6 +155,14 @@ async fn next_video(video: &mut Channel) -> VideoFrame {
     }
 }
 
+/// Microseconds since the Unix epoch, the clock of `capture_us`.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
 /// NAL unit types in an Annex B byte stream.
 fn nal_types(data: &[u8]) -> Vec<u8> {
     let mut types = Vec::new();
@@ -168,6 +176,22 @@ fn nal_types(data: &[u8]) -> Vec<u8> {
         }
     }
     types
+}
+
+/// Reads and decodes frames up to the next key frame captured after
+/// `after_us`; returns it with its decoded size.
+async fn next_key_frame(
+    video: &mut Channel,
+    dec: &mut Decoder,
+    after_us: u64,
+) -> (VideoFrame, Option<(usize, usize)>) {
+    loop {
+        let f = next_video(video).await;
+        let size = decoded_size(dec, &f);
+        if f.header.keyframe && f.header.capture_us > after_us {
+            return (f, size);
+        }
+    }
 }
 
 /// Decodes `frame` and returns the picture's size.
@@ -231,19 +255,58 @@ async fn video_starts_at_the_session_size_and_follows_a_resize() {
         .then_some(())
     })
     .await;
+    // A new size restarts the encoder with a key frame. Frames captured
+    // before the resize was answered may still be on their way.
+    let resized_at = now_us();
+    let (key, size) = next_key_frame(&mut video, &mut dec, resized_at).await;
+    assert_eq!((key.header.width, key.header.height), (1024, 768));
+    assert_eq!(size, Some((1024, 768)));
+
+    // The static page sends nothing more unless a key frame is asked for.
     control
         .send(Message::Video(VideoControl::KeyFrame))
         .await
         .unwrap();
-    let key = loop {
-        let f = next_video(&mut video).await;
-        let size = decoded_size(&mut dec, &f);
-        if f.header.keyframe {
-            break (f, size);
+    let asked_at = now_us();
+    let (key, size) = next_key_frame(&mut video, &mut dec, asked_at).await;
+    assert_eq!((key.header.width, key.header.height), (1024, 768));
+    assert_eq!(size, Some((1024, 768)));
+
+    // A display that dies comes back at the size the viewer chose, and the
+    // video follows it onto the new display on the same connection.
+    let xvfb = seen
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            Message::Child(r) if r.name == "xvfb" && r.state == ChildState::Running => r.pid,
+            _ => None,
+        })
+        .expect("Xvfb runs");
+    let killed_at = now_us();
+    // SAFETY: a plain signal to the agent's Xvfb, a process this test started.
+    unsafe { libc::kill(xvfb as i32, libc::SIGKILL) };
+    until(&mut control, &mut seen, |m| match m {
+        Message::Child(r) if r.name == "xvfb" && r.state == ChildState::Running => {
+            (r.pid != Some(xvfb)).then_some(())
         }
-    };
-    assert_eq!((key.0.header.width, key.0.header.height), (1024, 768));
-    assert_eq!(key.1, Some((1024, 768)));
+        _ => None,
+    })
+    .await;
+    let (key, size) = next_key_frame(&mut video, &mut dec, killed_at).await;
+    assert_eq!((key.header.width, key.header.height), (1024, 768));
+    assert_eq!(size, Some((1024, 768)));
+    let resized_again = seen
+        .iter()
+        .rev()
+        .take_while(|m| !matches!(m, Message::Child(r) if r.name == "xvfb" && r.pid == Some(xvfb)));
+    assert!(
+        resized_again.into_iter().any(|m| *m
+            == Message::DisplaySize {
+                width: 1024,
+                height: 768
+            }),
+        "{seen:?}"
+    );
 
     // Stop closes the video connection; the session goes on.
     control
