@@ -162,10 +162,12 @@ pub async fn wait_vnc(port: u16) -> anyhow::Result<()> {
 /// watches the root window's substructure rather than polling.
 ///
 /// Chromium still drops XTest input for a short while after this (its
-/// renderer is not yet attached). No X-visible signal marks the end of that
-/// window for every page (the title is the page's own, and damage or expose
-/// counts vary by page), so readiness means "window mapped"; a person's first
-/// input comes later than that, and tests retry their first click.
+/// renderer is not yet attached). The closest X-visible sign is the window
+/// title: `""`, then `Untitled - Chromium`, then the page's title once the
+/// navigation commits; but the placeholder is localised and a page may
+/// never set a title, and damage or expose counts vary by page, so
+/// readiness means "window mapped". A person's first input comes later than
+/// that; tests retry their first click until the page answers.
 pub fn wait_window_blocking(display: &str, class: &str) -> anyhow::Result<()> {
     let (conn, screen) = x11rb::connect(Some(display))
         .with_context(|| format!("connecting to display {display}"))?;
