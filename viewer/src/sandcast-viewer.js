@@ -160,6 +160,9 @@ export class SandcastViewer extends HTMLElement {
     return MODES.includes(m) ? m : 'auto';
   }
 
+  /** The RTCPeerConnection while WebRTC is active, else null (for diagnostics). */
+  get peerConnection() { return this._rtc?.pc ?? null; }
+
   /** A copy of the current status: `{ state, mode, connected, reason, path, children, session, control }`. */
   get status() { return { ...this._status, children: [...this._status.children] }; }
 

@@ -1,7 +1,8 @@
 // sandcast viewer: live stats from RTCPeerConnection.getStats().
 //
 //   const s = await collectStats(pc);
-//   // { fps, bitrateKbps, rttMs, decodeMs, framesDecoded, framesDropped, packetsLost, jitterMs, codec, width, height }
+//   // { fps, bitrateKbps, rttMs, decodeMs, framesDecoded, framesDropped, packetsLost, jitterMs, codec, width, height,
+//   //   protocol }   protocol: 'udp' or 'tcp' of the selected ICE candidate pair
 //
 // Rates are computed against the previous call for the same connection.
 
@@ -13,17 +14,20 @@ export async function collectStats(pc) {
   let inbound;
   let pair;
   const codecs = new Map();
+  const candidates = new Map();
   report.forEach((s) => {
     if (s.type === 'inbound-rtp' && s.kind === 'video') inbound = s;
     else if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
     else if (s.type === 'codec') codecs.set(s.id, s.mimeType);
+    else if (s.type === 'local-candidate') candidates.set(s.id, s);
   });
   const out = {
     fps: null, bitrateKbps: null, rttMs: null, decodeMs: null,
     framesDecoded: 0, framesDropped: 0, packetsLost: 0, jitterMs: null,
-    codec: null, width: null, height: null,
+    codec: null, width: null, height: null, protocol: null,
   };
   if (pair && typeof pair.currentRoundTripTime === 'number') out.rttMs = pair.currentRoundTripTime * 1000;
+  if (pair) out.protocol = candidates.get(pair.localCandidateId)?.protocol ?? null;
   if (!inbound) return out;
   out.framesDecoded = inbound.framesDecoded ?? 0;
   out.framesDropped = inbound.framesDropped ?? 0;
@@ -52,5 +56,6 @@ export async function collectStats(pc) {
 export function formatStats(s) {
   const f = (v, d = 0) => (v === null || v === undefined ? '–' : Number(v).toFixed(d));
   return `${f(s.fps)} fps · ${f(s.bitrateKbps)} kbit/s · rtt ${f(s.rttMs)} ms · decode ${f(s.decodeMs, 1)} ms`
-    + (s.width ? ` · ${s.width}x${s.height}` : '') + (s.codec ? ` · ${s.codec}` : '');
+    + (s.width ? ` · ${s.width}x${s.height}` : '') + (s.codec ? ` · ${s.codec}` : '')
+    + (s.protocol ? ` · ${s.protocol}` : '');
 }
