@@ -67,6 +67,9 @@ fn main() -> std::process::ExitCode {
         eprintln!("sandcast-agent: preparing the microVM root: {e}");
         return std::process::ExitCode::from(1);
     }
+    if pid1 && let Some(code) = split_init() {
+        return code;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -77,6 +80,58 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("sandcast-agent: {e:#}");
             std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// In a microVM the agent is init, so every orphan of the session is
+/// re-parented to it and must be reaped; but the supervisor waits for its
+/// own children by pid, and a `waitpid(-1)` beside it would steal their exit
+/// statuses. So init forks before any thread exists: the child goes on as
+/// the agent (`None`), the parent only reaps and, once the agent has ended,
+/// restarts the VM, which ends it (`reboot=k`).
+fn split_init() -> Option<std::process::ExitCode> {
+    // SAFETY: called before the runtime or any other thread exists.
+    let agent = unsafe { libc::fork() };
+    match agent {
+        0 => None,
+        -1 => {
+            // Still run the session; orphans then stay zombies.
+            eprintln!(
+                "sandcast-agent: fork for the init reaper: {}",
+                std::io::Error::last_os_error()
+            );
+            None
+        }
+        agent => {
+            reap_until(agent);
+            // SAFETY: plain system calls; reboot returns only on failure.
+            unsafe {
+                libc::sync();
+                libc::reboot(libc::RB_AUTOBOOT);
+            }
+            // Init exiting panics the kernel, which reboots as well (panic=1).
+            Some(std::process::ExitCode::from(1))
+        }
+    }
+}
+
+/// Reaps every child until `agent` has ended; returns how many others it
+/// reaped.
+fn reap_until(agent: libc::pid_t) -> usize {
+    let mut others = 0;
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for any child; `status` is a valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == agent {
+            return others;
+        }
+        if pid > 0 {
+            others += 1;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // No children left at all: the agent is gone too.
+            return others;
         }
     }
 }
@@ -102,6 +157,24 @@ mod tests {
             true,
         );
         assert_eq!(a.unwrap().kernel_words, ["splash"]);
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes, reason = "reap_until waits for it")]
+    fn init_reaps_orphans_until_the_agent_ends() {
+        // As a subreaper, this process gets the orphans init would get.
+        // SAFETY: prctl with plain integer arguments.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
+        // The inner shell leaves `sleep` behind as an orphan that ends
+        // before the outer shell (standing in for the agent) does.
+        let agent = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'sleep 0.1 &'; sleep 0.6"])
+            .spawn()
+            .unwrap();
+        let others = reap_until(agent.id() as libc::pid_t);
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0) };
+        assert!(others >= 1, "reaped {others} besides the agent");
     }
 
     #[test]
