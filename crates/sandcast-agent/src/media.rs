@@ -659,6 +659,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_new_display_is_sized_and_reported() {
+        let (w, h) = MAX_DISPLAY_SIZE;
+        let x = sandcast_media::xvfb::Xvfb::start(w, h).unwrap();
+        let (out, mut out_rx) = mpsc::channel(16);
+        // Odd sides are rounded down to what the encoders take.
+        let sizes = initial_sizes(1025, 769, &out);
+        apply_wanted_size(x.display(), &sizes, &out, true);
+        assert_eq!(
+            out_rx.try_recv().unwrap(),
+            Message::DisplaySize {
+                width: 1024,
+                height: 768
+            }
+        );
+        assert_eq!(sizes.lock().unwrap().actual, Some((1024, 768)));
+        // Unchanged and not asked: nothing to report.
+        apply_wanted_size(x.display(), &sizes, &out, false);
+        assert!(out_rx.try_recv().is_err());
+        sizes.lock().unwrap().wanted = (640, 480);
+        apply_wanted_size(x.display(), &sizes, &out, false);
+        assert_eq!(
+            out_rx.try_recv().unwrap(),
+            Message::DisplaySize {
+                width: 640,
+                height: 480
+            }
+        );
+    }
+
     #[tokio::test]
     async fn input_without_a_display_is_counted() {
         let (out, _out_rx) = mpsc::channel(16);
