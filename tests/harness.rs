@@ -119,7 +119,9 @@ pub struct Server {
     pub output: Arc<Mutex<Vec<String>>>,
     agent: ureq::Agent,
     // Held while the server lives: a starting server reaps every session of
-    // the sandbox backend it does not know, so test servers never overlap.
+    // its sandbox prefix it does not know, so test servers never overlap.
+    // (Test servers use their own prefix and cgroup parent, so they leave
+    // other sandcast servers on the host alone.)
     _lock: std::fs::File,
 }
 
@@ -196,6 +198,7 @@ impl Server {
             "data_dir = {data:?}\n{top}\n\
              [session]\negress = false\n\n\
              [browser]\nbinary = \"/usr/bin/chromium\"\nextra_args = {args}\n\n\
+             [sandbox]\nname_prefix = \"sce2e\"\ncgroup_parent = \"sandcast-e2e\"\n\n\
              [webrtc]\nudp_bind = \"127.0.0.1:0\"\ntcp_bind = \"127.0.0.1:0\"\npublic_ips = [\"127.0.0.1\"]\n\n\
              {tables}\n",
             data = self.data.path().to_str().expect("utf-8 temp path"),

@@ -104,7 +104,7 @@ async function statsInPage() {
   const el = window.sandcast?.element;
   if (!el) return { error: 'no window.sandcast.element' };
   const out = { ...(await el.stats()) };
-  const pc = el._rtc?.pc;
+  const pc = el.peerConnection ?? el._rtc?.pc;
   if (pc) {
     const report = await pc.getStats();
     let pair;
