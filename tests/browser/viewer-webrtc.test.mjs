@@ -53,6 +53,9 @@ async function setUpNamespace() {
     holder.stdout.once('data', resolve);
     holder.once('exit', (c) => reject(new Error(`TAP holder exited with ${c}`)));
   });
+  // No IPv6 link-local address: its appearance a moment after the link comes
+  // up makes Chromium abort requests in flight (ERR_NETWORK_CHANGED).
+  ip('link', 'set', 'vw0', 'addrgenmode', 'none');
   ip('addr', 'add', '10.214.0.1/24', 'dev', 'vw0');
   ip('link', 'set', 'vw0', 'up');
   ip('route', 'add', 'default', 'dev', 'vw0');
