@@ -193,7 +193,7 @@ export class SandcastViewer extends HTMLElement {
     if (this._status.state === 'idle') return;
     // Keep a final message (failed, ended, not authorised) rather than hiding it.
     const final = ['failed', 'stopping', 'stopped', 'unauthorised', 'not_found', 'error'].includes(this._status.state);
-    this._set({ connected: false, mode: null, path: null }, final ? this._overlayTitle : 'disconnected');
+    this._set({ connected: false, mode: null, path: null }, final ? undefined : 'disconnected');
   }
 
   /** Live figures of the active path: WebRTC stats (see stats.js) or noVNC's framebuffer size. */
@@ -233,7 +233,6 @@ export class SandcastViewer extends HTMLElement {
     const before = JSON.stringify(this._status);
     Object.assign(this._status, patch);
     if (overlayTitle !== undefined) {
-      this._overlayTitle = overlayTitle;
       this._overlay.hidden = overlayTitle === null;
       if (overlayTitle !== null) {
         this._overlay.querySelector('.title').textContent = overlayTitle;
