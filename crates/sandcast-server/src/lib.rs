@@ -1,1 +1,233 @@
-//! The sandcast server: HTTP API, session manager, store, VNC gateway.
+//! The sandcast server: HTTP API, session manager, store, viewer and its
+//! streams (noVNC tunnelled through the agent channel, WebRTC through the
+//! gateway).
+//!
+//! [`run`] wires it together: configuration → store (reconciled with what
+//! the last run left) → backend → gateway → [`manager::Manager`] → axum
+//! router. Handlers live in [`api`] (operator API) and [`viewer`] (viewer
+//! page, its state, VNC WebSocket, WebRTC signaling).
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod manager;
+pub mod metrics;
+pub mod ratelimit;
+pub mod store;
+pub mod viewer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use sandcast_backend::Backend;
+
+pub use config::Config;
+
+/// Options of one run beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Create one session once listening and print its viewer URL.
+    pub open_session: bool,
+}
+
+/// The agent binary: configured, else `sandcast-agent` beside this executable.
+pub fn agent_binary(config: &Config) -> PathBuf {
+    if !config.agent_binary.as_os_str().is_empty() {
+        return config.agent_binary.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("sandcast-agent")))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/sandcast-agent"))
+}
+
+/// Builds the configured backend.
+pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match config.backend.as_str() {
+        "firecracker" => Arc::new(sandcast_firecracker::FirecrackerBackend::new(
+            config.firecracker.to_backend(),
+        )?),
+        _ => Arc::new(sandcast_sandbox::SandboxBackend::new(config.sandbox.clone())?),
+    })
+}
+
+/// Builds the router.
+pub fn router(state: api::AppState, metrics: Arc<metrics::Metrics>, limiters: Arc<ratelimit::Limiters>) -> Router {
+    let api = Router::new()
+        .route("/api/sessions", post(api::create).get(api::list))
+        .route("/api/sessions/{id}", get(api::get).delete(api::delete))
+        .route("/api/sessions/{id}/logs", get(api::logs))
+        .route("/api/sessions/{id}/events", get(api::events))
+        .route("/api/auth/start", post(api::auth_start))
+        .route("/api/webrtc/session/{id}/offer", post(viewer::offer).get(viewer::last_offer))
+        .route("/api/webrtc/session/{id}/answer", get(viewer::last_answer).post(viewer::last_answer))
+        .route("/api/webrtc/ice-servers", get(viewer::ice_servers))
+        .route("/api/{*rest}", axum::routing::any(api::not_found))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), api::require_api_key));
+    Router::new()
+        .merge(api)
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .route("/viewer/{id}", get(viewer::page))
+        .route("/viewer/{id}/state", get(viewer::state))
+        .route("/viewer/{id}/vnc", get(viewer::vnc))
+        .route("/assets/{*path}", get(viewer::asset))
+        .fallback(api::not_found)
+        .layer(axum::Extension(metrics))
+        .layer(axum::Extension(Arc::new(viewer::Signaling::default())))
+        .layer(DefaultBodyLimit::max(limits::MAX_BODY))
+        // The viewer may be embedded in an operator's page on another origin;
+        // no cookies are used, so no credentials are allowed.
+        .layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST, axum::http::Method::DELETE])
+                .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE]),
+        )
+        .layer(axum::middleware::from_fn_with_state(limiters, ratelimit::middleware))
+        .with_state(state)
+}
+
+/// Runs the server until SIGINT or SIGTERM; then stops every session.
+pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(config.data_dir.join("sessions"))?;
+    let store = Arc::new(
+        store::Store::open(&config.data_dir.join("sandcast.sqlite"))
+            .context("opening the session store")?,
+    );
+    let key_path = config.data_dir.join("api_key");
+    let api_key = auth::load_or_create_api_key(&config.api_key, &key_path)
+        .with_context(|| format!("reading or writing {}", key_path.display()))?;
+    let backend = backend(&config)?;
+    let gateway = if config.webrtc.enabled {
+        let gw = sandcast_webrtc::Gateway::start(sandcast_webrtc::GatewayConfig {
+            udp_bind: config.webrtc.udp_bind,
+            tcp_bind: config.webrtc.tcp_bind,
+            public_ips: config.webrtc.public_ips.clone(),
+            ..Default::default()
+        })
+        .await
+        .context("starting the WebRTC gateway")?;
+        Some(gw)
+    } else {
+        None
+    };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let manager = manager::Manager::new(
+        config.clone(),
+        store,
+        backend.clone(),
+        gateway,
+        metrics.clone(),
+        agent_binary(&config),
+    );
+    let stale = manager.reconcile().await?;
+    if !stale.is_empty() {
+        tracing::info!(count = stale.len(), "sessions of the last run marked stopped");
+    }
+    let readiness = backend.readiness().await;
+    for c in readiness.checks.iter().filter(|c| !c.ok) {
+        eprintln!("sandcast: backend check failed: {}: {}", c.name, c.detail);
+    }
+    let state = api::AppState {
+        manager: manager.clone(),
+        api_key: Arc::new(api_key),
+    };
+    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit));
+    let app = router(state, metrics, limiters);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    println!("sandcast listening on http://{addr}");
+    println!("API key in {}", key_path.display());
+    if opts.open_session {
+        let m = manager.clone();
+        let key = std::fs::read_to_string(&key_path).unwrap_or_default();
+        tokio::spawn(open_session(m, addr, key.trim().to_string()));
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    eprintln!("sandcast: stopping every session");
+    manager.stop_all("the server shut down").await;
+    Ok(())
+}
+
+async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr, _key: String) {
+    let cfg = m.config().clone();
+    let new = manager::NewSession {
+        user_id: Some("demo".into()),
+        provider: None,
+        spec: store::Spec {
+            start_url: cfg.session.start_url.clone(),
+            width: cfg.session.width,
+            height: cfg.session.height,
+            kiosk: false,
+            launch: None,
+            idle_timeout_seconds: cfg.session.idle_timeout_seconds,
+            egress: cfg.session.egress,
+        },
+        ttl_seconds: cfg.session.ttl_seconds,
+    };
+    let (row, token) = match m.create(new) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("sandcast: could not open a session: {e}");
+            return;
+        }
+    };
+    let mut events = m.subscribe();
+    loop {
+        if let Ok(Some(r)) = m.store().get(&row.id) {
+            match r.state {
+                store::State::Ready => break,
+                store::State::Starting => {}
+                _ => {
+                    eprintln!("sandcast: the session failed: {}", r.reason.unwrap_or_default());
+                    return;
+                }
+            }
+        }
+        if events.recv().await.is_err() {
+            return;
+        }
+    }
+    let base = if cfg.public_url.is_empty() {
+        let host = if addr.ip().is_unspecified() {
+            local_ip().unwrap_or_else(|| "127.0.0.1".into())
+        } else {
+            addr.ip().to_string()
+        };
+        format!("http://{host}:{}", addr.port())
+    } else {
+        cfg.public_url.trim_end_matches('/').to_string()
+    };
+    println!("viewer: {base}/viewer/{}#token={token}", row.id);
+}
+
+fn local_ip() -> Option<String> {
+    // The address the host would use to reach the outside; no packet is sent.
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then(|| ip.to_string())
+}

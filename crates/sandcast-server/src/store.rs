@@ -1,0 +1,420 @@
+//! The session store: one SQLite file with migrations. Sessions and their
+//! events outlive the processes that ran them, so a restarted server knows
+//! what was running and can say what became of it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Backend and agent are starting.
+    Starting,
+    /// Display, browser and VNC server are up.
+    Ready,
+    /// It could not start or broke; `reason` says why.
+    Failed,
+    /// Being stopped.
+    Stopping,
+    /// Ended.
+    Stopped,
+}
+
+impl State {
+    /// Every state, for metrics.
+    pub const ALL: [State; 5] = [
+        State::Starting,
+        State::Ready,
+        State::Failed,
+        State::Stopping,
+        State::Stopped,
+    ];
+
+    /// The name used in JSON and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Failed => "failed",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "starting" => State::Starting,
+            "ready" => State::Ready,
+            "failed" => State::Failed,
+            "stopping" => State::Stopping,
+            _ => State::Stopped,
+        }
+    }
+
+    /// Whether processes may still exist for a session in this state.
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Starting | State::Ready | State::Stopping)
+    }
+
+    /// Whether a move from `self` to `next` is allowed. Ended sessions stay
+    /// ended; a failed session can only be stopped.
+    pub fn can_become(self, next: State) -> bool {
+        use State::*;
+        matches!(
+            (self, next),
+            (Starting, Ready | Failed | Stopping | Stopped)
+                | (Ready, Failed | Stopping | Stopped)
+                | (Failed, Stopping | Stopped)
+                | (Stopping, Stopped)
+        )
+    }
+}
+
+/// What was asked for when the session was created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    /// Page the browser opens.
+    pub start_url: String,
+    /// Display width.
+    pub width: u32,
+    /// Display height.
+    pub height: u32,
+    /// Kiosk mode.
+    pub kiosk: bool,
+    /// Command beside the browser.
+    pub launch: Option<Vec<String>>,
+    /// Seconds without a viewer before it stops.
+    pub idle_timeout_seconds: u64,
+    /// Outbound network.
+    pub egress: bool,
+}
+
+/// One stored session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Session id.
+    pub id: String,
+    /// Operator's user id.
+    pub user_id: Option<String>,
+    /// Provider preset name.
+    pub provider: Option<String>,
+    /// Current state.
+    pub state: State,
+    /// Why it failed or stopped.
+    pub reason: Option<String>,
+    /// The request.
+    pub spec: Spec,
+    /// SHA-256 of the viewer token, hex.
+    pub token_hash: String,
+    /// Times in milliseconds since the epoch.
+    pub created_ms: i64,
+    /// When it became ready.
+    pub ready_ms: Option<i64>,
+    /// When its TTL ends.
+    pub expires_ms: i64,
+    /// When it ended.
+    pub stopped_ms: Option<i64>,
+}
+
+/// The store.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        "CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            user_id TEXT,
+            provider TEXT,
+            state TEXT NOT NULL,
+            reason TEXT,
+            spec TEXT NOT NULL,
+            token_hash TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            ready_ms INTEGER,
+            expires_ms INTEGER NOT NULL,
+            stopped_ms INTEGER
+        );
+        CREATE INDEX sessions_state ON sessions(state);
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            at_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL
+        );
+        CREATE INDEX events_session ON events(session_id, seq);",
+    )])
+}
+
+/// Errors of the store.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// Migrations failed.
+    #[error("database migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    /// Stored JSON did not parse.
+    #[error("stored record: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Store {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        migrations().to_latest(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Whether the database answers.
+    pub fn ping(&self) -> Result<()> {
+        self.conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Adds a new session.
+    pub fn insert(&self, row: &Row) -> Result<()> {
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO sessions (id, user_id, provider, state, reason, spec, token_hash,
+                created_ms, ready_ms, expires_ms, stopped_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                row.id,
+                row.user_id,
+                row.provider,
+                row.state.as_str(),
+                row.reason,
+                serde_json::to_string(&row.spec)?,
+                row.token_hash,
+                row.created_ms,
+                row.ready_ms,
+                row.expires_ms,
+                row.stopped_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Moves a session to `state` if the transition is allowed; returns
+    /// whether it moved. `reason` is kept only when given.
+    pub fn set_state(&self, id: &str, state: State, reason: Option<&str>, now_ms: i64) -> Result<bool> {
+        let conn = self.conn.lock().unwrap();
+        let current: Option<String> = conn
+            .query_row("SELECT state FROM sessions WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        let Some(current) = current else { return Ok(false) };
+        if !State::parse(&current).can_become(state) {
+            return Ok(false);
+        }
+        conn.execute(
+            "UPDATE sessions SET state = ?2, reason = COALESCE(?3, reason),
+                ready_ms = CASE WHEN ?2 = 'ready' THEN ?4 ELSE ready_ms END,
+                stopped_ms = CASE WHEN ?2 = 'stopped' THEN ?4 ELSE stopped_ms END
+             WHERE id = ?1",
+            params![id, state.as_str(), reason, now_ms],
+        )?;
+        Ok(true)
+    }
+
+    /// One session.
+    pub fn get(&self, id: &str) -> Result<Option<Row>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE id = ?1"))?;
+        let row = stmt.query_row([id], read_row).optional()?;
+        row.map(finish).transpose()
+    }
+
+    /// All sessions, newest first.
+    pub fn list(&self) -> Result<Vec<Row>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(&format!("{SELECT} ORDER BY created_ms DESC"))?;
+        let rows = stmt.query_map([], read_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.into_iter().map(finish).collect()
+    }
+
+    /// Records an event.
+    pub fn add_event(&self, id: &str, kind: &str, data: &serde_json::Value, now_ms: i64) -> Result<()> {
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO events (session_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
+            params![id, now_ms, kind, data.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Events of a session in order: (at_ms, kind, data).
+    pub fn events(&self, id: &str) -> Result<Vec<(i64, String, serde_json::Value)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached("SELECT at_ms, kind, data FROM events WHERE session_id = ?1 ORDER BY seq")?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(at, kind, data)| Ok((at, kind, serde_json::from_str(&data)?)))
+            .collect()
+    }
+
+    /// After a restart: every session that may have had processes becomes
+    /// stopped with `reason`. Returns their ids.
+    pub fn reconcile(&self, reason: &str, now_ms: i64) -> Result<Vec<String>> {
+        let conn = self.conn.lock().unwrap();
+        let ids: Vec<String> = conn
+            .prepare("SELECT id FROM sessions WHERE state IN ('starting', 'ready', 'stopping', 'failed') AND stopped_ms IS NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        for id in &ids {
+            conn.execute(
+                "UPDATE sessions SET state = 'stopped', stopped_ms = ?2,
+                    reason = CASE WHEN state = 'failed' THEN reason ELSE ?3 END
+                 WHERE id = ?1",
+                params![id, now_ms, reason],
+            )?;
+        }
+        Ok(ids)
+    }
+}
+
+const SELECT: &str = "SELECT id, user_id, provider, state, reason, spec, token_hash,
+    created_ms, ready_ms, expires_ms, stopped_ms FROM sessions";
+
+type RawRow = (Row, String);
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    let state: String = r.get(3)?;
+    Ok((
+        Row {
+            id: r.get(0)?,
+            user_id: r.get(1)?,
+            provider: r.get(2)?,
+            state: State::parse(&state),
+            reason: r.get(4)?,
+            spec: Spec {
+                start_url: String::new(),
+                width: 0,
+                height: 0,
+                kiosk: false,
+                launch: None,
+                idle_timeout_seconds: 0,
+                egress: false,
+            },
+            token_hash: r.get(6)?,
+            created_ms: r.get(7)?,
+            ready_ms: r.get(8)?,
+            expires_ms: r.get(9)?,
+            stopped_ms: r.get(10)?,
+        },
+        r.get(5)?,
+    ))
+}
+
+fn finish((mut row, spec): RawRow) -> Result<Row> {
+    row.spec = serde_json::from_str(&spec)?;
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> Row {
+        Row {
+            id: id.into(),
+            user_id: Some("u".into()),
+            provider: None,
+            state: State::Starting,
+            reason: None,
+            spec: Spec {
+                start_url: "about:blank".into(),
+                width: 800,
+                height: 600,
+                kiosk: false,
+                launch: Some(vec!["xterm".into()]),
+                idle_timeout_seconds: 60,
+                egress: true,
+            },
+            token_hash: "ab".into(),
+            created_ms: 1,
+            ready_ms: None,
+            expires_ms: 100,
+            stopped_ms: None,
+        }
+    }
+
+    fn temp_db() -> (std::path::PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!("sc-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("db.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn transitions() {
+        use State::*;
+        assert!(Starting.can_become(Ready));
+        assert!(Ready.can_become(Stopping));
+        assert!(Stopping.can_become(Stopped));
+        assert!(!Stopped.can_become(Ready));
+        assert!(!Failed.can_become(Ready));
+        assert!(!Stopping.can_become(Ready));
+        assert!(!Ready.can_become(Starting));
+    }
+
+    #[test]
+    fn rows_round_trip_and_states_move_only_forward() {
+        let (dir, s) = temp_db();
+        s.insert(&row("a")).unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap(), row("a"));
+        assert!(s.insert(&row("a")).is_err(), "duplicate id");
+        assert!(s.set_state("a", State::Ready, None, 5).unwrap());
+        assert_eq!(s.get("a").unwrap().unwrap().ready_ms, Some(5));
+        assert!(s.set_state("a", State::Failed, Some("browser crash loop"), 6).unwrap());
+        assert!(!s.set_state("a", State::Ready, None, 7).unwrap());
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(a.state, State::Failed);
+        assert_eq!(a.reason.as_deref(), Some("browser crash loop"));
+        assert!(!s.set_state("nope", State::Ready, None, 7).unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn reconcile_stops_live_sessions_and_survives_reopen() {
+        let (dir, s) = temp_db();
+        s.insert(&row("a")).unwrap();
+        s.insert(&row("b")).unwrap();
+        s.set_state("b", State::Stopping, None, 2).unwrap();
+        s.set_state("b", State::Stopped, Some("deleted"), 3).unwrap();
+        s.add_event("a", "state", &serde_json::json!({"state": "starting"}), 1).unwrap();
+        drop(s);
+        let s = Store::open(&dir.join("db.sqlite")).unwrap();
+        let ids = s.reconcile("server restarted", 9).unwrap();
+        assert_eq!(ids, ["a"]);
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(a.state, State::Stopped);
+        assert_eq!(a.reason.as_deref(), Some("server restarted"));
+        assert_eq!(s.get("b").unwrap().unwrap().reason.as_deref(), Some("deleted"));
+        assert_eq!(s.events("a").unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,285 @@
+//! The viewer: its page and assets (embedded in the binary), its state
+//! endpoint, the noVNC WebSocket tunnelled through the agent, and WebRTC
+//! signaling (the seed's endpoints).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rust_embed::Embed;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::api::{AppState, bearer, session_json};
+use crate::auth;
+use crate::error::ApiError;
+use crate::limits;
+use crate::store::{Row, State as SessionState};
+
+/// The viewer's files: `viewer/` of the source tree.
+#[derive(Embed)]
+#[folder = "../../viewer/"]
+struct Assets;
+
+/// `GET /assets/{*path}`.
+pub async fn asset(Path(path): Path<String>) -> Response {
+    match Assets::get(&path) {
+        Some(file) => {
+            let mime = file.metadata.mimetype().to_string();
+            (
+                [
+                    (header::CONTENT_TYPE, mime),
+                    (header::CACHE_CONTROL, "no-cache".to_string()),
+                    (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".to_string()),
+                ],
+                file.data,
+            )
+                .into_response()
+        }
+        None => ApiError::new(StatusCode::NOT_FOUND, "no such asset").into_response(),
+    }
+}
+
+/// `GET /viewer/{id}`: the page; the token stays in the URL fragment.
+pub async fn page(Path(id): Path<String>) -> Response {
+    if limits::check_id(&id).is_err() {
+        return ApiError::bad_request("bad session id").into_response();
+    }
+    match Assets::get("index.html") {
+        Some(file) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::REFERRER_POLICY, "no-referrer"),
+            ],
+            file.data,
+        )
+            .into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "the viewer is not built in").into_response(),
+    }
+}
+
+/// Checks a viewer token against a session; the session's row when it matches.
+fn authorize(state: &AppState, id: &str, token: Option<&str>) -> Result<Row, ApiError> {
+    limits::check_id(id).map_err(ApiError::bad_request)?;
+    let row = state
+        .manager
+        .store()
+        .get(id)?
+        .ok_or_else(|| ApiError::no_session(id))?;
+    let Some(token) = token else {
+        return Err(ApiError::unauthorized("missing viewer token"));
+    };
+    if auth::token_matches(token, &row.token_hash) || auth::secret_eq(token, &state.api_key) {
+        Ok(row)
+    } else {
+        Err(ApiError::unauthorized("the token does not open this session"))
+    }
+}
+
+/// `GET /viewer/{id}/state`.
+pub async fn state(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let row = authorize(&state, &id, bearer(&headers))?;
+    let live = state.manager.live(&id);
+    if let Some(l) = &live {
+        l.touch();
+    }
+    let full = session_json(&row, live.as_deref());
+    Ok(Json(json!({
+        "id": full["id"], "state": full["state"], "reason": full["reason"],
+        "width": full["width"], "height": full["height"], "children": full["children"],
+        "webrtc": state.manager.gateway().is_some(),
+    })))
+}
+
+/// Query carrying the token where headers cannot (WebSocket).
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// `GET /viewer/{id}/vnc?token=…`: RFB over a WebSocket.
+pub async fn vnc(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let row = authorize(&state, &id, q.token.as_deref())?;
+    if row.state != SessionState::Ready {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("the session is {}", row.state.as_str())));
+    }
+    let stream = state.manager.open_vnc(&id).await?;
+    let live = state.manager.live(&id);
+    Ok(ws
+        .protocols(["binary"])
+        .max_message_size(16 << 20)
+        .on_upgrade(move |socket| async move {
+            if let Some(l) = &live {
+                l.viewer(true);
+            }
+            let ended = live.as_ref().map(|l| l.ended());
+            pump(socket, stream, ended).await;
+            if let Some(l) = &live {
+                l.viewer(false);
+            }
+        }))
+}
+
+async fn pump(
+    socket: WebSocket,
+    stream: tokio::net::UnixStream,
+    ended: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    use futures::{SinkExt, StreamExt};
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut rd, mut wr) = stream.into_split();
+    let up = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let data = match msg {
+                WsMessage::Binary(b) => b,
+                WsMessage::Text(t) => Bytes::from(t.as_str().as_bytes().to_vec()),
+                WsMessage::Close(_) => break,
+                _ => continue,
+            };
+            if wr.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx
+                        .send(WsMessage::Binary(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    let end = async {
+        match ended {
+            Some(mut e) => {
+                let _ = e.wait_for(|v| *v).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = end => {}
+    }
+}
+
+/// The last offer and answer per session, for the seed's GET endpoints.
+#[derive(Default)]
+pub struct Signaling {
+    last: Mutex<HashMap<String, (String, String)>>,
+}
+
+/// Body of an offer.
+#[derive(Debug, Deserialize)]
+struct OfferBody {
+    sdp: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+fn authorize_signaling(state: &AppState, id: &str, headers: &HeaderMap) -> Result<Row, ApiError> {
+    authorize(state, id, bearer(headers))
+}
+
+/// `POST /api/webrtc/session/{id}/offer`: answers at once.
+pub async fn offer(
+    State(state): State<AppState>,
+    axum::Extension(sig): axum::Extension<Arc<Signaling>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let row = authorize_signaling(&state, &id, &headers)?;
+    let Some(gw) = state.manager.gateway() else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "WebRTC is turned off on this server"));
+    };
+    if row.state != SessionState::Ready {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("the session is {}", row.state.as_str())));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the offer is not UTF-8"))?;
+    let sdp = if text.trim_start().starts_with('{') {
+        let b: OfferBody = serde_json::from_str(text)
+            .map_err(|e| ApiError::bad_request("bad offer body").detail(e.to_string()))?;
+        if b.kind.as_deref().is_some_and(|k| k != "offer") {
+            return Err(ApiError::bad_request("type must be \"offer\""));
+        }
+        b.sdp
+    } else {
+        text.to_string()
+    };
+    let answer = gw
+        .accept_offer(&id, &sdp, sandcast_webrtc::ViewerOptions::default())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+                e.to_string(),
+            )
+        })?;
+    if let Some(l) = state.manager.live(&id) {
+        l.touch();
+    }
+    sig.last
+        .lock()
+        .unwrap()
+        .insert(id.clone(), (sdp, answer.sdp.clone()));
+    Ok(Json(json!({ "type": "answer", "sdp": answer.sdp, "viewer_id": answer.viewer_id.to_string() })).into_response())
+}
+
+/// `GET /api/webrtc/session/{id}/offer`.
+pub async fn last_offer(
+    State(state): State<AppState>,
+    axum::Extension(sig): axum::Extension<Arc<Signaling>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize_signaling(&state, &id, &headers)?;
+    let last = sig.last.lock().unwrap().get(&id).cloned();
+    let (offer, _) = last.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no offer yet"))?;
+    Ok(Json(json!({ "type": "offer", "sdp": offer })))
+}
+
+/// `GET|POST /api/webrtc/session/{id}/answer`.
+pub async fn last_answer(
+    State(state): State<AppState>,
+    axum::Extension(sig): axum::Extension<Arc<Signaling>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize_signaling(&state, &id, &headers)?;
+    let last = sig.last.lock().unwrap().get(&id).cloned();
+    let (_, answer) = last.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no answer yet"))?;
+    Ok(Json(json!({ "type": "answer", "sdp": answer })))
+}
+
+/// `GET /api/webrtc/ice-servers`.
+pub async fn ice_servers(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "iceServers": state.manager.config().webrtc.ice_servers }))
+}
