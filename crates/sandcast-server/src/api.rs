@@ -33,11 +33,7 @@ pub struct AppState {
 }
 
 /// Requires the operator key on `/api/*` (signaling has its own check).
-pub async fn require_api_key(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/api/webrtc/") {
         return next.run(req).await;
     }
@@ -100,7 +96,9 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 /// Validates a request into what the manager runs.
 pub fn validate(state: &AppState, req: CreateRequest) -> Result<NewSession, ApiError> {
     let cfg = state.manager.config();
-    let bad = |field: &str, msg: String| ApiError::bad_request(format!("{field}: {msg}")).detail(json!({ "field": field }));
+    let bad = |field: &str, msg: String| {
+        ApiError::bad_request(format!("{field}: {msg}")).detail(json!({ "field": field }))
+    };
     if let Some(u) = &req.user_id {
         limits::check_name("user_id", u).map_err(|e| bad("user_id", e))?;
     }
@@ -130,7 +128,10 @@ pub fn validate(state: &AppState, req: CreateRequest) -> Result<NewSession, ApiE
     limits::check_size(width, height).map_err(|e| bad("width/height", e))?;
     let ttl = req.ttl_seconds.unwrap_or(cfg.session.ttl_seconds);
     if ttl == 0 || ttl > limits::MAX_TTL {
-        return Err(bad("ttl_seconds", format!("{ttl} is outside 1..={}", limits::MAX_TTL)));
+        return Err(bad(
+            "ttl_seconds",
+            format!("{ttl} is outside 1..={}", limits::MAX_TTL),
+        ));
     }
     let idle = req
         .idle_timeout_seconds
@@ -173,7 +174,10 @@ fn rfc3339(ms: i64) -> Value {
 /// A session as the API shows it.
 pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
     let (children, display) = match live {
-        Some(l) => (serde_json::to_value(l.children()).unwrap_or_default(), l.display()),
+        Some(l) => (
+            serde_json::to_value(l.children()).unwrap_or_default(),
+            l.display(),
+        ),
         None => (json!([]), (row.spec.width, row.spec.height)),
     };
     json!({
@@ -205,7 +209,10 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
         .map(String::from)
         .unwrap_or_else(|| state.manager.config().listen.to_string());
     let proto = headers
@@ -219,7 +226,12 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
 fn created(state: &AppState, headers: &HeaderMap, new: NewSession) -> Result<Response, ApiError> {
     let (row, token) = state.manager.create(new)?;
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
-    body["viewer_url"] = json!(format!("{}/viewer/{}#token={}", base_url(state, headers), row.id, token));
+    body["viewer_url"] = json!(format!(
+        "{}/viewer/{}#token={}",
+        base_url(state, headers),
+        row.id,
+        token
+    ));
     body["viewer_token"] = json!(token);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -269,7 +281,10 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 }
 
 /// `GET /api/sessions/{id}`.
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check_id(&id)?;
     let row = state
         .manager
@@ -280,7 +295,10 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
 }
 
 /// `DELETE /api/sessions/{id}`.
-pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check_id(&id)?;
     let row = state.manager.stop(&id, "deleted through the API").await?;
     Ok(Json(session_json(&row, None)))
@@ -305,11 +323,19 @@ pub async fn logs(
         .store()
         .get(&id)?
         .ok_or_else(|| ApiError::no_session(&id))?;
-    let path = state.manager.config().data_dir.join("logs").join(format!("{id}.log"));
+    let path = state
+        .manager
+        .config()
+        .data_dir
+        .join("logs")
+        .join(format!("{id}.log"));
     let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes"));
     let live = state.manager.live(&id);
     // Subscribe before reading the file so no line falls in between.
-    let sub = live.as_ref().filter(|_| follow).map(|l| (l.subscribe_logs(), l.ended()));
+    let sub = live
+        .as_ref()
+        .filter(|_| follow)
+        .map(|l| (l.subscribe_logs(), l.ended()));
     let existing = tokio::fs::read_to_string(&path).await.unwrap_or_default();
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     let Some((rx, mut ended)) = sub else {
@@ -386,12 +412,19 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "tcp": g.tcp_addr().map(|a| a.to_string()),
         })),
     });
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>, metrics: axum::Extension<Arc<crate::metrics::Metrics>>) -> Response {
+pub async fn metrics(
+    State(state): State<AppState>,
+    metrics: axum::Extension<Arc<crate::metrics::Metrics>>,
+) -> Response {
     if let Ok(rows) = state.manager.store().list() {
         let counts: Vec<(SessionState, i64)> = SessionState::ALL
             .iter()
@@ -400,7 +433,10 @@ pub async fn metrics(State(state): State<AppState>, metrics: axum::Extension<Arc
         metrics.set_states(&counts);
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics.render(),
     )
         .into_response()

@@ -99,7 +99,10 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(load_or_create_api_key("", &path).unwrap(), k1);
-        assert_eq!(load_or_create_api_key("configured", &path).unwrap(), "configured");
+        assert_eq!(
+            load_or_create_api_key("configured", &path).unwrap(),
+            "configured"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -295,9 +295,8 @@ impl Config {
         if self.rate_limit.api_window_seconds == 0 {
             return Err("rate_limit.api_window_seconds must be at least 1".into());
         }
-        if !self.public_url.is_empty()
-            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
-        {
+        let url = &self.public_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(format!(
                 "public_url {:?} must start with http:// or https://",
                 self.public_url
@@ -323,6 +322,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn file_then_env_then_flags() {
         let dir = std::env::temp_dir().join(format!("sc-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -53,23 +53,38 @@ pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
         "firecracker" => Arc::new(sandcast_firecracker::FirecrackerBackend::new(
             config.firecracker.to_backend(),
         )?),
-        _ => Arc::new(sandcast_sandbox::SandboxBackend::new(config.sandbox.clone())?),
+        _ => Arc::new(sandcast_sandbox::SandboxBackend::new(
+            config.sandbox.clone(),
+        )?),
     })
 }
 
 /// Builds the router.
-pub fn router(state: api::AppState, metrics: Arc<metrics::Metrics>, limiters: Arc<ratelimit::Limiters>) -> Router {
+pub fn router(
+    state: api::AppState,
+    metrics: Arc<metrics::Metrics>,
+    limiters: Arc<ratelimit::Limiters>,
+) -> Router {
     let api = Router::new()
         .route("/api/sessions", post(api::create).get(api::list))
         .route("/api/sessions/{id}", get(api::get).delete(api::delete))
         .route("/api/sessions/{id}/logs", get(api::logs))
         .route("/api/sessions/{id}/events", get(api::events))
         .route("/api/auth/start", post(api::auth_start))
-        .route("/api/webrtc/session/{id}/offer", post(viewer::offer).get(viewer::last_offer))
-        .route("/api/webrtc/session/{id}/answer", get(viewer::last_answer).post(viewer::last_answer))
+        .route(
+            "/api/webrtc/session/{id}/offer",
+            post(viewer::offer).get(viewer::last_offer),
+        )
+        .route(
+            "/api/webrtc/session/{id}/answer",
+            get(viewer::last_answer).post(viewer::last_answer),
+        )
         .route("/api/webrtc/ice-servers", get(viewer::ice_servers))
         .route("/api/{*rest}", axum::routing::any(api::not_found))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), api::require_api_key));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_api_key,
+        ));
     Router::new()
         .merge(api)
         .route("/health", get(api::health))
@@ -87,10 +102,20 @@ pub fn router(state: api::AppState, metrics: Arc<metrics::Metrics>, limiters: Ar
         .layer(
             tower_http::cors::CorsLayer::new()
                 .allow_origin(tower_http::cors::Any)
-                .allow_methods([axum::http::Method::GET, axum::http::Method::POST, axum::http::Method::DELETE])
-                .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE]),
+                .allow_methods([
+                    axum::http::Method::GET,
+                    axum::http::Method::POST,
+                    axum::http::Method::DELETE,
+                ])
+                .allow_headers([
+                    axum::http::header::AUTHORIZATION,
+                    axum::http::header::CONTENT_TYPE,
+                ]),
         )
-        .layer(axum::middleware::from_fn_with_state(limiters, ratelimit::middleware))
+        .layer(axum::middleware::from_fn_with_state(
+            limiters,
+            ratelimit::middleware,
+        ))
         .with_state(state)
 }
 
@@ -133,7 +158,10 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     );
     let stale = manager.reconcile().await?;
     if !stale.is_empty() {
-        tracing::info!(count = stale.len(), "sessions of the last run marked stopped");
+        tracing::info!(
+            count = stale.len(),
+            "sessions of the last run marked stopped"
+        );
     }
     let readiness = backend.readiness().await;
     for c in readiness.checks.iter().filter(|c| !c.ok) {
@@ -164,9 +192,12 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     eprintln!("sandcast: stopping every session");
     manager.stop_all("the server shut down").await;
     Ok(())
@@ -202,7 +233,10 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr, _key: String) 
                 store::State::Ready => break,
                 store::State::Starting => {}
                 _ => {
-                    eprintln!("sandcast: the session failed: {}", r.reason.unwrap_or_default());
+                    eprintln!(
+                        "sandcast: the session failed: {}",
+                        r.reason.unwrap_or_default()
+                    );
                     return;
                 }
             }

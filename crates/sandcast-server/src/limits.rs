@@ -38,7 +38,10 @@ pub fn check_size(width: u32, height: u32) -> Result<(), String> {
 /// Checks a start URL: http, https, data and about only.
 pub fn check_url(url: &str) -> Result<(), String> {
     if url.len() > MAX_URL_LEN {
-        return Err(format!("URL of {} bytes is longer than {MAX_URL_LEN}", url.len()));
+        return Err(format!(
+            "URL of {} bytes is longer than {MAX_URL_LEN}",
+            url.len()
+        ));
     }
     if url.chars().any(|c| c.is_control()) {
         return Err("URL contains control characters".into());
@@ -82,7 +85,10 @@ pub fn check_launch(argv: &[String]) -> Result<(), String> {
     if argv.len() > MAX_LAUNCH_ARGS {
         return Err(format!("launch has more than {MAX_LAUNCH_ARGS} arguments"));
     }
-    if argv.iter().any(|a| a.len() > MAX_ARG_LEN || a.contains('\0')) {
+    if argv
+        .iter()
+        .any(|a| a.len() > MAX_ARG_LEN || a.contains('\0'))
+    {
         return Err(format!(
             "launch arguments must be at most {MAX_ARG_LEN} bytes without NUL"
         ));

@@ -331,9 +331,20 @@ impl Manager {
     fn set_state(&self, live: &Live, state: State, reason: Option<&str>) -> bool {
         match self.store.set_state(&live.id, state, reason, now_ms()) {
             Ok(true) => {
-                live.log("server", "agent", &format!("session {}{}", state.as_str(),
-                    reason.map(|r| format!(": {r}")).unwrap_or_default()));
-                self.event(&live.id, "state", json!({"state": state.as_str(), "reason": reason}));
+                live.log(
+                    "server",
+                    "agent",
+                    &format!(
+                        "session {}{}",
+                        state.as_str(),
+                        reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    ),
+                );
+                self.event(
+                    &live.id,
+                    "state",
+                    json!({"state": state.as_str(), "reason": reason}),
+                );
                 if let Some(gw) = &self.gateway {
                     gw.send_to_viewers(
                         &live.id,
@@ -376,11 +387,11 @@ impl Manager {
                 let l3 = live.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(timeout).await;
-                    if let Ok(Some(row)) = me.store.get(&l3.id) {
-                        if row.state == State::Starting {
-                            let reason = format!("not ready within {} s", timeout.as_secs());
-                            me.fail(&l3, &reason).await;
-                        }
+                    if let Ok(Some(row)) = me.store.get(&l3.id)
+                        && row.state == State::Starting
+                    {
+                        let reason = format!("not ready within {} s", timeout.as_secs());
+                        me.fail(&l3, &reason).await;
                     }
                 });
                 let _ = started;
@@ -415,11 +426,12 @@ impl Manager {
                 egress: live.spec.egress,
             },
         };
-        let instance = self
-            .backend
-            .start(&spec)
-            .await
-            .map_err(|e| format!("the {} backend could not start the session: {e}", self.backend.name()))?;
+        let instance = self.backend.start(&spec).await.map_err(|e| {
+            format!(
+                "the {} backend could not start the session: {e}",
+                self.backend.name()
+            )
+        })?;
         let exited = instance.exited();
         *live.instance.lock().await = Some(instance);
         Ok(exited)
@@ -448,7 +460,8 @@ impl Manager {
             }
             None => {
                 if row.state != State::Stopped {
-                    self.store.set_state(id, State::Stopped, Some(reason), now_ms())?;
+                    self.store
+                        .set_state(id, State::Stopped, Some(reason), now_ms())?;
                     self.event(id, "state", json!({"state": "stopped", "reason": reason}));
                 }
             }
@@ -469,11 +482,11 @@ impl Manager {
                 gw.close_session(&live.id);
             }
             let instance = live.instance.lock().await.take();
-            if let Some(instance) = instance {
-                if let Err(e) = instance.stop(STOP_GRACE).await {
-                    live.log("server", "agent", &format!("stopping the instance: {e}"));
-                    tracing::error!(session = %live.id, error = %e, "stopping instance");
-                }
+            if let Some(instance) = instance
+                && let Err(e) = instance.stop(STOP_GRACE).await
+            {
+                live.log("server", "agent", &format!("stopping the instance: {e}"));
+                tracing::error!(session = %live.id, error = %e, "stopping instance");
             }
             *live.control.lock().unwrap() = None;
             let _ = std::fs::remove_dir_all(&live.dir);
@@ -509,7 +522,9 @@ impl Manager {
             .await
         {
             live.streams.lock().unwrap().remove(&n);
-            return Err(ManagerError::Conflict("the session's agent is not connected".into()));
+            return Err(ManagerError::Conflict(
+                "the session's agent is not connected".into(),
+            ));
         }
         match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(s)) => Ok(s),
@@ -550,13 +565,12 @@ impl Manager {
     async fn on_agent_message(self: &Arc<Self>, live: &Arc<Live>, msg: Message) {
         match msg {
             Message::Ready => {
-                if self.set_state(live, State::Ready, None) {
-                    if let Ok(Some(row)) = self.store.get(&live.id) {
-                        if let Some(ready) = row.ready_ms {
-                            let secs = (ready - row.created_ms) as f64 / 1000.0;
-                            self.metrics.start_seconds.observe(secs);
-                        }
-                    }
+                if self.set_state(live, State::Ready, None)
+                    && let Ok(Some(row)) = self.store.get(&live.id)
+                    && let Some(ready) = row.ready_ms
+                {
+                    let secs = (ready - row.created_ms) as f64 / 1000.0;
+                    self.metrics.start_seconds.observe(secs);
                 }
             }
             Message::Fatal { reason } => self.fail(live, &reason).await,
@@ -602,7 +616,11 @@ impl Manager {
                 if let Some(gw) = &self.gateway {
                     gw.send_to_viewers(&live.id, ViewerMessage::DisplaySize { width, height });
                 }
-                self.event(&live.id, "display", json!({"width": width, "height": height}));
+                self.event(
+                    &live.id,
+                    "display",
+                    json!({"width": width, "height": height}),
+                );
             }
             Message::Ping { seq } => {
                 live.send(Message::Pong { seq }).await;
@@ -644,17 +662,35 @@ async fn handle_conn(m: Arc<Manager>, live: Arc<Live>, mut conn: UnixStream) -> 
     }
     drop(read);
     if hello.protocol != PROTOCOL_VERSION {
-        return reject(&mut conn, format!("protocol {} is not {PROTOCOL_VERSION}", hello.protocol)).await;
+        return reject(
+            &mut conn,
+            format!("protocol {} is not {PROTOCOL_VERSION}", hello.protocol),
+        )
+        .await;
     }
     match hello.role {
         Role::Control => {
             if live.control.lock().unwrap().is_some() {
-                return reject(&mut conn, "the session already has a control connection".into()).await;
+                return reject(
+                    &mut conn,
+                    "the session already has a control connection".into(),
+                )
+                .await;
             }
-            conn_write(&mut conn, &Message::Welcome { protocol: PROTOCOL_VERSION }).await?;
+            conn_write(
+                &mut conn,
+                &Message::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                },
+            )
+            .await?;
             let config = m.session_config(&live);
             conn_write(&mut conn, &Message::Config(config)).await?;
-            live.log("server", "agent", &format!("agent {} connected", hello.agent_version));
+            live.log(
+                "server",
+                "agent",
+                &format!("agent {} connected", hello.agent_version),
+            );
             let (r, w) = conn.into_split();
             let (tx, mut rx) = mpsc::channel::<Message>(256);
             *live.control.lock().unwrap() = Some(tx);
@@ -677,7 +713,13 @@ async fn handle_conn(m: Arc<Manager>, live: Arc<Live>, mut conn: UnixStream) -> 
             Ok(())
         }
         Role::Video => {
-            conn_write(&mut conn, &Message::Welcome { protocol: PROTOCOL_VERSION }).await?;
+            conn_write(
+                &mut conn,
+                &Message::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                },
+            )
+            .await?;
             let mut frames = FramedRead::new(conn, FrameCodec);
             while let Some(frame) = frames.next().await {
                 match frame {
@@ -697,7 +739,13 @@ async fn handle_conn(m: Arc<Manager>, live: Arc<Live>, mut conn: UnixStream) -> 
             let Some(waiter) = waiter else {
                 return reject(&mut conn, format!("no stream {id} was asked for")).await;
             };
-            conn_write(&mut conn, &Message::Welcome { protocol: PROTOCOL_VERSION }).await?;
+            conn_write(
+                &mut conn,
+                &Message::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                },
+            )
+            .await?;
             let _ = waiter.send(conn);
             Ok(())
         }
@@ -705,7 +753,13 @@ async fn handle_conn(m: Arc<Manager>, live: Arc<Live>, mut conn: UnixStream) -> 
 }
 
 async fn reject(conn: &mut UnixStream, reason: String) -> Result<(), String> {
-    let _ = conn_write(conn, &Message::Reject { reason: reason.clone() }).await;
+    let _ = conn_write(
+        conn,
+        &Message::Reject {
+            reason: reason.clone(),
+        },
+    )
+    .await;
     Err(reason)
 }
 
@@ -734,19 +788,19 @@ async fn gateway_events(m: std::sync::Weak<Manager>, mut rx: broadcast::Receiver
             | GatewayEvent::Resize { session, .. }
             | GatewayEvent::ViewerState { session, .. } => session.clone(),
         };
-        if let GatewayEvent::ViewerState { state, .. } = &ev {
-            if let Some(live) = m.live(&session) {
-                match state {
-                    sandcast_webrtc::ViewerState::Connected => live.viewer(true),
-                    sandcast_webrtc::ViewerState::Closed => live.viewer(false),
-                    _ => live.touch(),
-                }
+        if let GatewayEvent::ViewerState { state, .. } = &ev
+            && let Some(live) = m.live(&session)
+        {
+            match state {
+                sandcast_webrtc::ViewerState::Connected => live.viewer(true),
+                sandcast_webrtc::ViewerState::Closed => live.viewer(false),
+                _ => live.touch(),
             }
         }
-        if matches!(ev, GatewayEvent::Input { .. }) {
-            if let Some(live) = m.live(&session) {
-                live.touch();
-            }
+        if matches!(ev, GatewayEvent::Input { .. })
+            && let Some(live) = m.live(&session)
+        {
+            live.touch();
         }
         if let Some(msg) = ev.to_agent_message() {
             m.to_agent(&session, msg).await;

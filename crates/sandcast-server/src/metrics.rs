@@ -45,7 +45,11 @@ impl Metrics {
         registry.register("sessions", "Sessions by state", sessions.clone());
         registry.register("session_starts", "Sessions created", starts.clone());
         registry.register("session_failures", "Sessions that failed", failures.clone());
-        registry.register("child_restarts", "Child processes restarted by agents", restarts.clone());
+        registry.register(
+            "child_restarts",
+            "Child processes restarted by agents",
+            restarts.clone(),
+        );
         registry.register(
             "session_start_seconds",
             "Time from the create request to ready",
@@ -64,7 +68,11 @@ impl Metrics {
     /// Sets the per-state gauges from counts.
     pub fn set_states(&self, counts: &[(State, i64)]) {
         for state in State::ALL {
-            let n = counts.iter().find(|(s, _)| *s == state).map(|(_, n)| *n).unwrap_or(0);
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
             self.sessions
                 .get_or_create(&vec![("state".to_string(), state.as_str().to_string())])
                 .set(n);
@@ -91,9 +99,18 @@ mod tests {
         m.set_states(&[(State::Ready, 2)]);
         let text = m.render();
         assert!(text.contains("sandcast_session_starts_total 1"), "{text}");
-        assert!(text.contains("sandcast_sessions{state=\"ready\"} 2"), "{text}");
-        assert!(text.contains("sandcast_sessions{state=\"failed\"} 0"), "{text}");
-        assert!(text.contains("sandcast_session_start_seconds_bucket{le=\"1.0\"} 1"), "{text}");
+        assert!(
+            text.contains("sandcast_sessions{state=\"ready\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sandcast_sessions{state=\"failed\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sandcast_session_start_seconds_bucket{le=\"1.0\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("sandcast_child_restarts_total 0"), "{text}");
     }
 }

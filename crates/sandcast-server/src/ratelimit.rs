@@ -36,7 +36,10 @@ pub enum Class {
 
 /// Classifies a request path.
 pub fn classify(path: &str) -> Class {
-    if path.starts_with("/api/webrtc/") || path.starts_with("/viewer/") || path.starts_with("/assets/") {
+    if path.starts_with("/api/webrtc/")
+        || path.starts_with("/viewer/")
+        || path.starts_with("/assets/")
+    {
         Class::Signaling
     } else if path.starts_with("/api/") || path == "/api" {
         Class::Api
@@ -126,6 +129,10 @@ mod tests {
         let wait = l.check(Class::Api, ip).expect("fourth request limited");
         assert!(wait > Duration::from_secs(200), "{wait:?}");
         assert_eq!(l.check(Class::Signaling, ip), None);
-        assert_eq!(l.check(Class::Api, "10.0.0.2".parse().unwrap()), None, "per client");
+        assert_eq!(
+            l.check(Class::Api, "10.0.0.2".parse().unwrap()),
+            None,
+            "per client"
+        );
     }
 }

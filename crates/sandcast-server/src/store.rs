@@ -217,12 +217,22 @@ impl Store {
 
     /// Moves a session to `state` if the transition is allowed; returns
     /// whether it moved. `reason` is kept only when given.
-    pub fn set_state(&self, id: &str, state: State, reason: Option<&str>, now_ms: i64) -> Result<bool> {
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: State,
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool> {
         let conn = self.conn.lock().unwrap();
         let current: Option<String> = conn
-            .query_row("SELECT state FROM sessions WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT state FROM sessions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()?;
-        let Some(current) = current else { return Ok(false) };
+        let Some(current) = current else {
+            return Ok(false);
+        };
         if !State::parse(&current).can_become(state) {
             return Ok(false);
         }
@@ -248,12 +258,20 @@ impl Store {
     pub fn list(&self) -> Result<Vec<Row>> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare_cached(&format!("{SELECT} ORDER BY created_ms DESC"))?;
-        let rows = stmt.query_map([], read_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = stmt
+            .query_map([], read_row)?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         rows.into_iter().map(finish).collect()
     }
 
     /// Records an event.
-    pub fn add_event(&self, id: &str, kind: &str, data: &serde_json::Value, now_ms: i64) -> Result<()> {
+    pub fn add_event(
+        &self,
+        id: &str,
+        kind: &str,
+        data: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<()> {
         self.conn.lock().unwrap().execute(
             "INSERT INTO events (session_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4)",
             params![id, now_ms, kind, data.to_string()],
@@ -264,11 +282,16 @@ impl Store {
     /// Events of a session in order: (at_ms, kind, data).
     pub fn events(&self, id: &str) -> Result<Vec<(i64, String, serde_json::Value)>> {
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn
-            .prepare_cached("SELECT at_ms, kind, data FROM events WHERE session_id = ?1 ORDER BY seq")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT at_ms, kind, data FROM events WHERE session_id = ?1 ORDER BY seq",
+        )?;
         let rows = stmt
             .query_map([id], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })?
             .collect::<std::result::Result<Vec<_>, _>>()?;
         rows.into_iter()
@@ -389,7 +412,10 @@ mod tests {
         assert!(s.insert(&row("a")).is_err(), "duplicate id");
         assert!(s.set_state("a", State::Ready, None, 5).unwrap());
         assert_eq!(s.get("a").unwrap().unwrap().ready_ms, Some(5));
-        assert!(s.set_state("a", State::Failed, Some("browser crash loop"), 6).unwrap());
+        assert!(
+            s.set_state("a", State::Failed, Some("browser crash loop"), 6)
+                .unwrap()
+        );
         assert!(!s.set_state("a", State::Ready, None, 7).unwrap());
         let a = s.get("a").unwrap().unwrap();
         assert_eq!(a.state, State::Failed);
@@ -404,8 +430,10 @@ mod tests {
         s.insert(&row("a")).unwrap();
         s.insert(&row("b")).unwrap();
         s.set_state("b", State::Stopping, None, 2).unwrap();
-        s.set_state("b", State::Stopped, Some("deleted"), 3).unwrap();
-        s.add_event("a", "state", &serde_json::json!({"state": "starting"}), 1).unwrap();
+        s.set_state("b", State::Stopped, Some("deleted"), 3)
+            .unwrap();
+        s.add_event("a", "state", &serde_json::json!({"state": "starting"}), 1)
+            .unwrap();
         drop(s);
         let s = Store::open(&dir.join("db.sqlite")).unwrap();
         let ids = s.reconcile("server restarted", 9).unwrap();
@@ -413,7 +441,10 @@ mod tests {
         let a = s.get("a").unwrap().unwrap();
         assert_eq!(a.state, State::Stopped);
         assert_eq!(a.reason.as_deref(), Some("server restarted"));
-        assert_eq!(s.get("b").unwrap().unwrap().reason.as_deref(), Some("deleted"));
+        assert_eq!(
+            s.get("b").unwrap().unwrap().reason.as_deref(),
+            Some("deleted")
+        );
         assert_eq!(s.events("a").unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -79,7 +79,9 @@ fn authorize(state: &AppState, id: &str, token: Option<&str>) -> Result<Row, Api
     if auth::token_matches(token, &row.token_hash) || auth::secret_eq(token, &state.api_key) {
         Ok(row)
     } else {
-        Err(ApiError::unauthorized("the token does not open this session"))
+        Err(ApiError::unauthorized(
+            "the token does not open this session",
+        ))
     }
 }
 
@@ -117,7 +119,10 @@ pub async fn vnc(
 ) -> Result<Response, ApiError> {
     let row = authorize(&state, &id, q.token.as_deref())?;
     if row.state != SessionState::Ready {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("the session is {}", row.state.as_str())));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("the session is {}", row.state.as_str()),
+        ));
     }
     let stream = state.manager.open_vnc(&id).await?;
     let live = state.manager.live(&id);
@@ -218,12 +223,19 @@ pub async fn offer(
 ) -> Result<Response, ApiError> {
     let row = authorize_signaling(&state, &id, &headers)?;
     let Some(gw) = state.manager.gateway() else {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "WebRTC is turned off on this server"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "WebRTC is turned off on this server",
+        ));
     };
     if row.state != SessionState::Ready {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("the session is {}", row.state.as_str())));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("the session is {}", row.state.as_str()),
+        ));
     }
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the offer is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the offer is not UTF-8"))?;
     let sdp = if text.trim_start().starts_with('{') {
         let b: OfferBody = serde_json::from_str(text)
             .map_err(|e| ApiError::bad_request("bad offer body").detail(e.to_string()))?;
@@ -250,7 +262,10 @@ pub async fn offer(
         .lock()
         .unwrap()
         .insert(id.clone(), (sdp, answer.sdp.clone()));
-    Ok(Json(json!({ "type": "answer", "sdp": answer.sdp, "viewer_id": answer.viewer_id.to_string() })).into_response())
+    Ok(Json(
+        json!({ "type": "answer", "sdp": answer.sdp, "viewer_id": answer.viewer_id.to_string() }),
+    )
+    .into_response())
 }
 
 /// `GET /api/webrtc/session/{id}/offer`.

@@ -60,7 +60,11 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             let mut mems = Vec::new();
             for i in 0..sessions {
                 let t0 = Instant::now();
-                let created = c.json("POST", "/api/sessions", Some(json!({"start_url": "about:blank"})))?;
+                let created = c.json(
+                    "POST",
+                    "/api/sessions",
+                    Some(json!({"start_url": "about:blank"})),
+                )?;
                 let id = created["id"].as_str().unwrap_or_default().to_string();
                 let s = c.wait(&id)?;
                 let dt = t0.elapsed().as_secs_f64();
@@ -73,7 +77,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 println!(
                     "session {i}: ready in {:.0} ms, memory {}",
                     dt * 1000.0,
-                    mem.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a (not on this host)".into())
+                    mem.map(|m| format!("{m:.0} MiB"))
+                        .unwrap_or_else(|| "n/a (not on this host)".into())
                 );
                 times.push(dt);
                 if let Some(m) = mem {
@@ -90,7 +95,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 percentile(&times, 0.95) * 1000.0
             );
             if !mems.is_empty() {
-                println!("memory per idle session: median {:.0} MiB", percentile(&mems, 0.5));
+                println!(
+                    "memory per idle session: median {:.0} MiB",
+                    percentile(&mems, 0.5)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

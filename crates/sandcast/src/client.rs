@@ -12,13 +12,23 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnArgs {
     /// Server URL.
-    #[arg(long, env = "SANDCAST_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "SANDCAST_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub server: String,
     /// API key (default: read from <data-dir>/api_key).
     #[arg(long, env = "SANDCAST_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
     /// Data directory holding the generated API key.
-    #[arg(long, env = "SANDCAST_DATA_DIR", default_value = "/var/lib/sandcast", global = true)]
+    #[arg(
+        long,
+        env = "SANDCAST_DATA_DIR",
+        default_value = "/var/lib/sandcast",
+        global = true
+    )]
     pub data_dir: PathBuf,
 }
 
@@ -100,7 +110,12 @@ impl Client {
         })
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<ureq::Response> {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<ureq::Response> {
         let req = self
             .agent
             .request(method, &format!("{}{path}", self.base))
@@ -115,7 +130,10 @@ impl Client {
                 let text = r.into_string().unwrap_or_default();
                 bail!("{method} {path}: HTTP {code}: {text}")
             }
-            Err(e) => bail!("{method} {path}: {e} (is `sandcast serve` running at {}?)", self.base),
+            Err(e) => bail!(
+                "{method} {path}: {e} (is `sandcast serve` running at {}?)",
+                self.base
+            ),
         }
     }
 
@@ -137,10 +155,10 @@ impl Client {
             }
             if let Some(data) = line.strip_prefix("data:") {
                 let v: Value = serde_json::from_str(data.trim()).unwrap_or_default();
-                if let Some(s) = v["state"].as_str() {
-                    if s != "starting" {
-                        break;
-                    }
+                if let Some(s) = v["state"].as_str()
+                    && s != "starting"
+                {
+                    break;
                 }
             }
         }
@@ -163,11 +181,21 @@ pub fn run(conn: &ConnArgs, cmd: SessionCommand) -> anyhow::Result<ExitCode> {
         } => {
             let mut body = json!({ "kiosk": kiosk });
             let obj = body.as_object_mut().unwrap();
-            if let Some(v) = start_url { obj.insert("start_url".into(), json!(v)); }
-            if let Some(v) = width { obj.insert("width".into(), json!(v)); }
-            if let Some(v) = height { obj.insert("height".into(), json!(v)); }
-            if let Some(v) = ttl_seconds { obj.insert("ttl_seconds".into(), json!(v)); }
-            if let Some(v) = provider { obj.insert("provider".into(), json!(v)); }
+            if let Some(v) = start_url {
+                obj.insert("start_url".into(), json!(v));
+            }
+            if let Some(v) = width {
+                obj.insert("width".into(), json!(v));
+            }
+            if let Some(v) = height {
+                obj.insert("height".into(), json!(v));
+            }
+            if let Some(v) = ttl_seconds {
+                obj.insert("ttl_seconds".into(), json!(v));
+            }
+            if let Some(v) = provider {
+                obj.insert("provider".into(), json!(v));
+            }
             let mut created = c.json("POST", "/api/sessions", Some(body))?;
             if wait {
                 let id = created["id"].as_str().unwrap_or_default().to_string();
@@ -182,7 +210,10 @@ pub fn run(conn: &ConnArgs, cmd: SessionCommand) -> anyhow::Result<ExitCode> {
         SessionCommand::Get { id } => c.json("GET", &format!("/api/sessions/{id}"), None)?,
         SessionCommand::Delete { id } => c.json("DELETE", &format!("/api/sessions/{id}"), None)?,
         SessionCommand::Logs { id, follow } => {
-            let path = format!("/api/sessions/{id}/logs{}", if follow { "?follow=1" } else { "" });
+            let path = format!(
+                "/api/sessions/{id}/logs{}",
+                if follow { "?follow=1" } else { "" }
+            );
             let mut reader = c.call("GET", &path, None)?.into_reader();
             let mut buf = [0u8; 8192];
             let mut stdout = std::io::stdout();

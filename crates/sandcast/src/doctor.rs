@@ -16,7 +16,11 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
 
 fn tool(name: &str, package: &str) -> Check {
     match which(name) {
-        Some(p) => Check { name: name.into(), ok: true, detail: p.display().to_string() },
+        Some(p) => Check {
+            name: name.into(),
+            ok: true,
+            detail: p.display().to_string(),
+        },
         None => Check {
             name: name.into(),
             ok: false,
@@ -83,7 +87,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let mut ok = true;
     for c in &checks {
-        println!("{} {:<28} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+        println!(
+            "{} {:<28} {}",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
         ok &= c.ok;
     }
     if ok {

@@ -16,7 +16,10 @@ use figment::providers::Serialized;
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(version, about = "Isolated, disposable browsers streamed into your page")]
+#[command(
+    version,
+    about = "Isolated, disposable browsers streamed into your page"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -187,7 +190,11 @@ fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         }
         ImageCommand::Check { dir } => {
             let manifest = sandcast_image::check(&dir, &sandcast_image::Requirements::browser())?;
-            println!("{}: usable ({} packages)", dir.display(), manifest.packages.len());
+            println!(
+                "{}: usable ({} packages)",
+                dir.display(),
+                manifest.packages.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
