@@ -80,6 +80,7 @@ pub fn router(
             get(viewer::last_answer).post(viewer::last_answer),
         )
         .route("/api/webrtc/ice-servers", get(viewer::ice_servers))
+        .route("/api/webrtc/session/{id}/ws", get(viewer::signaling_ws))
         .route("/api/{*rest}", axum::routing::any(api::not_found))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -298,3 +298,92 @@ pub async fn last_answer(
 pub async fn ice_servers(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "iceServers": state.manager.config().webrtc.ice_servers }))
 }
+
+/// `GET /api/webrtc/session/{id}/ws?token=…`: WebSocket signaling for
+/// renegotiation and trickle. Messages are JSON: the viewer sends
+/// `{"type":"offer","sdp"}` (answered with `{"type":"answer","sdp","viewer_id"}`;
+/// a later offer replaces the viewer, which is how it renegotiates) and
+/// `{"type":"candidate",...}` (acknowledged: the gateway is ICE-lite and puts
+/// all its candidates in the answer, so remote candidates are learned from
+/// the viewer's checks). Errors come back as `{"type":"error","error"}`.
+pub async fn signaling_ws(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let token = bearer(&headers).map(String::from).or(q.token);
+    authorize(&state, &id, token.as_deref())?;
+    if state.manager.gateway().is_none() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "WebRTC is turned off on this server",
+        ));
+    }
+    Ok(ws
+        .max_message_size(limits::MAX_BODY)
+        .on_upgrade(move |socket| signaling_session(state, id, socket)))
+}
+
+async fn signaling_session(state: AppState, id: String, mut socket: WebSocket) {
+    let mut viewer: Option<sandcast_webrtc::ViewerId> = None;
+    while let Some(Ok(msg)) = socket.recv().await {
+        let text = match msg {
+            WsMessage::Text(t) => t.to_string(),
+            WsMessage::Close(_) => break,
+            _ => continue,
+        };
+        let reply = signaling_reply(&state, &id, &text, &mut viewer).await;
+        if socket
+            .send(WsMessage::Text(reply.to_string().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+async fn signaling_reply(
+    state: &AppState,
+    id: &str,
+    text: &str,
+    viewer: &mut Option<sandcast_webrtc::ViewerId>,
+) -> Value {
+    let err = |e: String| json!({ "type": "error", "error": e });
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return err("messages must be JSON objects".into());
+    };
+    let Some(gw) = state.manager.gateway() else {
+        return err("WebRTC is turned off".into());
+    };
+    match v["type"].as_str() {
+        Some("offer") => {
+            let Some(sdp) = v["sdp"].as_str() else {
+                return err("an offer needs \"sdp\"".into());
+            };
+            match state.manager.store().get(id) {
+                Ok(Some(row)) if row.state == SessionState::Ready => {}
+                Ok(Some(row)) => return err(format!("the session is {}", row.state.as_str())),
+                _ => return err("no such session".into()),
+            }
+            if let Some(old) = viewer.take() {
+                gw.close_viewer(old);
+            }
+            match gw
+                .accept_offer(id, sdp, sandcast_webrtc::ViewerOptions::default())
+                .await
+            {
+                Ok(answer) => {
+                    *viewer = Some(answer.viewer_id);
+                    json!({ "type": "answer", "sdp": answer.sdp, "viewer_id": answer.viewer_id.to_string() })
+                }
+                Err(e) => err(e.to_string()),
+            }
+        }
+        Some("candidate") => json!({ "type": "ack" }),
+        Some(other) => err(format!("unknown message type {other:?}")),
+        None => err("a message needs \"type\"".into()),
+    }
+}
