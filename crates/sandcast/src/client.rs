@@ -147,17 +147,22 @@ impl Client {
         let resp = self.call("GET", &format!("/api/sessions/{id}/events"), None)?;
         let mut reader = std::io::BufReader::new(resp.into_reader());
         let mut line = String::new();
+        let mut event = String::new();
         use std::io::BufRead;
         loop {
             line.clear();
             if reader.read_line(&mut line)? == 0 {
                 break;
             }
-            if let Some(data) = line.strip_prefix("data:") {
+            if let Some(name) = line.strip_prefix("event:") {
+                event = name.trim().to_string();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                // Only session state events; child events carry states too.
+                if event != "state" {
+                    continue;
+                }
                 let v: Value = serde_json::from_str(data.trim()).unwrap_or_default();
-                if let Some(s) = v["state"].as_str()
-                    && s != "starting"
-                {
+                if v["state"].as_str().is_some_and(|s| s != "starting") {
                     break;
                 }
             }
