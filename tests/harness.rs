@@ -102,6 +102,8 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Extra arguments after `sandcast serve ...`.
     pub args: Vec<String>,
+    /// Extra keys of the `[webrtc]` table.
+    pub webrtc: String,
 }
 
 /// A running `sandcast serve` with its own data directory.
@@ -199,12 +201,13 @@ impl Server {
              [session]\negress = false\n\n\
              [browser]\nbinary = \"/usr/bin/chromium\"\nextra_args = {args}\n\n\
              [sandbox]\nname_prefix = \"sce2e\"\ncgroup_parent = \"sandcast-e2e\"\n\n\
-             [webrtc]\nudp_bind = \"127.0.0.1:0\"\ntcp_bind = \"127.0.0.1:0\"\npublic_ips = [\"127.0.0.1\"]\n\n\
+             [webrtc]\nudp_bind = \"127.0.0.1:0\"\ntcp_bind = \"127.0.0.1:0\"\npublic_ips = [\"127.0.0.1\"]\n{webrtc}\n\n\
              {tables}\n",
             data = self.data.path().to_str().expect("utf-8 temp path"),
             top = self.opts.top,
             args = serde_json::to_string(&extra_args).expect("json"),
             tables = self.opts.tables,
+            webrtc = self.opts.webrtc,
         );
         let path = self.data.path().join("sandcast.toml");
         std::fs::write(&path, cfg).expect("write config");
