@@ -167,6 +167,37 @@ fn without_webrtc_the_viewer_falls_back_to_novnc_by_itself() {
     delete_clean(&s, &id);
 }
 
+#[test]
+fn webrtc_viewer_resize_resizes_the_remote_display() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    let view = run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "video",
+        "mode": "webrtc",
+        "viewport": [1280, 800],
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            { "resize": [900, 640] },
+            { "expectResized": { "max": [900, 640] } },
+            { "expect": colours::START },
+        ],
+    }));
+    let last = &view["steps"][2]["sample"];
+    let (w, h) = (
+        last["width"].as_u64().unwrap(),
+        last["height"].as_u64().unwrap(),
+    );
+    let got = s.wait_session(&id, Duration::from_secs(10), "the video's size", |v| {
+        (v["width"] == w && v["height"] == h).then_some(true)
+    });
+    assert_eq!(
+        (got["width"].as_u64(), got["height"].as_u64()),
+        (Some(w), Some(h))
+    );
+    delete_clean(&s, &id);
+}
+
 /// A TCP listener on every host address that answers HTTP 200 and counts
 /// connections: any connection from a session is an isolation failure.
 struct Canary {
