@@ -345,8 +345,10 @@ fn connect_in_netns(netns: &str, addr: Ipv4Addr, port: u16) -> Option<String> {
     .unwrap()
 }
 
-/// An "upstream" network (TEST-NET-3) in its own namespace, linked to the
-/// host by a veth, with a greeting TCP server inside.
+/// An "upstream" network (TEST-NET-2) in its own namespace, linked to the
+/// host by a veth, with a greeting TCP server inside. Not TEST-NET-3: the
+/// route to it would shadow hosts there (a package mirror, for one) while
+/// the test runs.
 struct Upstream {
     netns: String,
     veth: String,
@@ -377,7 +379,7 @@ impl Upstream {
         sh(&[
             "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]);
-        sh(&["ip", "addr", "add", "203.0.113.1/24", "dev", &veth]);
+        sh(&["ip", "addr", "add", "198.51.100.1/24", "dev", &veth]);
         sh(&["ip", "link", "set", &veth, "up"]);
         sh(&[
             "ip",
@@ -385,7 +387,7 @@ impl Upstream {
             &netns,
             "addr",
             "add",
-            "203.0.113.2/24",
+            "198.51.100.2/24",
             "dev",
             "eth0",
         ]);
@@ -408,7 +410,7 @@ impl Upstream {
             "add",
             "169.254.169.254/32",
             "via",
-            "203.0.113.2",
+            "198.51.100.2",
         ]);
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -438,7 +440,7 @@ impl Upstream {
             veth,
             stop,
             thread: Some(thread),
-            addr: "203.0.113.2".parse().unwrap(),
+            addr: "198.51.100.2".parse().unwrap(),
             port,
         }
     }
