@@ -2,72 +2,19 @@
 //! Chromium and x11vnc on the host: readiness, restart after a crash, the VNC
 //! stream and a clean shutdown.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use sandcast_proto::{
-    BrowserConfig, ChildReport, ChildState, Frame, FrameCodec, Message, PROTOCOL_VERSION,
-    RestartPolicy, Role, SessionConfig, StreamTarget,
+    BrowserConfig, ChildReport, ChildState, Frame, FrameCodec, Message, RestartPolicy, Role,
+    SessionConfig, StreamTarget,
 };
 use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
-struct Harness {
-    dir: PathBuf,
-    listener: UnixListener,
-    agent: tokio::process::Child,
-}
-
-impl Harness {
-    fn new(name: &str) -> Harness {
-        let dir = std::env::temp_dir().join(format!("sc-agent-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("agent.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandcast-agent"))
-            .arg("--connect")
-            .arg(format!("unix:{}", sock.display()))
-            .env("HOME", &dir)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Harness {
-            dir,
-            listener,
-            agent,
-        }
-    }
-
-    async fn accept(&self, want: Role) -> UnixStream {
-        let (mut s, _) = self.listener.accept().await.unwrap();
-        let mut framed = Framed::new(&mut s, FrameCodec);
-        match framed.next().await.unwrap().unwrap() {
-            Frame::Message(Message::Hello(h)) => {
-                assert_eq!(h.role, want);
-                assert_eq!(h.protocol, PROTOCOL_VERSION);
-            }
-            other => panic!("expected hello, got {other:?}"),
-        }
-        framed
-            .send(Message::Welcome {
-                protocol: PROTOCOL_VERSION,
-            })
-            .await
-            .unwrap();
-        assert!(framed.read_buffer().is_empty());
-        drop(framed);
-        s
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+mod common;
+use common::Harness;
 
 fn config(url: &str) -> SessionConfig {
     SessionConfig {
@@ -126,7 +73,7 @@ fn alive(pid: u32) -> bool {
 #[tokio::test]
 async fn supervises_display_browser_and_vnc() {
     let mut h = Harness::new("sup");
-    let control = h.accept(Role::Control).await;
+    let control = h.accept_raw(Role::Control).await;
     let mut framed = Framed::new(control, FrameCodec);
     framed
         .send(Message::Config(config("data:text/html,<h1>hello</h1>")))
@@ -162,7 +109,7 @@ async fn supervises_display_browser_and_vnc() {
         })
         .await
         .unwrap();
-    let mut stream = h.accept(Role::Stream { id: 1 }).await;
+    let mut stream = h.accept_raw(Role::Stream { id: 1 }).await;
     let mut banner = [0u8; 12];
     tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut banner))
         .await
@@ -204,7 +151,7 @@ async fn supervises_display_browser_and_vnc() {
 #[tokio::test]
 async fn a_browser_that_cannot_start_is_a_crash_loop_and_fatal() {
     let mut h = Harness::new("loop");
-    let control = h.accept(Role::Control).await;
+    let control = h.accept_raw(Role::Control).await;
     let mut framed = Framed::new(control, FrameCodec);
     let mut cfg = config("about:blank");
     cfg.browser.binary = "/bin/false".into();
@@ -232,7 +179,7 @@ async fn a_browser_that_cannot_start_is_a_crash_loop_and_fatal() {
 #[tokio::test]
 async fn the_agent_stops_everything_when_the_server_goes_away() {
     let mut h = Harness::new("gone");
-    let control = h.accept(Role::Control).await;
+    let control = h.accept_raw(Role::Control).await;
     let mut framed = Framed::new(control, FrameCodec);
     framed
         .send(Message::Config(config("about:blank")))

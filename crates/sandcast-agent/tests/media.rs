@@ -3,91 +3,32 @@
 //! size and after a resize, input reaching a page, the clipboard both ways
 //! and refused input counted in the stats.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use openh264::decoder::Decoder;
 use openh264::formats::YUVSource;
 use sandcast_proto::{
-    BrowserConfig, ChildState, Codec, Frame, FrameCodec, InputEvent, Message, PROTOCOL_VERSION,
-    PointerButton, RestartPolicy, Role, SessionConfig, VideoControl, VideoFrame,
+    BrowserConfig, ChildState, Codec, Frame, InputEvent, Message, PointerButton, RestartPolicy,
+    Role, SessionConfig, VideoControl, VideoFrame,
 };
-use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::Framed;
 use x11rb::connection::Connection;
 use x11rb::protocol::xproto::{AtomEnum, ConnectionExt as _};
 
-type Channel = Framed<UnixStream, FrameCodec>;
+mod common;
+use common::{Channel, Harness};
 
-struct Harness {
-    dir: PathBuf,
-    listener: UnixListener,
-    _agent: tokio::process::Child,
-}
-
-impl Harness {
-    fn new(name: &str) -> Harness {
-        let dir = std::env::temp_dir().join(format!("sc-agentmedia-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("agent.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandcast-agent"))
-            .arg("--connect")
-            .arg(format!("unix:{}", sock.display()))
-            .env("HOME", &dir)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Harness {
-            dir,
-            listener,
-            _agent: agent,
-        }
-    }
-
-    /// Accepts the next connection, checks its role and welcomes it.
-    async fn accept(&self, want: Role) -> Channel {
-        let (s, _) = tokio::time::timeout(Duration::from_secs(30), self.listener.accept())
-            .await
-            .expect("no connection from the agent")
-            .unwrap();
-        let mut framed = Framed::new(s, FrameCodec);
-        match framed.next().await.unwrap().unwrap() {
-            Frame::Message(Message::Hello(h)) => {
-                assert_eq!(h.role, want);
-                assert_eq!(h.protocol, PROTOCOL_VERSION);
-            }
-            other => panic!("expected hello, got {other:?}"),
-        }
-        framed
-            .send(Message::Welcome {
-                protocol: PROTOCOL_VERSION,
-            })
-            .await
-            .unwrap();
-        framed
-    }
-
-    /// The control connection with the configuration sent; waits for Ready
-    /// and returns every message seen on the way.
-    async fn ready(&self, config: SessionConfig) -> (Channel, Vec<Message>) {
-        let mut control = self.accept(Role::Control).await;
-        control.send(Message::Config(config)).await.unwrap();
-        let mut seen = Vec::new();
-        until(&mut control, &mut seen, |m| {
-            matches!(m, Message::Ready).then_some(())
-        })
-        .await;
-        (control, seen)
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The control connection with the configuration sent; waits for Ready and
+/// returns every message seen on the way.
+async fn ready(h: &Harness, config: SessionConfig) -> (Channel, Vec<Message>) {
+    let mut control = h.accept(Role::Control).await;
+    control.send(Message::Config(config)).await.unwrap();
+    let mut seen = Vec::new();
+    until(&mut control, &mut seen, |m| {
+        matches!(m, Message::Ready).then_some(())
+    })
+    .await;
+    (control, seen)
 }
 
 fn config(width: u32, height: u32, html: &str) -> SessionConfig {
@@ -204,13 +145,15 @@ fn decoded_size(dec: &mut Decoder, frame: &VideoFrame) -> Option<(usize, usize)>
 #[tokio::test]
 async fn video_starts_at_the_session_size_and_follows_a_resize() {
     let h = Harness::new("video");
-    let (mut control, mut seen) = h
-        .ready(config(
+    let (mut control, mut seen) = ready(
+        &h,
+        config(
             800,
             600,
             "<body style='margin:0;background:rgb(0,160,0)'>video</body>",
-        ))
-        .await;
+        ),
+    )
+    .await;
     // The display was sized before anything ran on it.
     assert!(
         seen.contains(&Message::DisplaySize {
@@ -422,7 +365,7 @@ async fn input_and_clipboard_reach_the_page_and_bad_input_is_counted() {
         i.addEventListener('keydown', e => { document.title = 'key ' + e.key; });\
         i.addEventListener('input', () => { document.title = 'value ' + i.value; });\
         </script></body>";
-    let (mut control, mut seen) = h.ready(config(800, 600, html)).await;
+    let (mut control, mut seen) = ready(&h, config(800, 600, html)).await;
     let browser = seen
         .iter()
         .rev()
