@@ -199,6 +199,22 @@ pub(crate) mod tests {
     use openh264::decoder::Decoder;
 
     /// A picture of text-like stripes scrolled by `offset` rows.
+    /// Bytes a running encoder produces for frames 31..60 of a moving
+    /// picture after its bitrate was changed to `bitrate`, as the gateway does.
+    pub(crate) fn bytes_after_bitrate_change(enc: &mut dyn Encoder, bitrate: u32) -> usize {
+        enc.encode(&synthetic(640, 360, 0), false).unwrap();
+        enc.set_bitrate(bitrate);
+        assert_eq!(enc.bitrate(), bitrate);
+        (1..60)
+            .map(|i| {
+                enc.encode(&synthetic(640, 360, i * 4), false)
+                    .unwrap()
+                    .map_or(0, |f| f.data.len())
+            })
+            .skip(30)
+            .sum::<usize>()
+    }
+
     pub(crate) fn synthetic(width: u32, height: u32, offset: u32) -> I420Frame {
         let mut f = I420Frame::new(width, height);
         for y in 0..height {
@@ -317,18 +333,7 @@ pub(crate) mod tests {
                 H264Mode::RealTime,
             )
             .unwrap();
-            // Changed on a running encoder, as the gateway does.
-            enc.encode(&synthetic(640, 360, 0), false).unwrap();
-            enc.set_bitrate(bitrate);
-            assert_eq!(enc.bitrate(), bitrate);
-            (1..60)
-                .map(|i| {
-                    enc.encode(&synthetic(640, 360, i * 4), false)
-                        .unwrap()
-                        .map_or(0, |f| f.data.len())
-                })
-                .skip(30)
-                .sum::<usize>()
+            bytes_after_bitrate_change(&mut enc, bitrate)
         };
         let low = run(200_000);
         let high = run(5_000_000);

@@ -395,17 +395,7 @@ pub(crate) mod tests {
                 max_fps: 30,
             })
             .unwrap();
-            enc.encode(&synthetic(640, 360, 0), false).unwrap();
-            enc.set_bitrate(bitrate);
-            assert_eq!(enc.bitrate(), bitrate);
-            (1..60)
-                .map(|i| {
-                    enc.encode(&synthetic(640, 360, i * 4), false)
-                        .unwrap()
-                        .map_or(0, |f| f.data.len())
-                })
-                .skip(30)
-                .sum::<usize>()
+            crate::h264::tests::bytes_after_bitrate_change(&mut enc, bitrate)
         };
         let low = run(200_000);
         let high = run(5_000_000);
