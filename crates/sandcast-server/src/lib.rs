@@ -182,8 +182,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     println!("API key in {}", key_path.display());
     if opts.open_session {
         let m = manager.clone();
-        let key = std::fs::read_to_string(&key_path).unwrap_or_default();
-        tokio::spawn(open_session(m, addr, key.trim().to_string()));
+        tokio::spawn(open_session(m, addr));
     }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -204,7 +203,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr, _key: String) {
+async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
     let cfg = m.config().clone();
     let new = manager::NewSession {
         user_id: Some("demo".into()),

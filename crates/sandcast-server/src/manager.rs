@@ -361,7 +361,6 @@ impl Manager {
     }
 
     async fn run(self: Arc<Self>, live: Arc<Live>) {
-        let started = Instant::now();
         match self.start(&live).await {
             Ok(mut exited) => {
                 let timeout = Duration::from_secs(self.config.session.start_timeout_seconds);
@@ -394,7 +393,6 @@ impl Manager {
                         me.fail(&l3, &reason).await;
                     }
                 });
-                let _ = started;
             }
             Err(reason) => self.fail(&live, &reason).await,
         }
