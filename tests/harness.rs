@@ -227,6 +227,9 @@ impl Server {
             .arg("--data-dir")
             .arg(self.data.path())
             .env_remove("SANDCAST_API_KEY")
+            // The harness's own switch, not a server setting (the server
+            // refuses unknown `SANDCAST_*` variables).
+            .env_remove("SANDCAST_E2E_VERBOSE")
             .env("SANDCAST_RATE_LIMIT__API_REQUESTS", "100000")
             .env(
                 "RUST_LOG",

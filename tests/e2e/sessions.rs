@@ -262,7 +262,7 @@ fn probe_page() -> String {
 fn a_session_cannot_reach_the_host_and_tokens_open_only_their_session() {
     let s = Server::start_default();
     let canary = Canary::start();
-    // Session A first, so that its gateway is one of the host addresses B probes.
+    // Session A first: B probes its viewer tunnel with its token.
     let (a, created_a) = ready_session(&s, "about:blank");
     let token_a = created_a["viewer_token"].as_str().unwrap().to_string();
 

@@ -50,13 +50,7 @@ impl SessionNet {
 
     /// Host and namespace addresses of the uplink.
     pub fn uplink_addrs(&self) -> Option<(String, String)> {
-        self.block.map(|b| {
-            let base = b * 4;
-            (
-                format!("10.201.{}.{}", base >> 8, (base & 0xff) + 1),
-                format!("10.201.{}.{}", base >> 8, (base & 0xff) + 2),
-            )
-        })
+        self.block.map(block_addrs)
     }
 
     /// Removes the namespace (and with it the TAP and both uplink ends).
@@ -163,20 +157,50 @@ pub fn setup_network(id: &SessionId, egress: bool) -> Result<SessionNet, Backend
         net.host_veth = Some(veth.clone());
         net.block = Some(block);
         let (host_ip, ns_ip) = net.uplink_addrs().expect("block set");
+        let (host_mac, ns_mac) = uplink_macs(block);
         run(
             "ip",
             &[
-                "link", "add", &veth, "type", "veth", "peer", "name", NS_UPLINK, "netns", &ns,
+                "link", "add", &veth, "address", &host_mac, "type", "veth", "peer", "name",
+                NS_UPLINK, "address", &ns_mac, "netns", &ns,
             ],
         )?;
         run("ip", &["link", "set", &veth, "alias", &ns])?;
+        // The host end carries no address, only a route and a static
+        // neighbour: an address added on the host is a network change to
+        // every program there (Chromium aborts its requests in flight).
+        run("ip", &["link", "set", &veth, "up"])?;
         run(
             "ip",
-            &["addr", "add", &format!("{host_ip}/30"), "dev", &veth],
+            &["route", "add", &format!("{ns_ip}/32"), "dev", &veth],
         )?;
-        run("ip", &["link", "set", &veth, "up"])?;
+        run(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                &ns_ip,
+                "lladdr",
+                &ns_mac,
+                "dev",
+                &veth,
+                "nud",
+                "permanent",
+            ],
+        )?;
         ip_ns(&["addr", "add", &format!("{ns_ip}/30"), "dev", NS_UPLINK])?;
         ip_ns(&["link", "set", NS_UPLINK, "up"])?;
+        ip_ns(&[
+            "neigh",
+            "replace",
+            &host_ip,
+            "lladdr",
+            &host_mac,
+            "dev",
+            NS_UPLINK,
+            "nud",
+            "permanent",
+        ])?;
         ip_ns(&["route", "add", "default", "via", &host_ip])?;
         run(
             "ip",
@@ -242,19 +266,46 @@ fn ensure_host_table() -> Result<(), BackendError> {
     )
 }
 
-/// A free /30 block for a session's uplink, starting at one derived from its id.
+/// A free /30 block for a session's uplink, starting at one derived from its
+/// id. A block is taken while the host routes its namespace address (or holds
+/// any of its addresses).
 fn free_block(id: &SessionId) -> Result<u32, BackendError> {
-    let used = run("ip", &["-o", "-4", "addr", "show"])?;
+    let addrs = run("ip", &["-o", "-4", "addr", "show"])?;
+    let routes = run("ip", &["-o", "-4", "route", "show"])?;
+    let routed: Vec<&str> = routes
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     let h = Sha256::digest(id.as_str().as_bytes());
     let start = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % LINK_BLOCKS;
     (0..LINK_BLOCKS)
         .map(|i| (start + i) % LINK_BLOCKS)
-        .find(|b| {
-            let base = b * 4;
-            let host = format!(" 10.201.{}.{}/30", base >> 8, (base & 0xff) + 1);
-            !used.contains(&host)
+        .find(|&b| {
+            let (host, ns) = block_addrs(b);
+            !addrs.contains(&format!(" {host}/"))
+                && !addrs.contains(&format!(" {ns}/"))
+                && !routed.contains(&ns.as_str())
         })
         .ok_or_else(|| BackendError::Start("no free uplink address block in 10.201.0.0/16".into()))
+}
+
+/// Host (gateway) and namespace addresses of an uplink block.
+fn block_addrs(block: u32) -> (String, String) {
+    let base = block * 4;
+    (
+        format!("10.201.{}.{}", base >> 8, (base & 0xff) + 1),
+        format!("10.201.{}.{}", base >> 8, (base & 0xff) + 2),
+    )
+}
+
+/// Fixed, locally administered MACs of an uplink's host and namespace ends,
+/// so each holds a permanent neighbour entry for the other.
+fn uplink_macs(block: u32) -> (String, String) {
+    let [_, a, b, c] = block.to_be_bytes();
+    (
+        format!("02:66:63:{a:02x}:{b:02x}:{c:02x}"),
+        format!("02:66:73:{a:02x}:{b:02x}:{c:02x}"),
+    )
 }
 
 /// Removes the namespaces and uplinks of sessions not in `keep`.
@@ -492,6 +543,10 @@ mod tests {
         assert!(veth.len() <= 15);
         assert!(Path::new("/sys/class/net").join(&veth).exists());
         let (host_ip, ns_ip) = net.uplink_addrs().unwrap();
+        // No address on the host end: that would be a network change to
+        // every program on the host.
+        let host_end = run("ip", &["-o", "-4", "addr", "show", "dev", &veth]).unwrap();
+        assert_eq!(host_end.trim(), "");
 
         // The link works: the host reaches a listener inside the namespace.
         let ns_listener = in_netns(&net.netns_path(), move || {
@@ -505,7 +560,7 @@ mod tests {
         s.read_exact(&mut b).unwrap();
 
         // The namespace (where the guest's traffic comes from) cannot reach
-        // the host, not even on the uplink address.
+        // the host through its gateway address.
         let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
         let port = host_listener.local_addr().unwrap().port();
         let reached = in_netns(&net.netns_path(), move || {

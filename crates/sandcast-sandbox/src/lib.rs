@@ -8,7 +8,8 @@
 //! writable. Memory, CPU and process limits live in a cgroup
 //! (`<cgroup_parent>/<id>`, v1 or v2, detected at runtime).
 //!
-//! The session reaches the outside only through a veth pair (`sc-<8 hex>`)
+//! The session reaches the outside only through a veth pair (`sc-<8 hex>`,
+//! whose host end has no address: a route and static neighbours suffice)
 //! and NAT in the nftables table `inet <prefix>`, which drops everything
 //! from sessions to the host itself and between sessions, and forwards a
 //! session's traffic out only when its egress is on.
@@ -468,11 +469,11 @@ impl Inner {
 
     async fn setup_network(&self, rec: &Record) -> Result<(), BackendError> {
         let ip = &self.cfg.ip;
-        let cidr = |a| format!("{a}/30");
         net::run(ip, &["netns", "add", &rec.netns], None).await?;
         let alias = net::veth_alias(&self.cfg.name_prefix, &rec.id);
+        let (host_mac, session_mac) = net::block_macs(rec.block);
         let host_side = format!(
-            "link add {veth} type veth peer name {inner} netns {ns}\n\
+            "link add {veth} address {host_mac} type veth peer name {inner} address {session_mac} netns {ns}\n\
              link set {veth} alias {alias}\n",
             veth = rec.veth,
             inner = net::INNER_IF,
@@ -496,16 +497,25 @@ impl Inner {
             Some(&net::add_elements(&self.table, &entry)),
         )
         .await?;
+        // The host end carries no address, only a route and a static
+        // neighbour: adding or removing an address on the host is a network
+        // change to every program there (Chromium aborts its requests in
+        // flight), and the session's gateway needs no host address to work.
         let up = format!(
-            "addr add {} dev {}\nlink set {} up\n",
-            cidr(rec.host_addr),
-            rec.veth,
-            rec.veth
+            "link set {veth} up\n\
+             route add {session}/32 dev {veth}\n\
+             neigh replace {session} lladdr {session_mac} dev {veth} nud permanent\n",
+            veth = rec.veth,
+            session = rec.session_addr,
         );
         net::run(ip, &["-batch", "-"], Some(&up)).await?;
         let inside = format!(
-            "link set lo up\naddr add {a} dev {i}\nlink set {i} up\nroute add default via {gw}\n",
-            a = cidr(rec.session_addr),
+            "link set lo up\n\
+             addr add {a}/30 dev {i}\n\
+             link set {i} up\n\
+             neigh replace {gw} lladdr {host_mac} dev {i} nud permanent\n\
+             route add default via {gw}\n",
+            a = rec.session_addr,
             i = net::INNER_IF,
             gw = rec.host_addr
         );
@@ -620,7 +630,7 @@ impl Inner {
         }
         let (records, _) = Record::load_all(&cfg.state_dir);
         let used: BTreeSet<u32> = records.iter().map(|r| r.block).collect();
-        let live = net::host_ipv4_addrs(&cfg.ip).await?;
+        let live = net::host_ipv4_in_use(&cfg.ip).await?;
         let block = net::allocate(self.subnet, &used, &live)?;
         let cg = layout.session(&cfg.cgroup_parent, id);
         let rec = Record {

@@ -52,7 +52,8 @@ pub fn table_name(prefix: &str) -> String {
 pub struct Block {
     /// Index of the /30 inside the configured subnet.
     pub index: u32,
-    /// The host end of the veth (the session's gateway).
+    /// The session's gateway: the address the session sends to the host end
+    /// of the veth, which itself carries no address.
     pub host: Ipv4Addr,
     /// The session end.
     pub session: Ipv4Addr,
@@ -168,6 +169,8 @@ pub fn ruleset(
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
          \t\tiifname \"{p}*\" oifname \"{p}*\" drop\n\
+         \t\t# A gateway address is no host's: it must not route out either.\n\
+         \t\tiifname \"{p}*\" ip daddr {subnet} drop\n\
          \t\toifname \"{p}*\" ct state established,related accept\n\
          \t\toifname \"{p}*\" drop\n\
          {deny}\
@@ -252,8 +255,10 @@ pub async fn links(ip: &Path) -> Result<Vec<Link>, BackendError> {
         .map_err(|e| BackendError::Cleanup(format!("cannot parse `ip -j link show`: {e}")))
 }
 
-/// Every IPv4 address on the host's interfaces.
-pub async fn host_ipv4_addrs(ip: &Path) -> Result<Vec<Ipv4Addr>, BackendError> {
+/// Every IPv4 address the host uses: its interfaces' addresses and the
+/// destinations of its host routes (how sessions of any sandbox backend,
+/// whose host ends carry no address, show up).
+pub async fn host_ipv4_in_use(ip: &Path) -> Result<Vec<Ipv4Addr>, BackendError> {
     #[derive(serde::Deserialize)]
     struct AddrInfo {
         local: Option<String>,
@@ -263,14 +268,38 @@ pub async fn host_ipv4_addrs(ip: &Path) -> Result<Vec<Ipv4Addr>, BackendError> {
         #[serde(default)]
         addr_info: Vec<AddrInfo>,
     }
+    #[derive(serde::Deserialize)]
+    struct Route {
+        dst: String,
+    }
     let out = run(ip, &["-j", "-4", "addr", "show"], None).await?;
     let ifaces: Vec<Iface> = serde_json::from_str(&out)
         .map_err(|e| BackendError::Start(format!("cannot parse `ip -j addr show`: {e}")))?;
+    let out = run(ip, &["-j", "-4", "route", "show"], None).await?;
+    let routes: Vec<Route> = serde_json::from_str(&out)
+        .map_err(|e| BackendError::Start(format!("cannot parse `ip -j route show`: {e}")))?;
     Ok(ifaces
         .into_iter()
         .flat_map(|i| i.addr_info)
         .filter_map(|a| a.local?.parse().ok())
+        .chain(routes.iter().filter_map(|r| host_route_dst(&r.dst)))
         .collect())
+}
+
+/// The address of a host route's destination (`a.b.c.d` or `a.b.c.d/32`).
+fn host_route_dst(dst: &str) -> Option<Ipv4Addr> {
+    dst.strip_suffix("/32").unwrap_or(dst).parse().ok()
+}
+
+/// The fixed MAC addresses of a block's host and session ends (locally
+/// administered), so each side can hold a permanent neighbour entry for the
+/// other and neither needs ARP.
+pub fn block_macs(index: u32) -> (String, String) {
+    let [_, a, b, c] = index.to_be_bytes();
+    (
+        format!("02:73:63:{a:02x}:{b:02x}:{c:02x}"),
+        format!("02:73:73:{a:02x}:{b:02x}:{c:02x}"),
+    )
 }
 
 /// The resolv.conf a session gets: `configured` servers, else the host's
@@ -356,6 +385,32 @@ mod tests {
     }
 
     #[test]
+    fn host_routes_count_as_addresses_in_use() {
+        assert_eq!(host_route_dst("100.64.0.2"), Some([100, 64, 0, 2].into()));
+        assert_eq!(
+            host_route_dst("100.64.0.2/32"),
+            Some([100, 64, 0, 2].into())
+        );
+        assert_eq!(host_route_dst("100.64.0.0/30"), None);
+        assert_eq!(host_route_dst("default"), None);
+    }
+
+    #[test]
+    fn block_macs_are_local_unicast_and_distinct() {
+        let (h0, s0) = block_macs(0);
+        let (h1, s1) = block_macs(0x01_02_03);
+        assert_eq!(h0, "02:73:63:00:00:00");
+        assert_eq!(s1, "02:73:73:01:02:03");
+        let all = [&h0, &s0, &h1, &s1];
+        for (i, a) in all.iter().enumerate() {
+            // Locally administered (bit 1), not multicast (bit 0).
+            let first = u8::from_str_radix(&a[..2], 16).unwrap();
+            assert_eq!(first & 0b11, 0b10, "{a}");
+            assert!(all[i + 1..].iter().all(|b| b != a), "{a} repeats");
+        }
+    }
+
+    #[test]
     fn bad_subnets_are_named() {
         for bad in ["", "100.64.0.0", "fd00::/64", "10.0.0.0/31", "300.1.1.1/16"] {
             let e = parse_subnet(bad).unwrap_err().to_string();
@@ -397,13 +452,18 @@ mod tests {
         assert!(text.contains("iifname @sessions iifname != @egress drop"));
         assert!(text.contains("\t\tiifname @sessions ip daddr { 169.254.0.0/16 } drop\n"));
         assert!(text.contains("ip saddr 100.64.0.0/16 oifname != \"sc-*\" masquerade"));
+        // Gateway addresses are not the host's, so they need a rule of their own.
+        let drop_gateways = text
+            .find("iifname \"sc-*\" ip daddr 100.64.0.0/16 drop")
+            .unwrap();
+        assert!(drop_gateways < text.find("iifname @sessions accept").unwrap());
         // Sessions-to-sessions drop comes before any accept.
         let drop_between = text.find("oifname \"sc-*\" drop").unwrap();
         let accept = text.find("iifname @sessions accept").unwrap();
         assert!(drop_between < accept);
         // Empty sets carry no (invalid) empty element list.
         let empty = ruleset("t", net, &[], &[]);
-        assert!(!empty.contains("daddr"), "{empty}");
+        assert!(!empty.contains("daddr {"), "{empty}");
         assert!(empty.contains("set sessions { type ifname; }"), "{empty}");
     }
 

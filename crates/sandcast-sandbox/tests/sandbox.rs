@@ -354,7 +354,10 @@ struct Upstream {
     veth: String,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The upstream server's address.
     addr: Ipv4Addr,
+    /// The host's own address on the upstream link.
+    host_addr: Ipv4Addr,
     port: u16,
 }
 
@@ -441,6 +444,7 @@ impl Upstream {
             stop,
             thread: Some(thread),
             addr: "198.51.100.2".parse().unwrap(),
+            host_addr: "198.51.100.1".parse().unwrap(),
             port,
         }
     }
@@ -492,13 +496,22 @@ async fn isolation_limits_network_and_cleanup() {
         b_greeting = connect_in_netns(b_inst.netns(), b_inst.session_addr(), 7777);
     }
     assert_eq!(b_greeting.as_deref(), Some("hello-from-b"));
-    // The host's 0.0.0.0 server answers on the veth address from the host itself.
+    // The host's 0.0.0.0 server answers on a host address (the upstream
+    // link's host end) from the host itself.
     assert_eq!(
-        connect_greeting(b_inst.host_addr(), any_port)
+        connect_greeting(upstream.host_addr, any_port)
             .await
             .as_deref(),
         Some("hello-host")
     );
+    // The host end of a session's veth carries no address: adding one would be
+    // a network change to every program on the host.
+    let host_end = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", b_inst.veth()])
+        .output()
+        .unwrap();
+    assert!(host_end.status.success());
+    assert_eq!(String::from_utf8_lossy(&host_end.stdout).trim(), "");
 
     // Session A: egress on; probes everything.
     let a_body = format!(
@@ -508,6 +521,7 @@ echo "other_home=$(ls {other_home} >/dev/null 2>&1 && echo visible || echo hidde
 echo "other_socket=$(test -e {other_sock} && echo visible || echo hidden)"
 echo "state_entries=$(ls -A {state} 2>/dev/null | wc -l)"
 echo "loopback=$(probe 127.0.0.1 {lo_port})"
+echo "host_addr=$(probe {host} {any_port})"
 echo "host_veth=$(probe {gw} {any_port})"
 echo "other_host_end=$(probe {b_gw} {any_port})"
 echo "other_session=$(probe {b_addr} 7777)"
@@ -519,6 +533,7 @@ echo "metadata=$(probe 169.254.169.254 {upp})"
         other_sock = b.spec.agent_socket.display(),
         state = h.cfg.state_dir.display(),
         gw = "$(ip route 2>/dev/null | awk '/default/{print $3}')",
+        host = upstream.host_addr,
         b_gw = b_inst.host_addr(),
         b_addr = b_inst.session_addr(),
         up = upstream.addr,
@@ -574,6 +589,11 @@ echo "metadata=$(probe 169.254.169.254 {upp})"
         r["loopback"].starts_with("fail"),
         "host loopback reached: {}",
         r["loopback"]
+    );
+    assert!(
+        r["host_addr"].starts_with("fail"),
+        "host reached on its own address: {}",
+        r["host_addr"]
     );
     assert!(
         r["host_veth"].starts_with("fail"),
