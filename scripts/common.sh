@@ -4,9 +4,12 @@
 set -euo pipefail
 
 SANDCAST_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# One target directory for every build of sandcast; override by setting
-# CARGO_TARGET_DIR before running the scripts.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sandcast-target}"
+# One target directory per checkout, kept outside it so that a fresh clone
+# reuses its builds. Checkouts do not share one: cargo names and fingerprints
+# a workspace's outputs independently of where it lives, so a binary built in
+# one checkout would pass as current in another while still pointing at the
+# first one's files. Override by setting CARGO_TARGET_DIR.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sandcast-target/$(printf '%s' "$SANDCAST_ROOT" | tr -c 'A-Za-z0-9_.\n' '-' | sed 's/^-*//')}"
 # The oldest toolchain that builds the workspace (edition 2024).
 MIN_RUST="1.85"
 

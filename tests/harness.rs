@@ -902,6 +902,33 @@ pub fn input_page() -> String {
     ))
 }
 
+/// What the clipboard page copies when clicked.
+pub const REMOTE_COPY: &str = "copied in the session ✓";
+/// What the clipboard test pastes into the session.
+pub const LOCAL_PASTE: &str = "pasted from the viewer ✓";
+
+/// A page with a focused text area: green; a click copies [`REMOTE_COPY`]
+/// to the session's clipboard and turns it blue; once [`LOCAL_PASTE`] is
+/// pasted into the text area it turns red.
+pub fn clipboard_page() -> String {
+    let js = |s: &str| serde_json::to_string(s).unwrap();
+    data_url(&format!(
+        "<!doctype html><html><head><title>clipboard</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
+         <body><textarea id=t autofocus style=\"position:absolute;left:0;top:0;width:200px;height:40px\"></textarea><script>\
+         const t=document.getElementById('t');\
+         addEventListener('mousedown',e=>{{e.preventDefault();\
+           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',{copy});c.preventDefault()}},{{once:true}});\
+           document.execCommand('copy');t.focus();document.body.style.background='{clicked}'}});\
+         t.addEventListener('input',()=>{{if(t.value.includes({paste}))document.body.style.background='{typed}'}});\
+         </script></body></html>",
+        start = colours::START,
+        clicked = colours::CLICKED,
+        typed = colours::TYPED,
+        copy = js(REMOTE_COPY),
+        paste = js(LOCAL_PASTE),
+    ))
+}
+
 /// Inserts a query string (`mode=vnc`) into a viewer URL before its fragment.
 pub fn with_query(viewer_url: &str, query: &str) -> String {
     match viewer_url.split_once('#') {

@@ -9,6 +9,11 @@
 //   { expect: "#rrggbb", tolerance?: 48, timeoutMs? }  the remote screen's centre has that colour
 //   { click: true }                                     click the centre of the remote screen
 //   { type: "text" }                                    type text
+//   { copyLocal: "text" }                               put text on the viewer browser's clipboard
+//                                                       (a real Ctrl+C outside the viewer)
+//   { paste: true }                                     focus the remote screen, press Ctrl+V
+//   { expectRemoteClipboard: "text", timeoutMs? }       the viewer element reports that text as
+//                                                       the session's clipboard
 //   { resize: [w, h] }                                  resize the viewer's window
 //   { stats: true }                                     record the viewers' stats; WebRTC ones
 //                                                       must have decoded frames
@@ -195,6 +200,37 @@ async function runViewers() {
     } else if (step.type) {
       await pages[0].keyboard.type(step.type, { delay: 40 });
       rec.ok = true;
+    } else if (step.copyLocal !== undefined) {
+      await pages[0].evaluate((text) => {
+        document.activeElement?.blur();
+        document.addEventListener('copy', (e) => {
+          e.clipboardData.setData('text/plain', text);
+          e.preventDefault();
+        }, { once: true });
+      }, step.copyLocal);
+      await pages[0].keyboard.press('Control+KeyC');
+      rec.ok = true;
+    } else if (step.paste) {
+      const focused = await pages[0].evaluate(() => {
+        const el = window.sandcast?.element;
+        const screen = el?.shadowRoot?.querySelector('video:not([hidden])') ?? el?.querySelector?.('video');
+        if (!screen) return false;
+        screen.focus();
+        return true;
+      });
+      if (!focused) { rec.ok = false; rec.error = 'no remote screen to focus'; }
+      else {
+        await pages[0].keyboard.press('Control+KeyV');
+        rec.ok = true;
+      }
+    } else if (step.expectRemoteClipboard !== undefined) {
+      const deadline = Date.now() + (step.timeoutMs ?? 20000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.remoteClipboard ?? null);
+        if (rec.got === step.expectRemoteClipboard) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(50);
+      }
     } else if (step.resize) {
       const before = await pages[0].evaluate(sampleInPage, kind);
       lastSize = before.found ? [before.width, before.height] : null;

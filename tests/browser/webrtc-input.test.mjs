@@ -117,6 +117,53 @@ test('paste sends the clipboard text; losing focus releases everything', async (
   assert.deepEqual(msgs, [{ kind: 'clipboard', text: 'pasted ✓' }, { kind: 'release_all' }]);
 });
 
+test('Ctrl+V puts the local text on the remote clipboard before the V that pastes it', async () => {
+  // The host clipboard gets its text from a real Ctrl+C (no permission needed).
+  await page.evaluate(() => document.addEventListener('copy', (e) => {
+    e.clipboardData.setData('text/plain', 'from the host');
+    e.preventDefault();
+  }, { once: true }));
+  // Copy outside the viewer element, which would send Ctrl+C to the remote.
+  await page.evaluate(() => document.getElementById('el').blur());
+  await page.keyboard.press('Control+KeyC');
+  await page.focus('#el');
+  await take();
+  await page.keyboard.press('Control+KeyV');
+  await until(() => window.sent.some((m) => m.code === 'ControlLeft' && !m.down));
+  assert.deepEqual(await take(), [
+    { kind: 'key', code: 'ControlLeft', key: 'Control', down: true },
+    { kind: 'clipboard', text: 'from the host' },
+    { kind: 'key', code: 'KeyV', key: 'v', down: true },
+    { kind: 'key', code: 'KeyV', key: 'v', down: false },
+    { kind: 'key', code: 'ControlLeft', key: 'Control', down: false },
+  ]);
+});
+
+test('Ctrl+V with nothing to paste still pastes inside the remote, before Ctrl goes up', async () => {
+  // A copy that leaves no text: the paste event (if any) carries none.
+  await page.evaluate(() => document.addEventListener('copy', (e) => {
+    e.clipboardData.setData('text/html', '<b>no text</b>');
+    e.preventDefault();
+  }, { once: true }));
+  // Copy outside the viewer element, which would send Ctrl+C to the remote.
+  await page.evaluate(() => document.getElementById('el').blur());
+  await page.keyboard.press('Control+KeyC');
+  await page.focus('#el');
+  await take();
+  await page.keyboard.down('Control');
+  await page.keyboard.down('KeyV');
+  await page.keyboard.up('KeyV');
+  await page.keyboard.up('Control');
+  await until(() => window.sent.some((m) => m.code === 'ControlLeft' && !m.down));
+  const msgs = await take();
+  assert.deepEqual(msgs.filter((m) => m.kind === 'key'), [
+    { kind: 'key', code: 'ControlLeft', key: 'Control', down: true },
+    { kind: 'key', code: 'KeyV', key: 'v', down: true },
+    { kind: 'key', code: 'KeyV', key: 'v', down: false },
+    { kind: 'key', code: 'ControlLeft', key: 'Control', down: false },
+  ]);
+});
+
 test('display_size messages change the mapping; resizing the element sends a resize', async () => {
   await page.evaluate(() => window.conn.onMessage({ kind: 'display_size', width: 800, height: 600 }));
   await page.mouse.move(100, 50);

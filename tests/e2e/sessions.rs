@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sandcast_e2e::{
-    Server, ServerOptions, child, children_running, colours, data_url, find_session_process,
-    input_page, run_browser, run_viewer, wait_no_leftovers, with_query,
+    LOCAL_PASTE, REMOTE_COPY, Server, ServerOptions, child, children_running, clipboard_page,
+    colours, data_url, find_session_process, input_page, run_browser, run_viewer,
+    wait_no_leftovers, with_query,
 };
 use serde_json::{Value, json};
 
@@ -198,6 +199,31 @@ fn webrtc_viewer_resize_resizes_the_remote_display() {
     delete_clean(&s, &id);
 }
 
+#[test]
+fn webrtc_clipboard_round_trips_both_ways() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &clipboard_page());
+    let view = run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "video",
+        "mode": "webrtc",
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            // Session to viewer: the page copies on a click.
+            { "click": true },
+            { "expect": colours::CLICKED },
+            { "expectRemoteClipboard": REMOTE_COPY },
+            // Viewer to session: Ctrl+V in the viewer pastes the viewer's text
+            // into the page's text area.
+            { "copyLocal": LOCAL_PASTE },
+            { "paste": true },
+            { "expect": colours::TYPED },
+        ],
+    }));
+    eprintln!("clipboard steps: {}", view["steps"]);
+    delete_clean(&s, &id);
+}
+
 /// A TCP listener on every host address that answers HTTP 200 and counts
 /// connections: any connection from a session is an isolation failure.
 struct Canary {
@@ -226,7 +252,7 @@ impl Canary {
     }
 }
 
-/// The host's IPv4 addresses (all interfaces, including session gateways).
+/// The host's IPv4 addresses (all interfaces).
 fn host_ipv4() -> Vec<String> {
     let out = std::process::Command::new("ip")
         .args(["-o", "-4", "addr", "show"])

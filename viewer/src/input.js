@@ -38,10 +38,17 @@ export function wheelPixels(ev, pageHeight, carry) {
   return { dx, dy };
 }
 
+/** How long V of Ctrl+V waits for the browser's paste event. */
+const PASTE_WAIT_MS = 150;
+
+/** Ctrl/Cmd+V (not with Alt): the host browser pastes, then the remote does. */
+export function isPasteShortcut(ev) {
+  return (ev.ctrlKey || ev.metaKey) && !ev.altKey && ev.code === 'KeyV';
+}
+
 /** Keys the host browser keeps: paste (so the paste event fires) and devtools. */
 export function keepsLocal(ev) {
-  if ((ev.ctrlKey || ev.metaKey) && ev.code === 'KeyV') return true;
-  return ev.code === 'F12';
+  return isPasteShortcut(ev) || ev.code === 'F12';
 }
 
 /** Starts capturing; returns a function that stops it. */
@@ -99,13 +106,43 @@ export function attachInput(element, connection, options = {}) {
     ev.preventDefault();
   }, { passive: false });
 
+  // Paste: the V of Ctrl/Cmd+V waits for the browser's "paste" event, so the
+  // remote clipboard holds the local text before the remote app pastes it
+  // (both travel on the same ordered channel). Without a paste event (no
+  // text on the local clipboard) V goes on alone after a moment, so a copy
+  // and paste inside the remote still works.
+  let pasteTimer = null;
+  let vHeldForPaste = false;
+  const typeV = () => {
+    send({ kind: 'key', code: 'KeyV', key: 'v', down: true });
+    send({ kind: 'key', code: 'KeyV', key: 'v', down: false });
+  };
+  cleanups.push(() => clearTimeout(pasteTimer));
   on(element, 'keydown', (ev) => {
     if (ev.isComposing) return;
+    if (isPasteShortcut(ev)) {
+      vHeldForPaste = true;
+      clearTimeout(pasteTimer);
+      pasteTimer = setTimeout(() => { pasteTimer = null; typeV(); }, PASTE_WAIT_MS);
+      return;
+    }
     send({ kind: 'key', code: ev.code || ev.key, key: ev.key, down: true });
     if (!keepsLocal(ev)) ev.preventDefault();
   });
   on(element, 'keyup', (ev) => {
     if (ev.isComposing) return;
+    // No paste event yet and a key goes up (Ctrl, say): V goes first, while
+    // the remote still holds Ctrl down.
+    if (pasteTimer !== null) {
+      clearTimeout(pasteTimer);
+      pasteTimer = null;
+      typeV();
+    }
+    if (ev.code === 'KeyV' && vHeldForPaste) {
+      // Its down and up went (or go) out with the paste.
+      vHeldForPaste = false;
+      return;
+    }
     send({ kind: 'key', code: ev.code || ev.key, key: ev.key, down: false });
     if (!keepsLocal(ev)) ev.preventDefault();
   });
@@ -114,6 +151,11 @@ export function attachInput(element, connection, options = {}) {
   on(element, 'paste', (ev) => {
     const text = ev.clipboardData?.getData('text/plain');
     if (text) send({ kind: 'clipboard', text });
+    if (pasteTimer !== null) {
+      clearTimeout(pasteTimer);
+      pasteTimer = null;
+      typeV();
+    }
     ev.preventDefault();
   });
   on(element, 'blur', () => send({ kind: 'release_all' }));
