@@ -168,6 +168,67 @@ fn without_webrtc_the_viewer_falls_back_to_novnc_by_itself() {
     delete_clean(&s, &id);
 }
 
+/// An nftables table that drops UDP to one port on this host, removed on drop.
+struct UdpBlock(String);
+
+impl UdpBlock {
+    fn port(port: u16) -> UdpBlock {
+        let table = format!("sce2e_udp_{port}");
+        let rules = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority -50;\n  udp dport {port} drop\n }}\n}}\n"
+        );
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft refused {rules}");
+        UdpBlock(table)
+    }
+}
+
+impl Drop for UdpBlock {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn with_udp_blocked_webrtc_runs_over_ice_tcp() {
+    let s = Server::start_default();
+    let health: Value = serde_json::from_str(&s.raw("GET", "/health", &[], None).body).unwrap();
+    let port: u16 = health["webrtc"]["udp"][0]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no gateway UDP port in /health: {health}"));
+    let _block = UdpBlock::port(port);
+    let (id, created) = ready_session(&s, &input_page());
+    let view = run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "video",
+        "mode": "webrtc",
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            { "click": true },
+            { "expect": colours::CLICKED },
+            { "stats": true },
+        ],
+    }));
+    let st = &view["steps"][3]["stats"][0];
+    eprintln!("stats with UDP blocked: {st}");
+    assert_eq!(st["localProtocol"], "tcp", "{st}");
+    assert!(st["framesDecoded"].as_u64().unwrap_or(0) > 0, "{st}");
+    delete_clean(&s, &id);
+}
+
 #[test]
 fn webrtc_viewer_resize_resizes_the_remote_display() {
     let s = Server::start_default();
