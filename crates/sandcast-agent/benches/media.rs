@@ -121,6 +121,7 @@ async fn main() {
             restart: RestartPolicy::default(),
             max_fps: 60,
             server_time_ms: 0,
+            agent_token: None,
         }))
         .await
         .unwrap();

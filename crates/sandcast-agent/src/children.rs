@@ -276,6 +276,7 @@ mod tests {
             restart: RestartPolicy::default(),
             max_fps: 60,
             server_time_ms: 0,
+            agent_token: None,
         }
     }
 

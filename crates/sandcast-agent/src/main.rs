@@ -11,6 +11,7 @@
 mod channel;
 mod children;
 mod media;
+mod mmds;
 mod restart;
 mod session;
 mod supervisor;
@@ -75,7 +76,11 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(session::run(args.connect)) {
+    // In a microVM with a network interface, the backend published the
+    // session's id and agent token hash in MMDS; without an interface there
+    // is no MMDS to check against.
+    let mmds = ((args.vm || pid1) && vm_init::has_mmds_interface()).then_some(mmds::MMDS_ADDR);
+    match rt.block_on(session::run(args.connect, mmds)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sandcast-agent: {e:#}");

@@ -3,6 +3,7 @@
 //! the server goes away (then everything stops: a session never runs on
 //! without its server).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,13 +14,16 @@ use tokio_util::codec::Framed;
 
 use crate::channel::{self, Target};
 use crate::media::{self, Media};
+use crate::mmds;
 use crate::supervisor::{Event, Supervisor};
 
 /// Outgoing control messages waiting for the writer; logs beyond this are dropped.
 const OUTBOX: usize = 2048;
 
-/// Runs one session to its end.
-pub async fn run(target: Target) -> anyhow::Result<()> {
+/// Runs one session to its end. In a microVM, `mmds` is where the agent
+/// reads what the backend published and checks the configuration's agent
+/// token against it before running anything; `None` elsewhere.
+pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()> {
     let conn = channel::open(&target, Role::Control)
         .await
         .context("opening the control connection")?;
@@ -35,6 +39,18 @@ pub async fn run(target: Target) -> anyhow::Result<()> {
             Some(Err(e)) => return Err(e).context("reading the session configuration"),
         }
     };
+    if let Some(addr) = mmds
+        && let Err(reason) = mmds::verify(&config, addr, mmds::FETCH_DEADLINE).await
+    {
+        // Said on the channel, so the server fails the session with it.
+        framed
+            .send(Message::Fatal {
+                reason: reason.clone(),
+            })
+            .await?;
+        let _ = SinkExt::<Message>::close(&mut framed).await;
+        bail!(reason);
+    }
     if config.server_time_ms > 0 {
         set_clock_if_behind(config.server_time_ms);
     }
@@ -169,5 +185,77 @@ fn set_clock_if_behind(server_ms: u64) {
         unsafe {
             libc::clock_settime(libc::CLOCK_REALTIME, &ts);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sandcast_proto::{Hello, PROTOCOL_VERSION};
+    use serde_json::json;
+    use tokio::net::UnixListener;
+
+    use super::*;
+    use crate::mmds::tests::{config, mmds_standin};
+
+    /// The server's side: welcomes the control connection, sends `config`,
+    /// and returns every message the agent sent after that.
+    async fn serve_one(
+        listener: UnixListener,
+        config: sandcast_proto::SessionConfig,
+    ) -> Vec<Message> {
+        let (conn, _) = listener.accept().await.unwrap();
+        let mut framed = Framed::new(conn, FrameCodec);
+        match framed.next().await {
+            Some(Ok(Frame::Message(Message::Hello(Hello {
+                role: Role::Control,
+                ..
+            })))) => {}
+            other => panic!("expected a control hello, got {other:?}"),
+        }
+        framed
+            .send(Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await
+            .unwrap();
+        framed.send(Message::Config(config)).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(Ok(Frame::Message(m))) = framed.next().await {
+            got.push(m);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_vm_agent_refuses_a_configuration_whose_token_mmds_does_not_vouch_for() {
+        let dir = std::env::temp_dir().join(format!("sc-agent-mmds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let hash = sandcast_proto::AgentToken::new("the-right-token").sha256_hex();
+        let mmds = mmds_standin(json!({"sandcast": {
+            "session_id": "s1", "agent_vsock_port": 1024, "agent_token_sha256": hash,
+        }}))
+        .await;
+        let server = tokio::spawn(serve_one(listener, config("s1", Some("a-wrong-token"))));
+
+        let err = run(Target::Unix(sock), Some(mmds)).await.unwrap_err();
+        let said = server.await.unwrap();
+        let reason = format!("{err:#}");
+        assert!(
+            reason.contains("does not match the hash in MMDS"),
+            "{reason}"
+        );
+        // The server heard the same reason, and nothing was started.
+        assert_eq!(
+            said,
+            [Message::Fatal {
+                reason: reason.clone()
+            }],
+            "{said:?}"
+        );
+        assert!(!reason.contains("a-wrong-token"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,8 +7,9 @@
 //! ext4), lays an overlay of it over the read-only root, pivots into the
 //! overlay, mounts `/proc`, `/sys`, `/dev` (with `/dev/pts` and a sized
 //! `/dev/shm` for Chromium), `/run` and `/tmp`, brings up loopback, writes
-//! `/etc/resolv.conf` from the kernel's `ip=` configuration and sets the
-//! hostname. Reaping orphans stays the supervisor's job.
+//! `/etc/resolv.conf` from the kernel's `ip=` configuration, routes
+//! Firecracker's MMDS address through the VM's interface (when it has one)
+//! and sets the hostname. Reaping orphans stays the supervisor's job.
 
 use std::ffi::CString;
 use std::io;
@@ -18,6 +19,11 @@ use std::path::Path;
 pub const WRITABLE_DEVICE: &str = "/dev/vdb";
 /// The hostname of every session.
 pub const HOSTNAME: &str = "sandcast";
+/// The VM's network interface (the kernel's `ip=` configures it); MMDS
+/// answers on it.
+pub const MMDS_INTERFACE: &str = "eth0";
+/// Firecracker's default MMDS address, 169.254.169.254.
+pub const MMDS_IPV4: [u8; 4] = [169, 254, 169, 254];
 /// Where the writable drive is mounted before the pivot.
 const RW_MOUNT: &str = "/run/sandcast/rw";
 /// Where the overlay is assembled before the pivot.
@@ -130,7 +136,60 @@ pub fn prepare_vm_root_with(writable: &Path) -> io::Result<()> {
             std::fs::write("/etc/resolv.conf", text)?;
         }
     }
+    if has_mmds_interface() {
+        add_host_route(MMDS_IPV4, MMDS_INTERFACE)?;
+    }
     set_hostname(HOSTNAME)
+}
+
+/// Whether the VM has the interface MMDS answers on (none when the backend
+/// runs it without a network).
+pub fn has_mmds_interface() -> bool {
+    Path::new("/sys/class/net").join(MMDS_INTERFACE).exists()
+}
+
+/// Routes `addr`/32 straight out of `dev`, as Firecracker's MMDS needs
+/// (`ip route add 169.254.169.254 dev eth0`): the guest then asks for the
+/// address on the link, where Firecracker answers for it.
+pub fn add_host_route(addr: [u8; 4], dev: &str) -> io::Result<()> {
+    let sin = |a: [u8; 4]| {
+        // SAFETY: sockaddr_in is plain data; zeroed is a valid value.
+        let mut s: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        s.sin_family = libc::AF_INET as libc::sa_family_t;
+        s.sin_addr.s_addr = u32::from_ne_bytes(a);
+        // SAFETY: sockaddr_in and sockaddr have the same size; a sockaddr
+        // holding an AF_INET address is how the routing ioctl takes it.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(s) }
+    };
+    let name = cstr(dev)?;
+    // SAFETY: rtentry is plain data; zeroed is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sin(addr);
+    rt.rt_genmask = sin([255, 255, 255, 255]);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_HOST;
+    rt.rt_dev = name.as_ptr().cast_mut();
+    // SAFETY: a fresh socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(context(io::Error::last_os_error(), "socket for a route"));
+    }
+    // SAFETY: `rt` is a valid rtentry whose device name outlives the call.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCADDRT, &rt) };
+    let err = (rc < 0).then(io::Error::last_os_error);
+    // SAFETY: closes the socket opened above.
+    unsafe { libc::close(fd) };
+    match err {
+        None => Ok(()),
+        // Already there (the agent restarted): fine.
+        Some(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Some(e) => {
+            let [a, b, c, d] = addr;
+            Err(context(
+                e,
+                &format!("routing {a}.{b}.{c}.{d} through {dev}"),
+            ))
+        }
+    }
 }
 
 /// Options of the overlay mount.

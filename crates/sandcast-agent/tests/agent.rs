@@ -36,6 +36,7 @@ fn config(url: &str) -> SessionConfig {
         },
         max_fps: 60,
         server_time_ms: 0,
+        agent_token: None,
     }
 }
 

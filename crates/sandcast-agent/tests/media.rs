@@ -46,6 +46,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         restart: RestartPolicy::default(),
         max_fps: 30,
         server_time_ms: 0,
+        agent_token: None,
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use sandcast_proto::AgentToken;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -97,6 +98,12 @@ pub struct LaunchSpec {
     pub limits: Limits,
     /// Network policy.
     pub network: NetworkPolicy,
+    /// The session's agent token, also sent to the agent in its
+    /// configuration. A backend that can publish something the agent reads
+    /// before it trusts its configuration (Firecracker's MMDS) publishes its
+    /// SHA-256 there; `None` for an instance that gets no configuration (a
+    /// snapshot template).
+    pub agent_token: Option<AgentToken>,
 }
 
 /// How an instance ended.

@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sandcast_backend::{Backend, LaunchSpec, Limits, NetworkPolicy, SessionId};
+use sandcast_backend::{AgentToken, Backend, LaunchSpec, Limits, NetworkPolicy, SessionId};
 use sandcast_firecracker::{FirecrackerBackend, FirecrackerConfig};
 use sandcast_proto::{BrowserConfig, Message, SessionConfig, encode_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,7 +38,12 @@ async fn read_message(s: &mut UnixStream) -> Option<Message> {
 
 /// Plays the server's part until the agent is ready (or, with the double,
 /// until it has said hello).
-async fn until_ready(listener: &UnixListener, id: &str, full: bool) -> Result<(), String> {
+async fn until_ready(
+    listener: &UnixListener,
+    id: &str,
+    token: &AgentToken,
+    full: bool,
+) -> Result<(), String> {
     let (mut s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
         .await
         .map_err(|_| "the agent did not connect within 60 s".to_owned())?
@@ -68,6 +73,7 @@ async fn until_ready(listener: &UnixListener, id: &str, full: bool) -> Result<()
         restart: Default::default(),
         max_fps: 30,
         server_time_ms: now,
+        agent_token: Some(token.clone()),
     };
     for m in [
         Message::Welcome {
@@ -126,13 +132,19 @@ async fn run(
             agent_binary: PathBuf::new(),
             limits: Limits::default(),
             network: NetworkPolicy { egress: true },
+            agent_token: Some(AgentToken::new(format!("bench-token-{i}"))),
         };
         let listener = UnixListener::bind(&spec.agent_socket).unwrap();
         let t = Instant::now();
         let instance = backend.start(&spec).await.expect("start");
-        until_ready(&listener, id.as_str(), full)
-            .await
-            .expect("ready");
+        until_ready(
+            &listener,
+            id.as_str(),
+            spec.agent_token.as_ref().unwrap(),
+            full,
+        )
+        .await
+        .expect("ready");
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         if let Some(kib) = instance.pid().and_then(rss_kib) {
             rss.push(kib as f64 / 1024.0);

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sandcast_backend::{
-    Backend, BackendError, Check, Instance, InstanceExit, LaunchSpec, Readiness, SessionId,
+    AgentToken, Backend, BackendError, Check, Instance, InstanceExit, LaunchSpec, Readiness,
+    SessionId,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
@@ -273,6 +274,7 @@ impl FirecrackerBackend {
             agent_binary: PathBuf::new(),
             limits: sandcast_backend::Limits::default(),
             network: sandcast_backend::NetworkPolicy { egress: false },
+            agent_token: None,
         };
         // The template's agent connects and waits; it gets no configuration.
         let listener = UnixListener::bind(&spec.agent_socket).map_err(|e| {
@@ -460,7 +462,9 @@ impl FirecrackerBackend {
                             ipv4_address: None,
                         })
                         .await)?;
-                    api(c.put_mmds(&mmds_contents(&spec.id)).await)?;
+                    api(c
+                        .put_mmds(&mmds_contents(&spec.id, spec.agent_token.as_ref()))
+                        .await)?;
                 }
                 api(c
                     .put_vsock(&Vsock {
@@ -500,7 +504,9 @@ impl FirecrackerBackend {
                     .await)?;
                 if self.config.network {
                     // MMDS contents are not part of a snapshot.
-                    api(c.put_mmds(&mmds_contents(&spec.id)).await)?;
+                    api(c
+                        .put_mmds(&mmds_contents(&spec.id, spec.agent_token.as_ref()))
+                        .await)?;
                 }
                 api(c.set_vm_state(VmState::Resumed).await)?;
             }
@@ -633,14 +639,18 @@ fn api<T>(r: Result<T, ClientError>) -> Result<T, BackendError> {
     r.map_err(|e| BackendError::Start(e.to_string()))
 }
 
-/// What the guest finds in MMDS (version 2).
-fn mmds_contents(id: &SessionId) -> serde_json::Value {
-    serde_json::json!({
-        "sandcast": {
-            "session_id": id.as_str(),
-            "agent_vsock_port": AGENT_VSOCK_PORT,
-        }
-    })
+/// What the guest finds in MMDS (version 2): the session's id and the
+/// SHA-256 of its agent token (never the token), which the agent checks its
+/// configuration against.
+pub(crate) fn mmds_contents(id: &SessionId, token: Option<&AgentToken>) -> serde_json::Value {
+    let mut sandcast = serde_json::json!({
+        "session_id": id.as_str(),
+        "agent_vsock_port": AGENT_VSOCK_PORT,
+    });
+    if let Some(token) = token {
+        sandcast["agent_token_sha256"] = serde_json::Value::String(token.sha256_hex());
+    }
+    serde_json::json!({ "sandcast": sandcast })
 }
 
 /// A locally administered MAC derived from the session id.
@@ -1025,6 +1035,21 @@ mod tests {
             args.contains("ip=172.16.0.2::172.16.0.1:255.255.255.252:sandcast:eth0:off:1.1.1.1"),
             "{args}"
         );
+    }
+
+    #[test]
+    fn mmds_holds_the_id_and_the_token_hash_never_the_token() {
+        let id = SessionId::new("s1").unwrap();
+        let token = AgentToken::new("the-secret-token");
+        let v = mmds_contents(&id, Some(&token));
+        assert_eq!(v["sandcast"]["session_id"], "s1");
+        assert_eq!(v["sandcast"]["agent_vsock_port"], AGENT_VSOCK_PORT);
+        assert_eq!(v["sandcast"]["agent_token_sha256"], token.sha256_hex());
+        assert_eq!(token.sha256_hex().len(), 64);
+        assert!(!v.to_string().contains("the-secret-token"), "{v}");
+        // A template VM gets no configuration, so no token either.
+        let v = mmds_contents(&id, None);
+        assert!(v["sandcast"].get("agent_token_sha256").is_none(), "{v}");
     }
 
     #[test]

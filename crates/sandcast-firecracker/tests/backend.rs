@@ -346,6 +346,13 @@ async fn sessions_restore_from_a_snapshot_with_fresh_mmds() {
         );
         let mmds = reqs.iter().find(|r| r["path"] == "/mmds").unwrap();
         assert_eq!(mmds["body"]["sandcast"]["session_id"], id.as_str());
+        // Each restored session gets its own token's hash, never the token.
+        let token = spec.agent_token.as_ref().unwrap();
+        assert_eq!(
+            mmds["body"]["sandcast"]["agent_token_sha256"],
+            token.sha256_hex()
+        );
+        assert!(!mmds["body"].to_string().contains(token.expose()));
         instance.stop(Duration::from_secs(5)).await.unwrap();
         assert!(!netns_exists(&id));
     }

@@ -74,6 +74,7 @@ async fn boots_a_real_microvm() {
             pids: 256,
         },
         network: NetworkPolicy { egress: false },
+        agent_token: Some(sandcast_backend::AgentToken::new("real-boot-token")),
     };
     let listener = UnixListener::bind(&spec.agent_socket).unwrap();
     let instance = match backend.start(&spec).await {

@@ -32,6 +32,22 @@ fn vm_init_child_process() {
         return;
     };
     let (root, device) = spec.split_once('|').unwrap();
+    // The VM's interface, in this child's own network namespace (a veth:
+    // not every kernel has the dummy driver).
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0-peer",
+        ],
+    );
+    sh("ip", &["link", "set", "eth0", "up"]);
     let cs = |s: &str| std::ffi::CString::new(s).unwrap();
     // SAFETY: plain mount/chroot system calls on valid strings, in a process
     // that has its own mount namespace.
@@ -90,6 +106,17 @@ fn vm_init_child_process() {
     assert!(name.starts_with(b"sandcast\0"));
     // The read-only image root is writable through the overlay.
     std::fs::write("/etc/written-in-session", b"hello").unwrap();
+    // MMDS is routed straight out of the VM's interface (169.254.169.254,
+    // little-endian hex in /proc/net/route, flags RTF_UP | RTF_HOST).
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap();
+    assert!(
+        routes.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[0] == "eth0" && f[1] == "FEA9FEA9" && f[3] == "0005"
+        }),
+        "{routes}"
+    );
+    assert!(vm_init::has_mmds_interface());
     let lo = std::fs::read_to_string("/sys/class/net/lo/flags").unwrap();
     assert_eq!(
         u32::from_str_radix(lo.trim().trim_start_matches("0x"), 16).unwrap() & 1,

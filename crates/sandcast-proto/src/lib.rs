@@ -28,11 +28,13 @@
 mod codec;
 mod input;
 mod message;
+mod token;
 mod video;
 
 pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};
 pub use input::{InputError, InputEvent, MAX_TEXT_LEN, PointerButton};
 pub use message::*;
+pub use token::{AgentToken, sha256_hex};
 pub use video::{Codec, VIDEO_HEADER_LEN, VideoFrame, VideoHeader};
 
 /// Version of this protocol. A peer refuses a `Hello` with another version,

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::input::InputEvent;
+use crate::token::AgentToken;
 use crate::video::Codec;
 
 /// What a connection is for; named in its [`Hello`].
@@ -176,6 +177,11 @@ pub struct SessionConfig {
     /// from it.
     #[serde(default)]
     pub server_time_ms: u64,
+    /// The session's agent token. An agent in a microVM checks it against
+    /// the hash the backend put in MMDS and refuses the configuration when it
+    /// does not match; elsewhere it is carried but not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_token: Option<AgentToken>,
 }
 
 fn default_max_fps() -> u32 {
@@ -338,6 +344,21 @@ mod tests {
         assert_eq!(cfg.max_fps, 60);
         assert_eq!(cfg.restart, RestartPolicy::default());
         assert!(cfg.launch.is_none());
+        assert!(cfg.agent_token.is_none());
+    }
+
+    #[test]
+    fn config_carries_the_agent_token_as_a_string() {
+        let mut cfg: SessionConfig = serde_json::from_str(
+            r#"{"session_id":"s","width":1,"height":1,"start_url":"about:blank",
+                "browser":{"binary":"/b"},"agent_token":"tok"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.agent_token.as_ref().unwrap().expose(), "tok");
+        assert!(!format!("{cfg:?}").contains("tok\""));
+        cfg.agent_token = None;
+        // Absent, not null: older agents see the configuration they know.
+        assert!(!serde_json::to_string(&cfg).unwrap().contains("agent_token"));
     }
 
     #[test]

@@ -44,6 +44,7 @@ impl Bench {
             agent_binary: self.agent.clone(),
             limits: Limits::default(),
             network: NetworkPolicy { egress: true },
+            agent_token: None,
         };
         (spec, listener)
     }

@@ -123,6 +123,7 @@ impl Harness {
                     pids: 512,
                 },
                 network: NetworkPolicy { egress },
+                agent_token: None,
             },
             listener,
         }

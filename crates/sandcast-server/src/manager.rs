@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use sandcast_backend::{Backend, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId};
+use sandcast_backend::{
+    AgentToken, Backend, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId,
+};
 use sandcast_proto::{
     BrowserConfig, ChildReport, Frame, FrameCodec, Message, PROTOCOL_VERSION, RestartPolicy, Role,
     SessionConfig, StreamTarget,
@@ -96,6 +98,9 @@ pub struct Live {
     expires: Instant,
     ended: watch::Sender<bool>,
     stopping: std::sync::atomic::AtomicBool,
+    /// Given to the backend (a microVM's MMDS holds its hash) and to the
+    /// agent in its configuration; never logged.
+    agent_token: AgentToken,
 }
 
 impl Live {
@@ -310,6 +315,7 @@ impl Manager {
             expires: Instant::now() + Duration::from_secs(req.ttl_seconds),
             ended,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            agent_token: AgentToken::new(crate::auth::new_secret()),
         });
         self.live.lock().unwrap().insert(id.clone(), live.clone());
         self.metrics.starts.inc();
@@ -423,6 +429,7 @@ impl Manager {
             network: NetworkPolicy {
                 egress: live.spec.egress,
             },
+            agent_token: Some(live.agent_token.clone()),
         };
         let instance = self.backend.start(&spec).await.map_err(|e| {
             format!(
@@ -557,6 +564,7 @@ impl Manager {
             restart: RestartPolicy::default(),
             max_fps: 60,
             server_time_ms: now_ms() as u64,
+            agent_token: Some(live.agent_token.clone()),
         }
     }
 

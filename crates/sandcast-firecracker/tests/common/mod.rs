@@ -69,6 +69,7 @@ pub fn launch_spec(backend: &FirecrackerBackend, dir: &Path, id: &SessionId) -> 
             pids: 256,
         },
         network: NetworkPolicy { egress: true },
+        agent_token: Some(sandcast_backend::AgentToken::new(format!("token-of-{id}"))),
     }
 }
 
