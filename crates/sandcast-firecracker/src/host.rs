@@ -166,6 +166,15 @@ pub fn setup_network(id: &SessionId, egress: bool) -> Result<SessionNet, Backend
             ],
         )?;
         run("ip", &["link", "set", &veth, "alias", &ns])?;
+        // No IPv6 on the host end, set before the link comes up: its
+        // link-local address would be a route from the session to the host,
+        // and an address change on the host (Chromium there aborts its
+        // requests in flight when one settles).
+        let v6 = format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6");
+        if Path::new(&v6).exists() {
+            std::fs::write(&v6, "0")
+                .map_err(|e| BackendError::Start(format!("writing {v6}: {e}")))?;
+        }
         // The host end carries no address, only a route and a static
         // neighbour: an address added on the host is a network change to
         // every program there (Chromium aborts its requests in flight).
@@ -543,9 +552,9 @@ mod tests {
         assert!(veth.len() <= 15);
         assert!(Path::new("/sys/class/net").join(&veth).exists());
         let (host_ip, ns_ip) = net.uplink_addrs().unwrap();
-        // No address on the host end: that would be a network change to
-        // every program on the host.
-        let host_end = run("ip", &["-o", "-4", "addr", "show", "dev", &veth]).unwrap();
+        // No address on the host end, IPv6 link-local included: that would
+        // be a network change to every program on the host.
+        let host_end = run("ip", &["-o", "addr", "show", "dev", &veth]).unwrap();
         assert_eq!(host_end.trim(), "");
 
         // The link works: the host reaches a listener inside the namespace.
