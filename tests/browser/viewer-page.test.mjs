@@ -272,6 +272,45 @@ test('index.html preloads exactly the modules the page loads', async () => {
     'update the modulepreload links in viewer/index.html (see viewer/README.md)');
 });
 
+test('a module that fails to load once is retried by reloading the page', async () => {
+  let aborted = 0;
+  let served = 0;
+  await page.route('**/assets/src/stats.js', (route) => {
+    if (aborted === 0) {
+      aborted++;
+      return route.abort('internetdisconnected');
+    }
+    served++;
+    return route.continue();
+  });
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');
+  assert.equal(aborted, 1);
+  assert.ok(served >= 1, 'stats.js was fetched again after the reload');
+  // The page loaded, so the retry count starts afresh.
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('sandcast-viewer-reloads')), null);
+});
+
+test('a module that never loads says so on the page instead of staying blank', async () => {
+  let loads = 0;
+  page.on('request', (r) => { if (r.isNavigationRequest()) loads++; });
+  await page.route('**/assets/src/stats.js', (route) => route.abort('internetdisconnected'));
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => document.querySelector('.load-error')?.textContent.includes('Reload the page'), null, 20000);
+  const shown = await page.evaluate(() => ({
+    text: document.querySelector('.load-error').textContent,
+    state: document.documentElement.dataset.state,
+    reason: document.documentElement.dataset.reason,
+  }));
+  assert.equal(shown.state, 'error');
+  assert.match(shown.reason, /^could not load \/assets\/src\//);
+  assert.match(shown.text, /^The viewer could not load \/assets\/src\/.*\. Reload the page to try again\.$/);
+  // The first load and three reloads, then it stops: a fourth reload
+  // would come 2 s after the last one.
+  await new Promise((r) => setTimeout(r, 2500));
+  assert.equal(loads, 4);
+});
+
 test('after a fallback, a dropped noVNC tunnel reconnects without trying WebRTC again', async () => {
   await page.goto(fixture.viewerUrl());
   await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');

@@ -21,6 +21,8 @@ export function tokenFromHash(hash) {
 const STORE = 'sandcast-viewer-token:';
 
 function main() {
+  // The page loaded: a later failure to load it starts counting afresh.
+  try { sessionStorage.removeItem('sandcast-viewer-reloads'); } catch (_) { /* storage disabled */ }
   const id = sessionFromPath(location.pathname);
   let token = tokenFromHash(location.hash);
   if (id && token) {
