@@ -94,6 +94,23 @@ pub struct BrowserSettings {
     pub binary: String,
     /// Extra flags.
     pub extra_args: Vec<String>,
+    /// Let the browser draw each frame as soon as it is ready rather than on
+    /// its own 60 Hz timer (`--disable-frame-rate-limit`): one or two frames
+    /// less latency, more CPU while a page animates.
+    pub low_latency: bool,
+}
+
+impl BrowserSettings {
+    /// The flags sessions get beyond the agent's own: the low-latency flag
+    /// when on, then `extra_args`.
+    pub fn session_args(&self) -> Vec<String> {
+        let mut args = Vec::with_capacity(self.extra_args.len() + 1);
+        if self.low_latency {
+            args.push("--disable-frame-rate-limit".to_owned());
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
 }
 
 impl Default for BrowserSettings {
@@ -101,6 +118,7 @@ impl Default for BrowserSettings {
         BrowserSettings {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),
+            low_latency: true,
         }
     }
 }
@@ -152,6 +170,8 @@ pub struct WebRtcSettings {
     pub public_ips: Vec<IpAddr>,
     /// STUN/TURN servers handed to viewers (`iceServers` entries).
     pub ice_servers: Vec<serde_json::Value>,
+    /// The most video frames a session sends a second (1 to 240).
+    pub max_fps: u32,
 }
 
 impl Default for WebRtcSettings {
@@ -162,6 +182,7 @@ impl Default for WebRtcSettings {
             tcp_bind: Some("0.0.0.0:3478".parse().unwrap()),
             public_ips: Vec::new(),
             ice_servers: Vec::new(),
+            max_fps: 60,
         }
     }
 }
@@ -292,6 +313,12 @@ impl Config {
         if self.rate_limit.api_requests == 0 || self.rate_limit.webrtc_per_minute == 0 {
             return Err("rate_limit values must be at least 1".into());
         }
+        if !(1..=240).contains(&self.webrtc.max_fps) {
+            return Err(format!(
+                "webrtc.max_fps = {} is outside 1 to 240",
+                self.webrtc.max_fps
+            ));
+        }
         if self.rate_limit.api_window_seconds == 0 {
             return Err("rate_limit.api_window_seconds must be at least 1".into());
         }
@@ -317,6 +344,15 @@ mod tests {
         assert_eq!(c.rate_limit.api_requests, 100);
         assert_eq!(c.rate_limit.api_window_seconds, 900);
         assert_eq!(c.rate_limit.webrtc_per_minute, 10_000);
+        assert_eq!(c.webrtc.max_fps, 60);
+        assert!(c.browser.low_latency);
+        assert_eq!(c.browser.session_args(), ["--disable-frame-rate-limit"]);
+        let plain = BrowserSettings {
+            low_latency: false,
+            extra_args: vec!["--lang=de".into()],
+            ..BrowserSettings::default()
+        };
+        assert_eq!(plain.session_args(), ["--lang=de"]);
         assert_eq!(c.sandbox.state_dir, c.data_dir.join("sandbox"));
         assert!(c.sandbox.hide_paths.contains(&c.data_dir));
     }
@@ -367,6 +403,8 @@ mod tests {
         assert!(err("colour = 1").contains("colour"));
         assert!(err("[session]\nstart_url = \"file:///etc/passwd\"").contains("start_url"));
         assert!(err("[session]\nwidth = 10").contains("width"));
+        assert!(err("[webrtc]\nmax_fps = 0").contains("webrtc.max_fps = 0"));
+        assert!(err("[webrtc]\nmax_fps = 1000").contains("webrtc.max_fps = 1000"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

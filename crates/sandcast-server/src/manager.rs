@@ -559,10 +559,10 @@ impl Manager {
             launch: live.spec.launch.clone(),
             browser: BrowserConfig {
                 binary: self.config.browser.binary.clone(),
-                extra_args: self.config.browser.extra_args.clone(),
+                extra_args: self.config.browser.session_args(),
             },
             restart: RestartPolicy::default(),
-            max_fps: 60,
+            max_fps: self.config.webrtc.max_fps,
             server_time_ms: now_ms() as u64,
             agent_token: Some(live.agent_token.clone()),
         }
