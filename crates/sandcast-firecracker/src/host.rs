@@ -172,7 +172,7 @@ pub fn setup_network(id: &SessionId, egress: bool) -> Result<SessionNet, Backend
         // requests in flight when one settles).
         let v6 = format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6");
         if Path::new(&v6).exists() {
-            std::fs::write(&v6, "0")
+            std::fs::write(&v6, "1")
                 .map_err(|e| BackendError::Start(format!("writing {v6}: {e}")))?;
         }
         // The host end carries no address, only a route and a static
