@@ -111,6 +111,10 @@ test('starting shows the children, then failed shows the reason', async () => {
   };
   await page.goto(fixture.viewerUrl());
   await waitFor(() => window.sandcast?.state === 'starting');
+  // A starting session is asked after often (150 ms), not once a second.
+  const polls = () => fixture.requests.filter((r) => r.path === '/viewer/x/state').length;
+  const before = polls();
+  await until(() => polls() >= before + 4, 2500, 'four more state polls while starting');
   let o = await overlay();
   assert.equal(o.shown, true);
   assert.equal(o.title, 'starting…');

@@ -20,6 +20,9 @@ export const MODES = ['auto', 'webrtc', 'vnc'];
 export const DEFAULT_WEBRTC_TIMEOUT_MS = 5000;
 /** Default interval between polls of the session's state, in ms. */
 export const DEFAULT_POLL_MS = 1000;
+/** While the session is starting, the state is asked for this often, so a
+ * ready session starts streaming within a fraction of a second. */
+export const STARTING_POLL_MS = 150;
 
 // Session states after which nothing will ever be shown again.
 const ENDED = new Set(['stopping', 'stopped']);
@@ -299,7 +302,8 @@ export class SandcastViewer extends HTMLElement {
     try { body = await res.json(); } catch (e) { body = { state: 'error', reason: `bad state response: ${msg(e)}` }; }
     if (run !== this._run) return;
     this._onSessionState(run, body);
-    if (!ENDED.has(body.state) && body.state !== 'failed') this._later(() => this._poll(run), interval);
+    const next = body.state === 'starting' ? Math.min(interval, STARTING_POLL_MS) : interval;
+    if (!ENDED.has(body.state) && body.state !== 'failed') this._later(() => this._poll(run), next);
   }
 
   _onSessionState(run, body) {
