@@ -27,6 +27,7 @@ import { dirname, join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { summarizeLatency, rates } from './view-stats.js';
+import { VIEWER_ARGS } from '../../tests/browser/chromium-args.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const require = createRequire(join(here, '../../tests/browser/package.json'));
@@ -172,12 +173,7 @@ const prelude = `(() => {\n${decodeSource}\nwindow.__sandcastBenchDecode = { dec
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: [
-    '--no-sandbox', '--disable-background-networking', '--disable-component-update',
-    '--disable-sync', '--no-first-run', '--autoplay-policy=no-user-gesture-required',
-    '--allow-loopback-in-peer-connection',
-    '--disable-features=LocalNetworkAccessChecks,PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults,BlockInsecurePrivateNetworkRequests',
-  ],
+  args: VIEWER_ARGS,
 });
 
 let ctx = null;

@@ -23,6 +23,7 @@
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
 import { chromium } from 'playwright-core';
+import { VIEWER_ARGS } from './chromium-args.mjs';
 
 const arg = JSON.parse(process.argv[2]);
 const result = { ok: false, steps: [], console: [] };
@@ -37,13 +38,7 @@ setTimeout(() => {
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: [
-    '--no-sandbox', '--disable-background-networking', '--disable-component-update',
-    '--disable-sync', '--no-first-run', '--autoplay-policy=no-user-gesture-required',
-    '--allow-loopback-in-peer-connection',
-    '--disable-features=LocalNetworkAccessChecks,PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults,BlockInsecurePrivateNetworkRequests',
-    ...(arg.chromiumArgs ?? []),
-  ],
+  args: [...VIEWER_ARGS, ...(arg.chromiumArgs ?? [])],
 });
 
 function parseColour(hex) {

@@ -20,8 +20,7 @@ import { WebSocketServer } from 'ws';
 const run = promisify(execFile);
 /** The repository's viewer/ directory. */
 export const VIEWER_DIR = normalize(join(dirname(fileURLToPath(import.meta.url)), '../../viewer'));
-/** Flags every test browser is started with. */
-export const CHROMIUM_ARGS = ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
+export { CHROMIUM_ARGS } from './chromium-args.mjs';
 
 const TYPES = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.css': 'text/css', '.txt': 'text/plain', '.md': 'text/plain' };
 
