@@ -176,6 +176,7 @@ test('a refused WebRTC offer falls back to noVNC and says why', async () => {
 test('a WebRTC offer that never answers falls back after the timeout', async () => {
   fixture.offer = 'hang';
   await page.goto(fixture.viewerUrl('?webrtc-timeout=1500'));
+  await waitFor(() => window.sandcast?.element !== undefined);
   await page.evaluate(() => {
     window.fallbacks = [];
     window.sandcast.element.addEventListener('fallback', (e) => window.fallbacks.push(e.detail.reason));
