@@ -159,9 +159,11 @@ pub trait Backend: Send + Sync {
     /// Checks the host: binaries, kernel features, permissions.
     async fn readiness(&self) -> Readiness;
 
-    /// Where the server must listen for the agent of a session whose directory
-    /// is `session_dir`.
-    fn agent_socket(&self, session_dir: &Path) -> PathBuf {
+    /// Where the server must listen for the agent of session `id`, whose
+    /// directory is `session_dir`. The server creates the socket's directory
+    /// when it is missing.
+    fn agent_socket(&self, id: &SessionId, session_dir: &Path) -> PathBuf {
+        let _ = id;
         session_dir.join("agent.sock")
     }
 

@@ -127,7 +127,7 @@ async fn run(
         std::fs::create_dir_all(&session_dir).unwrap();
         let spec = LaunchSpec {
             id: id.clone(),
-            agent_socket: backend.agent_socket(&session_dir),
+            agent_socket: backend.agent_socket(&id, &session_dir),
             session_dir: session_dir.clone(),
             agent_binary: PathBuf::new(),
             limits: Limits::default(),

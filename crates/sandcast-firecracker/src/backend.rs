@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::api::*;
 use crate::client::{ClientError, FirecrackerClient};
 use crate::host::{self, SessionCgroup, SessionNet};
+use crate::jail::{Jail, JailerConfig};
 use crate::kernel::{self, GuestKernel};
 use crate::{AGENT_VSOCK_PORT, GUEST_CID, kvm, vsock};
 
@@ -67,6 +68,10 @@ pub struct FirecrackerConfig {
     pub api_timeout: Duration,
     /// How long a template VM may take to boot to its agent. Default 60 s.
     pub boot_timeout: Duration,
+    /// Run Firecracker under its jailer (chroot, unprivileged uid/gid, the
+    /// session's cgroup and network namespace). Default `None`: Firecracker
+    /// runs as the server's user in the session's cgroup and namespace.
+    pub jailer: Option<JailerConfig>,
 }
 
 impl Default for FirecrackerConfig {
@@ -88,6 +93,7 @@ impl Default for FirecrackerConfig {
             runtime_dir: "/run/sandcast-firecracker".into(),
             api_timeout: Duration::from_secs(10),
             boot_timeout: Duration::from_secs(60),
+            jailer: None,
         }
     }
 }
@@ -109,7 +115,7 @@ impl SnapshotFiles {
         SnapshotFiles {
             state: dir.join("vm.state"),
             memory: dir.join("vm.mem"),
-            writable: dir.join("template").join(WRITABLE_DRIVE),
+            writable: dir.join("vm.writable.ext4"),
         }
     }
 
@@ -122,6 +128,8 @@ impl SnapshotFiles {
 const API_SOCKET: &str = "firecracker.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
 const WRITABLE_DRIVE: &str = "writable.ext4";
+const SNAPSHOT_STATE: &str = "vm.state";
+const SNAPSHOT_MEMORY: &str = "vm.mem";
 const CONSOLE_LOG: &str = "console.log";
 const FIRECRACKER_LOG: &str = "firecracker.log";
 const METRICS_FILE: &str = "metrics.json";
@@ -145,6 +153,13 @@ pub struct FirecrackerBackend {
 struct Record {
     session_dir: PathBuf,
     pid: Option<u32>,
+    /// The jail directory, when the session ran under the jailer.
+    #[serde(default)]
+    jail: Option<PathBuf>,
+    /// An argument only this session's Firecracker has on its command line,
+    /// to tell it from a process that reused its pid.
+    #[serde(default)]
+    marker: Option<String>,
 }
 
 impl FirecrackerBackend {
@@ -229,16 +244,7 @@ impl FirecrackerBackend {
 
     fn resolve_binary(&self) -> Result<PathBuf, BackendError> {
         let bin = &self.config.firecracker_bin;
-        let found = if bin.components().count() > 1 {
-            bin.is_file().then(|| bin.clone())
-        } else {
-            std::env::var_os("PATH").and_then(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join(bin))
-                    .find(|p| p.is_file())
-            })
-        };
-        found.ok_or_else(|| {
+        find_binary(bin).ok_or_else(|| {
             BackendError::NotReady(format!(
                 "firecracker binary {} not found{}; install a Firecracker v1.16.1 release binary (see docs/firecracker.md)",
                 bin.display(),
@@ -267,20 +273,27 @@ impl FirecrackerBackend {
         let _ = std::fs::remove_dir_all(&template_dir);
         std::fs::create_dir_all(&template_dir)
             .map_err(|e| BackendError::io(format!("creating {}", template_dir.display()), e))?;
+        let id = SessionId::new("snapshot-template")?;
+        let agent_socket = self.agent_socket(&id, &template_dir);
+        if let Some(parent) = agent_socket.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| BackendError::io(format!("creating {}", parent.display()), e))?;
+        }
         let spec = LaunchSpec {
-            id: SessionId::new("snapshot-template")?,
+            id,
             session_dir: template_dir.clone(),
-            agent_socket: self.agent_socket(&template_dir),
+            agent_socket,
             agent_binary: PathBuf::new(),
             limits: sandcast_backend::Limits::default(),
             network: sandcast_backend::NetworkPolicy { egress: false },
             agent_token: None,
         };
         // The template's agent connects and waits; it gets no configuration.
+        let _ = std::fs::remove_file(&spec.agent_socket);
         let listener = UnixListener::bind(&spec.agent_socket).map_err(|e| {
             BackendError::io(format!("listening on {}", spec.agent_socket.display()), e)
         })?;
-        let running = self.launch(&spec, None).await?;
+        let mut running = self.launch(&spec, None).await?;
         let result = async {
             let (_conn, _) = tokio::time::timeout(self.config.boot_timeout, listener.accept())
                 .await
@@ -294,22 +307,68 @@ impl FirecrackerBackend {
                 .map_err(|e| BackendError::io("accepting the template agent", e))?;
             let client = &running.client;
             api(client.set_vm_state(VmState::Paused).await)?;
-            for f in [&files.state, &files.memory] {
-                let _ = std::fs::remove_file(f);
+            for name in [SNAPSHOT_STATE, SNAPSHOT_MEMORY] {
+                let _ = std::fs::remove_file(running.vm_dir.join(name));
             }
             api(client
                 .create_snapshot(&SnapshotCreateParams {
-                    snapshot_path: files.state.display().to_string(),
-                    mem_file_path: files.memory.display().to_string(),
+                    snapshot_path: running.vm_name(SNAPSHOT_STATE),
+                    mem_file_path: running.vm_name(SNAPSHOT_MEMORY),
                     snapshot_type: Some(SnapshotType::Full),
                 })
                 .await)?;
             Ok(())
         }
         .await;
-        running.kill_and_clean(&[WRITABLE_DRIVE]).await;
+        running.kill().await;
+        // The snapshot and the drive it names leave the VM's directory (or
+        // jail) before that is cleaned.
+        let result = match result {
+            Ok(()) => {
+                let mut kept = Ok(());
+                for (name, to) in [
+                    (SNAPSHOT_STATE, &files.state),
+                    (SNAPSHOT_MEMORY, &files.memory),
+                    (WRITABLE_DRIVE, &files.writable),
+                ] {
+                    kept = move_file(&running.vm_dir.join(name), to).await;
+                    if kept.is_err() {
+                        break;
+                    }
+                }
+                kept
+            }
+            Err(e) => Err(e),
+        };
+        let _ = running.cleanup();
         let _ = std::fs::remove_file(&spec.agent_socket);
+        if result.is_err() {
+            for f in [&files.state, &files.memory, &files.writable] {
+                let _ = std::fs::remove_file(f);
+            }
+        }
         result.map(|()| files)
+    }
+
+    /// The jail of session `id`, when sessions run under the jailer.
+    fn jail_for(&self, id: &SessionId) -> Option<Result<Jail, BackendError>> {
+        let jailer = self.config.jailer.as_ref()?;
+        Some(Jail::new(jailer, &self.config.firecracker_bin, id))
+    }
+
+    fn resolve_jailer(&self) -> Result<Option<PathBuf>, BackendError> {
+        let Some(jailer) = &self.config.jailer else {
+            return Ok(None);
+        };
+        find_binary(&jailer.jailer_bin)
+            .map(Some)
+            .ok_or_else(|| {
+                BackendError::NotReady(format!(
+                    "jailer binary {} not found{}; install the jailer of the same Firecracker release (see docs/firecracker.md)",
+                    jailer.jailer_bin.display(),
+                    if jailer.jailer_bin.components().count() > 1 { "" } else { " on PATH" }
+                ))
+            })
     }
 
     /// Starts Firecracker for a session and configures it (boot or restore).
@@ -318,27 +377,50 @@ impl FirecrackerBackend {
         spec: &LaunchSpec,
         snapshot: Option<&SnapshotFiles>,
     ) -> Result<Running, BackendError> {
-        let bin = self.resolve_binary()?;
-        self.check_kvm()?;
-        check_rootfs(&self.config.rootfs)?;
+        let jail = self.jail_for(&spec.id).transpose()?;
+        let checked = (|| {
+            let bin = self.resolve_binary()?;
+            let jailer = self.resolve_jailer()?;
+            self.check_kvm()?;
+            check_rootfs(&self.config.rootfs)?;
+            Ok((bin, jailer))
+        })();
+        let (bin, jailer) = match checked {
+            Ok(found) => found,
+            Err(e) => {
+                // The server may have made the jail's root for the agent socket.
+                if let Some(j) = &jail {
+                    let _ = j.remove();
+                }
+                return Err(e);
+            }
+        };
         let dir = &spec.session_dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
+        let vm_dir = jail
+            .as_ref()
+            .map_or_else(|| dir.clone(), |j| j.root.clone());
         let mut running = Running {
             id: spec.id.clone(),
             dir: dir.clone(),
-            client: FirecrackerClient::new(dir.join(API_SOCKET)),
+            client: FirecrackerClient::new(vm_dir.join(API_SOCKET)),
+            vm_dir,
             pid: None,
             net: None,
             cgroup: None,
             child: None,
             record: self.config.runtime_dir.join(format!("{}.json", spec.id)),
+            jail,
         };
-        match self.launch_inner(spec, snapshot, &bin, &mut running).await {
+        match self
+            .launch_inner(spec, snapshot, &bin, jailer.as_deref(), &mut running)
+            .await
+        {
             Ok(()) => Ok(running),
             Err(e) => {
                 let detail = console_tail(dir, 5);
-                running.kill_and_clean(&[]).await;
+                running.kill_and_clean().await;
                 Err(match (e, detail.is_empty()) {
                     (BackendError::Start(m), false) => {
                         BackendError::Start(format!("{m}; console: {detail}"))
@@ -354,60 +436,94 @@ impl FirecrackerBackend {
         spec: &LaunchSpec,
         snapshot: Option<&SnapshotFiles>,
         bin: &Path,
+        jailer: Option<&Path>,
         running: &mut Running,
     ) -> Result<(), BackendError> {
         let dir = &spec.session_dir;
         std::fs::create_dir_all(&self.config.runtime_dir).map_err(|e| {
             BackendError::io(format!("creating {}", self.config.runtime_dir.display()), e)
         })?;
-        write_record(
-            &running.record,
-            &Record {
-                session_dir: dir.clone(),
-                pid: None,
-            },
-        )?;
+        let mut record = Record {
+            session_dir: dir.clone(),
+            pid: None,
+            jail: running.jail.as_ref().map(|j| j.dir.clone()),
+            marker: Some(match &running.jail {
+                Some(j) => format!("--id={}", j.id),
+                None => running.client.socket().display().to_string(),
+            }),
+        };
+        write_record(&running.record, &record)?;
+        if let Some(j) = &running.jail {
+            j.create(&format!("{VSOCK_SOCKET}_{AGENT_VSOCK_PORT}"))?;
+        }
         // Stale sockets from an earlier run would make Firecracker fail to bind.
         for name in [API_SOCKET, VSOCK_SOCKET] {
-            let _ = std::fs::remove_file(dir.join(name));
+            let _ = std::fs::remove_file(running.vm_dir.join(name));
         }
-        let writable = dir.join(WRITABLE_DRIVE);
+        let writable = running.vm_dir.join(WRITABLE_DRIVE);
         match snapshot {
             Some(s) => copy_sparse(&s.writable, &writable).await?,
             None => make_writable_drive(&writable, self.config.writable_drive_mib).await?,
         }
+        running.give(&writable)?;
         for name in [FIRECRACKER_LOG, METRICS_FILE] {
-            std::fs::File::create(dir.join(name)).map_err(|e| {
-                BackendError::io(format!("creating {}", dir.join(name).display()), e)
-            })?;
+            let path = running.vm_dir.join(name);
+            std::fs::File::create(&path)
+                .map_err(|e| BackendError::io(format!("creating {}", path.display()), e))?;
+            running.give(&path)?;
+        }
+        // The guest-initiated vsock connection to the agent port is made by
+        // Firecracker, as the jail's uid.
+        if running.jail.is_some() && spec.agent_socket.exists() {
+            running.give(&spec.agent_socket)?;
         }
         if self.config.network {
-            running.net = Some(host::setup_network(&spec.id, spec.network.egress)?);
+            let owner = self.config.jailer.as_ref().map(|j| (j.uid, j.gid));
+            running.net = Some(host::setup_network(&spec.id, spec.network.egress, owner)?);
         }
-        running.cgroup = Some(host::setup_cgroup(&spec.id, &spec.limits)?);
-        self.spawn(spec, bin, running)?;
-        write_record(
-            &running.record,
-            &Record {
-                session_dir: dir.clone(),
-                pid: running.pid,
-            },
-        )?;
+        let plan = host::cgroup_plan(&spec.id, &spec.limits);
+        match jailer {
+            // The jailer makes the session's cgroup itself from `--cgroup`.
+            Some(_) => {
+                running.cgroup = Some(SessionCgroup {
+                    dirs: plan.dirs.clone(),
+                });
+                host::prepare_cgroup_parents(&plan)?;
+            }
+            None => running.cgroup = Some(host::setup_cgroup(&spec.id, &spec.limits)?),
+        }
+        let kernel = running.import(&self.kernel.vmlinux, "vmlinux").await?;
+        let initrd = match &self.kernel.initramfs {
+            Some(p) => Some(running.import(p, "initrd").await?),
+            None => None,
+        };
+        let rootfs = running.import(&self.config.rootfs, "rootfs.ext4").await?;
+        let snapshot_names = match snapshot {
+            Some(s) => Some((
+                running.import(&s.state, SNAPSHOT_STATE).await?,
+                running.import(&s.memory, SNAPSHOT_MEMORY).await?,
+            )),
+            None => None,
+        };
+        self.spawn(spec, bin, jailer, &plan, running)?;
+        record.pid = running.pid;
+        write_record(&running.record, &record)?;
         self.wait_for_api(running).await?;
         let c = running.client.clone();
         let logger = Logger {
-            log_path: dir.join(FIRECRACKER_LOG).display().to_string(),
+            log_path: running.vm_name(FIRECRACKER_LOG),
             level: Some(LogLevel::Warning),
             show_level: Some(true),
         };
         api(c.put_logger(&logger).await)?;
         api(c
             .put_metrics(&Metrics {
-                metrics_path: dir.join(METRICS_FILE).display().to_string(),
+                metrics_path: running.vm_name(METRICS_FILE),
             })
             .await)?;
-        let vsock_uds = dir.join(VSOCK_SOCKET).display().to_string();
-        match snapshot {
+        let vsock_uds = running.vm_name(VSOCK_SOCKET);
+        let writable = running.vm_name(WRITABLE_DRIVE);
+        match snapshot_names {
             None => {
                 let vcpus = spec.limits.cpu_millis.div_ceil(1000).clamp(1, 32) as u8;
                 api(c
@@ -420,13 +536,9 @@ impl FirecrackerBackend {
                     .await)?;
                 api(c
                     .put_boot_source(&BootSource {
-                        kernel_image_path: self.kernel.vmlinux.display().to_string(),
+                        kernel_image_path: kernel,
                         boot_args: Some(self.boot_args()),
-                        initrd_path: self
-                            .kernel
-                            .initramfs
-                            .as_ref()
-                            .map(|p| p.display().to_string()),
+                        initrd_path: initrd,
                     })
                     .await)?;
                 api(c
@@ -434,7 +546,7 @@ impl FirecrackerBackend {
                         drive_id: ROOT_DRIVE_ID.into(),
                         is_root_device: true,
                         is_read_only: true,
-                        path_on_host: self.config.rootfs.display().to_string(),
+                        path_on_host: rootfs,
                         cache_type: None,
                     })
                     .await)?;
@@ -443,7 +555,7 @@ impl FirecrackerBackend {
                         drive_id: WRITABLE_DRIVE_ID.into(),
                         is_root_device: false,
                         is_read_only: false,
-                        path_on_host: writable.display().to_string(),
+                        path_on_host: writable,
                         cache_type: None,
                     })
                     .await)?;
@@ -474,13 +586,13 @@ impl FirecrackerBackend {
                     .await)?;
                 api(c.action(ActionType::InstanceStart).await)?;
             }
-            Some(s) => {
+            Some((state, memory)) => {
                 api(c
                     .load_snapshot(&SnapshotLoadParams {
-                        snapshot_path: s.state.display().to_string(),
+                        snapshot_path: state,
                         mem_backend: MemoryBackend {
                             backend_type: MemoryBackendType::File,
-                            backend_path: s.memory.display().to_string(),
+                            backend_path: memory,
                         },
                         resume_vm: Some(false),
                         network_overrides: if self.config.network {
@@ -499,9 +611,7 @@ impl FirecrackerBackend {
                     .await)?;
                 // The snapshot names the template's writable drive; this
                 // session writes to its own copy before the guest runs again.
-                api(c
-                    .patch_drive(WRITABLE_DRIVE_ID, &writable.display().to_string())
-                    .await)?;
+                api(c.patch_drive(WRITABLE_DRIVE_ID, &writable).await)?;
                 if self.config.network {
                     // MMDS contents are not part of a snapshot.
                     api(c
@@ -518,6 +628,8 @@ impl FirecrackerBackend {
         &self,
         spec: &LaunchSpec,
         bin: &Path,
+        jailer: Option<&Path>,
+        plan: &host::CgroupPlan,
         running: &mut Running,
     ) -> Result<(), BackendError> {
         let dir = &spec.session_dir;
@@ -527,36 +639,58 @@ impl FirecrackerBackend {
         let console2 = console
             .try_clone()
             .map_err(|e| BackendError::io("duplicating the console log", e))?;
-        let netns: Option<OwnedFd> = match &running.net {
-            Some(net) => Some(
-                std::fs::File::open(net.netns_path())
-                    .map_err(|e| {
-                        BackendError::io(format!("opening {}", net.netns_path().display()), e)
-                    })?
-                    .into(),
-            ),
-            None => None,
+        let (mut cmd, netns, procs) = match (jailer, &running.jail, &self.config.jailer) {
+            (Some(jailer), Some(jail), Some(config)) => {
+                // The jailer joins the namespace and makes the cgroup, then
+                // execs Firecracker (same pid) inside the jail.
+                let mut cmd = tokio::process::Command::new(jailer);
+                let api_sock = format!("/{API_SOCKET}");
+                cmd.args(jail.jailer_args(
+                    config,
+                    bin,
+                    plan,
+                    running.net.as_ref().map(|n| n.netns_path()).as_deref(),
+                    &["--api-sock", &api_sock],
+                ));
+                (cmd, None, Vec::new())
+            }
+            _ => {
+                let netns: Option<OwnedFd> = match &running.net {
+                    Some(net) => Some(
+                        std::fs::File::open(net.netns_path())
+                            .map_err(|e| {
+                                BackendError::io(
+                                    format!("opening {}", net.netns_path().display()),
+                                    e,
+                                )
+                            })?
+                            .into(),
+                    ),
+                    None => None,
+                };
+                let procs: Vec<OwnedFd> = running
+                    .cgroup
+                    .as_ref()
+                    .map(|cg| cg.procs_files())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(p)
+                            .map(OwnedFd::from)
+                            .map_err(|e| BackendError::io(format!("opening {}", p.display()), e))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mut cmd = tokio::process::Command::new(bin);
+                cmd.arg("--api-sock")
+                    .arg(running.client.socket())
+                    .arg("--id")
+                    .arg(spec.id.as_str());
+                (cmd, netns, procs)
+            }
         };
-        let procs: Vec<OwnedFd> = running
-            .cgroup
-            .as_ref()
-            .map(|cg| cg.procs_files())
-            .unwrap_or_default()
-            .iter()
-            .map(|p| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .map(OwnedFd::from)
-                    .map_err(|e| BackendError::io(format!("opening {}", p.display()), e))
-            })
-            .collect::<Result<_, _>>()?;
-        let mut cmd = tokio::process::Command::new(bin);
-        cmd.arg("--api-sock")
-            .arg(dir.join(API_SOCKET))
-            .arg("--id")
-            .arg(spec.id.as_str())
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(console)
             .stderr(console2)
             .kill_on_drop(false);
@@ -583,9 +717,10 @@ impl FirecrackerBackend {
                 Ok(())
             });
         }
+        let program = jailer.unwrap_or(bin);
         let child = cmd
             .spawn()
-            .map_err(|e| BackendError::io(format!("starting {}", bin.display()), e))?;
+            .map_err(|e| BackendError::io(format!("starting {}", program.display()), e))?;
         running.pid = child.id();
         running.child = Some(child);
         Ok(())
@@ -615,6 +750,19 @@ impl FirecrackerBackend {
             // other signal that its socket is up.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// `bin` when it is a path to a file, else the first `bin` on `PATH`.
+fn find_binary(bin: &Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        bin.is_file().then(|| bin.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(bin))
+                .find(|p| p.is_file())
+        })
     }
 }
 
@@ -697,6 +845,16 @@ async fn make_writable_drive(path: &Path, mib: u64) -> Result<(), BackendError> 
     Ok(())
 }
 
+/// Moves a file, across file systems too (a jail may be on another one).
+async fn move_file(from: &Path, to: &Path) -> Result<(), BackendError> {
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    copy_sparse(from, to).await?;
+    let _ = std::fs::remove_file(from);
+    Ok(())
+}
+
 async fn copy_sparse(from: &Path, to: &Path) -> Result<(), BackendError> {
     let out = tokio::process::Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
@@ -707,8 +865,9 @@ async fn copy_sparse(from: &Path, to: &Path) -> Result<(), BackendError> {
         .map_err(|e| BackendError::io("running cp", e))?;
     if !out.status.success() {
         return Err(BackendError::Start(format!(
-            "copying the snapshot's writable drive {}: {}",
+            "copying {} to {}: {}",
             from.display(),
+            to.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
@@ -725,7 +884,11 @@ fn console_tail(dir: &Path, n: usize) -> String {
 /// A started Firecracker process and what it holds on the host.
 struct Running {
     id: SessionId,
+    /// The session's directory (console log, and the VM's files unjailed).
     dir: PathBuf,
+    /// Where the VM's own files live: `dir`, or the jail's root.
+    vm_dir: PathBuf,
+    jail: Option<Jail>,
     client: FirecrackerClient,
     pid: Option<u32>,
     net: Option<SessionNet>,
@@ -735,17 +898,45 @@ struct Running {
 }
 
 impl Running {
-    /// Kills the process and removes everything but the files named in `keep`
-    /// and the logs.
-    async fn kill_and_clean(mut self, keep: &[&str]) {
+    /// What Firecracker calls the file `name` of its VM directory.
+    fn vm_name(&self, name: &str) -> String {
+        match &self.jail {
+            Some(_) => format!("/{name}"),
+            None => self.vm_dir.join(name).display().to_string(),
+        }
+    }
+
+    /// What Firecracker calls the host file `host`: the file itself, or,
+    /// jailed, its link or copy `/<name>` in the jail.
+    async fn import(&self, host: &Path, name: &str) -> Result<String, BackendError> {
+        match &self.jail {
+            Some(j) => j.bring_in(host, name).await,
+            None => Ok(host.display().to_string()),
+        }
+    }
+
+    /// Gives `path` to the jail's uid and gid; nothing to do unjailed.
+    fn give(&self, path: &Path) -> Result<(), BackendError> {
+        match &self.jail {
+            Some(j) => j.give(path),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the process and removes everything it held but the logs.
+    async fn kill_and_clean(mut self) {
+        self.kill().await;
+        let _ = self.cleanup();
+    }
+
+    async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
-        let _ = self.cleanup(keep);
     }
 
-    fn cleanup(&self, keep: &[&str]) -> Result<(), BackendError> {
+    fn cleanup(&self) -> Result<(), BackendError> {
         let mut errors = Vec::new();
         if let Some(cg) = &self.cgroup
             && let Err(e) = cg.remove()
@@ -757,7 +948,19 @@ impl Running {
         {
             errors.push(e.to_string());
         }
-        remove_runtime_files(&self.dir, keep);
+        match &self.jail {
+            Some(j) => {
+                // Firecracker's log outlives the jail, beside the console.
+                let log = j.host_path(FIRECRACKER_LOG);
+                if log.exists() {
+                    let _ = std::fs::copy(&log, self.dir.join(FIRECRACKER_LOG));
+                }
+                if let Err(e) = j.remove() {
+                    errors.push(e.to_string());
+                }
+            }
+            None => remove_runtime_files(&self.dir),
+        }
         let _ = std::fs::remove_file(&self.record);
         if errors.is_empty() {
             Ok(())
@@ -774,11 +977,9 @@ impl Running {
 /// Removes what a VM had in its session directory (sockets, drives, metrics);
 /// the console and Firecracker logs stay for the server, which removes the
 /// directory itself.
-fn remove_runtime_files(dir: &Path, keep: &[&str]) {
+fn remove_runtime_files(dir: &Path) {
     for name in [API_SOCKET, WRITABLE_DRIVE, METRICS_FILE, VSOCK_SOCKET] {
-        if !keep.contains(&name) {
-            let _ = std::fs::remove_file(dir.join(name));
-        }
+        let _ = std::fs::remove_file(dir.join(name));
     }
 }
 
@@ -812,6 +1013,14 @@ impl Backend for FirecrackerBackend {
                 .map(|p| p.display().to_string())
                 .map_err(|e| e.to_string()),
         );
+        if self.config.jailer.is_some() {
+            check(
+                "jailer binary",
+                self.resolve_jailer()
+                    .map(|p| p.unwrap_or_default().display().to_string())
+                    .map_err(|e| e.to_string()),
+            );
+        }
         check(
             "kvm",
             if self.config.probe_kvm {
@@ -867,16 +1076,23 @@ impl Backend for FirecrackerBackend {
         }
     }
 
-    fn agent_socket(&self, session_dir: &Path) -> PathBuf {
-        vsock::guest_port_socket(&session_dir.join(VSOCK_SOCKET), AGENT_VSOCK_PORT)
+    fn agent_socket(&self, id: &SessionId, session_dir: &Path) -> PathBuf {
+        // Firecracker connects the guest's port to `<uds_path>_<port>`, and
+        // a jailed one sees only its jail.
+        let dir = match self.jail_for(id) {
+            Some(Ok(jail)) => jail.root,
+            _ => session_dir.to_path_buf(),
+        };
+        vsock::guest_port_socket(&dir.join(VSOCK_SOCKET), AGENT_VSOCK_PORT)
     }
 
     async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
-        if spec.agent_socket != self.agent_socket(&spec.session_dir) {
+        let expected = self.agent_socket(&spec.id, &spec.session_dir);
+        if spec.agent_socket != expected {
             return Err(BackendError::InvalidSpec(format!(
                 "agent socket {} is not where the VM's vsock delivers the agent ({})",
                 spec.agent_socket.display(),
-                self.agent_socket(&spec.session_dir).display()
+                expected.display()
             )));
         }
         let snapshot = self.snapshot();
@@ -911,7 +1127,7 @@ impl Backend for FirecrackerBackend {
             };
             // A VM that died on its own still leaves nothing behind.
             if !requested && let Some(r) = st.lock().unwrap().take() {
-                let _ = r.cleanup(&[]);
+                let _ = r.cleanup();
             }
             let _ = tx.send(Some(InstanceExit { reason, requested }));
         });
@@ -939,8 +1155,12 @@ impl Backend for FirecrackerBackend {
                 else {
                     continue;
                 };
+                let marker = record
+                    .marker
+                    .clone()
+                    .unwrap_or_else(|| record.session_dir.join(API_SOCKET).display().to_string());
                 if let Some(pid) = record.pid
-                    && is_our_firecracker(pid, &record.session_dir)
+                    && is_our_firecracker(pid, &marker)
                 {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid as i32),
@@ -948,8 +1168,16 @@ impl Backend for FirecrackerBackend {
                     );
                     removed.push(format!("firecracker process {pid}"));
                 }
-                remove_runtime_files(&record.session_dir, &[]);
-                removed.push(format!("runtime files in {}", record.session_dir.display()));
+                match &record.jail {
+                    Some(jail) => {
+                        let _ = std::fs::remove_dir_all(jail);
+                        removed.push(format!("jail {}", jail.display()));
+                    }
+                    None => {
+                        remove_runtime_files(&record.session_dir);
+                        removed.push(format!("runtime files in {}", record.session_dir.display()));
+                    }
+                }
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -960,13 +1188,13 @@ impl Backend for FirecrackerBackend {
     }
 }
 
-/// Whether `pid` is still a Firecracker of ours (pids are reused).
-fn is_our_firecracker(pid: u32, session_dir: &Path) -> bool {
+/// Whether `pid` is still a Firecracker of ours (pids are reused): its
+/// command line has the session's `marker` argument.
+fn is_our_firecracker(pid: u32, marker: &str) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let sock = session_dir.join(API_SOCKET);
     cmdline
         .split(|b| *b == 0)
-        .any(|arg| arg == sock.as_os_str().as_encoded_bytes())
+        .any(|arg| arg == marker.as_bytes())
 }
 
 #[async_trait]
@@ -1002,7 +1230,7 @@ impl Instance for FcInstance {
         }
         let running = self.state.lock().unwrap().take();
         match running {
-            Some(r) => r.cleanup(&[]),
+            Some(r) => r.cleanup(),
             None => Ok(()),
         }
     }
@@ -1022,9 +1250,22 @@ mod tests {
                 config_report: None,
             },
         };
+        let id = SessionId::new("ab").unwrap();
         assert_eq!(
-            b.agent_socket(Path::new("/s/x")),
+            b.agent_socket(&id, Path::new("/s/x")),
             PathBuf::from("/s/x/vsock.sock_1024")
+        );
+        // A jailed Firecracker's vsock sockets are in its jail.
+        let jailed = FirecrackerBackend {
+            config: FirecrackerConfig {
+                jailer: Some(JailerConfig::default()),
+                ..FirecrackerConfig::default()
+            },
+            kernel: b.kernel.clone(),
+        };
+        assert_eq!(
+            jailed.agent_socket(&id, Path::new("/s/x")),
+            PathBuf::from("/srv/jailer/firecracker/fc-ab/root/vsock.sock_1024")
         );
         let args = b.boot_args();
         assert!(

@@ -129,7 +129,14 @@ fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<(), BackendError> 
 
 /// Creates a session's namespace with the TAP device, and with `egress` an
 /// uplink to the host with NAT. On error nothing is left.
-pub fn setup_network(id: &SessionId, egress: bool) -> Result<SessionNet, BackendError> {
+///
+/// `tap_owner` (uid, gid) lets an unprivileged (jailed) Firecracker attach
+/// to the TAP device.
+pub fn setup_network(
+    id: &SessionId,
+    egress: bool,
+    tap_owner: Option<(u32, u32)>,
+) -> Result<SessionNet, BackendError> {
     let _guard = NET_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let mut net = SessionNet {
         netns: netns_name(id),
@@ -145,7 +152,12 @@ pub fn setup_network(id: &SessionId, egress: bool) -> Result<SessionNet, Backend
             run("ip", &a)
         };
         ip_ns(&["link", "set", "lo", "up"])?;
-        ip_ns(&["tuntap", "add", "dev", TAP_NAME, "mode", "tap"])?;
+        let owner = tap_owner.map(|(u, g)| (u.to_string(), g.to_string()));
+        let mut tap = vec!["tuntap", "add", "dev", TAP_NAME, "mode", "tap"];
+        if let Some((u, g)) = &owner {
+            tap.extend_from_slice(&["user", u, "group", g]);
+        }
+        ip_ns(&tap)?;
         ip_ns(&["addr", "add", &format!("{GATEWAY_IP}/30"), "dev", TAP_NAME])?;
         ip_ns(&["link", "set", TAP_NAME, "up"])?;
         if !egress {
@@ -381,46 +393,110 @@ fn write(path: &Path, value: &str) -> Result<(), BackendError> {
         .map_err(|e| BackendError::io(format!("writing {value:?} to {}", path.display()), e))
 }
 
-/// Creates the cgroup of a session with its limits. On error nothing is left.
-pub fn setup_cgroup(id: &SessionId, limits: &Limits) -> Result<SessionCgroup, BackendError> {
+/// A session's cgroup: where it goes and what is written into it. Made
+/// here by [`setup_cgroup`], or by the jailer from its `--cgroup` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupPlan {
+    /// cgroup v2 (one unified hierarchy) rather than v1.
+    pub v2: bool,
+    /// The parent, relative to each hierarchy's root.
+    pub parent: String,
+    /// The session's cgroup, under `parent`.
+    pub name: String,
+    /// Limit files and their values.
+    pub values: Vec<(String, String)>,
+    /// The session's cgroup directories (one on v2, one per controller on v1).
+    pub dirs: Vec<PathBuf>,
+}
+
+/// The cgroup of session `id` with its limits.
+pub fn cgroup_plan(id: &SessionId, limits: &Limits) -> CgroupPlan {
     let name = format!("fc-{id}");
     let mem = ((limits.memory_mib + VMM_OVERHEAD_MIB) << 20).to_string();
     let period = 100_000u64;
     let quota = (u64::from(limits.cpu_millis) * period / 1000).max(1000);
+    let pids = limits.pids.to_string();
+    let v2 = cgroup_v2();
+    let pair = |f: &str, v: String| (f.to_owned(), v);
+    let (values, dirs) = if v2 {
+        (
+            vec![
+                pair("memory.max", mem),
+                pair("cpu.max", format!("{quota} {period}")),
+                pair("pids.max", pids),
+            ],
+            vec![Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(&name)],
+        )
+    } else {
+        (
+            vec![
+                pair("memory.limit_in_bytes", mem),
+                pair("cpu.cfs_period_us", period.to_string()),
+                pair("cpu.cfs_quota_us", quota.to_string()),
+                pair("pids.max", pids),
+            ],
+            V1_CONTROLLERS
+                .iter()
+                .map(|c| {
+                    Path::new(CGROUP_ROOT)
+                        .join(c)
+                        .join(CGROUP_PARENT)
+                        .join(&name)
+                })
+                .collect(),
+        )
+    };
+    CgroupPlan {
+        v2,
+        parent: CGROUP_PARENT.into(),
+        name,
+        values,
+        dirs,
+    }
+}
+
+/// Makes the parents of a planned cgroup and, on v2, lets them hand the
+/// memory, cpu and pids controllers down, so that the session's cgroup (made
+/// here or by the jailer) has its limit files.
+pub fn prepare_cgroup_parents(plan: &CgroupPlan) -> Result<(), BackendError> {
+    for dir in &plan.dirs {
+        let parent = dir.parent().expect("a session cgroup has a parent");
+        std::fs::create_dir_all(parent)
+            .map_err(|e| BackendError::io(format!("creating {}", parent.display()), e))?;
+        if plan.v2 {
+            for d in [Path::new(CGROUP_ROOT), parent] {
+                write(&d.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the cgroup of a session with its limits. On error nothing is left.
+pub fn setup_cgroup(id: &SessionId, limits: &Limits) -> Result<SessionCgroup, BackendError> {
+    let plan = cgroup_plan(id, limits);
     let mut cg = SessionCgroup { dirs: Vec::new() };
     let result = (|| {
-        if cgroup_v2() {
-            let parent = Path::new(CGROUP_ROOT).join(CGROUP_PARENT);
-            std::fs::create_dir_all(&parent)
-                .map_err(|e| BackendError::io(format!("creating {}", parent.display()), e))?;
-            for dir in [Path::new(CGROUP_ROOT), parent.as_path()] {
-                write(&dir.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
-            }
-            let dir = parent.join(&name);
-            std::fs::create_dir(&dir)
+        prepare_cgroup_parents(&plan)?;
+        for dir in &plan.dirs {
+            std::fs::create_dir(dir)
                 .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
             cg.dirs.push(dir.clone());
-            write(&dir.join("memory.max"), &mem)?;
-            write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
-            write(&dir.join("pids.max"), &limits.pids.to_string())?;
-        } else {
-            for ctl in V1_CONTROLLERS {
-                let dir = Path::new(CGROUP_ROOT)
-                    .join(ctl)
-                    .join(CGROUP_PARENT)
-                    .join(&name);
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
-                cg.dirs.push(dir.clone());
-                match ctl {
-                    "memory" => write(&dir.join("memory.limit_in_bytes"), &mem)?,
-                    "cpu" => {
-                        write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                        write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                    }
-                    _ => write(&dir.join("pids.max"), &limits.pids.to_string())?,
-                }
-            }
+        }
+        for (file, value) in &plan.values {
+            // On v1 each file lives in its controller's directory.
+            let dir = plan
+                .dirs
+                .iter()
+                .find(|d| {
+                    plan.v2
+                        || d.parent()
+                            .and_then(Path::parent)
+                            .and_then(Path::file_name)
+                            .is_some_and(|c| file.starts_with(&format!("{}.", c.to_string_lossy())))
+                })
+                .expect("every limit file has its controller's directory");
+            write(&dir.join(file), value)?;
         }
         Ok(())
     })();
@@ -545,7 +621,7 @@ mod tests {
     #[test]
     fn session_network_is_isolated_from_the_host_and_removed() {
         let id = SessionId::new(format!("nettest-{}", std::process::id())).unwrap();
-        let net = setup_network(&id, true).unwrap();
+        let net = setup_network(&id, true, None).unwrap();
         let _guard = Guard(net.clone());
         assert!(net.netns_path().exists());
         let veth = net.host_veth.clone().unwrap();
@@ -588,8 +664,8 @@ mod tests {
     fn reap_removes_what_a_crashed_server_left() {
         let id = SessionId::new(format!("reaptest-{}", std::process::id())).unwrap();
         let keep = SessionId::new(format!("keeptest-{}", std::process::id())).unwrap();
-        let net = setup_network(&id, true).unwrap();
-        let kept = setup_network(&keep, false).unwrap();
+        let net = setup_network(&id, true, None).unwrap();
+        let kept = setup_network(&keep, false, None).unwrap();
         let cg = setup_cgroup(&id, &Limits::default()).unwrap();
         assert!(cg.dirs.iter().all(|d| d.exists()));
         // Limited to this test's names: other tests run at the same time.

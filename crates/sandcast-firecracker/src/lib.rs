@@ -7,6 +7,8 @@
 //!   sparse writable drive, vsock for the agent channel, MMDS with the
 //!   session's id, the serial console in the session's log; optional
 //!   snapshot restore.
+//! - [`jail`] runs Firecracker under its `jailer` (chroot, unprivileged
+//!   uid/gid, the session's cgroup and namespace) when configured.
 //! - [`client`] is the API client, [`api`] the request types from
 //!   Firecracker's OpenAPI specification (v1.16.1).
 //! - [`kernel`] checks a guest kernel and its `.config`, [`kvm`] whether
@@ -19,6 +21,7 @@ pub mod api;
 mod backend;
 pub mod client;
 pub mod host;
+pub mod jail;
 pub mod kernel;
 pub mod kvm;
 #[cfg(feature = "testing")]
@@ -26,9 +29,10 @@ pub mod testing;
 pub mod vsock;
 
 pub use backend::{AGENT_PATH_IN_IMAGE, FirecrackerBackend, FirecrackerConfig, SnapshotFiles};
+pub use jail::JailerConfig;
 
 /// Host port (vsock) the agent in a microVM connects to; it arrives on
-/// `<session_dir>/vsock.sock_1024`.
+/// `<session_dir>/vsock.sock_1024` (in the jail's root when jailed).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// The guest's vsock context id (the host is 2).

@@ -38,6 +38,9 @@ use tokio::sync::watch;
 /// The Firecracker release whose specification the fixture holds.
 pub const SPEC_VERSION: &str = "1.16.1";
 
+/// The specification fixture's text (the file at [`spec_fixture_path`]).
+const SPEC_FIXTURE: &str = include_str!("../../../fixtures/firecracker/firecracker-v1.16.1.yaml");
+
 /// Path of the specification fixture in the source tree.
 pub fn spec_fixture_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -74,8 +77,14 @@ impl Spec {
     pub fn load(path: &Path) -> Result<Spec, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let doc: Value = serde_yaml_ng::from_str(&text)
-            .map_err(|e| format!("parsing {}: {e}", path.display()))?;
+        Spec::parse(&text, &path.display().to_string())
+    }
+
+    /// Compiles a Swagger 2.0 specification given as text; `origin` names it
+    /// in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Spec, String> {
+        let doc: Value =
+            serde_yaml_ng::from_str(text).map_err(|e| format!("parsing {origin}: {e}"))?;
         let version = doc["info"]["version"]
             .as_str()
             .ok_or("the spec has no info.version")?
@@ -121,9 +130,11 @@ impl Spec {
         })
     }
 
-    /// The specification fixture of [`SPEC_VERSION`].
+    /// The specification fixture of [`SPEC_VERSION`], built in: a jailed
+    /// double cannot see the source tree.
     pub fn fixture() -> Spec {
-        Spec::load(&spec_fixture_path()).expect("the Firecracker spec fixture loads")
+        Spec::parse(SPEC_FIXTURE, "the built-in specification fixture")
+            .expect("the Firecracker spec fixture loads")
     }
 
     /// `info.version` of the loaded specification.
@@ -264,6 +275,8 @@ struct State {
     injected: HashMap<(Method, String), (u16, String)>,
     vsock_task: Option<tokio::task::JoinHandle<()>>,
     vsock_uds: Option<PathBuf>,
+    /// The TAP devices attached, held like Firecracker holds them.
+    taps: HashMap<String, std::os::fd::OwnedFd>,
     /// The booted kernel has no i8042 keyboard (`sandcast_double.no_i8042`).
     no_i8042: bool,
     /// Loaded from a snapshot and not yet resumed.
@@ -300,6 +313,7 @@ impl FirecrackerDouble {
                 injected: HashMap::new(),
                 vsock_task: None,
                 vsock_uds: None,
+                taps: HashMap::new(),
                 no_i8042: false,
                 restored: false,
             })),
@@ -576,17 +590,15 @@ impl FirecrackerDouble {
                     return bad("The id from the path does not match the id from the body!");
                 }
                 let tap = body["host_dev_name"].as_str().unwrap_or_default();
-                // /proc/self/net shows the devices of this process's network
-                // namespace, where Firecracker opens the TAP.
-                let devs = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
-                let found = devs
-                    .lines()
-                    .any(|l| l.trim_start().split(':').next() == Some(tap));
-                if !found {
-                    return bad(&format!(
-                        "Could not create the network device: Open tap device failed: Error while creating ifreq structure: Invalid argument (os error 22). Invalid TUN/TAP Backend provided by {tap}. Check our documentation on setting up the network devices."
-                    ));
-                }
+                let fd = match attach_tap(tap) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        return bad(&format!(
+                            "Could not create the network device: Open tap device failed: {e}. Invalid TUN/TAP Backend provided by {tap}. Check our documentation on setting up the network devices."
+                        ));
+                    }
+                };
+                st.taps.insert((*id).to_owned(), fd);
                 st.config.ifaces.insert((*id).to_owned(), body);
                 Ok(None)
             }
@@ -794,6 +806,20 @@ impl FirecrackerDouble {
                 st.config.machine = Some(saved["machine"].clone());
                 st.config.drives =
                     serde_json::from_value(saved["drives"].clone()).unwrap_or_default();
+                st.taps.clear();
+                for (id, iface) in &ifaces {
+                    let tap = iface["host_dev_name"].as_str().unwrap_or_default();
+                    match attach_tap(tap) {
+                        Ok(fd) => {
+                            st.taps.insert(id.clone(), fd);
+                        }
+                        Err(e) => {
+                            return bad(&format!(
+                                "Load snapshot error: Failed to restore from snapshot: Open tap device failed: {e} ({tap})"
+                            ));
+                        }
+                    }
+                }
                 st.config.ifaces = ifaces;
                 st.config.mmds_config = Some(saved["mmds_config"].clone()).filter(|v| !v.is_null());
                 // MMDS contents are not part of a snapshot.
@@ -888,6 +914,45 @@ impl FirecrackerDouble {
             while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
         });
     }
+}
+
+/// Attaches to the TAP device `name` as Firecracker does: `/dev/net/tun`,
+/// `TUNSETIFF` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. Only an existing
+/// device is taken: where `/proc` shows this network namespace's devices
+/// (outside a jail) a missing one is refused first, since root would create
+/// it; in a jail an unprivileged process can only attach to a TAP it owns.
+fn attach_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(devs) = std::fs::read_to_string("/proc/self/net/dev")
+        && !devs
+            .lines()
+            .any(|l| l.trim_start().split(':').next() == Some(name))
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no device {name} in this network namespace"),
+        ));
+    }
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    // struct ifreq: the name, then the flags (a short) in the union.
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifreq` holds.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(file))
 }
 
 /// Firecracker's host side of a host-initiated vsock connection: reads

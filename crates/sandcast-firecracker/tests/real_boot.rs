@@ -64,8 +64,8 @@ async fn boots_a_real_microvm() {
     let session_dir = dir.join("session");
     std::fs::create_dir_all(&session_dir).unwrap();
     let spec = LaunchSpec {
+        agent_socket: backend.agent_socket(&id, &session_dir),
         id,
-        agent_socket: backend.agent_socket(&session_dir),
         session_dir: session_dir.clone(),
         agent_binary: PathBuf::new(),
         limits: Limits {

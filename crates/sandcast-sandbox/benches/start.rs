@@ -35,10 +35,11 @@ impl Bench {
         self.n += 1;
         let session_dir = self.dir.path().join(format!("s{}", self.n));
         std::fs::create_dir_all(&session_dir).unwrap();
-        let socket = self.backend.agent_socket(&session_dir);
+        let id = SessionId::new(format!("b{}", self.n)).unwrap();
+        let socket = self.backend.agent_socket(&id, &session_dir);
         let listener = UnixListener::bind(&socket).unwrap();
         let spec = LaunchSpec {
-            id: SessionId::new(format!("b{}", self.n)).unwrap(),
+            id,
             session_dir,
             agent_socket: socket,
             agent_binary: self.agent.clone(),

@@ -32,7 +32,7 @@
 //! })?;
 //! backend.reap(&[]).await?; // leftovers of a previous run
 //! let _ready = backend.readiness().await; // one check per requirement
-//! // The server binds a UnixListener at backend.agent_socket(&spec.session_dir) first.
+//! // The server binds a UnixListener at backend.agent_socket(&spec.id, &spec.session_dir) first.
 //! let inst = backend.start(&spec).await?;
 //! let mut exited = inst.exited(); // Some(InstanceExit) once the agent/bwrap ended
 //! inst.stop(std::time::Duration::from_secs(3)).await?; // also after an unexpected exit

@@ -109,11 +109,12 @@ impl Harness {
         let agent = agents.join(format!("{name}.sh"));
         std::fs::write(&agent, script).unwrap();
         std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = self.backend.agent_socket(&session_dir);
+        let id = SessionId::new(name).unwrap();
+        let socket = self.backend.agent_socket(&id, &session_dir);
         let listener = UnixListener::bind(&socket).unwrap();
         Session {
             spec: LaunchSpec {
-                id: SessionId::new(name).unwrap(),
+                id,
                 session_dir,
                 agent_socket: socket,
                 agent_binary: agent,

@@ -228,6 +228,44 @@ pub struct FirecrackerSettings {
     pub snapshot_dir: Option<PathBuf>,
     /// Size of each session's writable drive.
     pub writable_drive_mib: Option<u64>,
+    /// Run Firecracker under its jailer; absent: not jailed.
+    pub jailer: Option<JailerSettings>,
+}
+
+/// `[firecracker.jailer]`: running each microVM's Firecracker under its
+/// `jailer`; unset values take the defaults of
+/// [`sandcast_firecracker::JailerConfig`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailerSettings {
+    /// The `jailer` binary.
+    pub jailer_bin: Option<PathBuf>,
+    /// The unprivileged uid Firecracker runs as.
+    pub uid: Option<u32>,
+    /// The gid Firecracker runs as.
+    pub gid: Option<u32>,
+    /// Where the jails are built.
+    pub chroot_base_dir: Option<PathBuf>,
+}
+
+impl JailerSettings {
+    /// The backend's jailer configuration.
+    pub fn to_backend(&self) -> sandcast_firecracker::JailerConfig {
+        let mut c = sandcast_firecracker::JailerConfig::default();
+        if let Some(v) = &self.jailer_bin {
+            c.jailer_bin = v.clone();
+        }
+        if let Some(v) = self.uid {
+            c.uid = v;
+        }
+        if let Some(v) = self.gid {
+            c.gid = v;
+        }
+        if let Some(v) = &self.chroot_base_dir {
+            c.chroot_base_dir = v.clone();
+        }
+        c
+    }
 }
 
 impl FirecrackerSettings {
@@ -250,6 +288,7 @@ impl FirecrackerSettings {
         if let Some(v) = self.writable_drive_mib {
             c.writable_drive_mib = v;
         }
+        c.jailer = self.jailer.as_ref().map(JailerSettings::to_backend);
         c
     }
 }
@@ -322,6 +361,14 @@ impl Config {
         if self.rate_limit.api_window_seconds == 0 {
             return Err("rate_limit.api_window_seconds must be at least 1".into());
         }
+        if let Some(j) = &self.firecracker.jailer
+            && j.uid == Some(0)
+        {
+            return Err(
+                "firecracker.jailer.uid = 0: the jail is only worth having with an unprivileged uid"
+                    .into(),
+            );
+        }
         let url = &self.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(format!(
@@ -355,6 +402,25 @@ mod tests {
         assert_eq!(plain.session_args(), ["--lang=de"]);
         assert_eq!(c.sandbox.state_dir, c.data_dir.join("sandbox"));
         assert!(c.sandbox.hide_paths.contains(&c.data_dir));
+        assert_eq!(c.firecracker.to_backend().jailer, None);
+    }
+
+    #[test]
+    fn a_jailer_section_runs_firecracker_jailed() {
+        let dir = std::env::temp_dir().join(format!("sc-config-jail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "backend = \"firecracker\"\n[firecracker.jailer]\nuid = 1234\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), Figment::new()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let j = c.firecracker.to_backend().jailer.unwrap();
+        assert_eq!(j.uid, 1234);
+        assert_eq!(j.gid, 65534);
+        assert_eq!(j.chroot_base_dir, Path::new("/srv/jailer"));
     }
 
     #[test]
@@ -405,6 +471,8 @@ mod tests {
         assert!(err("[session]\nwidth = 10").contains("width"));
         assert!(err("[webrtc]\nmax_fps = 0").contains("webrtc.max_fps = 0"));
         assert!(err("[webrtc]\nmax_fps = 1000").contains("webrtc.max_fps = 1000"));
+        assert!(err("[firecracker.jailer]\nuid = 0").contains("firecracker.jailer.uid = 0"));
+        assert!(err("[firecracker.jailer]\nuser = 5").contains("user"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

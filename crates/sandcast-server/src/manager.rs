@@ -411,13 +411,18 @@ impl Manager {
     ) -> Result<watch::Receiver<Option<sandcast_backend::InstanceExit>>, String> {
         std::fs::create_dir_all(&live.dir)
             .map_err(|e| format!("creating {}: {e}", live.dir.display()))?;
-        let sock = self.backend.agent_socket(&live.dir);
+        let id = SessionId::new(live.id.clone()).map_err(|e| e.to_string())?;
+        let sock = self.backend.agent_socket(&id, &live.dir);
+        if let Some(parent) = sock.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock)
             .map_err(|e| format!("listening on {}: {e}", sock.display()))?;
         tokio::spawn(accept_loop(self.clone(), live.clone(), listener));
         let spec = LaunchSpec {
-            id: SessionId::new(live.id.clone()).map_err(|e| e.to_string())?,
+            id,
             session_dir: live.dir.clone(),
             agent_socket: sock,
             agent_binary: self.agent_binary.clone(),

@@ -4,6 +4,9 @@
 //! guest's serial console to stdout and every request to
 //! `<api-sock>.requests.jsonl`, and exits when the guest powers off.
 //!
+//! Under the jailer (or `jailer-double`) it runs in the jail, so the paths it
+//! is given are the jail's.
+//!
 //! The simulated guest ignores Ctrl+Alt+Del (like a kernel without an i8042
 //! keyboard) when its kernel command line contains `sandcast_double.no_i8042`.
 
@@ -14,11 +17,18 @@ use sandcast_firecracker::testing::{FirecrackerDouble, GuestBehaviour, Spec};
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // `--flag value` or `--flag=value`, as Firecracker takes them (the
+    // jailer passes `--id=<id>`).
     let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
+        args.iter().enumerate().find_map(|(i, a)| {
+            if a == flag {
+                args.get(i + 1).cloned()
+            } else {
+                a.strip_prefix(flag)
+                    .and_then(|rest| rest.strip_prefix('='))
+                    .map(str::to_owned)
+            }
+        })
     };
     let Some(api_sock) = value("--api-sock") else {
         eprintln!("Error: missing --api-sock");

@@ -58,9 +58,11 @@ pub fn session_id(name: &str) -> SessionId {
 pub fn launch_spec(backend: &FirecrackerBackend, dir: &Path, id: &SessionId) -> LaunchSpec {
     let session_dir = dir.join(id.as_str());
     std::fs::create_dir_all(&session_dir).unwrap();
+    let agent_socket = backend.agent_socket(id, &session_dir);
+    std::fs::create_dir_all(agent_socket.parent().unwrap()).unwrap();
     LaunchSpec {
         id: id.clone(),
-        agent_socket: backend.agent_socket(&session_dir),
+        agent_socket,
         session_dir,
         agent_binary: PathBuf::new(),
         limits: Limits {
@@ -117,4 +119,25 @@ pub fn cgroup_exists(id: &SessionId) -> bool {
     ["", "memory/", "cpu/", "pids/"]
         .iter()
         .any(|c| Path::new(&format!("/sys/fs/cgroup/{c}fc-sessions/fc-{id}")).exists())
+}
+
+/// [`config`] with Firecracker run under the jailer double (Firecracker's
+/// docs/jailer.md, v1.16.1) as uid and gid 65534, jails under `dir/jails`.
+pub fn jailed_config(dir: &Path) -> FirecrackerConfig {
+    FirecrackerConfig {
+        jailer: Some(sandcast_firecracker::JailerConfig {
+            jailer_bin: env!("CARGO_BIN_EXE_jailer-double").into(),
+            uid: 65534,
+            gid: 65534,
+            chroot_base_dir: dir.join("jails"),
+        }),
+        ..config(dir)
+    }
+}
+
+/// The jail directory (`<base>/<exec name>/<id>`) of a session under
+/// [`jailed_config`].
+pub fn jail_dir(dir: &Path, id: &SessionId) -> PathBuf {
+    dir.join("jails/firecracker-double")
+        .join(format!("fc-{id}"))
 }
