@@ -13,10 +13,14 @@
 //       with wall-clock times in ms (Date.now(), the same clock as the remote
 //       page's, both run on this host).
 //   {"cmd":"measure","seconds":10}
-//       samples glass-to-glass latency on every new frame for that long;
-//       answers {ok, latency: {samples, p50, p95, min, max, mean},
-//       toReceive: {...}, rates: {...}} (see view-stats.js); toReceive is
-//       drawn time to the arrival of the frame's last packet (WebRTC only).
+//       samples glass-to-glass latency on every new clock for that long, in
+//       both modes at the same point: the viewer page's rendering update
+//       (requestAnimationFrame) that first finds it in the <video> or the
+//       noVNC canvas; answers {ok, latency: {samples, p50, p95, min, max,
+//       mean}, presented, toReceive, toCapture, rates} (see view-stats.js).
+//       WebRTC only: presented is drawn time to the video frame callback
+//       (the compositor has shown it), toReceive to the arrival of the
+//       frame's last packet, toCapture to the capture (its RTP time).
 //   {"cmd":"warm","url":URL}  loads a page once, so the browser is warm.
 //   {"cmd":"close"}    closes the viewer.       {"cmd":"quit"}  ends.
 // Errors answer {ok:false, error}. Uses playwright-core from tests/browser.
@@ -43,7 +47,7 @@ function instrument() {
   const D = window.__sandcastBenchDecode;
   const B = {
     t: { start: Date.now(), loaded: null, ready: null, connected: null, firstFrame: null, firstClock: null },
-    measuring: false, samples: [], toReceive: [], toCapture: [], frames: 0, clocks: 0, last: null,
+    measuring: false, samples: [], presented: [], toReceive: [], toCapture: [], frames: 0, clocks: 0, last: null, lastPresented: null,
     wsBytes: 0, vnc: { decodeMs: 0, updates: 0 },
   };
   window.__sandcastBench = B;
@@ -68,7 +72,11 @@ function instrument() {
   // `received`: when the frame's last packet arrived (WebRTC only), on the
   // Date.now() clock; splits the latency into the remote's and network's
   // share (drawn to received) and the viewer's (received to shown).
-  const seen = (drawn, isFrame, received = null, rtp = null) => {
+  // Both modes are sampled at the same point: the page's rendering update
+  // (requestAnimationFrame) that first finds a new clock in the element, as
+  // a page script drawing or reading it would. WebRTC's frame callback
+  // (`presented`) comes when the compositor has shown the frame.
+  const seen = (drawn, isFrame) => {
     if (drawn === null) return;
     const now = Date.now();
     if (B.t.firstClock === null) B.t.firstClock = now;
@@ -76,8 +84,13 @@ function instrument() {
     B.last = drawn;
     B.clocks++;
     if (isFrame) B.frames++;
+    if (B.measuring) B.samples.push(now - drawn);
+  };
+  const presented = (drawn, received, rtp) => {
+    if (drawn === null || drawn === B.lastPresented) return;
+    B.lastPresented = drawn;
     if (B.measuring) {
-      B.samples.push(now - drawn);
+      B.presented.push(Date.now() - drawn);
       if (received !== null) B.toReceive.push(received - drawn);
       if (rtp !== null) {
         // sandcast's RTP time is the capture time in 90 kHz ticks since the
@@ -107,7 +120,7 @@ function instrument() {
     if (B.t.firstFrame === null) B.t.firstFrame = Date.now();
     B.frames++;
     const received = typeof meta?.receiveTime === 'number' ? performance.timeOrigin + meta.receiveTime : null;
-    seen(read(video), false, received, typeof meta?.rtpTimestamp === 'number' ? meta.rtpTimestamp : null);
+    presented(read(video), received, typeof meta?.rtpTimestamp === 'number' ? meta.rtpTimestamp : null);
     video.requestVideoFrameCallback(onVideoFrame);
   };
   // noVNC decodes in JavaScript: time its framebuffer-update handler.
@@ -137,6 +150,7 @@ function instrument() {
         rfb = el._rfb;
         timeVnc(rfb);
       }
+      if (st.mode === 'webrtc' && video && video.readyState >= 2) seen(read(video), false);
       if (st.mode === 'vnc') {
         const canvas = root?.querySelector('.vnc canvas');
         if (canvas && canvas.width > 0 && canvas.height > 0) {
@@ -225,17 +239,19 @@ const commands = {
       const B = window.__sandcastBench;
       const a = await snap();
       B.samples = [];
+      B.presented = [];
       B.toReceive = [];
       B.toCapture = [];
       B.measuring = true;
       await new Promise((r) => setTimeout(r, ms));
       B.measuring = false;
       const b = await snap();
-      return { a, b, samples: B.samples, toReceive: B.toReceive, toCapture: B.toCapture };
+      return { a, b, samples: B.samples, presented: B.presented, toReceive: B.toReceive, toCapture: B.toCapture };
     }, seconds * 1000);
     return {
       mode,
       latency: summarizeLatency(res.samples),
+      presented: summarizeLatency(res.presented),
       toReceive: summarizeLatency(res.toReceive),
       toCapture: summarizeLatency(res.toCapture),
       rates: rates(res.a, res.b, mode),

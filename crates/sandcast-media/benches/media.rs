@@ -54,6 +54,27 @@ fn scroll_loop() -> Vec<I420Frame> {
     (0..60).map(|n| text.i420(n, STEP)).collect()
 }
 
+/// Frames of a still page where only a row of 32 blocks of 16 px changes,
+/// each frame another binary pattern: what the latency clock page draws.
+fn small_change_loop() -> Vec<I420Frame> {
+    let base = ScrollingText::new(W, H).i420(0, 0);
+    (0..60u32)
+        .map(|n| {
+            let mut f = base.clone();
+            let pattern = n.wrapping_mul(2_654_435_761);
+            for bit in 0..32u32 {
+                let v = if pattern >> bit & 1 == 1 { 235 } else { 16 };
+                for y in 0..16 {
+                    let row = (16 + y) as usize * W as usize;
+                    let x0 = (16 + bit * 16) as usize;
+                    f.y[row + x0..row + x0 + 16].fill(v);
+                }
+            }
+            f
+        })
+        .collect()
+}
+
 /// Times the encode of each next scrolled frame, skipped frames included
 /// (an encoder holding its bitrate skips; that is part of its cost).
 fn bench_encoder(
@@ -90,6 +111,14 @@ fn encode(c: &mut Criterion) {
     });
     bench_encoder(c, &frames, "vp8_1280x720", || {
         Box::new(Vp8Encoder::new(settings).expect("vp8"))
+    });
+    // The latency path: a still page with a small change a frame.
+    let frames = small_change_loop();
+    bench_encoder(c, &frames, "h264_realtime_small_change_1280x720", || {
+        Box::new(H264Encoder::new(settings, H264Mode::RealTime).expect("h264"))
+    });
+    bench_encoder(c, &frames, "h264_screen_small_change_1280x720", || {
+        Box::new(H264Encoder::new(settings, H264Mode::Screen).expect("h264"))
     });
 }
 

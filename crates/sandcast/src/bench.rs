@@ -594,10 +594,15 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             let r = &m["rates"];
             let to_receive = &m["toReceive"];
             let to_capture = &m["toCapture"];
-            let split = match (to_capture["p50"].as_f64(), to_receive["p50"].as_f64()) {
-                (Some(c), Some(r)) => {
-                    format!(" (p50 drawn to captured {c:.0} ms, to received {r:.0} ms)")
-                }
+            let presented = &m["presented"];
+            let split = match (
+                to_capture["p50"].as_f64(),
+                to_receive["p50"].as_f64(),
+                presented["p50"].as_f64(),
+            ) {
+                (Some(c), Some(r), Some(p)) => format!(
+                    " (p50 drawn to captured {c:.0} ms, to received {r:.0} ms, to the frame callback {p:.0} ms)"
+                ),
                 _ => String::new(),
             };
             println!(
@@ -624,6 +629,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             }
             runs.push(json!({
                 "latency": l, "to_capture": to_capture, "to_receive": to_receive,
+                "presented": presented,
                 "rates": r, "cpu": cpu,
             }));
         }
@@ -637,6 +643,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             "p95_ms": med(&|r| r["latency"]["p95"].as_f64()),
             "p50_drawn_to_captured_ms": med(&|r| r["to_capture"]["p50"].as_f64()),
             "p50_drawn_to_received_ms": med(&|r| r["to_receive"]["p50"].as_f64()),
+            "p50_drawn_to_frame_callback_ms": med(&|r| r["presented"]["p50"].as_f64()),
             "shown_fps": med(&|r| r["rates"]["shownFps"].as_f64()),
             "decoded_fps": med(&|r| r["rates"]["fps"].as_f64()),
             "decode_ms": med(&|r| r["rates"]["decodeMs"].as_f64()),
