@@ -15,12 +15,15 @@ use crate::convert::I420Frame;
 use crate::encoder::{BITRATE_RANGE, EncodedFrame, Encoder, EncoderSettings};
 use crate::error::{Error, Result};
 
-/// openh264's two usage modes.
+/// openh264's two usage modes, and camera mode without frame skipping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum H264Mode {
     /// Camera real-time: about twice as fast a frame, but it holds its
     /// bitrate on scrolling text only by skipping most frames.
     RealTime,
+    /// Camera real-time that never skips a picture and holds its bitrate by
+    /// its quantiser alone: every frame, but coarse ones on fast scrolling.
+    RealTimeEveryFrame,
     /// Screen content: slower a frame, far fewer bits on scrolling text;
     /// sandcast's default.
     Screen,
@@ -89,17 +92,18 @@ impl H264Encoder {
     fn make(bitrate: u32, max_fps: u32, mode: H264Mode) -> Result<Oh264> {
         let config = EncoderConfig::new()
             .usage_type(match mode {
-                H264Mode::RealTime => UsageType::CameraVideoRealTime,
+                H264Mode::RealTime | H264Mode::RealTimeEveryFrame => UsageType::CameraVideoRealTime,
                 H264Mode::Screen => UsageType::ScreenContentRealTime,
             })
             .profile(Profile::Baseline)
             .rate_control_mode(RateControlMode::Bitrate)
             .bitrate(BitRate::from_bps(bitrate))
             .max_frame_rate(FrameRate::from_hz(max_fps.max(1) as f32))
-            // openh264 holds its bitrate only by skipping pictures; the
-            // pipeline retries a skipped picture one frame later, so the
-            // last change before the screen idles is never lost.
-            .skip_frames(true)
+            // Skipping pictures is how openh264 holds its bitrate on fast
+            // motion; the pipeline retries a skipped picture one frame
+            // later, so the last change before the screen idles is never
+            // lost. RealTimeEveryFrame raises its quantiser instead.
+            .skip_frames(mode != H264Mode::RealTimeEveryFrame)
             // Key frames only when asked: a scene change on a web page (a
             // navigation) would otherwise cost a 100+ KB frame.
             .scene_change_detect(false)
@@ -267,7 +271,11 @@ pub(crate) mod tests {
 
     #[test]
     fn output_is_annex_b_baseline_and_decodes_close_to_the_source() {
-        for mode in [H264Mode::RealTime, H264Mode::Screen] {
+        for mode in [
+            H264Mode::RealTime,
+            H264Mode::RealTimeEveryFrame,
+            H264Mode::Screen,
+        ] {
             let mut enc = H264Encoder::new(EncoderSettings::default(), mode).unwrap();
             let mut dec = Decoder::new().unwrap();
             let first = enc.encode(&synthetic(640, 360, 0), false).unwrap().unwrap();
