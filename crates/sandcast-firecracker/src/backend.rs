@@ -243,14 +243,11 @@ impl FirecrackerBackend {
     }
 
     fn resolve_binary(&self) -> Result<PathBuf, BackendError> {
-        let bin = &self.config.firecracker_bin;
-        find_binary(bin).ok_or_else(|| {
-            BackendError::NotReady(format!(
-                "firecracker binary {} not found{}; install a Firecracker v1.16.1 release binary (see docs/firecracker.md)",
-                bin.display(),
-                if bin.components().count() > 1 { "" } else { " on PATH" }
-            ))
-        })
+        find_binary(
+            &self.config.firecracker_bin,
+            "firecracker",
+            "install a Firecracker v1.16.1 release binary",
+        )
     }
 
     fn check_kvm(&self) -> Result<(), BackendError> {
@@ -360,15 +357,12 @@ impl FirecrackerBackend {
         let Some(jailer) = &self.config.jailer else {
             return Ok(None);
         };
-        find_binary(&jailer.jailer_bin)
-            .map(Some)
-            .ok_or_else(|| {
-                BackendError::NotReady(format!(
-                    "jailer binary {} not found{}; install the jailer of the same Firecracker release (see docs/firecracker.md)",
-                    jailer.jailer_bin.display(),
-                    if jailer.jailer_bin.components().count() > 1 { "" } else { " on PATH" }
-                ))
-            })
+        find_binary(
+            &jailer.jailer_bin,
+            "jailer",
+            "install the jailer of the same Firecracker release",
+        )
+        .map(Some)
     }
 
     /// Starts Firecracker for a session and configures it (boot or restore).
@@ -474,7 +468,7 @@ impl FirecrackerBackend {
         }
         // The guest-initiated vsock connection to the agent port is made by
         // Firecracker, as the jail's uid.
-        if running.jail.is_some() && spec.agent_socket.exists() {
+        if spec.agent_socket.exists() {
             running.give(&spec.agent_socket)?;
         }
         if self.config.network {
@@ -639,14 +633,13 @@ impl FirecrackerBackend {
         let console2 = console
             .try_clone()
             .map_err(|e| BackendError::io("duplicating the console log", e))?;
-        let (mut cmd, netns, procs) = match (jailer, &running.jail, &self.config.jailer) {
-            (Some(jailer), Some(jail), Some(config)) => {
+        let (mut cmd, netns, procs) = match (jailer, &running.jail) {
+            (Some(jailer), Some(jail)) => {
                 // The jailer joins the namespace and makes the cgroup, then
                 // execs Firecracker (same pid) inside the jail.
                 let mut cmd = tokio::process::Command::new(jailer);
                 let api_sock = format!("/{API_SOCKET}");
                 cmd.args(jail.jailer_args(
-                    config,
                     bin,
                     plan,
                     running.net.as_ref().map(|n| n.netns_path()).as_deref(),
@@ -753,9 +746,11 @@ impl FirecrackerBackend {
     }
 }
 
-/// `bin` when it is a path to a file, else the first `bin` on `PATH`.
-fn find_binary(bin: &Path) -> Option<PathBuf> {
-    if bin.components().count() > 1 {
+/// `bin` when it is a path to a file, else the first `bin` on `PATH`; when
+/// there is none, says so, naming it as the `what` binary, with `install`.
+fn find_binary(bin: &Path, what: &str, install: &str) -> Result<PathBuf, BackendError> {
+    let is_path = bin.components().count() > 1;
+    let found = if is_path {
         bin.is_file().then(|| bin.to_path_buf())
     } else {
         std::env::var_os("PATH").and_then(|path| {
@@ -763,7 +758,14 @@ fn find_binary(bin: &Path) -> Option<PathBuf> {
                 .map(|d| d.join(bin))
                 .find(|p| p.is_file())
         })
-    }
+    };
+    found.ok_or_else(|| {
+        BackendError::NotReady(format!(
+            "{what} binary {} not found{}; {install} (see docs/firecracker.md)",
+            bin.display(),
+            if is_path { "" } else { " on PATH" }
+        ))
+    })
 }
 
 fn check_rootfs(rootfs: &Path) -> Result<(), BackendError> {
@@ -855,7 +857,8 @@ async fn move_file(from: &Path, to: &Path) -> Result<(), BackendError> {
     Ok(())
 }
 
-async fn copy_sparse(from: &Path, to: &Path) -> Result<(), BackendError> {
+/// Copies a file keeping it sparse (and reflinked where the file system can).
+pub(crate) async fn copy_sparse(from: &Path, to: &Path) -> Result<(), BackendError> {
     let out = tokio::process::Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
         .arg(from)
@@ -901,7 +904,7 @@ impl Running {
     /// What Firecracker calls the file `name` of its VM directory.
     fn vm_name(&self, name: &str) -> String {
         match &self.jail {
-            Some(_) => format!("/{name}"),
+            Some(j) => j.jail_name(name),
             None => self.vm_dir.join(name).display().to_string(),
         }
     }

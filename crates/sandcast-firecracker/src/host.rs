@@ -409,6 +409,23 @@ pub struct CgroupPlan {
     pub dirs: Vec<PathBuf>,
 }
 
+impl CgroupPlan {
+    /// The directory that holds the limit file `file` (on v1, that of its
+    /// controller, the part of its name before the first dot).
+    pub fn dir_for(&self, file: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|d| {
+                self.v2
+                    || d.parent()
+                        .and_then(Path::parent)
+                        .and_then(Path::file_name)
+                        .is_some_and(|c| file.split('.').next() == c.to_str())
+            })
+            .map(PathBuf::as_path)
+    }
+}
+
 /// The cgroup of session `id` with its limits.
 pub fn cgroup_plan(id: &SessionId, limits: &Limits) -> CgroupPlan {
     let name = format!("fc-{id}");
@@ -484,17 +501,8 @@ pub fn setup_cgroup(id: &SessionId, limits: &Limits) -> Result<SessionCgroup, Ba
             cg.dirs.push(dir.clone());
         }
         for (file, value) in &plan.values {
-            // On v1 each file lives in its controller's directory.
             let dir = plan
-                .dirs
-                .iter()
-                .find(|d| {
-                    plan.v2
-                        || d.parent()
-                            .and_then(Path::parent)
-                            .and_then(Path::file_name)
-                            .is_some_and(|c| file.starts_with(&format!("{}.", c.to_string_lossy())))
-                })
+                .dir_for(file)
                 .expect("every limit file has its controller's directory");
             write(&dir.join(file), value)?;
         }

@@ -58,6 +58,7 @@ pub struct Jail {
     pub dir: PathBuf,
     /// `<dir>/root`, the jail's `/`.
     pub root: PathBuf,
+    chroot_base_dir: PathBuf,
     uid: u32,
     gid: u32,
 }
@@ -94,6 +95,7 @@ impl Jail {
             id: jail_id,
             dir,
             root,
+            chroot_base_dir: config.chroot_base_dir.clone(),
             uid: config.uid,
             gid: config.gid,
         })
@@ -104,10 +106,9 @@ impl Jail {
         self.root.join(name)
     }
 
-    /// What the jailed Firecracker calls the host path `path` inside the jail.
-    pub fn jail_path(&self, path: &Path) -> Option<String> {
-        let rel = path.strip_prefix(&self.root).ok()?;
-        Some(format!("/{}", rel.display()))
+    /// What the jailed Firecracker calls the file [`host_path`](Self::host_path)`(name)`.
+    pub fn jail_name(&self, name: &str) -> String {
+        format!("/{name}")
     }
 
     /// Makes the jail's root directory (the jailer leaves an existing one as
@@ -147,22 +148,9 @@ impl Jail {
         let to = self.host_path(name);
         let _ = std::fs::remove_file(&to);
         if std::fs::hard_link(from, &to).is_err() {
-            let out = tokio::process::Command::new("cp")
-                .args(["--sparse=always", "--reflink=auto"])
-                .arg(from)
-                .arg(&to)
-                .output()
-                .await
-                .map_err(|e| BackendError::io("running cp", e))?;
-            if !out.status.success() {
-                return Err(BackendError::Start(format!(
-                    "copying {} into the jail: {}",
-                    from.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            crate::backend::copy_sparse(from, &to).await?;
         }
-        Ok(format!("/{name}"))
+        Ok(self.jail_name(name))
     }
 
     /// Gives a file or socket in the jail (or the agent's socket) to the
@@ -177,7 +165,6 @@ impl Jail {
     /// network namespace `netns`, then Firecracker's own `extra` arguments.
     pub fn jailer_args(
         &self,
-        config: &JailerConfig,
         firecracker: &Path,
         plan: &CgroupPlan,
         netns: Option<&Path>,
@@ -193,7 +180,7 @@ impl Jail {
             "--gid".into(),
             self.gid.to_string().into(),
             "--chroot-base-dir".into(),
-            config.chroot_base_dir.clone().into(),
+            self.chroot_base_dir.clone().into(),
             "--cgroup-version".into(),
             if plan.v2 { "2" } else { "1" }.into(),
             "--parent-cgroup".into(),
@@ -249,15 +236,15 @@ mod tests {
         assert_eq!(j.id, "fc-ab12");
         assert_eq!(j.root, Path::new("/srv/jailer/firecracker/fc-ab12/root"));
         assert_eq!(
-            j.jail_path(&j.host_path("vmlinux")).as_deref(),
-            Some("/vmlinux")
+            j.host_path("vmlinux"),
+            Path::new("/srv/jailer/firecracker/fc-ab12/root/vmlinux")
         );
-        assert_eq!(j.jail_path(Path::new("/elsewhere/x")), None);
+        assert_eq!(j.jail_name("vmlinux"), "/vmlinux");
     }
 
     #[test]
     fn jailer_arguments_name_cgroup_netns_and_firecracker_arguments() {
-        let (config, j) = jail("/srv/jailer");
+        let (_, j) = jail("/srv/jailer");
         let plan = CgroupPlan {
             v2: true,
             parent: "fc-sessions".into(),
@@ -269,7 +256,6 @@ mod tests {
             dirs: Vec::new(),
         };
         let args = j.jailer_args(
-            &config,
             Path::new("/usr/bin/firecracker"),
             &plan,
             Some(Path::new("/run/netns/fc-ab12")),

@@ -103,12 +103,7 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
     );
     let plan = host::cgroup_plan(&id, &spec.limits);
     for (file, value) in &plan.values {
-        let controller = file.split('.').next().unwrap();
-        let dir = plan
-            .dirs
-            .iter()
-            .find(|d| plan.v2 || d.to_string_lossy().contains(&format!("/{controller}/")))
-            .unwrap();
+        let dir = plan.dir_for(file).unwrap();
         let got = std::fs::read_to_string(dir.join(file)).unwrap();
         // cpu.max reads back as "<quota> <period>"; the rest verbatim.
         assert_eq!(got.trim(), value, "{file}");
