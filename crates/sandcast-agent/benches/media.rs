@@ -120,6 +120,7 @@ async fn main() {
             },
             restart: RestartPolicy::default(),
             max_fps: 60,
+            h264_tuning: sandcast_proto::H264Tuning::default(),
             server_time_ms: 0,
             agent_token: None,
         }))

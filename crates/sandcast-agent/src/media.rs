@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use futures::SinkExt;
 use sandcast_media::{
-    Clipboard, FrameReceiver, InputInjector, MAX_DISPLAY_SIZE, MIN_DISPLAY_SIZE, VideoPipeline,
-    VideoSettings, resize_display,
+    Clipboard, FrameReceiver, H264Mode, InputInjector, MAX_DISPLAY_SIZE, MIN_DISPLAY_SIZE,
+    VideoPipeline, VideoSettings, resize_display,
 };
 use sandcast_proto::{
-    AgentStats, FrameCodec, InputEvent, LogLine, LogStream, Message, Role, VideoControl,
+    AgentStats, FrameCodec, H264Tuning, InputEvent, LogLine, LogStream, Message, Role, VideoControl,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -119,6 +119,7 @@ impl Media {
         display: watch::Receiver<Option<String>>,
         sizes: SharedSizes,
         max_fps: u32,
+        h264_mode: H264Mode,
     ) -> Media {
         let (tx, rx) = mpsc::channel(INBOX);
         let counters = Arc::new(Counters::default());
@@ -128,6 +129,7 @@ impl Media {
             out,
             sizes,
             max_fps,
+            h264_mode,
             counters: counters.clone(),
             display: None,
             worker: None,
@@ -183,6 +185,7 @@ struct MediaTask {
     out: mpsc::Sender<Message>,
     sizes: SharedSizes,
     max_fps: u32,
+    h264_mode: H264Mode,
     counters: Arc<Counters>,
     display: Option<String>,
     worker: Option<std::sync::mpsc::SyncSender<Job>>,
@@ -335,6 +338,7 @@ impl MediaTask {
                     codec,
                     bitrate_bps,
                     max_fps: self.max_fps,
+                    h264_mode: self.h264_mode,
                 });
                 if self.video.forwarder.is_none() {
                     self.start_forwarder();
@@ -472,6 +476,14 @@ impl MediaTask {
         if stats != self.last_stats && self.out.try_send(Message::Stats(stats.clone())).is_ok() {
             self.last_stats = stats;
         }
+    }
+}
+
+/// The encoder mode for the server's tuning.
+pub fn h264_mode(tuning: H264Tuning) -> H264Mode {
+    match tuning {
+        H264Tuning::Camera => H264Mode::RealTimeEveryFrame,
+        H264Tuning::Screen => H264Mode::Screen,
     }
 }
 
@@ -643,6 +655,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn h264_tunings_map_to_encoder_modes() {
+        assert_eq!(h264_mode(H264Tuning::default()), H264Mode::default());
+        assert_eq!(h264_mode(H264Tuning::Camera), H264Mode::RealTimeEveryFrame);
+        assert_eq!(h264_mode(H264Tuning::Screen), H264Mode::Screen);
+    }
+
+    #[test]
     fn configured_sizes_are_clamped_and_named() {
         let (tx, mut rx) = mpsc::channel(4);
         let s = initial_sizes(1280, 720, &tx);
@@ -700,6 +719,7 @@ mod tests {
             display_rx,
             sizes,
             30,
+            H264Mode::default(),
         );
         media.handle(Message::Input(InputEvent::PointerMove { x: 1, y: 1 }));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -722,6 +742,7 @@ mod tests {
             display_rx,
             sizes.clone(),
             30,
+            H264Mode::default(),
         );
         media.handle(Message::Resize {
             width: 100_000,

@@ -281,6 +281,7 @@ pub(crate) mod tests {
             },
             restart: Default::default(),
             max_fps: 30,
+            h264_tuning: sandcast_proto::H264Tuning::default(),
             server_time_ms: 0,
             agent_token: token.map(AgentToken::new),
         }

@@ -67,6 +67,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
 
     let sizes = media::initial_sizes(config.width, config.height, &out_tx);
     let max_fps = config.max_fps;
+    let h264_mode = media::h264_mode(config.h264_tuning);
     let mut supervisor = Supervisor::start(config, out_tx.clone(), sizes.clone()).await;
     let media = Media::spawn(
         target.clone(),
@@ -74,6 +75,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
         supervisor.display.clone(),
         sizes,
         max_fps,
+        h264_mode,
     );
     let mut next_stream_ok = true;
     let reason = loop {

@@ -544,6 +544,9 @@ async fn mark_ready(ctx: &Arc<Ctx>, kind: Kind) {
     }
 }
 
+/// The capability to lower niceness (linux/capability.h).
+const CAP_SYS_NICE: libc::c_ulong = 23;
+
 fn spawn(
     prepared: &Prepared,
     with_display: bool,
@@ -560,9 +563,21 @@ fn spawn(
         cmd.env("DISPLAY", display);
     }
     let inherit = prepared.inherit.as_ref().map(|fd| fd.as_raw_fd());
-    // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
+    let niceness = prepared.command.niceness;
+    // SAFETY: only async-signal-safe calls (setpriority, prctl, fcntl)
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Raising one's own niceness is always allowed; a failure would
+            // only leave the child at the agent's priority.
+            if niceness != 0 {
+                libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
+                // A child run as root (in a microVM, in tests) could lower it
+                // again: Chromium puts its display threads at -8 when it
+                // may. Without CAP_SYS_NICE it cannot. Unprivileged, the
+                // drop fails and is not needed: RLIMIT_NICE already forbids it.
+                libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0);
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

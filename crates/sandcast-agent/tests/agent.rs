@@ -35,6 +35,7 @@ fn config(url: &str) -> SessionConfig {
             crash_loop_window_ms: 30_000,
         },
         max_fps: 60,
+        h264_tuning: sandcast_proto::H264Tuning::default(),
         server_time_ms: 0,
         agent_token: None,
     }
@@ -62,6 +63,14 @@ async fn until<T>(
             return t;
         }
     }
+}
+
+/// A process's niceness, field 19 of /proc/PID/stat.
+fn niceness(pid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces; the fields after it do not.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split(' ').nth(16).unwrap().parse().unwrap()
 }
 
 fn alive(pid: u32) -> bool {
@@ -101,6 +110,13 @@ async fn supervises_display_browser_and_vnc() {
     }
     let browser = running(&reports, "browser").unwrap();
     let xvfb = running(&reports, "xvfb").unwrap();
+    // The browser yields the CPU to the display and the video pipeline.
+    assert_eq!(niceness(browser), 10, "children::BROWSER_NICENESS");
+    assert_eq!(niceness(xvfb), niceness(std::process::id()));
+    assert_eq!(
+        niceness(running(&reports, "vnc").unwrap()),
+        niceness(std::process::id())
+    );
 
     // The VNC server is reachable only through a stream the agent opens.
     framed

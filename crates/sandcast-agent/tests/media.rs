@@ -45,6 +45,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         },
         restart: RestartPolicy::default(),
         max_fps: 30,
+        h264_tuning: sandcast_proto::H264Tuning::default(),
         server_time_ms: 0,
         agent_token: None,
     }

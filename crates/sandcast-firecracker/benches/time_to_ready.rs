@@ -72,6 +72,7 @@ async fn until_ready(
         },
         restart: Default::default(),
         max_fps: 30,
+        h264_tuning: sandcast_proto::H264Tuning::default(),
         server_time_ms: now,
         agent_token: Some(token.clone()),
     };

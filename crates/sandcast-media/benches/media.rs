@@ -101,6 +101,7 @@ fn encode(c: &mut Criterion) {
     let settings = EncoderSettings {
         bitrate_bps: 20_000_000,
         max_fps: 60,
+        ..EncoderSettings::default()
     };
     let frames = scroll_loop();
     bench_encoder(c, &frames, "h264_realtime_1280x720", || {

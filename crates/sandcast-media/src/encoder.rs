@@ -31,6 +31,8 @@ pub struct EncoderSettings {
     pub bitrate_bps: u32,
     /// Highest frame rate the encoder is fed at.
     pub max_fps: u32,
+    /// How H.264 is encoded (VP8 has one way).
+    pub h264_mode: H264Mode,
 }
 
 impl Default for EncoderSettings {
@@ -38,6 +40,7 @@ impl Default for EncoderSettings {
         EncoderSettings {
             bitrate_bps: 2_500_000,
             max_fps: 60,
+            h264_mode: H264Mode::default(),
         }
     }
 }
@@ -59,14 +62,11 @@ pub trait Encoder: Send {
     fn codec(&self) -> Codec;
 }
 
-/// Makes the encoder sandcast uses for `codec`: H.264 in screen-content
-/// mode or VP8. Screen mode costs about twice the time of real-time mode a
-/// frame, but at 2.5 Mbit/s real-time mode skips nearly every frame of
-/// scrolling text to hold its rate, where screen mode keeps most of them
-/// (figures in `docs/encoders.md`).
+/// Makes the encoder sandcast uses for `codec`: H.264 in `settings.h264_mode`
+/// (camera mode encoding every picture by default, see [`H264Mode`]) or VP8.
 pub fn new_encoder(codec: Codec, settings: EncoderSettings) -> Result<Box<dyn Encoder>> {
     Ok(match codec {
-        Codec::H264 => Box::new(H264Encoder::new(settings, H264Mode::Screen)?),
+        Codec::H264 => Box::new(H264Encoder::new(settings, settings.h264_mode)?),
         Codec::Vp8 => Box::new(Vp8Encoder::new(settings)?),
     })
 }

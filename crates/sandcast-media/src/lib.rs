@@ -28,7 +28,7 @@
 //! resize_display(":99", 1280, 720)?;
 //! let (pipeline, mut frames) = VideoPipeline::spawn(
 //!     ":99",
-//!     VideoSettings { codec: Codec::H264, bitrate_bps: 2_500_000, max_fps: 60 },
+//!     VideoSettings { codec: Codec::H264, bitrate_bps: 2_500_000, ..VideoSettings::default() },
 //! )?;
 //! pipeline.control(VideoControl::KeyFrame);
 //! let mut input = InputInjector::connect(":99")?;

@@ -20,6 +20,7 @@ use crate::capture::{Capture, CaptureMethod};
 use crate::convert::{I420Frame, bgra_to_i420};
 use crate::encoder::{Encoder, EncoderSettings, KeyFramePolicy, new_encoder};
 use crate::error::{Error, Result};
+use crate::h264::H264Mode;
 use crate::xutil;
 
 /// What the pipeline starts with.
@@ -31,6 +32,8 @@ pub struct VideoSettings {
     pub bitrate_bps: u32,
     /// Highest frame rate; changes closer together than this are merged.
     pub max_fps: u32,
+    /// How H.264 is encoded.
+    pub h264_mode: H264Mode,
 }
 
 impl Default for VideoSettings {
@@ -39,6 +42,7 @@ impl Default for VideoSettings {
             codec: Codec::H264,
             bitrate_bps: 2_500_000,
             max_fps: 60,
+            h264_mode: H264Mode::default(),
         }
     }
 }
@@ -236,6 +240,7 @@ impl VideoPipeline {
             EncoderSettings {
                 bitrate_bps: settings.bitrate_bps,
                 max_fps: settings.max_fps,
+                h264_mode: settings.h264_mode,
             },
         )?;
         let (waker_conn, _) = xutil::connect(display)?;
@@ -275,7 +280,6 @@ impl VideoPipeline {
         let thread = std::thread::Builder::new()
             .name("sandcast-video".into())
             .spawn(move || {
-                lower_priority();
                 if let Err(e) = worker.run() {
                     tracing::error!(error = %e, "video pipeline stopped");
                     *thread_shared.error.lock().expect("error lock") = Some(e.to_string());
@@ -339,25 +343,6 @@ impl Drop for VideoPipeline {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Niceness of the video thread: the session's own programs (the browser
-/// drawing the next picture, the X server) come first when the CPU is
-/// contended; encoding one picture waits for them rather than delaying them.
-const VIDEO_NICENESS: i32 = 5;
-
-/// Lowers this thread's priority to [`VIDEO_NICENESS`] (Linux sets nice per
-/// thread); failing that, the thread runs as it is.
-fn lower_priority() {
-    // SAFETY: gettid has no preconditions; setpriority only changes this
-    // thread's niceness, which any process may raise.
-    let rc = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, VIDEO_NICENESS)
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "video thread keeps its priority");
     }
 }
 
@@ -500,6 +485,7 @@ impl Worker {
                             EncoderSettings {
                                 bitrate_bps,
                                 max_fps: self.settings.max_fps,
+                                h264_mode: self.settings.h264_mode,
                             },
                         )?;
                     } else {
@@ -567,6 +553,7 @@ impl Worker {
                     EncoderSettings {
                         bitrate_bps: self.encoder.bitrate(),
                         max_fps: self.settings.max_fps,
+                        h264_mode: self.settings.h264_mode,
                     },
                 )?;
                 self.keyframes.request();

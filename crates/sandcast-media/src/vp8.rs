@@ -76,6 +76,7 @@ impl Vp8Encoder {
             settings: EncoderSettings {
                 bitrate_bps: settings.bitrate_bps.clamp(BITRATE_RANGE.0, BITRATE_RANGE.1),
                 max_fps: settings.max_fps.max(1),
+                h264_mode: settings.h264_mode,
             },
             size: (0, 0),
             started: Instant::now(),
@@ -393,6 +394,7 @@ pub(crate) mod tests {
             let mut enc = Vp8Encoder::new(EncoderSettings {
                 bitrate_bps: 5_000_000,
                 max_fps: 30,
+                ..EncoderSettings::default()
             })
             .unwrap();
             crate::h264::tests::bytes_after_bitrate_change(&mut enc, bitrate)

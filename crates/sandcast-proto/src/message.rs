@@ -172,6 +172,9 @@ pub struct SessionConfig {
     /// Highest video frame rate.
     #[serde(default = "default_max_fps")]
     pub max_fps: u32,
+    /// How the agent tunes its H.264 encoder.
+    #[serde(default)]
+    pub h264_tuning: H264Tuning,
     /// The wall-clock time at the server when it sent this, in milliseconds
     /// since the Unix epoch; a microVM restored from a snapshot sets its clock
     /// from it.
@@ -186,6 +189,22 @@ pub struct SessionConfig {
 
 fn default_max_fps() -> u32 {
     60
+}
+
+/// How H.264 is encoded: the trade between the time a frame takes and the
+/// bits scrolling text takes (figures in `docs/encoders.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum H264Tuning {
+    /// openh264's camera real-time mode, every picture encoded: a small
+    /// change takes about a third of screen mode's time, so a keystroke
+    /// reaches the viewer sooner; fast scrolling comes out coarser at a
+    /// given bitrate.
+    #[default]
+    Camera,
+    /// openh264's screen-content mode: far fewer bits on scrolling text,
+    /// for thin links, at about three times the encode time of a small change.
+    Screen,
 }
 
 /// Which browser to run and how.
@@ -342,9 +361,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.max_fps, 60);
+        assert_eq!(cfg.h264_tuning, H264Tuning::Camera);
         assert_eq!(cfg.restart, RestartPolicy::default());
         assert!(cfg.launch.is_none());
         assert!(cfg.agent_token.is_none());
+    }
+
+    #[test]
+    fn h264_tuning_is_a_lowercase_name() {
+        assert_eq!(
+            serde_json::to_string(&H264Tuning::Screen).unwrap(),
+            r#""screen""#
+        );
+        let t: H264Tuning = serde_json::from_str(r#""camera""#).unwrap();
+        assert_eq!(t, H264Tuning::Camera);
+        assert!(serde_json::from_str::<H264Tuning>(r#""film""#).is_err());
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub struct WebRtcSettings {
     pub ice_servers: Vec<serde_json::Value>,
     /// The most video frames a session sends a second (1 to 240).
     pub max_fps: u32,
+    /// How H.264 is encoded: `camera` (the least time a frame) or `screen`
+    /// (the fewest bits on scrolling text).
+    pub h264_tuning: sandcast_proto::H264Tuning,
 }
 
 impl Default for WebRtcSettings {
@@ -183,6 +186,7 @@ impl Default for WebRtcSettings {
             public_ips: Vec::new(),
             ice_servers: Vec::new(),
             max_fps: 60,
+            h264_tuning: sandcast_proto::H264Tuning::Camera,
         }
     }
 }
@@ -392,6 +396,7 @@ mod tests {
         assert_eq!(c.rate_limit.api_window_seconds, 900);
         assert_eq!(c.rate_limit.webrtc_per_minute, 10_000);
         assert_eq!(c.webrtc.max_fps, 60);
+        assert_eq!(c.webrtc.h264_tuning, sandcast_proto::H264Tuning::Camera);
         assert!(c.browser.low_latency);
         assert_eq!(c.browser.session_args(), ["--disable-frame-rate-limit"]);
         let plain = BrowserSettings {
@@ -470,6 +475,8 @@ mod tests {
         assert!(err("[session]\nstart_url = \"file:///etc/passwd\"").contains("start_url"));
         assert!(err("[session]\nwidth = 10").contains("width"));
         assert!(err("[webrtc]\nmax_fps = 0").contains("webrtc.max_fps = 0"));
+        let bad = err("[webrtc]\nh264_tuning = \"film\"");
+        assert!(bad.contains("film") && bad.contains("screen"), "{bad}");
         assert!(err("[webrtc]\nmax_fps = 1000").contains("webrtc.max_fps = 1000"));
         assert!(err("[firecracker.jailer]\nuid = 0").contains("firecracker.jailer.uid = 0"));
         assert!(err("[firecracker.jailer]\nuser = 5").contains("user"));

@@ -568,6 +568,7 @@ impl Manager {
             },
             restart: RestartPolicy::default(),
             max_fps: self.config.webrtc.max_fps,
+            h264_tuning: self.config.webrtc.h264_tuning,
             server_time_ms: now_ms() as u64,
             agent_token: Some(live.agent_token.clone()),
         }
