@@ -265,11 +265,13 @@ impl InputInjector {
         Ok(())
     }
 
+    fn is_shift(&self, kc: u8) -> bool {
+        let i = usize::from(kc - self.keymap.min) * usize::from(self.keymap.per);
+        matches!(self.keymap.syms.get(i), Some(&SHIFT_L) | Some(&SHIFT_R))
+    }
+
     fn shift_held(&self) -> bool {
-        self.keys_down.values().any(|kc| {
-            let i = usize::from(kc - self.keymap.min) * usize::from(self.keymap.per);
-            matches!(self.keymap.syms.get(i), Some(&SHIFT_L) | Some(&SHIFT_R))
-        })
+        self.keys_down.values().any(|&kc| self.is_shift(kc))
     }
 
     fn key(&mut self, code: &str, key: &str, down: bool) -> Result<()> {
@@ -287,11 +289,19 @@ impl InputInjector {
         })?;
         let is_char = key.chars().count() == 1;
         let shift = self.shift_held();
-        let kc = match self.keymap.find(sym) {
-            // A character must come out of the column the current Shift
-            // state selects; named keys ignore columns.
-            Some((kc, col)) if !is_char || (col == 1) == shift => kc,
-            _ => self.bind_spare(sym)?,
+        // A character must come out of the column the current Shift state
+        // selects; named keys ignore columns. A character of the layout in
+        // the other column (":" sent without Shift, ";" with it, as other
+        // layouts and typed text do) is pressed with Shift flipped for that
+        // moment: binding it to a spare key code instead changes the
+        // keymap, and a client such as Chromium may read the press before
+        // the new mapping and lose the character. Not for letters: with
+        // Caps Lock on in the session, Shift would turn them back.
+        let letter = key.chars().next().is_some_and(char::is_alphabetic);
+        let (kc, flip) = match self.keymap.find(sym) {
+            Some((kc, col)) if !is_char || (col == 1) == shift => (kc, false),
+            Some((kc, _)) if !letter => (kc, true),
+            _ => (self.bind_spare(sym)?, false),
         };
         if let Some(old) = self.keys_down.insert(code.to_owned(), kc) {
             // Auto-repeat from the viewer: a press while held repeats.
@@ -299,7 +309,36 @@ impl InputInjector {
                 self.fake(xproto::KEY_RELEASE_EVENT, old, 0, 0)?;
             }
         }
-        self.fake(xproto::KEY_PRESS_EVENT, kc, 0, 0)
+        if !flip {
+            return self.fake(xproto::KEY_PRESS_EVENT, kc, 0, 0);
+        }
+        // Shift keys to let go of (Shift held) or to press (not held).
+        let shifts: Vec<u8> = if shift {
+            self.keys_down
+                .values()
+                .copied()
+                .filter(|&k| self.is_shift(k))
+                .collect()
+        } else {
+            self.keymap
+                .find(SHIFT_L)
+                .map(|(k, _)| k)
+                .into_iter()
+                .collect()
+        };
+        let (before, after) = if shift {
+            (xproto::KEY_RELEASE_EVENT, xproto::KEY_PRESS_EVENT)
+        } else {
+            (xproto::KEY_PRESS_EVENT, xproto::KEY_RELEASE_EVENT)
+        };
+        for &s in &shifts {
+            self.fake(before, s, 0, 0)?;
+        }
+        self.fake(xproto::KEY_PRESS_EVENT, kc, 0, 0)?;
+        for &s in &shifts {
+            self.fake(after, s, 0, 0)?;
+        }
+        Ok(())
     }
 
     /// Types one keysym with a press and a release, adding Shift when the
@@ -495,6 +534,32 @@ mod tests {
             got.push(sym);
         }
         assert_eq!(got, vec![0x78, 0x41, 0x10020ac, 0x1000436, 0xe4, 0x21]);
+        assert_eq!(inj.dropped(), 0);
+    }
+
+    #[test]
+    fn a_character_in_the_other_shift_column_is_typed_with_shift_flipped() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let client = Client::new(x.display());
+        let mut inj = InputInjector::connect(x.display()).unwrap();
+        let keymap = inj.keymap.syms.clone();
+        // ":" without Shift, as typed text and some layouts send it.
+        tap(&mut inj, "Semicolon", ":");
+        assert_eq!(client.next_keysym(), SHIFT_L);
+        assert_eq!(client.next_keysym(), 0x3a);
+        // ";" with Shift held, as layouts with ";" on Shift+Comma send it.
+        inj.apply(&key("ShiftLeft", "Shift", true)).unwrap();
+        assert_eq!(client.next_keysym(), SHIFT_L);
+        tap(&mut inj, "Comma", ";");
+        assert_eq!(client.next_keysym(), 0x3b);
+        // Shift is down again for what follows.
+        assert_eq!(client.next_keysym(), SHIFT_L);
+        tap(&mut inj, "KeyA", "A");
+        assert_eq!(client.next_keysym(), 0x41);
+        inj.apply(&key("ShiftLeft", "Shift", false)).unwrap();
+        // No key code was rebound: a client never has to catch up with a
+        // changed keymap before it reads the press.
+        assert_eq!(inj.keymap.syms, keymap);
         assert_eq!(inj.dropped(), 0);
     }
 
