@@ -47,6 +47,17 @@ impl Default for VideoSettings {
     }
 }
 
+impl VideoSettings {
+    /// What the encoder gets of these settings, at `bitrate_bps`.
+    fn encoder_settings(&self, bitrate_bps: u32) -> EncoderSettings {
+        EncoderSettings {
+            bitrate_bps,
+            max_fps: self.max_fps,
+            h264_mode: self.h264_mode,
+        }
+    }
+}
+
 /// Counters of a pipeline.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PipelineStats {
@@ -237,11 +248,7 @@ impl VideoPipeline {
         conn.get_input_focus()?.reply()?;
         let encoder = new_encoder(
             settings.codec,
-            EncoderSettings {
-                bitrate_bps: settings.bitrate_bps,
-                max_fps: settings.max_fps,
-                h264_mode: settings.h264_mode,
-            },
+            settings.encoder_settings(settings.bitrate_bps),
         )?;
         let (waker_conn, _) = xutil::connect(display)?;
         let waker = Arc::new(Waker {
@@ -480,14 +487,8 @@ impl Worker {
                     if codec != self.encoder.codec() {
                         // A waiting frame of the old codec is no use now.
                         self.shared.slot.lock().expect("slot lock").frame = None;
-                        self.encoder = new_encoder(
-                            codec,
-                            EncoderSettings {
-                                bitrate_bps,
-                                max_fps: self.settings.max_fps,
-                                h264_mode: self.settings.h264_mode,
-                            },
-                        )?;
+                        self.encoder =
+                            new_encoder(codec, self.settings.encoder_settings(bitrate_bps))?;
                     } else {
                         self.encoder.set_bitrate(bitrate_bps);
                     }
@@ -550,11 +551,7 @@ impl Worker {
                 tracing::warn!(error = %e, "encode failed; resetting the encoder");
                 self.encoder = new_encoder(
                     self.encoder.codec(),
-                    EncoderSettings {
-                        bitrate_bps: self.encoder.bitrate(),
-                        max_fps: self.settings.max_fps,
-                        h264_mode: self.settings.h264_mode,
-                    },
+                    self.settings.encoder_settings(self.encoder.bitrate()),
                 )?;
                 self.keyframes.request();
                 self.mark_dirty(Instant::now());
