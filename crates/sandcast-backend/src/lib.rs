@@ -167,6 +167,15 @@ pub trait Backend: Send + Sync {
         session_dir.join("agent.sock")
     }
 
+    /// The host uid that every agent connection of session `id` comes from
+    /// (`SO_PEERCRED` of the connection on [`Backend::agent_socket`]); the
+    /// server refuses a connection from any other uid. `None` means no check.
+    /// Never taken from what the agent says about itself.
+    fn agent_peer_uid(&self, id: &SessionId) -> Option<u32> {
+        let _ = id;
+        None
+    }
+
     /// Starts a session. On error nothing of it is left on the host.
     async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError>;
 

@@ -1089,6 +1089,19 @@ impl Backend for FirecrackerBackend {
         vsock::guest_port_socket(&dir.join(VSOCK_SOCKET), AGENT_VSOCK_PORT)
     }
 
+    fn agent_peer_uid(&self, _id: &SessionId) -> Option<u32> {
+        // With hybrid vsock the guest's connection to the agent port is made
+        // on the host by the Firecracker process, so the peer is Firecracker,
+        // not the guest: the jail's uid when jailed, else the uid this server
+        // started it as (its own, root in every supported setup). Anything in
+        // the guest is behind the VMM and never appears as a host peer.
+        match &self.config.jailer {
+            Some(j) => Some(j.uid),
+            // SAFETY: geteuid(2) cannot fail.
+            None => Some(unsafe { libc::geteuid() }),
+        }
+    }
+
     async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
         let expected = self.agent_socket(&spec.id, &spec.session_dir);
         if spec.agent_socket != expected {
@@ -1270,6 +1283,11 @@ mod tests {
             jailed.agent_socket(&id, Path::new("/s/x")),
             PathBuf::from("/srv/jailer/firecracker/fc-ab/root/vsock.sock_1024")
         );
+        // The agent's connections come from Firecracker: the jail's uid, or
+        // this process's own uid when it is not jailed.
+        assert_eq!(jailed.agent_peer_uid(&id), Some(65534));
+        // SAFETY: geteuid(2) cannot fail.
+        assert_eq!(b.agent_peer_uid(&id), Some(unsafe { libc::geteuid() }));
         let args = b.boot_args();
         assert!(
             args.ends_with("init=/usr/local/bin/sandcast-agent -- --vm --connect vsock:2:1024"),

@@ -1076,6 +1076,12 @@ impl Backend for SandboxBackend {
         "sandbox"
     }
 
+    fn agent_peer_uid(&self, _id: &SessionId) -> Option<u32> {
+        // The agent runs as this uid; the user namespace maps it back to the
+        // host's uid, which is what `SO_PEERCRED` reports to the server.
+        Some(self.inner.cfg.run_as_uid)
+    }
+
     async fn readiness(&self) -> Readiness {
         let checks = readiness_checks(&self.inner).await;
         Readiness {
