@@ -41,6 +41,36 @@ pub struct Config {
     pub sandbox: sandcast_sandbox::SandboxConfig,
     /// Firecracker backend settings (see docs/firecracker.md).
     pub firecracker: FirecrackerSettings,
+    /// What one session's agent channel may cost the server.
+    pub agent_channel: AgentChannelLimits,
+}
+
+/// `[agent_channel]`: bounds on each session's agent connections. Everything
+/// from inside a session is hostile, so these cap what one session can make
+/// the server hold: memory `buffer_kib` (plus a few KiB per waiting
+/// connection) and file descriptors `3 + pending + streams`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentChannelLimits {
+    /// Bytes of incoming frames the server buffers for one session at once,
+    /// over all its connections, in KiB. A frame announced larger than this
+    /// (or than the session's display can need) closes its connection.
+    pub buffer_kib: u32,
+    /// Connections that have not yet said hello, per session; more are
+    /// closed as they arrive.
+    pub pending: u32,
+    /// Stream connections (VNC) asked for and not yet arrived, per session.
+    pub streams: u32,
+}
+
+impl Default for AgentChannelLimits {
+    fn default() -> Self {
+        AgentChannelLimits {
+            buffer_kib: 4096,
+            pending: 4,
+            streams: 8,
+        }
+    }
 }
 
 /// Defaults and limits for sessions.
@@ -208,6 +238,7 @@ impl Default for Config {
             webrtc: WebRtcSettings::default(),
             sandbox: sandcast_sandbox::SandboxConfig::default(),
             firecracker: FirecrackerSettings::default(),
+            agent_channel: AgentChannelLimits::default(),
         }
     }
 }
@@ -372,6 +403,13 @@ impl Config {
                 "firecracker.jailer.uid = 0: the jail is only worth having with an unprivileged uid"
                     .into(),
             );
+        }
+        let ac = &self.agent_channel;
+        if ac.buffer_kib < 256 || ac.pending == 0 || ac.streams == 0 {
+            return Err(format!(
+                "agent_channel: buffer_kib = {} must be at least 256, pending = {} and streams = {} at least 1",
+                ac.buffer_kib, ac.pending, ac.streams
+            ));
         }
         let url = &self.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {

@@ -131,12 +131,12 @@ pub async fn vnc(
         .max_message_size(16 << 20)
         .on_upgrade(move |socket| async move {
             if let Some(l) = &live {
-                l.viewer(true);
+                l.viewer(true).await;
             }
             let ended = live.as_ref().map(|l| l.ended());
             pump(socket, stream, ended).await;
             if let Some(l) = &live {
-                l.viewer(false);
+                l.viewer(false).await;
             }
         }))
 }

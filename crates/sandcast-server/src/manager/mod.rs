@@ -1,37 +1,37 @@
-//! The session manager: creates sessions, runs each one's agent channel,
-//! keeps its state in the store, and stops it — on request, on TTL or idle
-//! timeout, when its agent dies, and for everything at shutdown.
+//! The session manager: a registry of live sessions, each one a task that
+//! owns its state ([`session`]), its agent channel ([`agent_conn`]), and the
+//! relay that hands the gateway's events to each session without loss
+//! ([`backlog`] is the policy when a session is behind).
+//!
+//! Sessions start on create and stop on request, on TTL or idle timeout,
+//! when their agent dies, and all of them at shutdown. The registry's lock
+//! guards only the map of handles; `max_sessions` is enforced under it, in
+//! the same step that adds a session, so concurrent creates never exceed it.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod agent_conn;
+pub mod backlog;
+pub mod session;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use sandcast_backend::{
-    AgentToken, Backend, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId,
-};
-use sandcast_proto::{
-    BrowserConfig, ChildReport, Frame, FrameCodec, Message, PROTOCOL_VERSION, RestartPolicy, Role,
-    SessionConfig, StreamTarget,
-};
-use sandcast_webrtc::{Gateway, GatewayEvent, ViewerMessage};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use sandcast_backend::Backend;
+use sandcast_webrtc::{Gateway, GatewayEvent};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::auth;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::{Row, Spec, State, Store};
-
-/// How long a stopping agent gets before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(3);
-/// How long a new connection may take to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+use backlog::Backlog;
+pub use session::Live;
+use session::{Command, Snapshot};
 
 /// A change worth telling subscribers of `/events`.
 #[derive(Debug, Clone)]
@@ -80,88 +80,6 @@ impl From<crate::store::StoreError> for ManagerError {
     }
 }
 
-/// One session with processes, as the running server sees it.
-pub struct Live {
-    id: String,
-    spec: Spec,
-    dir: PathBuf,
-    control: Mutex<Option<mpsc::Sender<Message>>>,
-    children: Mutex<BTreeMap<String, ChildReport>>,
-    display: Mutex<(u32, u32)>,
-    instance: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
-    streams: Mutex<HashMap<u64, oneshot::Sender<UnixStream>>>,
-    next_stream: AtomicU64,
-    logs: broadcast::Sender<String>,
-    log_file: Mutex<Option<std::fs::File>>,
-    viewers: AtomicUsize,
-    last_activity: Mutex<Instant>,
-    expires: Instant,
-    ended: watch::Sender<bool>,
-    stopping: std::sync::atomic::AtomicBool,
-    /// Given to the backend (a microVM's MMDS holds its hash) and to the
-    /// agent in its configuration; never logged.
-    agent_token: AgentToken,
-}
-
-impl Live {
-    /// Children as last reported.
-    pub fn children(&self) -> Vec<ChildReport> {
-        self.children.lock().unwrap().values().cloned().collect()
-    }
-
-    /// Display size now.
-    pub fn display(&self) -> (u32, u32) {
-        *self.display.lock().unwrap()
-    }
-
-    /// Marks a viewer as present: a session being watched is not idle.
-    pub fn touch(&self) {
-        *self.last_activity.lock().unwrap() = Instant::now();
-    }
-
-    /// Log lines as they come.
-    pub fn subscribe_logs(&self) -> broadcast::Receiver<String> {
-        self.logs.subscribe()
-    }
-
-    /// Resolves to true once the session's processes are gone.
-    pub fn ended(&self) -> watch::Receiver<bool> {
-        self.ended.subscribe()
-    }
-
-    /// Counts a viewer in (true) or out (false).
-    pub fn viewer(&self, present: bool) {
-        if present {
-            self.viewers.fetch_add(1, Ordering::SeqCst);
-        } else {
-            let _ = self
-                .viewers
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
-        }
-        self.touch();
-    }
-
-    fn log(&self, source: &str, stream: &str, line: &str) {
-        let text = format!(
-            "{} {source} {stream}: {line}",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
-        if let Some(f) = self.log_file.lock().unwrap().as_mut() {
-            use std::io::Write;
-            let _ = writeln!(f, "{text}");
-        }
-        let _ = self.logs.send(text);
-    }
-
-    async fn send(&self, msg: Message) -> bool {
-        let tx = self.control.lock().unwrap().clone();
-        match tx {
-            Some(tx) => tx.send(msg).await.is_ok(),
-            None => false,
-        }
-    }
-}
-
 /// The manager.
 pub struct Manager {
     config: Arc<Config>,
@@ -201,9 +119,8 @@ impl Manager {
             events,
         });
         if let Some(gw) = &m.gateway {
-            tokio::spawn(gateway_events(Arc::downgrade(&m), gw.events()));
+            tokio::spawn(relay(Arc::downgrade(&m), gw.events()));
         }
-        tokio::spawn(maintenance(Arc::downgrade(&m)));
         m
     }
 
@@ -267,10 +184,6 @@ impl Manager {
     /// Creates a session and starts it in the background. Returns its row
     /// and viewer token.
     pub fn create(self: &Arc<Self>, req: NewSession) -> Result<(Row, String), ManagerError> {
-        let live_count = self.live.lock().unwrap().len();
-        if live_count >= self.config.max_sessions {
-            return Err(ManagerError::Full(live_count));
-        }
         let id = hex::encode(rand::random::<[u8; 12]>());
         let token = auth::new_secret();
         let now = now_ms();
@@ -287,41 +200,27 @@ impl Manager {
             expires_ms: now + (req.ttl_seconds as i64) * 1000,
             stopped_ms: None,
         };
-        self.store.insert(&row)?;
-        let dir = self.config.data_dir.join("sessions").join(&id);
-        let logs_dir = self.config.data_dir.join("logs");
-        let _ = std::fs::create_dir_all(&logs_dir);
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs_dir.join(format!("{id}.log")))
-            .ok();
-        let (logs, _) = broadcast::channel(1024);
-        let (ended, _) = watch::channel(false);
-        let live = Arc::new(Live {
-            id: id.clone(),
-            spec: req.spec.clone(),
-            dir,
-            control: Mutex::new(None),
-            children: Mutex::new(BTreeMap::new()),
-            display: Mutex::new((req.spec.width, req.spec.height)),
-            instance: tokio::sync::Mutex::new(None),
-            streams: Mutex::new(HashMap::new()),
-            next_stream: AtomicU64::new(1),
-            logs,
-            log_file: Mutex::new(log_file),
-            viewers: AtomicUsize::new(0),
-            last_activity: Mutex::new(Instant::now()),
-            expires: Instant::now() + Duration::from_secs(req.ttl_seconds),
-            ended,
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            agent_token: AgentToken::new(crate::auth::new_secret()),
-        });
-        self.live.lock().unwrap().insert(id.clone(), live.clone());
+        let (live, actor) = session::new(
+            self.clone(),
+            id.clone(),
+            req.spec,
+            Duration::from_secs(req.ttl_seconds),
+        );
+        {
+            // The count and the reservation are one step under one lock.
+            let mut map = self.live.lock().unwrap();
+            if map.len() >= self.config.max_sessions {
+                return Err(ManagerError::Full(map.len()));
+            }
+            map.insert(id.clone(), live);
+        }
+        if let Err(e) = self.store.insert(&row) {
+            self.live.lock().unwrap().remove(&id);
+            return Err(e.into());
+        }
         self.metrics.starts.inc();
         self.event(&id, "state", json!({"state": "starting"}));
-        let me = self.clone();
-        tokio::spawn(async move { me.run(live).await });
+        tokio::spawn(actor.run());
         Ok((row, token))
     }
 
@@ -334,179 +233,27 @@ impl Manager {
         });
     }
 
-    fn set_state(&self, live: &Live, state: State, reason: Option<&str>) -> bool {
-        match self.store.set_state(&live.id, state, reason, now_ms()) {
-            Ok(true) => {
-                live.log(
-                    "server",
-                    "agent",
-                    &format!(
-                        "session {}{}",
-                        state.as_str(),
-                        reason.map(|r| format!(": {r}")).unwrap_or_default()
-                    ),
-                );
-                self.event(
-                    &live.id,
-                    "state",
-                    json!({"state": state.as_str(), "reason": reason}),
-                );
-                if let Some(gw) = &self.gateway {
-                    gw.send_to_viewers(
-                        &live.id,
-                        ViewerMessage::SessionState {
-                            state: state.as_str().into(),
-                            reason: reason.map(String::from),
-                        },
-                    );
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
-    async fn run(self: Arc<Self>, live: Arc<Live>) {
-        match self.start(&live).await {
-            Ok(mut exited) => {
-                let timeout = Duration::from_secs(self.config.session.start_timeout_seconds);
-                // Watch the instance: an exit nobody asked for fails the session.
-                let me = self.clone();
-                let l2 = live.clone();
-                tokio::spawn(async move {
-                    let exit = loop {
-                        if let Some(e) = exited.borrow_and_update().clone() {
-                            break e;
-                        }
-                        if exited.changed().await.is_err() {
-                            return;
-                        }
-                    };
-                    if !exit.requested && !l2.stopping.load(Ordering::SeqCst) {
-                        let reason = format!("the session's agent ended: {}", exit.reason);
-                        me.fail(&l2, &reason).await;
-                    }
-                });
-                // Start timeout.
-                let me = self.clone();
-                let l3 = live.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(timeout).await;
-                    if let Ok(Some(row)) = me.store.get(&l3.id)
-                        && row.state == State::Starting
-                    {
-                        let reason = format!("not ready within {} s", timeout.as_secs());
-                        me.fail(&l3, &reason).await;
-                    }
-                });
-            }
-            Err(reason) => self.fail(&live, &reason).await,
-        }
-    }
-
-    /// Binds the agent socket, starts the backend instance.
-    async fn start(
-        self: &Arc<Self>,
-        live: &Arc<Live>,
-    ) -> Result<watch::Receiver<Option<sandcast_backend::InstanceExit>>, String> {
-        std::fs::create_dir_all(&live.dir)
-            .map_err(|e| format!("creating {}: {e}", live.dir.display()))?;
-        let id = SessionId::new(live.id.clone()).map_err(|e| e.to_string())?;
-        let sock = self.backend.agent_socket(&id, &live.dir);
-        if let Some(parent) = sock.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-        }
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock)
-            .map_err(|e| format!("listening on {}: {e}", sock.display()))?;
-        tokio::spawn(accept_loop(self.clone(), live.clone(), listener));
-        let spec = LaunchSpec {
-            id,
-            session_dir: live.dir.clone(),
-            agent_socket: sock,
-            agent_binary: self.agent_binary.clone(),
-            limits: Limits {
-                memory_mib: self.config.session.memory_mib,
-                cpu_millis: self.config.session.cpu_millis,
-                pids: self.config.session.pids,
-            },
-            network: NetworkPolicy {
-                egress: live.spec.egress,
-            },
-            agent_token: Some(live.agent_token.clone()),
-        };
-        let instance = self.backend.start(&spec).await.map_err(|e| {
-            format!(
-                "the {} backend could not start the session: {e}",
-                self.backend.name()
-            )
-        })?;
-        let exited = instance.exited();
-        *live.instance.lock().await = Some(instance);
-        Ok(exited)
-    }
-
-    async fn fail(&self, live: &Arc<Live>, reason: &str) {
-        if self.set_state(live, State::Failed, Some(reason)) {
-            self.metrics.failures.inc();
-            tracing::warn!(session = %live.id, %reason, "session failed");
-        }
-        // The processes are of no use any more; the record keeps the reason.
-        self.teardown(live, false).await;
-    }
-
     /// Stops a session: asks the agent, stops the instance, removes it.
     pub async fn stop(&self, id: &str, reason: &str) -> Result<Row, ManagerError> {
+        self.store
+            .get(id)?
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        if let Some(live) = self.live(id) {
+            live.stop(reason).await;
+        }
+        // A session that ended otherwise meanwhile (failed) is stopped too.
         let row = self
             .store
             .get(id)?
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let live = self.live(id);
-        match live {
-            Some(live) => {
-                self.set_state(&live, State::Stopping, Some(reason));
-                self.teardown(&live, true).await;
-            }
-            None => {
-                if row.state != State::Stopped {
-                    self.store
-                        .set_state(id, State::Stopped, Some(reason), now_ms())?;
-                    self.event(id, "state", json!({"state": "stopped", "reason": reason}));
-                }
-            }
+        if row.state != State::Stopped {
+            self.store
+                .set_state(id, State::Stopped, Some(reason), now_ms())?;
+            self.event(id, "state", json!({"state": "stopped", "reason": reason}));
         }
         self.store
             .get(id)?
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))
-    }
-
-    async fn teardown(&self, live: &Arc<Live>, stopped: bool) {
-        if live.stopping.swap(true, Ordering::SeqCst) {
-            // Someone else is tearing down; wait for them.
-            let mut ended = live.ended();
-            let _ = ended.wait_for(|e| *e).await;
-        } else {
-            live.send(Message::Shutdown).await;
-            if let Some(gw) = &self.gateway {
-                gw.close_session(&live.id);
-            }
-            let instance = live.instance.lock().await.take();
-            if let Some(instance) = instance
-                && let Err(e) = instance.stop(STOP_GRACE).await
-            {
-                live.log("server", "agent", &format!("stopping the instance: {e}"));
-                tracing::error!(session = %live.id, error = %e, "stopping instance");
-            }
-            *live.control.lock().unwrap() = None;
-            let _ = std::fs::remove_dir_all(&live.dir);
-            self.live.lock().unwrap().remove(&live.id);
-            live.ended.send_replace(true);
-        }
-        if stopped {
-            self.set_state(live, State::Stopped, None);
-        }
-        *live.log_file.lock().unwrap() = None;
     }
 
     /// Stops every live session (server shutdown).
@@ -521,337 +268,70 @@ impl Manager {
         let live = self
             .live(id)
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let n = live.next_stream.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = oneshot::channel();
-        live.streams.lock().unwrap().insert(n, tx);
-        if !live
-            .send(Message::OpenStream {
-                id: n,
-                target: StreamTarget::Vnc,
-            })
-            .await
-        {
-            live.streams.lock().unwrap().remove(&n);
-            return Err(ManagerError::Conflict(
-                "the session's agent is not connected".into(),
-            ));
-        }
+        let rx = live.open_stream().await?;
         match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(s)) => Ok(s),
-            _ => {
-                live.streams.lock().unwrap().remove(&n);
-                Err(ManagerError::Conflict(
-                    "the session's VNC server did not answer".into(),
-                ))
-            }
+            // Dropping the receiver withdraws the request.
+            _ => Err(ManagerError::Conflict(
+                "the session's VNC server did not answer".into(),
+            )),
         }
     }
 
-    /// Sends a message to a session's agent (from the gateway).
-    pub async fn to_agent(&self, id: &str, msg: Message) {
-        if let Some(live) = self.live(id) {
-            live.send(msg).await;
-        }
+    /// The state a session's task last published.
+    pub fn snapshot(&self, id: &str) -> Option<Snapshot> {
+        self.live(id).map(|l| l.snapshot())
     }
+}
 
-    fn session_config(&self, live: &Live) -> SessionConfig {
-        SessionConfig {
-            session_id: live.id.clone(),
-            width: live.spec.width,
-            height: live.spec.height,
-            start_url: live.spec.start_url.clone(),
-            kiosk: live.spec.kiosk,
-            launch: live.spec.launch.clone(),
-            browser: BrowserConfig {
-                binary: self.config.browser.binary.clone(),
-                extra_args: self.config.browser.session_args(),
-            },
-            restart: RestartPolicy::default(),
-            max_fps: self.config.webrtc.max_fps,
-            h264_tuning: self.config.webrtc.h264_tuning,
-            server_time_ms: now_ms() as u64,
-            agent_token: Some(live.agent_token.clone()),
-        }
-    }
-
-    async fn on_agent_message(self: &Arc<Self>, live: &Arc<Live>, msg: Message) {
-        match msg {
-            Message::Ready => {
-                if self.set_state(live, State::Ready, None)
-                    && let Ok(Some(row)) = self.store.get(&live.id)
-                    && let Some(ready) = row.ready_ms
-                {
-                    let secs = (ready - row.created_ms) as f64 / 1000.0;
-                    self.metrics.start_seconds.observe(secs);
-                }
-            }
-            Message::Fatal { reason } => self.fail(live, &reason).await,
-            Message::Child(report) => {
-                if report.state == sandcast_proto::ChildState::Restarting
-                    || report.state == sandcast_proto::ChildState::CrashLoop
-                {
-                    self.metrics.restarts.inc();
-                    live.log(
-                        &report.name,
-                        "agent",
-                        &format!(
-                            "{} {}: {}; last output: {}",
-                            report.name,
-                            serde_json::to_value(report.state).unwrap_or_default(),
-                            report.last_exit.map(|e| e.to_string()).unwrap_or_default(),
-                            report.tail.join(" | ")
-                        ),
-                    );
-                }
-                let data = serde_json::to_value(&report).unwrap_or_default();
-                live.children
-                    .lock()
-                    .unwrap()
-                    .insert(report.name.clone(), report);
-                self.event(&live.id, "child", data);
-            }
-            Message::Log(line) => {
-                let stream = match line.stream {
-                    sandcast_proto::LogStream::Stdout => "stdout",
-                    sandcast_proto::LogStream::Stderr => "stderr",
-                    sandcast_proto::LogStream::Agent => "agent",
+/// Hands the gateway's events to each session's task, without loss and
+/// without waiting: a session whose queue is full gets its events in a
+/// [`Backlog`] (releases and viewer changes kept, moves coalesced), sent as
+/// one command as soon as its queue has room, while every other session's
+/// events go on. This task never waits on a session, so it keeps up with the
+/// gateway's broadcast.
+async fn relay(m: Weak<Manager>, mut rx: broadcast::Receiver<GatewayEvent>) {
+    let mut backlogs: HashMap<String, Backlog> = HashMap::new();
+    let mut room = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::error!(lost = n, "the session relay fell behind the gateway");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
                 };
-                live.log(&line.source, stream, &line.line);
-            }
-            Message::Clipboard { text } => {
-                if let Some(gw) = &self.gateway {
-                    gw.send_to_viewers(&live.id, ViewerMessage::Clipboard { text });
+                let Some(m) = m.upgrade() else { return };
+                let session = ev.session().to_string();
+                if let Some(b) = backlogs.get_mut(&session) {
+                    b.push_event(ev);
+                    continue;
                 }
-            }
-            Message::DisplaySize { width, height } => {
-                *live.display.lock().unwrap() = (width, height);
-                if let Some(gw) = &self.gateway {
-                    gw.send_to_viewers(&live.id, ViewerMessage::DisplaySize { width, height });
-                }
-                self.event(
-                    &live.id,
-                    "display",
-                    json!({"width": width, "height": height}),
-                );
-            }
-            Message::Ping { seq } => {
-                live.send(Message::Pong { seq }).await;
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Accepts the agent's connections for one session and routes each by role.
-async fn accept_loop(m: Arc<Manager>, live: Arc<Live>, listener: UnixListener) {
-    let mut ended = live.ended();
-    loop {
-        let conn = tokio::select! {
-            c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => return },
-            _ = ended.wait_for(|e| *e) => return,
-        };
-        let m = m.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle_conn(m, live.clone(), conn).await {
-                live.log("server", "agent", &format!("agent connection: {e}"));
-            }
-        });
-    }
-}
-
-async fn handle_conn(m: Arc<Manager>, live: Arc<Live>, mut conn: UnixStream) -> Result<(), String> {
-    let mut read = FramedRead::new(&mut conn, FrameCodec);
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read.next()).await {
-        Ok(Some(Ok(Frame::Message(Message::Hello(h))))) => h,
-        Ok(Some(Ok(_))) => return Err("the first message was not a hello".into()),
-        Ok(Some(Err(e))) => return Err(format!("bad hello: {e}")),
-        Ok(None) => return Ok(()),
-        Err(_) => return Err("no hello within 10 s".into()),
-    };
-    if !read.read_buffer().is_empty() {
-        return Err("data before the welcome".into());
-    }
-    drop(read);
-    if hello.protocol != PROTOCOL_VERSION {
-        return reject(
-            &mut conn,
-            format!("protocol {} is not {PROTOCOL_VERSION}", hello.protocol),
-        )
-        .await;
-    }
-    match hello.role {
-        Role::Control => {
-            if live.control.lock().unwrap().is_some() {
-                return reject(
-                    &mut conn,
-                    "the session already has a control connection".into(),
-                )
-                .await;
-            }
-            conn_write(
-                &mut conn,
-                &Message::Welcome {
-                    protocol: PROTOCOL_VERSION,
-                },
-            )
-            .await?;
-            let config = m.session_config(&live);
-            conn_write(&mut conn, &Message::Config(config)).await?;
-            live.log(
-                "server",
-                "agent",
-                &format!("agent {} connected", hello.agent_version),
-            );
-            let (r, w) = conn.into_split();
-            let (tx, mut rx) = mpsc::channel::<Message>(256);
-            *live.control.lock().unwrap() = Some(tx);
-            tokio::spawn(async move {
-                let mut sink = FramedWrite::new(w, FrameCodec);
-                while let Some(msg) = rx.recv().await {
-                    if sink.send(msg).await.is_err() {
-                        break;
+                let Some(live) = m.live(&session) else { continue };
+                match live.commands().try_send(Command::Gateway(ev)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Command::Gateway(ev))) => {
+                        let mut b = Backlog::default();
+                        b.push_event(ev);
+                        backlogs.insert(session.clone(), b);
+                        let tx = live.commands().clone();
+                        room.push(async move { (session, tx.reserve_owned().await) });
                     }
-                }
-            });
-            let mut frames = FramedRead::new(r, FrameCodec);
-            while let Some(frame) = frames.next().await {
-                match frame {
-                    Ok(Frame::Message(msg)) => m.on_agent_message(&live, msg).await,
-                    Ok(Frame::Video(_)) => {}
-                    Err(e) => return Err(format!("control connection: {e}")),
+                    Err(_) => {}
                 }
             }
-            Ok(())
-        }
-        Role::Video => {
-            conn_write(
-                &mut conn,
-                &Message::Welcome {
-                    protocol: PROTOCOL_VERSION,
-                },
-            )
-            .await?;
-            let mut frames = FramedRead::new(conn, FrameCodec);
-            while let Some(frame) = frames.next().await {
-                match frame {
-                    Ok(Frame::Video(v)) => {
-                        if let Some(gw) = &m.gateway {
-                            gw.push_frame(&live.id, v);
-                        }
-                    }
-                    Ok(Frame::Message(_)) => {}
-                    Err(e) => return Err(format!("video connection: {e}")),
+            Some((session, permit)) = room.next() => {
+                let b = backlogs.remove(&session);
+                if let (Ok(permit), Some(b)) = (permit, b) {
+                    permit.send(Command::Backlog(b));
                 }
             }
-            Ok(())
-        }
-        Role::Stream { id } => {
-            let waiter = live.streams.lock().unwrap().remove(&id);
-            let Some(waiter) = waiter else {
-                return reject(&mut conn, format!("no stream {id} was asked for")).await;
-            };
-            conn_write(
-                &mut conn,
-                &Message::Welcome {
-                    protocol: PROTOCOL_VERSION,
-                },
-            )
-            .await?;
-            let _ = waiter.send(conn);
-            Ok(())
         }
     }
 }
 
-async fn reject(conn: &mut UnixStream, reason: String) -> Result<(), String> {
-    let _ = conn_write(
-        conn,
-        &Message::Reject {
-            reason: reason.clone(),
-        },
-    )
-    .await;
-    Err(reason)
-}
-
-async fn conn_write(conn: &mut UnixStream, msg: &Message) -> Result<(), String> {
-    conn.write_all(&sandcast_proto::encode_message(msg))
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// Routes the gateway's events to the sessions' agents.
-async fn gateway_events(m: std::sync::Weak<Manager>, mut rx: broadcast::Receiver<GatewayEvent>) {
-    loop {
-        let ev = match rx.recv().await {
-            Ok(ev) => ev,
-            Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(_) => return,
-        };
-        let Some(m) = m.upgrade() else { return };
-        let session = match &ev {
-            GatewayEvent::VideoWanted { session, .. }
-            | GatewayEvent::VideoUnwanted { session }
-            | GatewayEvent::KeyFrameWanted { session }
-            | GatewayEvent::Bitrate { session, .. }
-            | GatewayEvent::Input { session, .. }
-            | GatewayEvent::Clipboard { session, .. }
-            | GatewayEvent::Resize { session, .. }
-            | GatewayEvent::ViewerState { session, .. } => session.clone(),
-        };
-        if let GatewayEvent::ViewerState { state, .. } = &ev
-            && let Some(live) = m.live(&session)
-        {
-            match state {
-                sandcast_webrtc::ViewerState::Connected => live.viewer(true),
-                sandcast_webrtc::ViewerState::Closed => live.viewer(false),
-                _ => live.touch(),
-            }
-        }
-        if matches!(ev, GatewayEvent::Input { .. })
-            && let Some(live) = m.live(&session)
-        {
-            live.touch();
-        }
-        if let Some(msg) = ev.to_agent_message() {
-            m.to_agent(&session, msg).await;
-        }
-    }
-}
-
-/// Stops sessions past their TTL or idle for too long.
-async fn maintenance(m: std::sync::Weak<Manager>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let Some(m) = m.upgrade() else { return };
-        let lives: Vec<Arc<Live>> = m.live.lock().unwrap().values().cloned().collect();
-        for live in lives {
-            if live.stopping.load(Ordering::SeqCst) {
-                continue;
-            }
-            let now = Instant::now();
-            let reason = if now >= live.expires {
-                Some("its time to live ran out".to_string())
-            } else if live.viewers.load(Ordering::SeqCst) == 0
-                && now.duration_since(*live.last_activity.lock().unwrap())
-                    >= Duration::from_secs(live.spec.idle_timeout_seconds)
-            {
-                Some(format!(
-                    "nobody watched it for {} s",
-                    live.spec.idle_timeout_seconds
-                ))
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                let m = m.clone();
-                let id = live.id.clone();
-                tokio::spawn(async move {
-                    let _ = m.stop(&id, &reason).await;
-                });
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

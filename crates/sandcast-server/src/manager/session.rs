@@ -1,0 +1,879 @@
+//! One session as one task: it owns the session's state (children, display,
+//! viewers, last activity, deadlines, the agent's control connection, pending
+//! streams, the instance) and is driven by commands over bounded channels,
+//! like the gateway's hub. Readers get a [`Snapshot`] through a `watch`;
+//! nothing about a session sits behind a lock.
+//!
+//! [`Core`] is the sans-IO part (time passed in); [`Actor`] is its I/O edge.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use sandcast_backend::{
+    AgentToken, Instance, InstanceExit, LaunchSpec, Limits, NetworkPolicy, SessionId,
+};
+use sandcast_proto::{
+    BrowserConfig, ChildReport, Message, RestartPolicy, SessionConfig, StreamTarget,
+};
+use sandcast_webrtc::{GatewayEvent, ViewerMessage};
+use serde_json::json;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+
+use super::agent_conn::{self, Bounds, Channel, FromAgent};
+use super::backlog::Backlog;
+use super::{Manager, ManagerError, now_ms};
+use crate::store::{Spec, State};
+
+/// How long a stopping agent gets before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Commands queued for one session (API, viewers, the gateway relay).
+pub const COMMAND_QUEUE: usize = 256;
+/// Messages from the session's agent connections queued for its task.
+const AGENT_QUEUE: usize = 64;
+/// Refusals logged in full per session; later ones are only counted.
+const REFUSALS_LOGGED: u64 = 16;
+
+/// The backend's start of the session's instance, under way.
+type Starting = BoxFuture<'static, Result<Box<dyn Instance>, String>>;
+
+/// What the session's readers see, published by its task on every change.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Children as last reported.
+    pub children: Vec<ChildReport>,
+    /// Display size now.
+    pub display: (u32, u32),
+    /// Viewers connected now (WebRTC and VNC).
+    pub viewers: usize,
+}
+
+/// A command to a session's task.
+pub enum Command {
+    /// An event from the gateway for this session.
+    Gateway(GatewayEvent),
+    /// Gateway events that waited while the queue was full (see [`Backlog`]).
+    Backlog(Backlog),
+    /// A viewer is looking: the session is not idle.
+    Touch,
+    /// A viewer arrived (true) or left (false).
+    Viewer(bool),
+    /// Open a stream to the session's VNC server through its agent.
+    OpenStream(oneshot::Sender<Result<oneshot::Receiver<UnixStream>, ManagerError>>),
+    /// Stop the session.
+    Stop(String),
+}
+
+/// A handle to a running session; cheap to share. Dropping it does not stop
+/// the session.
+pub struct Live {
+    id: String,
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
+    logs: broadcast::Sender<String>,
+    ended: watch::Receiver<bool>,
+}
+
+impl Live {
+    /// Children as last reported.
+    pub fn children(&self) -> Vec<ChildReport> {
+        self.snapshot.borrow().children.clone()
+    }
+
+    /// Display size now.
+    pub fn display(&self) -> (u32, u32) {
+        self.snapshot.borrow().display
+    }
+
+    /// The state as the session's task last published it.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Every state the session's task publishes from now on.
+    pub fn snapshots(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Marks a viewer as present: a session being watched is not idle. Never
+    /// waits; when the session's queue is full it is busy with its viewers
+    /// anyway, and the touch is not needed.
+    pub fn touch(&self) {
+        let _ = self.commands.try_send(Command::Touch);
+    }
+
+    /// Counts a viewer in (true) or out (false); waits for room in the
+    /// session's queue, so the count is never lost.
+    pub async fn viewer(&self, present: bool) {
+        let _ = self.commands.send(Command::Viewer(present)).await;
+    }
+
+    /// Log lines as they come.
+    pub fn subscribe_logs(&self) -> broadcast::Receiver<String> {
+        self.logs.subscribe()
+    }
+
+    /// Resolves to true once the session's processes are gone.
+    pub fn ended(&self) -> watch::Receiver<bool> {
+        self.ended.clone()
+    }
+
+    /// The session's command queue (for the gateway relay).
+    pub(super) fn commands(&self) -> &mpsc::Sender<Command> {
+        &self.commands
+    }
+
+    /// Stops the session and waits until its processes are gone.
+    pub(super) async fn stop(&self, reason: &str) {
+        let _ = self.commands.send(Command::Stop(reason.to_string())).await;
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|e| *e).await;
+    }
+
+    /// Asks the agent for a stream to the VNC server.
+    pub(super) async fn open_stream(&self) -> Result<oneshot::Receiver<UnixStream>, ManagerError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || ManagerError::NotFound(self.id.clone());
+        self.commands
+            .send(Command::OpenStream(tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// Why a session's time is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
+    /// Its time to live ran out: it stops.
+    Expired,
+    /// Nobody watched it for this many seconds: it stops.
+    Idle(u64),
+    /// It was not ready within this many seconds: it fails.
+    NotReady(u64),
+}
+
+impl Due {
+    fn reason(&self) -> String {
+        match self {
+            Due::Expired => "its time to live ran out".into(),
+            Due::Idle(s) => format!("nobody watched it for {s} s"),
+            Due::NotReady(s) => format!("not ready within {s} s"),
+        }
+    }
+}
+
+/// The session's state and rules, without I/O; time is passed in.
+#[derive(Debug)]
+pub struct Core {
+    viewers: usize,
+    last_activity: Instant,
+    expires: Instant,
+    idle: Duration,
+    start_timeout: Duration,
+    /// Until the session is ready.
+    start_deadline: Option<Instant>,
+    display: (u32, u32),
+    /// The largest display the server has asked for: video frames are
+    /// bounded by what it can need.
+    max_display: (u32, u32),
+    children: BTreeMap<String, ChildReport>,
+}
+
+impl Core {
+    /// A session created at `now`.
+    pub fn new(spec: &Spec, ttl: Duration, start_timeout: Duration, now: Instant) -> Core {
+        Core {
+            viewers: 0,
+            last_activity: now,
+            expires: now + ttl,
+            idle: Duration::from_secs(spec.idle_timeout_seconds),
+            start_timeout,
+            start_deadline: Some(now + start_timeout),
+            display: (spec.width, spec.height),
+            max_display: (spec.width, spec.height),
+            children: BTreeMap::new(),
+        }
+    }
+
+    /// Something showed a person is there.
+    pub fn touch(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    /// A viewer arrived or left.
+    pub fn viewer(&mut self, present: bool, now: Instant) {
+        if present {
+            self.viewers += 1;
+        } else {
+            self.viewers = self.viewers.saturating_sub(1);
+        }
+        self.touch(now);
+    }
+
+    /// The agent said the session is ready.
+    pub fn ready(&mut self) {
+        self.start_deadline = None;
+    }
+
+    /// The server asks the agent for this display size.
+    pub fn resizing(&mut self, width: u32, height: u32) {
+        self.max_display = (
+            self.max_display.0.max(width),
+            self.max_display.1.max(height),
+        );
+    }
+
+    /// What has come due at `now`, the earliest first.
+    pub fn due(&self, now: Instant) -> Option<Due> {
+        if let Some(d) = self.start_deadline
+            && now >= d
+        {
+            return Some(Due::NotReady(self.start_timeout.as_secs()));
+        }
+        if now >= self.expires {
+            return Some(Due::Expired);
+        }
+        if self.viewers == 0 && now.duration_since(self.last_activity) >= self.idle {
+            return Some(Due::Idle(self.idle.as_secs()));
+        }
+        None
+    }
+
+    /// When [`Core::due`] may next say something.
+    pub fn next_deadline(&self) -> Instant {
+        let mut t = self.expires;
+        if let Some(d) = self.start_deadline {
+            t = t.min(d);
+        }
+        if self.viewers == 0 {
+            t = t.min(self.last_activity + self.idle);
+        }
+        t
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            children: self.children.values().cloned().collect(),
+            display: self.display,
+            viewers: self.viewers,
+        }
+    }
+}
+
+/// A session's task and everything it owns.
+pub struct Actor {
+    m: Arc<Manager>,
+    id: String,
+    spec: Spec,
+    dir: PathBuf,
+    agent_token: AgentToken,
+    core: Core,
+    commands: mpsc::Receiver<Command>,
+    from_agent: mpsc::Receiver<FromAgent>,
+    to_self: mpsc::Sender<FromAgent>,
+    control_taken: bool,
+    control: Option<mpsc::Sender<Message>>,
+    outbox: Backlog,
+    streams: HashMap<u64, oneshot::Sender<UnixStream>>,
+    next_stream: u64,
+    starting: Option<Starting>,
+    instance: Option<Box<dyn Instance>>,
+    exited: Option<watch::Receiver<Option<InstanceExit>>>,
+    bounds: Bounds,
+    video_cap: watch::Sender<usize>,
+    snapshot: watch::Sender<Snapshot>,
+    logs: broadcast::Sender<String>,
+    log_file: Option<std::fs::File>,
+    ended: watch::Sender<bool>,
+    refusals: u64,
+    finished: bool,
+}
+
+/// Makes a session's handle and its task (not yet running).
+pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>, Actor) {
+    let now = Instant::now();
+    let start_timeout = Duration::from_secs(m.config.session.start_timeout_seconds);
+    let core = Core::new(&spec, ttl, start_timeout, now);
+    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (to_self, from_agent) = mpsc::channel(AGENT_QUEUE);
+    let (snapshot, snapshot_rx) = watch::channel(core.snapshot());
+    let (logs, _) = broadcast::channel(1024);
+    let (ended, ended_rx) = watch::channel(false);
+    let bounds = Bounds::new(&m.config.agent_channel);
+    let (video_cap, _) = watch::channel(agent_conn::video_frame_cap(
+        spec.width,
+        spec.height,
+        bounds.video_max,
+    ));
+    let logs_dir = m.config.data_dir.join("logs");
+    let _ = std::fs::create_dir_all(&logs_dir);
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs_dir.join(format!("{id}.log")))
+        .ok();
+    let live = Arc::new(Live {
+        id: id.clone(),
+        commands: commands_tx,
+        snapshot: snapshot_rx,
+        logs: logs.clone(),
+        ended: ended_rx,
+    });
+    let dir = m.config.data_dir.join("sessions").join(&id);
+    let actor = Actor {
+        m,
+        id,
+        spec,
+        dir,
+        agent_token: AgentToken::new(crate::auth::new_secret()),
+        core,
+        commands,
+        from_agent,
+        to_self,
+        control_taken: false,
+        control: None,
+        outbox: Backlog::default(),
+        streams: HashMap::new(),
+        next_stream: 1,
+        starting: None,
+        instance: None,
+        exited: None,
+        bounds,
+        video_cap,
+        snapshot,
+        logs,
+        log_file,
+        ended,
+        refusals: 0,
+        finished: false,
+    };
+    (live, actor)
+}
+
+/// Waits for the instance's exit.
+async fn exit_of(rx: &mut Option<watch::Receiver<Option<InstanceExit>>>) -> Option<InstanceExit> {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Some(e) = rx.borrow_and_update().clone() {
+            return Some(e);
+        }
+        if rx.changed().await.is_err() {
+            return None;
+        }
+    }
+}
+
+async fn started(f: &mut Option<Starting>) -> Result<Box<dyn Instance>, String> {
+    match f {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Actor {
+    /// Runs the session until it has stopped or failed and its processes are
+    /// gone.
+    pub async fn run(mut self) {
+        match self.launch() {
+            Ok(f) => self.starting = Some(f),
+            Err(reason) => self.fail(&reason).await,
+        }
+        while !self.finished {
+            let deadline = tokio::time::Instant::from_std(self.core.next_deadline());
+            let control = self.control.clone();
+            tokio::select! {
+                r = started(&mut self.starting) => {
+                    self.starting = None;
+                    match r {
+                        Ok(instance) => {
+                            self.exited = Some(instance.exited());
+                            self.instance = Some(instance);
+                        }
+                        Err(reason) => self.fail(&reason).await,
+                    }
+                }
+                Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
+                Some(msg) = self.from_agent.recv() => self.on_agent(msg).await,
+                Ok(permit) = async { control.as_ref().expect("guarded").reserve().await },
+                    if control.is_some() && self.outbox.messages() > 0 =>
+                {
+                    if let Some(msg) = self.outbox.pop() {
+                        permit.send(msg);
+                    }
+                }
+                exit = exit_of(&mut self.exited) => {
+                    self.exited = None;
+                    if let Some(exit) = exit
+                        && !exit.requested
+                    {
+                        self.fail(&format!("the session's agent ended: {}", exit.reason)).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    match self.core.due(Instant::now()) {
+                        Some(due @ Due::NotReady(_)) => self.fail(&due.reason()).await,
+                        Some(due) => self.stop(&due.reason()).await,
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.snapshot.send_replace(self.core.snapshot());
+    }
+
+    fn log(&mut self, source: &str, stream: &str, line: &str) {
+        let text = format!(
+            "{} {source} {stream}: {line}",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+        if let Some(f) = self.log_file.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{text}");
+        }
+        let _ = self.logs.send(text);
+    }
+
+    fn set_state(&mut self, state: State, reason: Option<&str>) -> bool {
+        if !matches!(
+            self.m.store.set_state(&self.id, state, reason, now_ms()),
+            Ok(true)
+        ) {
+            return false;
+        }
+        self.log(
+            "server",
+            "agent",
+            &format!(
+                "session {}{}",
+                state.as_str(),
+                reason.map(|r| format!(": {r}")).unwrap_or_default()
+            ),
+        );
+        self.m.event(
+            &self.id,
+            "state",
+            json!({"state": state.as_str(), "reason": reason}),
+        );
+        if let Some(gw) = &self.m.gateway {
+            gw.send_to_viewers(
+                &self.id,
+                ViewerMessage::SessionState {
+                    state: state.as_str().into(),
+                    reason: reason.map(String::from),
+                },
+            );
+        }
+        true
+    }
+
+    /// Binds the agent socket, starts listening, and returns the backend's
+    /// start as a future the task polls beside its commands.
+    fn launch(&mut self) -> Result<Starting, String> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        let id = SessionId::new(self.id.clone()).map_err(|e| e.to_string())?;
+        let backend = self.m.backend.clone();
+        let sock = backend.agent_socket(&id, &self.dir);
+        if let Some(parent) = sock.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| format!("listening on {}: {e}", sock.display()))?;
+        let channel = Arc::new(Channel {
+            id: self.id.clone(),
+            peer_uid: backend.agent_peer_uid(&id),
+            bounds: self.bounds,
+            budget: Arc::new(Semaphore::new(self.bounds.budget)),
+            pending: Arc::new(Semaphore::new(self.bounds.pending)),
+            video: Arc::new(Semaphore::new(1)),
+            video_cap: self.video_cap.subscribe(),
+            to_session: self.to_self.clone(),
+            gateway: self.m.gateway.clone(),
+        });
+        tokio::spawn(agent_conn::accept_loop(
+            channel,
+            listener,
+            self.ended.subscribe(),
+        ));
+        let spec = LaunchSpec {
+            id,
+            session_dir: self.dir.clone(),
+            agent_socket: sock,
+            agent_binary: self.m.agent_binary.clone(),
+            limits: Limits {
+                memory_mib: self.m.config.session.memory_mib,
+                cpu_millis: self.m.config.session.cpu_millis,
+                pids: self.m.config.session.pids,
+            },
+            network: NetworkPolicy {
+                egress: self.spec.egress,
+            },
+            agent_token: Some(self.agent_token.clone()),
+        };
+        Ok(Box::pin(async move {
+            backend.start(&spec).await.map_err(|e| {
+                format!(
+                    "the {} backend could not start the session: {e}",
+                    backend.name()
+                )
+            })
+        }))
+    }
+
+    async fn fail(&mut self, reason: &str) {
+        if self.set_state(State::Failed, Some(reason)) {
+            self.m.metrics.failures.inc();
+            tracing::warn!(session = %self.id, %reason, "session failed");
+        }
+        // The processes are of no use any more; the record keeps the reason.
+        self.teardown().await;
+    }
+
+    async fn stop(&mut self, reason: &str) {
+        self.set_state(State::Stopping, Some(reason));
+        self.teardown().await;
+        self.set_state(State::Stopped, None);
+    }
+
+    async fn teardown(&mut self) {
+        if let Some(control) = &self.control {
+            let _ = control.try_send(Message::Shutdown);
+        }
+        if let Some(gw) = &self.m.gateway {
+            gw.close_session(&self.id);
+        }
+        // A start under way is finished first, so what it made is stopped.
+        if let Some(f) = self.starting.take() {
+            match f.await {
+                Ok(instance) => self.instance = Some(instance),
+                Err(e) => self.log("server", "agent", &e),
+            }
+        }
+        if let Some(instance) = self.instance.take()
+            && let Err(e) = instance.stop(STOP_GRACE).await
+        {
+            self.log("server", "agent", &format!("stopping the instance: {e}"));
+            tracing::error!(session = %self.id, error = %e, "stopping instance");
+        }
+        self.control = None;
+        self.streams.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.m.live.lock().unwrap().remove(&self.id);
+        self.ended.send_replace(true);
+        self.log_file = None;
+        self.finished = true;
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Gateway(ev) => {
+                let mut b = Backlog::default();
+                b.push_event(ev);
+                self.apply(b, now);
+            }
+            Command::Backlog(b) => {
+                if b.dropped > 0 {
+                    tracing::warn!(session = %self.id, dropped = b.dropped, "viewer events coalesced or dropped while the session was behind");
+                }
+                self.apply(b, now);
+            }
+            Command::Touch => self.core.touch(now),
+            Command::Viewer(present) => {
+                self.core.viewer(present, now);
+                self.publish();
+            }
+            Command::OpenStream(reply) => {
+                let _ = reply.send(self.open_stream());
+            }
+            Command::Stop(reason) => self.stop(&reason).await,
+        }
+    }
+
+    /// Applies gateway events (one, or a backlog of them).
+    fn apply(&mut self, mut b: Backlog, now: Instant) {
+        let viewers = self.core.viewers;
+        for _ in 0..b.connected {
+            self.core.viewer(true, now);
+        }
+        for _ in 0..b.closed {
+            self.core.viewer(false, now);
+        }
+        if b.activity {
+            self.core.touch(now);
+        }
+        if self.core.viewers != viewers {
+            self.publish();
+        }
+        let msgs: Vec<Message> = b.drain().collect();
+        for msg in msgs {
+            self.send_agent(msg);
+        }
+    }
+
+    /// Sends a message to the agent without waiting: when its connection is
+    /// behind, the message waits in the outbox under the backlog's policy.
+    fn send_agent(&mut self, msg: Message) {
+        if let Message::Resize { width, height } = msg {
+            self.core.resizing(width, height);
+            let (w, h) = self.core.max_display;
+            self.video_cap
+                .send_replace(agent_conn::video_frame_cap(w, h, self.bounds.video_max));
+        }
+        let Some(control) = &self.control else {
+            return;
+        };
+        if self.outbox.messages() > 0 {
+            self.outbox.push(msg);
+            return;
+        }
+        match control.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => self.outbox.push(msg),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.control = None,
+        }
+    }
+
+    fn open_stream(&mut self) -> Result<oneshot::Receiver<UnixStream>, ManagerError> {
+        if self.control.is_none() {
+            return Err(ManagerError::Conflict(
+                "the session's agent is not connected".into(),
+            ));
+        }
+        // Requests whose caller gave up are forgotten.
+        self.streams.retain(|_, w| !w.is_closed());
+        if self.streams.len() >= self.bounds.streams {
+            return Err(ManagerError::Conflict(format!(
+                "the session already waits for {} streams",
+                self.streams.len()
+            )));
+        }
+        let n = self.next_stream;
+        self.next_stream += 1;
+        let (tx, rx) = oneshot::channel();
+        self.streams.insert(n, tx);
+        self.send_agent(Message::OpenStream {
+            id: n,
+            target: StreamTarget::Vnc,
+        });
+        Ok(rx)
+    }
+
+    fn session_config(&self) -> SessionConfig {
+        let config = &self.m.config;
+        SessionConfig {
+            session_id: self.id.clone(),
+            width: self.spec.width,
+            height: self.spec.height,
+            start_url: self.spec.start_url.clone(),
+            kiosk: self.spec.kiosk,
+            launch: self.spec.launch.clone(),
+            browser: BrowserConfig {
+                binary: config.browser.binary.clone(),
+                extra_args: config.browser.session_args(),
+            },
+            restart: RestartPolicy::default(),
+            max_fps: config.webrtc.max_fps,
+            h264_tuning: config.webrtc.h264_tuning,
+            server_time_ms: now_ms() as u64,
+            agent_token: Some(self.agent_token.clone()),
+        }
+    }
+
+    async fn on_agent(&mut self, msg: FromAgent) {
+        match msg {
+            FromAgent::ControlHello { version, reply } => {
+                if self.control_taken || self.finished {
+                    let _ = reply.send(None);
+                } else {
+                    self.control_taken = true;
+                    let _ = reply.send(Some(self.session_config()));
+                    self.log("server", "agent", &format!("agent {version} connected"));
+                }
+            }
+            FromAgent::ControlUp(tx) => self.control = Some(tx),
+            FromAgent::Message(msg) => self.on_agent_message(msg).await,
+            FromAgent::ClaimStream { id, reply } => {
+                let _ = reply.send(self.streams.remove(&id).filter(|w| !w.is_closed()));
+            }
+            FromAgent::Refused(why) => {
+                self.refusals += 1;
+                if self.refusals <= REFUSALS_LOGGED {
+                    self.log("server", "agent", &why);
+                } else if self.refusals.is_power_of_two() {
+                    self.log(
+                        "server",
+                        "agent",
+                        &format!(
+                            "{} agent connections refused or failed so far",
+                            self.refusals
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    async fn on_agent_message(&mut self, msg: Message) {
+        let m = self.m.clone();
+        match msg {
+            Message::Ready => {
+                self.core.ready();
+                if self.set_state(State::Ready, None)
+                    && let Ok(Some(row)) = m.store.get(&self.id)
+                    && let Some(ready) = row.ready_ms
+                {
+                    let secs = (ready - row.created_ms) as f64 / 1000.0;
+                    m.metrics.start_seconds.observe(secs);
+                }
+            }
+            Message::Fatal { reason } => self.fail(&reason).await,
+            Message::Child(report) => {
+                if report.state == sandcast_proto::ChildState::Restarting
+                    || report.state == sandcast_proto::ChildState::CrashLoop
+                {
+                    m.metrics.restarts.inc();
+                    self.log(
+                        &report.name,
+                        "agent",
+                        &format!(
+                            "{} {}: {}; last output: {}",
+                            report.name,
+                            serde_json::to_value(report.state).unwrap_or_default(),
+                            report.last_exit.map(|e| e.to_string()).unwrap_or_default(),
+                            report.tail.join(" | ")
+                        ),
+                    );
+                }
+                let data = serde_json::to_value(&report).unwrap_or_default();
+                self.core.children.insert(report.name.clone(), report);
+                self.publish();
+                m.event(&self.id, "child", data);
+            }
+            Message::Log(line) => {
+                let stream = match line.stream {
+                    sandcast_proto::LogStream::Stdout => "stdout",
+                    sandcast_proto::LogStream::Stderr => "stderr",
+                    sandcast_proto::LogStream::Agent => "agent",
+                };
+                self.log(&line.source, stream, &line.line);
+            }
+            Message::Clipboard { text } => {
+                if let Some(gw) = &m.gateway {
+                    gw.send_to_viewers(&self.id, ViewerMessage::Clipboard { text });
+                }
+            }
+            Message::DisplaySize { width, height } => {
+                self.core.display = (width, height);
+                self.publish();
+                if let Some(gw) = &m.gateway {
+                    gw.send_to_viewers(&self.id, ViewerMessage::DisplaySize { width, height });
+                }
+                m.event(
+                    &self.id,
+                    "display",
+                    json!({"width": width, "height": height}),
+                );
+            }
+            Message::Ping { seq } => self.send_agent(Message::Pong { seq }),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(idle: u64) -> Spec {
+        Spec {
+            start_url: "about:blank".into(),
+            width: 1280,
+            height: 720,
+            kiosk: false,
+            launch: None,
+            idle_timeout_seconds: idle,
+            egress: false,
+        }
+    }
+
+    #[test]
+    fn not_ready_in_time_fails_first() {
+        let t0 = Instant::now();
+        let c = Core::new(
+            &spec(60),
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+            t0,
+        );
+        assert_eq!(c.due(t0 + Duration::from_secs(9)), None);
+        assert_eq!(c.next_deadline(), t0 + Duration::from_secs(10));
+        assert_eq!(c.due(t0 + Duration::from_secs(10)), Some(Due::NotReady(10)));
+        // Idle too by 100 s, but never ready: not being ready is the reason.
+        assert_eq!(
+            c.due(t0 + Duration::from_secs(100)),
+            Some(Due::NotReady(10))
+        );
+    }
+
+    #[test]
+    fn a_watched_session_is_never_idle_and_an_unwatched_one_is() {
+        let t0 = Instant::now();
+        let mut c = Core::new(
+            &spec(5),
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+            t0,
+        );
+        c.ready();
+        c.viewer(true, t0 + Duration::from_secs(1));
+        assert_eq!(c.due(t0 + Duration::from_secs(1000)), None);
+        assert_eq!(c.next_deadline(), t0 + Duration::from_secs(3600));
+        c.viewer(false, t0 + Duration::from_secs(1000));
+        assert_eq!(c.due(t0 + Duration::from_secs(1004)), None);
+        assert_eq!(c.due(t0 + Duration::from_secs(1005)), Some(Due::Idle(5)));
+        // A touch restarts the idle clock; a departure never goes below zero.
+        c.viewer(false, t0 + Duration::from_secs(1005));
+        c.touch(t0 + Duration::from_secs(1008));
+        assert_eq!(c.due(t0 + Duration::from_secs(1012)), None);
+        assert_eq!(c.next_deadline(), t0 + Duration::from_secs(1013));
+    }
+
+    #[test]
+    fn the_time_to_live_ends_a_watched_session() {
+        let t0 = Instant::now();
+        let mut c = Core::new(
+            &spec(5),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            t0,
+        );
+        c.ready();
+        c.viewer(true, t0);
+        assert_eq!(c.due(t0 + Duration::from_secs(60)), Some(Due::Expired));
+    }
+
+    #[test]
+    fn the_largest_requested_display_is_remembered() {
+        let mut c = Core::new(
+            &spec(5),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            Instant::now(),
+        );
+        c.resizing(1920, 600);
+        c.resizing(800, 1080);
+        assert_eq!(c.max_display, (1920, 1080));
+    }
+}

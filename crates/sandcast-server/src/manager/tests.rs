@@ -1,0 +1,400 @@
+//! The manager with real sockets, a real store and a backend double whose
+//! "agent" is the test itself speaking the agent protocol: what cannot run
+//! here is only the sandbox (the e2e tests run that).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{SinkExt, StreamExt};
+use sandcast_backend::{
+    Backend, BackendError, Instance, InstanceExit, LaunchSpec, Readiness, SessionId,
+};
+use sandcast_proto::{Frame, FrameCodec, Hello, InputEvent, Message, PROTOCOL_VERSION, Role};
+use sandcast_webrtc::{GatewayEvent, ViewerId, ViewerState};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, watch};
+use tokio_util::codec::Framed;
+
+use super::*;
+
+struct Double;
+
+struct DoubleInstance(watch::Sender<Option<InstanceExit>>);
+
+#[async_trait]
+impl Instance for DoubleInstance {
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    fn exited(&self) -> watch::Receiver<Option<InstanceExit>> {
+        self.0.subscribe()
+    }
+    async fn stop(&self, _grace: Duration) -> Result<(), BackendError> {
+        self.0.send_replace(Some(InstanceExit {
+            reason: "stopped".into(),
+            requested: true,
+        }));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for Double {
+    fn name(&self) -> &'static str {
+        "double"
+    }
+    async fn readiness(&self) -> Readiness {
+        Readiness {
+            ready: true,
+            checks: Vec::new(),
+        }
+    }
+    fn agent_peer_uid(&self, _id: &SessionId) -> Option<u32> {
+        // SAFETY: getuid(2) cannot fail.
+        Some(unsafe { libc::getuid() })
+    }
+    async fn start(&self, _spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
+        Ok(Box::new(DoubleInstance(watch::channel(None).0)))
+    }
+    async fn reap(&self, _keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn manager(max_sessions: usize) -> (Arc<Manager>, TempDir) {
+    let dir = std::env::temp_dir().join(format!(
+        "sandcast-manager-{}-{}",
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = Config {
+        data_dir: dir.clone(),
+        max_sessions,
+        ..Config::default()
+    };
+    config.session.idle_timeout_seconds = 3600;
+    let store = Arc::new(Store::open(&dir.join("db.sqlite")).unwrap());
+    let m = Manager::new(
+        Arc::new(config),
+        store,
+        Arc::new(Double),
+        None,
+        Arc::new(Metrics::new()),
+        "/nonexistent/sandcast-agent".into(),
+    );
+    (m, TempDir(dir))
+}
+
+fn request() -> NewSession {
+    NewSession {
+        user_id: None,
+        provider: None,
+        spec: Spec {
+            start_url: "about:blank".into(),
+            width: 1280,
+            height: 720,
+            kiosk: false,
+            launch: None,
+            idle_timeout_seconds: 3600,
+            egress: false,
+        },
+        ttl_seconds: 3600,
+    }
+}
+
+type Conn = Framed<UnixStream, FrameCodec>;
+
+async fn connect(m: &Manager, id: &str, role: Role) -> Conn {
+    let sock = m
+        .config
+        .data_dir
+        .join("sessions")
+        .join(id)
+        .join("agent.sock");
+    let mut last = None;
+    for _ in 0..200 {
+        match UnixStream::connect(&sock).await {
+            Ok(s) => {
+                let mut c = Framed::new(s, FrameCodec);
+                c.send(Message::Hello(Hello {
+                    protocol: PROTOCOL_VERSION,
+                    role,
+                    agent_version: "test".into(),
+                }))
+                .await
+                .unwrap();
+                return c;
+            }
+            // The session's task binds the socket as it starts.
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("connecting to {}: {last:?}", sock.display());
+}
+
+async fn next_message(c: &mut Conn) -> Option<Message> {
+    match tokio::time::timeout(Duration::from_secs(10), c.next()).await {
+        Ok(Some(Ok(Frame::Message(m)))) => Some(m),
+        Ok(_) => None,
+        Err(_) => panic!("no message within 10 s"),
+    }
+}
+
+/// Connects as the control connection and reads the welcome and configuration.
+async fn control(m: &Manager, id: &str) -> Conn {
+    let mut c = connect(m, id, Role::Control).await;
+    assert!(matches!(
+        next_message(&mut c).await,
+        Some(Message::Welcome { .. })
+    ));
+    assert!(matches!(
+        next_message(&mut c).await,
+        Some(Message::Config(_))
+    ));
+    c
+}
+
+fn key(session: &str, code: &str, down: bool) -> GatewayEvent {
+    GatewayEvent::Input {
+        session: session.into(),
+        viewer: ViewerId(1),
+        event: InputEvent::Key {
+            code: code.into(),
+            key: code.into(),
+            down,
+        },
+    }
+}
+
+async fn wait_snapshot(live: &Live, what: &str, ok: impl Fn(&Snapshot) -> bool) {
+    let mut rx = live.snapshots();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| ok(s)))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within 10 s"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_agent_does_not_read_stalls_and_loses_nothing_of_another() {
+    let (m, _dir) = manager(4);
+    let (gw, rx) = broadcast::channel(1 << 16);
+    tokio::spawn(relay(Arc::downgrade(&m), rx));
+    let (slow, _) = m.create(request()).unwrap();
+    let (fast, _) = m.create(request()).unwrap();
+    let mut slow_agent = control(&m, &slow.id).await;
+    let mut fast_agent = control(&m, &fast.id).await;
+
+    // Far more than the slow agent's socket, writer queue, outbox and command
+    // queue hold together; the slow agent reads none of it yet.
+    for i in 0..50_000 {
+        gw.send(key(&slow.id, &format!("K{}", i % 50), true))
+            .unwrap();
+        gw.send(key(&slow.id, &format!("K{}", i % 50), false))
+            .unwrap();
+        gw.send(GatewayEvent::Input {
+            session: slow.id.clone(),
+            viewer: ViewerId(1),
+            event: InputEvent::PointerMove { x: i % 1000, y: 1 },
+        })
+        .unwrap();
+        if i % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    for i in 0..3 {
+        gw.send(GatewayEvent::ViewerState {
+            session: fast.id.clone(),
+            viewer: ViewerId(10 + i),
+            state: ViewerState::Connected,
+        })
+        .unwrap();
+    }
+    gw.send(key(&fast.id, "KeyB", true)).unwrap();
+    gw.send(key(&fast.id, "KeyB", false)).unwrap();
+
+    // The other session gets every event, in order, now.
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match next_message(&mut fast_agent).await {
+            Some(Message::Input(ev)) => got.push(ev),
+            Some(_) => {}
+            None => panic!("the fast agent's connection ended"),
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            InputEvent::Key {
+                code: "KeyB".into(),
+                key: "KeyB".into(),
+                down: true
+            },
+            InputEvent::Key {
+                code: "KeyB".into(),
+                key: "KeyB".into(),
+                down: false
+            },
+        ]
+    );
+    let fast_live = m.live(&fast.id).unwrap();
+    wait_snapshot(&fast_live, "three viewers", |s| s.viewers == 3).await;
+    // The slow one's own viewer changes are not lost either.
+    gw.send(GatewayEvent::ViewerState {
+        session: slow.id.clone(),
+        viewer: ViewerId(2),
+        state: ViewerState::Connected,
+    })
+    .unwrap();
+    let slow_live = m.live(&slow.id).unwrap();
+    wait_snapshot(&slow_live, "the slow session's viewer", |s| s.viewers == 1).await;
+
+    // When the slow agent reads at last, no key is left pressed.
+    let mut pressed = BTreeSet::new();
+    let mut inputs = 0;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(2), slow_agent.next()).await;
+        let Ok(Some(Ok(Frame::Message(msg)))) = msg else {
+            break;
+        };
+        if let Message::Input(ev) = msg {
+            inputs += 1;
+            match ev {
+                InputEvent::Key {
+                    code, down: true, ..
+                } => {
+                    pressed.insert(code);
+                }
+                InputEvent::Key {
+                    code, down: false, ..
+                } => {
+                    pressed.remove(&code);
+                }
+                InputEvent::ReleaseAll => pressed.clear(),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        inputs > 0 && inputs < 150_000,
+        "{inputs} inputs reached the slow agent"
+    );
+    assert!(pressed.is_empty(), "keys left pressed: {pressed:?}");
+    m.stop_all("test over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_exceed_max_sessions() {
+    let (m, _dir) = manager(3);
+    let handle = tokio::runtime::Handle::current();
+    let threads: Vec<_> = (0..20)
+        .map(|_| {
+            let m = m.clone();
+            let handle = handle.clone();
+            std::thread::spawn(move || {
+                let _rt = handle.enter();
+                m.create(request()).map(|(row, _)| row.id)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 3, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, ManagerError::Full(3)))
+    );
+    m.stop_all("test over").await;
+    assert!(m.live.lock().unwrap().is_empty());
+    // Room again once they are gone.
+    assert!(m.create(request()).is_ok());
+    m.stop_all("test over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_channel_takes_one_control_one_video_and_only_streams_asked_for() {
+    let (m, _dir) = manager(2);
+    let (row, _) = m.create(request()).unwrap();
+    let _agent = control(&m, &row.id).await;
+    let refused = |msg: Option<Message>| matches!(msg, Some(Message::Reject { .. }) | None);
+
+    let mut second = connect(&m, &row.id, Role::Control).await;
+    assert!(refused(next_message(&mut second).await), "a second control");
+
+    let mut video = connect(&m, &row.id, Role::Video).await;
+    assert!(matches!(
+        next_message(&mut video).await,
+        Some(Message::Welcome { .. })
+    ));
+    let mut video2 = connect(&m, &row.id, Role::Video).await;
+    assert!(refused(next_message(&mut video2).await), "a second video");
+
+    let mut stream = connect(&m, &row.id, Role::Stream { id: 1 }).await;
+    assert!(
+        refused(next_message(&mut stream).await),
+        "a stream nobody asked for"
+    );
+
+    // A video frame announced larger than a 1280×720 display can need closes
+    // the connection, and the next video connection is welcome again.
+    use tokio::io::AsyncWriteExt;
+    let mut raw = video.into_inner();
+    raw.write_all(&(4u32 << 20).to_be_bytes()).await.unwrap();
+    let mut buf = [0u8; 16];
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf))
+        .await
+        .expect("the oversized frame's connection was not closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let mut video3 = connect(&m, &row.id, Role::Video).await;
+    assert!(matches!(
+        next_message(&mut video3).await,
+        Some(Message::Welcome { .. })
+    ));
+    m.stop_all("test over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_for_hello_are_bounded() {
+    let (m, _dir) = manager(2);
+    let (row, _) = m.create(request()).unwrap();
+    let _agent = control(&m, &row.id).await;
+    let sock = m
+        .config
+        .data_dir
+        .join("sessions")
+        .join(&row.id)
+        .join("agent.sock");
+    let pending = m.config.agent_channel.pending as usize;
+    // Connections that never say hello: the first `pending` are held, the
+    // rest closed at once.
+    let mut conns = Vec::new();
+    for _ in 0..pending + 20 {
+        conns.push(UnixStream::connect(&sock).await.unwrap());
+    }
+    let mut closed = 0;
+    for c in &mut conns {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 1];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), c.read(&mut b)).await {
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 20, "{closed} of {} closed", conns.len());
+    m.stop_all("test over").await;
+}
