@@ -302,6 +302,11 @@ impl Server {
         assert!(!self.api_key.is_empty(), "empty api_key file");
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the server and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -19,9 +19,14 @@
 //                                                       must have decoded frames
 //   { expectResized: { from?: [w, h], max: [w, h] } }   video/canvas size changed (from the size
 //                                                       before the last resize) and fits in max
+//   { signal: "/path" }                                 create that file (tells the test a step
+//                                                       was reached)
+//   { waitFile: "/path", timeoutMs? }                   wait until the test creates that file
+//   { flood: ms }                                       type without pause for ms milliseconds
 // Or, to check a page directly on this host (a control for isolation tests):
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
+import { existsSync, writeFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 import { VIEWER_ARGS } from './chromium-args.mjs';
 
@@ -245,6 +250,21 @@ async function runViewers() {
         await pages[0].waitForTimeout(100);
       }
       rec.sample = s;
+    } else if (step.signal) {
+      writeFileSync(step.signal, '');
+      rec.ok = true;
+    } else if (step.waitFile) {
+      const deadline = Date.now() + (step.timeoutMs ?? 20000);
+      while (!existsSync(step.waitFile) && Date.now() < deadline) await pages[0].waitForTimeout(50);
+      rec.ok = existsSync(step.waitFile);
+    } else if (step.flood) {
+      const end = Date.now() + step.flood;
+      rec.chars = 0;
+      while (Date.now() < end) {
+        await pages[0].keyboard.type('abcdefghij', { delay: 0 });
+        rec.chars += 10;
+      }
+      rec.ok = true;
     } else {
       rec.ok = false;
       rec.error = 'unknown step';
