@@ -164,6 +164,15 @@ fn a_flooding_session_keeps_its_log_bounded_streamed_and_removed_with_retention(
     }
     let dir_mode = std::fs::metadata(data.join("logs")).unwrap().mode() & 0o777;
     assert_eq!(dir_mode, 0o700, "logs/ has mode {dir_mode:o}");
+    for d in [data.join("sessions"), data.join("sessions").join(&id)] {
+        let mode = std::fs::metadata(&d).unwrap().mode() & 0o777;
+        assert_eq!(
+            mode & 0o044,
+            0,
+            "{} is readable by others: {mode:o}",
+            d.display()
+        );
+    }
 
     let r = s.api("DELETE", &format!("/api/sessions/{id}"), None);
     assert_eq!(r.status, 200, "{r:?}");
@@ -411,6 +420,34 @@ fn the_session_list_is_paged_and_filtered_and_refuses_bad_values_by_name() {
     assert_bad(
         &s.api("GET", &format!("{logs}?follow=maybe"), None),
         "follow",
+    );
+    // follow=1: the tail, then new lines until the session ends.
+    let live = ids[4].clone();
+    let url = format!("{}/api/sessions/{live}/logs?tail=1&follow=1", s.base);
+    let key = s.api_key.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let resp = agent
+            .get(&url)
+            .header("authorization", &format!("Bearer {key}"))
+            .call()
+            .expect("GET logs?follow=1");
+        tx.send(()).unwrap();
+        resp.into_body().read_to_string().expect("follow body")
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the follow request was answered");
+    s.delete(&live);
+    let followed = reader
+        .join()
+        .expect("the follow stream ended with the session");
+    assert!(
+        followed.contains("session stopping: deleted through the API"),
+        "{followed}"
     );
     let ok = s.api("GET", &format!("{logs}?tail=1"), None);
     assert_eq!(ok.status, 200);

@@ -434,7 +434,12 @@ impl Manager {
         self: &Arc<Self>,
         live: &Arc<Live>,
     ) -> Result<watch::Receiver<Option<sandcast_backend::InstanceExit>>, String> {
-        std::fs::create_dir_all(&live.dir)
+        use std::os::unix::fs::DirBuilderExt;
+        // Searchable (the sandboxed user reaches its socket by path), not listable.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&live.dir)
             .map_err(|e| format!("creating {}: {e}", live.dir.display()))?;
         let id = SessionId::new(live.id.clone()).map_err(|e| e.to_string())?;
         let sock = self.backend.agent_socket(&id, &live.dir);
