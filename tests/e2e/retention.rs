@@ -151,6 +151,7 @@ fn a_flooding_session_keeps_its_log_bounded_streamed_and_removed_with_retention(
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(s.session(&id)["state"], "ready");
+    eprintln!("30 s of output without pause: at most {biggest} bytes on disk (limit {max})");
     assert!(
         biggest > max / 2,
         "the flood never filled the log ({biggest} bytes): the test shows nothing"
