@@ -30,8 +30,10 @@ pub const MIN_MAX_BYTES: u64 = 4 * MAX_LINE_BYTES as u64;
 pub const STAMP_LEN: usize = "2026-01-01T00:00:00.000Z".len();
 /// Least time between two marker lines about dropped output.
 const MARKER_EVERY: Duration = Duration::from_secs(1);
-/// Lines kept for slow followers before they skip ahead.
-const FOLLOW_BUFFER: usize = 1024;
+/// Lines kept for slow followers before they skip ahead; the ring holds
+/// its lines while anyone follows, so it is small (at most 4 MiB of
+/// longest lines).
+const FOLLOW_BUFFER: usize = 256;
 /// The budget of the server's own lines about a session (state changes,
 /// agent connections): apart from the session's output, so it cannot crowd
 /// them out, yet bounded, since some quote what the agent sent.
