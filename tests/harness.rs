@@ -227,9 +227,10 @@ impl Server {
             .arg("--data-dir")
             .arg(self.data.path())
             .env_remove("SANDCAST_API_KEY")
-            // The harness's own switch, not a server setting (the server
+            // The harness's own switches, not server settings (the server
             // refuses unknown `SANDCAST_*` variables).
             .env_remove("SANDCAST_E2E_VERBOSE")
+            .env_remove("SANDCAST_E2E_CYCLES")
             .env("SANDCAST_RATE_LIMIT__API_REQUESTS", "100000")
             .env(
                 "RUST_LOG",
@@ -461,16 +462,43 @@ impl Server {
         r.json()
     }
 
-    /// The ids of all sessions `GET /api/sessions` lists.
+    /// The ids of all sessions `GET /api/sessions` lists, page by page.
     pub fn session_ids(&self) -> BTreeSet<String> {
-        let r = self.api("GET", "/api/sessions", None);
-        assert_eq!(r.status, 200, "GET /api/sessions: {r:?}");
-        r.json()["sessions"]
-            .as_array()
-            .expect("sessions array")
-            .iter()
-            .map(|s| s["id"].as_str().expect("id").to_string())
-            .collect()
+        let mut ids = BTreeSet::new();
+        let mut path = "/api/sessions?limit=1000".to_string();
+        loop {
+            let r = self.api("GET", &path, None);
+            assert_eq!(r.status, 200, "GET {path}: {r:?}");
+            let v = r.json();
+            ids.extend(
+                v["sessions"]
+                    .as_array()
+                    .expect("sessions array")
+                    .iter()
+                    .map(|s| s["id"].as_str().expect("id").to_string()),
+            );
+            match v["next"].as_str() {
+                Some(next) => path = format!("/api/sessions?limit=1000&cursor={next}"),
+                None => return ids,
+            }
+        }
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The server's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("the server runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
     }
 
     /// Polls the session until its state is `state`; panics on timeout or
@@ -601,8 +629,10 @@ impl Drop for Server {
         }
         // Delete what a failed test left running, so the backend tears it
         // down (a killed server leaves network and cgroups to the next reap).
-        if let Some(list) = self.try_api("GET", "/api/sessions")
-            && list.status == 200
+        if let Some(list) = self.try_api(
+            "GET",
+            "/api/sessions?limit=1000&state=starting,ready,stopping,failed",
+        ) && list.status == 200
             && let Ok(v) = serde_json::from_str::<Value>(&list.body)
         {
             let live: Vec<String> = v["sessions"]

@@ -41,6 +41,57 @@ pub struct Config {
     pub sandbox: sandcast_sandbox::SandboxConfig,
     /// Firecracker backend settings (see docs/firecracker.md).
     pub firecracker: FirecrackerSettings,
+    /// How long ended sessions are kept.
+    pub retention: Retention,
+    /// What a session may write on the host: its log files and events.
+    pub logs: LogLimits,
+}
+
+/// `[retention]`: how long a stopped or failed session's row, events and
+/// log files are kept before they are removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Seconds after a session ended (stopped or failed).
+    pub seconds: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            seconds: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// `[logs]`: per-session limits on what reaches the host's disk. Lines and
+/// events beyond them are dropped and counted, never queued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogLimits {
+    /// Log bytes a second a session may write, on average.
+    pub rate_bytes_per_second: u64,
+    /// Log bytes a session may write at once above the rate.
+    pub burst_bytes: u64,
+    /// Most bytes of a session's log on disk, the current file and the one
+    /// previous file together; the current file is rotated at half of it.
+    pub max_bytes: u64,
+    /// Child and display events a second the agent may have stored.
+    pub events_per_second: u32,
+    /// Events the agent may have stored at once above that rate.
+    pub events_burst: u32,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits {
+            rate_bytes_per_second: 64 * 1024,
+            burst_bytes: 1024 * 1024,
+            max_bytes: 16 * 1024 * 1024,
+            events_per_second: 10,
+            events_burst: 100,
+        }
+    }
 }
 
 /// Defaults and limits for sessions.
@@ -208,6 +259,8 @@ impl Default for Config {
             webrtc: WebRtcSettings::default(),
             sandbox: sandcast_sandbox::SandboxConfig::default(),
             firecracker: FirecrackerSettings::default(),
+            retention: Retention::default(),
+            logs: LogLimits::default(),
         }
     }
 }
@@ -365,6 +418,22 @@ impl Config {
         if self.rate_limit.api_window_seconds == 0 {
             return Err("rate_limit.api_window_seconds must be at least 1".into());
         }
+        if self.retention.seconds == 0 {
+            return Err("retention.seconds must be at least 1".into());
+        }
+        let logs = &self.logs;
+        if logs.rate_bytes_per_second == 0 || logs.events_per_second == 0 {
+            return Err(
+                "logs.rate_bytes_per_second and logs.events_per_second must be at least 1".into(),
+            );
+        }
+        if logs.max_bytes < crate::session_log::MIN_MAX_BYTES {
+            return Err(format!(
+                "logs.max_bytes = {} is below {}",
+                logs.max_bytes,
+                crate::session_log::MIN_MAX_BYTES
+            ));
+        }
         if let Some(j) = &self.firecracker.jailer
             && j.uid == Some(0)
         {
@@ -408,6 +477,10 @@ mod tests {
         assert_eq!(c.sandbox.state_dir, c.data_dir.join("sandbox"));
         assert!(c.sandbox.hide_paths.contains(&c.data_dir));
         assert_eq!(c.firecracker.to_backend().jailer, None);
+        assert_eq!(c.retention.seconds, 7 * 24 * 3600);
+        assert_eq!(c.logs.rate_bytes_per_second, 65536);
+        assert_eq!(c.logs.burst_bytes, 1 << 20);
+        assert_eq!(c.logs.max_bytes, 16 << 20);
     }
 
     #[test]
@@ -480,6 +553,9 @@ mod tests {
         assert!(err("[webrtc]\nmax_fps = 1000").contains("webrtc.max_fps = 1000"));
         assert!(err("[firecracker.jailer]\nuid = 0").contains("firecracker.jailer.uid = 0"));
         assert!(err("[firecracker.jailer]\nuser = 5").contains("user"));
+        assert!(err("[retention]\nseconds = 0").contains("retention.seconds"));
+        assert!(err("[logs]\nmax_bytes = 10").contains("logs.max_bytes = 10"));
+        assert!(err("[logs]\nrate_bytes_per_second = 0").contains("rate_bytes_per_second"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

@@ -9,12 +9,16 @@
 
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod log_read;
 pub mod manager;
 pub mod metrics;
 pub mod ratelimit;
+pub mod retention;
+pub mod session_log;
 pub mod store;
 pub mod viewer;
 
@@ -126,7 +130,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    std::fs::create_dir_all(config.data_dir.join("sessions"))?;
+    private_dirs(&config.data_dir)?;
     let store = Arc::new(
         store::Store::open(&config.data_dir.join("sandcast.sqlite"))
             .context("opening the session store")?,
@@ -157,6 +161,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         metrics.clone(),
         agent_binary(&config),
     );
+    retention::spawn(&manager);
     let stale = manager.reconcile().await?;
     if !stale.is_empty() {
         tracing::info!(
@@ -200,6 +205,22 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     .await?;
     eprintln!("sandcast: stopping every session");
     manager.stop_all("the server shut down").await;
+    Ok(())
+}
+
+/// Makes the session and log directories under `data_dir`, readable by
+/// root alone: `sessions/` keeps its search bit for the sandboxed user who
+/// reaches its agent socket by path, but cannot be listed.
+fn private_dirs(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let sessions = data_dir.join("sessions");
+    std::fs::create_dir_all(&sessions)
+        .with_context(|| format!("creating {}", sessions.display()))?;
+    std::fs::set_permissions(&sessions, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod {}", sessions.display()))?;
+    let logs = session_log::dir(data_dir);
+    session_log::create_dir(&logs).with_context(|| format!("creating {}", logs.display()))?;
     Ok(())
 }
 
