@@ -438,8 +438,28 @@ fn an_event_stream_opened_before_a_failure_ends_with_it() {
             e == "state" && v["state"] == "ready"
         })
         .expect("the stream's first event: ready");
+    // A followed log, opened before the failure too.
+    let (log_done, log_end) = std::sync::mpsc::channel();
+    let url = format!("{}/api/sessions/{id}/logs?follow=1", s.base);
+    let key = format!("Bearer {}", s.api_key);
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(None)
+            .build()
+            .into();
+        let resp = agent.get(&url).header("authorization", &key).call();
+        let mut text = String::new();
+        if let Ok(r) = resp {
+            let _ = std::io::Read::read_to_string(&mut r.into_body().into_reader(), &mut text);
+        }
+        let _ = log_done.send(text);
+    });
     let agent = agent_process(&id).unwrap_or_else(|| panic!("no agent for {id}"));
     sigkill(agent.pid);
+    let log = log_end
+        .recv_timeout(Duration::from_secs(30))
+        .expect("logs?follow=1 did not end after the agent died");
+    assert!(log.contains("session ready"), "the followed log: {log}");
     let seen = events
         .wait_closed(Duration::from_secs(30))
         .unwrap_or_else(|seen| panic!("the stream did not end after the agent died: {seen:?}"));
