@@ -104,6 +104,10 @@ pub struct ServerOptions {
     pub args: Vec<String>,
     /// Extra keys of the `[webrtc]` table.
     pub webrtc: String,
+    /// Keep the server's default rate limits (the harness otherwise raises
+    /// the per-address limit of requests without the key, which tests
+    /// probing refusals spend quickly).
+    pub default_rate_limits: bool,
 }
 
 /// A running `sandcast serve` with its own data directory.
@@ -228,10 +232,9 @@ impl Server {
             .arg(self.data.path())
             .env_remove("SANDCAST_API_KEY")
             // The harness's own switches, not server settings (the server
-            // refuses unknown `SANDCAST_*` variables).
+            // would warn that it ignores them).
             .env_remove("SANDCAST_E2E_VERBOSE")
             .env_remove("SANDCAST_E2E_CYCLES")
-            .env("SANDCAST_RATE_LIMIT__API_REQUESTS", "100000")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
@@ -239,6 +242,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !self.opts.default_rate_limits {
+            cmd.env("SANDCAST_RATE_LIMIT__API_REQUESTS", "100000");
+        }
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
@@ -295,12 +301,21 @@ impl Server {
         }
         self.port = port;
         self.base = format!("http://127.0.0.1:{port}");
+        if let Some((_, key)) = self.opts.env.iter().find(|(k, _)| k == "SANDCAST_API_KEY") {
+            self.api_key = key.clone();
+            return;
+        }
         let key_path = self.data.path().join("api_key");
         self.api_key = std::fs::read_to_string(&key_path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", key_path.display()))
             .trim()
             .to_string();
         assert!(!self.api_key.is_empty(), "empty api_key file");
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
     }
 
     /// SIGKILLs the server and reaps it.
@@ -484,14 +499,9 @@ impl Server {
         }
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// The server's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.pid().expect("the server runs");
+        let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
         status
@@ -660,6 +670,9 @@ impl Drop for Server {
     }
 }
 
+/// Events received, in order: `(event name, JSON data)`.
+pub type Events = Vec<(String, Value)>;
+
 /// Server-sent events of one session: `(event name, JSON data)`.
 pub struct EventStream {
     rx: mpsc::Receiver<(String, Value)>,
@@ -684,6 +697,21 @@ impl EventStream {
                     seen.push((e, v));
                 }
                 Err(_) => return Err(seen),
+            }
+        }
+    }
+
+    /// Waits for the server to end the stream; every event until then, or
+    /// (as the error) every event seen when `timeout` passed first.
+    pub fn wait_closed(&self, timeout: Duration) -> Result<Events, Events> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(ev) => seen.push(ev),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(seen),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(seen),
             }
         }
     }

@@ -96,10 +96,56 @@ fn serve_open_session_prints_the_viewer_of_a_ready_session() {
     s.delete(id);
 }
 
+/// The variables of the log filter and the client, exported as a user of
+/// both would have them.
+fn client_env(data_dir: &str) -> Vec<(String, String)> {
+    [
+        ("SANDCAST_LOG", "debug"),
+        ("SANDCAST_SERVER", "http://127.0.0.1:9"),
+        ("SANDCAST_API_KEY", "a-key-from-the-environment"),
+        ("SANDCAST_DATA_DIR", data_dir),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+#[test]
+fn serve_starts_with_the_log_and_client_variables_exported() {
+    let other = tempfile::tempdir().expect("temp dir");
+    let env = client_env(other.path().to_str().unwrap());
+    let s = Server::start(ServerOptions {
+        env: env.clone(),
+        ..Default::default()
+    });
+    // SANDCAST_API_KEY is the server's key too.
+    assert_eq!(s.api_key, "a-key-from-the-environment");
+    assert_eq!(s.api("GET", "/api/sessions", None).status, 200);
+    // SANDCAST_LOG is the log filter.
+    s.wait_output("DEBUG", Duration::from_secs(10));
+    let logs = s.logs();
+    assert!(
+        !logs.contains("ignoring SANDCAST_"),
+        "serve warned about a variable of its own:\n{logs}"
+    );
+    // The client reads SANDCAST_SERVER beside a server started with it.
+    let (code, out, err) = s.cli(&["session", "list"]);
+    assert_eq!(code, 0, "session list: {out}\n{err}");
+    drop(s);
+    // A variable naming no setting is ignored with a warning.
+    let s = Server::start(ServerOptions {
+        env: vec![("SANDCAST_LISTN".into(), "127.0.0.1:1".into())],
+        ..Default::default()
+    });
+    s.wait_output("ignoring SANDCAST_LISTN", Duration::from_secs(10));
+}
+
 #[test]
 fn doctor_says_this_host_is_ready() {
+    let other = tempfile::tempdir().expect("temp dir");
     let out = std::process::Command::new(bin_dir().join("sandcast"))
         .arg("doctor")
+        .envs(client_env(other.path().to_str().unwrap()))
         .output()
         .expect("run sandcast doctor");
     let text = format!(

@@ -382,7 +382,7 @@ export class SandcastViewer extends HTMLElement {
     const ctl = new AbortController();
     const t = setTimeout(() => ctl.abort(), 1500);
     try {
-      const res = await fetch(this._url('api/webrtc/ice-servers'), { headers: this._headers(), signal: ctl.signal });
+      const res = await fetch(this._url(`api/webrtc/ice-servers?session=${encodeURIComponent(this.session)}`), { headers: this._headers(), signal: ctl.signal });
       if (!res.ok) return [];
       const body = await res.json();
       return Array.isArray(body.iceServers) ? body.iceServers : [];

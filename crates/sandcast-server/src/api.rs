@@ -39,8 +39,10 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     if req.uri().path().starts_with("/api/webrtc/") {
         return next.run(req).await;
     }
+    if auth::is_operator(req.headers(), &state.api_key) {
+        return next.run(req).await;
+    }
     match bearer(req.headers()) {
-        Some(key) if auth::secret_eq(key, &state.api_key) => next.run(req).await,
         Some(_) => ApiError::unauthorized("wrong API key").into_response(),
         None => ApiError::unauthorized("missing API key: send Authorization: Bearer <key>")
             .into_response(),
@@ -518,8 +520,12 @@ pub async fn events(
         .data(json!({"state": row.state.as_str(), "reason": row.reason}).to_string());
     let done = !row.state.is_live();
     let filter_id = id.clone();
+    let manager = state.manager.clone();
+    // Ends after the first event of a final state (failed, stopped), also
+    // when the relay lagged past it: then the store says where it is.
     let rest = futures::stream::unfold((rx, done), move |(mut rx, done)| {
         let id = filter_id.clone();
+        let manager = manager.clone();
         async move {
             if done {
                 return None;
@@ -528,11 +534,25 @@ pub async fn events(
                 match rx.recv().await {
                     Ok(ev) if ev.id == id => {
                         let end = ev.kind == "state"
-                            && matches!(ev.data["state"].as_str(), Some("stopped"));
+                            && SessionState::ALL
+                                .into_iter()
+                                .find(|s| ev.data["state"].as_str() == Some(s.as_str()))
+                                .is_some_and(|s| !s.is_live());
                         let event = Event::default().event(ev.kind).data(ev.data.to_string());
                         return Some((Ok(event), (rx, end)));
                     }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(Some(row)) = manager.store().get(&id)
+                            && !row.state.is_live()
+                        {
+                            let event = Event::default().event("state").data(
+                                json!({"state": row.state.as_str(), "reason": row.reason})
+                                    .to_string(),
+                            );
+                            return Some((Ok(event), (rx, true)));
+                        }
+                    }
+                    Ok(_) => continue,
                     Err(_) => return None,
                 }
             }
@@ -542,26 +562,28 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `GET /health`.
-pub async fn health(State(state): State<AppState>) -> Response {
-    let store_ok = state.manager.store().ping();
-    let backend = state.manager.backend().readiness().await;
-    let ok = store_ok.is_ok() && backend.ready;
-    let body = json!({
-        "status": if ok { "ok" } else { "degraded" },
-        "store": { "ok": store_ok.is_ok(), "detail": store_ok.err().map(|e| e.to_string()) },
-        "backend": { "name": state.manager.backend().name(), "ready": backend.ready, "checks": backend.checks },
-        "webrtc": state.manager.gateway().map(|g| json!({
-            "udp": g.udp_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "tcp": g.tcp_addr().map(|a| a.to_string()),
-        })),
-    });
-    let status = if ok {
+/// `GET /health`: liveness and readiness from the last background check.
+pub async fn health(health: axum::Extension<Arc<crate::health::Health>>) -> Response {
+    let snap = health.last();
+    (health_status(&snap), Json(snap.public_json())).into_response()
+}
+
+/// `GET /api/health`: every check's last result, for the operator.
+pub async fn health_detail(
+    State(state): State<AppState>,
+    health: axum::Extension<Arc<crate::health::Health>>,
+) -> Response {
+    let snap = health.last();
+    let body = snap.detail_json(&state.manager);
+    (health_status(&snap), Json(body)).into_response()
+}
+
+fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
+    if snap.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+    }
 }
 
 /// `GET /metrics`.

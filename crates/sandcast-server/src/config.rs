@@ -1,5 +1,10 @@
 //! Server configuration: embedded defaults, then a TOML file, then
 //! `SANDCAST_*` environment variables, then command-line flags.
+//!
+//! Only variables that name a setting are configuration (`SANDCAST_LISTEN`,
+//! `SANDCAST_RATE_LIMIT__API_REQUESTS`); the others with the prefix belong to
+//! something else (`SANDCAST_LOG`, the client's `SANDCAST_SERVER`, test
+//! switches) and are left alone, see [`is_setting`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -174,16 +179,27 @@ impl Default for BrowserSettings {
     }
 }
 
-/// Rate limits per client address.
+/// Request rate limits: per API key for requests that carry it, per client
+/// address for the others.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimits {
-    /// Requests to `/api/*` (but `/api/webrtc/*`) per window.
+    /// Requests to `/api/*` (but `/api/webrtc/*`) without a valid API key,
+    /// per client address (IPv6: per /64), per window.
     pub api_requests: u32,
     /// The window of `api_requests`.
     pub api_window_seconds: u64,
-    /// Requests to `/api/webrtc/*` and `/viewer/*` per minute.
+    /// Requests to `/api/*` (but `/api/webrtc/*`) with the API key, per
+    /// window; they never spend an address's `api_requests`.
+    pub key_requests: u32,
+    /// The window of `key_requests`.
+    pub key_window_seconds: u64,
+    /// Requests to `/api/webrtc/*`, `/viewer/*` and `/assets/*` per client
+    /// address per minute.
     pub webrtc_per_minute: u32,
+    /// Reverse proxies (CIDRs) whose `Forwarded` / `X-Forwarded-For` name the
+    /// client; empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for RateLimits {
@@ -191,7 +207,10 @@ impl Default for RateLimits {
         RateLimits {
             api_requests: 100,
             api_window_seconds: 900,
+            key_requests: 6_000,
+            key_window_seconds: 60,
             webrtc_per_minute: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -221,6 +240,9 @@ pub struct WebRtcSettings {
     pub public_ips: Vec<IpAddr>,
     /// STUN/TURN servers handed to viewers (`iceServers` entries).
     pub ice_servers: Vec<serde_json::Value>,
+    /// A TURN server with a shared secret: viewers get short-lived
+    /// credentials for it (the TURN REST scheme).
+    pub turn: Option<TurnSettings>,
     /// The most video frames a session sends a second (1 to 240).
     pub max_fps: u32,
     /// How H.264 is encoded: `camera` (the least time a frame) or `screen`
@@ -236,9 +258,40 @@ impl Default for WebRtcSettings {
             tcp_bind: Some("0.0.0.0:3478".parse().unwrap()),
             public_ips: Vec::new(),
             ice_servers: Vec::new(),
+            turn: None,
             max_fps: 60,
             h264_tuning: sandcast_proto::H264Tuning::Camera,
         }
+    }
+}
+
+/// `[webrtc.turn]`: a TURN server sharing a secret with sandcast (coturn's
+/// `use-auth-secret` / `static-auth-secret`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnSettings {
+    /// Its URLs, e.g. `turn:turn.example.com:3478?transport=udp`.
+    pub urls: Vec<String>,
+    /// The shared secret.
+    pub shared_secret: String,
+    /// How long a handed-out credential is valid.
+    #[serde(default = "TurnSettings::default_ttl")]
+    pub credential_ttl_seconds: u64,
+}
+
+impl TurnSettings {
+    fn default_ttl() -> u64 {
+        3600
+    }
+}
+
+impl std::fmt::Debug for TurnSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnSettings")
+            .field("urls", &self.urls)
+            .field("shared_secret", &"<redacted>")
+            .field("credential_ttl_seconds", &self.credential_ttl_seconds)
+            .finish()
     }
 }
 
@@ -350,6 +403,45 @@ impl FirecrackerSettings {
     }
 }
 
+/// Whether the environment variable `SANDCAST_<key>` (figment's key: the
+/// rest of the name, lower-cased, `__` made `.`) is a setting: its first
+/// part names a top-level key, and a table is only set key by key. Every
+/// other `SANDCAST_*` variable is someone else's (`SANDCAST_LOG`, the
+/// client's `SANDCAST_SERVER`, `SANDCAST_FIRECRACKER` of the benchmarks) and
+/// must not stop the server from starting.
+pub fn is_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let (top, nested) = match key.split_once('.') {
+        Some((top, _)) => (top, true),
+        None => (key.as_str(), false),
+    };
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    match defaults.get(top) {
+        Some(serde_json::Value::Object(_)) => nested,
+        Some(_) => !nested,
+        None => false,
+    }
+}
+
+/// `SANDCAST_*` variables of other parts of sandcast: the log filter and the
+/// client's server URL (`SANDCAST_API_KEY` and `SANDCAST_DATA_DIR` mean the
+/// same to the client and the server).
+pub const RESERVED_ENV: [&str; 2] = ["SANDCAST_LOG", "SANDCAST_SERVER"];
+
+/// `SANDCAST_*` variables in the environment that are neither settings nor
+/// reserved, so ignored: worth a warning, they may be misspelt settings.
+pub fn ignored_env() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.get(..9)
+                .is_some_and(|p| p.eq_ignore_ascii_case("SANDCAST_"))
+                && !RESERVED_ENV.iter().any(|r| r.eq_ignore_ascii_case(k))
+                && !is_setting(&k[9..].replace("__", "."))
+        })
+        .collect()
+}
+
 /// The default configuration file, read when it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/sandcast/sandcast.toml";
 
@@ -371,7 +463,11 @@ impl Config {
             None => {}
         }
         fig = fig
-            .merge(Env::prefixed("SANDCAST_").split("__"))
+            .merge(
+                Env::prefixed("SANDCAST_")
+                    .split("__")
+                    .filter(|k| is_setting(k.as_str())),
+            )
             .merge(overrides);
         let mut config: Config = fig.extract().map_err(|e| e.to_string())?;
         config.fill_derived();
@@ -406,8 +502,24 @@ impl Config {
             crate::limits::check_url(&p.start_url)
                 .map_err(|e| format!("providers.{name}.start_url: {e}"))?;
         }
-        if self.rate_limit.api_requests == 0 || self.rate_limit.webrtc_per_minute == 0 {
+        let r = &self.rate_limit;
+        if r.api_requests == 0 || r.key_requests == 0 || r.webrtc_per_minute == 0 {
             return Err("rate_limit values must be at least 1".into());
+        }
+        if r.key_window_seconds == 0 {
+            return Err("rate_limit.key_window_seconds must be at least 1".into());
+        }
+        if let Some(t) = &self.webrtc.turn {
+            if t.urls.is_empty() || t.shared_secret.is_empty() {
+                return Err("webrtc.turn needs urls and a shared_secret".into());
+            }
+            if !(60..=crate::limits::MAX_TTL).contains(&t.credential_ttl_seconds) {
+                return Err(format!(
+                    "webrtc.turn.credential_ttl_seconds = {} is outside 60 to {}",
+                    t.credential_ttl_seconds,
+                    crate::limits::MAX_TTL
+                ));
+            }
         }
         if !(1..=240).contains(&self.webrtc.max_fps) {
             return Err(format!(
@@ -463,6 +575,9 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.rate_limit.api_requests, 100);
         assert_eq!(c.rate_limit.api_window_seconds, 900);
+        assert_eq!(c.rate_limit.key_requests, 6000);
+        assert_eq!(c.rate_limit.key_window_seconds, 60);
+        assert!(c.rate_limit.trusted_proxies.is_empty());
         assert_eq!(c.rate_limit.webrtc_per_minute, 10_000);
         assert_eq!(c.webrtc.max_fps, 60);
         assert_eq!(c.webrtc.h264_tuning, sandcast_proto::H264Tuning::Camera);
@@ -532,6 +647,39 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
+    fn only_settings_are_read_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SANDCAST_LOG", "debug");
+            jail.set_env("SANDCAST_SERVER", "http://127.0.0.1:1");
+            jail.set_env("SANDCAST_FIRECRACKER", "/usr/local/bin/firecracker");
+            jail.set_env("SANDCAST_LISTN", "127.0.0.1:1");
+            jail.set_env("SANDCAST_API_KEY", "k");
+            jail.set_env("SANDCAST_DATA_DIR", "/tmp/sc-env");
+            jail.set_env("SANDCAST_RATE_LIMIT__KEY_REQUESTS", "9");
+            jail.set_env("SANDCAST_RATE_LIMIT__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]");
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(c.api_key, "k");
+            assert_eq!(c.data_dir, Path::new("/tmp/sc-env"));
+            assert_eq!(c.rate_limit.key_requests, 9);
+            assert_eq!(
+                c.rate_limit.trusted_proxies,
+                ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+            );
+            let mut ignored = ignored_env();
+            ignored.sort();
+            assert_eq!(ignored, ["SANDCAST_FIRECRACKER", "SANDCAST_LISTN"]);
+            // Inside a table, a misspelt key is still refused.
+            jail.set_env("SANDCAST_RATE_LIMIT__KEY_REQUEST", "9");
+            let e = Config::load(None, Figment::new()).unwrap_err();
+            assert!(e.contains("key_request"), "{e}");
+            Ok(())
+        });
+        assert!(is_setting("LISTEN") && is_setting("rate_limit.api_requests"));
+        assert!(!is_setting("log") && !is_setting("server") && !is_setting("session"));
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = |toml: &str| {
             let dir = std::env::temp_dir().join(format!("sc-config-bad-{}", rand::random::<u32>()));
@@ -556,6 +704,10 @@ mod tests {
         assert!(err("[retention]\nseconds = 0").contains("retention.seconds"));
         assert!(err("[logs]\nmax_bytes = 10").contains("logs.max_bytes = 10"));
         assert!(err("[logs]\nrate_bytes_per_second = 0").contains("rate_bytes_per_second"));
+        assert!(
+            err("[rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]").contains("trusted_proxies")
+        );
+        assert!(err("[webrtc.turn]\nurls = [\"turn:t\"]\nshared_secret = \"\"").contains("turn"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod limits;
 pub mod log_read;
 pub mod manager;
@@ -63,11 +64,14 @@ pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
     })
 }
 
-/// Builds the router.
+/// Builds the router. The rate limits are the outermost layer: they decide
+/// whose budget a request spends (the key's or its address's) before any is
+/// charged.
 pub fn router(
     state: api::AppState,
     metrics: Arc<metrics::Metrics>,
     limiters: Arc<ratelimit::Limiters>,
+    health: Arc<health::Health>,
 ) -> Router {
     let api = Router::new()
         .route("/api/sessions", post(api::create).get(api::list))
@@ -75,6 +79,7 @@ pub fn router(
         .route("/api/sessions/{id}/logs", get(api::logs))
         .route("/api/sessions/{id}/events", get(api::events))
         .route("/api/auth/start", post(api::auth_start))
+        .route("/api/health", get(api::health_detail))
         .route(
             "/api/webrtc/session/{id}/offer",
             post(viewer::offer).get(viewer::last_offer),
@@ -100,6 +105,7 @@ pub fn router(
         .route("/assets/{*path}", get(viewer::asset))
         .fallback(api::not_found)
         .layer(axum::Extension(metrics))
+        .layer(axum::Extension(health))
         .layer(axum::Extension(Arc::new(viewer::Signaling::default())))
         .layer(DefaultBodyLimit::max(limits::MAX_BODY))
         // The viewer may be embedded in an operator's page on another origin;
@@ -169,16 +175,24 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             "sessions of the last run marked stopped"
         );
     }
-    let readiness = backend.readiness().await;
-    for c in readiness.checks.iter().filter(|c| !c.ok) {
+    let first = health::Snapshot::take(&manager).await;
+    for c in first.backend.checks.iter().filter(|c| !c.ok) {
         eprintln!("sandcast: backend check failed: {}: {}", c.name, c.detail);
     }
+    let health = health::Health::new(first);
+    tokio::spawn(
+        health
+            .clone()
+            .refresh_every(Arc::downgrade(&manager), health::REFRESH),
+    );
+    let api_key = Arc::new(api_key);
     let state = api::AppState {
         manager: manager.clone(),
-        api_key: Arc::new(api_key),
+        api_key: api_key.clone(),
     };
-    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit));
-    let app = router(state, metrics, limiters);
+    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit, api_key));
+    tokio::spawn(limiters.clone().trim_every(ratelimit::TRIM));
+    let app = router(state, metrics, limiters, health);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
