@@ -41,12 +41,27 @@ fn session_commands_drive_the_api() {
     let (code, out, err) = s.cli(&["session", "list"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id), "list lacks {id}: {out}");
+    let (code, out, err) = s.cli(&["session", "list", "--state", "stopped,failed"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains(&id),
+        "a ready session is listed as stopped or failed: {out}"
+    );
+    let (code, out, err) = s.cli(&["session", "list", "--state", "nonsense"]);
+    assert_ne!(code, 0, "a bad state filter was accepted: {out}");
+    assert!(
+        err.contains("nonsense"),
+        "the error does not name it: {err}"
+    );
     let (code, out, err) = s.cli(&["session", "get", &id]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(json_of(&out)["id"], id.as_str());
     let (code, out, err) = s.cli(&["session", "logs", &id]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("browser"), "logs: {out}");
+    let (code, out, err) = s.cli(&["session", "logs", &id, "--tail", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "--tail 2 printed: {out}");
 
     let (code, out, err) = s.cli(&["session", "get", "no-such-session-42"]);
     assert_ne!(code, 0, "get of an unknown session succeeded: {out}");
