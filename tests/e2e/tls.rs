@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
-use sandcast_e2e::{Server, ServerOptions, colours, input_page, run_viewer, wait_no_leftovers};
+use sandcast_e2e::{
+    Server, ServerOptions, colours, input_page, run_viewer, wait_no_leftovers, with_query,
+};
 use serde_json::json;
 use sha2::Digest;
 
@@ -160,6 +162,19 @@ fn a_viewer_over_https_is_a_secure_context_and_streams_over_webrtc() {
     let stats = &view["steps"][3]["stats"][0];
     assert!(stats["framesDecoded"].as_u64().unwrap_or(0) > 0, "{stats}");
 
+    // noVNC's WebSocket tunnel over WSS on the same port.
+    let vnc = run_viewer(&json!({
+        "url": with_query(url, "mode=vnc"),
+        "kind": "canvas",
+        "mode": "vnc",
+        "chromiumArgs": [format!("--ignore-certificate-errors-spki-list={}", p.spki_sha256)],
+        "steps": [{ "expect": colours::CLICKED, "timeoutMs": 30000 }],
+    }));
+    assert_eq!(
+        vnc["steps"][0]["samples"][0]["secureContext"], true,
+        "{vnc}"
+    );
+
     let stopped = s.delete(&id);
     assert_eq!(stopped["state"], "stopped", "{stopped:#}");
     let left = wait_no_leftovers(&id, Duration::from_secs(15));
@@ -240,4 +255,30 @@ fn doctor_warns_about_plain_http_beyond_loopback_and_checks_the_pair() {
             .any(|l| l.starts_with("FAIL") && l.contains("does not belong")),
         "{text}"
     );
+}
+
+#[test]
+fn serve_refuses_to_start_with_a_pair_that_does_not_load() {
+    let p = pki("a");
+    let other = pki("b");
+    let data = tempfile::tempdir().unwrap();
+    let serve = |cert: &Path, key: &Path| {
+        let out = std::process::Command::new(sandcast_e2e::bin_dir().join("sandcast"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .env("SANDCAST_TLS_CERT", cert)
+            .env("SANDCAST_TLS_KEY", key)
+            .env_remove("SANDCAST_API_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run sandcast serve");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    let (code, err) = serve(Path::new("/nonexistent/cert.pem"), &p.key);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+    let (code, err) = serve(&p.cert, &other.key);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("does not belong"), "{err}");
 }
