@@ -108,6 +108,9 @@ pub struct ServerOptions {
     /// the per-address limit of requests without the key, which tests
     /// probing refusals spend quickly).
     pub default_rate_limits: bool,
+    /// PEM CA certificate the harness's clients (HTTP and `sandcast` CLI)
+    /// trust, for a server with `tls_cert`/`tls_key` in `top`.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// A running `sandcast serve` with its own data directory.
@@ -115,7 +118,7 @@ pub struct Server {
     child: Option<Child>,
     opts: ServerOptions,
     data: tempfile::TempDir,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` for a server with TLS.
     pub base: String,
     /// The API port.
     pub port: u16,
@@ -146,12 +149,19 @@ fn server_lock() -> std::fs::File {
     f
 }
 
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// An HTTP client; for https it trusts only the CA in `ca` (PEM).
+fn http_agent(ca: Option<&Path>, timeout: Option<Duration>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+        .timeout_global(timeout);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
+        let cert = ureq::tls::Certificate::from_pem(&pem)
+            .unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+        let roots = ureq::tls::RootCerts::Specific(Arc::new(vec![cert]));
+        config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
+    }
+    config.build().into()
 }
 
 fn free_port() -> u16 {
@@ -169,6 +179,7 @@ impl Server {
             .prefix("sandcast-e2e-")
             .tempdir()
             .expect("temp data dir");
+        let agent = http_agent(opts.ca_cert.as_deref(), Some(Duration::from_secs(30)));
         let mut s = Server {
             child: None,
             opts,
@@ -177,7 +188,7 @@ impl Server {
             port: 0,
             api_key: String::new(),
             output: Arc::new(Mutex::new(Vec::new())),
-            agent: http_agent(),
+            agent,
             _lock: lock,
         };
         s.spawn(None);
@@ -270,12 +281,15 @@ impl Server {
         }
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
+        let (scheme, addr) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
-                        break rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(rest) = line.split("listening on ").nth(1)
+                        && let Some((scheme, rest)) = rest.split_once("://")
+                    {
+                        let addr = rest.split_whitespace().next().unwrap_or("");
+                        break (scheme.to_string(), addr.to_string());
                     }
                 }
                 Err(_) => {
@@ -300,7 +314,7 @@ impl Server {
             return self.spawn(Some(p));
         }
         self.port = port;
-        self.base = format!("http://127.0.0.1:{port}");
+        self.base = format!("{scheme}://127.0.0.1:{port}");
         if let Some((_, key)) = self.opts.env.iter().find(|(k, _)| k == "SANDCAST_API_KEY") {
             self.api_key = key.clone();
             return;
@@ -376,13 +390,16 @@ impl Server {
     /// Runs `sandcast <args>` as a client of this server; returns
     /// (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin_dir().join("sandcast"))
-            .args(args)
+        let mut cmd = Command::new(bin_dir().join("sandcast"));
+        cmd.args(args)
             .env("SANDCAST_SERVER", &self.base)
             .env("SANDCAST_API_KEY", &self.api_key)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run sandcast");
+            .env_remove("SANDCAST_CA_CERT")
+            .stdin(Stdio::null());
+        if let Some(ca) = &self.opts.ca_cert {
+            cmd.env("SANDCAST_CA_CERT", ca);
+        }
+        let out = cmd.output().expect("run sandcast");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -564,11 +581,7 @@ impl Server {
     /// Opens the session's server-sent events; events arrive on the receiver.
     pub fn events(&self, id: &str) -> EventStream {
         let url = format!("{}/api/sessions/{id}/events", self.base);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(None)
-            .build()
-            .into();
+        let agent = http_agent(self.opts.ca_cert.as_deref(), None);
         let resp = agent
             .get(&url)
             .header("authorization", &format!("Bearer {}", self.api_key))

@@ -223,7 +223,7 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
         .filter(|p| *p == "https")
-        .unwrap_or("http");
+        .unwrap_or(state.manager.config().scheme());
     format!("{proto}://{host}")
 }
 

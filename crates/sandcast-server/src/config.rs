@@ -18,8 +18,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// HTTP address.
+    /// HTTP address (HTTPS when `tls_cert` and `tls_key` are set).
     pub listen: SocketAddr,
+    /// PEM certificate chain (leaf first); with `tls_key`, the server speaks
+    /// HTTPS only, and reloads both files when they change.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// SQLite file, session folders, logs, the generated API key.
     pub data_dir: PathBuf,
     /// Base of `viewer_url`; empty means the scheme and Host of the request.
@@ -299,6 +304,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:8080".parse().unwrap(),
+            tls_cert: None,
+            tls_key: None,
             data_dir: "/var/lib/sandcast".into(),
             public_url: String::new(),
             api_key: String::new(),
@@ -424,9 +431,9 @@ pub fn is_setting(key: &str) -> bool {
 }
 
 /// `SANDCAST_*` variables of other parts of sandcast: the log filter and the
-/// client's server URL (`SANDCAST_API_KEY` and `SANDCAST_DATA_DIR` mean the
+/// client's server URL and CA (`SANDCAST_API_KEY` and `SANDCAST_DATA_DIR` mean the
 /// same to the client and the server).
-pub const RESERVED_ENV: [&str; 2] = ["SANDCAST_LOG", "SANDCAST_SERVER"];
+pub const RESERVED_ENV: [&str; 3] = ["SANDCAST_LOG", "SANDCAST_SERVER", "SANDCAST_CA_CERT"];
 
 /// `SANDCAST_*` variables in the environment that are neither settings nor
 /// reserved, so ignored: worth a warning, they may be misspelt settings.
@@ -484,6 +491,41 @@ impl Config {
         if !self.sandbox.hide_paths.contains(&self.data_dir) {
             self.sandbox.hide_paths.push(self.data_dir.clone());
         }
+        // An empty path (e.g. `SANDCAST_TLS_CERT=`) means unset.
+        for p in [&mut self.tls_cert, &mut self.tls_key] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *p = None;
+            }
+        }
+    }
+
+    /// The certificate and key files when TLS is configured.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
+    /// The scheme clients reach the server with: `https` with TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_files().is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Why listening beyond loopback without TLS is a risk, when it is the case.
+    pub fn plain_http_warning(&self) -> Option<String> {
+        if self.tls_files().is_some() || self.listen.ip().is_loopback() {
+            return None;
+        }
+        Some(format!(
+            "listening on {} beyond loopback without TLS: the API key and every viewer \
+             (its token, video and input) cross the network in clear, and a viewer opened \
+             over plain HTTP from another machine is not a secure context, so the browser \
+             hides the clipboard API from it; set tls_cert and tls_key, or listen on \
+             127.0.0.1 behind a TLS proxy",
+            self.listen
+        ))
     }
 
     /// Rejects values that cannot work, naming them.
@@ -553,6 +595,11 @@ impl Config {
                 "firecracker.jailer.uid = 0: the jail is only worth having with an unprivileged uid"
                     .into(),
             );
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err("tls_cert is set but tls_key is not".into()),
+            (None, Some(_)) => return Err("tls_key is set but tls_cert is not".into()),
+            _ => {}
         }
         let url = &self.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
@@ -652,6 +699,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SANDCAST_LOG", "debug");
             jail.set_env("SANDCAST_SERVER", "http://127.0.0.1:1");
+            jail.set_env("SANDCAST_CA_CERT", "/etc/sandcast/ca.pem");
             jail.set_env("SANDCAST_FIRECRACKER", "/usr/local/bin/firecracker");
             jail.set_env("SANDCAST_LISTN", "127.0.0.1:1");
             jail.set_env("SANDCAST_API_KEY", "k");
@@ -677,6 +725,51 @@ mod tests {
         });
         assert!(is_setting("LISTEN") && is_setting("rate_limit.api_requests"));
         assert!(!is_setting("log") && !is_setting("server") && !is_setting("session"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn tls_needs_both_files_and_plain_http_beyond_loopback_is_warned_about() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(c.tls_files(), None);
+            assert_eq!(c.scheme(), "http");
+            let w = c
+                .plain_http_warning()
+                .expect("0.0.0.0 without TLS is warned about");
+            assert!(w.contains("0.0.0.0:8080") && w.contains("API key"), "{w}");
+            assert!(w.contains("clipboard") && w.contains("tls_cert"), "{w}");
+
+            let local = Figment::from(Serialized::default("listen", "127.0.0.1:8080"));
+            assert_eq!(
+                Config::load(None, local).unwrap().plain_http_warning(),
+                None
+            );
+
+            jail.set_env("SANDCAST_TLS_CERT", "/etc/sandcast/cert.pem");
+            let e = Config::load(None, Figment::new()).unwrap_err();
+            assert!(e.contains("tls_key is not"), "{e}");
+            jail.set_env("SANDCAST_TLS_KEY", "/etc/sandcast/key.pem");
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(
+                c.tls_files(),
+                Some((
+                    Path::new("/etc/sandcast/cert.pem"),
+                    Path::new("/etc/sandcast/key.pem")
+                ))
+            );
+            assert_eq!(c.scheme(), "https");
+            assert_eq!(c.plain_http_warning(), None);
+
+            // Empty values (a template with nothing filled in) mean unset.
+            jail.set_env("SANDCAST_TLS_CERT", "");
+            jail.set_env("SANDCAST_TLS_KEY", "");
+            assert_eq!(
+                Config::load(None, Figment::new()).unwrap().tls_files(),
+                None
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod retention;
 pub mod session_log;
 pub mod store;
+pub mod tls;
 pub mod viewer;
 
 use std::net::SocketAddr;
@@ -137,6 +138,16 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     private_dirs(&config.data_dir)?;
+    let tls = match config.tls_files() {
+        Some((cert, key)) => {
+            let t = tls::Tls::load(cert, key).map_err(anyhow::Error::msg)?;
+            if let Some(w) = tls::key_mode_warning(key) {
+                tracing::warn!("{w}");
+            }
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     let store = Arc::new(
         store::Store::open(&config.data_dir.join("sandcast.sqlite"))
             .context("opening the session store")?,
@@ -197,7 +208,10 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    println!("sandcast listening on http://{addr}");
+    println!("sandcast listening on {}://{addr}", config.scheme());
+    if let Some(w) = config.plain_http_warning() {
+        tracing::warn!("{w}");
+    }
     println!("API key in {}", key_path.display());
     if opts.open_session {
         let m = manager.clone();
@@ -211,12 +225,26 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+        Some(tls) => {
+            use axum::serve::ListenerExt;
+            let watcher = tls.clone().watch(tls::RELOAD_INTERVAL);
+            // `tap_io` is how axum gives a custom listener's peer address to
+            // `ConnectInfo`; nothing is done to the connection.
+            let listener = tls.listener(listener).tap_io(|_| {});
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await;
+            watcher.abort();
+            served?
+        }
+    }
     eprintln!("sandcast: stopping every session");
     manager.stop_all("the server shut down").await;
     Ok(())
@@ -286,7 +314,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
         } else {
             addr.ip().to_string()
         };
-        format!("http://{host}:{}", addr.port())
+        format!("{}://{host}:{}", cfg.scheme(), addr.port())
     } else {
         cfg.public_url.trim_end_matches('/').to_string()
     };

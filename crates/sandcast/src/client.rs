@@ -30,6 +30,10 @@ pub struct ConnArgs {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// PEM file of the CA (or self-signed certificate) to trust for an
+    /// https server instead of the public roots.
+    #[arg(long, env = "SANDCAST_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Session commands.
@@ -119,10 +123,16 @@ impl Client {
                     .to_string()
             }
         };
+        let mut agent = ureq::AgentBuilder::new();
+        if let Some(ca) = &conn.ca_cert {
+            let tls = sandcast_server::tls::client_config(ca)
+                .map_err(|e| anyhow::anyhow!("--ca-cert: {e}"))?;
+            agent = agent.tls_config(std::sync::Arc::new(tls));
+        }
         Ok(Client {
             base: conn.server.trim_end_matches('/').to_string(),
             key,
-            agent: ureq::AgentBuilder::new().build(),
+            agent: agent.build(),
         })
     }
 
