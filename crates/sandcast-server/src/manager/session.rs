@@ -1,8 +1,9 @@
 //! One session as one task: it owns the session's state (children, display,
 //! viewers, last activity, deadlines, the agent's control connection, pending
-//! streams, the instance) and is driven by commands over bounded channels,
-//! like the gateway's hub. Readers get a [`Snapshot`] through a `watch`;
-//! nothing about a session sits behind a lock.
+//! streams, the instance, its log and the gate on its agent's stored events)
+//! and is driven by commands over bounded channels, like the gateway's hub.
+//! Readers get a [`Snapshot`] through a `watch`; nothing about a session
+//! sits behind a lock but its [`SessionLog`]'s writer, which is the log's own.
 //!
 //! [`Core`] is the sans-IO part (time passed in); [`Actor`] is its I/O edge.
 
@@ -26,6 +27,8 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use super::agent_conn::{self, Bounds, Channel, FromAgent};
 use super::backlog::Backlog;
 use super::{Manager, ManagerError, now_ms};
+use crate::budget::EventGate;
+use crate::session_log::{self, SessionLog};
 use crate::store::{Spec, State};
 
 /// How long a stopping agent gets before it is killed.
@@ -73,7 +76,7 @@ pub struct Live {
     id: String,
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Snapshot>,
-    logs: broadcast::Sender<String>,
+    log: Arc<SessionLog>,
     ended: watch::Receiver<bool>,
 }
 
@@ -113,7 +116,7 @@ impl Live {
 
     /// Log lines as they come.
     pub fn subscribe_logs(&self) -> broadcast::Receiver<String> {
-        self.logs.subscribe()
+        self.log.subscribe()
     }
 
     /// Resolves to true once the session's processes are gone.
@@ -286,8 +289,9 @@ pub struct Actor {
     bounds: Bounds,
     video_cap: watch::Sender<usize>,
     snapshot: watch::Sender<Snapshot>,
-    logs: broadcast::Sender<String>,
-    log_file: Option<std::fs::File>,
+    log: Arc<SessionLog>,
+    /// Child and display reports stored beyond this budget are dropped.
+    events_gate: EventGate,
     ended: watch::Sender<bool>,
     refusals: u64,
     finished: bool,
@@ -301,7 +305,16 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (to_self, from_agent) = mpsc::channel(AGENT_QUEUE);
     let (snapshot, snapshot_rx) = watch::channel(core.snapshot());
-    let (logs, _) = broadcast::channel(1024);
+    let log = Arc::new(SessionLog::open(
+        &session_log::dir(&m.config.data_dir),
+        &id,
+        &m.config.logs,
+    ));
+    let events_gate = EventGate::new(
+        m.config.logs.events_per_second,
+        m.config.logs.events_burst,
+        now,
+    );
     let (ended, ended_rx) = watch::channel(false);
     let bounds = Bounds::new(&m.config.agent_channel);
     let (video_cap, _) = watch::channel(agent_conn::video_frame_cap(
@@ -309,18 +322,11 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         spec.height,
         bounds.video_max,
     ));
-    let logs_dir = m.config.data_dir.join("logs");
-    let _ = std::fs::create_dir_all(&logs_dir);
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(logs_dir.join(format!("{id}.log")))
-        .ok();
     let live = Arc::new(Live {
         id: id.clone(),
         commands: commands_tx,
         snapshot: snapshot_rx,
-        logs: logs.clone(),
+        log: log.clone(),
         ended: ended_rx,
     });
     let dir = m.config.data_dir.join("sessions").join(&id);
@@ -345,8 +351,8 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         bounds,
         video_cap,
         snapshot,
-        logs,
-        log_file,
+        log,
+        events_gate,
         ended,
         refusals: 0,
         finished: false,
@@ -424,22 +430,51 @@ impl Actor {
                 }
             }
         }
+        // After the final state and its log line: whoever waits for the end
+        // (`Manager::stop`, log followers) finds the session's record and
+        // log complete, and later lines reach followers only.
+        self.log.close();
+        self.ended.send_replace(true);
     }
 
     fn publish(&self) {
         self.snapshot.send_replace(self.core.snapshot());
     }
 
-    fn log(&mut self, source: &str, stream: &str, line: &str) {
-        let text = format!(
-            "{} {source} {stream}: {line}",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
-        if let Some(f) = self.log_file.as_mut() {
-            use std::io::Write;
-            let _ = writeln!(f, "{text}");
+    /// Writes a line of the session's output within its log budget.
+    fn log(&self, source: &str, stream: &str, line: &str) {
+        self.log.write(source, stream, line);
+    }
+
+    /// Writes a line of the server's own about the session (state changes,
+    /// agent connections), which the session's output cannot crowd out.
+    fn note(&self, text: &str) {
+        self.log.write_server(text);
+    }
+
+    /// Stores and announces a report of the agent within the session's
+    /// event budget; beyond it the report is dropped and counted, and the
+    /// count stored before the next one that passes.
+    fn agent_event(&mut self, kind: &'static str, data: serde_json::Value) {
+        match self.events_gate.admit(Instant::now()) {
+            None => {}
+            Some(0) => self.m.event(&self.id, kind, data),
+            Some(dropped) => {
+                let logs = &self.m.config.logs;
+                self.m.event(
+                    &self.id,
+                    "dropped",
+                    json!({
+                        "events": dropped,
+                        "reason": format!(
+                            "the agent reported more than {} events a second (burst {})",
+                            logs.events_per_second, logs.events_burst
+                        ),
+                    }),
+                );
+                self.m.event(&self.id, kind, data);
+            }
         }
-        let _ = self.logs.send(text);
     }
 
     fn set_state(&mut self, state: State, reason: Option<&str>) -> bool {
@@ -449,15 +484,11 @@ impl Actor {
         ) {
             return false;
         }
-        self.log(
-            "server",
-            "agent",
-            &format!(
-                "session {}{}",
-                state.as_str(),
-                reason.map(|r| format!(": {r}")).unwrap_or_default()
-            ),
-        );
+        self.note(&format!(
+            "session {}{}",
+            state.as_str(),
+            reason.map(|r| format!(": {r}")).unwrap_or_default()
+        ));
         self.m.event(
             &self.id,
             "state",
@@ -478,7 +509,12 @@ impl Actor {
     /// Binds the agent socket, starts listening, and returns the backend's
     /// start as a future the task polls beside its commands.
     fn launch(&mut self) -> Result<Starting, String> {
-        std::fs::create_dir_all(&self.dir)
+        use std::os::unix::fs::DirBuilderExt;
+        // Searchable (the sandboxed user reaches its socket by path), not listable.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.dir)
             .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
         let id = SessionId::new(self.id.clone()).map_err(|e| e.to_string())?;
         let backend = self.m.backend.clone();
@@ -557,21 +593,19 @@ impl Actor {
         if let Some(f) = self.starting.take() {
             match f.await {
                 Ok(instance) => self.instance = Some(instance),
-                Err(e) => self.log("server", "agent", &e),
+                Err(e) => self.note(&e),
             }
         }
         if let Some(instance) = self.instance.take()
             && let Err(e) = instance.stop(STOP_GRACE).await
         {
-            self.log("server", "agent", &format!("stopping the instance: {e}"));
+            self.note(&format!("stopping the instance: {e}"));
             tracing::error!(session = %self.id, error = %e, "stopping instance");
         }
         self.control = None;
         self.streams.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
         self.m.live.lock().unwrap().remove(&self.id);
-        self.ended.send_replace(true);
-        self.log_file = None;
         self.finished = true;
     }
 
@@ -699,7 +733,7 @@ impl Actor {
                 } else {
                     self.control_taken = true;
                     let _ = reply.send(Some(self.session_config()));
-                    self.log("server", "agent", &format!("agent {version} connected"));
+                    self.note(&format!("agent {version} connected"));
                 }
             }
             FromAgent::ControlUp(tx) => self.control = Some(tx),
@@ -710,16 +744,12 @@ impl Actor {
             FromAgent::Refused(why) => {
                 self.refusals += 1;
                 if self.refusals <= REFUSALS_LOGGED {
-                    self.log("server", "agent", &why);
+                    self.note(&why);
                 } else if self.refusals.is_power_of_two() {
-                    self.log(
-                        "server",
-                        "agent",
-                        &format!(
-                            "{} agent connections refused or failed so far",
-                            self.refusals
-                        ),
-                    );
+                    self.note(&format!(
+                        "{} agent connections refused or failed so far",
+                        self.refusals
+                    ));
                 }
             }
         }
@@ -759,7 +789,7 @@ impl Actor {
                 let data = serde_json::to_value(&report).unwrap_or_default();
                 self.core.children.insert(report.name.clone(), report);
                 self.publish();
-                m.event(&self.id, "child", data);
+                self.agent_event("child", data);
             }
             Message::Log(line) => {
                 let stream = match line.stream {
@@ -780,11 +810,7 @@ impl Actor {
                 if let Some(gw) = &m.gateway {
                     gw.send_to_viewers(&self.id, ViewerMessage::DisplaySize { width, height });
                 }
-                m.event(
-                    &self.id,
-                    "display",
-                    json!({"width": width, "height": height}),
-                );
+                self.agent_event("display", json!({"width": width, "height": height}));
             }
             Message::Ping { seq } => self.send_agent(Message::Pong { seq }),
             _ => {}
