@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod limits;

@@ -95,6 +95,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         );
         ok &= c.ok;
     }
+    // Sessions start on an overcommitted host, but may be killed under
+    // memory pressure: a warning, not a failure.
+    if let Some(w) = config.overcommit_warning() {
+        println!("WARN {:<28} {w}", "memory");
+    }
     if ok {
         println!("everything sandcast needs is here");
         Ok(ExitCode::SUCCESS)
