@@ -988,9 +988,10 @@ fn program_fd(program: &[u8]) -> Result<OwnedFd, BackendError> {
 }
 
 /// The hidden paths that exist, as directories or files; never the stage
-/// (or an ancestor of it), which bwrap needs.
+/// (or an ancestor of it), which bwrap needs, and nothing inside another
+/// hidden directory (gone from view once that is covered).
 fn hidden_paths(paths: &[PathBuf], stage_dir: &Path) -> Vec<launch::Hidden> {
-    paths
+    let found: Vec<launch::Hidden> = paths
         .iter()
         .filter(|p| p.is_absolute() && !stage_dir.starts_with(p))
         .filter_map(|p| {
@@ -1000,6 +1001,15 @@ fn hidden_paths(paths: &[PathBuf], stage_dir: &Path) -> Vec<launch::Hidden> {
                 dir: m.is_dir(),
             })
         })
+        .collect();
+    found
+        .iter()
+        .filter(|h| {
+            !found
+                .iter()
+                .any(|o| o.dir && o.path != h.path && h.path.starts_with(&o.path))
+        })
+        .cloned()
         .collect()
 }
 
@@ -1613,6 +1623,39 @@ mod tests {
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"browser_policy": {}}"#).is_err());
         assert_eq!(c.name_prefix, "sandcast");
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"nope": 1}"#).is_err());
+    }
+
+    #[test]
+    fn hidden_paths_skip_the_stage_and_what_another_covers() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("sandbox")).unwrap();
+        std::fs::write(t.path().join("c.toml"), "").unwrap();
+        let stage = t.path().join("run/stage");
+        std::fs::create_dir_all(&stage).unwrap();
+        let h = hidden_paths(
+            &[
+                data.join("sandbox"),
+                data.clone(),
+                t.path().join("c.toml"),
+                t.path().join("missing"),
+                t.path().join("run"),
+            ],
+            &stage,
+        );
+        assert_eq!(
+            h,
+            [
+                launch::Hidden {
+                    path: data,
+                    dir: true
+                },
+                launch::Hidden {
+                    path: t.path().join("c.toml"),
+                    dir: false
+                },
+            ]
+        );
     }
 
     #[test]
