@@ -14,6 +14,9 @@ pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// a bug or an attack.
 pub const MAX_JSON_LEN: usize = 1024 * 1024;
 
+/// Most room reserved for a frame beyond the bytes already buffered.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 const KIND_JSON: u8 = 1;
 const KIND_VIDEO: u8 = 2;
 const HEADER_LEN: usize = 5;
@@ -97,7 +100,12 @@ impl Decoder for FrameCodec {
             }
         }
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            // Room grows with the bytes that arrive, not with the length
+            // announced: a peer that announces the largest frame and sends
+            // five bytes costs a few KiB, not 8 MiB per connection. Doubling
+            // keeps a large frame's copies to a few.
+            let missing = 4 + len - src.len();
+            src.reserve(missing.min(src.len().max(RESERVE_AHEAD)));
             return Ok(None);
         }
         src.advance(4);
@@ -289,6 +297,45 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn an_announced_length_is_not_reserved_before_its_bytes_arrive() {
+        // The largest video frame announced, five bytes sent: this used to
+        // reserve all 8 MiB at once.
+        let mut buf = BytesMut::new();
+        buf.put_u32(MAX_FRAME_LEN as u32);
+        buf.put_u8(KIND_VIDEO);
+        assert!(FrameCodec.decode(&mut buf).unwrap().is_none());
+        assert!(
+            buf.capacity() <= 2 * RESERVE_AHEAD,
+            "{} bytes reserved for 5 received",
+            buf.capacity()
+        );
+        // The frame still arrives whole, however it is cut.
+        let data = vec![7u8; 3 * RESERVE_AHEAD];
+        let video = VideoFrame {
+            header: VideoHeader {
+                codec: Codec::Vp8,
+                keyframe: false,
+                width: 2,
+                height: 2,
+                seq: 1,
+                capture_us: 1,
+            },
+            data: Bytes::from(data),
+        };
+        let mut whole = BytesMut::new();
+        FrameCodec.encode(video.clone(), &mut whole).unwrap();
+        let mut buf = BytesMut::new();
+        for chunk in whole.chunks(10_000) {
+            assert!(FrameCodec.decode(&mut buf).unwrap().is_none());
+            buf.extend_from_slice(chunk);
+        }
+        assert_eq!(
+            FrameCodec.decode(&mut buf).unwrap(),
+            Some(Frame::Video(video))
+        );
     }
 
     #[test]
