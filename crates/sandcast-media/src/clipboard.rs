@@ -695,4 +695,40 @@ mod tests {
             "short and sweet"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn selection_text_is_within_the_limit(
+                bytes in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..4096),
+                    (any::<u8>(), 0..MAX_TEXT_LEN + 64).prop_map(|(b, n)| vec![b; n]),
+                    (0..MAX_TEXT_LEN + 64).prop_map(|n| "é".repeat(n / 2).into_bytes()),
+                ]
+            ) {
+                match selection_text(&bytes) {
+                    Some(text) => {
+                        prop_assert!(text.len() <= MAX_TEXT_LEN);
+                        if let Ok(valid) = std::str::from_utf8(&bytes) {
+                            prop_assert_eq!(text, valid);
+                        }
+                    }
+                    None => prop_assert!(
+                        bytes.len() > MAX_TEXT_LEN
+                            || String::from_utf8_lossy(&bytes).len() > MAX_TEXT_LEN
+                    ),
+                }
+            }
+
+            #[test]
+            fn reads_never_ask_for_more_than_the_limit(have in 0..MAX_TEXT_LEN * 2) {
+                let bytes = words_for(have) as usize * 4;
+                prop_assert!(bytes <= MAX_TEXT_LEN.saturating_sub(have) + 4);
+                prop_assert!(bytes > MAX_TEXT_LEN.saturating_sub(have));
+            }
+        }
+    }
 }
