@@ -279,6 +279,10 @@ impl Hub {
 
     /// Sends a message to every viewer of a session.
     pub fn send_to_viewers(&mut self, session: &str, msg: &ViewerMessage, now: Instant) {
+        if let Err(e) = msg.check() {
+            tracing::warn!(session, "not sent to the viewers: {e}");
+            return;
+        }
         let Some(s) = self.sessions.get_mut(session) else {
             return;
         };

@@ -142,6 +142,23 @@ pub enum ViewerMessage {
     },
 }
 
+impl ViewerMessage {
+    /// Checks what the session sends viewers against the limits viewers
+    /// are held to: the session (its agent included) is not trusted, and a
+    /// viewer that reads nothing has up to 256 messages queued.
+    pub fn check(&self) -> Result<(), MessageError> {
+        match self {
+            ViewerMessage::Clipboard { text } if text.len() > MAX_TEXT_LEN => {
+                Err(MessageError::Invalid(format!(
+                    "clipboard text of {} bytes exceeds {MAX_TEXT_LEN}",
+                    text.len()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Token bucket limiting how many messages a viewer may send.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
@@ -277,6 +294,20 @@ mod tests {
             parse_viewer_message(&big),
             Err(MessageError::TooLarge(MAX_MESSAGE_LEN + 1))
         );
+    }
+
+    #[test]
+    fn clipboard_text_for_viewers_is_held_to_the_limit() {
+        // An agent sending 1 MiB of clipboard text had it queued for every
+        // viewer as it was.
+        let long = ViewerMessage::Clipboard {
+            text: "a".repeat(MAX_TEXT_LEN + 1),
+        };
+        assert!(matches!(long.check(), Err(MessageError::Invalid(m)) if m.contains("65537")));
+        let ok = ViewerMessage::Clipboard {
+            text: "a".repeat(MAX_TEXT_LEN),
+        };
+        assert_eq!(ok.check(), Ok(()));
     }
 
     #[test]
