@@ -1,12 +1,16 @@
 //! The sandbox backend: one session in Linux namespaces and a cgroup, with its own network namespace.
 //!
-//! Each session runs `sandcast-agent` under bubblewrap as an unprivileged
-//! host user (default 65534, `nobody`) in new user, mount, PID, IPC and UTS
+//! Each session runs `sandcast-agent` under bubblewrap as a host uid of its
+//! own (from `uid_range`, see [`uid`]) in new user, mount, PID, IPC and UTS
 //! namespaces, inside a network namespace of its own (`<prefix>-<id>`) that
-//! is joined before bwrap starts. The root file system (the host's `/` or an
-//! image directory) is read-only; home, `/tmp` and `/dev/shm` are private and
-//! writable. Memory, CPU and process limits live in a cgroup
-//! (`<cgroup_parent>/<id>`, v1 or v2, detected at runtime).
+//! is joined before bwrap starts, under a seccomp filter (see [`seccomp`])
+//! that every process of the session inherits. The root file system (the
+//! host's `/` or an image directory) is read-only, with sandcast's own files
+//! hidden; home, `/tmp`, `/var/tmp`, `/run` and `/dev/shm` are private,
+//! size-limited tmpfs counted in the session's memory. The browser gets
+//! managed policies (see [`policy`]). Memory, CPU and process limits live in
+//! a cgroup (`<cgroup_parent>/<id>`, v1 or v2, detected at runtime); the
+//! parent's memory limit bounds all sessions together.
 //!
 //! The session reaches the outside only through a veth pair (`sc-<8 hex>`,
 //! whose host end has no address: a route and static neighbours suffice)
@@ -39,9 +43,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! - Sessions run as `run_as_uid`/`run_as_gid` (default 65534, `nobody`);
-//!   nothing is added to the host's `/etc/passwd`. The agent socket is
-//!   chowned to that user so it can connect.
+//! - Each session runs as its own uid and gid (the same number) from
+//!   `uid_range`, never named in `/etc/passwd` or `/etc/group` and never
+//!   shared by two live sessions; nothing is added to the host's account
+//!   files. The agent socket and the session directory are chowned to that
+//!   uid with mode 0700, so no other session (and no other unprivileged
+//!   user) can connect; [`Backend::agent_peer_uid`] tells the server which
+//!   uid to expect on the socket.
 //! - `start` must run inside a tokio runtime, which also reaps the sandbox.
 //!   bwrap is forked from a thread that lives as long as the process, so a
 //!   session ends (`--die-with-parent`) when the server process ends, not
@@ -49,19 +57,23 @@
 //! - When the agent or bwrap ends by itself, every process of the session is
 //!   killed at once; its network, cgroup and files stay until
 //!   [`Instance::stop`] (or [`Backend::reap`]).
-//! - Only `session_dir/sandbox` (home, `/tmp`, generated `resolv.conf` and
-//!   `hosts`) belongs to the backend; the server removes the session directory.
+//! - Only `session_dir/sandbox` (generated `resolv.conf`, `hosts` and
+//!   browser policies) belongs to the backend; the server removes the
+//!   session directory. Nothing a session writes lands on the host's disk.
 
 pub mod cgroup;
 pub mod launch;
 pub mod net;
+pub mod policy;
+pub mod seccomp;
 pub mod state;
+pub mod uid;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::io::{self, Read};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -80,6 +92,7 @@ use tokio::sync::{OnceCell, watch};
 
 use crate::cgroup::{Layout, SessionCgroup};
 use crate::net::FirewallEntry;
+pub use crate::policy::BrowserPolicy;
 use crate::state::Record;
 
 /// How many lines of bwrap/agent output are kept to explain an exit.
@@ -95,10 +108,10 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// Root file system shown read-only in sessions; `None` is the host's `/`.
     pub image_root: Option<PathBuf>,
-    /// Host uid the session runs as (never 0).
-    pub run_as_uid: u32,
-    /// Host gid the session runs as (never 0).
-    pub run_as_gid: u32,
+    /// Host uids (and gids of the same numbers) for sessions, first and
+    /// last: each session gets one no other session, account file or
+    /// process uses.
+    pub uid_range: [u32; 2],
     /// Parent of the session cgroups, relative to each hierarchy's root.
     pub cgroup_parent: String,
     /// Where cgroup file systems are mounted.
@@ -116,10 +129,21 @@ pub struct SandboxConfig {
     pub dns: Vec<IpAddr>,
     /// Size of each session's /dev/shm in MiB (Chromium needs plenty).
     pub shm_mib: u64,
-    /// Host paths hidden inside sessions when the host root is used (for
-    /// example the server's data directory). The state directory and the
-    /// parent of the session directory are always hidden.
+    /// Size of each of a session's home, /tmp, /var/tmp and /run in MiB
+    /// (tmpfs, counted in the session's memory limit).
+    pub writable_mib: u64,
+    /// Memory limit of all sessions together in MiB (the memory limit of
+    /// `cgroup_parent`); 0 leaves the parent unlimited.
+    pub sessions_memory_mib: u64,
+    /// Host paths (directories or files) hidden inside sessions when the
+    /// host root is used (for example the server's data directory and
+    /// configuration file). The state directory, the parent of the session
+    /// directory, `/etc/sandcast` and `/var/lib/sandcast` are always hidden.
     pub hide_paths: Vec<PathBuf>,
+    /// URL filters for the session's browser; set from the server's
+    /// `[browser]` section.
+    #[serde(skip)]
+    pub browser_policy: BrowserPolicy,
     /// Host directory (mode 0755) holding the stage mount point and the
     /// lock that serialises address allocation between backends.
     pub stage_dir: PathBuf,
@@ -136,8 +160,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             state_dir: "/var/lib/sandcast/sandbox".into(),
             image_root: None,
-            run_as_uid: 65534,
-            run_as_gid: 65534,
+            uid_range: [2_000_000, 2_065_535],
             cgroup_parent: "sandcast".into(),
             cgroup_root: "/sys/fs/cgroup".into(),
             subnet: "100.64.0.0/16".into(),
@@ -145,7 +168,10 @@ impl Default for SandboxConfig {
             egress_deny: vec!["169.254.0.0/16".into()],
             dns: Vec::new(),
             shm_mib: 512,
+            writable_mib: 1024,
+            sessions_memory_mib: 0,
             hide_paths: Vec::new(),
+            browser_policy: BrowserPolicy::default(),
             stage_dir: "/run/sandcast-sandbox".into(),
             bwrap: "/usr/bin/bwrap".into(),
             ip: "/usr/sbin/ip".into(),
@@ -162,6 +188,8 @@ pub struct SandboxBackend {
 
 struct Inner {
     cfg: SandboxConfig,
+    /// The compiled seccomp programs.
+    seccomp: Vec<Vec<u8>>,
     subnet: Ipv4Net,
     deny: Vec<Ipv4Net>,
     layout: Result<Layout, String>,
@@ -217,12 +245,10 @@ impl SandboxBackend {
                 "name_prefix {p:?} must be 1-16 lowercase letters or digits, starting with a letter"
             ));
         }
-        if cfg.run_as_uid == 0 || cfg.run_as_gid == 0 {
-            return bad(format!(
-                "run_as_uid {} / run_as_gid {}: sessions must run as an unprivileged user, not root",
-                cfg.run_as_uid, cfg.run_as_gid
-            ));
-        }
+        uid::check_range(cfg.uid_range).map_err(BackendError::InvalidSpec)?;
+        cfg.browser_policy
+            .check()
+            .map_err(BackendError::InvalidSpec)?;
         let parent = Path::new(&cfg.cgroup_parent);
         if cfg.cgroup_parent.is_empty()
             || parent.is_absolute()
@@ -237,6 +263,15 @@ impl SandboxBackend {
         }
         if cfg.shm_mib < 16 {
             return bad(format!("shm_mib {} is below 16", cfg.shm_mib));
+        }
+        if cfg.writable_mib < 16 {
+            return bad(format!("writable_mib {} is below 16", cfg.writable_mib));
+        }
+        if cfg.sessions_memory_mib != 0 && cfg.sessions_memory_mib < 64 {
+            return bad(format!(
+                "sessions_memory_mib {} is below 64 (0 means no limit)",
+                cfg.sessions_memory_mib
+            ));
         }
         for (name, dir) in [("state_dir", &cfg.state_dir), ("stage_dir", &cfg.stage_dir)] {
             if !dir.is_absolute() {
@@ -268,11 +303,14 @@ impl SandboxBackend {
         // bwrap runs as the session user and must traverse the stage.
         mkdir(&cfg.stage_dir, 0o755)?;
         mkdir(&cfg.stage_dir.join("stage"), 0o755)?;
+        mkdir(&uid::claims_dir(&cfg.stage_dir), 0o700)?;
         let layout = Layout::detect(&cfg.cgroup_root).map_err(|e| e.to_string());
         let table = net::table_name(&cfg.name_prefix);
+        let seccomp = seccomp::programs().map_err(BackendError::InvalidSpec)?;
         Ok(SandboxBackend {
             inner: Arc::new(Inner {
                 cfg,
+                seccomp,
                 subnet,
                 deny,
                 layout,
@@ -430,6 +468,16 @@ impl Inner {
                 }
             }
         }
+        if let Some(uid) = rec.uid
+            && let Err(e) = uid::release(
+                &uid::claims_dir(&self.cfg.stage_dir),
+                uid,
+                &self.cfg.state_dir,
+                &rec.id,
+            )
+        {
+            errors.push(e);
+        }
         if rec.files_dir.exists() {
             // remove_dir_all does not follow symlinks the session may have made.
             match std::fs::remove_dir_all(&rec.files_dir) {
@@ -450,21 +498,24 @@ impl Inner {
     }
 
     /// Host paths hidden inside a session with this session directory.
-    fn hidden(&self, session_dir: &Path) -> Vec<PathBuf> {
+    fn hidden(&self, session_dir: &Path) -> Vec<launch::Hidden> {
         if self.cfg.image_root.is_some() {
             return Vec::new(); // host paths are not in an image root anyway
         }
-        let mut v: Vec<PathBuf> = vec![self.cfg.state_dir.clone()];
+        let mut v: Vec<PathBuf> = vec![
+            self.cfg.state_dir.clone(),
+            "/etc/sandcast".into(),
+            "/var/lib/sandcast".into(),
+        ];
         if let Some(p) = session_dir.parent()
             && p != Path::new("/")
         {
             v.push(p.to_path_buf());
         }
         v.extend(self.cfg.hide_paths.iter().cloned());
-        v.retain(|p| p.is_absolute() && p.is_dir());
         v.sort();
         v.dedup();
-        v
+        hidden_paths(&v, &self.cfg.stage_dir)
     }
 
     async fn setup_network(&self, rec: &Record) -> Result<(), BackendError> {
@@ -523,7 +574,7 @@ impl Inner {
         Ok(())
     }
 
-    fn write_files(&self, spec: &LaunchSpec, files: &Path) -> Result<(), BackendError> {
+    fn write_files(&self, spec: &LaunchSpec, files: &Path, uid: u32) -> Result<(), BackendError> {
         let cfg = &self.cfg;
         let io_err = |what: &str, p: &Path| {
             let what = format!("{what} {}", p.display());
@@ -538,14 +589,17 @@ impl Inner {
         std::fs::create_dir(files).map_err(io_err("creating", files))?;
         std::fs::set_permissions(files, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod", files))?;
-        for d in ["home", "tmp"] {
-            let p = files.join(d);
-            std::fs::create_dir(&p).map_err(io_err("creating", &p))?;
-            std::os::unix::fs::chown(&p, Some(cfg.run_as_uid), Some(cfg.run_as_gid))
-                .map_err(io_err("chown", &p))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_err("chmod", &p))?;
+        let managed = files.join(launch::POLICY_SUBDIR);
+        std::fs::create_dir_all(&managed).map_err(io_err("creating", &managed))?;
+        for d in [files.join("policies"), managed.clone()] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err("chmod", &d))?;
         }
+        let policy = managed.join(policy::FILE_NAME);
+        std::fs::write(&policy, cfg.browser_policy.to_json())
+            .map_err(io_err("writing", &policy))?;
+        std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod", &policy))?;
         let host_resolv: Vec<String> = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
@@ -562,33 +616,26 @@ impl Inner {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
                 .map_err(io_err("chmod", &p))?;
         }
-        // The session user connects to the server's socket, so it must own it.
-        std::os::unix::fs::chown(
-            &spec.agent_socket,
-            Some(cfg.run_as_uid),
-            Some(cfg.run_as_gid),
-        )
-        .map_err(io_err("chown", &spec.agent_socket))?;
+        // The session's uid connects to the server's socket, so it owns it;
+        // mode 0700 on both keeps every other unprivileged uid out.
+        for p in [&spec.session_dir, &spec.agent_socket] {
+            std::os::unix::fs::chown(p, Some(uid), Some(uid)).map_err(io_err("chown", p))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", p))?;
+        }
         Ok(())
     }
 
     fn check_spec(&self, spec: &LaunchSpec) -> Result<(), BackendError> {
         cgroup::validate_limits(&spec.limits)?;
-        let uid = self.cfg.run_as_uid;
         let meta = std::fs::metadata(&spec.agent_binary).map_err(|e| {
             BackendError::InvalidSpec(format!("agent binary {}: {e}", spec.agent_binary.display()))
         })?;
         let mode = meta.permissions().mode();
-        let rx = if meta.uid() == uid {
-            mode & 0o500 == 0o500
-        } else if meta.gid() == self.cfg.run_as_gid {
-            mode & 0o050 == 0o050
-        } else {
-            mode & 0o005 == 0o005
-        };
-        if !meta.is_file() || !rx {
+        // Session uids own nothing and are in no group: "others" applies.
+        if !meta.is_file() || mode & 0o005 != 0o005 {
             return Err(BackendError::InvalidSpec(format!(
-                "agent binary {} must be a file readable and executable by uid {uid} (mode is {:o})",
+                "agent binary {} must be a file readable and executable by every user (o+rx): sessions run as uids of uid_range (mode is {:o})",
                 spec.agent_binary.display(),
                 mode & 0o7777
             )));
@@ -633,7 +680,7 @@ impl Inner {
         let live = net::host_ipv4_in_use(&cfg.ip).await?;
         let block = net::allocate(self.subnet, &used, &live)?;
         let cg = layout.session(&cfg.cgroup_parent, id);
-        let rec = Record {
+        let mut rec = Record {
             id: id.to_string(),
             netns,
             veth: net::veth_name(&cfg.name_prefix, id),
@@ -644,8 +691,19 @@ impl Inner {
             cgroup_dirs: cg.dirs().to_vec(),
             files_dir: spec.session_dir.join("sandbox"),
             pid: None,
+            uid: None,
         };
-        rec.save(&cfg.state_dir)?;
+        // The record (with the uid) is saved under the uid claims' lock.
+        uid::allocate(
+            cfg.uid_range,
+            &uid::claims_dir(&cfg.stage_dir),
+            &cfg.state_dir,
+            id,
+            |u| {
+                rec.uid = Some(u);
+                rec.save(&cfg.state_dir)
+            },
+        )?;
         let net_result = self.setup_network(&rec).await;
         drop(lock);
         let result = match net_result {
@@ -670,13 +728,20 @@ impl Inner {
         cg: SessionCgroup,
     ) -> Result<SandboxInstance, BackendError> {
         let cfg = &self.cfg;
-        self.write_files(spec, &rec.files_dir)?;
+        let uid = rec.uid.expect("allocated before launch");
+        self.write_files(spec, &rec.files_dir, uid)?;
         let limits = spec.limits;
         let parent = cfg.cgroup_parent.clone();
         let cg2 = cg.clone();
-        tokio::task::spawn_blocking(move || cg2.create(&parent, &limits))
-            .await
-            .expect("cgroup task")?;
+        let (layout, all) = (self.layout()?.clone(), cfg.sessions_memory_mib);
+        tokio::task::spawn_blocking(move || {
+            if all != 0 {
+                layout.limit_parent_memory(&parent, all)?;
+            }
+            cg2.create(&parent, &limits)
+        })
+        .await
+        .expect("cgroup task")?;
 
         let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
         let stage = cfg.stage_dir.join("stage");
@@ -684,28 +749,40 @@ impl Inner {
         let staged = launch::staged(
             &spec.agent_binary,
             &spec.agent_socket,
-            &files.join("home"),
-            &files.join("tmp"),
             &files.join("resolv.conf"),
             &files.join("hosts"),
+            &files.join("policies"),
         );
         let (info_r, info_w) = pipe()?;
         let (step_r, step_w) = pipe()?;
+        let seccomp_fds = self
+            .seccomp
+            .iter()
+            .map(|p| program_fd(p))
+            .collect::<Result<Vec<OwnedFd>, BackendError>>()?;
         let args = launch::bwrap_args(&launch::BwrapArgs {
             root: root.clone(),
             stage: stage.clone(),
             shm_bytes: cfg.shm_mib << 20,
-            hide: self.hidden(&spec.session_dir),
+            writable_bytes: cfg.writable_mib << 20,
+            policies: policy::POLICY_DIRS
+                .iter()
+                .filter_map(|d| launch::PolicyMount::for_root(&root, d))
+                .collect(),
             resolv_target: launch::resolv_target(&root),
             info_fd: info_w.as_raw_fd(),
+            seccomp_fds: seccomp_fds.iter().map(AsRawFd::as_raw_fd).collect(),
         });
+        let mut pass_fds = vec![info_w.as_raw_fd()];
+        pass_fds.extend(seccomp_fds.iter().map(AsRawFd::as_raw_fd));
         let pre = launch::PreExec::prepare(
             &Path::new("/run/netns").join(&rec.netns),
             &cg.procs_files(),
             &stage,
             &staged,
-            (cfg.run_as_uid, cfg.run_as_gid),
-            info_w.as_raw_fd(),
+            &self.hidden(&spec.session_dir),
+            (uid, uid),
+            pass_fds,
             step_w.as_raw_fd(),
         )
         .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?;
@@ -724,6 +801,7 @@ impl Inner {
         let spawned = spawn_from_lasting_thread(cmd).await;
         drop(info_w);
         drop(step_w);
+        drop(seccomp_fds);
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -889,6 +967,52 @@ async fn spawn_from_lasting_thread(
         .map_err(|_| io::Error::other("the spawner thread dropped the request"))?
 }
 
+/// A sealed-off in-memory file holding one compiled seccomp program, read by
+/// bwrap from its start.
+fn program_fd(program: &[u8]) -> Result<OwnedFd, BackendError> {
+    use std::io::{Seek, Write};
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is ours.
+    let fd = unsafe { libc::memfd_create(c"sandcast-seccomp".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(BackendError::io(
+            "creating a memfd for the seccomp filter",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.write_all(program)
+        .and_then(|()| f.rewind())
+        .map_err(|e| BackendError::io("writing the seccomp filter", e))?;
+    Ok(f.into())
+}
+
+/// The hidden paths that exist, as directories or files; never the stage
+/// (or an ancestor of it), which bwrap needs, and nothing inside another
+/// hidden directory (gone from view once that is covered).
+fn hidden_paths(paths: &[PathBuf], stage_dir: &Path) -> Vec<launch::Hidden> {
+    let found: Vec<launch::Hidden> = paths
+        .iter()
+        .filter(|p| p.is_absolute() && !stage_dir.starts_with(p))
+        .filter_map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some(launch::Hidden {
+                path: p.clone(),
+                dir: m.is_dir(),
+            })
+        })
+        .collect();
+    found
+        .iter()
+        .filter(|h| {
+            !found
+                .iter()
+                .any(|o| o.dir && o.path != h.path && h.path.starts_with(&o.path))
+        })
+        .cloned()
+        .collect()
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), BackendError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds we then own.
@@ -1004,9 +1128,19 @@ impl SandboxInstance {
         &self.rec.cgroup_dirs
     }
 
-    /// The per-session files (home, tmp, generated config).
+    /// The per-session files (generated config and browser policies).
     pub fn files_dir(&self) -> &Path {
         &self.rec.files_dir
+    }
+
+    /// The session's host uid (also its gid).
+    pub fn uid(&self) -> u32 {
+        self.rec.uid.expect("allocated at start")
+    }
+
+    /// Host pid of the sandbox's init (pid 1 inside).
+    pub fn init_pid(&self) -> u32 {
+        self.init_pid
     }
 
     /// Pids in the session's cgroup whose parent is the sandbox's init: the
@@ -1076,12 +1210,6 @@ impl Backend for SandboxBackend {
         "sandbox"
     }
 
-    fn agent_peer_uid(&self, _id: &SessionId) -> Option<u32> {
-        // The agent runs as this uid; the user namespace maps it back to the
-        // host's uid, which is what `SO_PEERCRED` reports to the server.
-        Some(self.inner.cfg.run_as_uid)
-    }
-
     async fn readiness(&self) -> Readiness {
         let checks = readiness_checks(&self.inner).await;
         Readiness {
@@ -1092,6 +1220,10 @@ impl Backend for SandboxBackend {
 
     async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
         Ok(Box::new(self.inner.start(spec).await?))
+    }
+
+    fn agent_peer_uid(&self, id: &SessionId) -> Option<u32> {
+        Record::load(&self.inner.cfg.state_dir, id.as_str())?.uid
     }
 
     async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
@@ -1112,6 +1244,11 @@ impl Backend for SandboxBackend {
                 Err(e) => errors.push(e.to_string()),
             }
         }
+        lines.extend(uid::release_others(
+            &uid::claims_dir(&cfg.stage_dir),
+            &cfg.state_dir,
+            &keep,
+        ));
         // Leftovers without a record (a crash between steps of start).
         if let Ok(layout) = inner.layout() {
             for name in layout.list_sessions(&cfg.cgroup_parent) {
@@ -1295,6 +1432,29 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
             Some(r) => launch::check_image_root(r).map(|()| format!("image at {}", r.display())),
         },
     );
+    let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
+    let dirs: Vec<&str> = policy::POLICY_DIRS
+        .iter()
+        .copied()
+        .filter(|d| root.join(d.trim_start_matches('/')).is_dir())
+        .collect();
+    add(
+        "browser policy",
+        if dirs.is_empty() {
+            Err(format!(
+                "none of {} exists in the root: the browser's URL filters (browser.blocked_urls) cannot be applied; install chromium or mkdir {}",
+                policy::POLICY_DIRS.join(", "),
+                root.join("etc/chromium").display()
+            ))
+        } else {
+            Ok(format!(
+                "{} blocked and {} allowed URL filters in {}",
+                cfg.browser_policy.blocked_urls.len(),
+                cfg.browser_policy.allowed_urls.len(),
+                dirs.join(", ")
+            ))
+        },
+    );
     checks
 }
 
@@ -1302,7 +1462,8 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
 async fn probe_userns(inner: &Inner) -> Result<String, String> {
     let cfg = &inner.cfg;
     inner.tools()[0].check().map_err(|e| e.to_string())?;
-    let (uid, gid) = (cfg.run_as_uid, cfg.run_as_gid);
+    // Any uid of the range shows whether session uids can make namespaces.
+    let (uid, gid) = (cfg.uid_range[0], cfg.uid_range[0]);
     let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
     let mut cmd = tokio::process::Command::new(&cfg.bwrap);
     cmd.args([
@@ -1398,10 +1559,27 @@ mod tests {
         );
         assert!(
             err(SandboxConfig {
-                run_as_uid: 0,
+                uid_range: [0, 10],
                 ..base.clone()
             })
-            .contains("run_as_uid 0")
+            .contains("uid_range [0, 10]")
+        );
+        assert!(
+            err(SandboxConfig {
+                writable_mib: 1,
+                ..base.clone()
+            })
+            .contains("writable_mib 1")
+        );
+        assert!(
+            err(SandboxConfig {
+                browser_policy: BrowserPolicy {
+                    blocked_urls: vec!["a b".into()],
+                    allowed_urls: Vec::new(),
+                },
+                ..base.clone()
+            })
+            .contains("\"a b\"")
         );
         assert!(
             err(SandboxConfig {
@@ -1437,10 +1615,47 @@ mod tests {
     #[test]
     fn config_reads_from_toml_like_json_with_defaults() {
         let c: SandboxConfig =
-            serde_json::from_str(r#"{"run_as_uid": 1500, "subnet": "10.200.0.0/16"}"#).unwrap();
-        assert_eq!(c.run_as_uid, 1500);
+            serde_json::from_str(r#"{"uid_range": [1500, 1600], "subnet": "10.200.0.0/16"}"#)
+                .unwrap();
+        assert_eq!(c.uid_range, [1500, 1600]);
+        assert_eq!(c.writable_mib, 1024);
+        // The browser policy comes from the server's [browser] section only.
+        assert!(serde_json::from_str::<SandboxConfig>(r#"{"browser_policy": {}}"#).is_err());
         assert_eq!(c.name_prefix, "sandcast");
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"nope": 1}"#).is_err());
+    }
+
+    #[test]
+    fn hidden_paths_skip_the_stage_and_what_another_covers() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("sandbox")).unwrap();
+        std::fs::write(t.path().join("c.toml"), "").unwrap();
+        let stage = t.path().join("run/stage");
+        std::fs::create_dir_all(&stage).unwrap();
+        let h = hidden_paths(
+            &[
+                data.join("sandbox"),
+                data.clone(),
+                t.path().join("c.toml"),
+                t.path().join("missing"),
+                t.path().join("run"),
+            ],
+            &stage,
+        );
+        assert_eq!(
+            h,
+            [
+                launch::Hidden {
+                    path: data,
+                    dir: true
+                },
+                launch::Hidden {
+                    path: t.path().join("c.toml"),
+                    dir: false
+                },
+            ]
+        );
     }
 
     #[test]

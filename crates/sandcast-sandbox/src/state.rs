@@ -31,6 +31,9 @@ pub struct Record {
     /// bwrap's host pid once started.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// The session's host uid (and gid), claimed from the uid range.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// The directory of session records under a state dir.
@@ -62,6 +65,12 @@ impl Record {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The record of `id`, when there is a readable one.
+    pub fn load(state_dir: &Path, id: &str) -> Option<Record> {
+        let bytes = std::fs::read(path(state_dir, id)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Whether a record exists for `id`.
@@ -114,6 +123,7 @@ mod tests {
             cgroup_dirs: vec!["/sys/fs/cgroup/sandcast/s1".into()],
             files_dir: "/data/s1/sandbox".into(),
             pid: Some(42),
+            uid: Some(2_000_123),
         };
         r.save(t.path()).unwrap();
         std::fs::write(dir(t.path()).join("broken.json"), "{").unwrap();

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth;
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::limits;
 use crate::log_read::{self, Selection};
@@ -97,9 +98,9 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     }
 }
 
-/// Validates a request into what the manager runs.
-pub fn validate(state: &AppState, req: CreateRequest) -> Result<NewSession, ApiError> {
-    let cfg = state.manager.config();
+/// Validates a request into what the manager runs, with `cfg`'s defaults
+/// and providers.
+pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError> {
     let bad = |field: &str, msg: String| {
         ApiError::bad_request(format!("{field}: {msg}")).detail(json!({ "field": field }))
     };
@@ -247,7 +248,7 @@ pub async fn create(
     body: Result<Json<CreateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = json_body(body)?;
-    let new = validate(&state, req)?;
+    let new = validate(state.manager.config(), req)?;
     created(&state, &headers, new)
 }
 
@@ -259,7 +260,7 @@ pub async fn auth_start(
 ) -> Result<Response, ApiError> {
     let req = json_body(body)?;
     let new = validate(
-        &state,
+        state.manager.config(),
         CreateRequest {
             user_id: Some(req.user_id),
             provider: Some(req.provider),
@@ -607,4 +608,173 @@ pub async fn metrics(
 /// Unknown routes.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sandcast_proto::testing::{json_value, mutated};
+
+    const WORDS: &[&str] = &[
+        "user_id",
+        "start_url",
+        "provider",
+        "width",
+        "height",
+        "ttl_seconds",
+        "idle_timeout_seconds",
+        "kiosk",
+        "launch",
+        "egress",
+        "userId",
+        "alice",
+        "preset",
+        "https://example.org/",
+        "HTTP://a",
+        "http://",
+        "https:",
+        "data:text/html,<h1>x</h1>",
+        "about:blank",
+        "about:settings",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "chrome://settings",
+        "xterm",
+        "-e",
+        "a\nb",
+        "\u{0}",
+        "",
+    ];
+
+    fn config() -> Config {
+        let mut cfg = Config::default();
+        cfg.providers.insert(
+            "preset".into(),
+            crate::config::Provider {
+                start_url: "https://example.org/login".into(),
+                launch: Some(vec!["xterm".into()]),
+            },
+        );
+        cfg
+    }
+
+    /// The documented limits, stated again independently of `limits`.
+    fn holds_the_limits(cfg: &Config, new: &NewSession) -> Result<(), TestCaseError> {
+        let short = |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
+        if let Some(u) = &new.user_id {
+            prop_assert!(short(u), "user_id {u:?}");
+        }
+        if let Some(p) = &new.provider {
+            prop_assert!(cfg.providers.contains_key(p), "provider {p:?}");
+        }
+        let url = &new.spec.start_url;
+        prop_assert!(url.len() <= 32 * 1024);
+        prop_assert!(!url.chars().any(char::is_control), "url {url:?}");
+        let lower = url.to_ascii_lowercase();
+        prop_assert!(
+            ["http://", "https://", "data:", "about:"]
+                .iter()
+                .any(|p| lower.starts_with(p)),
+            "url {url:?}"
+        );
+        if lower.starts_with("http") {
+            prop_assert!(url.len() > lower.find("//").unwrap() + 2, "url {url:?}");
+        }
+        prop_assert!((320..=3840).contains(&new.spec.width));
+        prop_assert!((240..=2160).contains(&new.spec.height));
+        prop_assert!((1..=86_400).contains(&new.ttl_seconds));
+        prop_assert!((1..=86_400).contains(&new.spec.idle_timeout_seconds));
+        if let Some(argv) = &new.spec.launch {
+            prop_assert!((1..=64).contains(&argv.len()));
+            prop_assert!(!argv[0].is_empty());
+            prop_assert!(argv.iter().all(|a| a.len() <= 4096 && !a.contains('\0')));
+        }
+        Ok(())
+    }
+
+    /// A body as the create handler takes it: parsed, then validated. A
+    /// refusal is a 4xx.
+    fn create_body(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let cfg = config();
+        let parsed = json_body(Json::<CreateRequest>::from_bytes(bytes));
+        match parsed.and_then(|req| validate(&cfg, req)) {
+            Ok(new) => holds_the_limits(&cfg, &new)?,
+            Err(e) => prop_assert!(e.status.is_client_error(), "{}", e.status),
+        }
+        Ok(())
+    }
+
+    /// A body as `/api/auth/start` takes it.
+    fn auth_start_body(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let cfg = config();
+        let parsed = json_body(Json::<AuthStartRequest>::from_bytes(bytes));
+        let new = parsed.and_then(|req| {
+            validate(
+                &cfg,
+                CreateRequest {
+                    user_id: Some(req.user_id),
+                    provider: Some(req.provider),
+                    ..Default::default()
+                },
+            )
+        });
+        match new {
+            Ok(new) => {
+                prop_assert!(new.provider.is_some() && new.user_id.is_some());
+                holds_the_limits(&cfg, &new)?;
+            }
+            Err(e) => prop_assert!(e.status.is_client_error(), "{}", e.status),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_valid_body_is_accepted() {
+        let cfg = config();
+        let req = Json::<CreateRequest>::from_bytes(
+            br#"{"user_id":"alice","provider":"preset","width":1280,"height":720}"#,
+        )
+        .unwrap()
+        .0;
+        let new = validate(&cfg, req).unwrap();
+        assert_eq!(new.spec.start_url, "https://example.org/login");
+        assert_eq!(new.spec.launch, Some(vec!["xterm".to_string()]));
+        let req = Json::<AuthStartRequest>::from_bytes(br#"{"userId":"a","provider":"preset"}"#);
+        assert!(req.is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_create_bodies_are_refused_or_within_limits(v in json_value(WORDS)) {
+            create_body(&serde_json::to_vec(&v).unwrap())?;
+        }
+
+        #[test]
+        fn arbitrary_create_objects_are_refused_or_within_limits(
+            fields in prop::collection::vec((prop::sample::select(WORDS), json_value(WORDS)), 0..10)
+        ) {
+            let obj: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            create_body(&serde_json::to_vec(&obj).unwrap())?;
+        }
+
+        #[test]
+        fn mutated_create_bodies_are_refused_or_within_limits(
+            bytes in mutated(
+                br#"{"user_id":"alice","start_url":"https://example.org/","width":1280,"height":720,"ttl_seconds":600,"idle_timeout_seconds":60,"kiosk":true,"launch":["xterm","-e","top"],"egress":false}"#.to_vec()
+            )
+        ) {
+            create_body(&bytes)?;
+        }
+
+        #[test]
+        fn arbitrary_auth_start_bodies_are_refused_or_within_limits(
+            v in json_value(WORDS),
+            bytes in mutated(br#"{"userId":"alice","provider":"preset"}"#.to_vec()),
+        ) {
+            auth_start_body(&serde_json::to_vec(&v).unwrap())?;
+            auth_start_body(&bytes)?;
+        }
+    }
 }

@@ -14,6 +14,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::capacity::HostSize;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -35,7 +37,9 @@ pub struct Config {
     pub backend: String,
     /// The agent binary; empty means `sandcast-agent` beside this executable.
     pub agent_binary: PathBuf,
-    /// Most sessions alive at once.
+    /// Most sessions alive at once; 0 (the default) means as many as the
+    /// host's memory (less a reserve) holds at `session.memory_mib` each,
+    /// at most four per CPU.
     pub max_sessions: usize,
     /// Defaults for new sessions.
     pub session: SessionDefaults,
@@ -150,9 +154,11 @@ pub struct SessionDefaults {
     pub start_url: String,
     /// Outbound network through NAT.
     pub egress: bool,
-    /// Memory limit per session.
+    /// Memory limit per session; by default 2048 or what the host can
+    /// spare, whichever is less.
     pub memory_mib: u64,
-    /// CPU limit per session in thousandths of a core.
+    /// CPU limit per session in thousandths of a core; by default 2000 or
+    /// the host's CPUs, whichever is less.
     pub cpu_millis: u32,
     /// Process limit per session.
     pub pids: u32,
@@ -162,6 +168,7 @@ pub struct SessionDefaults {
 
 impl Default for SessionDefaults {
     fn default() -> Self {
+        let host = HostSize::detect();
         SessionDefaults {
             width: 1280,
             height: 720,
@@ -169,8 +176,8 @@ impl Default for SessionDefaults {
             idle_timeout_seconds: 900,
             start_url: "about:blank".into(),
             egress: true,
-            memory_mib: 2048,
-            cpu_millis: 2000,
+            memory_mib: host.session_memory_mib(),
+            cpu_millis: host.session_cpu_millis(),
             pids: 1024,
             start_timeout_seconds: 60,
         }
@@ -189,6 +196,11 @@ pub struct BrowserSettings {
     /// its own 60 Hz timer (`--disable-frame-rate-limit`): one or two frames
     /// less latency, more CPU while a page animates.
     pub low_latency: bool,
+    /// URLs the browser refuses to open (Chromium's `URLBlocklist` managed
+    /// policy): by default local files, Chromium's own pages and `about:`.
+    pub blocked_urls: Vec<String>,
+    /// Exceptions to `blocked_urls` (`URLAllowlist`): by default `about:blank`.
+    pub allowed_urls: Vec<String>,
 }
 
 impl BrowserSettings {
@@ -206,10 +218,23 @@ impl BrowserSettings {
 
 impl Default for BrowserSettings {
     fn default() -> Self {
+        let policy = sandcast_sandbox::BrowserPolicy::default();
         BrowserSettings {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),
             low_latency: true,
+            blocked_urls: policy.blocked_urls,
+            allowed_urls: policy.allowed_urls,
+        }
+    }
+}
+
+impl BrowserSettings {
+    /// The URL filters as the backend takes them.
+    pub fn policy(&self) -> sandcast_sandbox::BrowserPolicy {
+        sandcast_sandbox::BrowserPolicy {
+            blocked_urls: self.blocked_urls.clone(),
+            allowed_urls: self.allowed_urls.clone(),
         }
     }
 }
@@ -341,7 +366,7 @@ impl Default for Config {
             api_key: String::new(),
             backend: "sandbox".into(),
             agent_binary: PathBuf::new(),
-            max_sessions: 16,
+            max_sessions: 0,
             session: SessionDefaults::default(),
             browser: BrowserSettings::default(),
             rate_limit: RateLimits::default(),
@@ -488,15 +513,18 @@ impl Config {
     /// environment, then `overrides` (flags), and checks the result.
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, String> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let mut read = None;
         match file {
             Some(f) => {
                 if !f.exists() {
                     return Err(format!("config file {} does not exist", f.display()));
                 }
                 fig = fig.merge(Toml::file(f));
+                read = Some(f.to_path_buf());
             }
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
                 fig = fig.merge(Toml::file(DEFAULT_CONFIG_FILE));
+                read = Some(DEFAULT_CONFIG_FILE.into());
             }
             None => {}
         }
@@ -508,19 +536,37 @@ impl Config {
             )
             .merge(overrides);
         let mut config: Config = fig.extract().map_err(|e| e.to_string())?;
-        config.fill_derived();
+        // It can hold the API key: sessions must not read it.
+        if let Some(f) = read {
+            let f = std::fs::canonicalize(&f).unwrap_or(f);
+            if !config.sandbox.hide_paths.contains(&f) {
+                config.sandbox.hide_paths.push(f);
+            }
+        }
+        config.fill_derived(&HostSize::detect());
         config.check()?;
         Ok(config)
     }
 
-    /// Settings that follow from others unless set.
-    fn fill_derived(&mut self) {
+    /// Settings that follow from others (and from the host) unless set.
+    fn fill_derived(&mut self, host: &HostSize) {
         let default_state = sandcast_sandbox::SandboxConfig::default().state_dir;
         if self.sandbox.state_dir == default_state {
             self.sandbox.state_dir = self.data_dir.join("sandbox");
         }
         if !self.sandbox.hide_paths.contains(&self.data_dir) {
             self.sandbox.hide_paths.push(self.data_dir.clone());
+        }
+        self.sandbox.browser_policy = self.browser.policy();
+        if self.max_sessions == 0 {
+            self.max_sessions = host.max_sessions(self.session.memory_mib);
+        }
+        // All sessions together get what max_sessions promises, never more
+        // than the host can spare.
+        if self.sandbox.sessions_memory_mib == 0 {
+            self.sandbox.sessions_memory_mib = (self.max_sessions as u64)
+                .saturating_mul(self.session.memory_mib)
+                .min(host.sessions_mib());
         }
         // An empty path (e.g. `SANDCAST_TLS_CERT=`) means unset.
         for p in [&mut self.tls_cert, &mut self.tls_key] {
@@ -559,6 +605,12 @@ impl Config {
         ))
     }
 
+    /// A warning when the configuration promises sessions more memory than
+    /// this host has (less a reserve for itself), for `sandcast doctor`.
+    pub fn overcommit_warning(&self) -> Option<String> {
+        HostSize::detect().overcommit(self.max_sessions, self.session.memory_mib)
+    }
+
     /// Rejects values that cannot work, naming them.
     pub fn check(&self) -> Result<(), String> {
         if !matches!(self.backend.as_str(), "sandbox" | "firecracker") {
@@ -575,6 +627,7 @@ impl Config {
             crate::limits::check_url(&p.start_url)
                 .map_err(|e| format!("providers.{name}.start_url: {e}"))?;
         }
+        self.browser.policy().check()?;
         let r = &self.rate_limit;
         if r.api_requests == 0 || r.key_requests == 0 || r.webrtc_per_minute == 0 {
             return Err("rate_limit values must be at least 1".into());
@@ -681,6 +734,40 @@ mod tests {
         assert_eq!(c.logs.rate_bytes_per_second, 65536);
         assert_eq!(c.logs.burst_bytes, 1 << 20);
         assert_eq!(c.logs.max_bytes, 16 << 20);
+        // Limits follow the host: never more memory promised than it has.
+        let host = HostSize::detect();
+        assert_eq!(c.session.memory_mib, host.session_memory_mib());
+        assert_eq!(c.max_sessions, host.max_sessions(c.session.memory_mib));
+        assert_eq!(c.overcommit_warning(), None);
+        assert!(c.sandbox.sessions_memory_mib <= host.sessions_mib());
+        assert_eq!(
+            c.sandbox.browser_policy,
+            sandcast_sandbox::BrowserPolicy::default()
+        );
+    }
+
+    #[test]
+    fn the_config_file_and_browser_policy_reach_the_sandbox() {
+        let dir = std::env::temp_dir().join(format!("sc-config-hide-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "api_key = \"secret\"\nmax_sessions = 3\n[session]\nmemory_mib = 1000\n\
+             [browser]\nblocked_urls = [\"file://*\"]\nallowed_urls = []\n",
+        )
+        .unwrap();
+        let canonical = std::fs::canonicalize(&file).unwrap();
+        let c = Config::load(Some(&file), Figment::new()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(c.sandbox.hide_paths.contains(&canonical));
+        assert_eq!(c.sandbox.browser_policy.blocked_urls, ["file://*"]);
+        assert!(c.sandbox.browser_policy.allowed_urls.is_empty());
+        // 3 sessions of 1000 MiB together, if the host can spare that.
+        assert_eq!(
+            c.sandbox.sessions_memory_mib,
+            3000.min(HostSize::detect().sessions_mib())
+        );
     }
 
     #[test]
@@ -839,6 +926,7 @@ mod tests {
             err("[rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]").contains("trusted_proxies")
         );
         assert!(err("[webrtc.turn]\nurls = [\"turn:t\"]\nshared_secret = \"\"").contains("turn"));
+        assert!(err("[browser]\nblocked_urls = [\"\"]").contains("browser.blocked_urls"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod budget;
+pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod health;

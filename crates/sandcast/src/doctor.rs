@@ -112,6 +112,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     for w in &warnings {
         println!("warn {:<28} {w}", "tls");
     }
+    // Sessions start on an overcommitted host, but may be killed under
+    // memory pressure: a warning, not a failure.
+    if let Some(w) = config.overcommit_warning() {
+        println!("warn {:<28} {w}", "memory");
+    }
     if ok {
         println!("everything sandcast needs is here");
         Ok(ExitCode::SUCCESS)
