@@ -18,9 +18,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::manager::{Live, Manager, NewSession};
+use crate::openapi::{CreatedSession, Health, Session, SessionList};
 use crate::store::{Row, Spec, State as SessionState};
 
 /// Shared state of the handlers.
@@ -53,27 +54,57 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(auth::bearer)
 }
 
-/// Body of `POST /api/sessions`.
-#[derive(Debug, Default, Deserialize)]
+/// Body of `POST /api/sessions`: every field is optional, unknown fields
+/// are refused.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "user_id": "alice", "start_url": "https://example.org/", "width": 1280, "height": 720
+}))]
 pub struct CreateRequest {
+    /// The operator's own id for the user (up to 128 characters), kept with
+    /// the session.
+    #[schema(max_length = 128)]
     user_id: Option<String>,
+    /// The page the browser opens: an `http`, `https`, `data` or `about` URL.
+    /// Default: the provider's, else the configured one.
     start_url: Option<String>,
+    /// A provider preset from the configuration: its start URL and launch
+    /// command apply unless given here.
+    #[schema(max_length = 128)]
     provider: Option<String>,
+    /// Display width in pixels.
+    #[schema(minimum = 320, maximum = 3840)]
     width: Option<u32>,
+    /// Display height in pixels.
+    #[schema(minimum = 240, maximum = 2160)]
     height: Option<u32>,
+    /// Seconds until the session is stopped, however busy.
+    #[schema(minimum = 1, maximum = 86400)]
     ttl_seconds: Option<u64>,
+    /// Seconds without a viewer before the session is stopped.
+    #[schema(minimum = 1, maximum = 86400)]
     idle_timeout_seconds: Option<u64>,
+    /// Chromium in kiosk mode (no tabs, no address bar).
     kiosk: Option<bool>,
+    /// A command run in the session beside the browser, as argv, e.g.
+    /// `["my-cli", "login"]`.
+    #[schema(max_items = 64)]
     launch: Option<Vec<String>>,
+    /// Whether the session may reach the network outside the host.
     egress: Option<bool>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({ "userId": "alice", "provider": "example" }))]
 pub struct AuthStartRequest {
+    /// The operator's own id for the user.
+    #[schema(max_length = 128)]
     user_id: String,
+    /// A provider preset from the configuration.
+    #[schema(max_length = 128)]
     provider: String,
 }
 
@@ -236,7 +267,27 @@ fn created(state: &AppState, headers: &HeaderMap, new: NewSession) -> Result<Res
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// `POST /api/sessions`.
+/// Create a session.
+///
+/// Records the session and starts it in the background: the answer comes
+/// at once with `state` `starting`; watch `GET /api/sessions/{id}` or its
+/// events for `ready`. `viewer_url` opens this session's viewer and
+/// nothing else; hand it to the user.
+#[utoipa::path(
+    post,
+    path = "/api/sessions",
+    tag = "sessions",
+    security(("api_key" = [])),
+    request_body = CreateRequest,
+    responses(
+        (status = 201, description = "Created and starting.", body = CreatedSession),
+        (status = 400, description = "A field is malformed or out of range; `detail.field` names it.", body = ErrorBody),
+        (status = 413, description = "The body is larger than 64 KiB.", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`.", body = ErrorBody),
+        (status = 503, description = "`max_sessions` sessions are running.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -247,7 +298,24 @@ pub async fn create(
     created(&state, &headers, new)
 }
 
-/// `POST /api/auth/start`: a session from a provider preset.
+/// Create a session from a provider preset (the seed's endpoint).
+///
+/// Equivalent to `POST /api/sessions` with `user_id` and `provider`.
+#[utoipa::path(
+    post,
+    path = "/api/auth/start",
+    tag = "seed",
+    security(("api_key" = [])),
+    request_body = AuthStartRequest,
+    responses(
+        (status = 201, description = "Created and starting.", body = CreatedSession),
+        (status = 400, description = "Unknown provider or a malformed field.", body = ErrorBody),
+        (status = 413, description = "The body is larger than 64 KiB.", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`.", body = ErrorBody),
+        (status = 503, description = "`max_sessions` sessions are running.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn auth_start(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -270,7 +338,17 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     limits::check_id(id).map_err(|e| ApiError::bad_request(e).detail(json!({ "field": "id" })))
 }
 
-/// `GET /api/sessions`.
+/// List sessions.
+#[utoipa::path(
+    get,
+    path = "/api/sessions",
+    tag = "sessions",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Every session, newest first.", body = SessionList),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let rows = state.manager.store().list()?;
     let sessions: Vec<Value> = rows
@@ -280,7 +358,21 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     Ok(Json(json!({ "sessions": sessions })))
 }
 
-/// `GET /api/sessions/{id}`.
+/// Get a session: its state, why it failed or stopped, and each of its
+/// child processes.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "The session.", body = Session),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -294,7 +386,23 @@ pub async fn get(
     Ok(Json(session_json(&row, state.manager.live(&id).as_deref())))
 }
 
-/// `DELETE /api/sessions/{id}`.
+/// Stop a session.
+///
+/// Stops its processes and removes its sandbox; the session stays listed
+/// as `stopped`.
+#[utoipa::path(
+    delete,
+    path = "/api/sessions/{id}",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "Stopped; the session as it ended.", body = Session),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -305,13 +413,38 @@ pub async fn delete(
 }
 
 /// Query of the logs endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
+    /// `1`, `true` or `yes`: keep the answer open and send new lines as
+    /// they come, until the session ends.
     #[serde(default)]
     follow: Option<String>,
 }
 
-/// `GET /api/sessions/{id}/logs[?follow=1]`.
+/// Path of the endpoints of one session.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SessionPath {
+    /// The session's id, as `POST /api/sessions` answered it.
+    #[param(pattern = "^[a-z0-9-]{1,64}$")]
+    pub id: String,
+}
+
+/// Get a session's log: the output of its agent and child processes.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}/logs",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath, LogsQuery),
+    responses(
+        (status = 200, description = "The log, one line per output line.", body = String, content_type = "text/plain"),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -357,7 +490,25 @@ pub async fn logs(
     Ok((text_plain, Body::from_stream(head.chain(tail))).into_response())
 }
 
-/// `GET /api/sessions/{id}/events`: server-sent events, current state first.
+/// Follow a session's events as server-sent events.
+///
+/// The first event is the current `state` (`{"state","reason"}`); then
+/// each change: `state` events, and `child` events with a child process's
+/// report (as in `children` of the session). The stream ends after the
+/// session is `stopped`.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}/events",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "An event stream (`text/event-stream`).", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -398,7 +549,18 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `GET /health`.
+/// Server health: the store, the backend's readiness checks and the
+/// WebRTC gateway's addresses. No credential needed.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "server",
+    security(()),
+    responses(
+        (status = 200, description = "Sessions can start.", body = Health),
+        (status = 503, description = "Degraded: a check failed; `checks` say which.", body = Health),
+    )
+)]
 pub async fn health(State(state): State<AppState>) -> Response {
     let store_ok = state.manager.store().ping();
     let backend = state.manager.backend().readiness().await;
@@ -420,7 +582,20 @@ pub async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `GET /metrics`.
+/// Prometheus metrics in the OpenMetrics text format. No credential needed.
+///
+/// `sandcast_sessions{state}`, `sandcast_session_starts_total`,
+/// `sandcast_session_failures_total`, `sandcast_child_restarts_total`,
+/// `sandcast_session_start_seconds`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "server",
+    security(()),
+    responses(
+        (status = 200, description = "The metrics.", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    )
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     metrics: axum::Extension<Arc<crate::metrics::Metrics>>,
