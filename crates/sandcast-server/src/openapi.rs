@@ -127,10 +127,10 @@ pub fn document(routes: OpenApi) -> OpenApi {
         let limited = crate::ratelimit::classify(path) != crate::ratelimit::Class::None;
         for (method, op) in operations_mut(item) {
             // A handler serving two methods gives both its name; ids must be unique.
-            if let Some(id) = &mut op.operation_id {
-                if ops_by_id.get(id).copied().unwrap_or(0) > 1 {
-                    *id = format!("{id}_{method}");
-                }
+            if let Some(id) = &mut op.operation_id
+                && ops_by_id.get(id).copied().unwrap_or(0) > 1
+            {
+                *id = format!("{id}_{method}");
             }
             let needs_credential = op
                 .security
