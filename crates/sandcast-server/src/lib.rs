@@ -354,6 +354,28 @@ mod tests {
         pairs
     }
 
+    /// The router adds no route of its own to the tables but the 404 of
+    /// unknown `/api/*` paths: every other registration goes through
+    /// `routes!` and so into the document.
+    #[test]
+    fn the_router_registers_routes_only_through_the_tables() {
+        let source = include_str!("lib.rs");
+        let code = source.split("#[cfg(test)]").next().unwrap();
+        let direct: Vec<&str> = code
+            .lines()
+            .filter(|l| {
+                [".route(", ".route_service(", ".nest(", ".nest_service("]
+                    .iter()
+                    .any(|r| l.contains(r))
+            })
+            .collect();
+        assert_eq!(
+            direct,
+            [r#"        .route("/api/{*rest}", axum::routing::any(api::not_found))"#],
+            "routes registered around the documented tables (use routes! in api_routes or open_routes)"
+        );
+    }
+
     #[test]
     fn every_route_of_the_router_is_in_the_document_and_nothing_else() {
         let (api, open, doc) = route_tables();
