@@ -15,11 +15,10 @@
 //! The document is public, like the README that describes the same API:
 //! tools fetch it without credentials, and it holds nothing secret.
 
-use std::sync::Arc;
-
 use axum::Extension;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Serialize;
 use utoipa::Modify;
 use utoipa::OpenApi as _;
@@ -209,18 +208,16 @@ fn operations_mut(
     .filter_map(|(m, op)| op.as_mut().map(|op| (m, op)))
 }
 
-/// The served document, serialised once.
+/// The served document, serialised once; each answer shares the bytes.
 #[derive(Clone)]
-pub struct Served(Arc<str>);
+pub struct Served(Bytes);
 
 impl Served {
     /// Serialises a document for serving.
     pub fn new(doc: &OpenApi) -> Served {
-        Served(
-            doc.to_json()
-                .expect("the OpenAPI document serialises")
-                .into(),
-        )
+        Served(Bytes::from(
+            doc.to_json().expect("the OpenAPI document serialises"),
+        ))
     }
 }
 
@@ -238,11 +235,7 @@ impl Served {
     )
 )]
 pub async fn serve(Extension(doc): Extension<Served>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        doc.0.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], doc.0).into_response()
 }
 
 /// A session as the API shows it (`api::session_json`).
