@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -20,9 +20,11 @@ use serde_json::{Value, json};
 use crate::auth;
 use crate::error::{ApiError, ErrorBody};
 use crate::limits;
+use crate::log_read::{self, Selection};
 use crate::manager::{Live, Manager, NewSession};
-use crate::openapi::{CreatedSession, Health, Session, SessionList};
-use crate::store::{Row, Spec, State as SessionState};
+use crate::openapi::{CreatedSession, Health, HealthDetail, Session, SessionList};
+use crate::session_log;
+use crate::store::{PageQuery, Row, Spec, State as SessionState};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -38,8 +40,10 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     if req.uri().path().starts_with("/api/webrtc/") {
         return next.run(req).await;
     }
+    if auth::is_operator(req.headers(), &state.api_key) {
+        return next.run(req).await;
+    }
     match bearer(req.headers()) {
-        Some(key) if auth::secret_eq(key, &state.api_key) => next.run(req).await,
         Some(_) => ApiError::unauthorized("wrong API key").into_response(),
         None => ApiError::unauthorized("missing API key: send Authorization: Bearer <key>")
             .into_response(),
@@ -250,7 +254,7 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
         .filter(|p| *p == "https")
-        .unwrap_or("http");
+        .unwrap_or(state.manager.config().scheme());
     format!("{proto}://{host}")
 }
 
@@ -338,24 +342,130 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     limits::check_id(id).map_err(|e| ApiError::bad_request(e).detail(json!({ "field": "id" })))
 }
 
-/// List sessions.
+/// Sessions a page lists when the request does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most sessions a page lists.
+pub const MAX_PAGE: usize = 1000;
+
+/// Query of `GET /api/sessions`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Sessions on a page, 1 to 1000; 100 when not given.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// Where the page starts: `next` of the page before. Opaque.
+    cursor: Option<String>,
+    /// Only sessions in these states, comma-separated (`ready,starting`).
+    #[param(
+        pattern = "^(starting|ready|failed|stopping|stopped)(,(starting|ready|failed|stopping|stopped))*$"
+    )]
+    state: Option<String>,
+    /// Only the sessions of this `user_id`.
+    #[param(max_length = 128)]
+    user_id: Option<String>,
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request("bad query string").detail(e.body_text()))
+}
+
+fn bad_param(field: &str, msg: String) -> ApiError {
+    ApiError::bad_request(format!("{field}: {msg}")).detail(json!({ "field": field }))
+}
+
+/// The opaque cursor of the page after `row`.
+fn cursor_after(row: &Row) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}.{}", row.created_ms, row.id))
+}
+
+fn parse_cursor(s: &str) -> Result<(i64, String), ApiError> {
+    use base64::Engine;
+    let bad = || bad_param("cursor", format!("{s:?} is not a cursor this server gave"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (ms, id) = text.split_once('.').ok_or_else(bad)?;
+    let ms = ms.parse::<i64>().map_err(|_| bad())?;
+    limits::check_id(id).map_err(|_| bad())?;
+    Ok((ms, id.to_string()))
+}
+
+/// Turns the list query into a page of the store.
+pub fn page_query(q: ListQuery) -> Result<PageQuery, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                bad_param("limit", format!("{l:?} is not a number in 1..={MAX_PAGE}"))
+            })?,
+    };
+    let after = q.cursor.as_deref().map(parse_cursor).transpose()?;
+    let mut states = Vec::new();
+    for name in q.state.iter().flat_map(|s| s.split(',')) {
+        let st = SessionState::from_name(name).ok_or_else(|| {
+            let names: Vec<&str> = SessionState::ALL.iter().map(|s| s.as_str()).collect();
+            bad_param(
+                "state",
+                format!("{name:?} is not one of {}", names.join(", ")),
+            )
+        })?;
+        if !states.contains(&st) {
+            states.push(st);
+        }
+    }
+    if let Some(u) = &q.user_id {
+        limits::check_name("user_id", u).map_err(|e| bad_param("user_id", e))?;
+    }
+    Ok(PageQuery {
+        limit,
+        after,
+        states,
+        user_id: q.user_id,
+    })
+}
+
+/// List sessions, newest first, a page at a time.
+///
+/// `next` of an answer is the `cursor` of the following page, `null` on the
+/// last; the filters stay the same from page to page.
 #[utoipa::path(
     get,
     path = "/api/sessions",
     tag = "sessions",
     security(("api_key" = [])),
+    params(ListQuery),
     responses(
-        (status = 200, description = "Every session, newest first.", body = SessionList),
+        (status = 200, description = "A page of sessions, newest first.", body = SessionList),
+        (status = 400, description = "A malformed query; `detail.field` names the parameter.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
 )]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = state.manager.store().list()?;
+pub async fn list(
+    State(state): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let mut page = page_query(query(q)?)?;
+    let limit = page.limit;
+    // One more than asked says whether there is a next page.
+    page.limit += 1;
+    let mut rows = state.manager.store().page(&page)?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = rows.last().filter(|_| more).map(cursor_after);
     let sessions: Vec<Value> = rows
         .iter()
         .map(|r| session_json(r, state.manager.live(&r.id).as_deref()))
         .collect();
-    Ok(Json(json!({ "sessions": sessions })))
+    Ok(Json(json!({ "sessions": sessions, "next": next })))
 }
 
 /// Get a session: its state, why it failed or stopped, and each of its
@@ -413,13 +523,20 @@ pub async fn delete(
 }
 
 /// Query of the logs endpoint.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// `1`, `true` or `yes`: keep the answer open and send new lines as
-    /// they come, until the session ends.
-    #[serde(default)]
+    /// they come, until the session ends (`0`, `false`, `no`: do not).
+    #[param(pattern = "^(1|true|yes|0|false|no)$")]
     follow: Option<String>,
+    /// Only the last this many lines, 0 to 100000000.
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 100000000)]
+    tail: Option<String>,
+    /// Only the lines from this time on: RFC 3339
+    /// (`2026-12-06T10:00:00Z`) or milliseconds since the Unix epoch.
+    since: Option<String>,
 }
 
 /// Path of the endpoints of one session.
@@ -431,7 +548,45 @@ pub struct SessionPath {
     pub id: String,
 }
 
+/// Most lines `tail` may ask for (a log holds far fewer).
+pub const MAX_TAIL: u64 = 100_000_000;
+
+fn logs_selection(q: &LogsQuery) -> Result<(bool, Selection), ApiError> {
+    let follow = match q.follow.as_deref() {
+        None | Some("0" | "false" | "no") => false,
+        Some("1" | "true" | "yes") => true,
+        Some(other) => {
+            return Err(bad_param(
+                "follow",
+                format!("{other:?} is not one of 1, true, yes, 0, false, no"),
+            ));
+        }
+    };
+    let tail = q
+        .tail
+        .as_deref()
+        .map(|t| {
+            t.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= MAX_TAIL)
+                .ok_or_else(|| {
+                    bad_param("tail", format!("{t:?} is not a number in 0..={MAX_TAIL}"))
+                })
+        })
+        .transpose()?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| log_read::parse_since(s).map_err(|e| bad_param("since", e)))
+        .transpose()?;
+    Ok((follow, Selection { tail, since }))
+}
+
 /// Get a session's log: the output of its agent and child processes.
+///
+/// Read from disk (the previous file, then the current one): every line,
+/// the last `tail` lines, or those from `since` on; with `follow`, then
+/// new lines until the session ends.
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/logs",
@@ -440,54 +595,65 @@ pub struct SessionPath {
     params(SessionPath, LogsQuery),
     responses(
         (status = 200, description = "The log, one line per output line.", body = String, content_type = "text/plain"),
-        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 400, description = "`id` is not a session id, or a malformed query; `detail.field` names the parameter.", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
-        (status = 500, description = "The session store failed.", body = ErrorBody),
+        (status = 500, description = "The session store failed, or the log could not be read.", body = ErrorBody),
     )
 )]
 pub async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
+    let (follow, sel) = logs_selection(&query(q)?)?;
     state
         .manager
         .store()
         .get(&id)?
         .ok_or_else(|| ApiError::no_session(&id))?;
-    let path = state
-        .manager
-        .config()
-        .data_dir
-        .join("logs")
-        .join(format!("{id}.log"));
-    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes"));
+    let dir = session_log::dir(&state.manager.config().data_dir);
     let live = state.manager.live(&id);
-    // Subscribe before reading the file so no line falls in between.
+    // Subscribe before opening the files so no line falls in between.
     let sub = live
         .as_ref()
         .filter(|_| follow)
         .map(|l| (l.subscribe_logs(), l.ended()));
-    let existing = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+    let sel2 = sel.clone();
+    let parts = tokio::task::spawn_blocking(move || {
+        log_read::open(&dir, &id).and_then(|files| log_read::select(files, &sel2))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the session log: {e}"),
+        )
+    })?;
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    let from_disk = log_read::stream(parts);
     let Some((rx, mut ended)) = sub else {
-        return Ok((text_plain, existing).into_response());
+        return Ok((text_plain, Body::from_stream(from_disk)).into_response());
     };
-    let head = futures::stream::once(async move { Ok::<_, Infallible>(existing) });
-    let tail = futures::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(line) => return Some((Ok::<_, Infallible>(format!("{line}\n")), rx)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return None,
+    let live_lines = futures::stream::unfold(rx, move |mut rx| {
+        let sel = sel.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(line) if sel.admits_live(&line) => {
+                        return Some((Ok(bytes::Bytes::from(format!("{line}\n"))), rx));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
             }
         }
     })
     .take_until(async move {
         let _ = ended.wait_for(|e| *e).await;
     });
-    Ok((text_plain, Body::from_stream(head.chain(tail))).into_response())
+    Ok((text_plain, Body::from_stream(from_disk.chain(live_lines))).into_response())
 }
 
 /// Follow a session's events as server-sent events.
@@ -495,7 +661,7 @@ pub async fn logs(
 /// The first event is the current `state` (`{"state","reason"}`); then
 /// each change: `state` events, and `child` events with a child process's
 /// report (as in `children` of the session). The stream ends after the
-/// session is `stopped`.
+/// session ends: its first `failed` or `stopped` state.
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/events",
@@ -525,8 +691,12 @@ pub async fn events(
         .data(json!({"state": row.state.as_str(), "reason": row.reason}).to_string());
     let done = !row.state.is_live();
     let filter_id = id.clone();
+    let manager = state.manager.clone();
+    // Ends after the first event of a final state (failed, stopped), also
+    // when the relay lagged past it: then the store says where it is.
     let rest = futures::stream::unfold((rx, done), move |(mut rx, done)| {
         let id = filter_id.clone();
+        let manager = manager.clone();
         async move {
             if done {
                 return None;
@@ -535,11 +705,25 @@ pub async fn events(
                 match rx.recv().await {
                     Ok(ev) if ev.id == id => {
                         let end = ev.kind == "state"
-                            && matches!(ev.data["state"].as_str(), Some("stopped"));
+                            && SessionState::ALL
+                                .into_iter()
+                                .find(|s| ev.data["state"].as_str() == Some(s.as_str()))
+                                .is_some_and(|s| !s.is_live());
                         let event = Event::default().event(ev.kind).data(ev.data.to_string());
                         return Some((Ok(event), (rx, end)));
                     }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(Some(row)) = manager.store().get(&id)
+                            && !row.state.is_live()
+                        {
+                            let event = Event::default().event("state").data(
+                                json!({"state": row.state.as_str(), "reason": row.reason})
+                                    .to_string(),
+                            );
+                            return Some((Ok(event), (rx, true)));
+                        }
+                    }
+                    Ok(_) => continue,
                     Err(_) => return None,
                 }
             }
@@ -549,8 +733,9 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// Server health: the store, the backend's readiness checks and the
-/// WebRTC gateway's addresses. No credential needed.
+/// Whether the server is live and ready to serve sessions, from the last
+/// background check. No credential needed; `GET /api/health` says which
+/// check failed.
 #[utoipa::path(
     get,
     path = "/health",
@@ -558,28 +743,41 @@ pub async fn events(
     security(()),
     responses(
         (status = 200, description = "Sessions can start.", body = Health),
-        (status = 503, description = "Degraded: a check failed; `checks` say which.", body = Health),
+        (status = 503, description = "Degraded: a check failed; `GET /api/health` says which.", body = Health),
     )
 )]
-pub async fn health(State(state): State<AppState>) -> Response {
-    let store_ok = state.manager.store().ping();
-    let backend = state.manager.backend().readiness().await;
-    let ok = store_ok.is_ok() && backend.ready;
-    let body = json!({
-        "status": if ok { "ok" } else { "degraded" },
-        "store": { "ok": store_ok.is_ok(), "detail": store_ok.err().map(|e| e.to_string()) },
-        "backend": { "name": state.manager.backend().name(), "ready": backend.ready, "checks": backend.checks },
-        "webrtc": state.manager.gateway().map(|g| json!({
-            "udp": g.udp_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "tcp": g.tcp_addr().map(|a| a.to_string()),
-        })),
-    });
-    let status = if ok {
+pub async fn health(health: axum::Extension<Arc<crate::health::Health>>) -> Response {
+    let snap = health.last();
+    (health_status(&snap), Json(snap.public_json())).into_response()
+}
+
+/// Server health in detail: the last result of every check (the store, the
+/// backend's readiness checks) and the WebRTC gateway's addresses.
+#[utoipa::path(
+    get,
+    path = "/api/health",
+    tag = "server",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Sessions can start.", body = HealthDetail),
+        (status = 503, description = "Degraded: a check failed; `store` and `backend.checks` say which.", body = HealthDetail),
+    )
+)]
+pub async fn health_detail(
+    State(state): State<AppState>,
+    health: axum::Extension<Arc<crate::health::Health>>,
+) -> Response {
+    let snap = health.last();
+    let body = snap.detail_json(&state.manager);
+    (health_status(&snap), Json(body)).into_response()
+}
+
+fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
+    if snap.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+    }
 }
 
 /// Prometheus metrics in the OpenMetrics text format. No credential needed.
@@ -600,11 +798,7 @@ pub async fn metrics(
     State(state): State<AppState>,
     metrics: axum::Extension<Arc<crate::metrics::Metrics>>,
 ) -> Response {
-    if let Ok(rows) = state.manager.store().list() {
-        let counts: Vec<(SessionState, i64)> = SessionState::ALL
-            .iter()
-            .map(|s| (*s, rows.iter().filter(|r| r.state == *s).count() as i64))
-            .collect();
+    if let Ok(counts) = state.manager.store().count_by_state() {
         metrics.set_states(&counts);
     }
     (

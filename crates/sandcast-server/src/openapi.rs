@@ -294,11 +294,13 @@ pub struct CreatedSession {
     pub viewer_token: String,
 }
 
-/// Answer of `GET /api/sessions`.
+/// Answer of `GET /api/sessions`: a page of sessions.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionList {
-    /// The sessions.
+    /// The sessions of this page, newest first.
     pub sessions: Vec<Session>,
+    /// The `cursor` of the next page; `null` on the last.
+    pub next: Option<String>,
 }
 
 /// A child process of a session, as its agent reports it
@@ -344,12 +346,36 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
 }
 
-/// Answer of `GET /health`.
+/// Answer of `GET /health` (`health::Snapshot::public_json`): what anyone
+/// may know.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     /// `ok`, or `degraded` when a check failed.
     #[schema(pattern = "^(ok|degraded)$")]
     pub status: String,
+    /// Always `true`: the server answered.
+    pub live: bool,
+    /// Whether sessions can start.
+    pub ready: bool,
+    /// When the checks last ran (RFC 3339).
+    #[schema(format = DateTime)]
+    pub checked_at: Option<String>,
+}
+
+/// Answer of `GET /api/health` (`health::Snapshot::detail_json`): every
+/// check's last result.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthDetail {
+    /// `ok`, or `degraded` when a check failed.
+    #[schema(pattern = "^(ok|degraded)$")]
+    pub status: String,
+    /// Always `true`: the server answered.
+    pub live: bool,
+    /// Whether sessions can start.
+    pub ready: bool,
+    /// When the checks last ran (RFC 3339).
+    #[schema(format = DateTime)]
+    pub checked_at: Option<String>,
     /// The session store.
     pub store: StoreHealth,
     /// The isolation backend.
@@ -579,6 +605,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn health_answers_match_the_health_schema() {
+        let doc = doc();
+        let v = component(&doc, "Health");
+        for ready in [true, false] {
+            let snap = crate::health::Snapshot {
+                store: if ready {
+                    Ok(())
+                } else {
+                    Err("disk I/O error".into())
+                },
+                backend: sandcast_backend::Readiness {
+                    ready,
+                    checks: vec![sandcast_backend::Check {
+                        name: "bwrap".into(),
+                        ok: ready,
+                        detail: "found".into(),
+                    }],
+                },
+                checked_ms: 1_700_000_000_000,
+            };
+            assert_valid(&v, &snap.public_json(), &format!("ready {ready}"));
+        }
+        assert!(
+            !v.is_valid(&json!({ "status": "ok", "live": true, "ready": "yes" })),
+            "a health answer with a malformed field matched"
+        );
+    }
+
     /// The bounds the document states are the ones the server checks.
     #[test]
     fn documented_bounds_are_the_checked_ones() {
@@ -607,5 +662,38 @@ mod tests {
             props["launch"]["maxItems"].as_u64(),
             Some(limits::MAX_LAUNCH_ARGS as u64)
         );
+        let param = |path: &str, name: &str| {
+            doc["paths"][path]["get"]["parameters"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .map(|p| p["schema"].clone())
+                .unwrap_or_else(|| panic!("GET {path}: no parameter {name}"))
+        };
+        let limit = param("/api/sessions", "limit");
+        assert_eq!(
+            (limit["minimum"].as_u64(), limit["maximum"].as_u64()),
+            (Some(1), Some(crate::api::MAX_PAGE as u64))
+        );
+        assert_eq!(
+            param("/api/sessions", "user_id")["maxLength"].as_u64(),
+            Some(max_len)
+        );
+        let tail = param("/api/sessions/{id}/logs", "tail");
+        assert_eq!(
+            (tail["minimum"].as_u64(), tail["maximum"].as_u64()),
+            (Some(0), Some(crate::api::MAX_TAIL))
+        );
+        // The state filter's pattern takes every state the server knows, no other.
+        let pattern = param("/api/sessions", "state")["pattern"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let re = jsonschema::draft202012::new(&json!({ "pattern": pattern })).unwrap();
+        let all: Vec<&str> = crate::store::State::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert!(re.is_valid(&json!(all.join(","))), "{pattern}");
+        assert!(!re.is_valid(&json!("ready,sleeping")), "{pattern}");
     }
 }
