@@ -636,3 +636,334 @@ fn provider_preset_starts_a_session_the_seed_way() {
         "the unknown provider created a session"
     );
 }
+
+/// The OpenAPI 3.1 schema (see `fixtures/openapi/README.md`).
+const OAS_31_SCHEMA: &str = include_str!("../../fixtures/openapi/oas-3.1-schema-2021-04-15.json");
+
+/// Methods probed on every documented path; HEAD and OPTIONS are answered by
+/// axum and the CORS layer for any route.
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+/// A validator of `value`s against a schema of the served document.
+fn doc_validator(doc: &Value, schema: &Value) -> jsonschema::Validator {
+    let mut root = schema.clone();
+    root["components"] = doc["components"].clone();
+    jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{schema}: {e}"))
+}
+
+/// Asserts that a real answer matches the document's schema for it.
+fn assert_matches(doc: &Value, path: &str, method: &str, r: &Resp) {
+    let status = r.status.to_string();
+    let response = &doc["paths"][path][method]["responses"][&status];
+    assert!(
+        response.is_object(),
+        "{method} {path} answered {status}, which the document does not list: {}",
+        r.body
+    );
+    let Some(content) = response["content"].as_object() else {
+        assert!(
+            r.body.is_empty(),
+            "{method} {path} {status}: a body not documented: {}",
+            r.body
+        );
+        return;
+    };
+    let ct = r.header("content-type").unwrap_or("");
+    let ct = ct.split(';').next().unwrap().trim();
+    let (_, media) = content
+        .iter()
+        .find(|(k, _)| {
+            let k = k.split(';').next().unwrap().trim();
+            k == ct || k == "*/*" || k.strip_suffix("/*").is_some_and(|t| ct.starts_with(t))
+        })
+        .unwrap_or_else(|| {
+            panic!("{method} {path} {status}: content type {ct:?} is not one of {content:?}")
+        });
+    if ct != "application/json" {
+        return;
+    }
+    let schema = &media["schema"];
+    let value = r.json();
+    let errors: Vec<String> = doc_validator(doc, schema)
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status}: {value:#} does not match its schema: {errors:?}"
+    );
+}
+
+/// Every `"$ref"` in `v`, with where it was found.
+fn refs<'a>(v: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                match (k.as_str(), x) {
+                    ("$ref", Value::String(r)) => out.push((at.clone(), r)),
+                    _ => refs(x, format!("{at}/{k}"), out),
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                refs(x, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `{name}` segments of a path template.
+fn template_params(path: &str) -> Vec<String> {
+    path.split('{')
+        .skip(1)
+        .filter_map(|p| p.split_once('}').map(|(name, _)| name.to_string()))
+        .collect()
+}
+
+#[test]
+fn openapi_document_is_valid_openapi_and_describes_the_real_router() {
+    // Room for the probes below under the general limit.
+    let s = Server::start(ServerOptions {
+        env: vec![("SANDCAST_RATE_LIMIT__API_REQUESTS".into(), "10000".into())],
+        ..Default::default()
+    });
+    // Public: no credential needed.
+    let r = s.raw("GET", "/api/openapi.json", &[], None);
+    assert_eq!(r.status, 200, "GET /api/openapi.json: {}", r.body);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "content type: {:?}",
+        r.header("content-type")
+    );
+    let doc = r.json();
+
+    // Valid against the OpenAPI 3.1 schema.
+    let meta: Value = serde_json::from_str(OAS_31_SCHEMA).unwrap();
+    let oas = jsonschema::draft202012::new(&meta).expect("the OpenAPI 3.1 schema compiles");
+    let errors: Vec<String> = oas.iter_errors(&doc).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "not valid OpenAPI 3.1: {errors:#?}");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1."));
+
+    // Every $ref resolves; every schema compiles.
+    let mut all = Vec::new();
+    refs(&doc, String::new(), &mut all);
+    assert!(!all.is_empty(), "no $ref at all");
+    for (at, r) in &all {
+        let pointer = r
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("{at}: external $ref {r}"));
+        assert!(
+            doc.pointer(pointer).is_some(),
+            "{at}: $ref {r} resolves to nothing"
+        );
+    }
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        doc_validator(
+            &doc,
+            &json!({ "$ref": format!("#/components/schemas/{name}") }),
+        );
+        assert!(schema.is_object(), "{name}");
+    }
+
+    // Operations: unique ids, path parameters declared exactly, credentials
+    // named in securitySchemes, a description, and an error schema on errors.
+    let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let what = format!("{method} {path}");
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: no operationId"));
+            assert!(ids.insert(id.to_string()), "{what}: operationId {id} twice");
+            assert!(
+                op["summary"].as_str().is_some_and(|d| !d.is_empty()),
+                "{what}: no summary"
+            );
+            let declared: std::collections::BTreeSet<String> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+                .map(|p| {
+                    assert_eq!(
+                        p["required"], true,
+                        "{what}: path parameter {p} not required"
+                    );
+                    p["name"].as_str().unwrap().to_string()
+                })
+                .collect();
+            let in_template: std::collections::BTreeSet<String> =
+                template_params(path).into_iter().collect();
+            assert_eq!(declared, in_template, "{what}: path parameters");
+            let security = op["security"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{what}: no security stated"));
+            for req in security {
+                for name in req.as_object().unwrap().keys() {
+                    assert!(schemes.contains_key(name), "{what}: unknown scheme {name}");
+                }
+            }
+            for (status, resp) in op["responses"].as_object().unwrap() {
+                // Errors are the JSON error body; a degraded /health keeps its report.
+                let body = &resp["content"]["application/json"]["schema"]["$ref"];
+                if status.starts_with('4') {
+                    assert_eq!(body, "#/components/schemas/ErrorBody", "{what} {status}");
+                } else if status.starts_with('5') {
+                    assert!(body.is_string(), "{what} {status}: no JSON body documented");
+                }
+            }
+        }
+    }
+    for needed in [
+        "/api/sessions",
+        "/api/sessions/{id}",
+        "/api/auth/start",
+        "/api/webrtc/session/{id}/ws",
+        "/health",
+        "/metrics",
+        "/viewer/{id}/vnc",
+        "/api/openapi.json",
+    ] {
+        assert!(paths.contains_key(needed), "{needed} is not documented");
+    }
+
+    // The real router serves exactly the documented methods on each path:
+    // a documented one is routed (never 405, never the JSON 404 of unknown
+    // paths), any other answers 405. Parameters get a well-formed id of no
+    // session, so nothing is created or changed.
+    let auth = format!("Bearer {}", s.api_key);
+    let mut error_answers = 0;
+    for (path, item) in paths {
+        let concrete = template_params(path).iter().fold(path.clone(), |p, name| {
+            p.replace(&format!("{{{name}}}"), "0123456789abcdef01234567")
+        });
+        for method in METHODS {
+            // A fresh connection per probe: the server may close one whose
+            // request it answered without reading, and the client's pool
+            // would not notice in time.
+            let r = s.raw(
+                &method.to_uppercase(),
+                &concrete,
+                &[("authorization", &auth), ("connection", "close")],
+                None,
+            );
+            let what = format!("{method} {concrete}");
+            if item.get(method).is_some() {
+                assert_ne!(r.status, 405, "{what}: documented but not routed");
+                assert!(
+                    !r.body.contains("no such endpoint"),
+                    "{what}: documented but not routed: {}",
+                    r.body
+                );
+                assert_matches(&doc, path, method, &r);
+                error_answers += usize::from(r.status >= 400);
+            } else {
+                assert_eq!(
+                    r.status, 405,
+                    "{what}: routed but not documented: {}",
+                    r.body
+                );
+            }
+        }
+    }
+    assert!(
+        error_answers > 5,
+        "only {error_answers} error answers checked"
+    );
+
+    // Credentials as documented: operations that need the API key refuse a
+    // request without one; open ones do not ask for one.
+    for (path, item) in paths {
+        let concrete = template_params(path).iter().fold(path.clone(), |p, name| {
+            p.replace(&format!("{{{name}}}"), "0123456789abcdef01234567")
+        });
+        for (method, op) in item.as_object().unwrap() {
+            if op_is_websocket(op) {
+                continue;
+            }
+            let security = op["security"].as_array().unwrap();
+            let open = security
+                .iter()
+                .any(|r| r.as_object().is_some_and(|o| o.is_empty()));
+            let key_only = security.len() == 1 && security[0].get("api_key").is_some();
+            let r = s.raw(
+                &method.to_uppercase(),
+                &concrete,
+                &[("connection", "close")],
+                None,
+            );
+            if key_only {
+                assert_eq!(r.status, 401, "{method} {path} without the key: {}", r.body);
+                assert_matches(&doc, path, method, &r);
+            } else if open {
+                assert_ne!(
+                    r.status, 401,
+                    "{method} {path} is documented as open: {}",
+                    r.body
+                );
+            }
+        }
+    }
+
+    // A real session through its life: every answer matches its schema.
+    let r = s.api(
+        "POST",
+        "/api/sessions",
+        Some(&json!({ "start_url": input_page() }).to_string()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_matches(&doc, "/api/sessions", "post", &r);
+    let created = r.json();
+    let id = created["id"].as_str().unwrap();
+    let token = created["viewer_token"].as_str().unwrap();
+    s.wait_state(id, "ready", Duration::from_secs(30));
+    let one = "/api/sessions/{id}";
+    let r = s.api("GET", &format!("/api/sessions/{id}"), None);
+    assert!(
+        r.json()["children"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty()),
+        "a ready session lists its children: {}",
+        r.body
+    );
+    assert_matches(&doc, one, "get", &r);
+    assert_matches(
+        &doc,
+        "/api/sessions",
+        "get",
+        &s.api("GET", "/api/sessions", None),
+    );
+    let viewer = format!("Bearer {token}");
+    let r = s.raw(
+        "GET",
+        &format!("/viewer/{id}/state"),
+        &[("authorization", &viewer)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_matches(&doc, "/viewer/{id}/state", "get", &r);
+    let r = s.raw("GET", &format!("/viewer/{id}/state"), &[], None);
+    assert_eq!(r.status, 401, "viewer state without a token: {}", r.body);
+    assert_matches(&doc, "/viewer/{id}/state", "get", &r);
+    assert_eq!(
+        s.ws_handshake(&format!("/viewer/{id}/vnc?token={token}")),
+        101,
+        "the VNC WebSocket is an upgrade, as documented"
+    );
+    let r = s.raw("GET", "/health", &[], None);
+    assert_matches(&doc, "/health", "get", &r);
+    let r = s.api("DELETE", &format!("/api/sessions/{id}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_matches(&doc, one, "delete", &r);
+    s.wait_state(id, "stopped", Duration::from_secs(20));
+}
+
+/// Whether an operation is documented as a WebSocket upgrade (answers 101).
+fn op_is_websocket(op: &Value) -> bool {
+    op["responses"].get("101").is_some()
+}

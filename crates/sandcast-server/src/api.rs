@@ -19,10 +19,11 @@ use serde_json::{Value, json};
 
 use crate::auth;
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::log_read::{self, Selection};
 use crate::manager::{Live, Manager, NewSession};
+use crate::openapi::{CreatedSession, Health, HealthDetail, Session, SessionList};
 use crate::session_log;
 use crate::store::{PageQuery, Row, Spec, State as SessionState};
 
@@ -58,27 +59,57 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(auth::bearer)
 }
 
-/// Body of `POST /api/sessions`.
-#[derive(Debug, Default, Deserialize)]
+/// Body of `POST /api/sessions`: every field is optional, unknown fields
+/// are refused.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "user_id": "alice", "start_url": "https://example.org/", "width": 1280, "height": 720
+}))]
 pub struct CreateRequest {
+    /// The operator's own id for the user (up to 128 characters), kept with
+    /// the session.
+    #[schema(max_length = 128)]
     user_id: Option<String>,
+    /// The page the browser opens: an `http`, `https`, `data` or `about` URL.
+    /// Default: the provider's, else the configured one.
     start_url: Option<String>,
+    /// A provider preset from the configuration: its start URL and launch
+    /// command apply unless given here.
+    #[schema(max_length = 128)]
     provider: Option<String>,
+    /// Display width in pixels.
+    #[schema(minimum = 320, maximum = 3840)]
     width: Option<u32>,
+    /// Display height in pixels.
+    #[schema(minimum = 240, maximum = 2160)]
     height: Option<u32>,
+    /// Seconds until the session is stopped, however busy.
+    #[schema(minimum = 1, maximum = 86400)]
     ttl_seconds: Option<u64>,
+    /// Seconds without a viewer before the session is stopped.
+    #[schema(minimum = 1, maximum = 86400)]
     idle_timeout_seconds: Option<u64>,
+    /// Chromium in kiosk mode (no tabs, no address bar).
     kiosk: Option<bool>,
+    /// A command run in the session beside the browser, as argv, e.g.
+    /// `["my-cli", "login"]`.
+    #[schema(max_items = 64)]
     launch: Option<Vec<String>>,
+    /// Whether the session may reach the network outside the host.
     egress: Option<bool>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({ "userId": "alice", "provider": "example" }))]
 pub struct AuthStartRequest {
+    /// The operator's own id for the user.
+    #[schema(max_length = 128)]
     user_id: String,
+    /// A provider preset from the configuration.
+    #[schema(max_length = 128)]
     provider: String,
 }
 
@@ -241,7 +272,27 @@ fn created(state: &AppState, headers: &HeaderMap, new: NewSession) -> Result<Res
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// `POST /api/sessions`.
+/// Create a session.
+///
+/// Records the session and starts it in the background: the answer comes
+/// at once with `state` `starting`; watch `GET /api/sessions/{id}` or its
+/// events for `ready`. `viewer_url` opens this session's viewer and
+/// nothing else; hand it to the user.
+#[utoipa::path(
+    post,
+    path = "/api/sessions",
+    tag = "sessions",
+    security(("api_key" = [])),
+    request_body = CreateRequest,
+    responses(
+        (status = 201, description = "Created and starting.", body = CreatedSession),
+        (status = 400, description = "A field is malformed or out of range; `detail.field` names it.", body = ErrorBody),
+        (status = 413, description = "The body is larger than 64 KiB.", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`.", body = ErrorBody),
+        (status = 503, description = "`max_sessions` sessions are running.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -252,7 +303,24 @@ pub async fn create(
     created(&state, &headers, new)
 }
 
-/// `POST /api/auth/start`: a session from a provider preset.
+/// Create a session from a provider preset (the seed's endpoint).
+///
+/// Equivalent to `POST /api/sessions` with `user_id` and `provider`.
+#[utoipa::path(
+    post,
+    path = "/api/auth/start",
+    tag = "seed",
+    security(("api_key" = [])),
+    request_body = AuthStartRequest,
+    responses(
+        (status = 201, description = "Created and starting.", body = CreatedSession),
+        (status = 400, description = "Unknown provider or a malformed field.", body = ErrorBody),
+        (status = 413, description = "The body is larger than 64 KiB.", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`.", body = ErrorBody),
+        (status = 503, description = "`max_sessions` sessions are running.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn auth_start(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -281,12 +349,22 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 
 /// Query of `GET /api/sessions`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Sessions on a page, 1 to 1000; 100 when not given.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// Where the page starts: `next` of the page before. Opaque.
     cursor: Option<String>,
+    /// Only sessions in these states, comma-separated (`ready,starting`).
+    #[param(
+        pattern = "^(starting|ready|failed|stopping|stopped)(,(starting|ready|failed|stopping|stopped))*$"
+    )]
     state: Option<String>,
+    /// Only the sessions of this `user_id`.
+    #[param(max_length = 128)]
     user_id: Option<String>,
 }
 
@@ -356,8 +434,22 @@ pub fn page_query(q: ListQuery) -> Result<PageQuery, ApiError> {
     })
 }
 
-/// `GET /api/sessions[?limit=N&cursor=C&state=S[,S...]&user_id=U]`: newest
-/// first; `next` is the cursor of the following page, null on the last.
+/// List sessions, newest first, a page at a time.
+///
+/// `next` of an answer is the `cursor` of the following page, `null` on the
+/// last; the filters stay the same from page to page.
+#[utoipa::path(
+    get,
+    path = "/api/sessions",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of sessions, newest first.", body = SessionList),
+        (status = 400, description = "A malformed query; `detail.field` names the parameter.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -377,7 +469,21 @@ pub async fn list(
     Ok(Json(json!({ "sessions": sessions, "next": next })))
 }
 
-/// `GET /api/sessions/{id}`.
+/// Get a session: its state, why it failed or stopped, and each of its
+/// child processes.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "The session.", body = Session),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -391,7 +497,23 @@ pub async fn get(
     Ok(Json(session_json(&row, state.manager.live(&id).as_deref())))
 }
 
-/// `DELETE /api/sessions/{id}`.
+/// Stop a session.
+///
+/// Stops its processes and removes its sandbox; the session stays listed
+/// as `stopped`.
+#[utoipa::path(
+    delete,
+    path = "/api/sessions/{id}",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "Stopped; the session as it ended.", body = Session),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -402,12 +524,29 @@ pub async fn delete(
 }
 
 /// Query of the logs endpoint.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
+    /// `1`, `true` or `yes`: keep the answer open and send new lines as
+    /// they come, until the session ends (`0`, `false`, `no`: do not).
+    #[param(pattern = "^(1|true|yes|0|false|no)$")]
     follow: Option<String>,
+    /// Only the last this many lines, 0 to 100000000.
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 100000000)]
     tail: Option<String>,
+    /// Only the lines from this time on: RFC 3339
+    /// (`2026-12-06T10:00:00Z`) or milliseconds since the Unix epoch.
     since: Option<String>,
+}
+
+/// Path of the endpoints of one session.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SessionPath {
+    /// The session's id, as `POST /api/sessions` answered it.
+    #[param(pattern = "^[a-z0-9-]{1,64}$")]
+    pub id: String,
 }
 
 /// Most lines `tail` may ask for (a log holds far fewer).
@@ -444,10 +583,24 @@ fn logs_selection(q: &LogsQuery) -> Result<(bool, Selection), ApiError> {
     Ok((follow, Selection { tail, since }))
 }
 
-/// `GET /api/sessions/{id}/logs[?tail=N][&since=T][&follow=1]`: the log
-/// from disk in chunks (the previous file, then the current one), the last
-/// `N` lines or those from time `T` on (RFC 3339 or Unix milliseconds);
-/// with `follow=1`, then new lines until the session ends.
+/// Get a session's log: the output of its agent and child processes.
+///
+/// Read from disk (the previous file, then the current one): every line,
+/// the last `tail` lines, or those from `since` on; with `follow`, then
+/// new lines until the session ends.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}/logs",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath, LogsQuery),
+    responses(
+        (status = 200, description = "The log, one line per output line.", body = String, content_type = "text/plain"),
+        (status = 400, description = "`id` is not a session id, or a malformed query; `detail.field` names the parameter.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed, or the log could not be read.", body = ErrorBody),
+    )
+)]
 pub async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -504,7 +657,25 @@ pub async fn logs(
     Ok((text_plain, Body::from_stream(from_disk.chain(live_lines))).into_response())
 }
 
-/// `GET /api/sessions/{id}/events`: server-sent events, current state first.
+/// Follow a session's events as server-sent events.
+///
+/// The first event is the current `state` (`{"state","reason"}`); then
+/// each change: `state` events, and `child` events with a child process's
+/// report (as in `children` of the session). The stream ends after the
+/// session ends: its first `failed` or `stopped` state.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}/events",
+    tag = "sessions",
+    security(("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "An event stream (`text/event-stream`).", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -563,13 +734,36 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `GET /health`: liveness and readiness from the last background check.
+/// Whether the server is live and ready to serve sessions, from the last
+/// background check. No credential needed; `GET /api/health` says which
+/// check failed.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "server",
+    security(()),
+    responses(
+        (status = 200, description = "Sessions can start.", body = Health),
+        (status = 503, description = "Degraded: a check failed; `GET /api/health` says which.", body = Health),
+    )
+)]
 pub async fn health(health: axum::Extension<Arc<crate::health::Health>>) -> Response {
     let snap = health.last();
     (health_status(&snap), Json(snap.public_json())).into_response()
 }
 
-/// `GET /api/health`: every check's last result, for the operator.
+/// Server health in detail: the last result of every check (the store, the
+/// backend's readiness checks) and the WebRTC gateway's addresses.
+#[utoipa::path(
+    get,
+    path = "/api/health",
+    tag = "server",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Sessions can start.", body = HealthDetail),
+        (status = 503, description = "Degraded: a check failed; `store` and `backend.checks` say which.", body = HealthDetail),
+    )
+)]
 pub async fn health_detail(
     State(state): State<AppState>,
     health: axum::Extension<Arc<crate::health::Health>>,
@@ -587,7 +781,20 @@ fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
     }
 }
 
-/// `GET /metrics`.
+/// Prometheus metrics in the OpenMetrics text format. No credential needed.
+///
+/// `sandcast_sessions{state}`, `sandcast_session_starts_total`,
+/// `sandcast_session_failures_total`, `sandcast_child_restarts_total`,
+/// `sandcast_session_start_seconds`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "server",
+    security(()),
+    responses(
+        (status = 200, description = "The metrics.", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    )
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     metrics: axum::Extension<Arc<crate::metrics::Metrics>>,

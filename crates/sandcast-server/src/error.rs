@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::manager::ManagerError;
@@ -50,13 +51,24 @@ impl ApiError {
     }
 }
 
+/// The body of every error answer, as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({ "error": "no such session", "detail": { "id": "0123abcd" } }))]
+pub struct ErrorBody {
+    /// What went wrong, in a short sentence naming the bad value.
+    pub error: String,
+    /// More detail when there is any (often `{"field": ...}` naming the
+    /// request field at fault), else `null`.
+    pub detail: serde_json::Value,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": self.error, "detail": self.detail })),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: self.error,
+            detail: self.detail,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 

@@ -5,7 +5,8 @@
 //! [`run`] wires it together: configuration → store (reconciled with what
 //! the last run left) → backend → gateway → [`manager::Manager`] → axum
 //! router. Handlers live in [`api`] (operator API) and [`viewer`] (viewer
-//! page, its state, VNC WebSocket, WebRTC signaling).
+//! page, its state, VNC WebSocket, WebRTC signaling); [`openapi`] documents
+//! them, from the same route tables the router is built of.
 
 pub mod api;
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod log_read;
 pub mod manager;
 pub mod metrics;
+pub mod openapi;
 pub mod ratelimit;
 pub mod retention;
 pub mod session_log;
@@ -31,8 +33,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use sandcast_backend::Backend;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use config::Config;
 
@@ -66,6 +69,52 @@ pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
     })
 }
 
+/// The routes under `/api/*` that pass [`api::require_api_key`] (which lets
+/// signaling through to its own check). Handlers are registered only through
+/// `routes!`, which also enters them in the OpenAPI document.
+fn api_routes() -> OpenApiRouter<api::AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(api::create, api::list))
+        .routes(routes!(api::get, api::delete))
+        .routes(routes!(api::logs))
+        .routes(routes!(api::events))
+        .routes(routes!(api::auth_start))
+        .routes(routes!(api::health_detail))
+        .routes(routes!(viewer::offer, viewer::last_offer))
+        .routes(routes!(viewer::last_answer))
+        .routes(routes!(viewer::ice_servers))
+        .routes(routes!(viewer::signaling_ws))
+}
+
+/// The routes outside the API key's check; documented like the others.
+fn open_routes() -> OpenApiRouter<api::AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(openapi::serve))
+        .routes(routes!(api::health))
+        .routes(routes!(api::metrics))
+        .routes(routes!(viewer::page))
+        .routes(routes!(viewer::state))
+        .routes(routes!(viewer::vnc))
+        .routes(routes!(viewer::asset))
+}
+
+/// The two route tables and the OpenAPI document of both.
+fn route_tables() -> (
+    Router<api::AppState>,
+    Router<api::AppState>,
+    utoipa::openapi::OpenApi,
+) {
+    let (api, mut doc) = api_routes().split_for_parts();
+    let (open, open_doc) = open_routes().split_for_parts();
+    doc.merge(open_doc);
+    (api, open, openapi::document(doc))
+}
+
+/// The OpenAPI document of the router, as `GET /api/openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    route_tables().2
+}
+
 /// Builds the router. The rate limits are the outermost layer: they decide
 /// whose budget a request spends (the key's or its address's) before any is
 /// charged.
@@ -75,23 +124,9 @@ pub fn router(
     limiters: Arc<ratelimit::Limiters>,
     health: Arc<health::Health>,
 ) -> Router {
-    let api = Router::new()
-        .route("/api/sessions", post(api::create).get(api::list))
-        .route("/api/sessions/{id}", get(api::get).delete(api::delete))
-        .route("/api/sessions/{id}/logs", get(api::logs))
-        .route("/api/sessions/{id}/events", get(api::events))
-        .route("/api/auth/start", post(api::auth_start))
-        .route("/api/health", get(api::health_detail))
-        .route(
-            "/api/webrtc/session/{id}/offer",
-            post(viewer::offer).get(viewer::last_offer),
-        )
-        .route(
-            "/api/webrtc/session/{id}/answer",
-            get(viewer::last_answer).post(viewer::last_answer),
-        )
-        .route("/api/webrtc/ice-servers", get(viewer::ice_servers))
-        .route("/api/webrtc/session/{id}/ws", get(viewer::signaling_ws))
+    let (api, open, doc) = route_tables();
+    let api = api
+        // Not an endpoint: the JSON 404 of unknown `/api/*` paths, after the key check.
         .route("/api/{*rest}", axum::routing::any(api::not_found))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -99,13 +134,9 @@ pub fn router(
         ));
     Router::new()
         .merge(api)
-        .route("/health", get(api::health))
-        .route("/metrics", get(api::metrics))
-        .route("/viewer/{id}", get(viewer::page))
-        .route("/viewer/{id}/state", get(viewer::state))
-        .route("/viewer/{id}/vnc", get(viewer::vnc))
-        .route("/assets/{*path}", get(viewer::asset))
+        .merge(open)
         .fallback(api::not_found)
+        .layer(axum::Extension(openapi::Served::new(&doc)))
         .layer(axum::Extension(metrics))
         .layer(axum::Extension(health))
         .layer(axum::Extension(Arc::new(viewer::Signaling::default())))
@@ -328,4 +359,104 @@ fn local_ip() -> Option<String> {
     s.connect("192.0.2.1:9").ok()?;
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then(|| ip.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+
+    /// The (method, path) pairs a router serves, read from axum's own route
+    /// table through its `Debug` view (axum has no other way to list them).
+    /// HEAD is left out: axum answers it for every GET.
+    fn served(router: &Router<api::AppState>) -> BTreeSet<(String, String)> {
+        let full = format!("{router:?}");
+        // The routes proper; the fallback router that follows has route ids of its own.
+        let text = full
+            .split_once("path_router: PathRouter {")
+            .and_then(|(_, rest)| rest.split_once("fallback_router:"))
+            .map(|(routes, _)| routes)
+            .unwrap_or_else(|| panic!("no path router in {full}"));
+        let mut paths = HashMap::new();
+        let mut methods = HashMap::new();
+        for piece in text.split("RouteId(").skip(1) {
+            let (id, rest) = piece.split_once("): ").expect("RouteId(n): …");
+            if let Some(path) = rest.strip_prefix('"') {
+                paths.insert(id, path.split('"').next().unwrap().to_string());
+            } else if rest.starts_with("MethodRouter(") {
+                let allow = rest
+                    .split("allow_header: Bytes(b\"")
+                    .nth(1)
+                    .and_then(|a| a.split('"').next())
+                    .unwrap_or_else(|| panic!("no allow header in {rest}"));
+                methods.insert(id, allow.to_string());
+            }
+        }
+        assert_eq!(
+            paths.keys().collect::<BTreeSet<_>>(),
+            methods.keys().collect::<BTreeSet<_>>(),
+            "every route has a path and methods: {text}"
+        );
+        let mut pairs = BTreeSet::new();
+        for (id, path) in &paths {
+            for m in methods[id].split(',').filter(|m| *m != "HEAD") {
+                pairs.insert((m.to_lowercase(), path.replace("{*", "{")));
+            }
+        }
+        pairs
+    }
+
+    fn documented(doc: &utoipa::openapi::OpenApi) -> BTreeSet<(String, String)> {
+        let v = serde_json::to_value(doc).unwrap();
+        let mut pairs = BTreeSet::new();
+        for (path, item) in v["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                pairs.insert((method.clone(), path.clone()));
+            }
+        }
+        pairs
+    }
+
+    /// The router adds no route of its own to the tables but the 404 of
+    /// unknown `/api/*` paths: every other registration goes through
+    /// `routes!` and so into the document.
+    #[test]
+    fn the_router_registers_routes_only_through_the_tables() {
+        let source = include_str!("lib.rs");
+        let code = source.split("#[cfg(test)]").next().unwrap();
+        let direct: Vec<&str> = code
+            .lines()
+            .filter(|l| {
+                [".route(", ".route_service(", ".nest(", ".nest_service("]
+                    .iter()
+                    .any(|r| l.contains(r))
+            })
+            .collect();
+        assert_eq!(
+            direct,
+            [r#"        .route("/api/{*rest}", axum::routing::any(api::not_found))"#],
+            "routes registered around the documented tables (use routes! in api_routes or open_routes)"
+        );
+    }
+
+    #[test]
+    fn every_route_of_the_router_is_in_the_document_and_nothing_else() {
+        let (api, open, doc) = route_tables();
+        let mut routes = served(&api);
+        routes.extend(served(&open));
+        let documented = documented(&doc);
+        assert!(
+            routes.contains(&("post".into(), "/api/sessions".into()))
+                && routes.contains(&("get".into(), "/assets/{path}".into())),
+            "the route table was not read: {routes:?}"
+        );
+        let missing: Vec<_> = routes.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&routes).collect();
+        assert!(
+            missing.is_empty(),
+            "routes not in the document: {missing:?}"
+        );
+        assert!(extra.is_empty(), "documented but not routed: {extra:?}");
+    }
 }

@@ -16,10 +16,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::api::{AppState, bearer, session_json};
+use crate::api::{AppState, SessionPath, bearer, session_json};
 use crate::auth;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::limits;
+use crate::openapi::{IceServers, SdpMessage, ViewerState};
 use crate::store::{Row, State as SessionState};
 
 /// The viewer's files: `viewer/` of the source tree.
@@ -27,7 +28,18 @@ use crate::store::{Row, State as SessionState};
 #[folder = "../../viewer/"]
 struct Assets;
 
-/// `GET /assets/{*path}`.
+/// A file of the viewer (scripts, styles, noVNC), embedded in the server.
+#[utoipa::path(
+    get,
+    path = "/assets/{*path}",
+    tag = "viewer",
+    security(()),
+    params(("path" = String, Path, description = "The file's path under the viewer's directory; may contain `/`.")),
+    responses(
+        (status = 200, description = "The file, with its MIME type.", body = Vec<u8>, content_type = "*/*"),
+        (status = 404, description = "No such asset.", body = ErrorBody),
+    )
+)]
 pub async fn asset(Path(path): Path<String>) -> Response {
     match Assets::get(&path) {
         Some(file) => {
@@ -46,7 +58,22 @@ pub async fn asset(Path(path): Path<String>) -> Response {
     }
 }
 
-/// `GET /viewer/{id}`: the page; the token stays in the URL fragment.
+/// The viewer page of a session.
+///
+/// Open it as `viewer_url` says, `/viewer/{id}#token=…`: the token stays
+/// in the URL fragment, which browsers never send, and the page presents
+/// it to the endpoints below.
+#[utoipa::path(
+    get,
+    path = "/viewer/{id}",
+    tag = "viewer",
+    security(()),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "The page.", body = String, content_type = "text/html"),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+    )
+)]
 pub async fn page(Path(id): Path<String>) -> Response {
     if limits::check_id(&id).is_err() {
         return ApiError::bad_request("bad session id").into_response();
@@ -96,7 +123,22 @@ fn authorize(
     }
 }
 
-/// `GET /viewer/{id}/state`.
+/// The state of a session as its viewer sees it; counts as viewer
+/// activity for the idle timeout.
+#[utoipa::path(
+    get,
+    path = "/viewer/{id}/state",
+    tag = "viewer",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "The session's state.", body = ViewerState),
+        (status = 400, description = "`id` is not a session id.", body = ErrorBody),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn state(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -115,13 +157,35 @@ pub async fn state(
     })))
 }
 
-/// Query carrying the token where headers cannot (WebSocket).
+/// Query carrying the token where headers cannot (WebSocket); documented
+/// as the `viewer_token_query` security scheme.
 #[derive(Debug, Deserialize)]
 pub struct TokenQuery {
     token: Option<String>,
 }
 
-/// `GET /viewer/{id}/vnc?token=…`: RFB over a WebSocket.
+/// The noVNC fallback: RFB over a WebSocket (subprotocol `binary`).
+///
+/// A WebSocket upgrade (`Connection: Upgrade`, `Upgrade: websocket`); the
+/// server splices it onto the session's VNC server through the agent.
+#[utoipa::path(
+    get,
+    path = "/viewer/{id}/vnc",
+    tag = "viewer",
+    security(("viewer_token_query" = []), ("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol; RFB in binary messages."),
+        (status = 400, description = "`id` is not a session id (a JSON error), or the request is not a WebSocket upgrade (plain text).", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 409, description = "The session is not `ready`.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn vnc(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -214,10 +278,13 @@ pub struct Signaling {
 }
 
 /// Body of an offer.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct OfferBody {
+    /// The viewer's SDP offer.
     sdp: String,
+    /// `offer` when given.
     #[serde(default, rename = "type")]
+    #[schema(pattern = "^offer$")]
     kind: Option<String>,
 }
 
@@ -225,7 +292,31 @@ fn authorize_signaling(state: &AppState, id: &str, headers: &HeaderMap) -> Resul
     authorize(state, id, headers, None)
 }
 
-/// `POST /api/webrtc/session/{id}/offer`: answers at once.
+/// Send a WebRTC offer; the answer comes back at once (the seed's
+/// endpoint).
+///
+/// The gateway is ICE-lite and puts all its candidates in the answer, so
+/// no trickle is needed.
+#[utoipa::path(
+    post,
+    path = "/api/webrtc/session/{id}/offer",
+    tag = "seed",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    request_body(description = "The offer: JSON, or the bare SDP as text.", content(
+        (OfferBody = "application/json"),
+        (String = "application/sdp"),
+    )),
+    responses(
+        (status = 200, description = "The answer, and the id of the new viewer.", body = SdpMessage),
+        (status = 400, description = "`id` is not a session id, or a malformed offer.", body = ErrorBody),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 409, description = "The session is not `ready`.", body = ErrorBody),
+        (status = 503, description = "WebRTC is turned off on this server.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn offer(
     State(state): State<AppState>,
     axum::Extension(sig): axum::Extension<Arc<Signaling>>,
@@ -280,7 +371,20 @@ pub async fn offer(
     .into_response())
 }
 
-/// `GET /api/webrtc/session/{id}/offer`.
+/// The last offer sent for a session (the seed's endpoint).
+#[utoipa::path(
+    get,
+    path = "/api/webrtc/session/{id}/offer",
+    tag = "seed",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "The offer (`type` is `offer`).", body = SdpMessage),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session, or no offer yet.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn last_offer(
     State(state): State<AppState>,
     axum::Extension(sig): axum::Extension<Arc<Signaling>>,
@@ -293,7 +397,21 @@ pub async fn last_offer(
     Ok(Json(json!({ "type": "offer", "sdp": offer })))
 }
 
-/// `GET|POST /api/webrtc/session/{id}/answer`.
+/// The last answer given for a session (the seed's endpoint; `POST`
+/// answers the same as `GET`).
+#[utoipa::path(
+    method(get, post),
+    path = "/api/webrtc/session/{id}/answer",
+    tag = "seed",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 200, description = "The answer (`type` is `answer`).", body = SdpMessage),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session, or no answer yet.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn last_answer(
     State(state): State<AppState>,
     axum::Extension(sig): axum::Extension<Arc<Signaling>>,
@@ -307,15 +425,35 @@ pub async fn last_answer(
 }
 
 /// Query of `ice-servers`: the session the viewer token belongs to.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct IceQuery {
+    /// The session whose viewer token is sent; without it, only the
+    /// operator key is accepted.
+    #[param(pattern = "^[a-z0-9-]{1,64}$")]
     session: Option<String>,
 }
 
-/// `GET /api/webrtc/ice-servers[?session=<id>]`: the STUN/TURN servers, for
-/// the operator key or a live session's viewer token (with `session`).
-/// With a TURN shared secret, a credential valid for
+/// The ICE servers the viewer should use (the seed's endpoint).
+///
+/// For the operator key, or a live session's viewer token with
+/// `?session=<id>`. With a TURN shared secret, a credential valid for
 /// `webrtc.turn.credential_ttl_seconds` is made for the caller.
+#[utoipa::path(
+    get,
+    path = "/api/webrtc/ice-servers",
+    tag = "seed",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(IceQuery),
+    responses(
+        (status = 200, description = "The configured ICE servers, as `RTCConfiguration.iceServers`, and a TURN credential when TURN is configured.", body = IceServers),
+        (status = 400, description = "`session` is not a session id.", body = ErrorBody),
+        (status = 401, description = "No API key and no `session`, or a token that does not open that session.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 409, description = "The session has ended.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn ice_servers(
     State(state): State<AppState>,
     Query(q): Query<IceQuery>,
@@ -354,13 +492,32 @@ pub async fn ice_servers(
         .into_response())
 }
 
-/// `GET /api/webrtc/session/{id}/ws?token=…`: WebSocket signaling for
-/// renegotiation and trickle. Messages are JSON: the viewer sends
+/// WebRTC signaling over a WebSocket, for renegotiation and trickle.
+///
+/// A WebSocket upgrade. Messages are JSON text: the viewer sends
 /// `{"type":"offer","sdp"}` (answered with `{"type":"answer","sdp","viewer_id"}`;
 /// a later offer replaces the viewer, which is how it renegotiates) and
 /// `{"type":"candidate",...}` (acknowledged: the gateway is ICE-lite and puts
 /// all its candidates in the answer, so remote candidates are learned from
 /// the viewer's checks). Errors come back as `{"type":"error","error"}`.
+#[utoipa::path(
+    get,
+    path = "/api/webrtc/session/{id}/ws",
+    tag = "signaling",
+    security(("viewer_token" = []), ("viewer_token_query" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol; JSON messages as described."),
+        (status = 400, description = "`id` is not a session id (a JSON error), or the request is not a WebSocket upgrade (plain text).", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 503, description = "WebRTC is turned off on this server.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
 pub async fn signaling_ws(
     State(state): State<AppState>,
     Path(id): Path<String>,
