@@ -445,6 +445,44 @@ mod tests {
         (conn, win, atoms)
     }
 
+    /// Takes the CLIPBOARD as `win` and serves `text` to the next request
+    /// for it, as a browser that copied it would; returns the target asked for.
+    fn serve_once(conn: &RustConnection, win: Window, atoms: &Atoms, text: &[u8]) -> Atom {
+        conn.set_selection_owner(win, atoms.CLIPBOARD, x11rb::CURRENT_TIME)
+            .unwrap();
+        conn.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match xutil::wait_event(conn, Some(deadline)).unwrap() {
+                Some(Event::SelectionRequest(req)) => {
+                    conn.change_property8(
+                        PropMode::REPLACE,
+                        req.requestor,
+                        req.property,
+                        req.target,
+                        text,
+                    )
+                    .unwrap();
+                    let ev = SelectionNotifyEvent {
+                        response_type: x11rb::protocol::xproto::SELECTION_NOTIFY_EVENT,
+                        sequence: 0,
+                        time: req.time,
+                        requestor: req.requestor,
+                        selection: req.selection,
+                        target: req.target,
+                        property: req.property,
+                    };
+                    conn.send_event(false, req.requestor, EventMask::NO_EVENT, ev)
+                        .unwrap();
+                    conn.flush().unwrap();
+                    return req.target;
+                }
+                Some(_) => {}
+                None => panic!("the clipboard never asked for the text"),
+            }
+        }
+    }
+
     /// Reads `selection` as UTF8_STRING the way a browser would.
     fn read_as_client(display: &str, selection: fn(&Atoms) -> Atom) -> Option<String> {
         let (conn, win, atoms) = client(display);
@@ -510,40 +548,8 @@ mod tests {
         // Another client (the browser) copies text and serves it.
         let (conn, win, atoms) = client(x.display());
         let text = "copied in the session ✓".to_string();
-        conn.set_selection_owner(win, atoms.CLIPBOARD, x11rb::CURRENT_TIME)
-            .unwrap();
-        conn.flush().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match xutil::wait_event(&conn, Some(deadline)).unwrap() {
-                Some(Event::SelectionRequest(req)) => {
-                    assert_eq!(req.target, atoms.UTF8_STRING);
-                    conn.change_property8(
-                        PropMode::REPLACE,
-                        req.requestor,
-                        req.property,
-                        req.target,
-                        text.as_bytes(),
-                    )
-                    .unwrap();
-                    let ev = SelectionNotifyEvent {
-                        response_type: x11rb::protocol::xproto::SELECTION_NOTIFY_EVENT,
-                        sequence: 0,
-                        time: req.time,
-                        requestor: req.requestor,
-                        selection: req.selection,
-                        target: req.target,
-                        property: req.property,
-                    };
-                    conn.send_event(false, req.requestor, EventMask::NO_EVENT, ev)
-                        .unwrap();
-                    conn.flush().unwrap();
-                    break;
-                }
-                Some(_) => {}
-                None => panic!("the clipboard never asked for the text"),
-            }
-        }
+        let target = serve_once(&conn, win, &atoms, text.as_bytes());
+        assert_eq!(target, atoms.UTF8_STRING);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), text);
     }
 
@@ -650,46 +656,10 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let _clip = Clipboard::spawn(x.display(), move |t| tx.send(t).unwrap()).unwrap();
         let (conn, win, atoms) = client(x.display());
-        // Serves `text` to the next request for the CLIPBOARD it owns.
-        let serve = |text: &[u8]| {
-            conn.set_selection_owner(win, atoms.CLIPBOARD, x11rb::CURRENT_TIME)
-                .unwrap();
-            conn.flush().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match xutil::wait_event(&conn, Some(deadline)).unwrap() {
-                    Some(Event::SelectionRequest(req)) => {
-                        conn.change_property8(
-                            PropMode::REPLACE,
-                            req.requestor,
-                            req.property,
-                            req.target,
-                            text,
-                        )
-                        .unwrap();
-                        let ev = SelectionNotifyEvent {
-                            response_type: x11rb::protocol::xproto::SELECTION_NOTIFY_EVENT,
-                            sequence: 0,
-                            time: req.time,
-                            requestor: req.requestor,
-                            selection: req.selection,
-                            target: req.target,
-                            property: req.property,
-                        };
-                        conn.send_event(false, req.requestor, EventMask::NO_EVENT, ev)
-                            .unwrap();
-                        conn.flush().unwrap();
-                        return;
-                    }
-                    Some(_) => {}
-                    None => panic!("the clipboard never asked for the text"),
-                }
-            }
-        };
         // 4 MiB offered in one property: refused from its first 64 KiB.
-        serve(&vec![b'x'; 4 << 20]);
+        serve_once(&conn, win, &atoms, &vec![b'x'; 4 << 20]);
         assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
-        serve(b"short and sweet");
+        serve_once(&conn, win, &atoms, b"short and sweet");
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
             "short and sweet"
