@@ -283,6 +283,19 @@ async fn video_starts_at_the_session_size_and_follows_a_resize() {
     .await;
 }
 
+/// The browser's pid from its Running report, seen already or still to
+/// come: Ready and the child reports travel separately, in either order.
+async fn browser_pid(control: &mut Channel, seen: &mut Vec<Message>) -> u32 {
+    let running = |m: &Message| match m {
+        Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
+        _ => None,
+    };
+    match seen.iter().rev().find_map(running) {
+        Some(pid) => pid,
+        None => until(control, seen, running).await,
+    }
+}
+
 /// The display the browser runs on, from its environment.
 fn display_of(pid: u32) -> String {
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -368,14 +381,7 @@ async fn input_and_clipboard_reach_the_page_and_bad_input_is_counted() {
         i.addEventListener('input', () => { document.title = 'value ' + i.value; });\
         </script></body>";
     let (mut control, mut seen) = ready(&h, config(800, 600, html)).await;
-    let browser = seen
-        .iter()
-        .rev()
-        .find_map(|m| match m {
-            Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
-            _ => None,
-        })
-        .expect("the browser runs");
+    let browser = browser_pid(&mut control, &mut seen).await;
     let display = display_of(browser);
     wait_title(&display, "ready").await;
 
@@ -453,9 +459,13 @@ async fn input_and_clipboard_reach_the_page_and_bad_input_is_counted() {
 }
 
 /// Another client of `display` takes the CLIPBOARD (again each second, in
-/// case the agent was not watching yet) and serves `text` to the first
-/// request, as a browser would after a copy.
-fn copy_in_session(display: &str, text: Vec<u8>) {
+/// case the agent was not watching yet) and serves `text` as UTF8_STRING to
+/// every request until `done` is set, as a browser would after a copy. The
+/// session's own Chromium asks for TARGETS too when the owner changes; those
+/// requests are refused, not answered with the text, and do not end the
+/// serving (the agent's request may come after them).
+fn copy_in_session(display: &str, text: Vec<u8>, done: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
     use x11rb::protocol::Event;
     use x11rb::protocol::xproto::{
         CreateWindowAux, EventMask, PropMode, SELECTION_NOTIFY_EVENT, SelectionNotifyEvent,
@@ -464,12 +474,8 @@ fn copy_in_session(display: &str, text: Vec<u8>) {
     use x11rb::wrapper::ConnectionExt as _;
     let (conn, screen) = x11rb::connect(Some(display)).unwrap();
     let root = conn.setup().roots[screen].root;
-    let clipboard = conn
-        .intern_atom(false, b"CLIPBOARD")
-        .unwrap()
-        .reply()
-        .unwrap()
-        .atom;
+    let atom = |name: &[u8]| conn.intern_atom(false, name).unwrap().reply().unwrap().atom;
+    let (clipboard, utf8) = (atom(b"CLIPBOARD"), atom(b"UTF8_STRING"));
     let win = conn.generate_id().unwrap();
     conn.create_window(
         0,
@@ -486,22 +492,25 @@ fn copy_in_session(display: &str, text: Vec<u8>) {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !done.load(Ordering::Relaxed) {
         conn.set_selection_owner(win, clipboard, x11rb::CURRENT_TIME)
             .unwrap();
         conn.flush().unwrap();
         let until = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < until {
+        while Instant::now() < until && !done.load(Ordering::Relaxed) {
             match conn.poll_for_event().unwrap() {
                 Some(Event::SelectionRequest(req)) => {
-                    conn.change_property8(
-                        PropMode::REPLACE,
-                        req.requestor,
-                        req.property,
-                        req.target,
-                        &text,
-                    )
-                    .unwrap();
+                    let served = req.target == utf8;
+                    if served {
+                        conn.change_property8(
+                            PropMode::REPLACE,
+                            req.requestor,
+                            req.property,
+                            req.target,
+                            &text,
+                        )
+                        .unwrap();
+                    }
                     let ev = SelectionNotifyEvent {
                         response_type: SELECTION_NOTIFY_EVENT,
                         sequence: 0,
@@ -509,44 +518,40 @@ fn copy_in_session(display: &str, text: Vec<u8>) {
                         requestor: req.requestor,
                         selection: req.selection,
                         target: req.target,
-                        property: req.property,
+                        property: if served { req.property } else { x11rb::NONE },
                     };
                     conn.send_event(false, req.requestor, EventMask::NO_EVENT, ev)
                         .unwrap();
                     conn.flush().unwrap();
-                    return;
                 }
                 Some(_) => {}
                 None => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
-    panic!("the agent never asked for the clipboard");
 }
 
 #[tokio::test]
 async fn a_media_warning_reaches_the_server_as_a_log_line() {
     let h = Harness::new("tracing");
     let (mut control, mut seen) = ready(&h, config(640, 480, "<title>ready</title>")).await;
-    let browser = seen
-        .iter()
-        .rev()
-        .find_map(|m| match m {
-            Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
-            _ => None,
-        })
-        .expect("the browser runs");
+    let browser = browser_pid(&mut control, &mut seen).await;
     let display = display_of(browser);
     // A copy in the session over the limit: the clipboard code refuses it
     // with a `tracing` warning, which only the agent's subscriber carries to
     // the server.
     let len = sandcast_proto::MAX_TEXT_LEN + 1000;
-    let owner = std::thread::spawn(move || copy_in_session(&display, vec![b'a'; len]));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let owner = std::thread::spawn({
+        let done = done.clone();
+        move || copy_in_session(&display, vec![b'a'; len], &done)
+    });
     let line = until(&mut control, &mut seen, |m| match m {
         Message::Log(l) if l.line.contains("clipboard text too long") => Some(l.clone()),
         _ => None,
     })
     .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     owner.join().unwrap();
     assert!(
         line.line
