@@ -66,7 +66,9 @@ pub struct CreateRequest {
     idle_timeout_seconds: Option<u64>,
     kiosk: Option<bool>,
     launch: Option<Vec<String>>,
-    egress: Option<bool>,
+    /// `"internet"`, `"none"`, a list of networks, or a bool; read in
+    /// [`validate`] so that a bad entry is named in a 400.
+    egress: Option<Value>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
@@ -149,6 +151,10 @@ pub fn validate(state: &AppState, req: CreateRequest) -> Result<NewSession, ApiE
     if let Some(argv) = &launch {
         limits::check_launch(argv).map_err(|e| bad("launch", e))?;
     }
+    let egress = match req.egress {
+        None => cfg.session.egress.clone(),
+        Some(v) => limits::check_egress(v).map_err(|e| bad("egress", e))?,
+    };
     Ok(NewSession {
         user_id: req.user_id,
         provider: req.provider,
@@ -159,7 +165,7 @@ pub fn validate(state: &AppState, req: CreateRequest) -> Result<NewSession, ApiE
             kiosk: req.kiosk.unwrap_or(false),
             launch,
             idle_timeout_seconds: idle,
-            egress: req.egress.unwrap_or(cfg.session.egress),
+            egress,
         },
         ttl_seconds: ttl,
     })

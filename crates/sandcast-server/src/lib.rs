@@ -48,13 +48,23 @@ pub fn agent_binary(config: &Config) -> PathBuf {
 }
 
 /// Builds the configured backend.
+///
+/// Both get the `[host]` settings with this server's instance id, so that
+/// everything they make on the host is this server's alone.
 pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
+    let host = config.host_config();
     Ok(match config.backend.as_str() {
-        "firecracker" => Arc::new(sandcast_firecracker::FirecrackerBackend::new(
-            config.firecracker.to_backend(),
-        )?),
+        "firecracker" => {
+            let mut fc = config.firecracker.to_backend();
+            fc.runtime_dir = fc.runtime_dir.join(&host.instance);
+            fc.host = host;
+            Arc::new(sandcast_firecracker::FirecrackerBackend::new(fc)?)
+        }
         _ => Arc::new(sandcast_sandbox::SandboxBackend::new(
-            config.sandbox.clone(),
+            sandcast_sandbox::SandboxConfig {
+                host,
+                ..config.sandbox.clone()
+            },
         )?),
     })
 }
@@ -215,7 +225,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             kiosk: false,
             launch: None,
             idle_timeout_seconds: cfg.session.idle_timeout_seconds,
-            egress: cfg.session.egress,
+            egress: cfg.session.egress.clone(),
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

@@ -432,7 +432,7 @@ impl Manager {
                 pids: self.config.session.pids,
             },
             network: NetworkPolicy {
-                egress: live.spec.egress,
+                egress: live.spec.egress.clone(),
             },
             agent_token: Some(live.agent_token.clone()),
         };
