@@ -36,6 +36,11 @@ impl Drop for TestDir {
                 &format!("{TEST_PREFIX}_{instance}"),
             ])
             .status();
+        // The instance's cgroup parent (the backend leaves parents in place).
+        for c in ["", "memory/", "cpu/", "pids/", "unified/"] {
+            let _ =
+                std::fs::remove_dir(format!("/sys/fs/cgroup/{c}{TEST_CGROUP_PARENT}/{instance}"));
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
