@@ -104,6 +104,13 @@ pub struct ServerOptions {
     pub args: Vec<String>,
     /// Extra keys of the `[webrtc]` table.
     pub webrtc: String,
+    /// Keep the server's default rate limits (the harness otherwise raises
+    /// the per-address limit of requests without the key, which tests
+    /// probing refusals spend quickly).
+    pub default_rate_limits: bool,
+    /// PEM CA certificate the harness's clients (HTTP and `sandcast` CLI)
+    /// trust, for a server with `tls_cert`/`tls_key` in `top`.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// A running `sandcast serve` with its own data directory.
@@ -111,7 +118,7 @@ pub struct Server {
     child: Option<Child>,
     opts: ServerOptions,
     data: tempfile::TempDir,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` for a server with TLS.
     pub base: String,
     /// The API port.
     pub port: u16,
@@ -147,12 +154,19 @@ fn server_lock() -> std::fs::File {
     f
 }
 
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// An HTTP client; for https it trusts only the CA in `ca` (PEM).
+fn http_agent(ca: Option<&Path>, timeout: Option<Duration>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+        .timeout_global(timeout);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
+        let cert = ureq::tls::Certificate::from_pem(&pem)
+            .unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+        let roots = ureq::tls::RootCerts::Specific(Arc::new(vec![cert]));
+        config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
+    }
+    config.build().into()
 }
 
 fn free_port() -> u16 {
@@ -179,6 +193,7 @@ impl Server {
             .prefix("sandcast-e2e-")
             .tempdir()
             .expect("temp data dir");
+        let agent = http_agent(opts.ca_cert.as_deref(), Some(Duration::from_secs(30)));
         let mut s = Server {
             child: None,
             opts,
@@ -187,7 +202,7 @@ impl Server {
             port: 0,
             api_key: String::new(),
             output: Arc::new(Mutex::new(Vec::new())),
-            agent: http_agent(),
+            agent,
             _lock: lock,
         };
         s.spawn(None);
@@ -285,10 +300,10 @@ impl Server {
             .arg("--data-dir")
             .arg(self.data.path())
             .env_remove("SANDCAST_API_KEY")
-            // The harness's own switch, not a server setting (the server
-            // refuses unknown `SANDCAST_*` variables).
+            // The harness's own switches, not server settings (the server
+            // would warn that it ignores them).
             .env_remove("SANDCAST_E2E_VERBOSE")
-            .env("SANDCAST_RATE_LIMIT__API_REQUESTS", "100000")
+            .env_remove("SANDCAST_E2E_CYCLES")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
@@ -296,6 +311,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !self.opts.default_rate_limits {
+            cmd.env("SANDCAST_RATE_LIMIT__API_REQUESTS", "100000");
+        }
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
@@ -321,12 +339,15 @@ impl Server {
         }
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
+        let (scheme, addr) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
-                        break rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(rest) = line.split("listening on ").nth(1)
+                        && let Some((scheme, rest)) = rest.split_once("://")
+                    {
+                        let addr = rest.split_whitespace().next().unwrap_or("");
+                        break (scheme.to_string(), addr.to_string());
                     }
                 }
                 Err(_) => {
@@ -351,13 +372,22 @@ impl Server {
             return self.spawn(Some(p));
         }
         self.port = port;
-        self.base = format!("http://127.0.0.1:{port}");
+        self.base = format!("{scheme}://127.0.0.1:{port}");
+        if let Some((_, key)) = self.opts.env.iter().find(|(k, _)| k == "SANDCAST_API_KEY") {
+            self.api_key = key.clone();
+            return;
+        }
         let key_path = self.data.path().join("api_key");
         self.api_key = std::fs::read_to_string(&key_path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", key_path.display()))
             .trim()
             .to_string();
         assert!(!self.api_key.is_empty(), "empty api_key file");
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
     }
 
     /// SIGKILLs the server and reaps it.
@@ -418,13 +448,16 @@ impl Server {
     /// Runs `sandcast <args>` as a client of this server; returns
     /// (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin_dir().join("sandcast"))
-            .args(args)
+        let mut cmd = Command::new(bin_dir().join("sandcast"));
+        cmd.args(args)
             .env("SANDCAST_SERVER", &self.base)
             .env("SANDCAST_API_KEY", &self.api_key)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run sandcast");
+            .env_remove("SANDCAST_CA_CERT")
+            .stdin(Stdio::null());
+        if let Some(ca) = &self.opts.ca_cert {
+            cmd.env("SANDCAST_CA_CERT", ca);
+        }
+        let out = cmd.output().expect("run sandcast");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -519,16 +552,38 @@ impl Server {
         r.json()
     }
 
-    /// The ids of all sessions `GET /api/sessions` lists.
+    /// The ids of all sessions `GET /api/sessions` lists, page by page.
     pub fn session_ids(&self) -> BTreeSet<String> {
-        let r = self.api("GET", "/api/sessions", None);
-        assert_eq!(r.status, 200, "GET /api/sessions: {r:?}");
-        r.json()["sessions"]
-            .as_array()
-            .expect("sessions array")
-            .iter()
-            .map(|s| s["id"].as_str().expect("id").to_string())
-            .collect()
+        let mut ids = BTreeSet::new();
+        let mut path = "/api/sessions?limit=1000".to_string();
+        loop {
+            let r = self.api("GET", &path, None);
+            assert_eq!(r.status, 200, "GET {path}: {r:?}");
+            let v = r.json();
+            ids.extend(
+                v["sessions"]
+                    .as_array()
+                    .expect("sessions array")
+                    .iter()
+                    .map(|s| s["id"].as_str().expect("id").to_string()),
+            );
+            match v["next"].as_str() {
+                Some(next) => path = format!("/api/sessions?limit=1000&cursor={next}"),
+                None => return ids,
+            }
+        }
+    }
+
+    /// The server's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
     }
 
     /// Polls the session until its state is `state`; panics on timeout or
@@ -584,11 +639,7 @@ impl Server {
     /// Opens the session's server-sent events; events arrive on the receiver.
     pub fn events(&self, id: &str) -> EventStream {
         let url = format!("{}/api/sessions/{id}/events", self.base);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(None)
-            .build()
-            .into();
+        let agent = http_agent(self.opts.ca_cert.as_deref(), None);
         let resp = agent
             .get(&url)
             .header("authorization", &format!("Bearer {}", self.api_key))
@@ -659,8 +710,10 @@ impl Drop for Server {
         }
         // Delete what a failed test left running, so the backend tears it
         // down (a killed server leaves network and cgroups to the next reap).
-        if let Some(list) = self.try_api("GET", "/api/sessions")
-            && list.status == 200
+        if let Some(list) = self.try_api(
+            "GET",
+            "/api/sessions?limit=1000&state=starting,ready,stopping,failed",
+        ) && list.status == 200
             && let Ok(v) = serde_json::from_str::<Value>(&list.body)
         {
             let live: Vec<String> = v["sessions"]
@@ -688,6 +741,9 @@ impl Drop for Server {
     }
 }
 
+/// Events received, in order: `(event name, JSON data)`.
+pub type Events = Vec<(String, Value)>;
+
 /// Server-sent events of one session: `(event name, JSON data)`.
 pub struct EventStream {
     rx: mpsc::Receiver<(String, Value)>,
@@ -712,6 +768,21 @@ impl EventStream {
                     seen.push((e, v));
                 }
                 Err(_) => return Err(seen),
+            }
+        }
+    }
+
+    /// Waits for the server to end the stream; every event until then, or
+    /// (as the error) every event seen when `timeout` passed first.
+    pub fn wait_closed(&self, timeout: Duration) -> Result<Events, Events> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(ev) => seen.push(ev),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(seen),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(seen),
             }
         }
     }

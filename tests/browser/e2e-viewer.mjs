@@ -63,6 +63,7 @@ function sampleInPage(kind) {
     videos: all('video').length, canvases: all('canvas').length,
     mode: window.sandcast?.mode ?? null, state: window.sandcast?.state ?? null,
     reason: window.sandcast?.reason ?? null,
+    secureContext: window.isSecureContext, notice: window.sandcast?.notice ?? null,
   };
   let el, w, h, src;
   // "any": whatever the viewer currently streams with.

@@ -245,6 +245,41 @@ test('clipboard: Ctrl+V sends local text to the remote X server, server cut text
   assert.equal(await p.evaluate(() => navigator.clipboard.readText()), 'from the remote session');
 });
 
+test('a page that is not a secure context says what it costs, a secure one says nothing', async (t) => {
+  // Loopback is a secure context; the same page under a host name over plain
+  // HTTP is not (the name resolves to 127.0.0.1 inside this browser only).
+  const http = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: [...CHROMIUM_ARGS, '--host-resolver-rules=MAP sandcast.test 127.0.0.1'],
+  });
+  t.after(() => http.close());
+  const notice = (p) => p.evaluate(() => {
+    const n = document.querySelector('sandcast-viewer').shadowRoot.querySelector('.notice');
+    return { shown: !n.hidden, text: n.textContent, title: n.title };
+  });
+
+  const p = await http.newPage();
+  const warnings = [];
+  p.on('console', (m) => { if (m.type() === 'warning') warnings.push(m.text()); });
+  await p.goto(fixture.viewerUrl('?mode=vnc').replace('127.0.0.1', 'sandcast.test'));
+  await p.waitForFunction(() => window.sandcast?.connected === true, null, { timeout: 15000 });
+  assert.equal(await p.evaluate(() => window.isSecureContext), false);
+  const s = await p.evaluate(() => ({ secure: window.sandcast.secureContext, notice: window.sandcast.notice }));
+  assert.equal(s.secure, false);
+  assert.match(s.notice, /clipboard/);
+  assert.match(s.notice, /HTTPS/);
+  const n = await notice(p);
+  assert.equal(n.shown, true, 'the notice is visible in the bar');
+  assert.match(n.text, /clipboard/);
+  assert.equal(n.title, s.notice);
+  assert.ok(warnings.some((w) => w.includes('clipboard')), `console: ${warnings}`);
+
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  assert.equal(await page.evaluate(() => window.sandcast.secureContext), true);
+  assert.equal((await notice(page)).shown, false);
+});
+
 async function cutBuffer() {
   const { stdout } = await run('xprop', ['-display', display.display, '-root', 'CUT_BUFFER0']);
   const m = /^CUT_BUFFER0\(STRING\) = "(.*)"$/m.exec(stdout);

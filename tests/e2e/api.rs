@@ -1,9 +1,9 @@
 //! The HTTP API of a real `sandcast serve`: bad input, auth, rate limits,
 //! health, metrics and provider presets.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sandcast_e2e::{Resp, Server, ServerOptions, input_page};
+use sandcast_e2e::{Resp, Server, ServerOptions, agent_process, input_page, sigkill};
 use serde_json::{Value, json};
 
 /// Asserts a 4xx with a JSON `error`, and that the body names `mention`
@@ -68,6 +68,11 @@ fn bad_requests_get_clear_4xx_and_create_nothing() {
         let r = post(&json!({ "start_url": url }).to_string());
         let scheme = url.split(':').next().unwrap();
         assert_error(&r, &[400, 422], Some(scheme), &format!("start_url {url}"));
+    }
+    // Chromium's aliases of chrome:// pages.
+    for url in ["about:settings", "about:flags", "about:version"] {
+        let r = post(&json!({ "start_url": url }).to_string());
+        assert_error(&r, &[400], Some(url), &format!("start_url {url}"));
     }
     assert_error(
         &post("{\"width\": 10}"),
@@ -137,11 +142,11 @@ fn bad_requests_get_clear_4xx_and_create_nothing() {
 }
 
 #[test]
-fn api_rate_limit_answers_429_but_signaling_still_works() {
+fn the_key_limit_answers_429_but_signaling_still_works() {
     const LIMIT: usize = 5;
     let s = Server::start(ServerOptions {
         env: vec![(
-            "SANDCAST_RATE_LIMIT__API_REQUESTS".into(),
+            "SANDCAST_RATE_LIMIT__KEY_REQUESTS".into(),
             LIMIT.to_string(),
         )],
         ..Default::default()
@@ -155,7 +160,7 @@ fn api_rate_limit_answers_429_but_signaling_still_works() {
         "first {LIMIT} requests: {statuses:?}"
     );
     let r = s.api("GET", "/api/sessions", None);
-    assert_error(&r, &[429], None, "request over the limit");
+    assert_error(&r, &[429], Some("API key"), "request over the limit");
     let retry: u64 = r
         .header("retry-after")
         .unwrap_or_else(|| panic!("429 without Retry-After: {:?}", r.headers))
@@ -174,6 +179,350 @@ fn api_rate_limit_answers_429_but_signaling_still_works() {
     }
     // Health is not under the API limit either.
     assert_eq!(s.raw("GET", "/health", &[], None).status, 200);
+}
+
+/// Default limits: what the operator gets out of the box.
+fn default_limits() -> Server {
+    Server::start(ServerOptions {
+        default_rate_limits: true,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn anonymous_requests_cannot_lock_the_operator_out() {
+    let s = default_limits();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut retry_after = None;
+    let started = Instant::now();
+    for _ in 0..1000 {
+        let r = s.raw("GET", "/api/sessions", &[], None);
+        if r.status == 429 && retry_after.is_none() {
+            assert_error(
+                &r,
+                &[429],
+                Some("address"),
+                "anonymous request over the limit",
+            );
+            retry_after = r.header("retry-after").map(String::from);
+        }
+        *statuses.entry(r.status).or_default() += 1;
+    }
+    // 100 per 15 minutes by default (one more every 9 s): 401 until then,
+    // 429 after.
+    let refills = started.elapsed().as_secs() as usize / 9;
+    let unlimited = statuses.get(&401).copied().unwrap_or(0);
+    assert!(
+        (100..=101 + refills).contains(&unlimited),
+        "anonymous statuses: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.get(&429).copied(),
+        Some(1000 - unlimited),
+        "{statuses:?}"
+    );
+    assert!(retry_after.is_some(), "429 without Retry-After");
+    // A wrong key is anonymous: it spends the address's budget, not the key's.
+    let r = s.raw(
+        "GET",
+        "/api/sessions",
+        &[("authorization", "Bearer not-the-key")],
+        None,
+    );
+    assert_eq!(r.status, 429, "wrong key after the limit: {r:?}");
+    // The operator, on the same address, is not locked out.
+    let r = s.api("GET", "/api/sessions", None);
+    assert_eq!(r.status, 200, "keyed request after 1,000 anonymous: {r:?}");
+    let created = s.create(&json!({ "start_url": "about:blank" }));
+    s.delete(created["id"].as_str().unwrap());
+}
+
+#[test]
+fn a_keyed_backend_sends_1000_requests_a_minute_at_the_defaults() {
+    let s = default_limits();
+    let started = Instant::now();
+    let mut limited = Vec::new();
+    for i in 0..1000 {
+        let r = s.api("GET", "/api/sessions", None);
+        if r.status != 200 {
+            limited.push((i, r.status));
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("1,000 keyed requests in {took:?}");
+    assert!(took < Duration::from_secs(60), "too slow to test: {took:?}");
+    assert!(limited.is_empty(), "refused keyed requests: {limited:?}");
+}
+
+#[test]
+fn behind_a_trusted_proxy_clients_are_counted_by_forwarded_address() {
+    const LIMIT: usize = 3;
+    let limited = |trusted: &str| {
+        Server::start(ServerOptions {
+            env: vec![
+                (
+                    "SANDCAST_RATE_LIMIT__API_REQUESTS".into(),
+                    LIMIT.to_string(),
+                ),
+                (
+                    "SANDCAST_RATE_LIMIT__TRUSTED_PROXIES".into(),
+                    trusted.into(),
+                ),
+            ],
+            ..Default::default()
+        })
+    };
+    let statuses = |s: &Server, headers: &[(&str, &str)], n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|_| s.raw("GET", "/api/sessions", headers, None).status)
+            .collect()
+    };
+    let proxy = limited("[\"127.0.0.0/8\"]");
+    let a = [("x-forwarded-for", "203.0.113.1")];
+    assert_eq!(statuses(&proxy, &a, LIMIT + 1), [401, 401, 401, 429]);
+    // Another client behind the same proxy has its own budget.
+    let b = [("x-forwarded-for", "203.0.113.2, 127.0.0.1")];
+    assert_eq!(statuses(&proxy, &b, 1), [401], "second client");
+    // RFC 7239, IPv6: one /64 is one client.
+    let c1 = [("forwarded", "for=\"[2001:db8:1:2::1]:4711\";proto=https")];
+    let c2 = [("forwarded", "for=\"[2001:db8:1:2::99]\"")];
+    assert_eq!(statuses(&proxy, &c1, LIMIT), [401, 401, 401]);
+    assert_eq!(statuses(&proxy, &c2, 1), [429], "same /64");
+    // The operator behind the proxy is not limited by its clients.
+    assert_eq!(proxy.api("GET", "/api/sessions", None).status, 200);
+    drop(proxy); // one server at a time (the harness's lock)
+
+    // From a peer that is not a trusted proxy the headers are ignored:
+    // every request is the peer's.
+    let direct = limited("[\"192.0.2.0/24\"]");
+    let spoofed: Vec<u16> = (0..=LIMIT)
+        .map(|i| {
+            let ip = format!("203.0.113.{}", 10 + i);
+            direct
+                .raw("GET", "/api/sessions", &[("x-forwarded-for", &ip)], None)
+                .status
+        })
+        .collect();
+    assert_eq!(
+        spoofed,
+        [401, 401, 401, 429],
+        "X-Forwarded-For from an untrusted peer"
+    );
+}
+
+#[test]
+fn ice_servers_need_a_credential_and_turn_credentials_are_short_lived() {
+    const SECRET: &str = "turn-shared-secret";
+    let s = Server::start(ServerOptions {
+        tables: format!(
+            "[webrtc.turn]\nurls = [\"turn:127.0.0.1:3479\"]\nshared_secret = \"{SECRET}\"\n\
+             credential_ttl_seconds = 600\n"
+        ),
+        ..Default::default()
+    });
+    let r = s.raw("GET", "/api/webrtc/ice-servers", &[], None);
+    assert_error(&r, &[401], None, "ice-servers without a credential");
+    let created = s.create(&json!({ "start_url": "about:blank" }));
+    let id = created["id"].as_str().unwrap().to_string();
+    let token = created["viewer_token"].as_str().unwrap().to_string();
+    let viewer = format!("Bearer {token}");
+    let r = s.raw(
+        "GET",
+        "/api/webrtc/ice-servers",
+        &[("authorization", &viewer)],
+        None,
+    );
+    assert_error(
+        &r,
+        &[401],
+        Some("session"),
+        "viewer token without its session",
+    );
+    let r = s.raw(
+        "GET",
+        &format!("/api/webrtc/ice-servers?session={id}"),
+        &[("authorization", "Bearer wrong")],
+        None,
+    );
+    assert_error(&r, &[401], None, "wrong token");
+
+    let r = s.raw(
+        "GET",
+        &format!("/api/webrtc/ice-servers?session={id}"),
+        &[("authorization", &viewer)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let servers = r.json()["iceServers"].clone();
+    let turn = servers
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["username"].is_string()))
+        .unwrap_or_else(|| panic!("no TURN credential: {servers}"));
+    assert_eq!(turn["urls"], json!(["turn:127.0.0.1:3479"]));
+    let username = turn["username"].as_str().unwrap();
+    let (expiry, who) = username.split_once(':').expect("<expiry>:<session>");
+    assert_eq!(who, id);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry: u64 = expiry.parse().expect("expiry in unix seconds");
+    assert!(
+        (now + 590..=now + 610).contains(&expiry),
+        "expiry {expiry}, now {now}"
+    );
+    // The password is what a TURN server with the same secret computes:
+    // base64(HMAC-SHA1(secret, username)), here by openssl.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("printf %s \"$1\" | openssl dgst -sha1 -hmac \"$2\" -binary | base64")
+        .args(["sh", username, SECRET])
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl: {out:?}");
+    assert_eq!(
+        turn["credential"].as_str().unwrap(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert_eq!(s.api("GET", "/api/webrtc/ice-servers", None).status, 200);
+
+    // An ended session's token opens nothing more.
+    s.delete(&id);
+    let r = s.raw(
+        "GET",
+        &format!("/api/webrtc/ice-servers?session={id}"),
+        &[("authorization", &viewer)],
+        None,
+    );
+    assert_error(&r, &[409], Some("stopped"), "token of a stopped session");
+}
+
+#[test]
+fn the_api_key_is_refused_in_a_url() {
+    let s = Server::start_default();
+    let created = s.create(&json!({ "start_url": "about:blank" }));
+    let id = created["id"].as_str().unwrap().to_string();
+    let token = created["viewer_token"].as_str().unwrap().to_string();
+    // Viewer tokens are per session and may ride in the query of a WebSocket.
+    let ws = |t: &str| s.ws_handshake(&format!("/api/webrtc/session/{id}/ws?token={t}"));
+    assert_eq!(ws(&token), 101, "viewer token in the query");
+    assert_eq!(ws(&s.api_key), 401, "API key in the query of signaling");
+    assert_eq!(
+        s.ws_handshake(&format!("/viewer/{id}/vnc?token={}", s.api_key)),
+        401,
+        "API key in the query of the VNC WebSocket"
+    );
+    for path in [
+        format!("/api/sessions?token={}", s.api_key),
+        format!("/api/sessions?api_key={}", s.api_key),
+    ] {
+        let r = s.raw("GET", &path, &[], None);
+        assert_error(&r, &[401], None, "API key in the query");
+    }
+    assert!(
+        !s.logs().contains(&s.api_key),
+        "the server logged its API key"
+    );
+    s.delete(&id);
+}
+
+#[test]
+fn an_event_stream_opened_before_a_failure_ends_with_it() {
+    let s = Server::start_default();
+    let created = s.create(&json!({ "start_url": input_page() }));
+    let id = created["id"].as_str().unwrap().to_string();
+    s.wait_state(&id, "ready", Duration::from_secs(40));
+    let events = s.events(&id);
+    events
+        .wait_for(Duration::from_secs(10), |e, v| {
+            e == "state" && v["state"] == "ready"
+        })
+        .expect("the stream's first event: ready");
+    // A followed log, opened before the failure too.
+    let (log_done, log_end) = std::sync::mpsc::channel();
+    let url = format!("{}/api/sessions/{id}/logs?follow=1", s.base);
+    let key = format!("Bearer {}", s.api_key);
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(None)
+            .build()
+            .into();
+        let resp = agent.get(&url).header("authorization", &key).call();
+        let mut text = String::new();
+        if let Ok(r) = resp {
+            let _ = std::io::Read::read_to_string(&mut r.into_body().into_reader(), &mut text);
+        }
+        let _ = log_done.send(text);
+    });
+    let agent = agent_process(&id).unwrap_or_else(|| panic!("no agent for {id}"));
+    sigkill(agent.pid);
+    let log = log_end
+        .recv_timeout(Duration::from_secs(30))
+        .expect("logs?follow=1 did not end after the agent died");
+    assert!(log.contains("session ready"), "the followed log: {log}");
+    let seen = events
+        .wait_closed(Duration::from_secs(30))
+        .unwrap_or_else(|seen| panic!("the stream did not end after the agent died: {seen:?}"));
+    let last = seen
+        .last()
+        .unwrap_or_else(|| panic!("no event before the end"));
+    assert_eq!(last.0, "state", "{seen:?}");
+    assert!(
+        matches!(last.1["state"].as_str(), Some("failed" | "stopped")),
+        "the stream ended on {last:?}"
+    );
+    let state = s.session(&id)["state"].clone();
+    assert_eq!(
+        state, last.1["state"],
+        "the stream's last state is the session's"
+    );
+}
+
+/// CPU time (ticks) of a process's waited-for children: grows with every
+/// program it runs.
+fn children_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name (which may contain spaces): state is 3.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of stat(5), 14 and 15 here.
+    f[13].parse::<u64>().unwrap() + f[14].parse::<u64>().unwrap()
+}
+
+#[test]
+fn health_runs_no_program_per_request() {
+    let s = Server::start_default();
+    let pid = s.pid();
+    let before = children_cpu_ticks(pid);
+    let mut times = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        let r = s.raw("GET", "/health", &[], None);
+        times.push(t.elapsed());
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let ticks = children_cpu_ticks(pid) - before;
+    times.sort();
+    eprintln!(
+        "300 GET /health: median {:?}, children's CPU {ticks} ticks",
+        times[150]
+    );
+    // Running the backend's checks per request costs several ticks of
+    // programs' CPU per ten requests; one background refresh may fall in.
+    assert!(ticks < 10, "children of the server used {ticks} ticks");
+
+    let h = s.raw("GET", "/health", &[], None).json();
+    assert_eq!(h["status"], "ok", "{h:#}");
+    assert_eq!(
+        (h["live"].clone(), h["ready"].clone()),
+        (json!(true), json!(true))
+    );
+    assert!(
+        h.get("backend").is_none(),
+        "anonymous health shows checks: {h:#}"
+    );
+    let r = s.raw("GET", "/api/health", &[], None);
+    assert_error(&r, &[401], None, "health detail without the key");
 }
 
 /// Sums every sample of a Prometheus series (all label sets).
@@ -195,7 +544,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 #[test]
 fn health_and_metrics_report_and_count_a_start() {
     let s = Server::start_default();
-    let h = s.raw("GET", "/health", &[], None);
+    let h = s.api("GET", "/api/health", None);
     assert_eq!(h.status, 200, "{h:?}");
     let h = h.json();
     assert_eq!(h["status"], "ok", "{h:#}");

@@ -204,7 +204,7 @@ impl Drop for UdpBlock {
 #[test]
 fn with_udp_blocked_webrtc_runs_over_ice_tcp() {
     let s = Server::start_default();
-    let health: Value = serde_json::from_str(&s.raw("GET", "/health", &[], None).body).unwrap();
+    let health: Value = s.api("GET", "/api/health", None).json();
     let port: u16 = health["webrtc"]["udp"][0]
         .as_str()
         .and_then(|a| a.rsplit(':').next()?.parse().ok())

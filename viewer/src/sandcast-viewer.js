@@ -42,11 +42,23 @@ video { object-fit: contain; background: #000; outline: none; }
   padding: .2em .4em; background: rgba(0,0,0,.55); border-bottom-left-radius: 6px; font-size: 12px; }
 .bar button { font: inherit; color: inherit; background: #333; border: 1px solid #555; border-radius: 4px;
   padding: 0 .5em; cursor: pointer; }
+.bar .notice { color: #fc6; }
 .stats { position: absolute; left: 0; bottom: 0; z-index: 4; padding: .3em .6em; background: rgba(0,0,0,.7);
   font: 12px ui-monospace, monospace; }
 `;
 
 const msg = (e) => (e && e.message) || String(e);
+
+/**
+ * What the viewer cannot do on a page that is not a secure context (plain
+ * HTTP from another machine): the browser hides the clipboard API and
+ * Keyboard Lock there. A short notice, or null in a secure context.
+ */
+export function insecureContextNotice(secure = globalThis.isSecureContext) {
+  if (secure !== false) return null;
+  return 'not a secure page (plain HTTP): text copied in the session does not reach this clipboard, '
+    + 'and fullscreen cannot capture shortcuts; open the viewer over HTTPS';
+}
 
 // x11vnc (the VNC server of every session) accepts noVNC's extended
 // clipboard through libvncserver but never applies its data to the X
@@ -102,7 +114,7 @@ export class SandcastViewer extends HTMLElement {
         <div class="vnc" part="vnc" hidden></div>
       </div>
       <div class="overlay" part="overlay" role="status" aria-live="polite"><div class="title">not connected</div><div class="detail"></div></div>
-      <div class="bar" part="bar"><span class="path"></span>
+      <div class="bar" part="bar"><span class="notice" part="notice" role="note" hidden>not secure: no clipboard copy</span><span class="path"></span>
         <button type="button" class="stats-toggle" title="Stats (Ctrl+Alt+Shift+S)">stats</button></div>
       <div class="stats" part="stats" hidden></div>`;
     this._video = root.querySelector('video');
@@ -118,7 +130,14 @@ export class SandcastViewer extends HTMLElement {
         this.toggleStats();
       }
     };
-    this._status = { state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null, control: true };
+    const notice = insecureContextNotice();
+    const noticeBox = root.querySelector('.notice');
+    noticeBox.hidden = notice === null;
+    noticeBox.title = notice ?? '';
+    this._status = {
+      state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null, control: true,
+      secureContext: notice === null, notice,
+    };
     this._run = 0; // bumped on every (dis)connect so stale async work can tell it is stale
     this._timers = new Set();
     this._rtc = null;
@@ -132,6 +151,7 @@ export class SandcastViewer extends HTMLElement {
 
   connectedCallback() {
     window.addEventListener('keydown', this._onKey, true);
+    if (this._status.notice) console.warn(`sandcast-viewer: ${this._status.notice}`);
     if (!this.hasAttribute('manual')) queueMicrotask(() => { if (this.isConnected) this.connect(); });
   }
 
@@ -166,7 +186,7 @@ export class SandcastViewer extends HTMLElement {
   /** The RTCPeerConnection while WebRTC is active, else null (for diagnostics). */
   get peerConnection() { return this._rtc?.pc ?? null; }
 
-  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session, control }`. */
+  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session, control, secureContext, notice }`. */
   get status() { return { ...this._status, children: [...this._status.children] }; }
 
   /** Starts (or restarts) watching the session and streaming it once ready. */
@@ -382,7 +402,7 @@ export class SandcastViewer extends HTMLElement {
     const ctl = new AbortController();
     const t = setTimeout(() => ctl.abort(), 1500);
     try {
-      const res = await fetch(this._url('api/webrtc/ice-servers'), { headers: this._headers(), signal: ctl.signal });
+      const res = await fetch(this._url(`api/webrtc/ice-servers?session=${encodeURIComponent(this.session)}`), { headers: this._headers(), signal: ctl.signal });
       if (!res.ok) return [];
       const body = await res.json();
       return Array.isArray(body.iceServers) ? body.iceServers : [];

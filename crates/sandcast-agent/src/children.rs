@@ -80,7 +80,8 @@ pub fn browser(config: &SessionConfig, profile_dir: &Path, own_sandbox: bool) ->
     ];
     if !own_sandbox {
         // The session itself is the sandbox; Chromium's own needs nested user
-        // namespaces, which some hosts forbid.
+        // namespaces, which the sandbox backend's seccomp filter denies (and
+        // some hosts forbid): see docs/security.md for the trade-off.
         args.push("--no-sandbox".into());
     }
     if config.kiosk {

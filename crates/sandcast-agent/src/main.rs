@@ -10,6 +10,7 @@
 
 mod channel;
 mod children;
+mod logging;
 mod media;
 mod mmds;
 mod restart;
@@ -71,6 +72,8 @@ fn main() -> std::process::ExitCode {
     if pid1 && let Some(code) = split_init() {
         return code;
     }
+    // Standard error until the control connection is up, then the session's log.
+    logging::install();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

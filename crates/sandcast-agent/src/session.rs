@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 
 use crate::channel::{self, Target};
+use crate::logging;
 use crate::media::{self, Media};
 use crate::mmds;
 use crate::supervisor::{Event, Supervisor};
@@ -56,14 +57,17 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     }
     let (mut sink, mut stream) = framed.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUTBOX);
-    let writer = tokio::spawn(async move {
+    let writer = tokio::spawn(logging::sending(async move {
         while let Some(msg) = out_rx.recv().await {
             if sink.send(msg).await.is_err() {
                 break;
             }
         }
         let _ = sink.close().await;
-    });
+    }));
+    // From here on, the media pipeline's and clipboard's warnings are the
+    // session's log lines.
+    let logs = logging::attach(out_tx.clone());
 
     let sizes = media::initial_sizes(config.width, config.height, &out_tx);
     let max_fps = config.max_fps;
@@ -122,6 +126,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     agent_log(&out_tx, format!("stopping: {reason}"));
     media.stop();
     supervisor.shutdown().await;
+    drop(logs);
     drop(out_tx);
     // Give the writer a moment to flush the last reports; the server may be gone.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;

@@ -451,3 +451,114 @@ async fn input_and_clipboard_reach_the_page_and_bad_input_is_counted() {
     control.send(key("KeyZ", "z", false)).await.unwrap();
     wait_title(&display, "value z").await;
 }
+
+/// Another client of `display` takes the CLIPBOARD (again each second, in
+/// case the agent was not watching yet) and serves `text` to the first
+/// request, as a browser would after a copy.
+fn copy_in_session(display: &str, text: Vec<u8>) {
+    use x11rb::protocol::Event;
+    use x11rb::protocol::xproto::{
+        CreateWindowAux, EventMask, PropMode, SELECTION_NOTIFY_EVENT, SelectionNotifyEvent,
+        WindowClass,
+    };
+    use x11rb::wrapper::ConnectionExt as _;
+    let (conn, screen) = x11rb::connect(Some(display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let clipboard = conn
+        .intern_atom(false, b"CLIPBOARD")
+        .unwrap()
+        .reply()
+        .unwrap()
+        .atom;
+    let win = conn.generate_id().unwrap();
+    conn.create_window(
+        0,
+        win,
+        root,
+        0,
+        0,
+        1,
+        1,
+        0,
+        WindowClass::INPUT_ONLY,
+        0,
+        &CreateWindowAux::new(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        conn.set_selection_owner(win, clipboard, x11rb::CURRENT_TIME)
+            .unwrap();
+        conn.flush().unwrap();
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            match conn.poll_for_event().unwrap() {
+                Some(Event::SelectionRequest(req)) => {
+                    conn.change_property8(
+                        PropMode::REPLACE,
+                        req.requestor,
+                        req.property,
+                        req.target,
+                        &text,
+                    )
+                    .unwrap();
+                    let ev = SelectionNotifyEvent {
+                        response_type: SELECTION_NOTIFY_EVENT,
+                        sequence: 0,
+                        time: req.time,
+                        requestor: req.requestor,
+                        selection: req.selection,
+                        target: req.target,
+                        property: req.property,
+                    };
+                    conn.send_event(false, req.requestor, EventMask::NO_EVENT, ev)
+                        .unwrap();
+                    conn.flush().unwrap();
+                    return;
+                }
+                Some(_) => {}
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    panic!("the agent never asked for the clipboard");
+}
+
+#[tokio::test]
+async fn a_media_warning_reaches_the_server_as_a_log_line() {
+    let h = Harness::new("tracing");
+    let (mut control, mut seen) = ready(&h, config(640, 480, "<title>ready</title>")).await;
+    let browser = seen
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
+            _ => None,
+        })
+        .expect("the browser runs");
+    let display = display_of(browser);
+    // A copy in the session over the limit: the clipboard code refuses it
+    // with a `tracing` warning, which only the agent's subscriber carries to
+    // the server.
+    let len = sandcast_proto::MAX_TEXT_LEN + 1000;
+    let owner = std::thread::spawn(move || copy_in_session(&display, vec![b'a'; len]));
+    let line = until(&mut control, &mut seen, |m| match m {
+        Message::Log(l) if l.line.contains("clipboard text too long") => Some(l.clone()),
+        _ => None,
+    })
+    .await;
+    owner.join().unwrap();
+    assert!(
+        line.line
+            .starts_with("WARN sandcast_media::clipboard: clipboard text too long"),
+        "{line:?}"
+    );
+    assert!(line.line.contains(&format!("len={len}")), "{line:?}");
+    // The text itself never reaches the server.
+    assert!(
+        !seen
+            .iter()
+            .any(|m| matches!(m, Message::Clipboard { text } if text.len() >= len)),
+        "the over-long copy was sent"
+    );
+}

@@ -348,6 +348,14 @@ pub trait Backend: Send + Sync {
         session_dir.join("agent.sock")
     }
 
+    /// The host uid the agent of session `id` connects with (`SO_PEERCRED`
+    /// of its agent socket connections), when the backend gives each
+    /// session a uid of its own; `None` when it cannot say.
+    fn agent_peer_uid(&self, id: &SessionId) -> Option<u32> {
+        let _ = id;
+        None
+    }
+
     /// Starts a session. On error nothing of it is left on the host.
     async fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn Instance>, BackendError>;
 

@@ -128,6 +128,26 @@ impl Layout {
         }
     }
 
+    /// Limits the memory of everything under `parent` together (the
+    /// parent's `memory.max`, or `memory.limit_in_bytes` on v1), creating
+    /// the parent when missing. Written at each session start, so a changed
+    /// configuration takes effect with the next session.
+    pub fn limit_parent_memory(&self, parent: &str, mib: u64) -> Result<(), BackendError> {
+        if let Layout::V2 { root } = self {
+            enable_v2_controllers(root, parent)?;
+        }
+        let (dir, file) = match self {
+            Layout::V2 { root } => (root.join(parent), "memory.max"),
+            Layout::V1 { root, .. } => (root.join("memory").join(parent), "memory.limit_in_bytes"),
+        };
+        fs::create_dir_all(&dir)
+            .map_err(|e| BackendError::io(format!("creating cgroup {}", dir.display()), e))?;
+        let path = dir.join(file);
+        let value = (mib << 20).to_string();
+        write_file(&path, &value)
+            .map_err(|e| BackendError::io(format!("writing {value} to {}", path.display()), e))
+    }
+
     /// Names of the session cgroups that exist under `parent` in any hierarchy.
     pub fn list_sessions(&self, parent: &str) -> Vec<String> {
         let mut names: Vec<String> = self

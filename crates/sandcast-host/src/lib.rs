@@ -333,6 +333,16 @@ impl Host {
             .expect("cgroup task")
     }
 
+    /// Limits the memory of all this instance's sessions together (the
+    /// memory limit of its cgroup parent), making the parent when missing.
+    pub async fn limit_parent_memory(&self, mib: u64) -> Result<(), BackendError> {
+        let layout = self.layout()?.clone();
+        let parent = self.cgroup_parent();
+        tokio::task::spawn_blocking(move || layout.limit_parent_memory(&parent, mib))
+            .await
+            .expect("cgroup task")
+    }
+
     /// Creates a session's cgroup with its limits (a no-op plan check first).
     pub async fn create_cgroup(
         &self,
@@ -481,6 +491,7 @@ impl Host {
             files_dir,
             pid: None,
             backend,
+            uid: None,
         };
         rec.save(&self.state_dir)?;
         let made = self.setup_network(&rec).await;

@@ -37,6 +37,9 @@ pub struct Record {
     /// What else the backend made, in its own form.
     #[serde(default)]
     pub backend: serde_json::Value,
+    /// The session's host uid (and gid), claimed from the uid range.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// The directory of session records under a state dir.
@@ -68,6 +71,12 @@ impl Record {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The record of `id`, when there is a readable one.
+    pub fn load(state_dir: &Path, id: &str) -> Option<Record> {
+        let bytes = std::fs::read(path(state_dir, id)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Whether a record exists for `id`.
@@ -121,6 +130,7 @@ mod tests {
             files_dir: "/data/s1/sandbox".into(),
             pid: Some(42),
             backend: serde_json::json!({"jail": "/srv/jail/s1"}),
+            uid: Some(2_000_123),
         };
         r.save(t.path()).unwrap();
         std::fs::write(dir(t.path()).join("broken.json"), "{").unwrap();

@@ -332,10 +332,15 @@ impl Worker {
         if notify.property == x11rb::NONE {
             return Ok(None);
         }
+        // Never more than the limit is read: a session's owner may offer
+        // gigabytes.
         let reply = self
             .conn
-            .get_property(true, self.window, prop, AtomEnum::ANY, 0, u32::MAX / 4)?
+            .get_property(true, self.window, prop, AtomEnum::ANY, 0, words_for(0))?
             .reply()?;
+        if reply.bytes_after > 0 {
+            return Ok(too_long(reply.value.len() + reply.bytes_after as usize));
+        }
         let bytes = if reply.type_ == incr {
             // The owner sends chunks; each one we delete asks for the next,
             // and an empty one ends the transfer.
@@ -355,26 +360,59 @@ impl Worker {
                 };
                 let chunk = self
                     .conn
-                    .get_property(true, ev.window, prop, AtomEnum::ANY, 0, u32::MAX / 4)?
+                    .get_property(
+                        true,
+                        ev.window,
+                        prop,
+                        AtomEnum::ANY,
+                        0,
+                        words_for(all.len()),
+                    )?
                     .reply()?;
                 if chunk.value.is_empty() {
                     break all;
                 }
-                all.extend_from_slice(&chunk.value);
-                if all.len() > MAX_TEXT_LEN {
-                    tracing::warn!(len = all.len(), "clipboard text too long; not copied");
-                    return Ok(None);
+                let len = all.len() + chunk.value.len() + chunk.bytes_after as usize;
+                if chunk.bytes_after > 0 || len > MAX_TEXT_LEN {
+                    return Ok(too_long(len));
                 }
+                all.extend_from_slice(&chunk.value);
             }
         } else {
             reply.value
         };
-        if bytes.len() > MAX_TEXT_LEN {
-            tracing::warn!(len = bytes.len(), "clipboard text too long; not copied");
-            return Ok(None);
-        }
-        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+        Ok(selection_text(&bytes))
     }
+}
+
+/// How many 32-bit units of a property to read when `have` bytes of the
+/// text are already here: one unit more than the limit allows, so a longer
+/// text shows as `bytes_after`.
+fn words_for(have: usize) -> u32 {
+    u32::try_from(MAX_TEXT_LEN.saturating_sub(have) / 4 + 1).unwrap_or(u32::MAX)
+}
+
+fn too_long(len: usize) -> Option<String> {
+    tracing::warn!(
+        len,
+        max = MAX_TEXT_LEN,
+        "clipboard text too long; not copied"
+    );
+    None
+}
+
+/// The text of a selection's bytes: UTF-8 with invalid sequences replaced,
+/// `None` when it is longer than [`MAX_TEXT_LEN`] bytes, counted after the
+/// replacement (each invalid byte becomes a three-byte U+FFFD).
+fn selection_text(bytes: &[u8]) -> Option<String> {
+    if bytes.len() > MAX_TEXT_LEN {
+        return too_long(bytes.len());
+    }
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() > MAX_TEXT_LEN {
+        return too_long(text.len());
+    }
+    Some(text.into_owned())
 }
 
 #[cfg(test)]
@@ -591,5 +629,106 @@ mod tests {
             }
         }
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), text);
+    }
+
+    #[test]
+    fn invalid_utf8_is_held_to_the_limit_after_replacement() {
+        // A selection of MAX_TEXT_LEN bytes that are not UTF-8 became three
+        // times as much text (each byte a U+FFFD), and was sent on as is.
+        assert_eq!(selection_text(&vec![0xff; MAX_TEXT_LEN]), None);
+        assert_eq!(
+            selection_text(&vec![0xff; MAX_TEXT_LEN / 3]).unwrap().len(),
+            MAX_TEXT_LEN / 3 * 3
+        );
+        assert_eq!(selection_text(&vec![b'a'; MAX_TEXT_LEN + 1]), None);
+        assert_eq!(selection_text("ä€".as_bytes()).as_deref(), Some("ä€"));
+    }
+
+    #[test]
+    fn a_copy_over_the_limit_is_not_read_whole_and_the_clipboard_goes_on() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let _clip = Clipboard::spawn(x.display(), move |t| tx.send(t).unwrap()).unwrap();
+        let (conn, win, atoms) = client(x.display());
+        // Serves `text` to the next request for the CLIPBOARD it owns.
+        let serve = |text: &[u8]| {
+            conn.set_selection_owner(win, atoms.CLIPBOARD, x11rb::CURRENT_TIME)
+                .unwrap();
+            conn.flush().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match xutil::wait_event(&conn, Some(deadline)).unwrap() {
+                    Some(Event::SelectionRequest(req)) => {
+                        conn.change_property8(
+                            PropMode::REPLACE,
+                            req.requestor,
+                            req.property,
+                            req.target,
+                            text,
+                        )
+                        .unwrap();
+                        let ev = SelectionNotifyEvent {
+                            response_type: x11rb::protocol::xproto::SELECTION_NOTIFY_EVENT,
+                            sequence: 0,
+                            time: req.time,
+                            requestor: req.requestor,
+                            selection: req.selection,
+                            target: req.target,
+                            property: req.property,
+                        };
+                        conn.send_event(false, req.requestor, EventMask::NO_EVENT, ev)
+                            .unwrap();
+                        conn.flush().unwrap();
+                        return;
+                    }
+                    Some(_) => {}
+                    None => panic!("the clipboard never asked for the text"),
+                }
+            }
+        };
+        // 4 MiB offered in one property: refused from its first 64 KiB.
+        serve(&vec![b'x'; 4 << 20]);
+        assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+        serve(b"short and sweet");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            "short and sweet"
+        );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn selection_text_is_within_the_limit(
+                bytes in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..4096),
+                    (any::<u8>(), 0..MAX_TEXT_LEN + 64).prop_map(|(b, n)| vec![b; n]),
+                    (0..MAX_TEXT_LEN + 64).prop_map(|n| "é".repeat(n / 2).into_bytes()),
+                ]
+            ) {
+                match selection_text(&bytes) {
+                    Some(text) => {
+                        prop_assert!(text.len() <= MAX_TEXT_LEN);
+                        if let Ok(valid) = std::str::from_utf8(&bytes) {
+                            prop_assert_eq!(text, valid);
+                        }
+                    }
+                    None => prop_assert!(
+                        bytes.len() > MAX_TEXT_LEN
+                            || String::from_utf8_lossy(&bytes).len() > MAX_TEXT_LEN
+                    ),
+                }
+            }
+
+            #[test]
+            fn reads_never_ask_for_more_than_the_limit(have in 0..MAX_TEXT_LEN * 2) {
+                let bytes = words_for(have) as usize * 4;
+                prop_assert!(bytes <= MAX_TEXT_LEN.saturating_sub(have) + 4);
+                prop_assert!(bytes > MAX_TEXT_LEN.saturating_sub(have));
+            }
+        }
     }
 }

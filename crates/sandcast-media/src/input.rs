@@ -25,6 +25,11 @@ const MAX_CLICKS_PER_EVENT: i32 = 50;
 /// Text events cost one token plus one per this many characters.
 const CHARS_PER_TOKEN: usize = 8;
 
+/// Most keys held at once. A keyboard has about a hundred; each held key is
+/// remembered by the viewer's `code`, so a viewer pressing ever new codes
+/// without releasing them must not grow that record without bound.
+pub const MAX_KEYS_HELD: usize = 128;
+
 const SHIFT_L: u32 = 0xffe1;
 const SHIFT_R: u32 = 0xffe2;
 
@@ -282,6 +287,11 @@ impl InputInjector {
                 self.fake(xproto::KEY_RELEASE_EVENT, kc, 0, 0)?;
             }
             return Ok(());
+        }
+        if self.keys_down.len() >= MAX_KEYS_HELD && !self.keys_down.contains_key(code) {
+            return Err(Error::Unsupported(format!(
+                "more than {MAX_KEYS_HELD} keys held at once"
+            )));
         }
         let sym = keysym_for_key(key, code).ok_or_else(|| Error::UnknownKey {
             key: key.to_owned(),
@@ -655,6 +665,27 @@ mod tests {
         assert!(matches!(err, Error::RateLimited { .. }), "{err}");
         assert_eq!(inj.dropped(), 3);
         drop(client);
+    }
+
+    #[test]
+    fn held_keys_are_bounded() {
+        // Presses of ever new codes without a release used to be remembered
+        // without bound.
+        let x = Xvfb::start(320, 240).unwrap();
+        let mut inj =
+            InputInjector::with_rate_limit(x.display(), RateLimit::new(100_000, 100_000)).unwrap();
+        for i in 0..MAX_KEYS_HELD {
+            inj.apply(&key(&format!("Code{i}"), "a", true)).unwrap();
+        }
+        let err = inj.apply(&key("OneMore", "a", true)).unwrap_err();
+        assert!(err.to_string().contains("keys held"), "{err}");
+        assert_eq!(inj.keys_down.len(), MAX_KEYS_HELD);
+        // A held key repeats, a release frees a place.
+        inj.apply(&key("Code0", "a", true)).unwrap();
+        inj.apply(&key("Code0", "a", false)).unwrap();
+        inj.apply(&key("OneMore", "a", true)).unwrap();
+        inj.apply(&InputEvent::ReleaseAll).unwrap();
+        assert!(inj.keys_down.is_empty());
     }
 
     #[test]

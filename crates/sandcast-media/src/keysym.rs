@@ -153,4 +153,28 @@ mod tests {
         assert_eq!(keysym_for_key("Unidentified", "Digit7"), Some(0x37));
         assert_eq!(keysym_for_key("Unidentified", "Nonsense"), None);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_key_and_code_give_a_keysym_or_none(key in any::<String>(), code in any::<String>()) {
+                // Keysyms are at most 29 bits; Unicode ones end at 0x110ffff.
+                if let Some(sym) = keysym_for_key(&key, &code) {
+                    prop_assert!(sym <= 0x110_ffff, "{sym:#x}");
+                }
+            }
+
+            #[test]
+            fn named_function_keys_stay_in_their_block(n in any::<u32>()) {
+                let key = format!("F{n}");
+                match keysym_for_key(&key, "") {
+                    Some(sym) => prop_assert!((0xffbe..=0xffe0).contains(&sym) && (1..=35).contains(&n)),
+                    None => prop_assert!(!(1..=35).contains(&n)),
+                }
+            }
+        }
+    }
 }

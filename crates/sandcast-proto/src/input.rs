@@ -237,4 +237,69 @@ mod tests {
         assert_eq!(PointerButton::Right.x11_button(), 3);
         assert_eq!(PointerButton::Forward.x11_button(), 9);
     }
+
+    mod props {
+        use super::*;
+        use crate::testing::{json_string, tagged_object};
+        use proptest::prelude::*;
+
+        const KINDS: &[&str] = &[
+            "pointer_move",
+            "pointer_button",
+            "wheel",
+            "key",
+            "text",
+            "release_all",
+            "other",
+        ];
+        const WORDS: &[&str] = &[
+            "kind", "x", "y", "dx", "dy", "button", "down", "code", "key", "text", "left", "right",
+            "back", "KeyA", "a", "é", "Enter",
+        ];
+
+        /// The ranges the documentation promises for an accepted event,
+        /// stated again here rather than taken from `validate`.
+        fn in_range(ev: &InputEvent) -> bool {
+            let coord = |v: i32| (0..=16_384).contains(&v);
+            let delta = |v: i32| (-16_384..=16_384).contains(&v);
+            let short = |s: &str| (1..=64).contains(&s.len());
+            match ev {
+                InputEvent::PointerMove { x, y } => coord(*x) && coord(*y),
+                InputEvent::Wheel { dx, dy } => delta(*dx) && delta(*dy),
+                InputEvent::Key { code, key, .. } => short(code) && short(key),
+                InputEvent::Text { text } => (1..=MAX_TEXT_LEN).contains(&text.len()),
+                InputEvent::PointerButton { .. } | InputEvent::ReleaseAll => true,
+            }
+        }
+
+        fn event() -> impl Strategy<Value = InputEvent> {
+            let int = prop_oneof![any::<i32>(), -20_000i32..20_000];
+            let text = json_string(WORDS);
+            prop_oneof![
+                (int.clone(), int.clone()).prop_map(|(x, y)| InputEvent::PointerMove { x, y }),
+                (int.clone(), int).prop_map(|(dx, dy)| InputEvent::Wheel { dx, dy }),
+                (text.clone(), text.clone(), any::<bool>())
+                    .prop_map(|(code, key, down)| InputEvent::Key { code, key, down }),
+                text.prop_map(|text| InputEvent::Text { text }),
+                Just(InputEvent::ReleaseAll),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn every_accepted_event_is_in_range(ev in event()) {
+                prop_assert_eq!(ev.validate().is_ok(), in_range(&ev), "{:?}", ev);
+            }
+
+            #[test]
+            fn every_accepted_event_from_json_is_in_range(v in tagged_object("kind", KINDS, WORDS)) {
+                let text = serde_json::to_vec(&v).unwrap();
+                if let Ok(ev) = serde_json::from_slice::<InputEvent>(&text)
+                    && ev.validate().is_ok()
+                {
+                    prop_assert!(in_range(&ev), "{:?}", ev);
+                }
+            }
+        }
+    }
 }

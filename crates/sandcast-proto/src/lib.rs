@@ -28,6 +28,8 @@
 mod codec;
 mod input;
 mod message;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod token;
 mod video;
 

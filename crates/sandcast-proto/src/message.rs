@@ -422,4 +422,146 @@ mod tests {
         let json = serde_json::to_string(&hello).unwrap();
         assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), hello);
     }
+
+    mod props {
+        use super::*;
+        use crate::testing::{json_value, mutated, tagged_object};
+        use proptest::prelude::*;
+
+        const TYPES: &[&str] = &[
+            "hello",
+            "welcome",
+            "reject",
+            "config",
+            "child",
+            "log",
+            "ready",
+            "fatal",
+            "open_stream",
+            "input",
+            "clipboard",
+            "resize",
+            "display_size",
+            "video",
+            "stats",
+            "shutdown",
+            "ping",
+            "pong",
+            "nonsense",
+        ];
+        const WORDS: &[&str] = &[
+            "type",
+            "protocol",
+            "role",
+            "control",
+            "video",
+            "stream",
+            "id",
+            "agent_version",
+            "reason",
+            "session_id",
+            "width",
+            "height",
+            "start_url",
+            "kiosk",
+            "launch",
+            "browser",
+            "binary",
+            "extra_args",
+            "restart",
+            "max_fps",
+            "h264_tuning",
+            "camera",
+            "screen",
+            "server_time_ms",
+            "agent_token",
+            "name",
+            "state",
+            "running",
+            "crash_loop",
+            "pid",
+            "restarts",
+            "last_exit",
+            "code",
+            "signal",
+            "tail",
+            "source",
+            "stdout",
+            "line",
+            "target",
+            "vnc",
+            "kind",
+            "pointer_move",
+            "key",
+            "x",
+            "y",
+            "text",
+            "op",
+            "start",
+            "key_frame",
+            "bitrate",
+            "codec",
+            "h264",
+            "vp8",
+            "bitrate_bps",
+            "input_dropped",
+            "frames_encoded",
+            "seq",
+        ];
+        const VALID: &[&str] = &[
+            r#"{"type":"hello","protocol":1,"role":{"stream":{"id":7}},"agent_version":"0.1.0"}"#,
+            r#"{"type":"config","session_id":"s","width":1280,"height":720,"start_url":"about:blank","browser":{"binary":"/usr/bin/chromium","extra_args":["--x"]},"launch":["xterm"],"agent_token":"t"}"#,
+            r#"{"type":"child","name":"browser","state":"crash_loop","pid":7,"restarts":3,"last_exit":{"code":null,"signal":9},"tail":["a","b"]}"#,
+            r#"{"type":"log","source":"agent","stream":"stderr","line":"x"}"#,
+            r#"{"type":"video","op":"start","codec":"h264","bitrate_bps":2500000}"#,
+            r#"{"type":"input","kind":"key","code":"KeyA","key":"a","down":true}"#,
+            r#"{"type":"stats","input_dropped":1,"frames_encoded":2,"frames_dropped":3}"#,
+        ];
+
+        /// Parses `text` as a control message; one that parses is written and
+        /// read back unchanged.
+        fn round_trips_if_accepted(text: &[u8]) -> Result<(), TestCaseError> {
+            if let Ok(msg) = serde_json::from_slice::<Message>(text) {
+                let again = serde_json::to_vec(&msg).unwrap();
+                prop_assert_eq!(serde_json::from_slice::<Message>(&again).unwrap(), msg);
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_json_never_panics(v in json_value(WORDS)) {
+                round_trips_if_accepted(&serde_json::to_vec(&v).unwrap())?;
+            }
+
+            #[test]
+            fn tagged_json_never_panics(v in tagged_object("type", TYPES, WORDS)) {
+                round_trips_if_accepted(&serde_json::to_vec(&v).unwrap())?;
+            }
+
+            #[test]
+            fn mutated_messages_never_panic(
+                text in prop::sample::select(VALID).prop_flat_map(|m| mutated(m.as_bytes().to_vec()))
+            ) {
+                round_trips_if_accepted(&text)?;
+            }
+        }
+
+        #[test]
+        fn deep_nesting_is_an_error_not_a_stack_overflow() {
+            let deep = format!(
+                r#"{{"type":"log","source":{}1{}}}"#,
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            );
+            assert!(serde_json::from_str::<Message>(&deep).is_err());
+        }
+
+        #[test]
+        fn the_valid_examples_parse() {
+            for v in VALID {
+                serde_json::from_str::<Message>(v).unwrap();
+            }
+        }
+    }
 }

@@ -6,8 +6,13 @@
 //! bind host paths that user may traverse. The server's session directory is
 //! usually not such a path, so the child first enters a private mount
 //! namespace, mounts a tiny tmpfs on the stage directory and bind-mounts each
-//! needed host path there while still root. That namespace (and every mount
-//! in it) vanishes with the sandbox: nothing is mounted on the host.
+//! needed host path there while still root. Then, still root, it hides the
+//! host paths a session must not see (sandcast's configuration, data and
+//! state): a read-only empty tmpfs over each directory, an empty file over
+//! each file. bwrap binds the root from this namespace, so the session sees
+//! the host's root with those paths emptied, whatever their permissions.
+//! That namespace (and every mount in it) vanishes with the sandbox: nothing
+//! is mounted on the host.
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -42,6 +47,42 @@ pub struct StagedPath {
     pub dir: bool,
 }
 
+/// A browser's policy directory (`/etc/chromium`) as a session sees it: a
+/// tmpfs holding the root's own entries bound back, and the staged
+/// `policies` directory in place of the root's.
+#[derive(Debug, Clone)]
+pub struct PolicyMount {
+    /// The directory inside the session, e.g. `/etc/chromium`.
+    pub dir: PathBuf,
+    /// The same directory on the host (under the root).
+    pub source: PathBuf,
+    /// The names of its entries to keep (all but `policies`).
+    pub keep: Vec<OsString>,
+}
+
+impl PolicyMount {
+    /// The mount for `dir` (absolute, inside the session) when `root` has
+    /// it; `None` when the root has no such directory.
+    pub fn for_root(root: &Path, dir: &str) -> Option<PolicyMount> {
+        let source = root.join(dir.trim_start_matches('/'));
+        let rd = std::fs::read_dir(&source).ok()?;
+        let mut keep: Vec<OsString> = rd
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|n| n != "policies")
+            .collect();
+        keep.sort();
+        Some(PolicyMount {
+            dir: dir.into(),
+            source,
+            keep,
+        })
+    }
+}
+
+/// Where Chromium reads managed policies below its `/etc` directory.
+pub const POLICY_SUBDIR: &str = "policies/managed";
+
 /// Everything needed to build the bwrap command line.
 #[derive(Debug, Clone)]
 pub struct BwrapArgs {
@@ -51,12 +92,16 @@ pub struct BwrapArgs {
     pub stage: PathBuf,
     /// Size of /dev/shm in bytes.
     pub shm_bytes: u64,
-    /// Host paths hidden behind an empty tmpfs (other sessions, server data).
-    pub hide: Vec<PathBuf>,
+    /// Size of each other writable tmpfs (home, /tmp, /var/tmp, /run) in bytes.
+    pub writable_bytes: u64,
+    /// Browser policy directories to provide.
+    pub policies: Vec<PolicyMount>,
     /// Where /etc/resolv.conf must be bound (it may be a symlink in the root).
     pub resolv_target: PathBuf,
     /// The fd bwrap writes its info JSON to.
     pub info_fd: RawFd,
+    /// Fds holding compiled seccomp programs, loaded before the agent runs.
+    pub seccomp_fds: Vec<RawFd>,
 }
 
 /// The bwrap arguments (after the program name).
@@ -68,6 +113,7 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         }
     };
     let stage = |n: &str| a.stage.join(n);
+    let writable = a.writable_bytes.to_string();
     push(&[
         &"--die-with-parent",
         &"--new-session",
@@ -104,16 +150,32 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         &"--tmpfs",
         &"/sys/fs/cgroup",
     ]);
-    for h in &a.hide {
-        push(&[&"--tmpfs", h]);
+    // Everything writable is a size-limited tmpfs: its pages are charged to
+    // the session's memory cgroup, and a full one is ENOSPC inside, never
+    // the host's disk.
+    for (dir, perms) in [
+        ("/run", "0755"),
+        ("/var/tmp", "1777"),
+        ("/tmp", "1777"),
+        ("/home", "0755"),
+        (inside::HOME, "0700"),
+    ] {
+        push(&[&"--perms", &perms, &"--size", &writable, &"--tmpfs", &dir]);
+    }
+    for p in &a.policies {
+        push(&[&"--size", &"1048576", &"--tmpfs", &p.dir]);
+        for name in &p.keep {
+            push(&[&"--ro-bind-try", &p.source.join(name), &p.dir.join(name)]);
+        }
+        push(&[
+            &"--ro-bind",
+            &stage("policies"),
+            &p.dir.join("policies"),
+            &"--remount-ro",
+            &p.dir,
+        ]);
     }
     push(&[
-        &"--tmpfs",
-        &"/run",
-        &"--tmpfs",
-        &"/var/tmp",
-        &"--tmpfs",
-        &"/home",
         &"--perms",
         &"0755",
         &"--dir",
@@ -124,12 +186,6 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         &"--bind",
         &stage("agent.sock"),
         &inside::SOCKET,
-        &"--bind",
-        &stage("home"),
-        &inside::HOME,
-        &"--bind",
-        &stage("tmp"),
-        &"/tmp",
         &"--ro-bind",
         &stage("resolv.conf"),
         &a.resolv_target,
@@ -156,6 +212,11 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         &inside::HOME,
         &"--info-fd",
         &a.info_fd.to_string(),
+    ]);
+    for fd in &a.seccomp_fds {
+        push(&[&"--add-seccomp-fd", &fd.to_string()]);
+    }
+    push(&[
         &"--",
         &inside::AGENT,
         &"--connect",
@@ -188,10 +249,9 @@ impl AsRefOs for PathBuf {
 pub fn staged(
     agent: &Path,
     socket: &Path,
-    home: &Path,
-    tmp: &Path,
     resolv: &Path,
     hosts: &Path,
+    policies: &Path,
 ) -> Vec<StagedPath> {
     let s = |host: &Path, name, dir| StagedPath {
         host: host.to_path_buf(),
@@ -201,10 +261,9 @@ pub fn staged(
     vec![
         s(agent, "agent", false),
         s(socket, "agent.sock", false),
-        s(home, "home", true),
-        s(tmp, "tmp", true),
         s(resolv, "resolv.conf", false),
         s(hosts, "hosts", false),
+        s(policies, "policies", true),
     ]
 }
 
@@ -263,7 +322,7 @@ pub fn check_image_root(root: &Path) -> Result<(), String> {
 }
 
 /// Steps of the pre-exec sequence, reported by number when one fails.
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "joining the network namespace",
     "joining the cgroup",
     "creating a private mount namespace",
@@ -272,7 +331,8 @@ const STEPS: [&str; 9] = [
     "creating a stage entry",
     "bind-mounting a host path into the stage",
     "dropping to the unprivileged user",
-    "passing the info fd",
+    "passing fds to bwrap",
+    "hiding a host path",
 ];
 
 /// Name of a pre-exec step reported by the child.
@@ -290,10 +350,22 @@ pub struct PreExec {
     cgroup_procs: Vec<OwnedFd>,
     stage: CString,
     entries: Vec<(CString, CString, bool)>,
+    empty: CString,
+    hide: Vec<(CString, bool)>,
     uid: u32,
     gid: u32,
-    info_fd: RawFd,
+    pass_fds: Vec<RawFd>,
     step_fd: RawFd,
+}
+
+/// A host path hidden inside the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hidden {
+    /// The path.
+    pub path: PathBuf,
+    /// Whether it is a directory (covered by a tmpfs) or a file (by an
+    /// empty file).
+    pub dir: bool,
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -307,14 +379,17 @@ fn cstr(p: &Path) -> io::Result<CString> {
 
 impl PreExec {
     /// Opens the netns and cgroup files (in the parent, before fork);
-    /// `(uid, gid)` is the user bwrap runs as.
+    /// `(uid, gid)` is the user bwrap runs as; `pass_fds` stay open across
+    /// exec for bwrap.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         netns_path: &Path,
         cgroup_procs: &[PathBuf],
         stage: &Path,
         staged: &[StagedPath],
+        hide: &[Hidden],
         (uid, gid): (u32, u32),
-        info_fd: RawFd,
+        pass_fds: Vec<RawFd>,
         step_fd: RawFd,
     ) -> io::Result<PreExec> {
         let open = |p: &Path, write: bool| -> io::Result<OwnedFd> {
@@ -336,9 +411,14 @@ impl PreExec {
                 .iter()
                 .map(|s| Ok((cstr(&s.host)?, cstr(&stage.join(s.name))?, s.dir)))
                 .collect::<io::Result<_>>()?,
+            empty: cstr(&stage.join(".empty"))?,
+            hide: hide
+                .iter()
+                .map(|h| Ok((cstr(&h.path)?, h.dir)))
+                .collect::<io::Result<_>>()?,
             uid,
             gid,
-            info_fd,
+            pass_fds,
             step_fd,
         })
     }
@@ -417,14 +497,50 @@ impl PreExec {
                     return fail(6);
                 }
             }
+            // After staging (whose sources may lie under a hidden path).
+            if !self.hide.is_empty() {
+                let fd = libc::open(
+                    self.empty.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o444,
+                );
+                if fd < 0 {
+                    return fail(5);
+                }
+                libc::close(fd);
+            }
+            for (path, dir) in &self.hide {
+                let r = if *dir {
+                    libc::mount(
+                        c"tmpfs".as_ptr(),
+                        path.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        c"mode=0755,size=4k".as_ptr().cast(),
+                    )
+                } else {
+                    libc::mount(
+                        self.empty.as_ptr(),
+                        path.as_ptr(),
+                        none,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                };
+                if r != 0 {
+                    return fail(9);
+                }
+            }
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setresgid(self.gid, self.gid, self.gid) != 0
                 || libc::setresuid(self.uid, self.uid, self.uid) != 0
             {
                 return fail(7);
             }
-            if libc::fcntl(self.info_fd, libc::F_SETFD, 0) != 0 {
-                return fail(8);
+            for fd in &self.pass_fds {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return fail(8);
+                }
             }
         }
         Ok(())
@@ -440,9 +556,15 @@ mod tests {
             root: "/".into(),
             stage: "/run/stage".into(),
             shm_bytes: 512 << 20,
-            hide: vec!["/var/lib/sandcast".into()],
+            writable_bytes: 256 << 20,
+            policies: vec![PolicyMount {
+                dir: "/etc/chromium".into(),
+                source: "/img/etc/chromium".into(),
+                keep: vec!["master_preferences".into()],
+            }],
             resolv_target: "/etc/resolv.conf".into(),
             info_fd: 7,
+            seccomp_fds: vec![8, 9],
         })
         .into_iter()
         .map(|s| s.into_string().unwrap())
@@ -487,11 +609,28 @@ mod tests {
                 "/dev/shm"
             ]
         ));
-        assert!(has_seq(
-            &a,
-            &["--bind", "/run/stage/home", "/home/sandcast"]
-        ));
-        assert!(has_seq(&a, &["--bind", "/run/stage/tmp", "/tmp"]));
+        // Writable places are size-limited tmpfs, never host directories.
+        for (dir, perms) in [
+            ("/home/sandcast", "0700"),
+            ("/tmp", "1777"),
+            ("/var/tmp", "1777"),
+            ("/run", "0755"),
+        ] {
+            assert!(
+                has_seq(
+                    &a,
+                    &["--perms", perms, "--size", "268435456", "--tmpfs", dir]
+                ),
+                "{dir}"
+            );
+        }
+        // The only writable host path is the agent socket.
+        let binds: Vec<&str> = a
+            .windows(2)
+            .filter(|w| w[0] == "--bind" || w[0] == "--bind-try")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(binds, ["/run/stage/agent.sock"]);
         assert!(has_seq(
             &a,
             &[
@@ -508,12 +647,45 @@ mod tests {
                 "/run/sandcast/agent.sock"
             ]
         ));
-        assert!(has_seq(&a, &["--tmpfs", "/var/lib/sandcast"]));
         assert!(has_seq(&a, &["--info-fd", "7"]));
-        // The hidden paths are masked after the root is bound, not before.
-        let root = a.iter().position(|x| x == "--ro-bind").unwrap();
-        let hide = a.iter().position(|x| x == "/var/lib/sandcast").unwrap();
-        assert!(root < hide);
+        assert!(has_seq(
+            &a,
+            &["--add-seccomp-fd", "8", "--add-seccomp-fd", "9", "--"]
+        ));
+    }
+
+    #[test]
+    fn browser_policies_replace_only_the_policies_directory() {
+        let a = args();
+        assert!(has_seq(
+            &a,
+            &["--size", "1048576", "--tmpfs", "/etc/chromium"]
+        ));
+        assert!(has_seq(
+            &a,
+            &[
+                "--ro-bind-try",
+                "/img/etc/chromium/master_preferences",
+                "/etc/chromium/master_preferences"
+            ]
+        ));
+        assert!(has_seq(
+            &a,
+            &[
+                "--ro-bind",
+                "/run/stage/policies",
+                "/etc/chromium/policies",
+                "--remount-ro",
+                "/etc/chromium"
+            ]
+        ));
+        let t = tempfile::tempdir().unwrap();
+        assert!(PolicyMount::for_root(t.path(), "/etc/chromium").is_none());
+        std::fs::create_dir_all(t.path().join("etc/chromium/policies")).unwrap();
+        std::fs::write(t.path().join("etc/chromium/default"), "").unwrap();
+        let m = PolicyMount::for_root(t.path(), "/etc/chromium").unwrap();
+        assert_eq!(m.keep, vec![OsString::from("default")]);
+        assert_eq!(m.source, t.path().join("etc/chromium"));
     }
 
     #[test]
@@ -579,7 +751,8 @@ mod tests {
     #[test]
     fn step_names_cover_every_step() {
         assert_eq!(step_name(0), "joining the network namespace");
-        assert_eq!(step_name(8), "passing the info fd");
+        assert_eq!(step_name(8), "passing fds to bwrap");
+        assert_eq!(step_name(9), "hiding a host path");
         assert_eq!(step_name(200), "unknown step");
     }
 }

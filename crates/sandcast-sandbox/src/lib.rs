@@ -1,12 +1,17 @@
 //! The sandbox backend: one session in Linux namespaces and a cgroup, with its own network namespace.
 //!
-//! Each session runs `sandcast-agent` under bubblewrap as an unprivileged
-//! host user (default 65534, `nobody`) in new user, mount, PID, IPC and UTS
+//! Each session runs `sandcast-agent` under bubblewrap as a host uid of its
+//! own (from `uid_range`, see [`uid`]) in new user, mount, PID, IPC and UTS
 //! namespaces, inside a network namespace of its own (`<prefix>-<id>`) that
-//! is joined before bwrap starts. The root file system (the host's `/` or an
-//! image directory) is read-only; home, `/tmp` and `/dev/shm` are private and
-//! writable. Memory, CPU and process limits live in a cgroup
-//! (`<cgroup_parent>/<instance>/<id>`, v1 or v2, detected at runtime).
+//! is joined before bwrap starts, under a seccomp filter (see [`seccomp`])
+//! that every process of the session inherits. The root file system (the
+//! host's `/` or an image directory) is read-only, with sandcast's own files
+//! hidden; home, `/tmp`, `/var/tmp`, `/run` and `/dev/shm` are private,
+//! size-limited tmpfs counted in the session's memory. The browser gets
+//! managed policies (see [`policy`]). Memory, CPU and process limits live in
+//! a cgroup (`<cgroup_parent>/<instance>/<id>`, v1 or v2, detected at
+//! runtime); the instance's parent memory limit bounds all its sessions
+//! together.
 //!
 //! The network namespace, veth, address, egress policy, cgroup, records and
 //! reap are `sandcast-host`'s, shared with the Firecracker backend; this
@@ -37,9 +42,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! - Sessions run as `run_as_uid`/`run_as_gid` (default 65534, `nobody`);
-//!   nothing is added to the host's `/etc/passwd`. The agent socket is
-//!   chowned to that user so it can connect.
+//! - Each session runs as its own uid and gid (the same number) from
+//!   `uid_range`, never named in `/etc/passwd` or `/etc/group` and never
+//!   shared by two live sessions; nothing is added to the host's account
+//!   files. The agent socket and the session directory are chowned to that
+//!   uid with mode 0700, so no other session (and no other unprivileged
+//!   user) can connect; [`Backend::agent_peer_uid`] tells the server which
+//!   uid to expect on the socket.
 //! - `start` must run inside a tokio runtime, which also reaps the sandbox.
 //!   bwrap is forked from a thread that lives as long as the process, so a
 //!   session ends (`--die-with-parent`) when the server process ends, not
@@ -47,15 +56,19 @@
 //! - When the agent or bwrap ends by itself, every process of the session is
 //!   killed at once; its network, cgroup and files stay until
 //!   [`Instance::stop`] (or [`Backend::reap`]).
-//! - Only `session_dir/sandbox` (home, `/tmp`, generated `resolv.conf` and
-//!   `hosts`) belongs to the backend; the server removes the session directory.
+//! - Only `session_dir/sandbox` (generated `resolv.conf`, `hosts` and
+//!   browser policies) belongs to the backend; the server removes the
+//!   session directory. Nothing a session writes lands on the host's disk.
 
 pub mod launch;
+pub mod policy;
+pub mod seccomp;
+pub mod uid;
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -74,6 +87,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
+pub use crate::policy::BrowserPolicy;
+
 /// How many lines of bwrap/agent output are kept to explain an exit.
 const TAIL_LINES: usize = 20;
 
@@ -85,17 +100,29 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// Root file system shown read-only in sessions; `None` is the host's `/`.
     pub image_root: Option<PathBuf>,
-    /// Host uid the session runs as (never 0).
-    pub run_as_uid: u32,
-    /// Host gid the session runs as (never 0).
-    pub run_as_gid: u32,
+    /// Host uids (and gids of the same numbers) for sessions, first and
+    /// last: each session gets one no other session, account file or
+    /// process uses.
+    pub uid_range: [u32; 2],
     /// Size of each session's /dev/shm in MiB (Chromium needs plenty).
     pub shm_mib: u64,
-    /// Host paths hidden inside sessions when the host root is used (for
-    /// example the server's data directory). The state directory and the
-    /// parent of the session directory are always hidden.
+    /// Size of each of a session's home, /tmp, /var/tmp and /run in MiB
+    /// (tmpfs, counted in the session's memory limit).
+    pub writable_mib: u64,
+    /// Memory limit of all sessions together in MiB (the memory limit of
+    /// `cgroup_parent`); 0 leaves the parent unlimited.
+    pub sessions_memory_mib: u64,
+    /// Host paths (directories or files) hidden inside sessions when the
+    /// host root is used (for example the server's data directory and
+    /// configuration file). The state directory, the parent of the session
+    /// directory, `/etc/sandcast` and `/var/lib/sandcast` are always hidden.
     pub hide_paths: Vec<PathBuf>,
-    /// Host directory (mode 0755) holding the stage mount point.
+    /// URL filters for the session's browser; set from the server's
+    /// `[browser]` section.
+    #[serde(skip)]
+    pub browser_policy: BrowserPolicy,
+    /// Host directory (mode 0755) holding the stage mount point and the
+    /// uid claims.
     pub stage_dir: PathBuf,
     /// The bubblewrap binary.
     pub bwrap: PathBuf,
@@ -110,10 +137,12 @@ impl Default for SandboxConfig {
         SandboxConfig {
             state_dir: "/var/lib/sandcast/sandbox".into(),
             image_root: None,
-            run_as_uid: 65534,
-            run_as_gid: 65534,
+            uid_range: [2_000_000, 2_065_535],
             shm_mib: 512,
+            writable_mib: 1024,
+            sessions_memory_mib: 0,
             hide_paths: Vec::new(),
+            browser_policy: BrowserPolicy::default(),
             stage_dir: "/run/sandcast-sandbox".into(),
             bwrap: "/usr/bin/bwrap".into(),
             host: HostConfig::default(),
@@ -130,6 +159,8 @@ pub struct SandboxBackend {
 struct Inner {
     cfg: SandboxConfig,
     host: Host,
+    /// The compiled seccomp programs.
+    seccomp: Vec<Vec<u8>>,
 }
 
 impl SandboxBackend {
@@ -138,14 +169,21 @@ impl SandboxBackend {
     /// [`Backend::readiness`] and in the error of [`Backend::start`].
     pub fn new(cfg: SandboxConfig) -> Result<SandboxBackend, BackendError> {
         let bad = |m: String| Err(BackendError::InvalidSpec(m));
-        if cfg.run_as_uid == 0 || cfg.run_as_gid == 0 {
-            return bad(format!(
-                "run_as_uid {} / run_as_gid {}: sessions must run as an unprivileged user, not root",
-                cfg.run_as_uid, cfg.run_as_gid
-            ));
-        }
+        uid::check_range(cfg.uid_range).map_err(BackendError::InvalidSpec)?;
+        cfg.browser_policy
+            .check()
+            .map_err(BackendError::InvalidSpec)?;
         if cfg.shm_mib < 16 {
             return bad(format!("shm_mib {} is below 16", cfg.shm_mib));
+        }
+        if cfg.writable_mib < 16 {
+            return bad(format!("writable_mib {} is below 16", cfg.writable_mib));
+        }
+        if cfg.sessions_memory_mib != 0 && cfg.sessions_memory_mib < 64 {
+            return bad(format!(
+                "sessions_memory_mib {} is below 64 (0 means no limit)",
+                cfg.sessions_memory_mib
+            ));
         }
         for (name, dir) in [("state_dir", &cfg.state_dir), ("stage_dir", &cfg.stage_dir)] {
             if !dir.is_absolute() {
@@ -164,8 +202,10 @@ impl SandboxBackend {
         // bwrap runs as the session user and must traverse the stage.
         mkdir(&cfg.stage_dir, 0o755)?;
         mkdir(&cfg.stage_dir.join("stage"), 0o755)?;
+        mkdir(&uid::claims_dir(&cfg.stage_dir), 0o700)?;
+        let seccomp = seccomp::programs().map_err(BackendError::InvalidSpec)?;
         Ok(SandboxBackend {
-            inner: Arc::new(Inner { cfg, host }),
+            inner: Arc::new(Inner { cfg, host, seccomp }),
         })
     }
 
@@ -194,6 +234,16 @@ impl Inner {
     /// Removes everything a record lists. Returns one line per thing removed.
     async fn teardown(&self, rec: &Record) -> Result<Vec<String>, BackendError> {
         let (mut done, mut errors) = self.host.teardown(rec).await;
+        if let Some(uid) = rec.uid
+            && let Err(e) = uid::release(
+                &uid::claims_dir(&self.cfg.stage_dir),
+                uid,
+                &self.cfg.state_dir,
+                &rec.id,
+            )
+        {
+            errors.push(e);
+        }
         if rec.files_dir.exists() {
             // remove_dir_all does not follow symlinks the session may have made.
             match std::fs::remove_dir_all(&rec.files_dir) {
@@ -214,24 +264,27 @@ impl Inner {
     }
 
     /// Host paths hidden inside a session with this session directory.
-    fn hidden(&self, session_dir: &Path) -> Vec<PathBuf> {
+    fn hidden(&self, session_dir: &Path) -> Vec<launch::Hidden> {
         if self.cfg.image_root.is_some() {
             return Vec::new(); // host paths are not in an image root anyway
         }
-        let mut v: Vec<PathBuf> = vec![self.cfg.state_dir.clone()];
+        let mut v: Vec<PathBuf> = vec![
+            self.cfg.state_dir.clone(),
+            "/etc/sandcast".into(),
+            "/var/lib/sandcast".into(),
+        ];
         if let Some(p) = session_dir.parent()
             && p != Path::new("/")
         {
             v.push(p.to_path_buf());
         }
         v.extend(self.cfg.hide_paths.iter().cloned());
-        v.retain(|p| p.is_absolute() && p.is_dir());
         v.sort();
         v.dedup();
-        v
+        hidden_paths(&v, &self.cfg.stage_dir)
     }
 
-    fn write_files(&self, spec: &LaunchSpec, files: &Path) -> Result<(), BackendError> {
+    fn write_files(&self, spec: &LaunchSpec, files: &Path, uid: u32) -> Result<(), BackendError> {
         let cfg = &self.cfg;
         let io_err = |what: &str, p: &Path| {
             let what = format!("{what} {}", p.display());
@@ -246,14 +299,17 @@ impl Inner {
         std::fs::create_dir(files).map_err(io_err("creating", files))?;
         std::fs::set_permissions(files, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod", files))?;
-        for d in ["home", "tmp"] {
-            let p = files.join(d);
-            std::fs::create_dir(&p).map_err(io_err("creating", &p))?;
-            std::os::unix::fs::chown(&p, Some(cfg.run_as_uid), Some(cfg.run_as_gid))
-                .map_err(io_err("chown", &p))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_err("chmod", &p))?;
+        let managed = files.join(launch::POLICY_SUBDIR);
+        std::fs::create_dir_all(&managed).map_err(io_err("creating", &managed))?;
+        for d in [files.join("policies"), managed.clone()] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err("chmod", &d))?;
         }
+        let policy = managed.join(policy::FILE_NAME);
+        std::fs::write(&policy, cfg.browser_policy.to_json())
+            .map_err(io_err("writing", &policy))?;
+        std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod", &policy))?;
         let resolv = self.host.resolv_conf();
         let hosts = format!(
             "127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
@@ -265,33 +321,26 @@ impl Inner {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
                 .map_err(io_err("chmod", &p))?;
         }
-        // The session user connects to the server's socket, so it must own it.
-        std::os::unix::fs::chown(
-            &spec.agent_socket,
-            Some(cfg.run_as_uid),
-            Some(cfg.run_as_gid),
-        )
-        .map_err(io_err("chown", &spec.agent_socket))?;
+        // The session's uid connects to the server's socket, so it owns it;
+        // mode 0700 on both keeps every other unprivileged uid out.
+        for p in [&spec.session_dir, &spec.agent_socket] {
+            std::os::unix::fs::chown(p, Some(uid), Some(uid)).map_err(io_err("chown", p))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", p))?;
+        }
         Ok(())
     }
 
     fn check_spec(&self, spec: &LaunchSpec) -> Result<(), BackendError> {
         sandcast_host::cgroup::validate_limits(&spec.limits)?;
-        let uid = self.cfg.run_as_uid;
         let meta = std::fs::metadata(&spec.agent_binary).map_err(|e| {
             BackendError::InvalidSpec(format!("agent binary {}: {e}", spec.agent_binary.display()))
         })?;
         let mode = meta.permissions().mode();
-        let rx = if meta.uid() == uid {
-            mode & 0o500 == 0o500
-        } else if meta.gid() == self.cfg.run_as_gid {
-            mode & 0o050 == 0o050
-        } else {
-            mode & 0o005 == 0o005
-        };
-        if !meta.is_file() || !rx {
+        // Session uids own nothing and are in no group: "others" applies.
+        if !meta.is_file() || mode & 0o005 != 0o005 {
             return Err(BackendError::InvalidSpec(format!(
-                "agent binary {} must be a file readable and executable by uid {uid} (mode is {:o})",
+                "agent binary {} must be a file readable and executable by every user (o+rx): sessions run as uids of uid_range (mode is {:o})",
                 spec.agent_binary.display(),
                 mode & 0o7777
             )));
@@ -320,7 +369,7 @@ impl Inner {
         self.check_bwrap()?;
         self.host.check_tools()?;
         let id = spec.id.as_str();
-        let rec = self
+        let mut rec = self
             .host
             .create(
                 id,
@@ -330,7 +379,22 @@ impl Inner {
             )
             .await?;
         let cg = self.host.cgroup(id)?;
-        match self.launch(spec, rec.clone(), cg).await {
+        // The record (with the uid) is saved under the uid claims' lock.
+        let claimed = uid::allocate(
+            self.cfg.uid_range,
+            &uid::claims_dir(&self.cfg.stage_dir),
+            &self.cfg.state_dir,
+            id,
+            |u| {
+                rec.uid = Some(u);
+                self.host.save(&rec)
+            },
+        );
+        let result = match claimed {
+            Ok(_) => self.launch(spec, rec.clone(), cg).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(inst) => Ok(inst),
             Err(e) => {
                 if let Err(cleanup) = self.teardown(&rec).await {
@@ -348,7 +412,13 @@ impl Inner {
         cg: SessionCgroup,
     ) -> Result<SandboxInstance, BackendError> {
         let cfg = &self.cfg;
-        self.write_files(spec, &rec.files_dir)?;
+        let uid = rec.uid.expect("allocated before launch");
+        self.write_files(spec, &rec.files_dir, uid)?;
+        if cfg.sessions_memory_mib != 0 {
+            self.host
+                .limit_parent_memory(cfg.sessions_memory_mib)
+                .await?;
+        }
         self.host.create_cgroup(&rec.id, &spec.limits).await?;
 
         let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
@@ -357,28 +427,40 @@ impl Inner {
         let staged = launch::staged(
             &spec.agent_binary,
             &spec.agent_socket,
-            &files.join("home"),
-            &files.join("tmp"),
             &files.join("resolv.conf"),
             &files.join("hosts"),
+            &files.join("policies"),
         );
         let (info_r, info_w) = pipe()?;
         let (step_r, step_w) = pipe()?;
+        let seccomp_fds = self
+            .seccomp
+            .iter()
+            .map(|p| program_fd(p))
+            .collect::<Result<Vec<OwnedFd>, BackendError>>()?;
         let args = launch::bwrap_args(&launch::BwrapArgs {
             root: root.clone(),
             stage: stage.clone(),
             shm_bytes: cfg.shm_mib << 20,
-            hide: self.hidden(&spec.session_dir),
+            writable_bytes: cfg.writable_mib << 20,
+            policies: policy::POLICY_DIRS
+                .iter()
+                .filter_map(|d| launch::PolicyMount::for_root(&root, d))
+                .collect(),
             resolv_target: launch::resolv_target(&root),
             info_fd: info_w.as_raw_fd(),
+            seccomp_fds: seccomp_fds.iter().map(AsRawFd::as_raw_fd).collect(),
         });
+        let mut pass_fds = vec![info_w.as_raw_fd()];
+        pass_fds.extend(seccomp_fds.iter().map(AsRawFd::as_raw_fd));
         let pre = launch::PreExec::prepare(
             &Path::new("/run/netns").join(&rec.netns),
             &cg.procs_files(),
             &stage,
             &staged,
-            (cfg.run_as_uid, cfg.run_as_gid),
-            info_w.as_raw_fd(),
+            &self.hidden(&spec.session_dir),
+            (uid, uid),
+            pass_fds,
             step_w.as_raw_fd(),
         )
         .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?;
@@ -397,6 +479,7 @@ impl Inner {
         let spawned = spawn_from_lasting_thread(cmd).await;
         drop(info_w);
         drop(step_w);
+        drop(seccomp_fds);
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -562,6 +645,52 @@ async fn spawn_from_lasting_thread(
         .map_err(|_| io::Error::other("the spawner thread dropped the request"))?
 }
 
+/// A sealed-off in-memory file holding one compiled seccomp program, read by
+/// bwrap from its start.
+fn program_fd(program: &[u8]) -> Result<OwnedFd, BackendError> {
+    use std::io::{Seek, Write};
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is ours.
+    let fd = unsafe { libc::memfd_create(c"sandcast-seccomp".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(BackendError::io(
+            "creating a memfd for the seccomp filter",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: just created, owned by nobody else.
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.write_all(program)
+        .and_then(|()| f.rewind())
+        .map_err(|e| BackendError::io("writing the seccomp filter", e))?;
+    Ok(f.into())
+}
+
+/// The hidden paths that exist, as directories or files; never the stage
+/// (or an ancestor of it), which bwrap needs, and nothing inside another
+/// hidden directory (gone from view once that is covered).
+fn hidden_paths(paths: &[PathBuf], stage_dir: &Path) -> Vec<launch::Hidden> {
+    let found: Vec<launch::Hidden> = paths
+        .iter()
+        .filter(|p| p.is_absolute() && !stage_dir.starts_with(p))
+        .filter_map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some(launch::Hidden {
+                path: p.clone(),
+                dir: m.is_dir(),
+            })
+        })
+        .collect();
+    found
+        .iter()
+        .filter(|h| {
+            !found
+                .iter()
+                .any(|o| o.dir && o.path != h.path && h.path.starts_with(&o.path))
+        })
+        .cloned()
+        .collect()
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), BackendError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds we then own.
@@ -677,9 +806,19 @@ impl SandboxInstance {
         &self.rec.cgroup_dirs
     }
 
-    /// The per-session files (home, tmp, generated config).
+    /// The per-session files (generated config and browser policies).
     pub fn files_dir(&self) -> &Path {
         &self.rec.files_dir
+    }
+
+    /// The session's host uid (also its gid).
+    pub fn uid(&self) -> u32 {
+        self.rec.uid.expect("allocated at start")
+    }
+
+    /// Host pid of the sandbox's init (pid 1 inside).
+    pub fn init_pid(&self) -> u32 {
+        self.init_pid
     }
 
     /// Pids in the session's cgroup whose parent is the sandbox's init: the
@@ -761,6 +900,10 @@ impl Backend for SandboxBackend {
         Ok(Box::new(self.inner.start(spec).await?))
     }
 
+    fn agent_peer_uid(&self, id: &SessionId) -> Option<u32> {
+        Record::load(&self.inner.cfg.state_dir, id.as_str())?.uid
+    }
+
     async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
         let inner = &self.inner;
         let keep: HashSet<String> = keep.iter().map(|k| k.as_str().to_string()).collect();
@@ -778,6 +921,11 @@ impl Backend for SandboxBackend {
                 Err(e) => errors.push(e.to_string()),
             }
         }
+        lines.extend(uid::release_others(
+            &uid::claims_dir(&inner.cfg.stage_dir),
+            &inner.cfg.state_dir,
+            &keep,
+        ));
         // Leftovers without a record (a crash between steps of start).
         let (more, errs) = inner.host.reap_unrecorded(&keep).await;
         lines.extend(more);
@@ -851,6 +999,29 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
             Some(r) => launch::check_image_root(r).map(|()| format!("image at {}", r.display())),
         },
     );
+    let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
+    let dirs: Vec<&str> = policy::POLICY_DIRS
+        .iter()
+        .copied()
+        .filter(|d| root.join(d.trim_start_matches('/')).is_dir())
+        .collect();
+    add(
+        "browser policy",
+        if dirs.is_empty() {
+            Err(format!(
+                "none of {} exists in the root: the browser's URL filters (browser.blocked_urls) cannot be applied; install chromium or mkdir {}",
+                policy::POLICY_DIRS.join(", "),
+                root.join("etc/chromium").display()
+            ))
+        } else {
+            Ok(format!(
+                "{} blocked and {} allowed URL filters in {}",
+                cfg.browser_policy.blocked_urls.len(),
+                cfg.browser_policy.allowed_urls.len(),
+                dirs.join(", ")
+            ))
+        },
+    );
     checks
 }
 
@@ -858,7 +1029,8 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
 async fn probe_userns(inner: &Inner) -> Result<String, String> {
     let cfg = &inner.cfg;
     inner.check_bwrap().map_err(|e| e.to_string())?;
-    let (uid, gid) = (cfg.run_as_uid, cfg.run_as_gid);
+    // Any uid of the range shows whether session uids can make namespaces.
+    let (uid, gid) = (cfg.uid_range[0], cfg.uid_range[0]);
     let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
     let mut cmd = tokio::process::Command::new(&cfg.bwrap);
     cmd.args([
@@ -962,10 +1134,27 @@ mod tests {
         );
         assert!(
             err(SandboxConfig {
-                run_as_uid: 0,
+                uid_range: [0, 10],
                 ..base.clone()
             })
-            .contains("run_as_uid 0")
+            .contains("uid_range [0, 10]")
+        );
+        assert!(
+            err(SandboxConfig {
+                writable_mib: 1,
+                ..base.clone()
+            })
+            .contains("writable_mib 1")
+        );
+        assert!(
+            err(SandboxConfig {
+                browser_policy: BrowserPolicy {
+                    blocked_urls: vec!["a b".into()],
+                    allowed_urls: Vec::new(),
+                },
+                ..base.clone()
+            })
+            .contains("\"a b\"")
         );
         assert!(
             err(SandboxConfig {
@@ -987,12 +1176,48 @@ mod tests {
     #[test]
     fn config_reads_from_toml_like_json_with_defaults() {
         let c: SandboxConfig =
-            serde_json::from_str(r#"{"run_as_uid": 1500, "shm_mib": 256}"#).unwrap();
-        assert_eq!(c.run_as_uid, 1500);
+            serde_json::from_str(r#"{"uid_range": [1500, 1600], "shm_mib": 256}"#).unwrap();
+        assert_eq!(c.uid_range, [1500, 1600]);
+        assert_eq!(c.writable_mib, 1024);
         assert_eq!(c.bwrap, Path::new("/usr/bin/bwrap"));
+        // The browser policy comes from the server's [browser] section only.
+        assert!(serde_json::from_str::<SandboxConfig>(r#"{"browser_policy": {}}"#).is_err());
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"nope": 1}"#).is_err());
         // Host settings moved to the host layer's own section.
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"subnet": "10.200.0.0/16"}"#).is_err());
+    }
+
+    #[test]
+    fn hidden_paths_skip_the_stage_and_what_another_covers() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("sandbox")).unwrap();
+        std::fs::write(t.path().join("c.toml"), "").unwrap();
+        let stage = t.path().join("run/stage");
+        std::fs::create_dir_all(&stage).unwrap();
+        let h = hidden_paths(
+            &[
+                data.join("sandbox"),
+                data.clone(),
+                t.path().join("c.toml"),
+                t.path().join("missing"),
+                t.path().join("run"),
+            ],
+            &stage,
+        );
+        assert_eq!(
+            h,
+            [
+                launch::Hidden {
+                    path: data,
+                    dir: true
+                },
+                launch::Hidden {
+                    path: t.path().join("c.toml"),
+                    dir: false
+                },
+            ]
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -18,10 +18,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth;
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::limits;
+use crate::log_read::{self, Selection};
 use crate::manager::{Live, Manager, NewSession};
-use crate::store::{Row, Spec, State as SessionState};
+use crate::session_log;
+use crate::store::{PageQuery, Row, Spec, State as SessionState};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -37,8 +40,10 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     if req.uri().path().starts_with("/api/webrtc/") {
         return next.run(req).await;
     }
+    if auth::is_operator(req.headers(), &state.api_key) {
+        return next.run(req).await;
+    }
     match bearer(req.headers()) {
-        Some(key) if auth::secret_eq(key, &state.api_key) => next.run(req).await,
         Some(_) => ApiError::unauthorized("wrong API key").into_response(),
         None => ApiError::unauthorized("missing API key: send Authorization: Bearer <key>")
             .into_response(),
@@ -95,9 +100,9 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     }
 }
 
-/// Validates a request into what the manager runs.
-pub fn validate(state: &AppState, req: CreateRequest) -> Result<NewSession, ApiError> {
-    let cfg = state.manager.config();
+/// Validates a request into what the manager runs, with `cfg`'s defaults
+/// and providers.
+pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError> {
     let bad = |field: &str, msg: String| {
         ApiError::bad_request(format!("{field}: {msg}")).detail(json!({ "field": field }))
     };
@@ -225,7 +230,7 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
         .filter(|p| *p == "https")
-        .unwrap_or("http");
+        .unwrap_or(state.manager.config().scheme());
     format!("{proto}://{host}")
 }
 
@@ -249,7 +254,7 @@ pub async fn create(
     body: Result<Json<CreateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = json_body(body)?;
-    let new = validate(&state, req)?;
+    let new = validate(state.manager.config(), req)?;
     created(&state, &headers, new)
 }
 
@@ -261,7 +266,7 @@ pub async fn auth_start(
 ) -> Result<Response, ApiError> {
     let req = json_body(body)?;
     let new = validate(
-        &state,
+        state.manager.config(),
         CreateRequest {
             user_id: Some(req.user_id),
             provider: Some(req.provider),
@@ -276,14 +281,106 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     limits::check_id(id).map_err(|e| ApiError::bad_request(e).detail(json!({ "field": "id" })))
 }
 
-/// `GET /api/sessions`.
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = state.manager.store().list()?;
+/// Sessions a page lists when the request does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most sessions a page lists.
+pub const MAX_PAGE: usize = 1000;
+
+/// Query of `GET /api/sessions`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+    state: Option<String>,
+    user_id: Option<String>,
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request("bad query string").detail(e.body_text()))
+}
+
+fn bad_param(field: &str, msg: String) -> ApiError {
+    ApiError::bad_request(format!("{field}: {msg}")).detail(json!({ "field": field }))
+}
+
+/// The opaque cursor of the page after `row`.
+fn cursor_after(row: &Row) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}.{}", row.created_ms, row.id))
+}
+
+fn parse_cursor(s: &str) -> Result<(i64, String), ApiError> {
+    use base64::Engine;
+    let bad = || bad_param("cursor", format!("{s:?} is not a cursor this server gave"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (ms, id) = text.split_once('.').ok_or_else(bad)?;
+    let ms = ms.parse::<i64>().map_err(|_| bad())?;
+    limits::check_id(id).map_err(|_| bad())?;
+    Ok((ms, id.to_string()))
+}
+
+/// Turns the list query into a page of the store.
+pub fn page_query(q: ListQuery) -> Result<PageQuery, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                bad_param("limit", format!("{l:?} is not a number in 1..={MAX_PAGE}"))
+            })?,
+    };
+    let after = q.cursor.as_deref().map(parse_cursor).transpose()?;
+    let mut states = Vec::new();
+    for name in q.state.iter().flat_map(|s| s.split(',')) {
+        let st = SessionState::from_name(name).ok_or_else(|| {
+            let names: Vec<&str> = SessionState::ALL.iter().map(|s| s.as_str()).collect();
+            bad_param(
+                "state",
+                format!("{name:?} is not one of {}", names.join(", ")),
+            )
+        })?;
+        if !states.contains(&st) {
+            states.push(st);
+        }
+    }
+    if let Some(u) = &q.user_id {
+        limits::check_name("user_id", u).map_err(|e| bad_param("user_id", e))?;
+    }
+    Ok(PageQuery {
+        limit,
+        after,
+        states,
+        user_id: q.user_id,
+    })
+}
+
+/// `GET /api/sessions[?limit=N&cursor=C&state=S[,S...]&user_id=U]`: newest
+/// first; `next` is the cursor of the following page, null on the last.
+pub async fn list(
+    State(state): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let mut page = page_query(query(q)?)?;
+    let limit = page.limit;
+    // One more than asked says whether there is a next page.
+    page.limit += 1;
+    let mut rows = state.manager.store().page(&page)?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = rows.last().filter(|_| more).map(cursor_after);
     let sessions: Vec<Value> = rows
         .iter()
         .map(|r| session_json(r, state.manager.live(&r.id).as_deref()))
         .collect();
-    Ok(Json(json!({ "sessions": sessions })))
+    Ok(Json(json!({ "sessions": sessions, "next": next })))
 }
 
 /// `GET /api/sessions/{id}`.
@@ -311,56 +408,106 @@ pub async fn delete(
 }
 
 /// Query of the logs endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogsQuery {
-    #[serde(default)]
     follow: Option<String>,
+    tail: Option<String>,
+    since: Option<String>,
 }
 
-/// `GET /api/sessions/{id}/logs[?follow=1]`.
+/// Most lines `tail` may ask for (a log holds far fewer).
+pub const MAX_TAIL: u64 = 100_000_000;
+
+fn logs_selection(q: &LogsQuery) -> Result<(bool, Selection), ApiError> {
+    let follow = match q.follow.as_deref() {
+        None | Some("0" | "false" | "no") => false,
+        Some("1" | "true" | "yes") => true,
+        Some(other) => {
+            return Err(bad_param(
+                "follow",
+                format!("{other:?} is not one of 1, true, yes, 0, false, no"),
+            ));
+        }
+    };
+    let tail = q
+        .tail
+        .as_deref()
+        .map(|t| {
+            t.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= MAX_TAIL)
+                .ok_or_else(|| {
+                    bad_param("tail", format!("{t:?} is not a number in 0..={MAX_TAIL}"))
+                })
+        })
+        .transpose()?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| log_read::parse_since(s).map_err(|e| bad_param("since", e)))
+        .transpose()?;
+    Ok((follow, Selection { tail, since }))
+}
+
+/// `GET /api/sessions/{id}/logs[?tail=N][&since=T][&follow=1]`: the log
+/// from disk in chunks (the previous file, then the current one), the last
+/// `N` lines or those from time `T` on (RFC 3339 or Unix milliseconds);
+/// with `follow=1`, then new lines until the session ends.
 pub async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
+    let (follow, sel) = logs_selection(&query(q)?)?;
     state
         .manager
         .store()
         .get(&id)?
         .ok_or_else(|| ApiError::no_session(&id))?;
-    let path = state
-        .manager
-        .config()
-        .data_dir
-        .join("logs")
-        .join(format!("{id}.log"));
-    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes"));
+    let dir = session_log::dir(&state.manager.config().data_dir);
     let live = state.manager.live(&id);
-    // Subscribe before reading the file so no line falls in between.
+    // Subscribe before opening the files so no line falls in between.
     let sub = live
         .as_ref()
         .filter(|_| follow)
         .map(|l| (l.subscribe_logs(), l.ended()));
-    let existing = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+    let sel2 = sel.clone();
+    let parts = tokio::task::spawn_blocking(move || {
+        log_read::open(&dir, &id).and_then(|files| log_read::select(files, &sel2))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the session log: {e}"),
+        )
+    })?;
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    let from_disk = log_read::stream(parts);
     let Some((rx, mut ended)) = sub else {
-        return Ok((text_plain, existing).into_response());
+        return Ok((text_plain, Body::from_stream(from_disk)).into_response());
     };
-    let head = futures::stream::once(async move { Ok::<_, Infallible>(existing) });
-    let tail = futures::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(line) => return Some((Ok::<_, Infallible>(format!("{line}\n")), rx)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return None,
+    let live_lines = futures::stream::unfold(rx, move |mut rx| {
+        let sel = sel.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(line) if sel.admits_live(&line) => {
+                        return Some((Ok(bytes::Bytes::from(format!("{line}\n"))), rx));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
             }
         }
     })
     .take_until(async move {
         let _ = ended.wait_for(|e| *e).await;
     });
-    Ok((text_plain, Body::from_stream(head.chain(tail))).into_response())
+    Ok((text_plain, Body::from_stream(from_disk.chain(live_lines))).into_response())
 }
 
 /// `GET /api/sessions/{id}/events`: server-sent events, current state first.
@@ -380,8 +527,12 @@ pub async fn events(
         .data(json!({"state": row.state.as_str(), "reason": row.reason}).to_string());
     let done = !row.state.is_live();
     let filter_id = id.clone();
+    let manager = state.manager.clone();
+    // Ends after the first event of a final state (failed, stopped), also
+    // when the relay lagged past it: then the store says where it is.
     let rest = futures::stream::unfold((rx, done), move |(mut rx, done)| {
         let id = filter_id.clone();
+        let manager = manager.clone();
         async move {
             if done {
                 return None;
@@ -390,11 +541,25 @@ pub async fn events(
                 match rx.recv().await {
                     Ok(ev) if ev.id == id => {
                         let end = ev.kind == "state"
-                            && matches!(ev.data["state"].as_str(), Some("stopped"));
+                            && SessionState::ALL
+                                .into_iter()
+                                .find(|s| ev.data["state"].as_str() == Some(s.as_str()))
+                                .is_some_and(|s| !s.is_live());
                         let event = Event::default().event(ev.kind).data(ev.data.to_string());
                         return Some((Ok(event), (rx, end)));
                     }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(Some(row)) = manager.store().get(&id)
+                            && !row.state.is_live()
+                        {
+                            let event = Event::default().event("state").data(
+                                json!({"state": row.state.as_str(), "reason": row.reason})
+                                    .to_string(),
+                            );
+                            return Some((Ok(event), (rx, true)));
+                        }
+                    }
+                    Ok(_) => continue,
                     Err(_) => return None,
                 }
             }
@@ -404,26 +569,28 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `GET /health`.
-pub async fn health(State(state): State<AppState>) -> Response {
-    let store_ok = state.manager.store().ping();
-    let backend = state.manager.backend().readiness().await;
-    let ok = store_ok.is_ok() && backend.ready;
-    let body = json!({
-        "status": if ok { "ok" } else { "degraded" },
-        "store": { "ok": store_ok.is_ok(), "detail": store_ok.err().map(|e| e.to_string()) },
-        "backend": { "name": state.manager.backend().name(), "ready": backend.ready, "checks": backend.checks },
-        "webrtc": state.manager.gateway().map(|g| json!({
-            "udp": g.udp_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "tcp": g.tcp_addr().map(|a| a.to_string()),
-        })),
-    });
-    let status = if ok {
+/// `GET /health`: liveness and readiness from the last background check.
+pub async fn health(health: axum::Extension<Arc<crate::health::Health>>) -> Response {
+    let snap = health.last();
+    (health_status(&snap), Json(snap.public_json())).into_response()
+}
+
+/// `GET /api/health`: every check's last result, for the operator.
+pub async fn health_detail(
+    State(state): State<AppState>,
+    health: axum::Extension<Arc<crate::health::Health>>,
+) -> Response {
+    let snap = health.last();
+    let body = snap.detail_json(&state.manager);
+    (health_status(&snap), Json(body)).into_response()
+}
+
+fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
+    if snap.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+    }
 }
 
 /// `GET /metrics`.
@@ -431,11 +598,7 @@ pub async fn metrics(
     State(state): State<AppState>,
     metrics: axum::Extension<Arc<crate::metrics::Metrics>>,
 ) -> Response {
-    if let Ok(rows) = state.manager.store().list() {
-        let counts: Vec<(SessionState, i64)> = SessionState::ALL
-            .iter()
-            .map(|s| (*s, rows.iter().filter(|r| r.state == *s).count() as i64))
-            .collect();
+    if let Ok(counts) = state.manager.store().count_by_state() {
         metrics.set_states(&counts);
     }
     (
@@ -451,4 +614,173 @@ pub async fn metrics(
 /// Unknown routes.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sandcast_proto::testing::{json_value, mutated};
+
+    const WORDS: &[&str] = &[
+        "user_id",
+        "start_url",
+        "provider",
+        "width",
+        "height",
+        "ttl_seconds",
+        "idle_timeout_seconds",
+        "kiosk",
+        "launch",
+        "egress",
+        "userId",
+        "alice",
+        "preset",
+        "https://example.org/",
+        "HTTP://a",
+        "http://",
+        "https:",
+        "data:text/html,<h1>x</h1>",
+        "about:blank",
+        "about:settings",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "chrome://settings",
+        "xterm",
+        "-e",
+        "a\nb",
+        "\u{0}",
+        "",
+    ];
+
+    fn config() -> Config {
+        let mut cfg = Config::default();
+        cfg.providers.insert(
+            "preset".into(),
+            crate::config::Provider {
+                start_url: "https://example.org/login".into(),
+                launch: Some(vec!["xterm".into()]),
+            },
+        );
+        cfg
+    }
+
+    /// The documented limits, stated again independently of `limits`.
+    fn holds_the_limits(cfg: &Config, new: &NewSession) -> Result<(), TestCaseError> {
+        let short = |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
+        if let Some(u) = &new.user_id {
+            prop_assert!(short(u), "user_id {u:?}");
+        }
+        if let Some(p) = &new.provider {
+            prop_assert!(cfg.providers.contains_key(p), "provider {p:?}");
+        }
+        let url = &new.spec.start_url;
+        prop_assert!(url.len() <= 32 * 1024);
+        prop_assert!(!url.chars().any(char::is_control), "url {url:?}");
+        let lower = url.to_ascii_lowercase();
+        prop_assert!(
+            ["http://", "https://", "data:", "about:"]
+                .iter()
+                .any(|p| lower.starts_with(p)),
+            "url {url:?}"
+        );
+        if lower.starts_with("http") {
+            prop_assert!(url.len() > lower.find("//").unwrap() + 2, "url {url:?}");
+        }
+        prop_assert!((320..=3840).contains(&new.spec.width));
+        prop_assert!((240..=2160).contains(&new.spec.height));
+        prop_assert!((1..=86_400).contains(&new.ttl_seconds));
+        prop_assert!((1..=86_400).contains(&new.spec.idle_timeout_seconds));
+        if let Some(argv) = &new.spec.launch {
+            prop_assert!((1..=64).contains(&argv.len()));
+            prop_assert!(!argv[0].is_empty());
+            prop_assert!(argv.iter().all(|a| a.len() <= 4096 && !a.contains('\0')));
+        }
+        Ok(())
+    }
+
+    /// A body as the create handler takes it: parsed, then validated. A
+    /// refusal is a 4xx.
+    fn create_body(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let cfg = config();
+        let parsed = json_body(Json::<CreateRequest>::from_bytes(bytes));
+        match parsed.and_then(|req| validate(&cfg, req)) {
+            Ok(new) => holds_the_limits(&cfg, &new)?,
+            Err(e) => prop_assert!(e.status.is_client_error(), "{}", e.status),
+        }
+        Ok(())
+    }
+
+    /// A body as `/api/auth/start` takes it.
+    fn auth_start_body(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let cfg = config();
+        let parsed = json_body(Json::<AuthStartRequest>::from_bytes(bytes));
+        let new = parsed.and_then(|req| {
+            validate(
+                &cfg,
+                CreateRequest {
+                    user_id: Some(req.user_id),
+                    provider: Some(req.provider),
+                    ..Default::default()
+                },
+            )
+        });
+        match new {
+            Ok(new) => {
+                prop_assert!(new.provider.is_some() && new.user_id.is_some());
+                holds_the_limits(&cfg, &new)?;
+            }
+            Err(e) => prop_assert!(e.status.is_client_error(), "{}", e.status),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_valid_body_is_accepted() {
+        let cfg = config();
+        let req = Json::<CreateRequest>::from_bytes(
+            br#"{"user_id":"alice","provider":"preset","width":1280,"height":720}"#,
+        )
+        .unwrap()
+        .0;
+        let new = validate(&cfg, req).unwrap();
+        assert_eq!(new.spec.start_url, "https://example.org/login");
+        assert_eq!(new.spec.launch, Some(vec!["xterm".to_string()]));
+        let req = Json::<AuthStartRequest>::from_bytes(br#"{"userId":"a","provider":"preset"}"#);
+        assert!(req.is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_create_bodies_are_refused_or_within_limits(v in json_value(WORDS)) {
+            create_body(&serde_json::to_vec(&v).unwrap())?;
+        }
+
+        #[test]
+        fn arbitrary_create_objects_are_refused_or_within_limits(
+            fields in prop::collection::vec((prop::sample::select(WORDS), json_value(WORDS)), 0..10)
+        ) {
+            let obj: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            create_body(&serde_json::to_vec(&obj).unwrap())?;
+        }
+
+        #[test]
+        fn mutated_create_bodies_are_refused_or_within_limits(
+            bytes in mutated(
+                br#"{"user_id":"alice","start_url":"https://example.org/","width":1280,"height":720,"ttl_seconds":600,"idle_timeout_seconds":60,"kiosk":true,"launch":["xterm","-e","top"],"egress":false}"#.to_vec()
+            )
+        ) {
+            create_body(&bytes)?;
+        }
+
+        #[test]
+        fn arbitrary_auth_start_bodies_are_refused_or_within_limits(
+            v in json_value(WORDS),
+            bytes in mutated(br#"{"userId":"alice","provider":"preset"}"#.to_vec()),
+        ) {
+            auth_start_body(&serde_json::to_vec(&v).unwrap())?;
+            auth_start_body(&bytes)?;
+        }
+    }
 }

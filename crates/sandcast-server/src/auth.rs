@@ -63,6 +63,27 @@ pub fn load_or_create_api_key(configured: &str, path: &Path) -> std::io::Result<
     Ok(key)
 }
 
+/// Whether a request carries the operator key. Only the `Authorization`
+/// header counts: a key in a URL ends up in proxy and browser logs.
+pub fn is_operator(headers: &axum::http::HeaderMap, api_key: &str) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .is_some_and(|k| secret_eq(k, api_key))
+}
+
+/// The TURN REST password for `username` (`<expiry-unix>:<who>`):
+/// base64(HMAC-SHA1(shared secret, username)), what coturn's
+/// `use-auth-secret` checks.
+pub fn turn_credential(shared_secret: &str, username: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(shared_secret.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
 /// The bearer token of an `Authorization` header value.
 pub fn bearer(header: &str) -> Option<&str> {
     let (scheme, token) = header.split_once(' ')?;
@@ -104,6 +125,31 @@ mod tests {
             "configured"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn turn_credentials_follow_the_rest_scheme() {
+        // RFC 2202 test case 2: HMAC-SHA1("Jefe", "what do ya want for nothing?").
+        assert_eq!(
+            turn_credential("Jefe", "what do ya want for nothing?"),
+            "7/zfauXrL6LSdBbV8YTfnCWafHk="
+        );
+        assert_ne!(
+            turn_credential("secret", "1700000000:a"),
+            turn_credential("secret", "1700000000:b")
+        );
+    }
+
+    #[test]
+    fn operator_key_only_from_the_authorization_header() {
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!is_operator(&h, "k"));
+        h.insert("authorization", "Bearer k".parse().unwrap());
+        assert!(is_operator(&h, "k"));
+        h.insert("authorization", "Bearer kk".parse().unwrap());
+        assert!(!is_operator(&h, "k"));
+        h.insert("authorization", "k".parse().unwrap());
+        assert!(!is_operator(&h, "k"));
     }
 
     #[test]

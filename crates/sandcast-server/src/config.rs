@@ -1,5 +1,10 @@
 //! Server configuration: embedded defaults, then a TOML file, then
 //! `SANDCAST_*` environment variables, then command-line flags.
+//!
+//! Only variables that name a setting are configuration (`SANDCAST_LISTEN`,
+//! `SANDCAST_RATE_LIMIT__API_REQUESTS`); the others with the prefix belong to
+//! something else (`SANDCAST_LOG`, the client's `SANDCAST_SERVER`, test
+//! switches) and are left alone, see [`is_setting`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -9,12 +14,19 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::capacity::HostSize;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// HTTP address.
+    /// HTTP address (HTTPS when `tls_cert` and `tls_key` are set).
     pub listen: SocketAddr,
+    /// PEM certificate chain (leaf first); with `tls_key`, the server speaks
+    /// HTTPS only, and reloads both files when they change.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// SQLite file, session folders, logs, the generated API key.
     pub data_dir: PathBuf,
     /// Base of `viewer_url`; empty means the scheme and Host of the request.
@@ -25,7 +37,9 @@ pub struct Config {
     pub backend: String,
     /// The agent binary; empty means `sandcast-agent` beside this executable.
     pub agent_binary: PathBuf,
-    /// Most sessions alive at once.
+    /// Most sessions alive at once; 0 (the default) means as many as the
+    /// host's memory (less a reserve) holds at `session.memory_mib` each,
+    /// at most four per CPU.
     pub max_sessions: usize,
     /// Defaults for new sessions.
     pub session: SessionDefaults,
@@ -44,6 +58,57 @@ pub struct Config {
     pub sandbox: sandcast_sandbox::SandboxConfig,
     /// Firecracker backend settings (see docs/firecracker.md).
     pub firecracker: FirecrackerSettings,
+    /// How long ended sessions are kept.
+    pub retention: Retention,
+    /// What a session may write on the host: its log files and events.
+    pub logs: LogLimits,
+}
+
+/// `[retention]`: how long a stopped or failed session's row, events and
+/// log files are kept before they are removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Seconds after a session ended (stopped or failed).
+    pub seconds: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            seconds: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// `[logs]`: per-session limits on what reaches the host's disk. Lines and
+/// events beyond them are dropped and counted, never queued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogLimits {
+    /// Log bytes a second a session may write, on average.
+    pub rate_bytes_per_second: u64,
+    /// Log bytes a session may write at once above the rate.
+    pub burst_bytes: u64,
+    /// Most bytes of a session's log on disk, the current file and the one
+    /// previous file together; the current file is rotated at half of it.
+    pub max_bytes: u64,
+    /// Child and display events a second the agent may have stored.
+    pub events_per_second: u32,
+    /// Events the agent may have stored at once above that rate.
+    pub events_burst: u32,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits {
+            rate_bytes_per_second: 64 * 1024,
+            burst_bytes: 1024 * 1024,
+            max_bytes: 16 * 1024 * 1024,
+            events_per_second: 10,
+            events_burst: 100,
+        }
+    }
 }
 
 /// Defaults and limits for sessions.
@@ -63,9 +128,11 @@ pub struct SessionDefaults {
     /// Where sessions' outbound traffic may go: `"internet"`, `"none"` or a
     /// list of networks (`true`/`false` read as `"internet"`/`"none"`).
     pub egress: sandcast_backend::Egress,
-    /// Memory limit per session.
+    /// Memory limit per session; by default 2048 or what the host can
+    /// spare, whichever is less.
     pub memory_mib: u64,
-    /// CPU limit per session in thousandths of a core.
+    /// CPU limit per session in thousandths of a core; by default 2000 or
+    /// the host's CPUs, whichever is less.
     pub cpu_millis: u32,
     /// Process limit per session.
     pub pids: u32,
@@ -75,6 +142,7 @@ pub struct SessionDefaults {
 
 impl Default for SessionDefaults {
     fn default() -> Self {
+        let host = HostSize::detect();
         SessionDefaults {
             width: 1280,
             height: 720,
@@ -82,8 +150,8 @@ impl Default for SessionDefaults {
             idle_timeout_seconds: 900,
             start_url: "about:blank".into(),
             egress: sandcast_backend::Egress::Internet,
-            memory_mib: 2048,
-            cpu_millis: 2000,
+            memory_mib: host.session_memory_mib(),
+            cpu_millis: host.session_cpu_millis(),
             pids: 1024,
             start_timeout_seconds: 60,
         }
@@ -102,6 +170,11 @@ pub struct BrowserSettings {
     /// its own 60 Hz timer (`--disable-frame-rate-limit`): one or two frames
     /// less latency, more CPU while a page animates.
     pub low_latency: bool,
+    /// URLs the browser refuses to open (Chromium's `URLBlocklist` managed
+    /// policy): by default local files, Chromium's own pages and `about:`.
+    pub blocked_urls: Vec<String>,
+    /// Exceptions to `blocked_urls` (`URLAllowlist`): by default `about:blank`.
+    pub allowed_urls: Vec<String>,
 }
 
 impl BrowserSettings {
@@ -119,24 +192,48 @@ impl BrowserSettings {
 
 impl Default for BrowserSettings {
     fn default() -> Self {
+        let policy = sandcast_sandbox::BrowserPolicy::default();
         BrowserSettings {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),
             low_latency: true,
+            blocked_urls: policy.blocked_urls,
+            allowed_urls: policy.allowed_urls,
         }
     }
 }
 
-/// Rate limits per client address.
+impl BrowserSettings {
+    /// The URL filters as the backend takes them.
+    pub fn policy(&self) -> sandcast_sandbox::BrowserPolicy {
+        sandcast_sandbox::BrowserPolicy {
+            blocked_urls: self.blocked_urls.clone(),
+            allowed_urls: self.allowed_urls.clone(),
+        }
+    }
+}
+
+/// Request rate limits: per API key for requests that carry it, per client
+/// address for the others.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimits {
-    /// Requests to `/api/*` (but `/api/webrtc/*`) per window.
+    /// Requests to `/api/*` (but `/api/webrtc/*`) without a valid API key,
+    /// per client address (IPv6: per /64), per window.
     pub api_requests: u32,
     /// The window of `api_requests`.
     pub api_window_seconds: u64,
-    /// Requests to `/api/webrtc/*` and `/viewer/*` per minute.
+    /// Requests to `/api/*` (but `/api/webrtc/*`) with the API key, per
+    /// window; they never spend an address's `api_requests`.
+    pub key_requests: u32,
+    /// The window of `key_requests`.
+    pub key_window_seconds: u64,
+    /// Requests to `/api/webrtc/*`, `/viewer/*` and `/assets/*` per client
+    /// address per minute.
     pub webrtc_per_minute: u32,
+    /// Reverse proxies (CIDRs) whose `Forwarded` / `X-Forwarded-For` name the
+    /// client; empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for RateLimits {
@@ -144,7 +241,10 @@ impl Default for RateLimits {
         RateLimits {
             api_requests: 100,
             api_window_seconds: 900,
+            key_requests: 6_000,
+            key_window_seconds: 60,
             webrtc_per_minute: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -174,6 +274,9 @@ pub struct WebRtcSettings {
     pub public_ips: Vec<IpAddr>,
     /// STUN/TURN servers handed to viewers (`iceServers` entries).
     pub ice_servers: Vec<serde_json::Value>,
+    /// A TURN server with a shared secret: viewers get short-lived
+    /// credentials for it (the TURN REST scheme).
+    pub turn: Option<TurnSettings>,
     /// The most video frames a session sends a second (1 to 240).
     pub max_fps: u32,
     /// How H.264 is encoded: `camera` (the least time a frame) or `screen`
@@ -189,9 +292,40 @@ impl Default for WebRtcSettings {
             tcp_bind: Some("0.0.0.0:3478".parse().unwrap()),
             public_ips: Vec::new(),
             ice_servers: Vec::new(),
+            turn: None,
             max_fps: 60,
             h264_tuning: sandcast_proto::H264Tuning::Camera,
         }
+    }
+}
+
+/// `[webrtc.turn]`: a TURN server sharing a secret with sandcast (coturn's
+/// `use-auth-secret` / `static-auth-secret`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnSettings {
+    /// Its URLs, e.g. `turn:turn.example.com:3478?transport=udp`.
+    pub urls: Vec<String>,
+    /// The shared secret.
+    pub shared_secret: String,
+    /// How long a handed-out credential is valid.
+    #[serde(default = "TurnSettings::default_ttl")]
+    pub credential_ttl_seconds: u64,
+}
+
+impl TurnSettings {
+    fn default_ttl() -> u64 {
+        3600
+    }
+}
+
+impl std::fmt::Debug for TurnSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnSettings")
+            .field("urls", &self.urls)
+            .field("shared_secret", &"<redacted>")
+            .field("credential_ttl_seconds", &self.credential_ttl_seconds)
+            .finish()
     }
 }
 
@@ -199,12 +333,14 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:8080".parse().unwrap(),
+            tls_cert: None,
+            tls_key: None,
             data_dir: "/var/lib/sandcast".into(),
             public_url: String::new(),
             api_key: String::new(),
             backend: "sandbox".into(),
             agent_binary: PathBuf::new(),
-            max_sessions: 16,
+            max_sessions: 0,
             session: SessionDefaults::default(),
             browser: BrowserSettings::default(),
             rate_limit: RateLimits::default(),
@@ -213,6 +349,8 @@ impl Default for Config {
             host: sandcast_host::HostConfig::default(),
             sandbox: sandcast_sandbox::SandboxConfig::default(),
             firecracker: FirecrackerSettings::default(),
+            retention: Retention::default(),
+            logs: LogLimits::default(),
         }
     }
 }
@@ -320,6 +458,45 @@ impl FirecrackerSettings {
     }
 }
 
+/// Whether the environment variable `SANDCAST_<key>` (figment's key: the
+/// rest of the name, lower-cased, `__` made `.`) is a setting: its first
+/// part names a top-level key, and a table is only set key by key. Every
+/// other `SANDCAST_*` variable is someone else's (`SANDCAST_LOG`, the
+/// client's `SANDCAST_SERVER`, `SANDCAST_FIRECRACKER` of the benchmarks) and
+/// must not stop the server from starting.
+pub fn is_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let (top, nested) = match key.split_once('.') {
+        Some((top, _)) => (top, true),
+        None => (key.as_str(), false),
+    };
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    match defaults.get(top) {
+        Some(serde_json::Value::Object(_)) => nested,
+        Some(_) => !nested,
+        None => false,
+    }
+}
+
+/// `SANDCAST_*` variables of other parts of sandcast: the log filter and the
+/// client's server URL and CA (`SANDCAST_API_KEY` and `SANDCAST_DATA_DIR` mean the
+/// same to the client and the server).
+pub const RESERVED_ENV: [&str; 3] = ["SANDCAST_LOG", "SANDCAST_SERVER", "SANDCAST_CA_CERT"];
+
+/// `SANDCAST_*` variables in the environment that are neither settings nor
+/// reserved, so ignored: worth a warning, they may be misspelt settings.
+pub fn ignored_env() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.get(..9)
+                .is_some_and(|p| p.eq_ignore_ascii_case("SANDCAST_"))
+                && !RESERVED_ENV.iter().any(|r| r.eq_ignore_ascii_case(k))
+                && !is_setting(&k[9..].replace("__", "."))
+        })
+        .collect()
+}
+
 /// The default configuration file, read when it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/sandcast/sandcast.toml";
 
@@ -328,20 +505,27 @@ impl Config {
     /// environment, then `overrides` (flags), and checks the result.
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, String> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let mut read = None;
         match file {
             Some(f) => {
                 if !f.exists() {
                     return Err(format!("config file {} does not exist", f.display()));
                 }
                 fig = fig.merge(Toml::file(f));
+                read = Some(f.to_path_buf());
             }
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
                 fig = fig.merge(Toml::file(DEFAULT_CONFIG_FILE));
+                read = Some(DEFAULT_CONFIG_FILE.into());
             }
             None => {}
         }
         fig = fig
-            .merge(Env::prefixed("SANDCAST_").split("__"))
+            .merge(
+                Env::prefixed("SANDCAST_")
+                    .split("__")
+                    .filter(|k| is_setting(k.as_str())),
+            )
             .merge(overrides);
         for (old, new) in MOVED_KEYS {
             if fig.find_value(old).is_ok() {
@@ -349,13 +533,20 @@ impl Config {
             }
         }
         let mut config: Config = fig.extract().map_err(|e| e.to_string())?;
-        config.fill_derived();
+        // It can hold the API key: sessions must not read it.
+        if let Some(f) = read {
+            let f = std::fs::canonicalize(&f).unwrap_or(f);
+            if !config.sandbox.hide_paths.contains(&f) {
+                config.sandbox.hide_paths.push(f);
+            }
+        }
+        config.fill_derived(&HostSize::detect());
         config.check()?;
         Ok(config)
     }
 
-    /// Settings that follow from others unless set.
-    fn fill_derived(&mut self) {
+    /// Settings that follow from others (and from the host) unless set.
+    fn fill_derived(&mut self, host: &HostSize) {
         let default_state = sandcast_sandbox::SandboxConfig::default().state_dir;
         if self.sandbox.state_dir == default_state {
             self.sandbox.state_dir = self.data_dir.join("sandbox");
@@ -363,6 +554,58 @@ impl Config {
         if !self.sandbox.hide_paths.contains(&self.data_dir) {
             self.sandbox.hide_paths.push(self.data_dir.clone());
         }
+        self.sandbox.browser_policy = self.browser.policy();
+        if self.max_sessions == 0 {
+            self.max_sessions = host.max_sessions(self.session.memory_mib);
+        }
+        // All sessions together get what max_sessions promises, never more
+        // than the host can spare.
+        if self.sandbox.sessions_memory_mib == 0 {
+            self.sandbox.sessions_memory_mib = (self.max_sessions as u64)
+                .saturating_mul(self.session.memory_mib)
+                .min(host.sessions_mib());
+        }
+        // An empty path (e.g. `SANDCAST_TLS_CERT=`) means unset.
+        for p in [&mut self.tls_cert, &mut self.tls_key] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *p = None;
+            }
+        }
+    }
+
+    /// The certificate and key files when TLS is configured.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
+    /// The scheme clients reach the server with: `https` with TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_files().is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Why listening beyond loopback without TLS is a risk, when it is the case.
+    pub fn plain_http_warning(&self) -> Option<String> {
+        if self.tls_files().is_some() || self.listen.ip().is_loopback() {
+            return None;
+        }
+        Some(format!(
+            "listening on {} beyond loopback without TLS: the API key and every viewer \
+             (its token, video and input) cross the network in clear, and a viewer opened \
+             over plain HTTP from another machine is not a secure context, so the browser \
+             hides the clipboard API from it; set tls_cert and tls_key, or listen on \
+             127.0.0.1 behind a TLS proxy",
+            self.listen
+        ))
+    }
+
+    /// A warning when the configuration promises sessions more memory than
+    /// this host has (less a reserve for itself), for `sandcast doctor`.
+    pub fn overcommit_warning(&self) -> Option<String> {
+        HostSize::detect().overcommit(self.max_sessions, self.session.memory_mib)
     }
 
     /// The host isolation settings with this server's instance id, derived
@@ -390,8 +633,25 @@ impl Config {
             crate::limits::check_url(&p.start_url)
                 .map_err(|e| format!("providers.{name}.start_url: {e}"))?;
         }
-        if self.rate_limit.api_requests == 0 || self.rate_limit.webrtc_per_minute == 0 {
+        self.browser.policy().check()?;
+        let r = &self.rate_limit;
+        if r.api_requests == 0 || r.key_requests == 0 || r.webrtc_per_minute == 0 {
             return Err("rate_limit values must be at least 1".into());
+        }
+        if r.key_window_seconds == 0 {
+            return Err("rate_limit.key_window_seconds must be at least 1".into());
+        }
+        if let Some(t) = &self.webrtc.turn {
+            if t.urls.is_empty() || t.shared_secret.is_empty() {
+                return Err("webrtc.turn needs urls and a shared_secret".into());
+            }
+            if !(60..=crate::limits::MAX_TTL).contains(&t.credential_ttl_seconds) {
+                return Err(format!(
+                    "webrtc.turn.credential_ttl_seconds = {} is outside 60 to {}",
+                    t.credential_ttl_seconds,
+                    crate::limits::MAX_TTL
+                ));
+            }
         }
         if !(1..=240).contains(&self.webrtc.max_fps) {
             return Err(format!(
@@ -402,6 +662,22 @@ impl Config {
         if self.rate_limit.api_window_seconds == 0 {
             return Err("rate_limit.api_window_seconds must be at least 1".into());
         }
+        if self.retention.seconds == 0 {
+            return Err("retention.seconds must be at least 1".into());
+        }
+        let logs = &self.logs;
+        if logs.rate_bytes_per_second == 0 || logs.events_per_second == 0 {
+            return Err(
+                "logs.rate_bytes_per_second and logs.events_per_second must be at least 1".into(),
+            );
+        }
+        if logs.max_bytes < crate::session_log::MIN_MAX_BYTES {
+            return Err(format!(
+                "logs.max_bytes = {} is below {}",
+                logs.max_bytes,
+                crate::session_log::MIN_MAX_BYTES
+            ));
+        }
         if let Some(j) = &self.firecracker.jailer
             && j.uid == Some(0)
         {
@@ -409,6 +685,11 @@ impl Config {
                 "firecracker.jailer.uid = 0: the jail is only worth having with an unprivileged uid"
                     .into(),
             );
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err("tls_cert is set but tls_key is not".into()),
+            (None, Some(_)) => return Err("tls_key is set but tls_cert is not".into()),
+            _ => {}
         }
         let url = &self.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
@@ -431,6 +712,9 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.rate_limit.api_requests, 100);
         assert_eq!(c.rate_limit.api_window_seconds, 900);
+        assert_eq!(c.rate_limit.key_requests, 6000);
+        assert_eq!(c.rate_limit.key_window_seconds, 60);
+        assert!(c.rate_limit.trusted_proxies.is_empty());
         assert_eq!(c.rate_limit.webrtc_per_minute, 10_000);
         assert_eq!(c.webrtc.max_fps, 60);
         assert_eq!(c.webrtc.h264_tuning, sandcast_proto::H264Tuning::Camera);
@@ -445,6 +729,44 @@ mod tests {
         assert_eq!(c.sandbox.state_dir, c.data_dir.join("sandbox"));
         assert!(c.sandbox.hide_paths.contains(&c.data_dir));
         assert_eq!(c.firecracker.to_backend().jailer, None);
+        assert_eq!(c.retention.seconds, 7 * 24 * 3600);
+        assert_eq!(c.logs.rate_bytes_per_second, 65536);
+        assert_eq!(c.logs.burst_bytes, 1 << 20);
+        assert_eq!(c.logs.max_bytes, 16 << 20);
+        // Limits follow the host: never more memory promised than it has.
+        let host = HostSize::detect();
+        assert_eq!(c.session.memory_mib, host.session_memory_mib());
+        assert_eq!(c.max_sessions, host.max_sessions(c.session.memory_mib));
+        assert_eq!(c.overcommit_warning(), None);
+        assert!(c.sandbox.sessions_memory_mib <= host.sessions_mib());
+        assert_eq!(
+            c.sandbox.browser_policy,
+            sandcast_sandbox::BrowserPolicy::default()
+        );
+    }
+
+    #[test]
+    fn the_config_file_and_browser_policy_reach_the_sandbox() {
+        let dir = std::env::temp_dir().join(format!("sc-config-hide-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "api_key = \"secret\"\nmax_sessions = 3\n[session]\nmemory_mib = 1000\n\
+             [browser]\nblocked_urls = [\"file://*\"]\nallowed_urls = []\n",
+        )
+        .unwrap();
+        let canonical = std::fs::canonicalize(&file).unwrap();
+        let c = Config::load(Some(&file), Figment::new()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(c.sandbox.hide_paths.contains(&canonical));
+        assert_eq!(c.sandbox.browser_policy.blocked_urls, ["file://*"]);
+        assert!(c.sandbox.browser_policy.allowed_urls.is_empty());
+        // 3 sessions of 1000 MiB together, if the host can spare that.
+        assert_eq!(
+            c.sandbox.sessions_memory_mib,
+            3000.min(HostSize::detect().sessions_mib())
+        );
     }
 
     #[test]
@@ -536,6 +858,85 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
+    fn only_settings_are_read_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SANDCAST_LOG", "debug");
+            jail.set_env("SANDCAST_SERVER", "http://127.0.0.1:1");
+            jail.set_env("SANDCAST_CA_CERT", "/etc/sandcast/ca.pem");
+            jail.set_env("SANDCAST_FIRECRACKER", "/usr/local/bin/firecracker");
+            jail.set_env("SANDCAST_LISTN", "127.0.0.1:1");
+            jail.set_env("SANDCAST_API_KEY", "k");
+            jail.set_env("SANDCAST_DATA_DIR", "/tmp/sc-env");
+            jail.set_env("SANDCAST_RATE_LIMIT__KEY_REQUESTS", "9");
+            jail.set_env("SANDCAST_RATE_LIMIT__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]");
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(c.api_key, "k");
+            assert_eq!(c.data_dir, Path::new("/tmp/sc-env"));
+            assert_eq!(c.rate_limit.key_requests, 9);
+            assert_eq!(
+                c.rate_limit.trusted_proxies,
+                ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+            );
+            let mut ignored = ignored_env();
+            ignored.sort();
+            assert_eq!(ignored, ["SANDCAST_FIRECRACKER", "SANDCAST_LISTN"]);
+            // Inside a table, a misspelt key is still refused.
+            jail.set_env("SANDCAST_RATE_LIMIT__KEY_REQUEST", "9");
+            let e = Config::load(None, Figment::new()).unwrap_err();
+            assert!(e.contains("key_request"), "{e}");
+            Ok(())
+        });
+        assert!(is_setting("LISTEN") && is_setting("rate_limit.api_requests"));
+        assert!(!is_setting("log") && !is_setting("server") && !is_setting("session"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn tls_needs_both_files_and_plain_http_beyond_loopback_is_warned_about() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(c.tls_files(), None);
+            assert_eq!(c.scheme(), "http");
+            let w = c
+                .plain_http_warning()
+                .expect("0.0.0.0 without TLS is warned about");
+            assert!(w.contains("0.0.0.0:8080") && w.contains("API key"), "{w}");
+            assert!(w.contains("clipboard") && w.contains("tls_cert"), "{w}");
+
+            let local = Figment::from(Serialized::default("listen", "127.0.0.1:8080"));
+            assert_eq!(
+                Config::load(None, local).unwrap().plain_http_warning(),
+                None
+            );
+
+            jail.set_env("SANDCAST_TLS_CERT", "/etc/sandcast/cert.pem");
+            let e = Config::load(None, Figment::new()).unwrap_err();
+            assert!(e.contains("tls_key is not"), "{e}");
+            jail.set_env("SANDCAST_TLS_KEY", "/etc/sandcast/key.pem");
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(
+                c.tls_files(),
+                Some((
+                    Path::new("/etc/sandcast/cert.pem"),
+                    Path::new("/etc/sandcast/key.pem")
+                ))
+            );
+            assert_eq!(c.scheme(), "https");
+            assert_eq!(c.plain_http_warning(), None);
+
+            // Empty values (a template with nothing filled in) mean unset.
+            jail.set_env("SANDCAST_TLS_CERT", "");
+            jail.set_env("SANDCAST_TLS_KEY", "");
+            assert_eq!(
+                Config::load(None, Figment::new()).unwrap().tls_files(),
+                None
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = |toml: &str| {
             let dir = std::env::temp_dir().join(format!("sc-config-bad-{}", rand::random::<u32>()));
@@ -557,6 +958,14 @@ mod tests {
         assert!(err("[webrtc]\nmax_fps = 1000").contains("webrtc.max_fps = 1000"));
         assert!(err("[firecracker.jailer]\nuid = 0").contains("firecracker.jailer.uid = 0"));
         assert!(err("[firecracker.jailer]\nuser = 5").contains("user"));
+        assert!(err("[retention]\nseconds = 0").contains("retention.seconds"));
+        assert!(err("[logs]\nmax_bytes = 10").contains("logs.max_bytes = 10"));
+        assert!(err("[logs]\nrate_bytes_per_second = 0").contains("rate_bytes_per_second"));
+        assert!(
+            err("[rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]").contains("trusted_proxies")
+        );
+        assert!(err("[webrtc.turn]\nurls = [\"turn:t\"]\nshared_secret = \"\"").contains("turn"));
+        assert!(err("[browser]\nblocked_urls = [\"\"]").contains("browser.blocked_urls"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

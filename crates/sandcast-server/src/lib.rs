@@ -9,13 +9,20 @@
 
 pub mod api;
 pub mod auth;
+pub mod budget;
+pub mod capacity;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod limits;
+pub mod log_read;
 pub mod manager;
 pub mod metrics;
 pub mod ratelimit;
+pub mod retention;
+pub mod session_log;
 pub mod store;
+pub mod tls;
 pub mod viewer;
 
 use std::net::SocketAddr;
@@ -69,11 +76,14 @@ pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
     })
 }
 
-/// Builds the router.
+/// Builds the router. The rate limits are the outermost layer: they decide
+/// whose budget a request spends (the key's or its address's) before any is
+/// charged.
 pub fn router(
     state: api::AppState,
     metrics: Arc<metrics::Metrics>,
     limiters: Arc<ratelimit::Limiters>,
+    health: Arc<health::Health>,
 ) -> Router {
     let api = Router::new()
         .route("/api/sessions", post(api::create).get(api::list))
@@ -81,6 +91,7 @@ pub fn router(
         .route("/api/sessions/{id}/logs", get(api::logs))
         .route("/api/sessions/{id}/events", get(api::events))
         .route("/api/auth/start", post(api::auth_start))
+        .route("/api/health", get(api::health_detail))
         .route(
             "/api/webrtc/session/{id}/offer",
             post(viewer::offer).get(viewer::last_offer),
@@ -106,6 +117,7 @@ pub fn router(
         .route("/assets/{*path}", get(viewer::asset))
         .fallback(api::not_found)
         .layer(axum::Extension(metrics))
+        .layer(axum::Extension(health))
         .layer(axum::Extension(Arc::new(viewer::Signaling::default())))
         .layer(DefaultBodyLimit::max(limits::MAX_BODY))
         // The viewer may be embedded in an operator's page on another origin;
@@ -136,7 +148,17 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    std::fs::create_dir_all(config.data_dir.join("sessions"))?;
+    private_dirs(&config.data_dir)?;
+    let tls = match config.tls_files() {
+        Some((cert, key)) => {
+            let t = tls::Tls::load(cert, key).map_err(anyhow::Error::msg)?;
+            if let Some(w) = tls::key_mode_warning(key) {
+                tracing::warn!("{w}");
+            }
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     let store = Arc::new(
         store::Store::open(&config.data_dir.join("sandcast.sqlite"))
             .context("opening the session store")?,
@@ -167,6 +189,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         metrics.clone(),
         agent_binary(&config),
     );
+    retention::spawn(&manager);
     let stale = manager.reconcile().await?;
     if !stale.is_empty() {
         tracing::info!(
@@ -174,21 +197,32 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             "sessions of the last run marked stopped"
         );
     }
-    let readiness = backend.readiness().await;
-    for c in readiness.checks.iter().filter(|c| !c.ok) {
+    let first = health::Snapshot::take(&manager).await;
+    for c in first.backend.checks.iter().filter(|c| !c.ok) {
         eprintln!("sandcast: backend check failed: {}: {}", c.name, c.detail);
     }
+    let health = health::Health::new(first);
+    tokio::spawn(
+        health
+            .clone()
+            .refresh_every(Arc::downgrade(&manager), health::REFRESH),
+    );
+    let api_key = Arc::new(api_key);
     let state = api::AppState {
         manager: manager.clone(),
-        api_key: Arc::new(api_key),
+        api_key: api_key.clone(),
     };
-    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit));
-    let app = router(state, metrics, limiters);
+    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit, api_key));
+    tokio::spawn(limiters.clone().trim_every(ratelimit::TRIM));
+    let app = router(state, metrics, limiters, health);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    println!("sandcast listening on http://{addr}");
+    println!("sandcast listening on {}://{addr}", config.scheme());
+    if let Some(w) = config.plain_http_warning() {
+        tracing::warn!("{w}");
+    }
     println!("API key in {}", key_path.display());
     if opts.open_session {
         let m = manager.clone();
@@ -202,14 +236,44 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+        Some(tls) => {
+            use axum::serve::ListenerExt;
+            let watcher = tls.clone().watch(tls::RELOAD_INTERVAL);
+            // `tap_io` is how axum gives a custom listener's peer address to
+            // `ConnectInfo`; nothing is done to the connection.
+            let listener = tls.listener(listener).tap_io(|_| {});
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await;
+            watcher.abort();
+            served?
+        }
+    }
     eprintln!("sandcast: stopping every session");
     manager.stop_all("the server shut down").await;
+    Ok(())
+}
+
+/// Makes the session and log directories under `data_dir`, readable by
+/// root alone: `sessions/` keeps its search bit for the sandboxed user who
+/// reaches its agent socket by path, but cannot be listed.
+fn private_dirs(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let sessions = data_dir.join("sessions");
+    std::fs::create_dir_all(&sessions)
+        .with_context(|| format!("creating {}", sessions.display()))?;
+    std::fs::set_permissions(&sessions, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod {}", sessions.display()))?;
+    let logs = session_log::dir(data_dir);
+    session_log::create_dir(&logs).with_context(|| format!("creating {}", logs.display()))?;
     Ok(())
 }
 
@@ -261,7 +325,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
         } else {
             addr.ip().to_string()
         };
-        format!("http://{host}:{}", addr.port())
+        format!("{}://{host}:{}", cfg.scheme(), addr.port())
     } else {
         cfg.public_url.trim_end_matches('/').to_string()
     };

@@ -35,7 +35,9 @@ pub fn check_size(width: u32, height: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a start URL: http, https, data and about only.
+/// Checks a start URL: http, https, data and `about:blank` only (other
+/// `about:` pages, `about:settings`, `about:flags`, are Chromium's aliases
+/// of the refused `chrome://` pages).
 pub fn check_url(url: &str) -> Result<(), String> {
     if url.len() > MAX_URL_LEN {
         return Err(format!(
@@ -58,7 +60,12 @@ pub fn check_url(url: &str) -> Result<(), String> {
             }
             Ok(())
         }
-        "data" | "about" => Ok(()),
+        "data" => Ok(()),
+        "about" if url.eq_ignore_ascii_case("about:blank") => Ok(()),
+        "about" => Err(format!(
+            "{:?}: of about: URLs only about:blank is allowed",
+            truncate(url, 40)
+        )),
         _ => Err(format!(
             "{:?}: scheme must be http, https, data or about",
             truncate(url, 40)
@@ -180,6 +187,10 @@ mod tests {
             "file:///etc/passwd",
             "javascript:alert(1)",
             "chrome://settings",
+            "about:settings",
+            "about:flags",
+            "ABOUT:version",
+            "about:blank#x",
             "example.org",
             "http:",
             "https://",
@@ -188,6 +199,11 @@ mod tests {
             assert!(check_url(bad).is_err(), "{bad}");
         }
         assert!(check_url(&format!("data:,{}", "a".repeat(MAX_URL_LEN))).is_err());
+        assert!(
+            check_url("about:flags")
+                .unwrap_err()
+                .contains("about:flags")
+        );
     }
 
     #[test]

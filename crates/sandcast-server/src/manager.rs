@@ -24,8 +24,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::auth;
+use crate::budget::EventGate;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::session_log::{self, SessionLog};
 use crate::store::{Row, Spec, State, Store};
 
 /// How long a stopping agent gets before it is killed.
@@ -91,8 +93,9 @@ pub struct Live {
     instance: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
     streams: Mutex<HashMap<u64, oneshot::Sender<UnixStream>>>,
     next_stream: AtomicU64,
-    logs: broadcast::Sender<String>,
-    log_file: Mutex<Option<std::fs::File>>,
+    log: SessionLog,
+    /// Child and display reports stored beyond this budget are dropped.
+    events_gate: Mutex<EventGate>,
     viewers: AtomicUsize,
     last_activity: Mutex<Instant>,
     expires: Instant,
@@ -121,7 +124,7 @@ impl Live {
 
     /// Log lines as they come.
     pub fn subscribe_logs(&self) -> broadcast::Receiver<String> {
-        self.logs.subscribe()
+        self.log.subscribe()
     }
 
     /// Resolves to true once the session's processes are gone.
@@ -141,16 +144,15 @@ impl Live {
         self.touch();
     }
 
+    /// Writes a line of the session's output within its log budget.
     fn log(&self, source: &str, stream: &str, line: &str) {
-        let text = format!(
-            "{} {source} {stream}: {line}",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
-        if let Some(f) = self.log_file.lock().unwrap().as_mut() {
-            use std::io::Write;
-            let _ = writeln!(f, "{text}");
-        }
-        let _ = self.logs.send(text);
+        self.log.write(source, stream, line);
+    }
+
+    /// Writes a line of the server's own about the session (state changes,
+    /// agent connections), which the session's output cannot crowd out.
+    fn note(&self, text: &str) {
+        self.log.write_server(text);
     }
 
     async fn send(&self, msg: Message) -> bool {
@@ -289,14 +291,16 @@ impl Manager {
         };
         self.store.insert(&row)?;
         let dir = self.config.data_dir.join("sessions").join(&id);
-        let logs_dir = self.config.data_dir.join("logs");
-        let _ = std::fs::create_dir_all(&logs_dir);
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs_dir.join(format!("{id}.log")))
-            .ok();
-        let (logs, _) = broadcast::channel(1024);
+        let log = SessionLog::open(
+            &session_log::dir(&self.config.data_dir),
+            &id,
+            &self.config.logs,
+        );
+        let events_gate = EventGate::new(
+            self.config.logs.events_per_second,
+            self.config.logs.events_burst,
+            Instant::now(),
+        );
         let (ended, _) = watch::channel(false);
         let live = Arc::new(Live {
             id: id.clone(),
@@ -308,8 +312,8 @@ impl Manager {
             instance: tokio::sync::Mutex::new(None),
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
-            logs,
-            log_file: Mutex::new(log_file),
+            log,
+            events_gate: Mutex::new(events_gate),
             viewers: AtomicUsize::new(0),
             last_activity: Mutex::new(Instant::now()),
             expires: Instant::now() + Duration::from_secs(req.ttl_seconds),
@@ -334,18 +338,39 @@ impl Manager {
         });
     }
 
+    /// Stores and announces a report of the agent within the session's
+    /// event budget; beyond it the report is dropped and counted, and the
+    /// count stored before the next one that passes.
+    fn agent_event(&self, live: &Live, kind: &'static str, data: serde_json::Value) {
+        let admitted = live.events_gate.lock().unwrap().admit(Instant::now());
+        match admitted {
+            None => {}
+            Some(0) => self.event(&live.id, kind, data),
+            Some(dropped) => {
+                self.event(
+                    &live.id,
+                    "dropped",
+                    json!({
+                        "events": dropped,
+                        "reason": format!(
+                            "the agent reported more than {} events a second (burst {})",
+                            self.config.logs.events_per_second, self.config.logs.events_burst
+                        ),
+                    }),
+                );
+                self.event(&live.id, kind, data);
+            }
+        }
+    }
+
     fn set_state(&self, live: &Live, state: State, reason: Option<&str>) -> bool {
         match self.store.set_state(&live.id, state, reason, now_ms()) {
             Ok(true) => {
-                live.log(
-                    "server",
-                    "agent",
-                    &format!(
-                        "session {}{}",
-                        state.as_str(),
-                        reason.map(|r| format!(": {r}")).unwrap_or_default()
-                    ),
-                );
+                live.note(&format!(
+                    "session {}{}",
+                    state.as_str(),
+                    reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ));
                 self.event(
                     &live.id,
                     "state",
@@ -409,7 +434,12 @@ impl Manager {
         self: &Arc<Self>,
         live: &Arc<Live>,
     ) -> Result<watch::Receiver<Option<sandcast_backend::InstanceExit>>, String> {
-        std::fs::create_dir_all(&live.dir)
+        use std::os::unix::fs::DirBuilderExt;
+        // Searchable (the sandboxed user reaches its socket by path), not listable.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&live.dir)
             .map_err(|e| format!("creating {}: {e}", live.dir.display()))?;
         let id = SessionId::new(live.id.clone()).map_err(|e| e.to_string())?;
         let sock = self.backend.agent_socket(&id, &live.dir);
@@ -495,7 +525,7 @@ impl Manager {
             if let Some(instance) = instance
                 && let Err(e) = instance.stop(STOP_GRACE).await
             {
-                live.log("server", "agent", &format!("stopping the instance: {e}"));
+                live.note(&format!("stopping the instance: {e}"));
                 tracing::error!(session = %live.id, error = %e, "stopping instance");
             }
             *live.control.lock().unwrap() = None;
@@ -506,7 +536,7 @@ impl Manager {
         if stopped {
             self.set_state(live, State::Stopped, None);
         }
-        *live.log_file.lock().unwrap() = None;
+        live.log.close();
     }
 
     /// Stops every live session (server shutdown).
@@ -608,7 +638,7 @@ impl Manager {
                     .lock()
                     .unwrap()
                     .insert(report.name.clone(), report);
-                self.event(&live.id, "child", data);
+                self.agent_event(live, "child", data);
             }
             Message::Log(line) => {
                 let stream = match line.stream {
@@ -628,11 +658,7 @@ impl Manager {
                 if let Some(gw) = &self.gateway {
                     gw.send_to_viewers(&live.id, ViewerMessage::DisplaySize { width, height });
                 }
-                self.event(
-                    &live.id,
-                    "display",
-                    json!({"width": width, "height": height}),
-                );
+                self.agent_event(live, "display", json!({"width": width, "height": height}));
             }
             Message::Ping { seq } => {
                 live.send(Message::Pong { seq }).await;
@@ -654,7 +680,7 @@ async fn accept_loop(m: Arc<Manager>, live: Arc<Live>, listener: UnixListener) {
         let live = live.clone();
         tokio::spawn(async move {
             if let Err(e) = handle_conn(m, live.clone(), conn).await {
-                live.log("server", "agent", &format!("agent connection: {e}"));
+                live.note(&format!("agent connection: {e}"));
             }
         });
     }
@@ -698,11 +724,7 @@ async fn handle_conn(m: Arc<Manager>, live: Arc<Live>, mut conn: UnixStream) -> 
             .await?;
             let config = m.session_config(&live);
             conn_write(&mut conn, &Message::Config(config)).await?;
-            live.log(
-                "server",
-                "agent",
-                &format!("agent {} connected", hello.agent_version),
-            );
+            live.note(&format!("agent {} connected", hello.agent_version));
             let (r, w) = conn.into_split();
             let (tx, mut rx) = mpsc::channel::<Message>(256);
             *live.control.lock().unwrap() = Some(tx);

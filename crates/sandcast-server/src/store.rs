@@ -47,13 +47,12 @@ impl State {
     }
 
     fn parse(s: &str) -> State {
-        match s {
-            "starting" => State::Starting,
-            "ready" => State::Ready,
-            "failed" => State::Failed,
-            "stopping" => State::Stopping,
-            _ => State::Stopped,
-        }
+        State::from_name(s).unwrap_or(State::Stopped)
+    }
+
+    /// The state of a name as [`State::as_str`] gives it.
+    pub fn from_name(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
     /// Whether processes may still exist for a session in this state.
@@ -122,14 +121,28 @@ pub struct Row {
     pub stopped_ms: Option<i64>,
 }
 
+/// Which sessions `GET /api/sessions` lists, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Most rows.
+    pub limit: usize,
+    /// Only sessions created before this one, as (created_ms, id).
+    pub after: Option<(i64, String)>,
+    /// Only sessions in one of these states (any when empty).
+    pub states: Vec<State>,
+    /// Only sessions of this user.
+    pub user_id: Option<String>,
+}
+
 /// The store.
 pub struct Store {
     conn: Mutex<Connection>,
 }
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE sessions (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE sessions (
             id TEXT PRIMARY KEY,
             user_id TEXT,
             provider TEXT,
@@ -151,7 +164,42 @@ fn migrations() -> Migrations<'static> {
             data TEXT NOT NULL
         );
         CREATE INDEX events_session ON events(session_id, seq);",
-    )])
+        ),
+        // When a session ended (stopped or failed), for retention; indexes
+        // for paging newest first, by state and by user.
+        M::up(
+            "ALTER TABLE sessions ADD COLUMN ended_ms INTEGER;
+            UPDATE sessions SET ended_ms = COALESCE(stopped_ms, created_ms)
+                WHERE state IN ('stopped', 'failed');
+            DROP INDEX sessions_state;
+            CREATE INDEX sessions_created ON sessions(created_ms, id);
+            CREATE INDEX sessions_state_created ON sessions(state, created_ms, id);
+            CREATE INDEX sessions_user_created ON sessions(user_id, created_ms, id);
+            CREATE INDEX sessions_ended ON sessions(ended_ms) WHERE ended_ms IS NOT NULL;",
+        ),
+    ])
+}
+
+/// Creates the database file (and its WAL and shared-memory files when
+/// they exist) with mode 0600, also when an older run made them wider:
+/// they hold viewer token hashes and every session's history.
+fn restrict_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Errors of the store.
@@ -169,11 +217,16 @@ pub enum StoreError {
     /// Stored JSON did not parse.
     #[error("stored record: {0}")]
     Json(#[from] serde_json::Error),
+    /// The database file could not be made private.
+    #[error("database file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl Store {
     /// Opens (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
+        // SQLite gives its WAL and shared-memory files the database's mode.
+        restrict_files(path)?;
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -240,7 +293,9 @@ impl Store {
         conn.execute(
             "UPDATE sessions SET state = ?2, reason = COALESCE(?3, reason),
                 ready_ms = CASE WHEN ?2 = 'ready' THEN ?4 ELSE ready_ms END,
-                stopped_ms = CASE WHEN ?2 = 'stopped' THEN ?4 ELSE stopped_ms END
+                stopped_ms = CASE WHEN ?2 = 'stopped' THEN ?4 ELSE stopped_ms END,
+                ended_ms = CASE WHEN ?2 IN ('stopped', 'failed')
+                    THEN COALESCE(ended_ms, ?4) ELSE ended_ms END
              WHERE id = ?1",
             params![id, state.as_str(), reason, now_ms],
         )?;
@@ -255,14 +310,91 @@ impl Store {
         row.map(finish).transpose()
     }
 
-    /// All sessions, newest first.
-    pub fn list(&self) -> Result<Vec<Row>> {
+    /// One page of sessions, newest first (ties broken by id).
+    pub fn page(&self, q: &PageQuery) -> Result<Vec<Row>> {
+        use rusqlite::types::Value;
+        let mut clauses = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        if let Some((created, id)) = &q.after {
+            clauses.push("(created_ms, id) < (?, ?)".to_string());
+            args.push(Value::Integer(*created));
+            args.push(Value::Text(id.clone()));
+        }
+        if !q.states.is_empty() {
+            let marks = vec!["?"; q.states.len()].join(", ");
+            clauses.push(format!("state IN ({marks})"));
+            args.extend(q.states.iter().map(|s| Value::Text(s.as_str().into())));
+        }
+        if let Some(u) = &q.user_id {
+            clauses.push("user_id = ?".into());
+            args.push(Value::Text(u.clone()));
+        }
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
+        };
+        args.push(Value::Integer(q.limit as i64));
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(&format!("{SELECT} ORDER BY created_ms DESC"))?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SELECT}{filter} ORDER BY created_ms DESC, id DESC LIMIT ?"
+        ))?;
         let rows = stmt
-            .query_map([], read_row)?
+            .query_map(rusqlite::params_from_iter(args), read_row)?
             .collect::<std::result::Result<Vec<_>, _>>()?;
         rows.into_iter().map(finish).collect()
+    }
+
+    /// How many sessions are in each state.
+    pub fn count_by_state(&self) -> Result<Vec<(State, i64)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt =
+            conn.prepare_cached("SELECT state, COUNT(*) FROM sessions GROUP BY state")?;
+        let counts: Vec<(String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(State::ALL
+            .iter()
+            .map(|s| {
+                let n = counts
+                    .iter()
+                    .filter(|(name, _)| name == s.as_str())
+                    .map(|(_, n)| n)
+                    .sum();
+                (*s, n)
+            })
+            .collect())
+    }
+
+    /// Up to `limit` sessions that ended (stopped or failed) at or before
+    /// `cutoff_ms`, oldest first.
+    pub fn ended_before(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id FROM sessions WHERE ended_ms <= ?1 AND state IN ('stopped', 'failed')
+             ORDER BY ended_ms LIMIT ?2",
+        )?;
+        let ids = stmt
+            .query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(ids)
+    }
+
+    /// Removes a session and its events; returns whether it existed.
+    pub fn delete(&self, id: &str) -> Result<bool> {
+        let n = self
+            .conn
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+        Ok(n > 0)
+    }
+
+    /// Whether a session is recorded.
+    pub fn exists(&self, id: &str) -> Result<bool> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?;
+        Ok(stmt.exists([id])?)
     }
 
     /// Records an event.
@@ -311,6 +443,7 @@ impl Store {
         for id in &ids {
             conn.execute(
                 "UPDATE sessions SET state = 'stopped', stopped_ms = ?2,
+                    ended_ms = COALESCE(ended_ms, ?2),
                     reason = CASE WHEN state = 'failed' THEN reason ELSE ?3 END
                  WHERE id = ?1",
                 params![id, now_ms, reason],
@@ -447,6 +580,120 @@ mod tests {
             Some("deleted")
         );
         assert_eq!(s.events("a").unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn pages_are_newest_first_filtered_and_complete() {
+        let (dir, s) = temp_db();
+        // 25 sessions, several created in the same millisecond.
+        for i in 0..25 {
+            let mut r = row(&format!("s{i:02}"));
+            r.created_ms = 1000 + i / 3;
+            r.user_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
+            s.insert(&r).unwrap();
+            if i % 5 == 0 {
+                s.set_state(&r.id, State::Stopped, None, 2000).unwrap();
+            }
+        }
+        let mut q = PageQuery {
+            limit: 4,
+            ..PageQuery::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = s.page(&q).unwrap();
+            seen.extend(page.iter().map(|r| (r.created_ms, r.id.clone())));
+            match page.last() {
+                Some(last) if page.len() == q.limit => {
+                    q.after = Some((last.created_ms, last.id.clone()))
+                }
+                _ => break,
+            }
+        }
+        let mut want = seen.clone();
+        want.sort();
+        want.reverse();
+        want.dedup();
+        assert_eq!(seen, want, "newest first, no repeats");
+        assert_eq!(seen.len(), 25);
+
+        let stopped = s
+            .page(&PageQuery {
+                limit: 100,
+                states: vec![State::Stopped],
+                ..PageQuery::default()
+            })
+            .unwrap();
+        assert_eq!(stopped.len(), 5);
+        assert!(stopped.iter().all(|r| r.state == State::Stopped));
+        let odd_starting = s
+            .page(&PageQuery {
+                limit: 100,
+                states: vec![State::Starting, State::Ready],
+                user_id: Some("odd".into()),
+                ..PageQuery::default()
+            })
+            .unwrap();
+        assert_eq!(odd_starting.len(), 10);
+        assert!(
+            odd_starting
+                .iter()
+                .all(|r| r.user_id.as_deref() == Some("odd"))
+        );
+        let counts = s.count_by_state().unwrap();
+        assert!(counts.contains(&(State::Stopped, 5)));
+        assert!(counts.contains(&(State::Starting, 20)));
+        assert!(counts.contains(&(State::Ready, 0)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn ended_sessions_age_out_with_their_events() {
+        let (dir, s) = temp_db();
+        for id in ["live", "failed", "stopped", "late"] {
+            s.insert(&row(id)).unwrap();
+            s.add_event(id, "state", &serde_json::json!({}), 1).unwrap();
+        }
+        s.set_state("failed", State::Failed, Some("x"), 10).unwrap();
+        s.set_state("stopped", State::Stopped, None, 20).unwrap();
+        s.set_state("late", State::Stopped, None, 50).unwrap();
+        // Stopping a failed session keeps the time it ended.
+        s.set_state("failed", State::Stopped, None, 40).unwrap();
+        assert_eq!(s.ended_before(9, 10).unwrap(), Vec::<String>::new());
+        assert_eq!(s.ended_before(30, 10).unwrap(), ["failed", "stopped"]);
+        assert_eq!(s.ended_before(30, 1).unwrap(), ["failed"]);
+        assert!(s.delete("failed").unwrap());
+        assert!(!s.delete("failed").unwrap());
+        assert!(!s.exists("failed").unwrap());
+        assert!(s.events("failed").unwrap().is_empty());
+        assert_eq!(s.events("live").unwrap().len(), 1);
+        let ids = s.reconcile("restart", 60).unwrap();
+        assert_eq!(ids, ["live"]);
+        assert_eq!(s.ended_before(60, 10).unwrap(), ["stopped", "late", "live"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("sc-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("db.sqlite");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(&path).unwrap();
+        s.insert(&row("a")).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            assert_eq!(
+                e.metadata().unwrap().mode() & 0o777,
+                0o600,
+                "{:?}",
+                e.file_name()
+            );
+        }
+        assert!(dir.join("db.sqlite-wal").exists());
+        drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

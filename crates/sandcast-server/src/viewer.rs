@@ -65,18 +65,29 @@ pub async fn page(Path(id): Path<String>) -> Response {
     }
 }
 
-/// Checks a viewer token against a session; the session's row when it matches.
-fn authorize(state: &AppState, id: &str, token: Option<&str>) -> Result<Row, ApiError> {
+/// Checks a request's credential against a session; the session's row when
+/// it opens it. The viewer token may come from the `Authorization` header or
+/// (where a browser cannot set headers: WebSockets) the query; the operator
+/// key only ever from the header, never from a URL that proxies log.
+fn authorize(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Row, ApiError> {
     limits::check_id(id).map_err(ApiError::bad_request)?;
     let row = state
         .manager
         .store()
         .get(id)?
         .ok_or_else(|| ApiError::no_session(id))?;
-    let Some(token) = token else {
+    if auth::is_operator(headers, &state.api_key) {
+        return Ok(row);
+    }
+    let Some(token) = bearer(headers).or(query_token) else {
         return Err(ApiError::unauthorized("missing viewer token"));
     };
-    if auth::token_matches(token, &row.token_hash) || auth::secret_eq(token, &state.api_key) {
+    if auth::token_matches(token, &row.token_hash) {
         Ok(row)
     } else {
         Err(ApiError::unauthorized(
@@ -91,7 +102,7 @@ pub async fn state(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let row = authorize(&state, &id, bearer(&headers))?;
+    let row = authorize(&state, &id, &headers, None)?;
     let live = state.manager.live(&id);
     if let Some(l) = &live {
         l.touch();
@@ -115,9 +126,10 @@ pub async fn vnc(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = authorize(&state, &id, q.token.as_deref())?;
+    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
     if row.state != SessionState::Ready {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -210,7 +222,7 @@ struct OfferBody {
 }
 
 fn authorize_signaling(state: &AppState, id: &str, headers: &HeaderMap) -> Result<Row, ApiError> {
-    authorize(state, id, bearer(headers))
+    authorize(state, id, headers, None)
 }
 
 /// `POST /api/webrtc/session/{id}/offer`: answers at once.
@@ -294,9 +306,52 @@ pub async fn last_answer(
     Ok(Json(json!({ "type": "answer", "sdp": answer })))
 }
 
-/// `GET /api/webrtc/ice-servers`.
-pub async fn ice_servers(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "iceServers": state.manager.config().webrtc.ice_servers }))
+/// Query of `ice-servers`: the session the viewer token belongs to.
+#[derive(Debug, Deserialize)]
+pub struct IceQuery {
+    session: Option<String>,
+}
+
+/// `GET /api/webrtc/ice-servers[?session=<id>]`: the STUN/TURN servers, for
+/// the operator key or a live session's viewer token (with `session`).
+/// With a TURN shared secret, a credential valid for
+/// `webrtc.turn.credential_ttl_seconds` is made for the caller.
+pub async fn ice_servers(
+    State(state): State<AppState>,
+    Query(q): Query<IceQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let who = match q.session.as_deref() {
+        Some(id) => {
+            let row = authorize(&state, id, &headers, None)?;
+            if !row.state.is_live() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("the session is {}", row.state.as_str()),
+                ));
+            }
+            row.id
+        }
+        None if auth::is_operator(&headers, &state.api_key) => "operator".to_string(),
+        None => {
+            return Err(ApiError::unauthorized(
+                "send the API key, or a viewer token with ?session=<id>",
+            ));
+        }
+    };
+    let webrtc = &state.manager.config().webrtc;
+    let mut servers = webrtc.ice_servers.clone();
+    if let Some(turn) = &webrtc.turn {
+        let expiry = chrono::Utc::now().timestamp() as u64 + turn.credential_ttl_seconds;
+        let username = format!("{expiry}:{who}");
+        let credential = auth::turn_credential(&turn.shared_secret, &username);
+        servers.push(json!({ "urls": turn.urls, "username": username, "credential": credential }));
+    }
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({ "iceServers": servers })),
+    )
+        .into_response())
 }
 
 /// `GET /api/webrtc/session/{id}/ws?token=…`: WebSocket signaling for
@@ -313,8 +368,7 @@ pub async fn signaling_ws(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let token = bearer(&headers).map(String::from).or(q.token);
-    authorize(&state, &id, token.as_deref())?;
+    authorize(&state, &id, &headers, q.token.as_deref())?;
     if state.manager.gateway().is_none() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -279,6 +279,10 @@ impl Hub {
 
     /// Sends a message to every viewer of a session.
     pub fn send_to_viewers(&mut self, session: &str, msg: &ViewerMessage, now: Instant) {
+        if let Err(e) = msg.check() {
+            tracing::warn!(session, "not sent to the viewers: {e}");
+            return;
+        }
         let Some(s) = self.sessions.get_mut(session) else {
             return;
         };
@@ -765,5 +769,32 @@ mod tests {
         );
         // A capture time in the future (clock skew) maps to now.
         assert_eq!(wallclock_of(us + 10_000_000, now), now);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use sandcast_proto::testing::{mutated, mutated_lines};
+
+        proptest! {
+            /// The offer goes past the pre-scan into str0m's parser and
+            /// negotiation: whatever a viewer sends, the hub answers or
+            /// refuses, and goes on.
+            #[test]
+            fn mutated_offers_never_panic_the_hub(
+                bytes in prop_oneof![Just(DEFAULT), Just(VP8)]
+                    .prop_flat_map(|o| mutated(o.as_bytes().to_vec())),
+                lines in prop_oneof![Just(DEFAULT), Just(VP8)].prop_flat_map(mutated_lines),
+            ) {
+                let mut h = hub();
+                let now = Instant::now();
+                for sdp in [String::from_utf8_lossy(&bytes).into_owned(), lines] {
+                    if let Err(e) = h.accept_offer("s", &sdp, ViewerOptions::default(), now) {
+                        prop_assert!((400..500).contains(&e.http_status()), "{e}");
+                    }
+                }
+                prop_assert!(h.accept_offer("t", DEFAULT, ViewerOptions::default(), now).is_ok());
+            }
+        }
     }
 }

@@ -142,6 +142,23 @@ pub enum ViewerMessage {
     },
 }
 
+impl ViewerMessage {
+    /// Checks what the session sends viewers against the limits viewers
+    /// are held to: the session (its agent included) is not trusted, and a
+    /// viewer that reads nothing has up to 256 messages queued.
+    pub fn check(&self) -> Result<(), MessageError> {
+        match self {
+            ViewerMessage::Clipboard { text } if text.len() > MAX_TEXT_LEN => {
+                Err(MessageError::Invalid(format!(
+                    "clipboard text of {} bytes exceeds {MAX_TEXT_LEN}",
+                    text.len()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Token bucket limiting how many messages a viewer may send.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
@@ -280,6 +297,20 @@ mod tests {
     }
 
     #[test]
+    fn clipboard_text_for_viewers_is_held_to_the_limit() {
+        // An agent sending 1 MiB of clipboard text had it queued for every
+        // viewer as it was.
+        let long = ViewerMessage::Clipboard {
+            text: "a".repeat(MAX_TEXT_LEN + 1),
+        };
+        assert!(matches!(long.check(), Err(MessageError::Invalid(m)) if m.contains("65537")));
+        let ok = ViewerMessage::Clipboard {
+            text: "a".repeat(MAX_TEXT_LEN),
+        };
+        assert_eq!(ok.check(), Ok(()));
+    }
+
+    #[test]
     fn server_messages_are_tagged_json() {
         let json = serde_json::to_string(&ViewerMessage::DisplaySize {
             width: 1280,
@@ -310,5 +341,102 @@ mod tests {
         let allowed = (0..50).filter(|_| r.allow(t2)).count();
         assert_eq!(allowed, 10);
         assert_eq!(refill_time(100), Duration::from_millis(10));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use sandcast_proto::testing::{json_value, mutated, tagged_object};
+
+        const KINDS: &[&str] = &[
+            "pointer_move",
+            "pointer_button",
+            "wheel",
+            "key",
+            "text",
+            "release_all",
+            "clipboard",
+            "resize",
+            "display_size",
+            "teleport",
+        ];
+        const WORDS: &[&str] = &[
+            "kind",
+            "x",
+            "y",
+            "dx",
+            "dy",
+            "button",
+            "down",
+            "code",
+            "key",
+            "text",
+            "width",
+            "height",
+            "left",
+            "middle",
+            "right",
+            "back",
+            "forward",
+            "KeyA",
+            "a",
+            "ä",
+            "Enter",
+            "clipboard",
+            "resize",
+            "wheel",
+        ];
+        const VALID: &[&str] = &[
+            r#"{"kind":"pointer_move","x":10,"y":20}"#,
+            r#"{"kind":"pointer_button","button":"left","down":true}"#,
+            r#"{"kind":"wheel","dx":-120,"dy":53}"#,
+            r#"{"kind":"key","code":"KeyA","key":"a","down":false}"#,
+            r#"{"kind":"text","text":"hällo"}"#,
+            r#"{"kind":"release_all"}"#,
+            r#"{"kind":"clipboard","text":"copied"}"#,
+            r#"{"kind":"resize","width":1280,"height":720}"#,
+        ];
+
+        /// What every accepted message holds, whatever it was made of.
+        fn holds_its_limits(data: &[u8]) -> Result<(), TestCaseError> {
+            match parse_viewer_message(data) {
+                Ok(ViewerRequest::Input(ev)) => {
+                    prop_assert!(data.len() <= MAX_MESSAGE_LEN);
+                    prop_assert_eq!(ev.validate(), Ok(()));
+                }
+                Ok(ViewerRequest::Clipboard(text)) => prop_assert!(text.len() <= MAX_TEXT_LEN),
+                Ok(ViewerRequest::Resize { width, height }) => {
+                    prop_assert!((MIN_DISPLAY..=MAX_DISPLAY_WIDTH).contains(&width));
+                    prop_assert!((MIN_DISPLAY..=MAX_DISPLAY_HEIGHT).contains(&height));
+                }
+                Err(MessageError::TooLarge(n)) => prop_assert!(n > MAX_MESSAGE_LEN),
+                Err(_) => {}
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+                holds_its_limits(&data)?;
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(v in json_value(WORDS)) {
+                holds_its_limits(&serde_json::to_vec(&v).unwrap())?;
+            }
+
+            #[test]
+            fn tagged_json_is_accepted_only_within_limits(v in tagged_object("kind", KINDS, WORDS)) {
+                holds_its_limits(&serde_json::to_vec(&v).unwrap())?;
+            }
+
+            #[test]
+            fn mutated_valid_messages_never_panic(
+                data in prop::sample::select(VALID).prop_flat_map(|m| mutated(m.as_bytes().to_vec()))
+            ) {
+                holds_its_limits(&data)?;
+            }
+        }
     }
 }

@@ -358,4 +358,80 @@ mod tests {
             })
         ));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use sandcast_proto::testing::{mutated, mutated_lines};
+
+        /// Lines an offer's video sections are made of, with payload types
+        /// and parameters that matter to the pre-scan.
+        const LINES: &[&str] = &[
+            "m=video 9 UDP/TLS/RTP/SAVPF 96 102",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+            "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+            "a=rtpmap:96 VP8/90000",
+            "a=rtpmap:102 H264/90000",
+            "a=rtpmap:102 h264",
+            "a=rtpmap:103 VP9/90000",
+            "a=rtpmap:",
+            "a=rtpmap:102",
+            "a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+            "a=fmtp:102 packetization-mode=1;profile-level-id=64001f",
+            "a=fmtp:102 packetization-mode=1;profile-level-id=zz",
+            "a=fmtp:102 packetization-mode=1;profile-level-id=ffffffffffffffffffff",
+            "a=fmtp:102 ;;==;packetization-mode",
+            "a=fmtp:",
+            "a=mid:0",
+            "a=mid:",
+            "a=sendonly",
+            "a=recvonly",
+            "a=inactive",
+            "",
+        ];
+
+        /// What an accepted offer promises the hub.
+        fn is_consistent(sdp: &str) -> Result<(), TestCaseError> {
+            if let Ok(c) = offered_codecs(sdp) {
+                prop_assert!(sdp.len() <= MAX_OFFER_LEN);
+                prop_assert!(!c.codecs.is_empty());
+                prop_assert!(c.codecs.len() <= 2);
+                prop_assert_ne!(c.codecs.first(), c.codecs.get(1));
+                prop_assert_eq!(c.preferred(), c.codecs.first().copied());
+                if c.supports(Codec::H264) {
+                    prop_assert_eq!(c.preferred(), Some(Codec::H264));
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(text in any::<String>()) {
+                is_consistent(&text)?;
+                is_consistent(&format!("v=0\r\n{text}"))?;
+            }
+
+            #[test]
+            fn offers_of_random_lines_never_panic(
+                lines in prop::collection::vec(prop::sample::select(LINES), 0..40),
+                crlf in any::<bool>(),
+            ) {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let sdp = format!("v=0{eol}{}", lines.join(eol));
+                is_consistent(&sdp)?;
+            }
+
+            #[test]
+            fn mutated_real_offers_never_panic(
+                bytes in prop_oneof![Just(DEFAULT), Just(VP8), Just(NOCODEC)]
+                    .prop_flat_map(|o| mutated(o.as_bytes().to_vec())),
+                lines in prop_oneof![Just(DEFAULT), Just(VP8), Just(NOCODEC)]
+                    .prop_flat_map(mutated_lines),
+            ) {
+                is_consistent(&String::from_utf8_lossy(&bytes))?;
+                is_consistent(&lines)?;
+            }
+        }
+    }
 }

@@ -30,6 +30,10 @@ pub struct ConnArgs {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// PEM file of the CA (or self-signed certificate) to trust for an
+    /// https server instead of the public roots.
+    #[arg(long, env = "SANDCAST_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Session commands.
@@ -59,8 +63,18 @@ pub enum SessionCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// List sessions.
-    List,
+    /// List sessions, newest first (every page unless --limit is given).
+    List {
+        /// Only sessions in these states (comma-separated, e.g. `ready,starting`).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only sessions of this user id.
+        #[arg(long)]
+        user_id: Option<String>,
+        /// At most this many sessions (one page).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
     /// Show one session.
     Get {
         /// Session id.
@@ -73,6 +87,12 @@ pub enum SessionCommand {
         /// Keep printing until the session ends.
         #[arg(long, short)]
         follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+        /// Only lines stamped at or after this time (RFC 3339 or Unix milliseconds).
+        #[arg(long)]
+        since: Option<String>,
     },
     /// Stop and delete a session.
     Delete {
@@ -103,10 +123,16 @@ impl Client {
                     .to_string()
             }
         };
+        let mut agent = ureq::AgentBuilder::new();
+        if let Some(ca) = &conn.ca_cert {
+            let tls = sandcast_server::tls::client_config(ca)
+                .map_err(|e| anyhow::anyhow!("--ca-cert: {e}"))?;
+            agent = agent.tls_config(std::sync::Arc::new(tls));
+        }
         Ok(Client {
             base: conn.server.trim_end_matches('/').to_string(),
             key,
-            agent: ureq::AgentBuilder::new().build(),
+            agent: agent.build(),
         })
     }
 
@@ -142,6 +168,48 @@ impl Client {
         Ok(self.call(method, path, body)?.into_json()?)
     }
 
+    /// `GET /api/sessions` with filters: one page of `limit`, or every page
+    /// followed through `next` when no limit is given.
+    pub fn list(
+        &self,
+        state: Option<&str>,
+        user_id: Option<&str>,
+        limit: Option<u32>,
+    ) -> anyhow::Result<Value> {
+        let mut base = Vec::new();
+        if let Some(s) = state {
+            base.push(format!("state={}", encode(s)));
+        }
+        if let Some(u) = user_id {
+            base.push(format!("user_id={}", encode(u)));
+        }
+        if let Some(n) = limit {
+            base.push(format!("limit={n}"));
+        }
+        let mut sessions = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut q = base.clone();
+            if let Some(c) = &cursor {
+                q.push(format!("cursor={}", encode(c)));
+            }
+            let path = if q.is_empty() {
+                "/api/sessions".to_string()
+            } else {
+                format!("/api/sessions?{}", q.join("&"))
+            };
+            let page = self.json("GET", &path, None)?;
+            if let Some(list) = page["sessions"].as_array() {
+                sessions.extend(list.iter().cloned());
+            }
+            cursor = page["next"].as_str().map(str::to_string);
+            if limit.is_some() || cursor.is_none() {
+                break;
+            }
+        }
+        Ok(json!({ "sessions": sessions }))
+    }
+
     /// Waits until a session leaves `starting`.
     pub fn wait(&self, id: &str) -> anyhow::Result<Value> {
         let resp = self.call("GET", &format!("/api/sessions/{id}/events"), None)?;
@@ -169,6 +237,11 @@ impl Client {
         }
         self.json("GET", &format!("/api/sessions/{id}"), None)
     }
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// Runs a session command.
@@ -211,14 +284,34 @@ pub fn run(conn: &ConnArgs, cmd: SessionCommand) -> anyhow::Result<ExitCode> {
             }
             created
         }
-        SessionCommand::List => c.json("GET", "/api/sessions", None)?,
+        SessionCommand::List {
+            state,
+            user_id,
+            limit,
+        } => c.list(state.as_deref(), user_id.as_deref(), limit)?,
         SessionCommand::Get { id } => c.json("GET", &format!("/api/sessions/{id}"), None)?,
         SessionCommand::Delete { id } => c.json("DELETE", &format!("/api/sessions/{id}"), None)?,
-        SessionCommand::Logs { id, follow } => {
-            let path = format!(
-                "/api/sessions/{id}/logs{}",
-                if follow { "?follow=1" } else { "" }
-            );
+        SessionCommand::Logs {
+            id,
+            follow,
+            tail,
+            since,
+        } => {
+            let mut query = Vec::new();
+            if follow {
+                query.push("follow=1".to_string());
+            }
+            if let Some(n) = tail {
+                query.push(format!("tail={n}"));
+            }
+            if let Some(t) = since {
+                query.push(format!("since={}", encode(&t)));
+            }
+            let path = if query.is_empty() {
+                format!("/api/sessions/{id}/logs")
+            } else {
+                format!("/api/sessions/{id}/logs?{}", query.join("&"))
+            };
             let mut reader = c.call("GET", &path, None)?.into_reader();
             let mut buf = [0u8; 8192];
             let mut stdout = std::io::stdout();

@@ -70,6 +70,20 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             format!("cannot create {}", config.data_dir.display())
         },
     });
+    let mut warnings = Vec::new();
+    if let Some((cert, key)) = config.tls_files() {
+        let loaded = sandcast_server::tls::load_pair(cert, key);
+        checks.push(Check {
+            name: "tls".into(),
+            ok: loaded.is_ok(),
+            detail: match loaded {
+                Ok(_) => format!("{} with {}", cert.display(), key.display()),
+                Err(e) => e,
+            },
+        });
+        warnings.extend(sandcast_server::tls::key_mode_warning(key));
+    }
+    warnings.extend(config.plain_http_warning());
     let rt = tokio::runtime::Runtime::new()?;
     match sandcast_server::backend(&config) {
         Ok(backend) => {
@@ -94,6 +108,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             c.detail
         );
         ok &= c.ok;
+    }
+    for w in &warnings {
+        println!("warn {:<28} {w}", "tls");
+    }
+    // Sessions start on an overcommitted host, but may be killed under
+    // memory pressure: a warning, not a failure.
+    if let Some(w) = config.overcommit_warning() {
+        println!("warn {:<28} {w}", "memory");
     }
     if ok {
         println!("everything sandcast needs is here");

@@ -82,6 +82,11 @@ impl ServeArgs {
         if let Some(b) = &self.backend {
             flags = flags.merge(Serialized::default("backend", b));
         }
+        // Other parts of sandcast share the prefix (`SANDCAST_LOG`, the
+        // client's `SANDCAST_SERVER`); configuration reads only settings.
+        for name in sandcast_server::config::ignored_env() {
+            eprintln!("sandcast: ignoring {name}: it names no setting (see docs/configuration.md)");
+        }
         sandcast_server::Config::load(self.config.as_deref(), flags)
     }
 }
