@@ -127,12 +127,17 @@ pub struct Server {
     /// Everything the server wrote to stdout and stderr, line by line.
     pub output: Arc<Mutex<Vec<String>>>,
     agent: ureq::Agent,
-    // Held while the server lives: a starting server reaps every session of
-    // its sandbox prefix it does not know, so test servers never overlap.
-    // (Test servers use their own prefix and cgroup parent, so they leave
-    // other sandcast servers on the host alone.)
-    _lock: std::fs::File,
+    // Held while the server lives, so test servers of different test
+    // binaries do not run at once (they would compete for the machine).
+    // A server started beside another ([`Server::start_beside`]) shares the
+    // first one's lock. (Test servers use their own prefix and cgroup parent,
+    // and every server has its own instance id, so they leave other sandcast
+    // servers on the host alone.)
+    _lock: Option<std::fs::File>,
 }
+
+/// The `[host] name_prefix` of test servers.
+pub const E2E_PREFIX: &str = "sce2e";
 
 /// Takes the machine-wide lock that serialises test servers.
 fn server_lock() -> std::fs::File {
@@ -174,7 +179,16 @@ fn free_port() -> u16 {
 impl Server {
     /// Starts a server with the harness defaults plus `opts`.
     pub fn start(opts: ServerOptions) -> Server {
-        let lock = server_lock();
+        Server::start_with_lock(opts, Some(server_lock()))
+    }
+
+    /// Starts a second server while `self` runs, under `self`'s machine-wide
+    /// lock, with its own data directory (so its own instance) and port.
+    pub fn start_beside(&self, opts: ServerOptions) -> Server {
+        Server::start_with_lock(opts, None)
+    }
+
+    fn start_with_lock(opts: ServerOptions, lock: Option<std::fs::File>) -> Server {
         let data = tempfile::Builder::new()
             .prefix("sandcast-e2e-")
             .tempdir()
@@ -205,6 +219,77 @@ impl Server {
         self.data.path()
     }
 
+    /// The server's instance id (from its data directory).
+    pub fn instance(&self) -> String {
+        sandcast_host::instance_id(self.data.path())
+    }
+
+    /// The server's nftables table.
+    pub fn nft_table(&self) -> String {
+        sandcast_host::net::table_name(E2E_PREFIX, &self.instance())
+    }
+
+    /// What this server's instance keeps on the host between sessions and
+    /// is still there: its nftables table and its cgroup parents.
+    pub fn instance_leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let table = self.nft_table();
+        let listed = Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .expect("running nft");
+        if listed.status.success() {
+            left.push(format!("nftables table inet {table}"));
+        }
+        let parent = format!("sandcast-e2e/{}", self.instance());
+        let roots = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .chain([PathBuf::from("/sys/fs/cgroup")]);
+        for root in roots {
+            let dir = root.join(&parent);
+            if dir.is_dir() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+        left
+    }
+
+    /// The elements of one set of the server's table (empty when there is
+    /// no table).
+    pub fn nft_set(&self, set: &str) -> Vec<String> {
+        let out = Command::new("nft")
+            .args(["-j", "list", "set", "inet", &self.nft_table(), set])
+            .output()
+            .expect("running nft");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["set"]["elem"].as_array())
+            .flatten()
+            .map(|e| e.as_str().map_or_else(|| e.to_string(), String::from))
+            .collect()
+    }
+
+    /// The host-side veth of session `id` of this server.
+    pub fn veth(&self, id: &str) -> String {
+        sandcast_host::net::veth_name(&self.instance(), id)
+    }
+
+    /// Files of sessions left in the data directory: backend records and
+    /// session directories.
+    pub fn session_files(&self) -> Vec<String> {
+        ["sandbox/sessions", "sessions"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(self.data.path().join(d)).ok())
+            .flat_map(|rd| rd.flatten().map(|e| e.path().display().to_string()))
+            .collect()
+    }
+
     fn write_config(&self) -> PathBuf {
         let extra_args: Vec<String> = BROWSER_FLAGS[1..]
             .iter()
@@ -215,7 +300,7 @@ impl Server {
             "data_dir = {data:?}\n{top}\n\
              [session]\negress = false\n\n\
              [browser]\nbinary = \"/usr/bin/chromium\"\nextra_args = {args}\n\n\
-             [sandbox]\nname_prefix = \"sce2e\"\ncgroup_parent = \"sandcast-e2e\"\n\n\
+             [host]\nname_prefix = \"{prefix}\"\ncgroup_parent = \"sandcast-e2e\"\n\n\
              [webrtc]\nudp_bind = \"127.0.0.1:0\"\ntcp_bind = \"127.0.0.1:0\"\npublic_ips = [\"127.0.0.1\"]\n{webrtc}\n\n\
              {tables}\n",
             data = self.data.path().to_str().expect("utf-8 temp path"),
@@ -223,6 +308,7 @@ impl Server {
             args = serde_json::to_string(&extra_args).expect("json"),
             tables = self.opts.tables,
             webrtc = self.opts.webrtc,
+            prefix = E2E_PREFIX,
         );
         let path = self.data.path().join("sandcast.toml");
         std::fs::write(&path, cfg).expect("write config");

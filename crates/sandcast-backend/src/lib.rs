@@ -74,11 +74,192 @@ impl Default for Limits {
 }
 
 /// Network policy for one session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetworkPolicy {
-    /// Outbound traffic to the outside world through NAT. Never to the host,
-    /// its loopback or other sessions, whatever this says.
-    pub egress: bool,
+    /// Where outbound traffic may go through NAT. Never to the host, its
+    /// loopback, other sessions or a private range the operator has not
+    /// opened, whatever this says.
+    pub egress: Egress,
+}
+
+/// Most entries an egress allow list may hold.
+pub const MAX_EGRESS_RULES: usize = 64;
+
+/// Where a session's outbound traffic may go.
+///
+/// Written as `"internet"`, `"none"` or a list of rules like
+/// `"203.0.113.0/24"`, `"198.51.100.7:443"`, `"192.0.2.0/24:8000-8100"` or
+/// `"[2001:db8::/32]:443"`; `true` and `false` read as `"internet"` and
+/// `"none"` (the form of earlier versions).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Egress {
+    /// Every public address; no private or reserved range.
+    #[default]
+    Internet,
+    /// Nothing at all.
+    None,
+    /// Only these destinations (and the session's DNS resolvers).
+    Allow(Vec<EgressRule>),
+}
+
+/// One destination of an egress allow list: a network and, optionally, a
+/// port range (TCP and UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressRule {
+    /// Network address (host bits cleared).
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// First and last port, or every port.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl std::str::FromStr for EgressRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| Err(format!("{s:?} {why}"));
+        // `[v6/len]:ports`, `v4/len:ports`, or a bare network.
+        let (net, ports) = if let Some(rest) = s.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((net, "")) => (net, None),
+                Some((net, tail)) => match tail.strip_prefix(':') {
+                    Some(p) => (net, Some(p)),
+                    None => return bad("has text after ']' that is not :PORT"),
+                },
+                None => return bad("has no closing ']'"),
+            }
+        } else if s.matches(':').count() == 1 {
+            let (n, p) = s.split_once(':').expect("one colon");
+            (n, Some(p))
+        } else {
+            (s, None)
+        };
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (net, None),
+        };
+        let Ok(addr) = addr.parse::<std::net::IpAddr>() else {
+            return bad(
+                "is not an IP network like 203.0.113.0/24, 198.51.100.7:443 or [2001:db8::/32]:443",
+            );
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(l) => match l.parse::<u8>() {
+                Ok(l) if l <= max => l,
+                _ => return bad(&format!("has a prefix length that is not 0 to {max}")),
+            },
+        };
+        let ports = match ports {
+            None => None,
+            Some(p) => {
+                let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) if lo >= 1 && lo <= hi => Some((lo, hi)),
+                    _ => return bad("has a port that is not 1-65535 or a range LOW-HIGH"),
+                }
+            }
+        };
+        Ok(EgressRule {
+            addr: mask(addr, prefix),
+            prefix,
+            ports,
+        })
+    }
+}
+
+/// `addr` with the bits after `prefix` cleared.
+fn mask(addr: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            std::net::IpAddr::V4((u32::from(a) & m).into())
+        }
+        std::net::IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            std::net::IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+impl std::fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let net = format!("{}/{}", self.addr, self.prefix);
+        match (self.addr, self.ports) {
+            (_, None) => f.write_str(&net),
+            (std::net::IpAddr::V4(_), Some((lo, hi))) if lo == hi => write!(f, "{net}:{lo}"),
+            (std::net::IpAddr::V4(_), Some((lo, hi))) => write!(f, "{net}:{lo}-{hi}"),
+            (std::net::IpAddr::V6(_), Some((lo, hi))) if lo == hi => write!(f, "[{net}]:{lo}"),
+            (std::net::IpAddr::V6(_), Some((lo, hi))) => write!(f, "[{net}]:{lo}-{hi}"),
+        }
+    }
+}
+
+impl Egress {
+    /// Reads an allow list, naming every bad entry.
+    pub fn allow_list<S: AsRef<str>>(entries: &[S]) -> Result<Egress, String> {
+        if entries.is_empty() {
+            return Err("an empty egress list reaches nothing: say \"none\"".into());
+        }
+        if entries.len() > MAX_EGRESS_RULES {
+            return Err(format!(
+                "{} egress entries is more than {MAX_EGRESS_RULES}",
+                entries.len()
+            ));
+        }
+        let mut rules = Vec::with_capacity(entries.len());
+        let mut errors = Vec::new();
+        for e in entries {
+            match e.as_ref().trim().parse() {
+                Ok(r) => rules.push(r),
+                Err(why) => errors.push(why),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Egress::Allow(rules))
+        } else {
+            Err(format!("bad egress entries: {}", errors.join("; ")))
+        }
+    }
+}
+
+impl Serialize for Egress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Egress::Internet => s.serialize_str("internet"),
+            Egress::None => s.serialize_str("none"),
+            Egress::Allow(rules) => s.collect_seq(rules.iter().map(ToString::to_string)),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Egress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Bool(bool),
+            Word(String),
+            List(Vec<String>),
+        }
+        let repr = Repr::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "egress must be \"internet\", \"none\", true, false or a list of networks like [\"203.0.113.0/24:443\"]",
+            )
+        })?;
+        match repr {
+            Repr::Bool(true) => Ok(Egress::Internet),
+            Repr::Bool(false) => Ok(Egress::None),
+            Repr::Word(w) if w == "internet" => Ok(Egress::Internet),
+            Repr::Word(w) if w == "none" => Ok(Egress::None),
+            Repr::Word(w) => Err(serde::de::Error::custom(format!(
+                "egress {w:?} is not \"internet\", \"none\" or a list of networks"
+            ))),
+            Repr::List(l) => Egress::allow_list(&l).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// Everything a backend needs to start one session.
@@ -184,6 +365,14 @@ pub trait Backend: Send + Sync {
     /// devices, namespaces, mounts, files. Run at server start (after a crash)
     /// and periodically. Returns one line per thing removed.
     async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError>;
+
+    /// The last call at server shutdown, once every session has stopped:
+    /// removes what the backend keeps on the host between sessions (for the
+    /// namespace and microVM backends: the instance's firewall table and
+    /// cgroup parent). Returns one line per thing removed.
+    async fn release(&self) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A backend failure, with the exact reason.
@@ -225,6 +414,39 @@ impl BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn egress_reads_every_form_and_names_bad_entries() {
+        let read = |j: &str| serde_json::from_str::<Egress>(j);
+        assert_eq!(read("true").unwrap(), Egress::Internet);
+        assert_eq!(read("false").unwrap(), Egress::None);
+        assert_eq!(read("\"internet\"").unwrap(), Egress::Internet);
+        assert_eq!(read("\"none\"").unwrap(), Egress::None);
+        let list = read(r#"["203.0.113.9/24", "198.51.100.7:443", "192.0.2.0/24:8000-8100", "[2001:db8::1/32]:53", "2001:db8::5"]"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&list).unwrap(),
+            r#"["203.0.113.0/24","198.51.100.7/32:443","192.0.2.0/24:8000-8100","[2001:db8::/32]:53","2001:db8::5/128"]"#
+        );
+        // Written and read back unchanged.
+        assert_eq!(read(&serde_json::to_string(&list).unwrap()).unwrap(), list);
+        let e = read(r#"["10.0.0.0/8", "10.0.0.0/33", "nope:80", "1.2.3.4:0", "1.2.3.4:9-2"]"#)
+            .unwrap_err()
+            .to_string();
+        for bad in ["10.0.0.0/33", "nope:80", "1.2.3.4:0", "1.2.3.4:9-2"] {
+            assert!(e.contains(&format!("{bad:?}")), "{bad} not named in {e}");
+        }
+        assert!(!e.contains("\"10.0.0.0/8\""), "{e}");
+        assert!(
+            read("\"everything\"")
+                .unwrap_err()
+                .to_string()
+                .contains("everything")
+        );
+        assert!(read("[]").unwrap_err().to_string().contains("none"));
+        assert!(read("3").is_err());
+        let many: Vec<String> = (0..65).map(|i| format!("192.0.2.{i}")).collect();
+        assert!(Egress::allow_list(&many).unwrap_err().contains("65"));
+    }
 
     #[test]
     fn session_ids_are_path_safe() {

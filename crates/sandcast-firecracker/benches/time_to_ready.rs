@@ -132,7 +132,9 @@ async fn run(
             session_dir: session_dir.clone(),
             agent_binary: PathBuf::new(),
             limits: Limits::default(),
-            network: NetworkPolicy { egress: true },
+            network: NetworkPolicy {
+                egress: sandcast_backend::Egress::Internet,
+            },
             agent_token: Some(AgentToken::new(format!("bench-token-{i}"))),
         };
         let listener = UnixListener::bind(&spec.agent_socket).unwrap();

@@ -17,10 +17,12 @@ use tokio::sync::watch;
 
 use crate::api::*;
 use crate::client::{ClientError, FirecrackerClient};
-use crate::host::{self, SessionCgroup, SessionNet};
+use crate::host;
 use crate::jail::{Jail, JailerConfig};
 use crate::kernel::{self, GuestKernel};
 use crate::{AGENT_VSOCK_PORT, GUEST_CID, kvm, vsock};
+use sandcast_host::cgroup::SessionCgroup;
+use sandcast_host::{Host, HostConfig};
 
 /// Configuration of the Firecracker backend. [`Default`] gives the documented
 /// defaults; `kernel` and `rootfs` usually need setting.
@@ -52,17 +54,20 @@ pub struct FirecrackerConfig {
     /// A network interface on a TAP device in a per-session namespace.
     /// Default `true`.
     pub network: bool,
-    /// DNS server the guest uses (it cannot reach the host). Default `1.1.1.1`.
-    pub dns: String,
     /// Extra kernel command line arguments.
     pub extra_boot_args: Vec<String>,
     /// Where [`FirecrackerBackend::build_snapshot`] keeps the ready-VM
     /// snapshot; sessions restore from it when it exists. Default `None`
     /// (every session boots).
     pub snapshot_dir: Option<PathBuf>,
-    /// Where the backend records its sessions for [`Backend::reap`].
+    /// Where the backend records its sessions for [`Backend::reap`]: the
+    /// instance's own directory (the server adds its instance id).
     /// Default `/run/sandcast-firecracker`.
     pub runtime_dir: PathBuf,
+    /// Host isolation (namespace, address, egress policy, cgroup): the
+    /// server's `[host]` settings with its instance id. The guest's DNS
+    /// server is the first of the host layer's resolvers.
+    pub host: HostConfig,
     /// How long to wait for Firecracker's API socket and for each call.
     /// Default 10 s.
     pub api_timeout: Duration,
@@ -87,13 +92,13 @@ impl Default for FirecrackerConfig {
             probe_kvm: true,
             writable_drive_mib: 4096,
             network: true,
-            dns: "1.1.1.1".into(),
             extra_boot_args: Vec::new(),
             snapshot_dir: None,
             runtime_dir: "/run/sandcast-firecracker".into(),
             api_timeout: Duration::from_secs(10),
             boot_timeout: Duration::from_secs(60),
             jailer: None,
+            host: HostConfig::default(),
         }
     }
 }
@@ -145,14 +150,14 @@ pub const AGENT_PATH_IN_IMAGE: &str = "/usr/local/bin/sandcast-agent";
 pub struct FirecrackerBackend {
     config: FirecrackerConfig,
     kernel: GuestKernel,
+    host: Arc<Host>,
 }
 
-/// What the backend records per session so that [`Backend::reap`] can clean
-/// up after a crash.
+/// What the backend adds to the host layer's record of a session so that
+/// [`Backend::reap`] can clean up after a crash.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     session_dir: PathBuf,
-    pid: Option<u32>,
     /// The jail directory, when the session ran under the jailer.
     #[serde(default)]
     jail: Option<PathBuf>,
@@ -188,7 +193,18 @@ impl FirecrackerBackend {
                 tracing::warn!(kernel = %config.kernel.display(), "{w}");
             }
         }
-        Ok(FirecrackerBackend { config, kernel })
+        // Leaf names `fc-<id>`: the jailer names the cgroup after its `--id`.
+        let host = Arc::new(Host::new(&config.host, &config.runtime_dir, "fc-")?);
+        Ok(FirecrackerBackend {
+            config,
+            kernel,
+            host,
+        })
+    }
+
+    /// The host isolation layer (names, policy, instance).
+    pub fn host(&self) -> &Host {
+        &self.host
     }
 
     /// The configuration in use.
@@ -224,12 +240,21 @@ impl FirecrackerBackend {
             "ro".into(),
         ];
         if self.config.network {
+            // The egress policy lets sessions reach exactly these on port 53.
+            let dns: Vec<String> = self
+                .host
+                .resolvers()
+                .iter()
+                .filter(|a| a.is_ipv4())
+                .take(2)
+                .map(ToString::to_string)
+                .collect();
             args.push(format!(
                 "ip={}::{}:{}:sandcast:eth0:off:{}",
                 host::GUEST_IP,
                 host::GATEWAY_IP,
                 host::TAP_NETMASK,
-                self.config.dns
+                dns.join(":")
             ));
         }
         args.extend(self.config.extra_boot_args.iter().cloned());
@@ -282,7 +307,9 @@ impl FirecrackerBackend {
             agent_socket,
             agent_binary: PathBuf::new(),
             limits: sandcast_backend::Limits::default(),
-            network: sandcast_backend::NetworkPolicy { egress: false },
+            network: sandcast_backend::NetworkPolicy {
+                egress: sandcast_backend::Egress::None,
+            },
             agent_token: None,
         };
         // The template's agent connects and waits; it gets no configuration.
@@ -337,7 +364,7 @@ impl FirecrackerBackend {
             }
             Err(e) => Err(e),
         };
-        let _ = running.cleanup();
+        let _ = running.cleanup().await;
         let _ = std::fs::remove_file(&spec.agent_socket);
         if result.is_err() {
             for f in [&files.state, &files.memory, &files.writable] {
@@ -401,10 +428,10 @@ impl FirecrackerBackend {
             client: FirecrackerClient::new(vm_dir.join(API_SOCKET)),
             vm_dir,
             pid: None,
-            net: None,
+            rec: None,
             cgroup: None,
             child: None,
-            record: self.config.runtime_dir.join(format!("{}.json", spec.id)),
+            host: self.host.clone(),
             jail,
         };
         match self
@@ -434,19 +461,27 @@ impl FirecrackerBackend {
         running: &mut Running,
     ) -> Result<(), BackendError> {
         let dir = &spec.session_dir;
-        std::fs::create_dir_all(&self.config.runtime_dir).map_err(|e| {
-            BackendError::io(format!("creating {}", self.config.runtime_dir.display()), e)
-        })?;
-        let mut record = Record {
+        let record = Record {
             session_dir: dir.clone(),
-            pid: None,
             jail: running.jail.as_ref().map(|j| j.dir.clone()),
             marker: Some(match &running.jail {
                 Some(j) => format!("--id={}", j.id),
                 None => running.client.socket().display().to_string(),
             }),
         };
-        write_record(&running.record, &record)?;
+        // The host layer records the session and builds its namespace,
+        // veth and firewall elements; the TAP goes in below.
+        let backend_part = serde_json::to_value(&record).expect("record serialises");
+        running.rec = Some(
+            self.host
+                .create(
+                    spec.id.as_str(),
+                    &spec.network.egress,
+                    PathBuf::new(),
+                    backend_part,
+                )
+                .await?,
+        );
         if let Some(j) = &running.jail {
             j.create(&format!("{VSOCK_SOCKET}_{AGENT_VSOCK_PORT}"))?;
         }
@@ -471,20 +506,20 @@ impl FirecrackerBackend {
         if spec.agent_socket.exists() {
             running.give(&spec.agent_socket)?;
         }
+        let netns = self.host.netns_name(spec.id.as_str());
         if self.config.network {
             let owner = self.config.jailer.as_ref().map(|j| (j.uid, j.gid));
-            running.net = Some(host::setup_network(&spec.id, spec.network.egress, owner)?);
+            let hc = self.host.config();
+            host::setup_tap(&hc.ip, &hc.nft, &netns, owner).await?;
         }
-        let plan = host::cgroup_plan(&spec.id, &spec.limits);
+        let limits = host::cgroup_limits(&spec.limits);
+        let plan = self.host.cgroup_plan(spec.id.as_str(), &limits)?;
         match jailer {
             // The jailer makes the session's cgroup itself from `--cgroup`.
-            Some(_) => {
-                running.cgroup = Some(SessionCgroup {
-                    dirs: plan.dirs.clone(),
-                });
-                host::prepare_cgroup_parents(&plan)?;
+            Some(_) => self.host.prepare_cgroup_parent().await?,
+            None => {
+                running.cgroup = Some(self.host.create_cgroup(spec.id.as_str(), &limits).await?);
             }
-            None => running.cgroup = Some(host::setup_cgroup(&spec.id, &spec.limits)?),
         }
         let kernel = running.import(&self.kernel.vmlinux, "vmlinux").await?;
         let initrd = match &self.kernel.initramfs {
@@ -500,8 +535,10 @@ impl FirecrackerBackend {
             None => None,
         };
         self.spawn(spec, bin, jailer, &plan, running)?;
-        record.pid = running.pid;
-        write_record(&running.record, &record)?;
+        if let Some(rec) = running.rec.as_mut() {
+            rec.pid = running.pid;
+            self.host.save(rec)?;
+        }
         self.wait_for_api(running).await?;
         let c = running.client.clone();
         let logger = Logger {
@@ -623,7 +660,7 @@ impl FirecrackerBackend {
         spec: &LaunchSpec,
         bin: &Path,
         jailer: Option<&Path>,
-        plan: &host::CgroupPlan,
+        plan: &sandcast_host::cgroup::CgroupPlan,
         running: &mut Running,
     ) -> Result<(), BackendError> {
         let dir = &spec.session_dir;
@@ -639,28 +676,17 @@ impl FirecrackerBackend {
                 // execs Firecracker (same pid) inside the jail.
                 let mut cmd = tokio::process::Command::new(jailer);
                 let api_sock = format!("/{API_SOCKET}");
-                cmd.args(jail.jailer_args(
-                    bin,
-                    plan,
-                    running.net.as_ref().map(|n| n.netns_path()).as_deref(),
-                    &["--api-sock", &api_sock],
-                ));
+                let netns = self.host.netns_path(spec.id.as_str());
+                cmd.args(jail.jailer_args(bin, plan, Some(&netns), &["--api-sock", &api_sock]));
                 (cmd, None, Vec::new())
             }
             _ => {
-                let netns: Option<OwnedFd> = match &running.net {
-                    Some(net) => Some(
-                        std::fs::File::open(net.netns_path())
-                            .map_err(|e| {
-                                BackendError::io(
-                                    format!("opening {}", net.netns_path().display()),
-                                    e,
-                                )
-                            })?
-                            .into(),
-                    ),
-                    None => None,
-                };
+                let path = self.host.netns_path(spec.id.as_str());
+                let netns: Option<OwnedFd> = Some(
+                    std::fs::File::open(&path)
+                        .map_err(|e| BackendError::io(format!("opening {}", path.display()), e))?
+                        .into(),
+                );
                 let procs: Vec<OwnedFd> = running
                     .cgroup
                     .as_ref()
@@ -810,12 +836,6 @@ fn guest_mac(id: &SessionId) -> String {
     format!("06:fc:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
 }
 
-fn write_record(path: &Path, record: &Record) -> Result<(), BackendError> {
-    let json = serde_json::to_vec(record).expect("records serialise");
-    std::fs::write(path, json)
-        .map_err(|e| BackendError::io(format!("writing {}", path.display()), e))
-}
-
 /// A sparse file formatted as ext4, without mounting anything.
 async fn make_writable_drive(path: &Path, mib: u64) -> Result<(), BackendError> {
     let f = std::fs::File::create(path)
@@ -894,10 +914,12 @@ struct Running {
     jail: Option<Jail>,
     client: FirecrackerClient,
     pid: Option<u32>,
-    net: Option<SessionNet>,
+    /// The host layer's record: namespace, veth, address, cgroup.
+    rec: Option<sandcast_host::state::Record>,
+    /// The cgroup made here (unjailed); the jailer makes its own.
     cgroup: Option<SessionCgroup>,
     child: Option<tokio::process::Child>,
-    record: PathBuf,
+    host: Arc<Host>,
 }
 
 impl Running {
@@ -929,7 +951,7 @@ impl Running {
     /// Kills the process and removes everything it held but the logs.
     async fn kill_and_clean(mut self) {
         self.kill().await;
-        let _ = self.cleanup();
+        let _ = self.cleanup().await;
     }
 
     async fn kill(&mut self) {
@@ -939,17 +961,12 @@ impl Running {
         }
     }
 
-    fn cleanup(&self) -> Result<(), BackendError> {
+    async fn cleanup(&self) -> Result<(), BackendError> {
         let mut errors = Vec::new();
-        if let Some(cg) = &self.cgroup
-            && let Err(e) = cg.remove()
-        {
-            errors.push(e.to_string());
-        }
-        if let Some(net) = &self.net
-            && let Err(e) = net.teardown()
-        {
-            errors.push(e.to_string());
+        if let Some(rec) = &self.rec {
+            // cgroup (and whatever still runs in it), veth, namespace, elements.
+            let (_, errs) = self.host.teardown(rec).await;
+            errors.extend(errs);
         }
         match &self.jail {
             Some(j) => {
@@ -964,8 +981,10 @@ impl Running {
             }
             None => remove_runtime_files(&self.dir),
         }
-        let _ = std::fs::remove_file(&self.record);
         if errors.is_empty() {
+            if let Some(rec) = &self.rec {
+                self.host.forget(&rec.id)?;
+            }
             Ok(())
         } else {
             Err(BackendError::Cleanup(format!(
@@ -1073,6 +1092,7 @@ impl Backend for FirecrackerBackend {
                 }),
             );
         }
+        checks.extend(self.host.checks().await);
         Readiness {
             ready: checks.iter().all(|c| c.ok),
             checks,
@@ -1142,8 +1162,13 @@ impl Backend for FirecrackerBackend {
                 )
             };
             // A VM that died on its own still leaves nothing behind.
-            if !requested && let Some(r) = st.lock().unwrap().take() {
-                let _ = r.cleanup();
+            let taken = if requested {
+                None
+            } else {
+                st.lock().unwrap().take()
+            };
+            if let Some(r) = taken {
+                let _ = r.cleanup().await;
             }
             let _ = tx.send(Some(InstanceExit { reason, requested }));
         });
@@ -1157,25 +1182,23 @@ impl Backend for FirecrackerBackend {
     }
 
     async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
+        let keep: std::collections::HashSet<String> =
+            keep.iter().map(|k| k.as_str().to_string()).collect();
         let mut removed = Vec::new();
-        let keep_names: Vec<String> = keep.iter().map(|k| format!("{k}.json")).collect();
-        if let Ok(entries) = std::fs::read_dir(&self.config.runtime_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(".json") || keep_names.contains(&name) {
-                    continue;
-                }
-                let Ok(record) = std::fs::read(e.path())
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
-                else {
-                    continue;
-                };
+        let mut errors = Vec::new();
+        let (records, bad) = self.host.records();
+        for p in bad {
+            if std::fs::remove_file(&p).is_ok() {
+                removed.push(format!("unreadable record {}", p.display()));
+            }
+        }
+        for rec in records.iter().filter(|r| !keep.contains(&r.id)) {
+            if let Ok(record) = serde_json::from_value::<Record>(rec.backend.clone()) {
                 let marker = record
                     .marker
                     .clone()
                     .unwrap_or_else(|| record.session_dir.join(API_SOCKET).display().to_string());
-                if let Some(pid) = record.pid
+                if let Some(pid) = rec.pid
                     && is_our_firecracker(pid, &marker)
                 {
                     let _ = nix::sys::signal::kill(
@@ -1194,13 +1217,40 @@ impl Backend for FirecrackerBackend {
                         removed.push(format!("runtime files in {}", record.session_dir.display()));
                     }
                 }
-                let _ = std::fs::remove_file(e.path());
             }
+            // cgroup first inside: removing it kills what is still there.
+            let (done, errs) = self.host.teardown(rec).await;
+            removed.extend(done);
+            if errs.is_empty() {
+                self.host.forget(&rec.id)?;
+            }
+            errors.extend(errs);
         }
-        // cgroups first: removing one kills what is still inside.
-        removed.extend(host::reap_cgroups(keep));
-        removed.extend(host::reap_network(keep));
-        Ok(removed)
+        let (more, errs) = self.host.reap_unrecorded(&keep).await;
+        removed.extend(more);
+        errors.extend(errs);
+        if self.host.check_tools().is_ok()
+            && let Err(e) = self.host.rebuild(Some(&keep)).await
+        {
+            errors.push(e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(removed)
+        } else {
+            Err(BackendError::Cleanup(format!(
+                "removed [{}] but: {}",
+                removed.join(", "),
+                errors.join("; ")
+            )))
+        }
+    }
+
+    async fn release(&self) -> Result<Vec<String>, BackendError> {
+        // Whatever a failed stop left goes first; the table and cgroup
+        // parent can only go when no session is recorded.
+        let mut lines = self.reap(&[]).await?;
+        lines.extend(self.host.release().await?);
+        Ok(lines)
     }
 }
 
@@ -1246,7 +1296,7 @@ impl Instance for FcInstance {
         }
         let running = self.state.lock().unwrap().take();
         match running {
-            Some(r) => r.cleanup(),
+            Some(r) => r.cleanup().await,
             None => Ok(()),
         }
     }
@@ -1255,6 +1305,20 @@ impl Instance for FcInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host layer with its state and lock in a scratch directory, and
+    /// the guest's DNS server set to 1.1.1.1 and 9.9.9.9.
+    fn test_host() -> Arc<Host> {
+        let dir = std::env::temp_dir().join(format!("sc-fc-unit-{}", std::process::id()));
+        let cfg = HostConfig {
+            dns: vec!["1.1.1.1".parse().unwrap(), "9.9.9.9".parse().unwrap()],
+            lock_dir: dir.join("lock"),
+            ..HostConfig::default()
+        };
+        let host = Arc::new(Host::new(&cfg, &dir.join("run"), "fc-").unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+        host
+    }
 
     #[test]
     fn agent_socket_is_the_vsock_port_socket() {
@@ -1265,6 +1329,7 @@ mod tests {
                 initramfs: None,
                 config_report: None,
             },
+            host: test_host(),
         };
         let id = SessionId::new("ab").unwrap();
         assert_eq!(
@@ -1278,6 +1343,7 @@ mod tests {
                 ..FirecrackerConfig::default()
             },
             kernel: b.kernel.clone(),
+            host: b.host.clone(),
         };
         assert_eq!(
             jailed.agent_socket(&id, Path::new("/s/x")),
@@ -1294,7 +1360,9 @@ mod tests {
             "{args}"
         );
         assert!(
-            args.contains("ip=172.16.0.2::172.16.0.1:255.255.255.252:sandcast:eth0:off:1.1.1.1"),
+            args.contains(
+                "ip=172.16.0.2::172.16.0.1:255.255.255.252:sandcast:eth0:off:1.1.1.1:9.9.9.9 "
+            ),
             "{args}"
         );
     }

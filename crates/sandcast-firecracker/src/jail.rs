@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use sandcast_backend::{BackendError, SessionId};
 
-use crate::host::CgroupPlan;
+use sandcast_host::cgroup::CgroupPlan;
 
 /// How sessions run under the jailer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,7 +216,7 @@ impl Jail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::CgroupPlan;
+    use sandcast_host::cgroup::CgroupPlan;
 
     fn jail(base: &str) -> (JailerConfig, Jail) {
         let config = JailerConfig {

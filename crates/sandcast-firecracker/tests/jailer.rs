@@ -93,15 +93,18 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
     let ns = |p: &str| std::fs::metadata(p).unwrap().ino();
     assert_eq!(
         ns(&format!("/proc/{pid}/ns/net")),
-        ns(&format!("/run/netns/fc-{id}"))
+        ns(&backend.host().netns_path(id.as_str()).to_string_lossy())
     );
     // ...and the session's cgroup, made by the jailer with the limits.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(
-        cgroups.contains(&format!("/fc-sessions/fc-{id}")),
+        cgroups.contains(&format!("/{}/fc-{id}", backend.host().cgroup_parent())),
         "{cgroups}"
     );
-    let plan = host::cgroup_plan(&id, &spec.limits);
+    let plan = backend
+        .host()
+        .cgroup_plan(id.as_str(), &host::cgroup_limits(&spec.limits))
+        .unwrap();
     for (file, value) in &plan.values {
         let dir = plan.dir_for(file).unwrap();
         let got = std::fs::read_to_string(dir.join(file)).unwrap();
@@ -110,7 +113,12 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
     }
     // The TAP belongs to the jail's uid, so Firecracker could attach to it.
     let taps = std::process::Command::new("ip")
-        .args(["-n", &format!("fc-{id}"), "tuntap", "show"])
+        .args([
+            "-n",
+            &backend.host().netns_name(id.as_str()),
+            "tuntap",
+            "show",
+        ])
         .output()
         .unwrap();
     let taps = String::from_utf8_lossy(&taps.stdout);

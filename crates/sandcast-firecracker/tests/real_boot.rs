@@ -73,7 +73,9 @@ async fn boots_a_real_microvm() {
             cpu_millis: 1000,
             pids: 256,
         },
-        network: NetworkPolicy { egress: false },
+        network: NetworkPolicy {
+            egress: sandcast_backend::Egress::None,
+        },
         agent_token: Some(sandcast_backend::AgentToken::new("real-boot-token")),
     };
     let listener = UnixListener::bind(&spec.agent_socket).unwrap();

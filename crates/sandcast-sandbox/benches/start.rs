@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sandcast_backend::{Backend, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId};
+use sandcast_backend::{Backend, Egress, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId};
 use sandcast_sandbox::{SandboxBackend, SandboxConfig, SandboxInstance};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
@@ -44,7 +44,9 @@ impl Bench {
             agent_socket: socket,
             agent_binary: self.agent.clone(),
             limits: Limits::default(),
-            network: NetworkPolicy { egress: true },
+            network: NetworkPolicy {
+                egress: Egress::Internet,
+            },
             agent_token: None,
         };
         (spec, listener)
@@ -81,9 +83,12 @@ fn bench(c: &mut Criterion) {
     let tag = format!("{:08x}", std::process::id().wrapping_mul(2_654_435_761));
     let cfg = SandboxConfig {
         state_dir: dir.path().join("state"),
-        cgroup_parent: format!("sandcast-bench/{tag}"),
-        name_prefix: format!("b{tag}"),
-        subnet: "100.73.0.0/16".into(),
+        host: sandcast_host::HostConfig {
+            cgroup_parent: format!("sandcast-bench/{tag}"),
+            name_prefix: format!("b{tag}"),
+            subnet: "100.73.0.0/16".into(),
+            ..sandcast_host::HostConfig::default()
+        },
         ..SandboxConfig::default()
     };
     let agent = dir.path().join("agent.sh");
@@ -157,12 +162,13 @@ fn bench(c: &mut Criterion) {
     for root in ["memory", "cpu", "pids", "unified", ""] {
         let p = Path::new("/sys/fs/cgroup")
             .join(root)
-            .join(&cfg.cgroup_parent);
+            .join(b.backend.host().cgroup_parent());
         let _ = std::fs::remove_dir(&p);
         let _ = std::fs::remove_dir(p.parent().unwrap());
+        let _ = std::fs::remove_dir(p.parent().unwrap().parent().unwrap());
     }
     let _ = std::process::Command::new("nft")
-        .args(["delete", "table", "inet", &cfg.name_prefix])
+        .args(["delete", "table", "inet", &b.backend.host().policy().table])
         .status();
     drop(b);
     let _ = std::fs::remove_dir(base);

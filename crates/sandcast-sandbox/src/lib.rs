@@ -9,14 +9,13 @@
 //! hidden; home, `/tmp`, `/var/tmp`, `/run` and `/dev/shm` are private,
 //! size-limited tmpfs counted in the session's memory. The browser gets
 //! managed policies (see [`policy`]). Memory, CPU and process limits live in
-//! a cgroup (`<cgroup_parent>/<id>`, v1 or v2, detected at runtime); the
-//! parent's memory limit bounds all sessions together.
+//! a cgroup (`<cgroup_parent>/<instance>/<id>`, v1 or v2, detected at
+//! runtime); the instance's parent memory limit bounds all its sessions
+//! together.
 //!
-//! The session reaches the outside only through a veth pair (`sc-<8 hex>`,
-//! whose host end has no address: a route and static neighbours suffice)
-//! and NAT in the nftables table `inet <prefix>`, which drops everything
-//! from sessions to the host itself and between sessions, and forwards a
-//! session's traffic out only when its egress is on.
+//! The network namespace, veth, address, egress policy, cgroup, records and
+//! reap are `sandcast-host`'s, shared with the Firecracker backend; this
+//! crate adds bubblewrap and the session's files.
 //!
 //! Everything made for a session is recorded under `state_dir/sessions`, so
 //! [`Instance::stop`] and, after a crash, [`Backend::reap`] remove processes,
@@ -61,17 +60,13 @@
 //!   browser policies) belongs to the backend; the server removes the
 //!   session directory. Nothing a session writes lands on the host's disk.
 
-pub mod cgroup;
 pub mod launch;
-pub mod net;
 pub mod policy;
 pub mod seccomp;
-pub mod state;
 pub mod uid;
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read};
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -82,23 +77,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
 use sandcast_backend::{
     Backend, BackendError, Check, Instance, InstanceExit, LaunchSpec, Readiness, SessionId,
 };
+use sandcast_host::cgroup::SessionCgroup;
+use sandcast_host::state::Record;
+use sandcast_host::{Host, HostConfig, KILL_TIMEOUT};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::watch;
 
-use crate::cgroup::{Layout, SessionCgroup};
-use crate::net::FirewallEntry;
 pub use crate::policy::BrowserPolicy;
-use crate::state::Record;
 
 /// How many lines of bwrap/agent output are kept to explain an exit.
 const TAIL_LINES: usize = 20;
-/// How long killing and emptying a cgroup may take before it is an error.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Configuration of the sandbox backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,21 +104,6 @@ pub struct SandboxConfig {
     /// last: each session gets one no other session, account file or
     /// process uses.
     pub uid_range: [u32; 2],
-    /// Parent of the session cgroups, relative to each hierarchy's root.
-    pub cgroup_parent: String,
-    /// Where cgroup file systems are mounted.
-    pub cgroup_root: PathBuf,
-    /// IPv4 subnet from which each session gets a /30.
-    pub subnet: String,
-    /// Names this backend's netns (`<prefix>-<id>`), nft table and veth
-    /// aliases: 1-16 lowercase letters or digits, starting with a letter.
-    pub name_prefix: String,
-    /// IPv4 networks no session may reach even with egress on; by default
-    /// the link-local range (cloud metadata services live at 169.254.169.254).
-    pub egress_deny: Vec<String>,
-    /// DNS servers for sessions; empty means the host's upstream servers
-    /// (never its loopback stub), else public ones.
-    pub dns: Vec<IpAddr>,
     /// Size of each session's /dev/shm in MiB (Chromium needs plenty).
     pub shm_mib: u64,
     /// Size of each of a session's home, /tmp, /var/tmp and /run in MiB
@@ -145,14 +122,14 @@ pub struct SandboxConfig {
     #[serde(skip)]
     pub browser_policy: BrowserPolicy,
     /// Host directory (mode 0755) holding the stage mount point and the
-    /// lock that serialises address allocation between backends.
+    /// uid claims.
     pub stage_dir: PathBuf,
     /// The bubblewrap binary.
     pub bwrap: PathBuf,
-    /// The `ip` binary (iproute2).
-    pub ip: PathBuf,
-    /// The `nft` binary (nftables).
-    pub nft: PathBuf,
+    /// Host isolation (network, firewall, cgroups): the server's `[host]`
+    /// settings with its instance id.
+    #[serde(skip)]
+    pub host: HostConfig,
 }
 
 impl Default for SandboxConfig {
@@ -161,12 +138,6 @@ impl Default for SandboxConfig {
             state_dir: "/var/lib/sandcast/sandbox".into(),
             image_root: None,
             uid_range: [2_000_000, 2_065_535],
-            cgroup_parent: "sandcast".into(),
-            cgroup_root: "/sys/fs/cgroup".into(),
-            subnet: "100.64.0.0/16".into(),
-            name_prefix: "sandcast".into(),
-            egress_deny: vec!["169.254.0.0/16".into()],
-            dns: Vec::new(),
             shm_mib: 512,
             writable_mib: 1024,
             sessions_memory_mib: 0,
@@ -174,8 +145,7 @@ impl Default for SandboxConfig {
             browser_policy: BrowserPolicy::default(),
             stage_dir: "/run/sandcast-sandbox".into(),
             bwrap: "/usr/bin/bwrap".into(),
-            ip: "/usr/sbin/ip".into(),
-            nft: "/usr/sbin/nft".into(),
+            host: HostConfig::default(),
         }
     }
 }
@@ -188,43 +158,9 @@ pub struct SandboxBackend {
 
 struct Inner {
     cfg: SandboxConfig,
+    host: Host,
     /// The compiled seccomp programs.
     seccomp: Vec<Vec<u8>>,
-    subnet: Ipv4Net,
-    deny: Vec<Ipv4Net>,
-    layout: Result<Layout, String>,
-    table: String,
-    host_ready: OnceCell<()>,
-}
-
-/// A tool the backend runs, with the package that provides it.
-struct Tool<'a> {
-    path: &'a Path,
-    package: &'static str,
-}
-
-impl Tool<'_> {
-    fn check(&self) -> Result<(), BackendError> {
-        let ok = std::fs::metadata(self.path)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false);
-        if ok {
-            Ok(())
-        } else {
-            Err(BackendError::NotReady(format!(
-                "{} not found at {}: apt-get install {}",
-                self.path.file_name().unwrap_or_default().to_string_lossy(),
-                self.path.display(),
-                self.package
-            )))
-        }
-    }
-}
-
-/// Held while allocating addresses or changing the firewall; an flock, so
-/// it also orders backends in different processes.
-struct HostLock {
-    _file: std::fs::File,
 }
 
 impl SandboxBackend {
@@ -233,34 +169,10 @@ impl SandboxBackend {
     /// [`Backend::readiness`] and in the error of [`Backend::start`].
     pub fn new(cfg: SandboxConfig) -> Result<SandboxBackend, BackendError> {
         let bad = |m: String| Err(BackendError::InvalidSpec(m));
-        let p = &cfg.name_prefix;
-        if p.is_empty()
-            || p.len() > 16
-            || !p.starts_with(|c: char| c.is_ascii_lowercase())
-            || !p
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
-            return bad(format!(
-                "name_prefix {p:?} must be 1-16 lowercase letters or digits, starting with a letter"
-            ));
-        }
         uid::check_range(cfg.uid_range).map_err(BackendError::InvalidSpec)?;
         cfg.browser_policy
             .check()
             .map_err(BackendError::InvalidSpec)?;
-        let parent = Path::new(&cfg.cgroup_parent);
-        if cfg.cgroup_parent.is_empty()
-            || parent.is_absolute()
-            || parent
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return bad(format!(
-                "cgroup_parent {:?} must be a relative path like \"sandcast\"",
-                cfg.cgroup_parent
-            ));
-        }
         if cfg.shm_mib < 16 {
             return bad(format!("shm_mib {} is below 16", cfg.shm_mib));
         }
@@ -281,48 +193,30 @@ impl SandboxBackend {
         if let Some(root) = &cfg.image_root {
             launch::check_image_root(root).map_err(BackendError::InvalidSpec)?;
         }
-        let subnet = net::parse_subnet(&cfg.subnet)?;
-        let deny = cfg
-            .egress_deny
-            .iter()
-            .map(|d| {
-                d.parse::<Ipv4Net>().map(|n| n.trunc()).map_err(|e| {
-                    BackendError::InvalidSpec(format!(
-                        "egress_deny entry {d:?} is not an IPv4 CIDR: {e}"
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let mkdir = |d: &Path, mode: u32| -> Result<(), BackendError> {
             std::fs::create_dir_all(d)
                 .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)))
                 .map_err(|e| BackendError::io(format!("creating {}", d.display()), e))
         };
-        mkdir(&cfg.state_dir, 0o700)?;
-        mkdir(&state::dir(&cfg.state_dir), 0o700)?;
+        let host = Host::new(&cfg.host, &cfg.state_dir, "")?;
         // bwrap runs as the session user and must traverse the stage.
         mkdir(&cfg.stage_dir, 0o755)?;
         mkdir(&cfg.stage_dir.join("stage"), 0o755)?;
         mkdir(&uid::claims_dir(&cfg.stage_dir), 0o700)?;
-        let layout = Layout::detect(&cfg.cgroup_root).map_err(|e| e.to_string());
-        let table = net::table_name(&cfg.name_prefix);
         let seccomp = seccomp::programs().map_err(BackendError::InvalidSpec)?;
         Ok(SandboxBackend {
-            inner: Arc::new(Inner {
-                cfg,
-                seccomp,
-                subnet,
-                deny,
-                layout,
-                table,
-                host_ready: OnceCell::new(),
-            }),
+            inner: Arc::new(Inner { cfg, host, seccomp }),
         })
     }
 
     /// The configuration in use.
     pub fn config(&self) -> &SandboxConfig {
         &self.inner.cfg
+    }
+
+    /// The host isolation layer (names, policy, instance).
+    pub fn host(&self) -> &Host {
+        &self.inner.host
     }
 
     /// [`Backend::start`], returning the concrete instance (with its
@@ -333,141 +227,13 @@ impl SandboxBackend {
 }
 
 impl Inner {
-    fn tools(&self) -> [Tool<'_>; 3] {
-        [
-            Tool {
-                path: &self.cfg.bwrap,
-                package: "bubblewrap",
-            },
-            Tool {
-                path: &self.cfg.ip,
-                package: "iproute2",
-            },
-            Tool {
-                path: &self.cfg.nft,
-                package: "nftables",
-            },
-        ]
-    }
-
-    fn layout(&self) -> Result<&Layout, BackendError> {
-        self.layout
-            .as_ref()
-            .map_err(|e| BackendError::NotReady(e.clone()))
-    }
-
-    async fn host_lock(&self) -> Result<HostLock, BackendError> {
-        let path = self.cfg.stage_dir.join("host.lock");
-        tokio::task::spawn_blocking(move || {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| BackendError::io(format!("opening {}", path.display()), e))?;
-            // SAFETY: flock(2) on an fd we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(BackendError::io(
-                    format!("locking {}", path.display()),
-                    io::Error::last_os_error(),
-                ));
-            }
-            Ok(HostLock { _file: file })
-        })
-        .await
-        .expect("lock task")
-    }
-
-    /// One-time host preparation: forwarding on, firewall table built from
-    /// the recorded sessions.
-    async fn ensure_host(&self) -> Result<(), BackendError> {
-        self.host_ready
-            .get_or_try_init(|| async {
-                for t in self.tools() {
-                    t.check()?;
-                }
-                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| {
-                    BackendError::io("setting net.ipv4.ip_forward=1 (needed for NAT egress)", e)
-                })?;
-                let _lock = self.host_lock().await?;
-                self.rebuild_firewall(None).await
-            })
-            .await
-            .map(|_| ())
-    }
-
-    /// Replaces the nft table with one listing the recorded sessions (only
-    /// those in `keep` when given). Caller holds the host lock.
-    async fn rebuild_firewall(&self, keep: Option<&HashSet<String>>) -> Result<(), BackendError> {
-        let (records, _) = Record::load_all(&self.cfg.state_dir);
-        let entries: Vec<FirewallEntry> = records
-            .iter()
-            .filter(|r| keep.is_none_or(|k| k.contains(&r.id)))
-            .map(|r| FirewallEntry {
-                veth: r.veth.clone(),
-                egress: r.egress,
-            })
-            .collect();
-        let text = net::ruleset(&self.table, self.subnet, &self.deny, &entries);
-        net::run(&self.cfg.nft, &["-f", "-"], Some(&text)).await?;
-        Ok(())
-    }
-
-    fn cgroup_of(&self, rec: &Record) -> Option<SessionCgroup> {
-        let layout = self.layout().ok()?;
-        Some(layout.session(&self.cfg.cgroup_parent, &rec.id))
+    fn check_bwrap(&self) -> Result<(), BackendError> {
+        sandcast_host::check_tool(&self.cfg.bwrap, "bubblewrap")
     }
 
     /// Removes everything a record lists. Returns one line per thing removed.
     async fn teardown(&self, rec: &Record) -> Result<Vec<String>, BackendError> {
-        let mut done = Vec::new();
-        let mut errors = Vec::new();
-        if let Some(cg) = self.cgroup_of(rec) {
-            let n = cg.pids().len();
-            let existed = cg.exists();
-            match tokio::task::spawn_blocking(move || cg.destroy(KILL_TIMEOUT))
-                .await
-                .expect("cgroup task")
-            {
-                Ok(()) if existed => done.push(format!(
-                    "killed {n} process(es) and removed cgroup of {}",
-                    rec.id
-                )),
-                Ok(()) => {}
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        {
-            let _lock = self.host_lock().await?;
-            if Path::new("/sys/class/net").join(&rec.veth).exists() {
-                match net::run(&self.cfg.ip, &["link", "del", &rec.veth], None).await {
-                    Ok(_) => done.push(format!("removed veth {}", rec.veth)),
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-            if Path::new("/run/netns").join(&rec.netns).exists() {
-                match net::run(&self.cfg.ip, &["netns", "del", &rec.netns], None).await {
-                    Ok(_) => done.push(format!("removed netns {}", rec.netns)),
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-            let mut sets = vec!["sessions"];
-            if rec.egress {
-                sets.push("egress");
-            }
-            for set in sets {
-                let cmd = format!(
-                    "delete element inet {} {set} {{ \"{}\" }}\n",
-                    self.table, rec.veth
-                );
-                if let Err(e) = net::run(&self.cfg.nft, &["-f", "-"], Some(&cmd)).await {
-                    // Already gone (table rebuilt, or never added) is the goal.
-                    if !e.to_string().contains("No such file or directory") {
-                        errors.push(e.to_string());
-                    }
-                }
-            }
-        }
+        let (mut done, mut errors) = self.host.teardown(rec).await;
         if let Some(uid) = rec.uid
             && let Err(e) = uid::release(
                 &uid::claims_dir(&self.cfg.stage_dir),
@@ -486,7 +252,7 @@ impl Inner {
             }
         }
         if errors.is_empty() {
-            Record::delete(&self.cfg.state_dir, &rec.id)?;
+            self.host.forget(&rec.id)?;
             Ok(done)
         } else {
             Err(BackendError::Cleanup(format!(
@@ -518,62 +284,6 @@ impl Inner {
         hidden_paths(&v, &self.cfg.stage_dir)
     }
 
-    async fn setup_network(&self, rec: &Record) -> Result<(), BackendError> {
-        let ip = &self.cfg.ip;
-        net::run(ip, &["netns", "add", &rec.netns], None).await?;
-        let alias = net::veth_alias(&self.cfg.name_prefix, &rec.id);
-        let (host_mac, session_mac) = net::block_macs(rec.block);
-        let host_side = format!(
-            "link add {veth} address {host_mac} type veth peer name {inner} address {session_mac} netns {ns}\n\
-             link set {veth} alias {alias}\n",
-            veth = rec.veth,
-            inner = net::INNER_IF,
-            ns = rec.netns
-        );
-        net::run(ip, &["-batch", "-"], Some(&host_side)).await?;
-        // No IPv6 on the host end: a session must not reach the host over
-        // link-local addresses either.
-        let v6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", rec.veth);
-        if Path::new(&v6).exists() {
-            std::fs::write(&v6, "1").map_err(|e| BackendError::io(format!("writing {v6}"), e))?;
-        }
-        // Into the firewall sets before the link carries anything.
-        let entry = FirewallEntry {
-            veth: rec.veth.clone(),
-            egress: rec.egress,
-        };
-        net::run(
-            &self.cfg.nft,
-            &["-f", "-"],
-            Some(&net::add_elements(&self.table, &entry)),
-        )
-        .await?;
-        // The host end carries no address, only a route and a static
-        // neighbour: adding or removing an address on the host is a network
-        // change to every program there (Chromium aborts its requests in
-        // flight), and the session's gateway needs no host address to work.
-        let up = format!(
-            "link set {veth} up\n\
-             route add {session}/32 dev {veth}\n\
-             neigh replace {session} lladdr {session_mac} dev {veth} nud permanent\n",
-            veth = rec.veth,
-            session = rec.session_addr,
-        );
-        net::run(ip, &["-batch", "-"], Some(&up)).await?;
-        let inside = format!(
-            "link set lo up\n\
-             addr add {a}/30 dev {i}\n\
-             link set {i} up\n\
-             neigh replace {gw} lladdr {host_mac} dev {i} nud permanent\n\
-             route add default via {gw}\n",
-            a = rec.session_addr,
-            i = net::INNER_IF,
-            gw = rec.host_addr
-        );
-        net::run(ip, &["-n", &rec.netns, "-batch", "-"], Some(&inside)).await?;
-        Ok(())
-    }
-
     fn write_files(&self, spec: &LaunchSpec, files: &Path, uid: u32) -> Result<(), BackendError> {
         let cfg = &self.cfg;
         let io_err = |what: &str, p: &Path| {
@@ -600,12 +310,7 @@ impl Inner {
             .map_err(io_err("writing", &policy))?;
         std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("chmod", &policy))?;
-        let host_resolv: Vec<String> = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .collect();
-        let refs: Vec<&str> = host_resolv.iter().map(String::as_str).collect();
-        let resolv = net::resolv_conf(&cfg.dns, &refs, self.subnet);
+        let resolv = self.host.resolv_conf();
         let hosts = format!(
             "127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
             h = launch::inside::HOSTNAME
@@ -627,7 +332,7 @@ impl Inner {
     }
 
     fn check_spec(&self, spec: &LaunchSpec) -> Result<(), BackendError> {
-        cgroup::validate_limits(&spec.limits)?;
+        sandcast_host::cgroup::validate_limits(&spec.limits)?;
         let meta = std::fs::metadata(&spec.agent_binary).map_err(|e| {
             BackendError::InvalidSpec(format!("agent binary {}: {e}", spec.agent_binary.display()))
         })?;
@@ -661,53 +366,32 @@ impl Inner {
 
     async fn start(self: &Arc<Self>, spec: &LaunchSpec) -> Result<SandboxInstance, BackendError> {
         self.check_spec(spec)?;
-        for t in self.tools() {
-            t.check()?;
-        }
-        let layout = self.layout()?.clone();
-        self.ensure_host().await?;
-        let cfg = &self.cfg;
+        self.check_bwrap()?;
+        self.host.check_tools()?;
         let id = spec.id.as_str();
-        let lock = self.host_lock().await?;
-        let netns = net::netns_name(&cfg.name_prefix, id);
-        if Record::exists(&cfg.state_dir, id) || Path::new("/run/netns").join(&netns).exists() {
-            return Err(BackendError::Start(format!(
-                "session {id} is already running in this backend (stop or reap it first)"
-            )));
-        }
-        let (records, _) = Record::load_all(&cfg.state_dir);
-        let used: BTreeSet<u32> = records.iter().map(|r| r.block).collect();
-        let live = net::host_ipv4_in_use(&cfg.ip).await?;
-        let block = net::allocate(self.subnet, &used, &live)?;
-        let cg = layout.session(&cfg.cgroup_parent, id);
-        let mut rec = Record {
-            id: id.to_string(),
-            netns,
-            veth: net::veth_name(&cfg.name_prefix, id),
-            block: block.index,
-            host_addr: block.host,
-            session_addr: block.session,
-            egress: spec.network.egress,
-            cgroup_dirs: cg.dirs().to_vec(),
-            files_dir: spec.session_dir.join("sandbox"),
-            pid: None,
-            uid: None,
-        };
+        let mut rec = self
+            .host
+            .create(
+                id,
+                &spec.network.egress,
+                spec.session_dir.join("sandbox"),
+                serde_json::Value::Null,
+            )
+            .await?;
+        let cg = self.host.cgroup(id)?;
         // The record (with the uid) is saved under the uid claims' lock.
-        uid::allocate(
-            cfg.uid_range,
-            &uid::claims_dir(&cfg.stage_dir),
-            &cfg.state_dir,
+        let claimed = uid::allocate(
+            self.cfg.uid_range,
+            &uid::claims_dir(&self.cfg.stage_dir),
+            &self.cfg.state_dir,
             id,
             |u| {
                 rec.uid = Some(u);
-                rec.save(&cfg.state_dir)
+                self.host.save(&rec)
             },
-        )?;
-        let net_result = self.setup_network(&rec).await;
-        drop(lock);
-        let result = match net_result {
-            Ok(()) => self.launch(spec, rec.clone(), cg).await,
+        );
+        let result = match claimed {
+            Ok(_) => self.launch(spec, rec.clone(), cg).await,
             Err(e) => Err(e),
         };
         match result {
@@ -730,18 +414,12 @@ impl Inner {
         let cfg = &self.cfg;
         let uid = rec.uid.expect("allocated before launch");
         self.write_files(spec, &rec.files_dir, uid)?;
-        let limits = spec.limits;
-        let parent = cfg.cgroup_parent.clone();
-        let cg2 = cg.clone();
-        let (layout, all) = (self.layout()?.clone(), cfg.sessions_memory_mib);
-        tokio::task::spawn_blocking(move || {
-            if all != 0 {
-                layout.limit_parent_memory(&parent, all)?;
-            }
-            cg2.create(&parent, &limits)
-        })
-        .await
-        .expect("cgroup task")?;
+        if cfg.sessions_memory_mib != 0 {
+            self.host
+                .limit_parent_memory(cfg.sessions_memory_mib)
+                .await?;
+        }
+        self.host.create_cgroup(&rec.id, &spec.limits).await?;
 
         let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
         let stage = cfg.stage_dir.join("stage");
@@ -895,7 +573,7 @@ impl Inner {
         }
         let init_pid = init_pid.unwrap_or(0);
         rec.pid = Some(pid);
-        rec.save(&cfg.state_dir)?;
+        self.host.save(&rec)?;
         tracing::info!(session = %rec.id, pid, init_pid, veth = %rec.veth, addr = %rec.session_addr, "sandbox started");
 
         let (tx, rx) = watch::channel(None);
@@ -1228,11 +906,10 @@ impl Backend for SandboxBackend {
 
     async fn reap(&self, keep: &[SessionId]) -> Result<Vec<String>, BackendError> {
         let inner = &self.inner;
-        let cfg = &inner.cfg;
         let keep: HashSet<String> = keep.iter().map(|k| k.as_str().to_string()).collect();
         let mut lines = Vec::new();
         let mut errors = Vec::new();
-        let (records, bad) = Record::load_all(&cfg.state_dir);
+        let (records, bad) = inner.host.records();
         for p in bad {
             if std::fs::remove_file(&p).is_ok() {
                 lines.push(format!("removed unreadable record {}", p.display()));
@@ -1245,69 +922,16 @@ impl Backend for SandboxBackend {
             }
         }
         lines.extend(uid::release_others(
-            &uid::claims_dir(&cfg.stage_dir),
-            &cfg.state_dir,
+            &uid::claims_dir(&inner.cfg.stage_dir),
+            &inner.cfg.state_dir,
             &keep,
         ));
         // Leftovers without a record (a crash between steps of start).
-        if let Ok(layout) = inner.layout() {
-            for name in layout.list_sessions(&cfg.cgroup_parent) {
-                if keep.contains(&name) {
-                    continue;
-                }
-                let cg = layout.session(&cfg.cgroup_parent, &name);
-                let n = cg.pids().len();
-                match tokio::task::spawn_blocking(move || cg.destroy(KILL_TIMEOUT))
-                    .await
-                    .expect("cgroup task")
-                {
-                    Ok(()) => lines.push(format!(
-                        "killed {n} process(es) and removed cgroup of {name}"
-                    )),
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
-        let _lock = inner.host_lock().await?;
-        let prefix = format!("{}-", cfg.name_prefix);
-        if let Ok(rd) = std::fs::read_dir("/run/netns") {
-            for e in rd.filter_map(Result::ok) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some(id) = name.strip_prefix(&prefix) else {
-                    continue;
-                };
-                if keep.contains(id) {
-                    continue;
-                }
-                match net::run(&cfg.ip, &["netns", "del", &name], None).await {
-                    Ok(_) => lines.push(format!("removed netns {name}")),
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
-        let alias_prefix = net::veth_alias(&cfg.name_prefix, "");
-        if let Ok(links) = net::links(&cfg.ip).await {
-            for l in links {
-                let Some(id) = l
-                    .ifalias
-                    .as_deref()
-                    .and_then(|a| a.strip_prefix(&alias_prefix))
-                else {
-                    continue;
-                };
-                if keep.contains(id) {
-                    continue;
-                }
-                match net::run(&cfg.ip, &["link", "del", &l.ifname], None).await {
-                    Ok(_) => lines.push(format!("removed veth {}", l.ifname)),
-                    // Deleting the netns may have taken the pair with it.
-                    Err(_) if !Path::new("/sys/class/net").join(&l.ifname).exists() => {}
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
-        if inner.tools()[2].check().is_ok()
-            && let Err(e) = inner.rebuild_firewall(Some(&keep)).await
+        let (more, errs) = inner.host.reap_unrecorded(&keep).await;
+        lines.extend(more);
+        errors.extend(errs);
+        if inner.host.check_tools().is_ok()
+            && let Err(e) = inner.host.rebuild(Some(&keep)).await
         {
             errors.push(e.to_string());
         }
@@ -1321,10 +945,19 @@ impl Backend for SandboxBackend {
             )))
         }
     }
+
+    async fn release(&self) -> Result<Vec<String>, BackendError> {
+        // Whatever a failed stop left goes first; the table and cgroup
+        // parent can only go when no session is recorded.
+        let mut lines = self.reap(&[]).await?;
+        lines.extend(self.inner.host.release().await?);
+        Ok(lines)
+    }
 }
 
 async fn readiness_checks(inner: &Inner) -> Vec<Check> {
     let cfg = &inner.cfg;
+    let host_checks = inner.host.checks().await;
     let mut checks = Vec::new();
     let mut add = |name: &str, r: Result<String, String>| {
         checks.push(match r {
@@ -1352,78 +985,20 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
             ))
         },
     );
-    for (t, flag) in inner.tools().iter().zip(["--version", "-V", "--version"]) {
-        let name = t
-            .path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let r = match t.check() {
-            Err(e) => Err(e
-                .to_string()
-                .trim_start_matches("host is not ready: ")
-                .to_string()),
-            Ok(()) => net::run(t.path, &[flag], None)
-                .await
-                .map(|v| format!("{} ({})", t.path.display(), v.trim()))
-                .map_err(|e| e.to_string()),
-        };
-        add(&name, r);
+    let bwrap = match inner.check_bwrap() {
+        Err(e) => Err(e
+            .to_string()
+            .trim_start_matches("host is not ready: ")
+            .to_string()),
+        Ok(()) => sandcast_host::net::run(&cfg.bwrap, &["--version"], None)
+            .await
+            .map(|v| format!("{} ({})", cfg.bwrap.display(), v.trim()))
+            .map_err(|e| e.to_string()),
+    };
+    add("bwrap", bwrap);
+    for c in host_checks {
+        add(&c.name, if c.ok { Ok(c.detail) } else { Err(c.detail) });
     }
-    if inner.tools()[2].check().is_ok() {
-        add(
-            "nftables kernel support",
-            net::run(&cfg.nft, &["list", "tables"], None)
-                .await
-                .map(|_| "nft can list tables".to_string())
-                .map_err(|e| format!("{e} (kernel needs nf_tables, nft_masq, nft_ct)")),
-        );
-    }
-    add(
-        "cgroups",
-        match inner.layout() {
-            Ok(l) => {
-                let dirs = l.parent_dirs(&cfg.cgroup_parent);
-                let unwritable: Vec<String> = dirs
-                    .iter()
-                    // The nearest existing ancestor is where mkdir happens.
-                    .filter_map(|d| d.ancestors().find(|a| a.exists()).map(Path::to_path_buf))
-                    .filter(|d| {
-                        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok();
-                        // SAFETY: access(2) on a NUL-terminated path.
-                        c.is_none_or(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0)
-                    })
-                    .map(|d| d.display().to_string())
-                    .collect();
-                if unwritable.is_empty() {
-                    Ok(format!(
-                        "{}; sessions under {}",
-                        l.describe(),
-                        cfg.cgroup_parent
-                    ))
-                } else {
-                    Err(format!(
-                        "{}, but cannot write {}",
-                        l.describe(),
-                        unwritable.join(", ")
-                    ))
-                }
-            }
-            Err(e) => Err(e.to_string()),
-        },
-    );
-    add(
-        "ip_forward",
-        match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
-            Ok(v) if v.trim() == "1" => Ok("net.ipv4.ip_forward=1".into()),
-            Ok(_) if euid == 0 => {
-                Ok("net.ipv4.ip_forward=0 now; set to 1 when the first session starts".into())
-            }
-            Ok(_) => Err("net.ipv4.ip_forward=0 and not root to change it".into()),
-            Err(e) => Err(format!("cannot read /proc/sys/net/ipv4/ip_forward: {e}")),
-        },
-    );
     add("user namespaces", probe_userns(inner).await);
     add(
         "root file system",
@@ -1461,7 +1036,7 @@ async fn readiness_checks(inner: &Inner) -> Vec<Check> {
 /// Runs bwrap as the session user with the namespaces sessions use.
 async fn probe_userns(inner: &Inner) -> Result<String, String> {
     let cfg = &inner.cfg;
-    inner.tools()[0].check().map_err(|e| e.to_string())?;
+    inner.check_bwrap().map_err(|e| e.to_string())?;
     // Any uid of the range shows whether session uids can make namespaces.
     let (uid, gid) = (cfg.uid_range[0], cfg.uid_range[0]);
     let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
@@ -1547,12 +1122,20 @@ mod tests {
         let base = SandboxConfig {
             state_dir: t.path().join("state"),
             stage_dir: t.path().join("stage"),
+            host: HostConfig {
+                lock_dir: t.path().join("lock"),
+                ..HostConfig::default()
+            },
             ..SandboxConfig::default()
         };
         let err = |c: SandboxConfig| SandboxBackend::new(c).err().expect("error").to_string();
+        // Host settings are checked by the host layer.
         assert!(
             err(SandboxConfig {
-                name_prefix: "Bad-Prefix".into(),
+                host: HostConfig {
+                    name_prefix: "Bad-Prefix".into(),
+                    ..base.host.clone()
+                },
                 ..base.clone()
             })
             .contains("\"Bad-Prefix\"")
@@ -1583,20 +1166,6 @@ mod tests {
         );
         assert!(
             err(SandboxConfig {
-                subnet: "10.0.0.0/8x".into(),
-                ..base.clone()
-            })
-            .contains("10.0.0.0/8x")
-        );
-        assert!(
-            err(SandboxConfig {
-                cgroup_parent: "../x".into(),
-                ..base.clone()
-            })
-            .contains("\"../x\"")
-        );
-        assert!(
-            err(SandboxConfig {
                 image_root: Some(t.path().join("nope")),
                 ..base.clone()
             })
@@ -1615,14 +1184,15 @@ mod tests {
     #[test]
     fn config_reads_from_toml_like_json_with_defaults() {
         let c: SandboxConfig =
-            serde_json::from_str(r#"{"uid_range": [1500, 1600], "subnet": "10.200.0.0/16"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"uid_range": [1500, 1600], "shm_mib": 256}"#).unwrap();
         assert_eq!(c.uid_range, [1500, 1600]);
         assert_eq!(c.writable_mib, 1024);
+        assert_eq!(c.bwrap, Path::new("/usr/bin/bwrap"));
         // The browser policy comes from the server's [browser] section only.
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"browser_policy": {}}"#).is_err());
-        assert_eq!(c.name_prefix, "sandcast");
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"nope": 1}"#).is_err());
+        // Host settings moved to the host layer's own section.
+        assert!(serde_json::from_str::<SandboxConfig>(r#"{"subnet": "10.200.0.0/16"}"#).is_err());
     }
 
     #[test]

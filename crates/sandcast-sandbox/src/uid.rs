@@ -120,7 +120,7 @@ fn claim_text(state_dir: &Path, id: &str) -> String {
 fn claim_is_live(text: &str) -> bool {
     let mut lines = text.lines();
     match (lines.next(), lines.next()) {
-        (Some(state), Some(id)) => crate::state::Record::exists(Path::new(state), id),
+        (Some(state), Some(id)) => sandcast_host::state::Record::exists(Path::new(state), id),
         // Half written: its writer holds the lock, or died while doing so.
         _ => false,
     }
@@ -285,9 +285,13 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let claims = t.path().join("uids");
         let state = t.path().join("state");
-        std::fs::create_dir_all(crate::state::dir(&state)).unwrap();
+        std::fs::create_dir_all(sandcast_host::state::dir(&state)).unwrap();
         let live = |id: &str| {
-            std::fs::write(crate::state::dir(&state).join(format!("{id}.json")), "{}").unwrap()
+            std::fs::write(
+                sandcast_host::state::dir(&state).join(format!("{id}.json")),
+                "{}",
+            )
+            .unwrap()
         };
         // A range far above anything the account files or processes name.
         let range = [3_900_000_000, 3_900_000_001];
@@ -316,7 +320,7 @@ mod tests {
         assert!(!claims.join(a.to_string()).exists());
         assert_eq!(alloc("c").unwrap(), a);
         // b's record disappears (a crash): its claim is stale.
-        std::fs::remove_file(crate::state::dir(&state).join("b.json")).unwrap();
+        std::fs::remove_file(sandcast_host::state::dir(&state).join("b.json")).unwrap();
         live("d");
         assert_eq!(alloc("d").unwrap(), b);
         // Reap: only this backend's claims of sessions not kept go.

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sandcast_backend::{Backend, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId};
+use sandcast_backend::{Backend, Egress, Instance, LaunchSpec, Limits, NetworkPolicy, SessionId};
+use sandcast_host::HostConfig;
 use sandcast_sandbox::{SandboxBackend, SandboxConfig, SandboxInstance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -92,9 +93,12 @@ impl Harness {
         let tag = unique_tag();
         let cfg = SandboxConfig {
             state_dir: dir.path().join("state"),
-            cgroup_parent: format!("sandcast-test/{tag}"),
-            name_prefix: format!("t{tag}"),
-            subnet: "100.72.0.0/16".into(),
+            host: HostConfig {
+                cgroup_parent: format!("sandcast-test/{tag}"),
+                name_prefix: format!("t{tag}"),
+                subnet: "100.72.0.0/16".into(),
+                ..HostConfig::default()
+            },
             ..SandboxConfig::default()
         };
         let backend = SandboxBackend::new(cfg.clone()).unwrap();
@@ -123,7 +127,13 @@ impl Harness {
                     cpu_millis: 1500,
                     pids: 512,
                 },
-                network: NetworkPolicy { egress },
+                network: NetworkPolicy {
+                    egress: if egress {
+                        Egress::Internet
+                    } else {
+                        Egress::None
+                    },
+                },
                 agent_token: None,
             },
             listener,
@@ -142,19 +152,21 @@ impl Harness {
                 .state_dir
                 .join("sessions")
                 .join(format!("{id}.json")),
-            table: self.cfg.name_prefix.clone(),
+            table: self.backend.host().policy().table.clone(),
         }
     }
 
     /// Removes the test's cgroup parents (the backend leaves parents in place).
     fn remove_cgroup_parents(&self) {
         for root in ["memory", "cpu", "pids", "unified", ""] {
+            // <parent>/<instance>, then the parent, then the shared base
+            // (removed by whichever concurrent test ends last).
             let p = Path::new("/sys/fs/cgroup")
                 .join(root)
-                .join(&self.cfg.cgroup_parent);
+                .join(self.backend.host().cgroup_parent());
             let _ = std::fs::remove_dir(&p);
-            // Shared by concurrent tests: removed by whichever ends last.
             let _ = std::fs::remove_dir(p.parent().unwrap());
+            let _ = std::fs::remove_dir(p.parent().unwrap().parent().unwrap());
         }
     }
 }
@@ -181,7 +193,12 @@ impl Drop for Harness {
         self.remove_cgroup_parents();
         // The table belongs to this test's prefix only.
         let _ = std::process::Command::new("nft")
-            .args(["delete", "table", "inet", &self.cfg.name_prefix])
+            .args([
+                "delete",
+                "table",
+                "inet",
+                &self.backend.host().policy().table,
+            ])
             .status();
         // The shared base goes with the last test using it.
         let _ = std::fs::remove_dir_all(self.dir.path());
@@ -394,6 +411,9 @@ fn sh(args: &[&str]) {
 }
 
 impl Upstream {
+    /// A network namespace on a veth holding 100.200.100.2/24, a public
+    /// address (private and documentation ranges are closed to sessions),
+    /// reached only through the connected route on this host.
     fn new() -> Upstream {
         let tag = unique_tag();
         let netns = format!("sctest-up-{tag}");
@@ -402,7 +422,7 @@ impl Upstream {
         sh(&[
             "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]);
-        sh(&["ip", "addr", "add", "198.51.100.1/24", "dev", &veth]);
+        sh(&["ip", "addr", "add", "100.200.100.1/24", "dev", &veth]);
         sh(&["ip", "link", "set", &veth, "up"]);
         sh(&[
             "ip",
@@ -410,20 +430,22 @@ impl Upstream {
             &netns,
             "addr",
             "add",
-            "198.51.100.2/24",
+            "100.200.100.2/24",
             "dev",
             "eth0",
         ]);
         sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-        // A stand-in for a cloud metadata service behind the same link.
+        // A stand-in for a cloud metadata service behind the same link: the
+        // container one (ECS), not 169.254.169.254, whose host route the
+        // host crate's network test adds at the same time.
         sh(&[
             "ip",
             "-n",
             &netns,
             "addr",
             "add",
-            "169.254.169.254/32",
+            "169.254.170.2/32",
             "dev",
             "eth0",
         ]);
@@ -431,9 +453,9 @@ impl Upstream {
             "ip",
             "route",
             "add",
-            "169.254.169.254/32",
+            "169.254.170.2/32",
             "via",
-            "198.51.100.2",
+            "100.200.100.2",
         ]);
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -463,8 +485,8 @@ impl Upstream {
             veth,
             stop,
             thread: Some(thread),
-            addr: "198.51.100.2".parse().unwrap(),
-            host_addr: "198.51.100.1".parse().unwrap(),
+            addr: "100.200.100.2".parse().unwrap(),
+            host_addr: "100.200.100.1".parse().unwrap(),
             port,
         }
     }
@@ -546,7 +568,7 @@ echo "host_veth=$(probe {gw} {any_port})"
 echo "other_host_end=$(probe {b_gw} {any_port})"
 echo "other_session=$(probe {b_addr} 7777)"
 echo "upstream=$(probe {up} {upp})"
-echo "metadata=$(probe 169.254.169.254 {upp})"
+echo "metadata=$(probe 169.254.170.2 {upp})"
 "#,
         hostpid = std::process::id(),
         other_files = b_inst.files_dir().display(),
@@ -648,7 +670,7 @@ echo "metadata=$(probe 169.254.169.254 {upp})"
     );
     // The metadata address answers the host, but not a session with egress.
     assert_eq!(
-        connect_greeting("169.254.169.254".parse().unwrap(), upstream.port)
+        connect_greeting("169.254.170.2".parse().unwrap(), upstream.port)
             .await
             .as_deref(),
         Some("hello-upstream")
@@ -845,7 +867,7 @@ async fn reap_after_a_crash_removes_everything_but_kept_sessions() {
     assert!(keep_inst.exited().borrow().is_none());
     let kt = h.traces(&keep_inst, "keep");
     let nft = std::process::Command::new("nft")
-        .args(["list", "set", "inet", &kt.table, "egress"])
+        .args(["list", "set", "inet", &kt.table, "internet"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&nft.stdout).contains(&kt.veth));
@@ -884,7 +906,7 @@ async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
         );
         assert!(
             !Path::new("/run/netns")
-                .join(format!("{}-bad", h.cfg.name_prefix))
+                .join(h.backend.host().netns_name("bad"))
                 .exists(),
             "{what}: netns left"
         );
@@ -904,7 +926,7 @@ async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
         for root in ["memory", "cpu", "pids", "unified", ""] {
             let p = Path::new("/sys/fs/cgroup")
                 .join(root)
-                .join(&h.cfg.cgroup_parent)
+                .join(h.backend.host().cgroup_parent())
                 .join("bad");
             assert!(!p.exists(), "{what}: cgroup {} left", p.display());
         }
@@ -1010,7 +1032,10 @@ async fn readiness_checks_the_host() {
     }
     assert!(r.ready, "{r:#?}");
     let bad = SandboxBackend::new(SandboxConfig {
-        nft: "/nonexistent/nft".into(),
+        host: HostConfig {
+            nft: "/nonexistent/nft".into(),
+            ..h.cfg.host.clone()
+        },
         ..h.cfg.clone()
     })
     .unwrap()

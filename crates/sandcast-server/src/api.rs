@@ -96,8 +96,10 @@ pub struct CreateRequest {
     /// `["my-cli", "login"]`.
     #[schema(max_items = 64)]
     launch: Option<Vec<String>>,
-    /// Whether the session may reach the network outside the host.
-    egress: Option<bool>,
+    /// `"internet"`, `"none"`, a list of networks, or a bool; read in
+    /// [`validate`] so that a bad entry is named in a 400.
+    #[schema(value_type = Option<crate::openapi::EgressInput>)]
+    egress: Option<Value>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
@@ -185,6 +187,10 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
     if let Some(argv) = &launch {
         limits::check_launch(argv).map_err(|e| bad("launch", e))?;
     }
+    let egress = match req.egress {
+        None => cfg.session.egress.clone(),
+        Some(v) => limits::check_egress(v).map_err(|e| bad("egress", e))?,
+    };
     Ok(NewSession {
         user_id: req.user_id,
         provider: req.provider,
@@ -195,7 +201,7 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             kiosk: req.kiosk.unwrap_or(false),
             launch,
             idle_timeout_seconds: idle,
-            egress: req.egress.unwrap_or(cfg.session.egress),
+            egress,
         },
         ttl_seconds: ttl,
     })

@@ -51,6 +51,9 @@ pub struct Config {
     pub providers: BTreeMap<String, Provider>,
     /// The WebRTC gateway.
     pub webrtc: WebRtcSettings,
+    /// Host isolation shared by both backends: address pool, egress policy,
+    /// DNS, cgroups, names.
+    pub host: sandcast_host::HostConfig,
     /// Sandbox backend settings.
     pub sandbox: sandcast_sandbox::SandboxConfig,
     /// Firecracker backend settings (see docs/firecracker.md).
@@ -152,8 +155,9 @@ pub struct SessionDefaults {
     pub idle_timeout_seconds: u64,
     /// Page the browser opens.
     pub start_url: String,
-    /// Outbound network through NAT.
-    pub egress: bool,
+    /// Where sessions' outbound traffic may go: `"internet"`, `"none"` or a
+    /// list of networks (`true`/`false` read as `"internet"`/`"none"`).
+    pub egress: sandcast_backend::Egress,
     /// Memory limit per session; by default 2048 or what the host can
     /// spare, whichever is less.
     pub memory_mib: u64,
@@ -175,7 +179,7 @@ impl Default for SessionDefaults {
             ttl_seconds: 3600,
             idle_timeout_seconds: 900,
             start_url: "about:blank".into(),
-            egress: true,
+            egress: sandcast_backend::Egress::Internet,
             memory_mib: host.session_memory_mib(),
             cpu_millis: host.session_cpu_millis(),
             pids: 1024,
@@ -372,6 +376,7 @@ impl Default for Config {
             rate_limit: RateLimits::default(),
             providers: BTreeMap::new(),
             webrtc: WebRtcSettings::default(),
+            host: sandcast_host::HostConfig::default(),
             sandbox: sandcast_sandbox::SandboxConfig::default(),
             firecracker: FirecrackerSettings::default(),
             retention: Retention::default(),
@@ -380,6 +385,24 @@ impl Default for Config {
         }
     }
 }
+
+/// Keys of earlier versions that moved, with what replaces them.
+const MOVED_KEYS: &[(&str, &str)] = &[
+    (
+        "sandbox.subnet",
+        "host.subnet (one address pool for both backends)",
+    ),
+    ("sandbox.name_prefix", "host.name_prefix"),
+    ("sandbox.cgroup_parent", "host.cgroup_parent"),
+    ("sandbox.cgroup_root", "host.cgroup_root"),
+    ("sandbox.dns", "host.dns"),
+    ("sandbox.ip", "host.ip"),
+    ("sandbox.nft", "host.nft"),
+    (
+        "sandbox.egress_deny",
+        "nothing: every private and reserved range is closed to sessions now; open one with host.egress_allow",
+    ),
+];
 
 /// Firecracker backend settings; unset values take the backend's defaults.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -535,6 +558,11 @@ impl Config {
                     .filter(|k| is_setting(k.as_str())),
             )
             .merge(overrides);
+        for (old, new) in MOVED_KEYS {
+            if fig.find_value(old).is_ok() {
+                return Err(format!("{old} is no longer read; use {new}"));
+            }
+        }
         let mut config: Config = fig.extract().map_err(|e| e.to_string())?;
         // It can hold the API key: sessions must not read it.
         if let Some(f) = read {
@@ -609,6 +637,15 @@ impl Config {
     /// this host has (less a reserve for itself), for `sandcast doctor`.
     pub fn overcommit_warning(&self) -> Option<String> {
         HostSize::detect().overcommit(self.max_sessions, self.session.memory_mib)
+    }
+
+    /// The host isolation settings with this server's instance id, derived
+    /// from its data directory.
+    pub fn host_config(&self) -> sandcast_host::HostConfig {
+        sandcast_host::HostConfig {
+            instance: sandcast_host::instance_id(&self.data_dir),
+            ..self.host.clone()
+        }
     }
 
     /// Rejects values that cannot work, naming them.
@@ -768,6 +805,46 @@ mod tests {
             c.sandbox.sessions_memory_mib,
             3000.min(HostSize::detect().sessions_mib())
         );
+    }
+
+    #[test]
+    fn moved_keys_are_refused_naming_their_replacement() {
+        let dir = std::env::temp_dir().join(format!("sc-config-moved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |toml: &str| {
+            let f = dir.join("c.toml");
+            std::fs::write(&f, toml).unwrap();
+            Config::load(Some(&f), Figment::new())
+        };
+        let e = load("[sandbox]\nsubnet = \"10.9.0.0/16\"\n").unwrap_err();
+        assert!(
+            e.contains("sandbox.subnet") && e.contains("host.subnet"),
+            "{e}"
+        );
+        let e = load("[sandbox]\negress_deny = [\"10.0.0.0/8\"]\n").unwrap_err();
+        assert!(e.contains("host.egress_allow"), "{e}");
+        let c = load(
+            "[host]\nsubnet = \"100.70.0.0/16\"\negress_allow = [\"10.9.0.0/16\"]\n[session]\negress = false\n",
+        )
+        .unwrap();
+        assert_eq!(c.host.subnet, "100.70.0.0/16");
+        assert_eq!(c.session.egress, sandcast_backend::Egress::None);
+        let c = load("[session]\negress = [\"203.0.113.0/24:443\"]\n").unwrap();
+        assert!(matches!(
+            c.session.egress,
+            sandcast_backend::Egress::Allow(_)
+        ));
+        assert!(
+            load("[session]\negress = [\"bogus\"]\n")
+                .unwrap_err()
+                .contains("bogus")
+        );
+        // The instance follows the data directory.
+        let a = load(&format!("data_dir = {:?}\n", dir.join("a"))).unwrap();
+        let b = load(&format!("data_dir = {:?}\n", dir.join("b"))).unwrap();
+        assert_ne!(a.host_config().instance, b.host_config().instance);
+        assert_eq!(a.host_config().instance.len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

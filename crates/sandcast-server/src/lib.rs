@@ -58,13 +58,23 @@ pub fn agent_binary(config: &Config) -> PathBuf {
 }
 
 /// Builds the configured backend.
+///
+/// Both get the `[host]` settings with this server's instance id, so that
+/// everything they make on the host is this server's alone.
 pub fn backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
+    let host = config.host_config();
     Ok(match config.backend.as_str() {
-        "firecracker" => Arc::new(sandcast_firecracker::FirecrackerBackend::new(
-            config.firecracker.to_backend(),
-        )?),
+        "firecracker" => {
+            let mut fc = config.firecracker.to_backend();
+            fc.runtime_dir = fc.runtime_dir.join(&host.instance);
+            fc.host = host;
+            Arc::new(sandcast_firecracker::FirecrackerBackend::new(fc)?)
+        }
         _ => Arc::new(sandcast_sandbox::SandboxBackend::new(
-            config.sandbox.clone(),
+            sandcast_sandbox::SandboxConfig {
+                host,
+                ..config.sandbox.clone()
+            },
         )?),
     })
 }
@@ -279,6 +289,14 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     eprintln!("sandcast: stopping every session");
     manager.stop_all("the server shut down").await;
+    match manager.backend().release().await {
+        Ok(lines) if !lines.is_empty() => {
+            tracing::info!(removed = %lines.join(", "), "released the host")
+        }
+        Ok(_) => {}
+        // The next start (or `sandcast doctor`) reaps what is left.
+        Err(e) => tracing::warn!(error = %e, "could not release the host"),
+    }
     Ok(())
 }
 
@@ -310,7 +328,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             kiosk: false,
             launch: None,
             idle_timeout_seconds: cfg.session.idle_timeout_seconds,
-            egress: cfg.session.egress,
+            egress: cfg.session.egress.clone(),
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

@@ -128,9 +128,49 @@ fn truncate(s: &str, n: usize) -> &str {
     &s[..end]
 }
 
+/// Reads a request's `egress`: `"internet"`, `"none"`, `true`/`false` or a
+/// list of at most [`sandcast_backend::MAX_EGRESS_RULES`] networks with
+/// optional ports; the error names every bad entry.
+pub fn check_egress(v: serde_json::Value) -> Result<sandcast_backend::Egress, String> {
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn egress_forms_are_read_and_bad_entries_named() {
+        use sandcast_backend::Egress;
+        assert_eq!(
+            check_egress(serde_json::json!(true)).unwrap(),
+            Egress::Internet
+        );
+        assert_eq!(
+            check_egress(serde_json::json!("none")).unwrap(),
+            Egress::None
+        );
+        assert!(matches!(
+            check_egress(serde_json::json!(["10.1.0.0/16:3128"])).unwrap(),
+            Egress::Allow(r) if r.len() == 1
+        ));
+        let e = check_egress(serde_json::json!([
+            "203.0.113.0/24",
+            "300.1.1.1",
+            "1.2.3.4:99999"
+        ]))
+        .unwrap_err();
+        assert!(
+            e.contains("\"300.1.1.1\"") && e.contains("\"1.2.3.4:99999\""),
+            "{e}"
+        );
+        assert!(!e.contains("\"203.0.113.0/24\""), "{e}");
+        assert!(
+            check_egress(serde_json::json!({"a": 1}))
+                .unwrap_err()
+                .contains("internet")
+        );
+    }
 
     #[test]
     fn urls() {

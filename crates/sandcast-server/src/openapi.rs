@@ -238,6 +238,40 @@ pub async fn serve(Extension(doc): Extension<Served>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc.0).into_response()
 }
 
+/// Where a session's traffic may go: `"internet"` (every public address, no
+/// private or reserved range), `"none"`, or only the networks of a list,
+/// each with an optional port range (`"203.0.113.0/24:443"`,
+/// `"[2001:db8::/32]:8000-8100"`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Egress {
+    /// A policy by name.
+    Policy(EgressPolicy),
+    /// An allow list.
+    Allow(Vec<String>),
+}
+
+/// A named egress policy.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressPolicy {
+    /// Every public address.
+    Internet,
+    /// Nothing at all.
+    None,
+}
+
+/// An egress policy as a request gives it: as [`Egress`], or `true` for
+/// `"internet"` and `false` for `"none"`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EgressInput {
+    /// `true` or `false`.
+    Bool(bool),
+    /// A name or an allow list.
+    Egress(Egress),
+}
+
 /// A session as the API shows it (`api::session_json`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Session {
@@ -261,8 +295,8 @@ pub struct Session {
     pub kiosk: bool,
     /// The command run beside the browser.
     pub launch: Option<Vec<String>>,
-    /// Whether it may reach the network outside the host.
-    pub egress: bool,
+    /// Where its traffic may go.
+    pub egress: Egress,
     /// Seconds without a viewer before it stops.
     pub idle_timeout_seconds: u64,
     /// When it was created (RFC 3339).
@@ -513,7 +547,7 @@ mod tests {
                 kiosk: false,
                 launch: Some(vec!["my-cli".into(), "login".into()]),
                 idle_timeout_seconds: 300,
-                egress: true,
+                egress: sandcast_backend::Egress::Internet,
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,

@@ -136,7 +136,7 @@ mod tests {
                 kiosk: false,
                 launch: None,
                 idle_timeout_seconds: 60,
-                egress: false,
+                egress: sandcast_backend::Egress::None,
             },
             token_hash: "ab".into(),
             created_ms: 1,

@@ -89,8 +89,9 @@ pub struct Spec {
     pub launch: Option<Vec<String>>,
     /// Seconds without a viewer before it stops.
     pub idle_timeout_seconds: u64,
-    /// Outbound network.
-    pub egress: bool,
+    /// Where outbound traffic may go (`true`/`false` in rows of earlier
+    /// versions read as `"internet"`/`"none"`).
+    pub egress: sandcast_backend::Egress,
 }
 
 /// One stored session.
@@ -473,7 +474,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 kiosk: false,
                 launch: None,
                 idle_timeout_seconds: 0,
-                egress: false,
+                egress: sandcast_backend::Egress::None,
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
@@ -508,7 +509,7 @@ mod tests {
                 kiosk: false,
                 launch: Some(vec!["xterm".into()]),
                 idle_timeout_seconds: 60,
-                egress: true,
+                egress: sandcast_backend::Egress::Internet,
             },
             token_hash: "ab".into(),
             created_ms: 1,

@@ -26,9 +26,29 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // The instance's firewall table, named after its runtime directory.
+        let instance = sandcast_host::instance_id(&self.0.join("run"));
+        let _ = std::process::Command::new("nft")
+            .args([
+                "delete",
+                "table",
+                "inet",
+                &format!("{TEST_PREFIX}_{instance}"),
+            ])
+            .status();
+        // The instance's cgroup parent (the backend leaves parents in place).
+        for c in ["", "memory/", "cpu/", "pids/", "unified/"] {
+            let _ =
+                std::fs::remove_dir(format!("/sys/fs/cgroup/{c}{TEST_CGROUP_PARENT}/{instance}"));
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Names of the test instances' namespaces and tables, apart from a server's.
+pub const TEST_PREFIX: &str = "fctest";
+/// Their cgroup parent.
+pub const TEST_CGROUP_PARENT: &str = "sandcast-fc-test";
 
 /// A configuration that runs the double instead of Firecracker.
 pub fn config(dir: &Path) -> FirecrackerConfig {
@@ -47,6 +67,12 @@ pub fn config(dir: &Path) -> FirecrackerConfig {
         probe_kvm: false,
         writable_drive_mib: 64,
         runtime_dir: dir.join("run"),
+        host: sandcast_host::HostConfig {
+            name_prefix: TEST_PREFIX.into(),
+            cgroup_parent: TEST_CGROUP_PARENT.into(),
+            subnet: "100.74.0.0/16".into(),
+            ..sandcast_host::HostConfig::default()
+        },
         ..FirecrackerConfig::default()
     }
 }
@@ -70,7 +96,9 @@ pub fn launch_spec(backend: &FirecrackerBackend, dir: &Path, id: &SessionId) -> 
             cpu_millis: 2000,
             pids: 256,
         },
-        network: NetworkPolicy { egress: true },
+        network: NetworkPolicy {
+            egress: sandcast_backend::Egress::Internet,
+        },
         agent_token: Some(sandcast_backend::AgentToken::new(format!("token-of-{id}"))),
     }
 }
@@ -111,14 +139,31 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a namespace of session `id` exists (`<prefix>-<instance>-<id>`).
 pub fn netns_exists(id: &SessionId) -> bool {
-    Path::new("/run/netns").join(format!("fc-{id}")).exists()
+    let suffix = format!("-{id}");
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with(TEST_PREFIX) && n.ends_with(&suffix)
+            })
+        })
+        .unwrap_or(false)
 }
 
+/// Whether a cgroup of session `id` (`<parent>/<instance>/fc-<id>`) exists.
 pub fn cgroup_exists(id: &SessionId) -> bool {
-    ["", "memory/", "cpu/", "pids/"]
+    ["", "memory/", "cpu/", "pids/", "unified/"]
         .iter()
-        .any(|c| Path::new(&format!("/sys/fs/cgroup/{c}fc-sessions/fc-{id}")).exists())
+        .any(|c| {
+            std::fs::read_dir(format!("/sys/fs/cgroup/{c}{TEST_CGROUP_PARENT}"))
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|inst| inst.path().join(format!("fc-{id}")).exists())
+                })
+                .unwrap_or(false)
+        })
 }
 
 /// [`config`] with Firecracker run under the jailer double (Firecracker's

@@ -553,7 +553,7 @@ impl Actor {
                 pids: self.m.config.session.pids,
             },
             network: NetworkPolicy {
-                egress: self.spec.egress,
+                egress: self.spec.egress.clone(),
             },
             agent_token: Some(self.agent_token.clone()),
         };
@@ -830,7 +830,7 @@ mod tests {
             kiosk: false,
             launch: None,
             idle_timeout_seconds: idle,
-            egress: false,
+            egress: sandcast_backend::Egress::None,
         }
     }
 

@@ -108,7 +108,7 @@ fn request() -> NewSession {
             kiosk: false,
             launch: None,
             idle_timeout_seconds: 3600,
-            egress: false,
+            egress: sandcast_backend::Egress::None,
         },
         ttl_seconds: 3600,
     }

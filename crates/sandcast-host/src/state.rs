@@ -1,10 +1,11 @@
-//! What the backend made for each session, on disk, so that `stop` and a
-//! `reap` after a restart know exactly what to remove.
+//! What was made for each session, on disk, so that `stop` and a `reap`
+//! after a restart know exactly what to remove. The records live in the
+//! backend's state directory, which is the instance's own.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use sandcast_backend::BackendError;
+use sandcast_backend::{BackendError, Egress};
 use serde::{Deserialize, Serialize};
 
 /// One session's host resources.
@@ -22,15 +23,20 @@ pub struct Record {
     pub host_addr: Ipv4Addr,
     /// Session end address.
     pub session_addr: Ipv4Addr,
-    /// Whether egress is allowed.
-    pub egress: bool,
+    /// Where its traffic may go (`true`/`false` in records of earlier versions).
+    pub egress: Egress,
     /// The cgroup directories, one per hierarchy.
     pub cgroup_dirs: Vec<PathBuf>,
-    /// The per-session files (home, tmp, generated config), removed on stop.
+    /// The backend's per-session files, removed on stop (the sandbox's home,
+    /// tmp and generated config).
+    #[serde(default)]
     pub files_dir: PathBuf,
-    /// bwrap's host pid once started.
+    /// The backend's first host process (bwrap, Firecracker) once started.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// What else the backend made, in its own form.
+    #[serde(default)]
+    pub backend: serde_json::Value,
     /// The session's host uid (and gid), claimed from the uid range.
     #[serde(default)]
     pub uid: Option<u32>,
@@ -119,10 +125,11 @@ mod tests {
             block: 3,
             host_addr: "100.64.0.13".parse().unwrap(),
             session_addr: "100.64.0.14".parse().unwrap(),
-            egress: true,
+            egress: Egress::Internet,
             cgroup_dirs: vec!["/sys/fs/cgroup/sandcast/s1".into()],
             files_dir: "/data/s1/sandbox".into(),
             pid: Some(42),
+            backend: serde_json::json!({"jail": "/srv/jail/s1"}),
             uid: Some(2_000_123),
         };
         r.save(t.path()).unwrap();
@@ -134,5 +141,15 @@ mod tests {
         Record::delete(t.path(), "s1").unwrap();
         Record::delete(t.path(), "s1").unwrap();
         assert!(!Record::exists(t.path(), "s1"));
+    }
+
+    #[test]
+    fn records_of_earlier_versions_still_read() {
+        let old = r#"{"id":"s2","netns":"sandcast-s2","veth":"sc-01234567","block":1,
+            "host_addr":"100.64.0.5","session_addr":"100.64.0.6","egress":false,
+            "cgroup_dirs":[],"files_dir":"/d","pid":null}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(r.egress, Egress::None);
+        assert_eq!(r.backend, serde_json::Value::Null);
     }
 }

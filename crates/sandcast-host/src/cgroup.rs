@@ -120,6 +120,14 @@ impl Layout {
         }
     }
 
+    /// The session cgroup with these directories (from a record).
+    pub fn from_dirs(&self, dirs: Vec<PathBuf>) -> SessionCgroup {
+        SessionCgroup {
+            layout: self.clone(),
+            dirs,
+        }
+    }
+
     /// Limits the memory of everything under `parent` together (the
     /// parent's `memory.max`, or `memory.limit_in_bytes` on v1), creating
     /// the parent when missing. Written at each session start, so a changed
@@ -153,6 +161,78 @@ impl Layout {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+/// A session's cgroup as a plan: where it goes and what is written into it,
+/// carried out by [`SessionCgroup::create`] or by Firecracker's jailer from
+/// its `--cgroup` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupPlan {
+    /// cgroup v2 (one unified hierarchy) rather than v1.
+    pub v2: bool,
+    /// The parent, relative to each hierarchy's root.
+    pub parent: String,
+    /// The session's cgroup, under `parent`.
+    pub name: String,
+    /// Limit files and their values, in write order (only files every
+    /// host has: a jailer cannot skip a missing one).
+    pub values: Vec<(String, String)>,
+    /// The session's cgroup directories (one on v2, one per hierarchy on v1).
+    pub dirs: Vec<PathBuf>,
+}
+
+impl CgroupPlan {
+    /// The directory that holds the limit file `file` (on v1, that of its
+    /// controller, the part of its name before the first dot).
+    pub fn dir_for(&self, file: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|d| {
+                // <root>/<controller>/<parent...>/<name>
+                let depth = Path::new(&self.parent).components().count();
+                self.v2
+                    || d.ancestors()
+                        .nth(depth + 1)
+                        .and_then(Path::file_name)
+                        .is_some_and(|c| file.split('.').next() == c.to_str())
+            })
+            .map(PathBuf::as_path)
+    }
+}
+
+impl Layout {
+    /// The plan of cgroup `name` under `parent` with `limits`.
+    pub fn plan(&self, parent: &str, name: &str, limits: &Limits) -> CgroupPlan {
+        let values = limit_writes(self, limits)
+            .into_iter()
+            .filter(|(_, f, _)| !matches!(*f, "memory.swap.max" | "memory.memsw.limit_in_bytes"))
+            .map(|(_, f, v)| (f.to_string(), v))
+            .collect();
+        CgroupPlan {
+            v2: matches!(self, Layout::V2 { .. }),
+            parent: parent.to_string(),
+            name: name.to_string(),
+            values,
+            dirs: self.session(parent, name).dirs,
+        }
+    }
+
+    /// Makes `parent` in every hierarchy and, on v2, lets it hand the
+    /// memory, cpu and pids controllers down, so that a session cgroup made
+    /// under it (here or by a jailer) has its limit files.
+    pub fn prepare_parent(&self, parent: &str) -> Result<(), BackendError> {
+        match self {
+            Layout::V2 { root } => enable_v2_controllers(root, parent),
+            Layout::V1 { .. } => {
+                for d in self.parent_dirs(parent) {
+                    fs::create_dir_all(&d).map_err(|e| {
+                        BackendError::io(format!("creating cgroup {}", d.display()), e)
+                    })?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -241,9 +321,7 @@ impl SessionCgroup {
     /// Creates the directories (and, on v2, enables the controllers on the
     /// way down) and writes the limits.
     pub fn create(&self, parent: &str, limits: &Limits) -> Result<(), BackendError> {
-        if let Layout::V2 { root } = &self.layout {
-            enable_v2_controllers(root, parent)?;
-        }
+        self.layout.prepare_parent(parent)?;
         for d in &self.dirs {
             match fs::create_dir(d) {
                 Ok(()) => {}
@@ -536,6 +614,47 @@ mod tests {
         assert_eq!(r("cpu.max"), "25000 100000");
         assert_eq!(r("pids.max"), "64");
         assert!(!t.path().join("sc/parent/s2/memory.swap.max").exists());
+    }
+
+    #[test]
+    fn plans_name_dirs_and_values_for_a_jailer() {
+        let t = tempfile::tempdir().unwrap();
+        fake_v1(t.path(), true);
+        let layout = Layout::detect(t.path()).unwrap();
+        let limits = Limits {
+            memory_mib: 512,
+            cpu_millis: 1500,
+            pids: 300,
+        };
+        let plan = layout.plan("sandcast/0a1b", "fc-s1", &limits);
+        assert!(!plan.v2);
+        assert_eq!(
+            plan.values,
+            [
+                ("memory.limit_in_bytes", "536870912"),
+                ("cpu.cfs_period_us", "100000"),
+                ("cpu.cfs_quota_us", "150000"),
+                ("pids.max", "300")
+            ]
+            .map(|(f, v)| (f.to_string(), v.to_string()))
+        );
+        assert_eq!(
+            plan.dir_for("cpu.cfs_quota_us").unwrap(),
+            t.path().join("cpu/sandcast/0a1b/fc-s1")
+        );
+        assert_eq!(
+            plan.dir_for("memory.limit_in_bytes").unwrap(),
+            t.path().join("memory/sandcast/0a1b/fc-s1")
+        );
+        layout.prepare_parent("sandcast/0a1b").unwrap();
+        assert!(t.path().join("pids/sandcast/0a1b").is_dir());
+        let t2 = tempfile::tempdir().unwrap();
+        fs::write(t2.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let v2 = Layout::detect(t2.path()).unwrap().plan("p", "n", &limits);
+        assert!(v2.v2);
+        assert_eq!(v2.dirs, vec![t2.path().join("p/n")]);
+        assert_eq!(v2.dir_for("pids.max").unwrap(), t2.path().join("p/n"));
+        assert!(v2.values.iter().all(|(f, _)| f != "memory.swap.max"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Per-session networking: names, address blocks, the nftables table, and the
+//! Per-session networking: names, address blocks, resolvers, and the
 //! `ip`/`nft` commands that build and remove a session's network namespace.
 
 use std::collections::BTreeSet;
@@ -13,18 +13,25 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-/// Prefix of every host-side veth of any sandcast sandbox backend; the
-/// firewall drops traffic from all of them to the host and between them.
+/// Prefix of every host-side veth of any sandcast instance and backend;
+/// every instance's firewall drops traffic from all of them to the host and
+/// between them.
 pub const VETH_PREFIX: &str = "sc-";
 
 /// Name of the interface inside the session's network namespace.
 pub const INNER_IF: &str = "eth0";
 
-/// Host-side veth name for a session: `sc-` and 8 hex digits of a hash of
-/// the backend prefix and the id, short enough for IFNAMSIZ (15).
-pub fn veth_name(prefix: &str, id: &str) -> String {
-    let digest = Sha256::digest(format!("{prefix}/{id}").as_bytes());
-    let mut name = String::from(VETH_PREFIX);
+/// The prefix of every host-side veth of one instance: `sc-<instance>`.
+pub fn veth_prefix(instance: &str) -> String {
+    format!("{VETH_PREFIX}{instance}")
+}
+
+/// Host-side veth name for a session: `sc-`, the 4-digit instance id and 8
+/// hex digits of a hash of the instance and session id, 15 bytes, the most
+/// IFNAMSIZ allows.
+pub fn veth_name(instance: &str, id: &str) -> String {
+    let digest = Sha256::digest(format!("{instance}/{id}").as_bytes());
+    let mut name = veth_prefix(instance);
     for b in &digest[..4] {
         let _ = write!(name, "{b:02x}");
     }
@@ -32,19 +39,19 @@ pub fn veth_name(prefix: &str, id: &str) -> String {
 }
 
 /// Network namespace name for a session (`/run/netns/<name>`).
-pub fn netns_name(prefix: &str, id: &str) -> String {
-    format!("{prefix}-{id}")
+pub fn netns_name(prefix: &str, instance: &str, id: &str) -> String {
+    format!("{prefix}-{instance}-{id}")
 }
 
-/// The link alias that marks a host-side veth as this backend's, so reap can
-/// find it without the state file.
-pub fn veth_alias(prefix: &str, id: &str) -> String {
-    format!("sandcast-sandbox:{prefix}:{id}")
+/// The link alias that marks a host-side veth as this instance's, so reap
+/// can find it without the record.
+pub fn veth_alias(prefix: &str, instance: &str, id: &str) -> String {
+    format!("sandcast:{prefix}-{instance}:{id}")
 }
 
-/// nftables table name for a backend prefix (nft identifiers take no `-`).
-pub fn table_name(prefix: &str) -> String {
-    prefix.replace('-', "_")
+/// nftables table name of an instance (nft identifiers take no `-`).
+pub fn table_name(prefix: &str, instance: &str) -> String {
+    format!("{prefix}_{instance}").replace('-', "_")
 }
 
 /// The addresses of one session's /30 block.
@@ -110,95 +117,6 @@ pub fn parse_subnet(s: &str) -> Result<Ipv4Net, BackendError> {
         )));
     }
     Ok(net.trunc())
-}
-
-/// A session as the firewall sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FirewallEntry {
-    /// Host-side veth name.
-    pub veth: String,
-    /// Whether the session may reach the outside.
-    pub egress: bool,
-}
-
-/// The whole table, as one atomic `nft -f` transaction that replaces any
-/// previous version of it. `deny` lists destinations no session may reach
-/// even with egress on (by default the link-local range with the cloud
-/// metadata service).
-pub fn ruleset(
-    table: &str,
-    subnet: Ipv4Net,
-    deny: &[Ipv4Net],
-    sessions: &[FirewallEntry],
-) -> String {
-    let elems = |pick: &dyn Fn(&FirewallEntry) -> bool| -> String {
-        let list: Vec<String> = sessions
-            .iter()
-            .filter(|s| pick(s))
-            .map(|s| format!("\"{}\"", s.veth))
-            .collect();
-        if list.is_empty() {
-            String::new()
-        } else {
-            format!(" elements = {{ {} }};", list.join(", "))
-        }
-    };
-    let all = elems(&|_| true);
-    let egress = elems(&|s| s.egress);
-    let p = VETH_PREFIX;
-    let deny = if deny.is_empty() {
-        String::new()
-    } else {
-        let list: Vec<String> = deny.iter().map(ToString::to_string).collect();
-        format!(
-            "\t\tiifname @sessions ip daddr {{ {} }} drop\n",
-            list.join(", ")
-        )
-    };
-    format!(
-        "table inet {table}\n\
-         delete table inet {table}\n\
-         table inet {table} {{\n\
-         \tset sessions {{ type ifname;{all} }}\n\
-         \tset egress {{ type ifname;{egress} }}\n\
-         \tchain input {{\n\
-         \t\ttype filter hook input priority filter - 10; policy accept;\n\
-         \t\t# Nothing from a session reaches the host itself (API, agent sockets' peers, other services).\n\
-         \t\tiifname \"{p}*\" drop\n\
-         \t}}\n\
-         \tchain forward {{\n\
-         \t\ttype filter hook forward priority filter - 10; policy accept;\n\
-         \t\tiifname \"{p}*\" oifname \"{p}*\" drop\n\
-         \t\t# A gateway address is no host's: it must not route out either.\n\
-         \t\tiifname \"{p}*\" ip daddr {subnet} drop\n\
-         \t\toifname \"{p}*\" ct state established,related accept\n\
-         \t\toifname \"{p}*\" drop\n\
-         {deny}\
-         \t\tiifname @sessions iifname != @egress drop\n\
-         \t\tiifname @sessions accept\n\
-         \t}}\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {subnet} oifname != \"{p}*\" masquerade\n\
-         \t}}\n\
-         }}\n"
-    )
-}
-
-/// Commands that add one session's interface to the sets.
-pub fn add_elements(table: &str, entry: &FirewallEntry) -> String {
-    let mut s = format!(
-        "add element inet {table} sessions {{ \"{}\" }}\n",
-        entry.veth
-    );
-    if entry.egress {
-        let _ = writeln!(
-            s,
-            "add element inet {table} egress {{ \"{}\" }}",
-            entry.veth
-        );
-    }
-    s
 }
 
 /// Runs a tool, returning stdout or an error with its stderr.
@@ -302,10 +220,11 @@ pub fn block_macs(index: u32) -> (String, String) {
     )
 }
 
-/// The resolv.conf a session gets: `configured` servers, else the host's
+/// The DNS servers a session uses: `configured` servers, else the host's
 /// upstream ones that a session can reach (IPv4, not loopback, not in the
-/// session subnet), else public resolvers.
-pub fn resolv_conf(configured: &[IpAddr], host_files: &[&str], subnet: Ipv4Net) -> String {
+/// session subnet), else public resolvers; at most three. The egress policy
+/// lets sessions reach exactly these on port 53, wherever they are.
+pub fn resolvers(configured: &[IpAddr], host_files: &[&str], subnet: Ipv4Net) -> Vec<IpAddr> {
     // Sessions only have an IPv4 route out.
     let usable = |ip: &IpAddr| match ip {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified() && !subnet.contains(v4),
@@ -331,8 +250,14 @@ pub fn resolv_conf(configured: &[IpAddr], host_files: &[&str], subnet: Ipv4Net) 
             IpAddr::V4(Ipv4Addr::new(9, 9, 9, 9)),
         ];
     }
+    servers.truncate(3);
+    servers
+}
+
+/// The resolv.conf naming `servers`.
+pub fn resolv_conf(servers: &[IpAddr]) -> String {
     let mut s = String::new();
-    for ip in servers.iter().take(3) {
+    for ip in servers {
         let _ = writeln!(s, "nameserver {ip}");
     }
     s.push_str("options timeout:2 attempts:2\n");
@@ -345,13 +270,18 @@ mod tests {
 
     #[test]
     fn veth_names_fit_ifnamsiz_and_differ() {
-        let a = veth_name("sandcast", "a".repeat(64).as_str());
-        assert!(a.len() <= 15 && a.starts_with("sc-"), "{a}");
-        assert_eq!(a, veth_name("sandcast", &"a".repeat(64)));
-        assert_ne!(veth_name("sandcast", "s1"), veth_name("sandcast", "s2"));
-        assert_ne!(veth_name("sandcast", "s1"), veth_name("other", "s1"));
-        assert_eq!(netns_name("sandcast", "s1"), "sandcast-s1");
-        assert_eq!(table_name("sc-test-1"), "sc_test_1");
+        let a = veth_name("0a1b", "a".repeat(64).as_str());
+        assert!(a.len() == 15 && a.starts_with("sc-0a1b"), "{a}");
+        assert_eq!(a, veth_name("0a1b", &"a".repeat(64)));
+        assert_ne!(veth_name("0a1b", "s1"), veth_name("0a1b", "s2"));
+        assert!(veth_name("ffff", "s1").starts_with(&veth_prefix("ffff")));
+        assert_ne!(veth_name("0a1b", "s1")[7..], veth_name("ffff", "s1")[7..]);
+        assert_eq!(netns_name("sandcast", "0a1b", "s1"), "sandcast-0a1b-s1");
+        assert_eq!(
+            veth_alias("sandcast", "0a1b", "s1"),
+            "sandcast:sandcast-0a1b:s1"
+        );
+        assert_eq!(table_name("sc-test", "0a1b"), "sc_test_0a1b");
     }
 
     #[test]
@@ -424,85 +354,27 @@ mod tests {
     }
 
     #[test]
-    fn ruleset_isolates_and_lists_sessions() {
-        let net = parse_subnet("100.64.0.0/16").unwrap();
-        let text = ruleset(
-            "sandcast",
-            net,
-            &[parse_subnet("169.254.0.0/16").unwrap()],
-            &[
-                FirewallEntry {
-                    veth: "sc-00000001".into(),
-                    egress: true,
-                },
-                FirewallEntry {
-                    veth: "sc-00000002".into(),
-                    egress: false,
-                },
-            ],
-        );
-        assert!(text.starts_with("table inet sandcast\ndelete table inet sandcast\n"));
-        assert!(text.contains(
-            "set sessions { type ifname; elements = { \"sc-00000001\", \"sc-00000002\" }; }"
-        ));
-        assert!(text.contains("set egress { type ifname; elements = { \"sc-00000001\" }; }"));
-        assert!(text.contains("hook input priority filter - 10; policy accept;\n\t\t# Nothing"));
-        assert!(text.contains("\t\tiifname \"sc-*\" drop\n"));
-        assert!(text.contains("iifname \"sc-*\" oifname \"sc-*\" drop"));
-        assert!(text.contains("iifname @sessions iifname != @egress drop"));
-        assert!(text.contains("\t\tiifname @sessions ip daddr { 169.254.0.0/16 } drop\n"));
-        assert!(text.contains("ip saddr 100.64.0.0/16 oifname != \"sc-*\" masquerade"));
-        // Gateway addresses are not the host's, so they need a rule of their own.
-        let drop_gateways = text
-            .find("iifname \"sc-*\" ip daddr 100.64.0.0/16 drop")
-            .unwrap();
-        assert!(drop_gateways < text.find("iifname @sessions accept").unwrap());
-        // Sessions-to-sessions drop comes before any accept.
-        let drop_between = text.find("oifname \"sc-*\" drop").unwrap();
-        let accept = text.find("iifname @sessions accept").unwrap();
-        assert!(drop_between < accept);
-        // Empty sets carry no (invalid) empty element list.
-        let empty = ruleset("t", net, &[], &[]);
-        assert!(!empty.contains("daddr {"), "{empty}");
-        assert!(empty.contains("set sessions { type ifname; }"), "{empty}");
-    }
-
-    #[test]
-    fn element_commands_follow_egress() {
-        let on = add_elements(
-            "t",
-            &FirewallEntry {
-                veth: "sc-1".into(),
-                egress: true,
-            },
-        );
-        assert_eq!(
-            on,
-            "add element inet t sessions { \"sc-1\" }\nadd element inet t egress { \"sc-1\" }\n"
-        );
-        let off = add_elements(
-            "t",
-            &FirewallEntry {
-                veth: "sc-1".into(),
-                egress: false,
-            },
-        );
-        assert!(!off.contains("egress"));
-    }
-
-    #[test]
-    fn resolv_conf_avoids_host_loopback() {
+    fn resolvers_avoid_host_loopback() {
         let net = parse_subnet("100.64.0.0/16").unwrap();
         let stub = "nameserver 127.0.0.53\noptions edns0\n";
         let upstream = "# resolved\nnameserver fe80::1%eth0\nnameserver 10.0.0.2\n";
-        let r = resolv_conf(&[], &[stub, upstream], net);
-        assert!(r.starts_with("nameserver 10.0.0.2\noptions"), "{r}");
-        assert!(!r.contains("127.0.0.53"));
-        let r = resolv_conf(&[], &[stub], net);
-        assert!(r.starts_with("nameserver 1.1.1.1\n"), "{r}");
-        let r = resolv_conf(&["8.8.8.8".parse().unwrap()], &[upstream], net);
-        assert!(r.starts_with("nameserver 8.8.8.8\noptions"), "{r}");
-        let r = resolv_conf(&[], &["nameserver 100.64.0.1\n"], net);
-        assert!(!r.contains("100.64.0.1"), "{r}");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(resolvers(&[], &[stub, upstream], net), vec![ip("10.0.0.2")]);
+        assert_eq!(
+            resolvers(&[], &[stub], net),
+            vec![ip("1.1.1.1"), ip("9.9.9.9")]
+        );
+        assert_eq!(
+            resolvers(&[ip("8.8.8.8")], &[upstream], net),
+            vec![ip("8.8.8.8")]
+        );
+        assert_eq!(
+            resolvers(&[], &["nameserver 100.64.0.1\n"], net),
+            vec![ip("1.1.1.1"), ip("9.9.9.9")]
+        );
+        assert_eq!(
+            resolv_conf(&[ip("10.0.0.2")]),
+            "nameserver 10.0.0.2\noptions timeout:2 attempts:2\n"
+        );
     }
 }
