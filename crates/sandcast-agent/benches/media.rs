@@ -117,6 +117,7 @@ async fn main() {
             browser: BrowserConfig {
                 binary: "/usr/bin/chromium".into(),
                 extra_args: vec![],
+                policy: None,
             },
             restart: RestartPolicy::default(),
             max_fps: 60,

@@ -289,6 +289,7 @@ mod tests {
             browser: BrowserConfig {
                 binary: "/usr/bin/chromium".into(),
                 extra_args: vec!["--lang=de".into()],
+                policy: None,
             },
             restart: RestartPolicy::default(),
             max_fps: 60,

@@ -13,6 +13,7 @@ mod children;
 mod logging;
 mod media;
 mod mmds;
+mod policy;
 mod restart;
 mod session;
 mod supervisor;

@@ -278,6 +278,7 @@ pub(crate) mod tests {
             browser: BrowserConfig {
                 binary: "/bin/false".into(),
                 extra_args: Vec::new(),
+                policy: None,
             },
             restart: Default::default(),
             max_fps: 30,

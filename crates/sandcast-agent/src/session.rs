@@ -4,6 +4,7 @@
 //! without its server).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -54,6 +55,18 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     }
     if config.server_time_ms > 0 {
         set_clock_if_behind(config.server_time_ms);
+    }
+    // The browser never runs without its URL filters.
+    if let Some(policy) = &config.browser.policy
+        && let Err(reason) = crate::policy::install(policy, Path::new("/"))
+    {
+        framed
+            .send(Message::Fatal {
+                reason: reason.clone(),
+            })
+            .await?;
+        let _ = SinkExt::<Message>::close(&mut framed).await;
+        bail!(reason);
     }
     let (mut sink, mut stream) = framed.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUTBOX);

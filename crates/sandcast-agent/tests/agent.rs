@@ -27,6 +27,7 @@ fn config(url: &str) -> SessionConfig {
         browser: BrowserConfig {
             binary: "/usr/bin/chromium".into(),
             extra_args: vec![],
+            policy: None,
         },
         restart: RestartPolicy {
             initial_backoff_ms: 50,

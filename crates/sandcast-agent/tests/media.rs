@@ -42,6 +42,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         browser: BrowserConfig {
             binary: "/usr/bin/chromium".into(),
             extra_args: vec![],
+            policy: None,
         },
         restart: RestartPolicy::default(),
         max_fps: 30,

@@ -69,6 +69,7 @@ async fn until_ready(
         browser: BrowserConfig {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),
+            policy: None,
         },
         restart: Default::default(),
         max_fps: 30,

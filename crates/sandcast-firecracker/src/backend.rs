@@ -482,7 +482,13 @@ impl FirecrackerBackend {
                 )
                 .await?,
         );
-        if let Some(j) = &running.jail {
+        // Jailed, Firecracker runs as the uid the host layer claimed for
+        // this session with its record: no two sessions share one.
+        let uid = running.rec.as_ref().and_then(|r| r.uid);
+        if let Some(j) = running.jail.as_mut() {
+            j.set_owner(uid.ok_or_else(|| {
+                BackendError::Start("the host layer claimed no uid for the session".into())
+            })?)?;
             j.create(&format!("{VSOCK_SOCKET}_{AGENT_VSOCK_PORT}"))?;
         }
         // Stale sockets from an earlier run would make Firecracker fail to bind.
@@ -508,7 +514,10 @@ impl FirecrackerBackend {
         }
         let netns = self.host.netns_name(spec.id.as_str());
         if self.config.network {
-            let owner = self.config.jailer.as_ref().map(|j| (j.uid, j.gid));
+            let owner = match (&running.jail, uid) {
+                (Some(_), Some(u)) => Some((u, u)),
+                _ => None,
+            };
             let hc = self.host.config();
             host::setup_tap(&hc.ip, &hc.nft, &netns, owner).await?;
         }
@@ -677,7 +686,7 @@ impl FirecrackerBackend {
                 let mut cmd = tokio::process::Command::new(jailer);
                 let api_sock = format!("/{API_SOCKET}");
                 let netns = self.host.netns_path(spec.id.as_str());
-                cmd.args(jail.jailer_args(bin, plan, Some(&netns), &["--api-sock", &api_sock]));
+                cmd.args(jail.jailer_args(bin, plan, Some(&netns), &["--api-sock", &api_sock])?);
                 (cmd, None, Vec::new())
             }
             _ => {
@@ -1109,14 +1118,15 @@ impl Backend for FirecrackerBackend {
         vsock::guest_port_socket(&dir.join(VSOCK_SOCKET), AGENT_VSOCK_PORT)
     }
 
-    fn agent_peer_uid(&self, _id: &SessionId) -> Option<u32> {
+    fn agent_peer_uid(&self, id: &SessionId) -> Option<u32> {
         // With hybrid vsock the guest's connection to the agent port is made
         // on the host by the Firecracker process, so the peer is Firecracker,
-        // not the guest: the jail's uid when jailed, else the uid this server
-        // started it as (its own, root in every supported setup). Anything in
-        // the guest is behind the VMM and never appears as a host peer.
+        // not the guest: jailed, the session's own uid (from its record);
+        // else the uid this server started it as (its own, root in every
+        // supported setup). Anything in the guest is behind the VMM and never
+        // appears as a host peer.
         match &self.config.jailer {
-            Some(j) => Some(j.uid),
+            Some(_) => sandcast_host::state::Record::load(self.host.state_dir(), id.as_str())?.uid,
             // SAFETY: geteuid(2) cannot fail.
             None => Some(unsafe { libc::geteuid() }),
         }
@@ -1349,9 +1359,10 @@ mod tests {
             jailed.agent_socket(&id, Path::new("/s/x")),
             PathBuf::from("/srv/jailer/firecracker/fc-ab/root/vsock.sock_1024")
         );
-        // The agent's connections come from Firecracker: the jail's uid, or
-        // this process's own uid when it is not jailed.
-        assert_eq!(jailed.agent_peer_uid(&id), Some(65534));
+        // The agent's connections come from Firecracker: the session's own
+        // uid when jailed (none for a session without a record: every peer
+        // is refused), or this process's own uid when it is not jailed.
+        assert_eq!(jailed.agent_peer_uid(&id), None);
         // SAFETY: geteuid(2) cannot fail.
         assert_eq!(b.agent_peer_uid(&id), Some(unsafe { libc::geteuid() }));
         let args = b.boot_args();

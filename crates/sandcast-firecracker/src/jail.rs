@@ -24,10 +24,6 @@ pub struct JailerConfig {
     /// The `jailer` binary, of the same release as `firecracker`: a path, or a
     /// name looked up on `PATH`. Default `jailer`.
     pub jailer_bin: PathBuf,
-    /// The uid Firecracker runs as. It must not be 0. Default 65534.
-    pub uid: u32,
-    /// The gid Firecracker runs as. Default 65534.
-    pub gid: u32,
     /// Where the jails are built (the jailer's `--chroot-base-dir`). Default
     /// `/srv/jailer`, the jailer's own default.
     pub chroot_base_dir: PathBuf,
@@ -37,8 +33,6 @@ impl Default for JailerConfig {
     fn default() -> Self {
         JailerConfig {
             jailer_bin: "jailer".into(),
-            uid: 65534,
-            gid: 65534,
             chroot_base_dir: "/srv/jailer".into(),
         }
     }
@@ -59,8 +53,9 @@ pub struct Jail {
     /// `<dir>/root`, the jail's `/`.
     pub root: PathBuf,
     chroot_base_dir: PathBuf,
-    uid: u32,
-    gid: u32,
+    /// The session's own uid (and gid of the same number), claimed by the
+    /// host layer with the session's record; set by [`Jail::set_owner`].
+    owner: Option<u32>,
 }
 
 impl Jail {
@@ -77,12 +72,6 @@ impl Jail {
                 jail_id.len()
             )));
         }
-        if config.uid == 0 {
-            return Err(BackendError::InvalidSpec(
-                "firecracker.jailer.uid is 0: the jail is only worth having with an unprivileged uid"
-                    .into(),
-            ));
-        }
         let exec_name = firecracker.file_name().ok_or_else(|| {
             BackendError::InvalidSpec(format!(
                 "firecracker binary {} has no file name",
@@ -96,8 +85,28 @@ impl Jail {
             dir,
             root,
             chroot_base_dir: config.chroot_base_dir.clone(),
-            uid: config.uid,
-            gid: config.gid,
+            owner: None,
+        })
+    }
+
+    /// Makes `uid` (and the gid of the same number) the jail's: Firecracker
+    /// runs as it, and the files it uses are given to it. Each session has
+    /// a uid of its own, so no two Firecrackers share one.
+    pub fn set_owner(&mut self, uid: u32) -> Result<(), BackendError> {
+        if uid == 0 {
+            return Err(BackendError::InvalidSpec(
+                "the jail's uid is 0: the jail is only worth having with an unprivileged uid"
+                    .into(),
+            ));
+        }
+        self.owner = Some(uid);
+        Ok(())
+    }
+
+    /// The jail's uid; set before anything is given to it.
+    fn owner(&self) -> Result<u32, BackendError> {
+        self.owner.ok_or_else(|| {
+            BackendError::Start(format!("jail {} has no uid yet (set_owner first)", self.id))
         })
     }
 
@@ -131,18 +140,17 @@ impl Jail {
     pub async fn bring_in(&self, from: &Path, name: &str) -> Result<String, BackendError> {
         let meta = std::fs::metadata(from)
             .map_err(|e| BackendError::io(format!("reading {}", from.display()), e))?;
+        let id = self.owner()?;
         let readable = meta.mode() & 0o004 != 0
-            || (meta.uid() == self.uid && meta.mode() & 0o400 != 0)
-            || (meta.gid() == self.gid && meta.mode() & 0o040 != 0);
+            || (meta.uid() == id && meta.mode() & 0o400 != 0)
+            || (meta.gid() == id && meta.mode() & 0o040 != 0);
         if !readable {
             return Err(BackendError::NotReady(format!(
-                "{} (mode {:o}, owner {}:{}) is not readable by the jail's uid {} and gid {}",
+                "{} (mode {:o}, owner {}:{}) is not readable by the jail's uid and gid {id}; sessions' uids come from host.uid_range, so make it readable by others (o+r)",
                 from.display(),
                 meta.mode() & 0o7777,
                 meta.uid(),
                 meta.gid(),
-                self.uid,
-                self.gid
             )));
         }
         let to = self.host_path(name);
@@ -156,7 +164,8 @@ impl Jail {
     /// Gives a file or socket in the jail (or the agent's socket) to the
     /// jail's uid and gid, so the unprivileged Firecracker can use it.
     pub fn give(&self, path: &Path) -> Result<(), BackendError> {
-        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
+        let id = self.owner()?;
+        std::os::unix::fs::chown(path, Some(id), Some(id))
             .map_err(|e| BackendError::io(format!("giving {} to the jail", path.display()), e))
     }
 
@@ -169,16 +178,17 @@ impl Jail {
         plan: &CgroupPlan,
         netns: Option<&Path>,
         extra: &[&str],
-    ) -> Vec<OsString> {
+    ) -> Result<Vec<OsString>, BackendError> {
+        let id = self.owner()?;
         let mut a: Vec<OsString> = vec![
             "--id".into(),
             self.id.clone().into(),
             "--exec-file".into(),
             firecracker.into(),
             "--uid".into(),
-            self.uid.to_string().into(),
+            id.to_string().into(),
             "--gid".into(),
-            self.gid.to_string().into(),
+            id.to_string().into(),
             "--chroot-base-dir".into(),
             self.chroot_base_dir.clone().into(),
             "--cgroup-version".into(),
@@ -196,7 +206,7 @@ impl Jail {
         }
         a.push("--".into());
         a.extend(extra.iter().map(OsString::from));
-        a
+        Ok(a)
     }
 
     /// Removes the jail with everything in it (hard links only: the host
@@ -221,12 +231,11 @@ mod tests {
     fn jail(base: &str) -> (JailerConfig, Jail) {
         let config = JailerConfig {
             jailer_bin: "/usr/bin/jailer".into(),
-            uid: 123,
-            gid: 100,
             chroot_base_dir: base.into(),
         };
         let id = SessionId::new("ab12").unwrap();
-        let j = Jail::new(&config, Path::new("/usr/bin/firecracker"), &id).unwrap();
+        let mut j = Jail::new(&config, Path::new("/usr/bin/firecracker"), &id).unwrap();
+        j.set_owner(2_000_123).unwrap();
         (config, j)
     }
 
@@ -255,19 +264,21 @@ mod tests {
             ],
             dirs: Vec::new(),
         };
-        let args = j.jailer_args(
-            Path::new("/usr/bin/firecracker"),
-            &plan,
-            Some(Path::new("/run/netns/fc-ab12")),
-            &["--api-sock", "/firecracker.sock"],
-        );
+        let args = j
+            .jailer_args(
+                Path::new("/usr/bin/firecracker"),
+                &plan,
+                Some(Path::new("/run/netns/fc-ab12")),
+                &["--api-sock", "/firecracker.sock"],
+            )
+            .unwrap();
         let args: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         assert_eq!(
             args.join(" "),
-            "--id fc-ab12 --exec-file /usr/bin/firecracker --uid 123 --gid 100 \
+            "--id fc-ab12 --exec-file /usr/bin/firecracker --uid 2000123 --gid 2000123 \
              --chroot-base-dir /srv/jailer --cgroup-version 2 --parent-cgroup fc-sessions \
              --cgroup memory.max=1073741824 --cgroup cpu.max=200000 100000 \
              --netns /run/netns/fc-ab12 -- --api-sock /firecracker.sock"
@@ -280,12 +291,12 @@ mod tests {
         let long = SessionId::new("a".repeat(62)).unwrap();
         let e = Jail::new(&config, Path::new("firecracker"), &long).unwrap_err();
         assert!(e.to_string().contains("too long for the jailer"), "{e}");
-        let root = JailerConfig {
-            uid: 0,
-            ..JailerConfig::default()
-        };
         let id = SessionId::new("x").unwrap();
-        let e = Jail::new(&root, Path::new("firecracker"), &id).unwrap_err();
+        let mut j = Jail::new(&config, Path::new("firecracker"), &id).unwrap();
+        // Nothing is given to a jail before its uid is set, and never uid 0.
+        let e = j.give(Path::new("/nonexistent")).unwrap_err();
+        assert!(e.to_string().contains("no uid yet"), "{e}");
+        let e = j.set_owner(0).unwrap_err();
         assert!(e.to_string().contains("uid is 0"), "{e}");
         let (_, j) = jail(&format!("/tmp/{}", "d".repeat(80)));
         let e = j.create("vsock.sock_1024").unwrap_err();
@@ -309,7 +320,8 @@ mod tests {
             .unwrap();
         let e = j.bring_in(&secret, "secret").await.unwrap_err();
         assert!(
-            e.to_string().contains("not readable by the jail's uid 123"),
+            e.to_string()
+                .contains("not readable by the jail's uid and gid 2000123"),
             "{e}"
         );
         j.remove().unwrap();

@@ -50,9 +50,15 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
     let instance = backend.start(&spec).await.unwrap();
     let pid = instance.pid().unwrap();
     assert!(process_alive(pid));
-    // The jailer exec'd Firecracker in place, unprivileged.
-    assert_eq!(status_field(pid, "Uid"), "65534 65534 65534 65534");
-    assert_eq!(status_field(pid, "Gid"), "65534 65534 65534 65534");
+    // The jailer exec'd Firecracker in place, unprivileged, as the session's
+    // own uid from the host layer's range: what the server expects on the
+    // agent's connections.
+    let uid = backend.agent_peer_uid(&id).expect("a jailed session's uid");
+    let [lo, hi] = backend.host().config().uid_range;
+    assert!((lo..=hi).contains(&uid), "{uid}");
+    let ids = format!("{uid} {uid} {uid} {uid}");
+    assert_eq!(status_field(pid, "Uid"), ids);
+    assert_eq!(status_field(pid, "Gid"), ids);
     assert_eq!(status_field(pid, "Groups"), "");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args: Vec<String> = cmdline
@@ -87,7 +93,7 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
     );
     assert_eq!(
         std::fs::metadata(root.join("writable.ext4")).unwrap().uid(),
-        65534
+        uid
     );
     // In the session's network namespace...
     let ns = |p: &str| std::fs::metadata(p).unwrap().ino();
@@ -123,7 +129,22 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
         .unwrap();
     let taps = String::from_utf8_lossy(&taps.stdout);
     assert!(taps.contains(&format!("{}: tap", host::TAP_NAME)), "{taps}");
-    assert!(taps.contains("user 65534 group 65534"), "{taps}");
+    assert!(taps.contains(&format!("user {uid} group {uid}")), "{taps}");
+
+    // A second session at the same time runs as a uid of its own.
+    let id2 = session_id("jailed2");
+    let spec2 = launch_spec(&backend, &dir.0, &id2);
+    let _listener2 = UnixListener::bind(&spec2.agent_socket).unwrap();
+    let instance2 = backend.start(&spec2).await.unwrap();
+    let uid2 = backend
+        .agent_peer_uid(&id2)
+        .expect("the second session's uid");
+    assert_ne!(uid, uid2, "two sessions share a uid");
+    assert_eq!(
+        status_field(instance2.pid().unwrap(), "Uid"),
+        format!("{uid2} {uid2} {uid2} {uid2}")
+    );
+    instance2.stop(Duration::from_secs(5)).await.unwrap();
 
     let (_conn, hello) = agent_hello(&listener).await;
     assert_eq!(hello["type"], "hello");
@@ -151,6 +172,13 @@ async fn a_jailed_vm_runs_unprivileged_in_its_jail_cgroup_and_namespace() {
     );
     assert!(!process_alive(pid));
     assert!(!jail.exists(), "the jail is left behind");
+    // Its uid is free again.
+    let claims = sandcast_host::uid::claims_dir(&backend.host().config().lock_dir);
+    assert!(
+        !claims.join(uid.to_string()).exists(),
+        "uid {uid} still claimed"
+    );
+    assert_eq!(backend.agent_peer_uid(&id), None);
     assert!(!netns_exists(&id));
     assert!(!cgroup_exists(&id));
     // Firecracker's log outlives the jail, beside the console.
@@ -174,7 +202,7 @@ async fn jailed_failures_name_the_cause_and_leave_nothing() {
     let _listener = UnixListener::bind(&spec.agent_socket).unwrap();
     let e = backend.start(&spec).await.err().unwrap().to_string();
     assert!(
-        e.contains("vmlinux") && e.contains("not readable by the jail's uid 65534"),
+        e.contains("vmlinux") && e.contains("not readable by the jail's uid and gid"),
         "{e}"
     );
     assert!(!jail_dir(&dir.0, &id).exists());

@@ -30,6 +30,7 @@ pub mod cgroup;
 pub mod net;
 pub mod policy;
 pub mod state;
+pub mod uid;
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -86,6 +87,9 @@ pub struct HostConfig {
     pub ip: PathBuf,
     /// The `nft` binary (nftables).
     pub nft: PathBuf,
+    /// Host uids for sessions, first and last: each session of either
+    /// backend runs as a uid of its own (see [`uid`]).
+    pub uid_range: [u32; 2],
 }
 
 impl Default for HostConfig {
@@ -101,6 +105,7 @@ impl Default for HostConfig {
             lock_dir: "/run/sandcast".into(),
             ip: "/usr/sbin/ip".into(),
             nft: "/usr/sbin/nft".into(),
+            uid_range: [2_000_000, 2_065_535],
         }
     }
 }
@@ -203,6 +208,7 @@ impl Host {
                 "instance id {instance:?} is not four lowercase hex digits"
             ));
         }
+        uid::check_range(cfg.uid_range).map_err(BackendError::InvalidSpec)?;
         let subnet = net::parse_subnet(&cfg.subnet)?;
         let open = cfg
             .egress_allow
@@ -235,6 +241,7 @@ impl Host {
         mkdir(state_dir, 0o700)?;
         mkdir(&state::dir(state_dir), 0o700)?;
         mkdir(&cfg.lock_dir, 0o755)?;
+        mkdir(&uid::claims_dir(&cfg.lock_dir), 0o700)?;
         let host_resolv: Vec<String> = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
@@ -493,7 +500,24 @@ impl Host {
             backend,
             uid: None,
         };
-        rec.save(&self.state_dir)?;
+        // The record (with its uid) is saved under the uid claims' lock,
+        // which keeps the claim live.
+        let (range, claims, state_dir) = (
+            self.cfg.uid_range,
+            uid::claims_dir(&self.cfg.lock_dir),
+            self.state_dir.clone(),
+        );
+        let rec = tokio::task::spawn_blocking(move || {
+            let mut rec = rec;
+            let id = rec.id.clone();
+            uid::allocate(range, &claims, &state_dir, &id, |u| {
+                rec.uid = Some(u);
+                rec.save(&state_dir)
+            })?;
+            Ok::<_, BackendError>(rec)
+        })
+        .await
+        .expect("uid task")?;
         let made = self.setup_network(&rec).await;
         drop(lock);
         if let Err(e) = made {
@@ -630,6 +654,18 @@ impl Host {
                 errors.push(e.to_string());
             }
         }
+        // Last: until every process of it is gone, its uid stays claimed.
+        if let Some(u) = rec.uid
+            && errors.is_empty()
+            && let Err(e) = uid::release(
+                &uid::claims_dir(&self.cfg.lock_dir),
+                u,
+                &self.state_dir,
+                &rec.id,
+            )
+        {
+            errors.push(e);
+        }
         (done, errors)
     }
 
@@ -732,6 +768,20 @@ impl Host {
                 }
             }
         }
+        // Claims of sessions that have no record (a crash between claiming
+        // and recording); a recorded one keeps its uid until its teardown.
+        let mut held = keep.clone();
+        held.extend(
+            Record::load_all(&self.state_dir)
+                .0
+                .into_iter()
+                .map(|r| r.id),
+        );
+        lines.extend(uid::release_others(
+            &uid::claims_dir(&self.cfg.lock_dir),
+            &self.state_dir,
+            &held,
+        ));
         (lines, errors)
     }
 

@@ -215,6 +215,10 @@ pub struct BrowserConfig {
     /// Flags added after sandcast's own.
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// URL filters the browser must run with; the agent refuses to start
+    /// it when it cannot make sure of them. `None`: none.
+    #[serde(default)]
+    pub policy: Option<crate::BrowserPolicy>,
 }
 
 /// How the agent restarts a child that died.

@@ -1,7 +1,7 @@
 //! The sandbox backend: one session in Linux namespaces and a cgroup, with its own network namespace.
 //!
 //! Each session runs `sandcast-agent` under bubblewrap as a host uid of its
-//! own (from `uid_range`, see [`uid`]) in new user, mount, PID, IPC and UTS
+//! own (from `[host] uid_range`, see [`sandcast_host::uid`]) in new user, mount, PID, IPC and UTS
 //! namespaces, inside a network namespace of its own (`<prefix>-<id>`) that
 //! is joined before bwrap starts, under a seccomp filter (see [`seccomp`])
 //! that every process of the session inherits. The root file system (the
@@ -43,7 +43,7 @@
 //! ```
 //!
 //! - Each session runs as its own uid and gid (the same number) from
-//!   `uid_range`, never named in `/etc/passwd` or `/etc/group` and never
+//!   `[host] uid_range`, never named in `/etc/passwd` or `/etc/group` and never
 //!   shared by two live sessions; nothing is added to the host's account
 //!   files. The agent socket and the session directory are chowned to that
 //!   uid with mode 0700, so no other session (and no other unprivileged
@@ -61,9 +61,7 @@
 //!   session directory. Nothing a session writes lands on the host's disk.
 
 pub mod launch;
-pub mod policy;
 pub mod seccomp;
-pub mod uid;
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read};
@@ -87,7 +85,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
-pub use crate::policy::BrowserPolicy;
+pub use sandcast_proto::BrowserPolicy;
+use sandcast_proto::policy;
 
 /// How many lines of bwrap/agent output are kept to explain an exit.
 const TAIL_LINES: usize = 20;
@@ -100,10 +99,6 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// Root file system shown read-only in sessions; `None` is the host's `/`.
     pub image_root: Option<PathBuf>,
-    /// Host uids (and gids of the same numbers) for sessions, first and
-    /// last: each session gets one no other session, account file or
-    /// process uses.
-    pub uid_range: [u32; 2],
     /// Size of each session's /dev/shm in MiB (Chromium needs plenty).
     pub shm_mib: u64,
     /// Size of each of a session's home, /tmp, /var/tmp and /run in MiB
@@ -121,8 +116,7 @@ pub struct SandboxConfig {
     /// `[browser]` section.
     #[serde(skip)]
     pub browser_policy: BrowserPolicy,
-    /// Host directory (mode 0755) holding the stage mount point and the
-    /// uid claims.
+    /// Host directory (mode 0755) holding the stage mount point.
     pub stage_dir: PathBuf,
     /// The bubblewrap binary.
     pub bwrap: PathBuf,
@@ -137,7 +131,6 @@ impl Default for SandboxConfig {
         SandboxConfig {
             state_dir: "/var/lib/sandcast/sandbox".into(),
             image_root: None,
-            uid_range: [2_000_000, 2_065_535],
             shm_mib: 512,
             writable_mib: 1024,
             sessions_memory_mib: 0,
@@ -169,7 +162,6 @@ impl SandboxBackend {
     /// [`Backend::readiness`] and in the error of [`Backend::start`].
     pub fn new(cfg: SandboxConfig) -> Result<SandboxBackend, BackendError> {
         let bad = |m: String| Err(BackendError::InvalidSpec(m));
-        uid::check_range(cfg.uid_range).map_err(BackendError::InvalidSpec)?;
         cfg.browser_policy
             .check()
             .map_err(BackendError::InvalidSpec)?;
@@ -202,7 +194,6 @@ impl SandboxBackend {
         // bwrap runs as the session user and must traverse the stage.
         mkdir(&cfg.stage_dir, 0o755)?;
         mkdir(&cfg.stage_dir.join("stage"), 0o755)?;
-        mkdir(&uid::claims_dir(&cfg.stage_dir), 0o700)?;
         let seccomp = seccomp::programs().map_err(BackendError::InvalidSpec)?;
         Ok(SandboxBackend {
             inner: Arc::new(Inner { cfg, host, seccomp }),
@@ -234,16 +225,6 @@ impl Inner {
     /// Removes everything a record lists. Returns one line per thing removed.
     async fn teardown(&self, rec: &Record) -> Result<Vec<String>, BackendError> {
         let (mut done, mut errors) = self.host.teardown(rec).await;
-        if let Some(uid) = rec.uid
-            && let Err(e) = uid::release(
-                &uid::claims_dir(&self.cfg.stage_dir),
-                uid,
-                &self.cfg.state_dir,
-                &rec.id,
-            )
-        {
-            errors.push(e);
-        }
         if rec.files_dir.exists() {
             // remove_dir_all does not follow symlinks the session may have made.
             match std::fs::remove_dir_all(&rec.files_dir) {
@@ -306,7 +287,7 @@ impl Inner {
                 .map_err(io_err("chmod", &d))?;
         }
         let policy = managed.join(policy::FILE_NAME);
-        std::fs::write(&policy, cfg.browser_policy.to_json())
+        std::fs::write(&policy, cfg.browser_policy.managed_json())
             .map_err(io_err("writing", &policy))?;
         std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("chmod", &policy))?;
@@ -340,7 +321,7 @@ impl Inner {
         // Session uids own nothing and are in no group: "others" applies.
         if !meta.is_file() || mode & 0o005 != 0o005 {
             return Err(BackendError::InvalidSpec(format!(
-                "agent binary {} must be a file readable and executable by every user (o+rx): sessions run as uids of uid_range (mode is {:o})",
+                "agent binary {} must be a file readable and executable by every user (o+rx): sessions run as uids of host.uid_range (mode is {:o})",
                 spec.agent_binary.display(),
                 mode & 0o7777
             )));
@@ -369,7 +350,8 @@ impl Inner {
         self.check_bwrap()?;
         self.host.check_tools()?;
         let id = spec.id.as_str();
-        let mut rec = self
+        // The host layer claims the session's uid with its record.
+        let rec = self
             .host
             .create(
                 id,
@@ -379,21 +361,7 @@ impl Inner {
             )
             .await?;
         let cg = self.host.cgroup(id)?;
-        // The record (with the uid) is saved under the uid claims' lock.
-        let claimed = uid::allocate(
-            self.cfg.uid_range,
-            &uid::claims_dir(&self.cfg.stage_dir),
-            &self.cfg.state_dir,
-            id,
-            |u| {
-                rec.uid = Some(u);
-                self.host.save(&rec)
-            },
-        );
-        let result = match claimed {
-            Ok(_) => self.launch(spec, rec.clone(), cg).await,
-            Err(e) => Err(e),
-        };
+        let result = self.launch(spec, rec.clone(), cg).await;
         match result {
             Ok(inst) => Ok(inst),
             Err(e) => {
@@ -921,11 +889,6 @@ impl Backend for SandboxBackend {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        lines.extend(uid::release_others(
-            &uid::claims_dir(&inner.cfg.stage_dir),
-            &inner.cfg.state_dir,
-            &keep,
-        ));
         // Leftovers without a record (a crash between steps of start).
         let (more, errs) = inner.host.reap_unrecorded(&keep).await;
         lines.extend(more);
@@ -1038,7 +1001,8 @@ async fn probe_userns(inner: &Inner) -> Result<String, String> {
     let cfg = &inner.cfg;
     inner.check_bwrap().map_err(|e| e.to_string())?;
     // Any uid of the range shows whether session uids can make namespaces.
-    let (uid, gid) = (cfg.uid_range[0], cfg.uid_range[0]);
+    let first = inner.host.config().uid_range[0];
+    let (uid, gid) = (first, first);
     let root = cfg.image_root.clone().unwrap_or_else(|| "/".into());
     let mut cmd = tokio::process::Command::new(&cfg.bwrap);
     cmd.args([
@@ -1142,10 +1106,13 @@ mod tests {
         );
         assert!(
             err(SandboxConfig {
-                uid_range: [0, 10],
+                host: HostConfig {
+                    uid_range: [0, 10],
+                    ..base.host.clone()
+                },
                 ..base.clone()
             })
-            .contains("uid_range [0, 10]")
+            .contains("host.uid_range [0, 10]")
         );
         assert!(
             err(SandboxConfig {
@@ -1183,9 +1150,8 @@ mod tests {
 
     #[test]
     fn config_reads_from_toml_like_json_with_defaults() {
-        let c: SandboxConfig =
-            serde_json::from_str(r#"{"uid_range": [1500, 1600], "shm_mib": 256}"#).unwrap();
-        assert_eq!(c.uid_range, [1500, 1600]);
+        let c: SandboxConfig = serde_json::from_str(r#"{"shm_mib": 256}"#).unwrap();
+        assert_eq!(c.shm_mib, 256);
         assert_eq!(c.writable_mib, 1024);
         assert_eq!(c.bwrap, Path::new("/usr/bin/bwrap"));
         // The browser policy comes from the server's [browser] section only.
@@ -1193,6 +1159,7 @@ mod tests {
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"nope": 1}"#).is_err());
         // Host settings moved to the host layer's own section.
         assert!(serde_json::from_str::<SandboxConfig>(r#"{"subnet": "10.200.0.0/16"}"#).is_err());
+        assert!(serde_json::from_str::<SandboxConfig>(r#"{"uid_range": [1500, 1600]}"#).is_err());
     }
 
     #[test]

@@ -918,7 +918,7 @@ async fn bad_input_is_refused_with_the_reason_and_leaves_nothing() {
             "{what}: record left"
         );
         let ours = format!("{}\n", h.cfg.state_dir.display());
-        let claims = h.cfg.stage_dir.join("uids");
+        let claims = sandcast_host::uid::claims_dir(&h.cfg.host.lock_dir);
         for e in std::fs::read_dir(&claims).unwrap().flatten() {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             assert!(!text.starts_with(&ours), "{what}: uid claim {text:?} left");
@@ -1395,7 +1395,7 @@ echo "data=$(ls -A {data} 2>&1 | tr '\n' ,)"
     assert_eq!(connect_as(a_inst.uid(), &a.spec.agent_socket), "connected");
 
     let (ta, tb) = (h.traces(&a_inst, "ha"), h.traces(&b_inst, "hb"));
-    let claims = h.cfg.stage_dir.join("uids");
+    let claims = sandcast_host::uid::claims_dir(&h.cfg.host.lock_dir);
     let (ua, ub) = (a_inst.uid(), b_inst.uid());
     assert!(claims.join(ua.to_string()).exists());
     a_inst.stop(Duration::from_secs(1)).await.unwrap();

@@ -222,7 +222,7 @@ impl BrowserSettings {
 
 impl Default for BrowserSettings {
     fn default() -> Self {
-        let policy = sandcast_sandbox::BrowserPolicy::default();
+        let policy = sandcast_proto::BrowserPolicy::default();
         BrowserSettings {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),
@@ -235,8 +235,8 @@ impl Default for BrowserSettings {
 
 impl BrowserSettings {
     /// The URL filters as the backend takes them.
-    pub fn policy(&self) -> sandcast_sandbox::BrowserPolicy {
-        sandcast_sandbox::BrowserPolicy {
+    pub fn policy(&self) -> sandcast_proto::BrowserPolicy {
+        sandcast_proto::BrowserPolicy {
             blocked_urls: self.blocked_urls.clone(),
             allowed_urls: self.allowed_urls.clone(),
         }
@@ -399,6 +399,18 @@ const MOVED_KEYS: &[(&str, &str)] = &[
     ("sandbox.ip", "host.ip"),
     ("sandbox.nft", "host.nft"),
     (
+        "sandbox.uid_range",
+        "host.uid_range (one uid range for both backends)",
+    ),
+    (
+        "firecracker.jailer.uid",
+        "host.uid_range (each session's Firecracker runs as a uid of its own)",
+    ),
+    (
+        "firecracker.jailer.gid",
+        "host.uid_range (each session's Firecracker runs as a uid and gid of its own)",
+    ),
+    (
         "sandbox.egress_deny",
         "nothing: every private and reserved range is closed to sessions now; open one with host.egress_allow",
     ),
@@ -436,10 +448,6 @@ pub struct FirecrackerSettings {
 pub struct JailerSettings {
     /// The `jailer` binary.
     pub jailer_bin: Option<PathBuf>,
-    /// The unprivileged uid Firecracker runs as.
-    pub uid: Option<u32>,
-    /// The gid Firecracker runs as.
-    pub gid: Option<u32>,
     /// Where the jails are built.
     pub chroot_base_dir: Option<PathBuf>,
 }
@@ -450,12 +458,6 @@ impl JailerSettings {
         let mut c = sandcast_firecracker::JailerConfig::default();
         if let Some(v) = &self.jailer_bin {
             c.jailer_bin = v.clone();
-        }
-        if let Some(v) = self.uid {
-            c.uid = v;
-        }
-        if let Some(v) = self.gid {
-            c.gid = v;
         }
         if let Some(v) = &self.chroot_base_dir {
             c.chroot_base_dir = v.clone();
@@ -709,14 +711,7 @@ impl Config {
                 crate::session_log::MIN_MAX_BYTES
             ));
         }
-        if let Some(j) = &self.firecracker.jailer
-            && j.uid == Some(0)
-        {
-            return Err(
-                "firecracker.jailer.uid = 0: the jail is only worth having with an unprivileged uid"
-                    .into(),
-            );
-        }
+        sandcast_host::uid::check_range(self.host.uid_range)?;
         let ac = &self.agent_channel;
         if ac.buffer_kib < 256 || ac.pending == 0 || ac.streams == 0 {
             return Err(format!(
@@ -779,7 +774,7 @@ mod tests {
         assert!(c.sandbox.sessions_memory_mib <= host.sessions_mib());
         assert_eq!(
             c.sandbox.browser_policy,
-            sandcast_sandbox::BrowserPolicy::default()
+            sandcast_proto::BrowserPolicy::default()
         );
     }
 
@@ -823,6 +818,10 @@ mod tests {
         );
         let e = load("[sandbox]\negress_deny = [\"10.0.0.0/8\"]\n").unwrap_err();
         assert!(e.contains("host.egress_allow"), "{e}");
+        let e = load("[sandbox]\nuid_range = [3000000, 3000100]\n").unwrap_err();
+        assert!(e.contains("host.uid_range"), "{e}");
+        let c = load("[host]\nuid_range = [3000000, 3000100]\n").unwrap();
+        assert_eq!(c.host_config().uid_range, [3_000_000, 3_000_100]);
         let c = load(
             "[host]\nsubnet = \"100.70.0.0/16\"\negress_allow = [\"10.9.0.0/16\"]\n[session]\negress = false\n",
         )
@@ -854,15 +853,14 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(
             &file,
-            "backend = \"firecracker\"\n[firecracker.jailer]\nuid = 1234\n",
+            "backend = \"firecracker\"\n[firecracker.jailer]\nchroot_base_dir = \"/srv/j\"\n",
         )
         .unwrap();
         let c = Config::load(Some(&file), Figment::new()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let j = c.firecracker.to_backend().jailer.unwrap();
-        assert_eq!(j.uid, 1234);
-        assert_eq!(j.gid, 65534);
-        assert_eq!(j.chroot_base_dir, Path::new("/srv/jailer"));
+        assert_eq!(j.chroot_base_dir, Path::new("/srv/j"));
+        assert_eq!(j.jailer_bin, Path::new("jailer"));
     }
 
     #[test]
@@ -994,7 +992,8 @@ mod tests {
         let bad = err("[webrtc]\nh264_tuning = \"film\"");
         assert!(bad.contains("film") && bad.contains("screen"), "{bad}");
         assert!(err("[webrtc]\nmax_fps = 1000").contains("webrtc.max_fps = 1000"));
-        assert!(err("[firecracker.jailer]\nuid = 0").contains("firecracker.jailer.uid = 0"));
+        assert!(err("[firecracker.jailer]\nuid = 1234").contains("host.uid_range"));
+        assert!(err("[host]\nuid_range = [0, 10]").contains("host.uid_range [0, 10]"));
         assert!(err("[firecracker.jailer]\nuser = 5").contains("user"));
         assert!(err("[retention]\nseconds = 0").contains("retention.seconds"));
         assert!(err("[logs]\nmax_bytes = 10").contains("logs.max_bytes = 10"));

@@ -167,13 +167,11 @@ pub fn cgroup_exists(id: &SessionId) -> bool {
 }
 
 /// [`config`] with Firecracker run under the jailer double (Firecracker's
-/// docs/jailer.md, v1.16.1) as uid and gid 65534, jails under `dir/jails`.
+/// docs/jailer.md, v1.16.1) as each session's own uid, jails under `dir/jails`.
 pub fn jailed_config(dir: &Path) -> FirecrackerConfig {
     FirecrackerConfig {
         jailer: Some(sandcast_firecracker::JailerConfig {
             jailer_bin: env!("CARGO_BIN_EXE_jailer-double").into(),
-            uid: 65534,
-            gid: 65534,
             chroot_base_dir: dir.join("jails"),
         }),
         ..config(dir)

@@ -52,8 +52,8 @@ pub enum FromAgent {
     },
     /// The control connection is up: messages for the agent go here.
     ControlUp(mpsc::Sender<Message>),
-    /// A message on the control connection.
-    Message(Message),
+    /// A message on the control connection (boxed: a configuration is large).
+    Message(Box<Message>),
     /// A stream connection for `id`: the task hands over the waiter that
     /// asked for it, or `None` when nobody did.
     ClaimStream {
@@ -339,7 +339,12 @@ async fn control(
             // Waits when the session's task is behind: the agent is slowed,
             // nothing is buffered here.
             Ok(Frame::Message(msg)) => {
-                if ch.to_session.send(FromAgent::Message(msg)).await.is_err() {
+                if ch
+                    .to_session
+                    .send(FromAgent::Message(Box::new(msg)))
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }

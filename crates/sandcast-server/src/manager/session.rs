@@ -716,6 +716,7 @@ impl Actor {
             browser: BrowserConfig {
                 binary: config.browser.binary.clone(),
                 extra_args: config.browser.session_args(),
+                policy: Some(config.browser.policy()),
             },
             restart: RestartPolicy::default(),
             max_fps: config.webrtc.max_fps,
@@ -737,7 +738,7 @@ impl Actor {
                 }
             }
             FromAgent::ControlUp(tx) => self.control = Some(tx),
-            FromAgent::Message(msg) => self.on_agent_message(msg).await,
+            FromAgent::Message(msg) => self.on_agent_message(*msg).await,
             FromAgent::ClaimStream { id, reply } => {
                 let _ = reply.send(self.streams.remove(&id).filter(|w| !w.is_closed()));
             }

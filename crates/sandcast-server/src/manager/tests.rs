@@ -160,10 +160,15 @@ async fn control(m: &Manager, id: &str) -> Conn {
         next_message(&mut c).await,
         Some(Message::Welcome { .. })
     ));
-    assert!(matches!(
-        next_message(&mut c).await,
-        Some(Message::Config(_))
-    ));
+    match next_message(&mut c).await {
+        // Every backend's agent gets the browser's URL filters to put in place.
+        Some(Message::Config(config)) => assert_eq!(
+            config.browser.policy,
+            Some(m.config.browser.policy()),
+            "the configuration carries the URL filters"
+        ),
+        other => panic!("expected the configuration, got {other:?}"),
+    }
     c
 }
 

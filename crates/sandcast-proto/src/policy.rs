@@ -1,13 +1,14 @@
 //! Chromium's managed policies in a session: which URLs a person in the
-//! viewer may open.
-//!
-//! The backend writes them as `policies/managed/sandcast.json` under the
-//! session's files and shows that directory read-only as
-//! `/etc/chromium/policies` (and `/etc/opt/chrome/policies` for Google
-//! Chrome) inside the session, where Chromium reads policies an ordinary
-//! user cannot change. By default a session cannot open local files,
+//! viewer may open. By default a session cannot open local files,
 //! Chromium's own pages or `about:` pages other than `about:blank`, all of
 //! which a person can type into the address bar.
+//!
+//! The server sends them in [`BrowserConfig::policy`](crate::BrowserConfig)
+//! and the agent makes sure the browser reads exactly them before it starts
+//! it ([`BrowserPolicy::managed_json`] in `policies/managed/sandcast.json`
+//! under each of [`POLICY_DIRS`], where Chromium reads policies an ordinary
+//! user cannot change). The sandbox backend writes that file on the host and
+//! shows it read-only; in a microVM the agent (root in the guest) writes it.
 
 use serde::{Deserialize, Serialize};
 
@@ -70,8 +71,9 @@ impl BrowserPolicy {
         Ok(())
     }
 
-    /// The managed policy file's JSON.
-    pub fn to_json(&self) -> String {
+    /// The managed policy file's JSON: the same bytes wherever it is
+    /// written, so the agent can tell that a file is this policy.
+    pub fn managed_json(&self) -> String {
         serde_json::to_string_pretty(&serde_json::json!({
             "URLBlocklist": self.blocked_urls,
             "URLAllowlist": self.allowed_urls,
@@ -87,7 +89,7 @@ mod tests {
     #[test]
     fn default_blocks_local_and_internal_pages_but_about_blank() {
         let p = BrowserPolicy::default();
-        let v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&p.managed_json()).unwrap();
         let block = v["URLBlocklist"].as_array().unwrap();
         for u in ["file://*", "chrome://*", "about:*"] {
             assert!(block.iter().any(|b| b == u), "{u}");

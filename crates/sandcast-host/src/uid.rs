@@ -7,10 +7,10 @@
 //! saved or file-system id), or when a live claim holds it. Claims are files
 //! `<claims_dir>/<uid>` naming the claiming backend's state directory and
 //! session, made with `O_EXCL` under an flock in the same directory; the
-//! claims directory is host-wide (under the stage directory), so two servers
-//! with different state directories never hand out the same uid. A claim
-//! whose session has no record any more (a crash) and whose uid no process
-//! uses is stale and is taken over.
+//! claims directory is host-wide (under `lock_dir`), so two servers with
+//! different state directories, and the two backends, never hand out the
+//! same uid. A claim whose session has no record any more (a crash) and
+//! whose uid no process uses is stale and is taken over.
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -27,7 +27,7 @@ const ID_FILES: [&str; 4] = ["/etc/passwd", "/etc/group", "/etc/subuid", "/etc/s
 pub fn check_range([lo, hi]: [u32; 2]) -> Result<(), String> {
     if lo == 0 || lo > hi || hi >= u32::MAX - 1 {
         return Err(format!(
-            "uid_range [{lo}, {hi}] must be two ids with 0 < first <= last < 4294967294"
+            "host.uid_range [{lo}, {hi}] must be two ids with 0 < first <= last < 4294967294"
         ));
     }
     Ok(())
@@ -107,9 +107,10 @@ pub fn uid_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// Where claims live, under the stage directory.
-pub fn claims_dir(stage_dir: &Path) -> PathBuf {
-    stage_dir.join("uids")
+/// Where claims live: under the host-wide lock directory, shared by every
+/// instance and backend on the host.
+pub fn claims_dir(lock_dir: &Path) -> PathBuf {
+    lock_dir.join("uids")
 }
 
 fn claim_text(state_dir: &Path, id: &str) -> String {
@@ -120,7 +121,7 @@ fn claim_text(state_dir: &Path, id: &str) -> String {
 fn claim_is_live(text: &str) -> bool {
     let mut lines = text.lines();
     match (lines.next(), lines.next()) {
-        (Some(state), Some(id)) => sandcast_host::state::Record::exists(Path::new(state), id),
+        (Some(state), Some(id)) => crate::state::Record::exists(Path::new(state), id),
         // Half written: its writer holds the lock, or died while doing so.
         _ => false,
     }
@@ -201,7 +202,7 @@ pub fn allocate(
         return Ok(uid);
     }
     Err(BackendError::Start(format!(
-        "no free uid in uid_range [{lo}, {hi}]: every one is named in the account files, used by a process or held by a session"
+        "no free uid in host.uid_range [{lo}, {hi}]: every one is named in the account files, used by a process or held by a session"
     )))
 }
 
@@ -285,13 +286,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let claims = t.path().join("uids");
         let state = t.path().join("state");
-        std::fs::create_dir_all(sandcast_host::state::dir(&state)).unwrap();
+        std::fs::create_dir_all(crate::state::dir(&state)).unwrap();
         let live = |id: &str| {
-            std::fs::write(
-                sandcast_host::state::dir(&state).join(format!("{id}.json")),
-                "{}",
-            )
-            .unwrap()
+            std::fs::write(crate::state::dir(&state).join(format!("{id}.json")), "{}").unwrap()
         };
         // A range far above anything the account files or processes name.
         let range = [3_900_000_000, 3_900_000_001];
@@ -304,7 +301,7 @@ mod tests {
         live("c");
         let full = alloc("c").unwrap_err().to_string();
         assert!(
-            full.contains("no free uid in uid_range [3900000000, 3900000001]"),
+            full.contains("no free uid in host.uid_range [3900000000, 3900000001]"),
             "{full}"
         );
         // Another session's claim is not released by this one.
@@ -320,7 +317,7 @@ mod tests {
         assert!(!claims.join(a.to_string()).exists());
         assert_eq!(alloc("c").unwrap(), a);
         // b's record disappears (a crash): its claim is stale.
-        std::fs::remove_file(sandcast_host::state::dir(&state).join("b.json")).unwrap();
+        std::fs::remove_file(crate::state::dir(&state).join("b.json")).unwrap();
         live("d");
         assert_eq!(alloc("d").unwrap(), b);
         // Reap: only this backend's claims of sessions not kept go.
