@@ -16,7 +16,7 @@ use str0m::Candidate;
 use str0m::net::{Protocol, TcpType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Hub, HubConfig};
 use crate::messages::ViewerMessage;
@@ -53,8 +53,6 @@ pub struct GatewayConfig {
     pub advertise_udp: bool,
     /// Core tunables.
     pub hub: HubConfig,
-    /// Capacity of the event channel; a lagging subscriber loses the oldest.
-    pub event_capacity: usize,
 }
 
 impl Default for GatewayConfig {
@@ -65,7 +63,6 @@ impl Default for GatewayConfig {
             public_ips: Vec::new(),
             advertise_udp: true,
             hub: HubConfig::default(),
-            event_capacity: 4096,
         }
     }
 }
@@ -117,7 +114,9 @@ enum TcpIn {
 struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     frames: mpsc::Sender<(String, VideoFrame)>,
-    events: broadcast::Sender<GatewayEvent>,
+    events: mpsc::UnboundedSender<GatewayEvent>,
+    /// The receiving end until [`Gateway::events`] takes it.
+    events_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<GatewayEvent>>>,
     frames_dropped: AtomicU64,
     /// When a dropped frame last asked for a key frame (ms since `epoch`).
     last_drop_keyframe_ms: AtomicU64,
@@ -258,7 +257,12 @@ impl Gateway {
 
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (frame_tx, frame_rx) = mpsc::channel(FRAME_QUEUE);
-        let (ev_tx, _) = broadcast::channel(cfg.event_capacity.max(16));
+        // Unbounded, so that the gateway never waits on its consumer (that
+        // would stall every session's video) and never drops an event (a
+        // lost key-up is a stuck key). What fills it is bounded upstream:
+        // each viewer's input is rate-limited by the hub, and the one
+        // consumer (the server's relay) never waits on anything.
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (tcp_tx, tcp_rx) = mpsc::channel(1024);
 
         let udp_addrs: Vec<SocketAddr> = udp.iter().map(|(_, a)| *a).collect();
@@ -274,6 +278,7 @@ impl Gateway {
                 commands: cmd_tx,
                 frames: frame_tx,
                 events: ev_tx,
+                events_rx: std::sync::Mutex::new(Some(ev_rx)),
                 frames_dropped: AtomicU64::new(0),
                 last_drop_keyframe_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -348,9 +353,14 @@ impl Gateway {
         self.inner.frames_dropped.load(Ordering::Relaxed)
     }
 
-    /// Subscribes to the gateway's events.
-    pub fn events(&self) -> broadcast::Receiver<GatewayEvent> {
-        self.inner.events.subscribe()
+    /// The gateway's events, every one in order, for their one consumer:
+    /// `None` once taken.
+    pub fn events(&self) -> Option<mpsc::UnboundedReceiver<GatewayEvent>> {
+        self.inner
+            .events_rx
+            .lock()
+            .expect("events receiver lock")
+            .take()
     }
 
     /// Sends a message to every viewer of a session.
@@ -472,7 +482,7 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut frames: mpsc::Receiver<(String, VideoFrame)>,
     mut tcp_in: mpsc::Receiver<TcpIn>,
-    events: broadcast::Sender<GatewayEvent>,
+    events: mpsc::UnboundedSender<GatewayEvent>,
 ) {
     let mut tcp_conns: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let (udp_tx, mut udp_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(1024);
@@ -598,7 +608,8 @@ mod tests {
     #[tokio::test]
     async fn answers_offers_with_udp_and_tcp_candidates() {
         let gw = Gateway::start(local()).await.unwrap();
-        let mut events = gw.events();
+        let mut events = gw.events().unwrap();
+        assert!(gw.events().is_none(), "the events have one consumer");
         let a = gw
             .accept_offer("s", OFFER, ViewerOptions::default())
             .await

@@ -32,7 +32,7 @@
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use sandcast_webrtc::{Gateway, GatewayConfig, ViewerOptions};
 //! let gw = Gateway::start(GatewayConfig::default()).await?;
-//! let mut events = gw.events();
+//! let mut events = gw.events().expect("the first taker gets the events");
 //! let answer = gw.accept_offer("session-1", "v=0...", ViewerOptions::default()).await?;
 //! # Ok(()) }
 //! ```

@@ -164,10 +164,10 @@ async fn start(advertise_udp: bool) -> Harness {
     .unwrap();
     let feeder = spawn_feeder(gw.clone(), "s1");
     let events = Arc::new(Mutex::new(Vec::new()));
-    let mut rx = gw.events();
+    let mut rx = gw.events().unwrap();
     let (gw2, ev2) = (gw.clone(), events.clone());
     tokio::spawn(async move {
-        while let Ok(e) = rx.recv().await {
+        while let Some(e) = rx.recv().await {
             match &e {
                 GatewayEvent::VideoWanted { .. } => {
                     let _ = feeder.send(Feed::Start);

@@ -118,8 +118,8 @@ impl Manager {
             live: Mutex::new(HashMap::new()),
             events,
         });
-        if let Some(gw) = &m.gateway {
-            tokio::spawn(relay(Arc::downgrade(&m), gw.events()));
+        if let Some(events) = m.gateway.as_ref().and_then(Gateway::events) {
+            tokio::spawn(relay(Arc::downgrade(&m), events));
         }
         m
     }
@@ -289,21 +289,14 @@ impl Manager {
 /// [`Backlog`] (releases and viewer changes kept, moves coalesced), sent as
 /// one command as soon as its queue has room, while every other session's
 /// events go on. This task never waits on a session, so it keeps up with the
-/// gateway's broadcast.
-async fn relay(m: Weak<Manager>, mut rx: broadcast::Receiver<GatewayEvent>) {
+/// gateway, whose queue to it holds every event (none is ever dropped).
+async fn relay(m: Weak<Manager>, mut rx: mpsc::UnboundedReceiver<GatewayEvent>) {
     let mut backlogs: HashMap<String, Backlog> = HashMap::new();
     let mut room = FuturesUnordered::new();
     loop {
         tokio::select! {
             ev = rx.recv() => {
-                let ev = match ev {
-                    Ok(ev) => ev,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::error!(lost = n, "the session relay fell behind the gateway");
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
+                let Some(ev) = ev else { return };
                 let Some(m) = m.upgrade() else { return };
                 let session = ev.session().to_string();
                 if let Some(b) = backlogs.get_mut(&session) {

@@ -15,7 +15,7 @@ use sandcast_backend::{
 use sandcast_proto::{Frame, FrameCodec, Hello, InputEvent, Message, PROTOCOL_VERSION, Role};
 use sandcast_webrtc::{GatewayEvent, ViewerId, ViewerState};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_util::codec::Framed;
 
 use super::*;
@@ -195,7 +195,7 @@ async fn wait_snapshot(live: &Live, what: &str, ok: impl Fn(&Snapshot) -> bool) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_agent_does_not_read_stalls_and_loses_nothing_of_another() {
     let (m, _dir) = manager(4);
-    let (gw, rx) = broadcast::channel(1 << 16);
+    let (gw, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(relay(Arc::downgrade(&m), rx));
     let (slow, _) = m.create(request()).unwrap();
     let (fast, _) = m.create(request()).unwrap();
