@@ -1068,6 +1068,12 @@ pub const LOCAL_PASTE: &str = "pasted from the viewer ✓";
 /// to the session's clipboard and turns it blue; once [`LOCAL_PASTE`] is
 /// pasted into the text area it turns red.
 pub fn clipboard_page() -> String {
+    clipboard_page_copying(&serde_json::to_string(REMOTE_COPY).unwrap())
+}
+
+/// [`clipboard_page`] whose click copies the value of the JavaScript
+/// expression `copy_js` (e.g. `'a'.repeat(70000)`).
+pub fn clipboard_page_copying(copy_js: &str) -> String {
     let js = |s: &str| serde_json::to_string(s).unwrap();
     data_url(&format!(
         "<!doctype html><html><head><title>clipboard</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
@@ -1081,7 +1087,7 @@ pub fn clipboard_page() -> String {
         start = colours::START,
         clicked = colours::CLICKED,
         typed = colours::TYPED,
-        copy = js(REMOTE_COPY),
+        copy = copy_js,
         paste = js(LOCAL_PASTE),
     ))
 }

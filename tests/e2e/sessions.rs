@@ -6,12 +6,12 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sandcast_e2e::{
     LOCAL_PASTE, REMOTE_COPY, Server, ServerOptions, child, children_running, clipboard_page,
-    colours, data_url, find_session_process, input_page, run_browser, run_viewer,
-    wait_no_leftovers, with_query,
+    clipboard_page_copying, colours, data_url, find_session_process, input_page, run_browser,
+    run_viewer, wait_no_leftovers, with_query,
 };
 use serde_json::{Value, json};
 
@@ -282,6 +282,49 @@ fn webrtc_clipboard_round_trips_both_ways() {
         ],
     }));
     eprintln!("clipboard steps: {}", view["steps"]);
+    delete_clean(&s, &id);
+}
+
+/// The agent's own warnings (here: the clipboard code refusing a copy over
+/// the limit) reach the session's log, where the operator reads them.
+#[test]
+fn an_agent_warning_shows_in_the_session_log() {
+    let s = Server::start_default();
+    let len = 70_000;
+    let (id, created) = ready_session(&s, &clipboard_page_copying(&format!("'a'.repeat({len})")));
+    run_viewer(&json!({
+        "url": created["viewer_url"],
+        "kind": "video",
+        "mode": "webrtc",
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            // The page copies 70,000 characters on the click.
+            { "click": true },
+            { "expect": colours::CLICKED },
+        ],
+    }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let logs = s.api("GET", &format!("/api/sessions/{id}/logs"), None);
+        assert_eq!(logs.status, 200, "{logs:?}");
+        if let Some(l) = logs
+            .body
+            .lines()
+            .find(|l| l.contains("clipboard text too long"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no clipboard warning in the session log:\n{}",
+            logs.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        line.contains("WARN sandcast_media::clipboard") && line.contains(&format!("len={len}")),
+        "{line}"
+    );
     delete_clean(&s, &id);
 }
 
