@@ -1268,9 +1268,21 @@ impl Backend for FirecrackerBackend {
 /// command line has the session's `marker` argument.
 fn is_our_firecracker(pid: u32, marker: &str) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    cmdline
-        .split(|b| *b == 0)
-        .any(|arg| arg == marker.as_bytes())
+    cmdline_has(&cmdline, marker)
+}
+
+/// Whether a NUL-separated command line has `marker`. A jailed session's
+/// marker is `--id=<jail id>`, which the real jailer passes on to
+/// Firecracker as two arguments, `--id <jail id>`.
+fn cmdline_has(cmdline: &[u8], marker: &str) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    if args.contains(&marker.as_bytes()) {
+        return true;
+    }
+    marker.strip_prefix("--id=").is_some_and(|id| {
+        args.windows(2)
+            .any(|w| w[0] == b"--id" && w[1] == id.as_bytes())
+    })
 }
 
 #[async_trait]
@@ -1398,5 +1410,15 @@ mod tests {
         let mac = guest_mac(&SessionId::new("abc").unwrap());
         assert!(mac.starts_with("06:fc:"), "{mac}");
         assert_eq!(mac.len(), 17);
+    }
+
+    #[test]
+    fn a_jailed_firecracker_is_known_by_its_id_in_either_form() {
+        let real = b"/firecracker\0--id\0fc-ab\0--api-sock\0/firecracker.sock\0";
+        assert!(cmdline_has(real, "--id=fc-ab"));
+        assert!(cmdline_has(b"/firecracker\0--id=fc-ab\0", "--id=fc-ab"));
+        assert!(!cmdline_has(real, "--id=fc-abc"));
+        assert!(!cmdline_has(b"/bin/sleep\0fc-ab\0--id\0", "--id=fc-ab"));
+        assert!(cmdline_has(b"fc\0--api-sock\0/s/api.sock\0", "/s/api.sock"));
     }
 }
