@@ -913,6 +913,15 @@ fn console_tail(dir: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
+/// The last ERROR line of Firecracker's log in the session directory.
+fn last_error(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(FIRECRACKER_LOG)).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.contains("ERROR"))
+        .map(|l| l.trim().to_owned())
+}
+
 /// A started Firecracker process and what it holds on the host.
 struct Running {
     id: SessionId,
@@ -1055,8 +1064,15 @@ impl Backend for FirecrackerBackend {
         check(
             "kvm",
             if self.config.probe_kvm {
-                kvm::probe(&self.config.kvm_device)
-                    .map(|()| format!("{} runs a probe guest", self.config.kvm_device.display()))
+                kvm::probe(&self.config.kvm_device).and_then(|()| {
+                    match kvm::linux_guests_unsupported(Path::new("/sys/module")) {
+                        Some(why) => Err(why),
+                        None => Ok(format!(
+                            "{} runs a probe guest",
+                            self.config.kvm_device.display()
+                        )),
+                    }
+                })
             } else {
                 Ok("not probed (probe_kvm = false)".into())
             },
@@ -1163,15 +1179,8 @@ impl Backend for FirecrackerBackend {
                 },
                 Err(e) => format!("cannot wait: {e}"),
             };
-            let reason = if requested {
-                format!("microVM stopped on request (firecracker {how})")
-            } else {
-                format!(
-                    "firecracker ended unexpectedly ({how}); console: {}",
-                    console_tail(&dir, 5)
-                )
-            };
-            // A VM that died on its own still leaves nothing behind.
+            // A VM that died on its own still leaves nothing behind (and
+            // its log is then beside the console).
             let taken = if requested {
                 None
             } else {
@@ -1180,6 +1189,20 @@ impl Backend for FirecrackerBackend {
             if let Some(r) = taken {
                 let _ = r.cleanup().await;
             }
+            let reason = if requested {
+                format!("microVM stopped on request (firecracker {how})")
+            } else {
+                // Firecracker exits 0 even after a guest's internal error:
+                // its log says what happened.
+                let logged = match last_error(&dir) {
+                    Some(e) => format!("; firecracker logged: {e}"),
+                    None => String::new(),
+                };
+                format!(
+                    "firecracker ended unexpectedly ({how}){logged}; console: {}",
+                    console_tail(&dir, 5)
+                )
+            };
             let _ = tx.send(Some(InstanceExit { reason, requested }));
         });
         Ok(Box::new(FcInstance {
@@ -1420,5 +1443,22 @@ mod tests {
         assert!(!cmdline_has(real, "--id=fc-abc"));
         assert!(!cmdline_has(b"/bin/sleep\0fc-ab\0--id\0", "--id=fc-ab"));
         assert!(cmdline_has(b"fc\0--api-sock\0/s/api.sock\0", "/s/api.sock"));
+    }
+
+    #[test]
+    fn the_last_logged_error_is_found() {
+        let t = std::env::temp_dir().join(format!("sc-fc-lasterr-{}", std::process::id()));
+        std::fs::create_dir_all(&t).unwrap();
+        assert_eq!(last_error(&t), None);
+        std::fs::write(
+            t.join(FIRECRACKER_LOG),
+            "2026 [fc:main:WARN] slow\n2026 [fc:fc_vcpu 0:ERROR:vstate] Unexpected exit reason on vcpu run: InternalError\n2026 [fc:main:INFO] exiting\n",
+        )
+        .unwrap();
+        assert_eq!(
+            last_error(&t).unwrap(),
+            "2026 [fc:fc_vcpu 0:ERROR:vstate] Unexpected exit reason on vcpu run: InternalError"
+        );
+        std::fs::remove_dir_all(&t).unwrap();
     }
 }

@@ -15,6 +15,18 @@ use kvm_ioctls::{Kvm, VcpuExit};
 /// The KVM API version every current kernel reports.
 const KVM_API_VERSION: i32 = 12;
 
+/// Why Linux guests cannot boot on this host's KVM although Firecracker
+/// runs, or `None` when nothing says so. `sys_module` is `/sys/module`: a
+/// loaded `kvm_pvm` is the paravirtual KVM (PVM) of nested cloud machines,
+/// which emulates guest kernel code instruction by instruction and stops a
+/// Linux kernel early in boot (`KVM_EXIT_INTERNAL_ERROR`), while a tiny
+/// guest and the probe run.
+pub fn linux_guests_unsupported(sys_module: &Path) -> Option<String> {
+    sys_module.join("kvm_pvm").exists().then(|| {
+        "/dev/kvm is a paravirtual KVM (kvm_pvm): Firecracker runs, but a Linux guest stops with an emulation failure early in boot; microVM sessions need hardware KVM (bare metal or VMX nesting)".to_owned()
+    })
+}
+
 /// Runs the probe against the KVM device at `path`; the error says exactly
 /// which step failed.
 pub fn probe(path: &Path) -> Result<(), String> {
@@ -147,5 +159,19 @@ mod tests {
                 assert!(e.contains("/dev/kvm"));
             }
         }
+    }
+
+    #[test]
+    fn a_paravirtual_kvm_is_named() {
+        let t = std::env::temp_dir().join(format!("sc-kvm-mod-{}", std::process::id()));
+        std::fs::create_dir_all(t.join("kvm")).unwrap();
+        assert_eq!(linux_guests_unsupported(&t), None);
+        std::fs::create_dir_all(t.join("kvm_pvm")).unwrap();
+        let why = linux_guests_unsupported(&t).unwrap();
+        assert!(
+            why.contains("kvm_pvm") && why.contains("hardware KVM"),
+            "{why}"
+        );
+        std::fs::remove_dir_all(&t).unwrap();
     }
 }

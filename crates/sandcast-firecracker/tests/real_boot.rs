@@ -1,6 +1,7 @@
 //! Boots a real microVM with the tiny image, where that is possible: a
-//! `firecracker` binary (on PATH or `SANDCAST_FIRECRACKER`), a /dev/kvm that
-//! runs a guest, a guest kernel (`SANDCAST_FC_KERNEL`) and a tiny image built
+//! `firecracker` binary (`SANDCAST_FC_BIN` or `SANDCAST_FIRECRACKER`, else
+//! `../shared/firecracker/bin/` beside the project, else on PATH), a
+//! /dev/kvm that runs a Linux guest (not a paravirtual one), a guest kernel (`SANDCAST_FC_KERNEL`) and a tiny image built
 //! with the real agent (`SANDCAST_FC_IMAGE`, a directory from
 //! `sandcast image build --tiny`). Otherwise it says why it is skipped, on
 //! stderr, which the test harness does not capture.
@@ -19,8 +20,15 @@ fn skip(why: &str) {
 }
 
 fn firecracker_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SANDCAST_FIRECRACKER") {
-        return Some(p.into());
+    for var in ["SANDCAST_FC_BIN", "SANDCAST_FIRECRACKER"] {
+        if let Some(p) = std::env::var_os(var) {
+            return Some(p.into());
+        }
+    }
+    let shared =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/bin/firecracker");
+    if shared.is_file() {
+        return Some(shared);
     }
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join("firecracker"))
@@ -30,10 +38,16 @@ fn firecracker_binary() -> Option<PathBuf> {
 #[tokio::test]
 async fn boots_a_real_microvm() {
     let Some(bin) = firecracker_binary() else {
-        return skip("no firecracker binary on PATH and SANDCAST_FIRECRACKER is not set");
+        return skip(
+            "no firecracker binary: SANDCAST_FC_BIN is not set, ../shared/firecracker/bin has none, none on PATH",
+        );
     };
     if let Err(e) = sandcast_firecracker::kvm::probe(Path::new("/dev/kvm")) {
         return skip(&format!("KVM cannot run a guest here: {e}"));
+    }
+    if let Some(why) = sandcast_firecracker::kvm::linux_guests_unsupported(Path::new("/sys/module"))
+    {
+        return skip(&why);
     }
     let Some(kernel) = std::env::var_os("SANDCAST_FC_KERNEL").map(PathBuf::from) else {
         return skip("SANDCAST_FC_KERNEL (an uncompressed vmlinux) is not set");
