@@ -15,24 +15,21 @@ use sandcast_firecracker::{FirecrackerBackend, FirecrackerConfig};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 
+mod real;
+
 fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED boots_a_real_microvm: {why}");
 }
 
 fn firecracker_binary() -> Option<PathBuf> {
-    for var in ["SANDCAST_FC_BIN", "SANDCAST_FIRECRACKER"] {
-        if let Some(p) = std::env::var_os(var) {
-            return Some(p.into());
-        }
+    if let Some(p) = std::env::var_os("SANDCAST_FIRECRACKER") {
+        return Some(p.into());
     }
-    let shared =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/bin/firecracker");
-    if shared.is_file() {
-        return Some(shared);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join("firecracker"))
-        .find(|p| p.is_file())
+    real::firecracker().ok().or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|d| d.join("firecracker"))
+            .find(|p| p.is_file())
+    })
 }
 
 #[tokio::test]

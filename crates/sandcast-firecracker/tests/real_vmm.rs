@@ -20,68 +20,14 @@ use sandcast_firecracker::{FirecrackerBackend, FirecrackerConfig};
 use tokio::net::UnixListener;
 
 mod common;
+mod real;
 use common::{
     TestDir, cgroup_exists, config, launch_spec, netns_exists, process_alive, session_id,
 };
-
-const HELLO: &str = "sandcast tiny guest: hello";
+use real::{HELLO, firecracker, jailer, tiny_guest};
 
 fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
-/// The real Firecracker, if there is one.
-fn firecracker() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SANDCAST_FC_BIN") {
-        return Ok(p.into());
-    }
-    let shared =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/bin/firecracker");
-    if shared.is_file() {
-        return Ok(shared);
-    }
-    Err(format!(
-        "no real Firecracker: SANDCAST_FC_BIN is not set and {} does not exist",
-        shared.display()
-    ))
-}
-
-/// Assembles the tiny guest into `dir`; `stay`: it halts instead of
-/// resetting, so the VM runs until stopped.
-fn tiny_guest(dir: &Path, stay: bool) -> Result<PathBuf, String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/tiny-pvh.S");
-    let obj = dir.join("tiny.o");
-    let elf = dir.join(if stay { "tiny-stay.elf" } else { "tiny.elf" });
-    let run = |cmd: &mut std::process::Command| -> Result<(), String> {
-        let name = cmd.get_program().to_string_lossy().into_owned();
-        let out = cmd
-            .output()
-            .map_err(|e| format!("{name} (binutils) cannot run: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("{name}: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(())
-    };
-    let mut assemble = std::process::Command::new("as");
-    assemble.arg("--64");
-    if stay {
-        assemble.args(["--defsym", "STAY=1"]);
-    }
-    run(assemble.arg("-o").arg(&obj).arg(&src))?;
-    run(std::process::Command::new("ld")
-        .args([
-            "-m",
-            "elf_x86_64",
-            "-nostdlib",
-            "-static",
-            "-Ttext=0x100000",
-            "-e",
-            "start",
-            "-o",
-        ])
-        .arg(&elf)
-        .arg(&obj))?;
-    Ok(elf)
 }
 
 /// The test configuration with the real binary and the tiny guest, or why
@@ -205,22 +151,6 @@ async fn a_guest_that_ends_on_its_own_is_reported_with_its_console_and_leaves_no
     assert!(backend.host().records().0.is_empty(), "a record is left");
 }
 
-/// The real jailer, beside the real Firecracker.
-fn jailer() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SANDCAST_JAILER_BIN") {
-        return Ok(p.into());
-    }
-    let shared =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/bin/jailer");
-    if shared.is_file() {
-        return Ok(shared);
-    }
-    Err(format!(
-        "no real jailer: SANDCAST_JAILER_BIN is not set and {} does not exist",
-        shared.display()
-    ))
-}
-
 #[tokio::test]
 async fn the_real_jailer_runs_the_session_as_its_own_uid_in_its_chroot() {
     let test = "the_real_jailer_runs_the_session_as_its_own_uid_in_its_chroot";
@@ -342,4 +272,164 @@ async fn reap_after_a_crash_removes_a_real_jailed_vm() {
         "uid {uid} still claimed"
     );
     drop(instance);
+}
+
+/// A real Firecracker started in network namespace `ns` on API socket
+/// `sock`, its serial console into `console`.
+fn spawn_in(ns: &str, bin: &Path, sock: &Path, console: &Path) -> tokio::process::Child {
+    tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(console).unwrap())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn api_up(sock: &Path) -> sandcast_firecracker::client::FirecrackerClient {
+    let client = sandcast_firecracker::client::FirecrackerClient::new(sock);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.describe().await.is_err() {
+        assert!(Instant::now() < deadline, "no API on {}", sock.display());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client
+}
+
+/// A network namespace with two TAP devices, removed on drop.
+struct TapNs(String);
+
+impl TapNs {
+    fn new(name: String) -> TapNs {
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "ip {args:?}");
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        ip(&["netns", "add", &name]);
+        for tap in ["tap0", "tap1"] {
+            ip(&["-n", &name, "tuntap", "add", tap, "mode", "tap"]);
+        }
+        TapNs(name)
+    }
+}
+
+impl Drop for TapNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Pause, a full snapshot, and its load into a fresh Firecracker with the
+/// vsock and network overrides a restored session needs, all on the real
+/// VMM, for a guest that stays alive.
+#[tokio::test]
+async fn a_real_snapshot_is_taken_and_restored_with_overrides() {
+    use sandcast_firecracker::api::*;
+    let test = "a_real_snapshot_is_taken_and_restored_with_overrides";
+    let dir = TestDir::new("realsnap");
+    let (bin, kernel) = match firecracker().and_then(|b| Ok((b, tiny_guest(&dir.0, true)?))) {
+        Ok(found) => found,
+        Err(why) => return skip(test, &why),
+    };
+    let ns = TapNs::new(format!("fcsnap{}", std::process::id()));
+    let d = &dir.0;
+    let s = |name: &str| d.join(name).display().to_string();
+
+    let mut first = spawn_in(&ns.0, &bin, &d.join("a.sock"), &d.join("a.console"));
+    let a = api_up(&d.join("a.sock")).await;
+    a.put_machine_config(&MachineConfig {
+        vcpu_count: 1,
+        mem_size_mib: 32,
+        smt: None,
+        track_dirty_pages: None,
+    })
+    .await
+    .unwrap();
+    a.put_boot_source(&BootSource {
+        kernel_image_path: kernel.display().to_string(),
+        boot_args: None,
+        initrd_path: None,
+    })
+    .await
+    .unwrap();
+    a.put_network_interface(&NetworkInterface {
+        iface_id: "eth0".into(),
+        host_dev_name: "tap0".into(),
+        guest_mac: None,
+    })
+    .await
+    .unwrap();
+    a.put_vsock(&Vsock {
+        guest_cid: 3,
+        uds_path: s("v1.sock"),
+    })
+    .await
+    .unwrap();
+    a.action(ActionType::InstanceStart).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(d.join("a.console"))
+        .unwrap_or_default()
+        .contains(HELLO)
+    {
+        assert!(Instant::now() < deadline, "the guest printed nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.set_vm_state(VmState::Paused).await.unwrap();
+    a.create_snapshot(&SnapshotCreateParams {
+        snapshot_path: s("vm.state"),
+        mem_file_path: s("vm.mem"),
+        snapshot_type: Some(SnapshotType::Full),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::metadata(d.join("vm.mem")).unwrap().len(),
+        32 << 20,
+        "the memory file holds the guest's memory"
+    );
+    first.kill().await.unwrap();
+
+    let mut second = spawn_in(&ns.0, &bin, &d.join("b.sock"), &d.join("b.console"));
+    let b = api_up(&d.join("b.sock")).await;
+    b.load_snapshot(&SnapshotLoadParams {
+        snapshot_path: s("vm.state"),
+        mem_backend: MemoryBackend {
+            backend_type: MemoryBackendType::File,
+            backend_path: s("vm.mem"),
+        },
+        resume_vm: Some(true),
+        network_overrides: vec![NetworkOverride {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap1".into(),
+        }],
+        vsock_override: Some(VsockOverride {
+            uds_path: s("v2.sock"),
+        }),
+        clock_realtime: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(b.describe().await.unwrap().state, "Running");
+    // The restored VM's vsock listens where the override said.
+    assert!(
+        d.join("v2.sock").exists(),
+        "no vsock socket at the override"
+    );
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "the restored VM ended"
+    );
+    second.kill().await.unwrap();
 }
