@@ -909,8 +909,30 @@ pub(crate) async fn copy_sparse(from: &Path, to: &Path) -> Result<(), BackendErr
 /// The last `n` lines of a session's serial console, joined with ` | `.
 fn console_tail(dir: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(dir.join(CONSOLE_LOG)).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !is_vmm_line(l))
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Whether a console line is Firecracker's own (it logs to standard output,
+/// which is the console, until its logger is set up): `<RFC 3339 time>
+/// [<id>:<thread>] ...` with thread `main`, `fc_api` or `fc_vcpu N`. Those
+/// are the VMM's chatter (request bodies included), not what the guest said.
+fn is_vmm_line(line: &str) -> bool {
+    let b = line.as_bytes();
+    let dated =
+        b.len() > 20 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[10] == b'T';
+    dated
+        && line
+            .split_once(" [")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .is_some_and(|(tag, _)| {
+                tag.rsplit_once(':').is_some_and(|(_, thread)| {
+                    thread == "main" || thread == "fc_api" || thread.starts_with("fc_vcpu")
+                })
+            })
 }
 
 /// The last ERROR line of Firecracker's log in the session directory.
@@ -1458,6 +1480,26 @@ mod tests {
         assert_eq!(
             last_error(&t).unwrap(),
             "2026 [fc:fc_vcpu 0:ERROR:vstate] Unexpected exit reason on vcpu run: InternalError"
+        );
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn the_console_tail_is_the_guests_not_the_vmms() {
+        let t = std::env::temp_dir().join(format!("sc-fc-console-{}", std::process::id()));
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::write(
+            t.join(CONSOLE_LOG),
+            "2026-12-07T03:40:43.668 [s-1:main] Listening on API socket\n\
+             [    0.000000] Linux version 6.1\n\
+             2026-12-07T03:40:43.678 [s-1:fc_api] The API server received a Put request on \"/mmds\" with body \"{}\".\n\
+             2026-12-07T03:40:43.700 [s-1:fc_vcpu 0] Received KVM_EXIT_SHUTDOWN signal\n\
+             sandcast tiny guest: hello\n",
+        )
+        .unwrap();
+        assert_eq!(
+            console_tail(&t, 5),
+            "[    0.000000] Linux version 6.1 | sandcast tiny guest: hello"
         );
         std::fs::remove_dir_all(&t).unwrap();
     }

@@ -433,3 +433,42 @@ async fn a_real_snapshot_is_taken_and_restored_with_overrides() {
     );
     second.kill().await.unwrap();
 }
+
+/// What the real Firecracker refuses reaches the session's reason in its
+/// own words (not as an HTTP body), and the failed start leaves nothing.
+#[tokio::test]
+async fn the_real_vmms_refusals_are_reported_in_words() {
+    let test = "the_real_vmms_refusals_are_reported_in_words";
+    let dir = TestDir::new("realrefuse");
+    let bin = match firecracker() {
+        Ok(b) => b,
+        Err(why) => return skip(test, &why),
+    };
+    // The test configuration's kernel is an ELF header and nothing else.
+    let backend = FirecrackerBackend::new(FirecrackerConfig {
+        firecracker_bin: bin,
+        ..config(&dir.0)
+    })
+    .unwrap();
+    let id = session_id("realrefuse");
+    let spec = launch_spec(&backend, &dir.0, &id);
+    let _listener = UnixListener::bind(&spec.agent_socket).unwrap();
+    let e = backend
+        .start(&spec)
+        .await
+        .err()
+        .expect("a refused start")
+        .to_string();
+    assert!(e.contains("Firecracker refused PUT /"), "{e}");
+    assert!(
+        e.to_lowercase().contains("kernel"),
+        "the reason does not say what was wrong: {e}"
+    );
+    assert!(
+        !e.contains("fault_message") && !e.contains('{'),
+        "a raw body: {e}"
+    );
+    assert!(!netns_exists(&id), "the namespace is left");
+    assert!(!cgroup_exists(&id), "the cgroup is left");
+    assert!(backend.host().records().0.is_empty(), "a record is left");
+}
