@@ -824,11 +824,14 @@ pub fn child<'a>(session: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|c| c["name"] == name)
 }
 
-/// True when xvfb, browser and vnc all run with a pid.
+/// True when xvfb, browser and vnc all run with a pid (the browser may be
+/// paused: nobody watched it for a while).
 pub fn children_running(session: &Value) -> bool {
     ["xvfb", "browser", "vnc"].iter().all(|n| {
-        child(session, n)
-            .is_some_and(|c| c["state"] == "running" && c["pid"].as_u64().unwrap_or(0) > 0)
+        child(session, n).is_some_and(|c| {
+            let up = c["state"] == "running" || (*n == "browser" && c["state"] == "paused");
+            up && c["pid"].as_u64().unwrap_or(0) > 0
+        })
     })
 }
 

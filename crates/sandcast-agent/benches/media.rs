@@ -124,6 +124,7 @@ async fn main() {
             h264_tuning: sandcast_proto::H264Tuning::default(),
             server_time_ms: 0,
             agent_token: None,
+            pause_unwatched_ms: 0,
         }))
         .await
         .unwrap();

@@ -296,6 +296,7 @@ mod tests {
             h264_tuning: sandcast_proto::H264Tuning::default(),
             server_time_ms: 0,
             agent_token: None,
+            pause_unwatched_ms: 0,
         }
     }
 

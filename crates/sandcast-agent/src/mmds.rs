@@ -285,6 +285,7 @@ pub(crate) mod tests {
             h264_tuning: sandcast_proto::H264Tuning::default(),
             server_time_ms: 0,
             agent_token: token.map(AgentToken::new),
+            pause_unwatched_ms: 0,
         }
     }
 

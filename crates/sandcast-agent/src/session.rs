@@ -101,6 +101,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
                 Some(Ok(Frame::Message(msg))) => match msg {
                     Message::Shutdown => break "the server asked to shut down".to_string(),
                     Message::Ping { seq } => { let _ = out_tx.send(Message::Pong { seq }).await; }
+                    Message::Watched { watched } => supervisor.set_watched(watched),
                     Message::OpenStream { id, target: StreamTarget::Vnc } => {
                         let vnc = supervisor.vnc_port.clone();
                         let target = target.clone();

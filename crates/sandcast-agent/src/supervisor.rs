@@ -45,6 +45,8 @@ pub enum Event {
 /// The running supervisor.
 pub struct Supervisor {
     stop: watch::Sender<bool>,
+    /// Whether anyone watches, as the server last said.
+    watched: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// The display (`:N`) while Xvfb is up.
     pub display: watch::Receiver<Option<String>>,
@@ -71,6 +73,9 @@ struct Ctx {
     events: mpsc::Sender<Event>,
     ready: Mutex<ReadyFlags>,
     own_sandbox: bool,
+    /// Whether anyone watches: the browser is paused after
+    /// `pause_unwatched_ms` without.
+    watched: watch::Receiver<bool>,
     /// The display size to give a new display and a new browser window.
     sizes: SharedSizes,
 }
@@ -112,6 +117,9 @@ impl Supervisor {
         let (display_tx, display_rx) = watch::channel(None);
         let (vnc_tx, vnc_rx) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(8);
+        // Until the server says otherwise (an older one never does), the
+        // session counts as watched and the browser is never paused.
+        let (watched_tx, watched_rx) = watch::channel(true);
         // Chromium refuses to run its own sandbox as root (a microVM's init,
         // or a test host), whatever the kernel allows.
         // SAFETY: geteuid has no preconditions.
@@ -127,6 +135,7 @@ impl Supervisor {
             events: events_tx,
             ready: Mutex::new(ReadyFlags::default()),
             own_sandbox,
+            watched: watched_rx,
             sizes,
         });
         let mut tasks = JoinSet::new();
@@ -139,11 +148,17 @@ impl Supervisor {
         }
         Supervisor {
             stop: stop_tx,
+            watched: watched_tx,
             tasks,
             display: display_rx,
             vnc_port: vnc_rx,
             events: events_rx,
         }
+    }
+
+    /// The server says whether anyone watches the session.
+    pub fn set_watched(&self, watched: bool) {
+        self.watched.send_replace(watched);
     }
 
     /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
@@ -473,18 +488,53 @@ async fn run_once(
         vec![],
     )
     .await;
-    tokio::select! {
-        status = child.wait() => {
-            kill_group(pid, libc::SIGKILL);
-            RunEnd::Exited(exit_info(status))
-        }
-        _ = display_changed(kind, display_rx) => {
-            stop_child(&mut child, pid).await;
-            RunEnd::DisplayChanged
-        }
-        _ = stop.changed() => {
-            stop_child(&mut child, pid).await;
-            RunEnd::Stop
+    // Only the browser is paused, and only when the configuration says
+    // after how long.
+    let pause_after = (kind == Kind::Browser && ctx.config.pause_unwatched_ms > 0)
+        .then(|| Duration::from_millis(ctx.config.pause_unwatched_ms));
+    let mut watched = ctx.watched.clone();
+    let mut watch_open = true;
+    let mut paused = false;
+    loop {
+        let unwatched = !*watched.borrow_and_update();
+        let pause = async {
+            match pause_after {
+                Some(after) if unwatched && !paused => tokio::time::sleep(after).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = child.wait() => {
+                kill_group(pid, libc::SIGKILL);
+                return RunEnd::Exited(exit_info(status));
+            }
+            _ = display_changed(kind, display_rx) => {
+                stop_child(&mut child, pid).await;
+                return RunEnd::DisplayChanged;
+            }
+            _ = stop.changed() => {
+                stop_child(&mut child, pid).await;
+                return RunEnd::Stop;
+            }
+            () = pause => {
+                // The whole process group: renderers and the GPU process
+                // draw too. Nothing of it runs until someone watches.
+                kill_group(pid, libc::SIGSTOP);
+                paused = true;
+                report(ctx, name, ChildState::Paused, pid, tracker.restarts(), last_exit, vec![]).await;
+            }
+            changed = watched.changed(), if pause_after.is_some() && watch_open => {
+                if changed.is_err() {
+                    // The supervisor is going away; its stop follows.
+                    watch_open = false;
+                    continue;
+                }
+                if paused && *watched.borrow() {
+                    kill_group(pid, libc::SIGCONT);
+                    paused = false;
+                    report(ctx, name, ChildState::Running, pid, tracker.restarts(), last_exit, vec![]).await;
+                }
+            }
         }
     }
 }
@@ -616,6 +666,8 @@ fn kill_group(pid: Option<u32>, signal: i32) {
 }
 
 async fn stop_child(child: &mut tokio::process::Child, pid: Option<u32>) {
+    // A paused group handles SIGTERM only once it runs again.
+    kill_group(pid, libc::SIGCONT);
     kill_group(pid, libc::SIGTERM);
     if tokio::time::timeout(STOP_GRACE, child.wait())
         .await

@@ -39,6 +39,7 @@ fn config(url: &str) -> SessionConfig {
         h264_tuning: sandcast_proto::H264Tuning::default(),
         server_time_ms: 0,
         agent_token: None,
+        pause_unwatched_ms: 0,
     }
 }
 
@@ -215,4 +216,107 @@ async fn the_agent_stops_everything_when_the_server_goes_away() {
         .unwrap()
         .unwrap();
     assert!(!alive(xvfb), "Xvfb {xvfb} outlived the agent");
+}
+
+/// Waits (up to 5 s) until `pid` is stopped (`T`) or not: a signal takes
+/// effect shortly after it is sent.
+async fn wait_stopped(pid: u32, stopped: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (proc_state(pid) == 'T') != stopped {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// The process state letter of `pid` (`T` when stopped).
+fn proc_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.trim_start().chars().next())
+        .unwrap_or('?')
+}
+
+#[tokio::test]
+async fn an_unwatched_browser_is_paused_and_a_viewer_resumes_it() {
+    let h = Harness::new("pause");
+    let control = h.accept_raw(Role::Control).await;
+    let mut framed = Framed::new(control, FrameCodec);
+    let config = SessionConfig {
+        pause_unwatched_ms: 300,
+        ..config("data:text/html,<h1>hello</h1>")
+    };
+    framed.send(Message::Config(config)).await.unwrap();
+    let mut reports = Vec::new();
+    until(&mut framed, &mut reports, |m| {
+        matches!(m, Message::Ready).then_some(())
+    })
+    .await;
+    // Ready and the browser's Running report travel separately.
+    let seen = reports
+        .iter()
+        .rev()
+        .find(|r| r.name == "browser" && r.state == ChildState::Running)
+        .and_then(|r| r.pid);
+    let browser = match seen {
+        Some(pid) => pid,
+        None => {
+            until(&mut framed, &mut reports, |m| match m {
+                Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => r.pid,
+                _ => None,
+            })
+            .await
+        }
+    };
+    // Until the server says nobody watches, nothing is paused.
+    assert_ne!(proc_state(browser), 'T');
+    framed
+        .send(Message::Watched { watched: false })
+        .await
+        .unwrap();
+    until(&mut framed, &mut reports, |m| match m {
+        Message::Child(r) if r.name == "browser" && r.state == ChildState::Paused => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        wait_stopped(browser, true).await,
+        "the paused browser still runs"
+    );
+    framed
+        .send(Message::Watched { watched: true })
+        .await
+        .unwrap();
+    until(&mut framed, &mut reports, |m| match m {
+        Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_ne!(
+        proc_state(browser),
+        'T',
+        "the watched browser is still stopped"
+    );
+    // Paused again, a shutdown still ends it at once (SIGCONT before SIGTERM).
+    framed
+        .send(Message::Watched { watched: false })
+        .await
+        .unwrap();
+    until(&mut framed, &mut reports, |m| match m {
+        Message::Child(r) if r.name == "browser" && r.state == ChildState::Paused => Some(()),
+        _ => None,
+    })
+    .await;
+    framed.send(Message::Shutdown).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(browser) {
+        assert!(
+            Instant::now() < deadline,
+            "the paused browser survived the shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -49,6 +49,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         h264_tuning: sandcast_proto::H264Tuning::default(),
         server_time_ms: 0,
         agent_token: None,
+        pause_unwatched_ms: 0,
     }
 }
 

@@ -76,6 +76,7 @@ async fn until_ready(
         h264_tuning: sandcast_proto::H264Tuning::default(),
         server_time_ms: now,
         agent_token: Some(token.clone()),
+        pause_unwatched_ms: 0,
     };
     for m in [
         Message::Welcome {

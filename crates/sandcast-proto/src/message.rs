@@ -102,6 +102,13 @@ pub enum Message {
     Video(VideoControl),
     /// Agent → server: counters the agent keeps (dropped input, frames).
     Stats(AgentStats),
+    /// Server → agent: whether anyone watches the session (a viewer of
+    /// any kind). Unwatched for `pause_unwatched_ms`, the agent pauses the
+    /// browser; watched again, it resumes it at once.
+    Watched {
+        /// Someone watches.
+        watched: bool,
+    },
     /// Server → agent: stop every child and exit.
     Shutdown,
     /// Either way: liveness probe.
@@ -185,6 +192,12 @@ pub struct SessionConfig {
     /// does not match; elsewhere it is carried but not checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_token: Option<AgentToken>,
+    /// Milliseconds without anyone watching (see [`Message::Watched`])
+    /// after which the agent pauses the browser (SIGSTOP of its process
+    /// group: no rendering, no CPU); 0 never pauses it. A launch command is
+    /// never paused.
+    #[serde(default)]
+    pub pause_unwatched_ms: u64,
 }
 
 fn default_max_fps() -> u32 {
@@ -253,6 +266,8 @@ pub enum ChildState {
     Starting,
     /// Up and ready.
     Running,
+    /// Up, and paused because nobody watches (the browser only).
+    Paused,
     /// Died; a restart is scheduled.
     Restarting,
     /// Died too often too quickly; still restarted, with the longest backoff.

@@ -168,6 +168,10 @@ pub struct SessionDefaults {
     pub pids: u32,
     /// Longest wait for a session to become ready.
     pub start_timeout_seconds: u64,
+    /// Seconds without any viewer after which the session's browser is
+    /// paused (no rendering, no CPU; a launch command runs on); a viewer
+    /// resumes it at once. 0 never pauses.
+    pub pause_unwatched_seconds: u64,
 }
 
 impl Default for SessionDefaults {
@@ -184,6 +188,7 @@ impl Default for SessionDefaults {
             cpu_millis: host.session_cpu_millis(),
             pids: 1024,
             start_timeout_seconds: 60,
+            pause_unwatched_seconds: 10,
         }
     }
 }

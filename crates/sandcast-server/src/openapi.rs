@@ -363,6 +363,8 @@ pub enum ChildState {
     Starting,
     /// Up and ready.
     Running,
+    /// Up, and paused because nobody watches (the browser only).
+    Paused,
     /// Died; a restart is scheduled.
     Restarting,
     /// Died too often too quickly; still restarted, with the longest backoff.

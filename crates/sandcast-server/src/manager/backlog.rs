@@ -63,6 +63,7 @@ fn class(msg: &Message) -> Class {
         Message::Video(VideoControl::Bitrate { .. }) => Class::Setting(1),
         Message::Resize { .. } => Class::Setting(2),
         Message::Clipboard { .. } => Class::Setting(3),
+        Message::Watched { .. } => Class::Setting(4),
         Message::Video(VideoControl::KeyFrame) | Message::Pong { .. } => Class::Droppable,
         _ => Class::Keep,
     }

@@ -280,6 +280,9 @@ pub struct Actor {
     to_self: mpsc::Sender<FromAgent>,
     control_taken: bool,
     control: Option<mpsc::Sender<Message>>,
+    /// Whether the agent was last told someone watches (`None`: not told
+    /// on this control connection yet).
+    told_watched: Option<bool>,
     outbox: Backlog,
     streams: HashMap<u64, oneshot::Sender<UnixStream>>,
     next_stream: u64,
@@ -342,6 +345,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         to_self,
         control_taken: false,
         control: None,
+        told_watched: None,
         outbox: Backlog::default(),
         streams: HashMap::new(),
         next_stream: 1,
@@ -627,6 +631,7 @@ impl Actor {
             Command::Viewer(present) => {
                 self.core.viewer(present, now);
                 self.publish();
+                self.tell_watched();
             }
             Command::OpenStream(reply) => {
                 let _ = reply.send(self.open_stream());
@@ -650,9 +655,20 @@ impl Actor {
         if self.core.viewers != viewers {
             self.publish();
         }
+        self.tell_watched();
         let msgs: Vec<Message> = b.drain().collect();
         for msg in msgs {
             self.send_agent(msg);
+        }
+    }
+
+    /// Tells the agent when the session went from watched to unwatched or
+    /// back (it pauses and resumes the browser).
+    fn tell_watched(&mut self) {
+        let watched = self.core.viewers > 0;
+        if self.control.is_some() && self.told_watched != Some(watched) {
+            self.told_watched = Some(watched);
+            self.send_agent(Message::Watched { watched });
         }
     }
 
@@ -723,6 +739,7 @@ impl Actor {
             h264_tuning: config.webrtc.h264_tuning,
             server_time_ms: now_ms() as u64,
             agent_token: Some(self.agent_token.clone()),
+            pause_unwatched_ms: config.session.pause_unwatched_seconds.saturating_mul(1000),
         }
     }
 
@@ -737,7 +754,11 @@ impl Actor {
                     self.note(&format!("agent {version} connected"));
                 }
             }
-            FromAgent::ControlUp(tx) => self.control = Some(tx),
+            FromAgent::ControlUp(tx) => {
+                self.control = Some(tx);
+                self.told_watched = None;
+                self.tell_watched();
+            }
             FromAgent::Message(msg) => self.on_agent_message(*msg).await,
             FromAgent::ClaimStream { id, reply } => {
                 let _ = reply.send(self.streams.remove(&id).filter(|w| !w.is_closed()));
