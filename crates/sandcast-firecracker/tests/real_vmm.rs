@@ -42,10 +42,11 @@ fn real_config(dir: &Path, stay: bool) -> Result<FirecrackerConfig, String> {
     })
 }
 
-/// Waits until the session's console log holds `text`.
+/// Waits until the session's console log holds `text` (generously: the
+/// whole test suite may be loading the machine).
 async fn console_shows(session_dir: &Path, text: &str) -> String {
     let path = session_dir.join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let console = std::fs::read_to_string(&path).unwrap_or_default();
         if console.contains(text) {
@@ -378,12 +379,17 @@ async fn a_real_snapshot_is_taken_and_restored_with_overrides() {
     .await
     .unwrap();
     a.action(ActionType::InstanceStart).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(d.join("a.console"))
         .unwrap_or_default()
         .contains(HELLO)
     {
-        assert!(Instant::now() < deadline, "the guest printed nothing");
+        assert!(
+            Instant::now() < deadline,
+            "the guest printed nothing; firecracker {:?}, its output: {:?}",
+            first.try_wait(),
+            std::fs::read_to_string(d.join("a.console")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     a.set_vm_state(VmState::Paused).await.unwrap();
