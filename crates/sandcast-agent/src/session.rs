@@ -22,6 +22,21 @@ use crate::supervisor::{Event, Supervisor};
 /// Outgoing control messages waiting for the writer; logs beyond this are dropped.
 const OUTBOX: usize = 2048;
 
+/// Ends the session before anything runs: `reason` is said on the channel,
+/// so the server fails the session with it.
+async fn fail(
+    mut framed: Framed<channel::BoxConn, FrameCodec>,
+    reason: String,
+) -> anyhow::Result<()> {
+    framed
+        .send(Message::Fatal {
+            reason: reason.clone(),
+        })
+        .await?;
+    let _ = SinkExt::<Message>::close(&mut framed).await;
+    bail!(reason)
+}
+
 /// Runs one session to its end. In a microVM, `mmds` is where the agent
 /// reads what the backend published and checks the configuration's agent
 /// token against it before running anything; `None` elsewhere.
@@ -44,14 +59,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     if let Some(addr) = mmds
         && let Err(reason) = mmds::verify(&config, addr, mmds::FETCH_DEADLINE).await
     {
-        // Said on the channel, so the server fails the session with it.
-        framed
-            .send(Message::Fatal {
-                reason: reason.clone(),
-            })
-            .await?;
-        let _ = SinkExt::<Message>::close(&mut framed).await;
-        bail!(reason);
+        return fail(framed, reason).await;
     }
     if config.server_time_ms > 0 {
         set_clock_if_behind(config.server_time_ms);
@@ -60,13 +68,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     if let Some(policy) = &config.browser.policy
         && let Err(reason) = crate::policy::install(policy, Path::new("/"))
     {
-        framed
-            .send(Message::Fatal {
-                reason: reason.clone(),
-            })
-            .await?;
-        let _ = SinkExt::<Message>::close(&mut framed).await;
-        bail!(reason);
+        return fail(framed, reason).await;
     }
     let (mut sink, mut stream) = framed.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUTBOX);

@@ -240,6 +240,26 @@ fn proc_state(pid: u32) -> char {
         .unwrap_or('?')
 }
 
+/// Tells the agent whether someone watches and waits for the browser's
+/// report that follows: paused when nobody does, running when someone does.
+async fn watch(
+    framed: &mut Framed<UnixStream, FrameCodec>,
+    reports: &mut Vec<ChildReport>,
+    watched: bool,
+) {
+    framed.send(Message::Watched { watched }).await.unwrap();
+    let want = if watched {
+        ChildState::Running
+    } else {
+        ChildState::Paused
+    };
+    until(framed, reports, |m| match m {
+        Message::Child(r) if r.name == "browser" && r.state == want => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_unwatched_browser_is_paused_and_a_viewer_resumes_it() {
     let h = Harness::new("pause");
@@ -273,43 +293,19 @@ async fn an_unwatched_browser_is_paused_and_a_viewer_resumes_it() {
     };
     // Until the server says nobody watches, nothing is paused.
     assert_ne!(proc_state(browser), 'T');
-    framed
-        .send(Message::Watched { watched: false })
-        .await
-        .unwrap();
-    until(&mut framed, &mut reports, |m| match m {
-        Message::Child(r) if r.name == "browser" && r.state == ChildState::Paused => Some(()),
-        _ => None,
-    })
-    .await;
+    watch(&mut framed, &mut reports, false).await;
     assert!(
         wait_stopped(browser, true).await,
         "the paused browser still runs"
     );
-    framed
-        .send(Message::Watched { watched: true })
-        .await
-        .unwrap();
-    until(&mut framed, &mut reports, |m| match m {
-        Message::Child(r) if r.name == "browser" && r.state == ChildState::Running => Some(()),
-        _ => None,
-    })
-    .await;
+    watch(&mut framed, &mut reports, true).await;
     assert_ne!(
         proc_state(browser),
         'T',
         "the watched browser is still stopped"
     );
     // Paused again, a shutdown still ends it at once (SIGCONT before SIGTERM).
-    framed
-        .send(Message::Watched { watched: false })
-        .await
-        .unwrap();
-    until(&mut framed, &mut reports, |m| match m {
-        Message::Child(r) if r.name == "browser" && r.state == ChildState::Paused => Some(()),
-        _ => None,
-    })
-    .await;
+    watch(&mut framed, &mut reports, false).await;
     framed.send(Message::Shutdown).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(browser) {

@@ -16,33 +16,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sandcast_firecracker::api::*;
-use sandcast_firecracker::client::FirecrackerClient;
+use sandcast_firecracker::api::ActionType;
 
 #[path = "../tests/real/mod.rs"]
 mod real;
-
-fn spawn(bin: &Path, sock: &Path, console: &Path) -> tokio::process::Child {
-    tokio::process::Command::new(bin)
-        .arg("--api-sock")
-        .arg(sock)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(console).unwrap())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn api_up(sock: &Path) -> FirecrackerClient {
-    let client = FirecrackerClient::new(sock);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while client.describe().await.is_err() {
-        assert!(Instant::now() < deadline, "no API on {}", sock.display());
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-    client
-}
 
 async fn console_byte(console: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -72,7 +49,6 @@ struct Run {
 }
 
 async fn one(bin: &Path, kernel: &Path, dir: &Path) -> Run {
-    let s = |name: &str| dir.join(name).display().to_string();
     for f in [
         "a.sock", "b.sock", "v1.sock", "v2.sock", "vm.state", "vm.mem",
     ] {
@@ -80,31 +56,11 @@ async fn one(bin: &Path, kernel: &Path, dir: &Path) -> Run {
     }
     let mut run = Run::default();
     let t = Instant::now();
-    let mut first = spawn(bin, &dir.join("a.sock"), &dir.join("a.console"));
-    let a = api_up(&dir.join("a.sock")).await;
+    let mut first = real::spawn(bin, None, &dir.join("a.sock"), &dir.join("a.console"));
+    let a = real::api_up(&dir.join("a.sock")).await;
     run.api_ready = t.elapsed();
     let t = Instant::now();
-    a.put_machine_config(&MachineConfig {
-        vcpu_count: 1,
-        mem_size_mib: 32,
-        smt: None,
-        track_dirty_pages: None,
-    })
-    .await
-    .unwrap();
-    a.put_boot_source(&BootSource {
-        kernel_image_path: kernel.display().to_string(),
-        boot_args: None,
-        initrd_path: None,
-    })
-    .await
-    .unwrap();
-    a.put_vsock(&Vsock {
-        guest_cid: 3,
-        uds_path: s("v1.sock"),
-    })
-    .await
-    .unwrap();
+    real::configure(&a, kernel, &dir.join("v1.sock"), None).await;
     run.configure = t.elapsed();
     let t = Instant::now();
     a.action(ActionType::InstanceStart).await.unwrap();
@@ -112,34 +68,20 @@ async fn one(bin: &Path, kernel: &Path, dir: &Path) -> Run {
     run.first_byte = t.elapsed();
     run.rss_kib = rss_kib(first.id().unwrap());
     let t = Instant::now();
-    a.set_vm_state(VmState::Paused).await.unwrap();
-    a.create_snapshot(&SnapshotCreateParams {
-        snapshot_path: s("vm.state"),
-        mem_file_path: s("vm.mem"),
-        snapshot_type: Some(SnapshotType::Full),
-    })
-    .await
-    .unwrap();
+    real::snapshot(&a, &dir.join("vm.state"), &dir.join("vm.mem")).await;
     run.snapshot = t.elapsed();
     first.kill().await.unwrap();
     let t = Instant::now();
-    let mut second = spawn(bin, &dir.join("b.sock"), &dir.join("b.console"));
-    let b = api_up(&dir.join("b.sock")).await;
-    b.load_snapshot(&SnapshotLoadParams {
-        snapshot_path: s("vm.state"),
-        mem_backend: MemoryBackend {
-            backend_type: MemoryBackendType::File,
-            backend_path: s("vm.mem"),
-        },
-        resume_vm: Some(true),
-        network_overrides: Vec::new(),
-        vsock_override: Some(VsockOverride {
-            uds_path: s("v2.sock"),
-        }),
-        clock_realtime: None,
-    })
-    .await
-    .unwrap();
+    let mut second = real::spawn(bin, None, &dir.join("b.sock"), &dir.join("b.console"));
+    let b = real::api_up(&dir.join("b.sock")).await;
+    real::restore(
+        &b,
+        &dir.join("vm.state"),
+        &dir.join("vm.mem"),
+        &dir.join("v2.sock"),
+        None,
+    )
+    .await;
     run.restore = t.elapsed();
     second.kill().await.unwrap();
     run
@@ -182,8 +124,9 @@ fn main() {
     println!("  machine, boot, vsock calls  {:?}", m(|r| r.configure));
     println!("  InstanceStart to console    {:?}", m(|r| r.first_byte));
     println!(
-        "  pause + full snapshot       {:?} (32 MiB guest)",
-        m(|r| r.snapshot)
+        "  pause + full snapshot       {:?} ({} MiB guest)",
+        m(|r| r.snapshot),
+        real::GUEST_MIB
     );
     println!("  spawn + load + resume       {:?}", m(|r| r.restore));
     println!("  VMM resident memory         {} KiB", rss[rss.len() / 2]);

@@ -42,6 +42,23 @@ fn real_config(dir: &Path, stay: bool) -> Result<FirecrackerConfig, String> {
     })
 }
 
+/// [`real_config`] with the real jailer, jails under `dir/jails`.
+fn real_jailed_config(dir: &Path) -> Result<FirecrackerConfig, String> {
+    Ok(FirecrackerConfig {
+        jailer: Some(sandcast_firecracker::JailerConfig {
+            jailer_bin: jailer()?,
+            chroot_base_dir: dir.join("jails"),
+        }),
+        ..real_config(dir, true)?
+    })
+}
+
+/// The jail of session `id` under [`real_jailed_config`]:
+/// `<chroot_base_dir>/<exec file name>/fc-<id>`.
+fn real_jail(dir: &Path, id: &sandcast_backend::SessionId) -> PathBuf {
+    dir.join("jails/firecracker").join(format!("fc-{id}"))
+}
+
 /// Waits until the session's console log holds `text` (generously: the
 /// whole test suite may be loading the machine).
 async fn console_shows(session_dir: &Path, text: &str) -> String {
@@ -156,15 +173,9 @@ async fn a_guest_that_ends_on_its_own_is_reported_with_its_console_and_leaves_no
 async fn the_real_jailer_runs_the_session_as_its_own_uid_in_its_chroot() {
     let test = "the_real_jailer_runs_the_session_as_its_own_uid_in_its_chroot";
     let dir = TestDir::new("realjail");
-    let cfg = match (real_config(&dir.0, true), jailer()) {
-        (Ok(c), Ok(j)) => FirecrackerConfig {
-            jailer: Some(sandcast_firecracker::JailerConfig {
-                jailer_bin: j,
-                chroot_base_dir: dir.0.join("jails"),
-            }),
-            ..c
-        },
-        (Err(why), _) | (_, Err(why)) => return skip(test, &why),
+    let cfg = match real_jailed_config(&dir.0) {
+        Ok(c) => c,
+        Err(why) => return skip(test, &why),
     };
     let backend = FirecrackerBackend::new(cfg).unwrap();
     let id = session_id("realjail");
@@ -197,8 +208,7 @@ async fn the_real_jailer_runs_the_session_as_its_own_uid_in_its_chroot() {
         !proc_root.join("etc").exists(),
         "the host is visible in the jail"
     );
-    // `<chroot_base_dir>/<exec file name>/<jail id>`.
-    let jail = dir.0.join("jails/firecracker").join(format!("fc-{id}"));
+    let jail = real_jail(&dir.0, &id);
     assert!(jail.join("root/vmlinux").exists(), "{}", jail.display());
     let ns = |p: &str| {
         std::fs::metadata(p)
@@ -227,15 +237,9 @@ async fn the_real_jailer_runs_the_session_as_its_own_uid_in_its_chroot() {
 async fn reap_after_a_crash_removes_a_real_jailed_vm() {
     let test = "reap_after_a_crash_removes_a_real_jailed_vm";
     let dir = TestDir::new("realreap");
-    let cfg = match (real_config(&dir.0, true), jailer()) {
-        (Ok(c), Ok(j)) => FirecrackerConfig {
-            jailer: Some(sandcast_firecracker::JailerConfig {
-                jailer_bin: j,
-                chroot_base_dir: dir.0.join("jails"),
-            }),
-            ..c
-        },
-        (Err(why), _) | (_, Err(why)) => return skip(test, &why),
+    let cfg = match real_jailed_config(&dir.0) {
+        Ok(c) => c,
+        Err(why) => return skip(test, &why),
     };
     let backend = FirecrackerBackend::new(cfg.clone()).unwrap();
     let id = session_id("realreap");
@@ -262,7 +266,7 @@ async fn reap_after_a_crash_removes_a_real_jailed_vm() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let jail = dir.0.join("jails/firecracker").join(format!("fc-{id}"));
+    let jail = real_jail(&dir.0, &id);
     assert!(!jail.exists(), "the jail is left: {}", jail.display());
     assert!(!netns_exists(&id), "the namespace is left");
     assert!(!cgroup_exists(&id), "the cgroup is left");
@@ -273,32 +277,6 @@ async fn reap_after_a_crash_removes_a_real_jailed_vm() {
         "uid {uid} still claimed"
     );
     drop(instance);
-}
-
-/// A real Firecracker started in network namespace `ns` on API socket
-/// `sock`, its serial console into `console`.
-fn spawn_in(ns: &str, bin: &Path, sock: &Path, console: &Path) -> tokio::process::Child {
-    tokio::process::Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin)
-        .arg("--api-sock")
-        .arg(sock)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(console).unwrap())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn api_up(sock: &Path) -> sandcast_firecracker::client::FirecrackerClient {
-    let client = sandcast_firecracker::client::FirecrackerClient::new(sock);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while client.describe().await.is_err() {
-        assert!(Instant::now() < deadline, "no API on {}", sock.display());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    client
 }
 
 /// A network namespace with two TAP devices, removed on drop.
@@ -337,7 +315,6 @@ impl Drop for TapNs {
 /// VMM, for a guest that stays alive.
 #[tokio::test]
 async fn a_real_snapshot_is_taken_and_restored_with_overrides() {
-    use sandcast_firecracker::api::*;
     let test = "a_real_snapshot_is_taken_and_restored_with_overrides";
     let dir = TestDir::new("realsnap");
     let (bin, kernel) = match firecracker().and_then(|b| Ok((b, tiny_guest(&dir.0, true)?))) {
@@ -346,39 +323,13 @@ async fn a_real_snapshot_is_taken_and_restored_with_overrides() {
     };
     let ns = TapNs::new(format!("fcsnap{}", std::process::id()));
     let d = &dir.0;
-    let s = |name: &str| d.join(name).display().to_string();
 
-    let mut first = spawn_in(&ns.0, &bin, &d.join("a.sock"), &d.join("a.console"));
-    let a = api_up(&d.join("a.sock")).await;
-    a.put_machine_config(&MachineConfig {
-        vcpu_count: 1,
-        mem_size_mib: 32,
-        smt: None,
-        track_dirty_pages: None,
-    })
-    .await
-    .unwrap();
-    a.put_boot_source(&BootSource {
-        kernel_image_path: kernel.display().to_string(),
-        boot_args: None,
-        initrd_path: None,
-    })
-    .await
-    .unwrap();
-    a.put_network_interface(&NetworkInterface {
-        iface_id: "eth0".into(),
-        host_dev_name: "tap0".into(),
-        guest_mac: None,
-    })
-    .await
-    .unwrap();
-    a.put_vsock(&Vsock {
-        guest_cid: 3,
-        uds_path: s("v1.sock"),
-    })
-    .await
-    .unwrap();
-    a.action(ActionType::InstanceStart).await.unwrap();
+    let mut first = real::spawn(&bin, Some(&ns.0), &d.join("a.sock"), &d.join("a.console"));
+    let a = real::api_up(&d.join("a.sock")).await;
+    real::configure(&a, &kernel, &d.join("v1.sock"), Some("tap0")).await;
+    a.action(sandcast_firecracker::api::ActionType::InstanceStart)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(d.join("a.console"))
         .unwrap_or_default()
@@ -392,41 +343,24 @@ async fn a_real_snapshot_is_taken_and_restored_with_overrides() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    a.set_vm_state(VmState::Paused).await.unwrap();
-    a.create_snapshot(&SnapshotCreateParams {
-        snapshot_path: s("vm.state"),
-        mem_file_path: s("vm.mem"),
-        snapshot_type: Some(SnapshotType::Full),
-    })
-    .await
-    .unwrap();
+    real::snapshot(&a, &d.join("vm.state"), &d.join("vm.mem")).await;
     assert_eq!(
         std::fs::metadata(d.join("vm.mem")).unwrap().len(),
-        32 << 20,
+        real::GUEST_MIB << 20,
         "the memory file holds the guest's memory"
     );
     first.kill().await.unwrap();
 
-    let mut second = spawn_in(&ns.0, &bin, &d.join("b.sock"), &d.join("b.console"));
-    let b = api_up(&d.join("b.sock")).await;
-    b.load_snapshot(&SnapshotLoadParams {
-        snapshot_path: s("vm.state"),
-        mem_backend: MemoryBackend {
-            backend_type: MemoryBackendType::File,
-            backend_path: s("vm.mem"),
-        },
-        resume_vm: Some(true),
-        network_overrides: vec![NetworkOverride {
-            iface_id: "eth0".into(),
-            host_dev_name: "tap1".into(),
-        }],
-        vsock_override: Some(VsockOverride {
-            uds_path: s("v2.sock"),
-        }),
-        clock_realtime: None,
-    })
-    .await
-    .unwrap();
+    let mut second = real::spawn(&bin, Some(&ns.0), &d.join("b.sock"), &d.join("b.console"));
+    let b = real::api_up(&d.join("b.sock")).await;
+    real::restore(
+        &b,
+        &d.join("vm.state"),
+        &d.join("vm.mem"),
+        &d.join("v2.sock"),
+        Some("tap1"),
+    )
+    .await;
     assert_eq!(b.describe().await.unwrap().state, "Running");
     // The restored VM's vsock listens where the override said.
     assert!(
