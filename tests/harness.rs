@@ -1095,6 +1095,31 @@ pub fn clipboard_page_copying(copy_js: &str) -> String {
     ))
 }
 
+/// The key that makes the typing page copy what it received.
+pub const TYPING_COPY_KEY: &str = "F8";
+
+/// A page with a focused text area that records what is typed into it: F8
+/// copies the text area's value to the session's clipboard (which the
+/// viewer mirrors), so a test compares what arrived character by
+/// character. Green while empty, red once something arrived.
+pub fn typing_page() -> String {
+    data_url(&format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>typing</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
+         <body><textarea id=t autofocus style=\"position:absolute;left:0;top:0;width:600px;height:80px\"></textarea><script>\
+         const t=document.getElementById('t');\
+         addEventListener('mousedown',e=>{{e.preventDefault();t.focus()}});\
+         t.addEventListener('blur',()=>setTimeout(()=>t.focus(),0));\
+         t.addEventListener('input',()=>{{document.body.style.background=t.value?'{typed}':'{start}'}});\
+         addEventListener('keydown',e=>{{if(e.key!=='{copy_key}')return;e.preventDefault();\
+           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',t.value);c.preventDefault()}},{{once:true}});\
+           document.execCommand('copy')}});\
+         </script></body></html>",
+        start = colours::START,
+        typed = colours::TYPED,
+        copy_key = TYPING_COPY_KEY,
+    ))
+}
+
 /// Inserts a query string (`mode=vnc`) into a viewer URL before its fragment.
 pub fn with_query(viewer_url: &str, query: &str) -> String {
     match viewer_url.split_once('#') {

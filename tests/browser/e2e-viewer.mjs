@@ -4,6 +4,8 @@
 // json: { url, kind: "canvas"|"video"|"any", viewers: 1, viewport: [w, h],
 //         mode?: "webrtc"|"vnc" (the viewer's window.sandcast.mode must be this),
 //         chromiumArgs?: [...] (more flags for the viewers' browser),
+//         clipboardUrl?: a WebRTC viewer of the same session that only reads the session's
+//                        clipboard for expectRemoteClipboard (noVNC carries Latin-1 only),
 //         timeoutMs, steps: [...] }
 // steps (run in order; actions go to the first viewer, checks to all):
 //   { expect: "#rrggbb", tolerance?: 48, timeoutMs? }  the remote screen's centre has that colour
@@ -23,6 +25,13 @@
 //                                                       was reached)
 //   { waitFile: "/path", timeoutMs? }                   wait until the test creates that file
 //   { flood: ms }                                       type without pause for ms milliseconds
+//   { press: "Control+KeyA" }                           press a key combination (playwright names)
+//   { keys: [{ key, code, modifiers? }] }               key events as a keyboard of any layout sends
+//                                                       them (CDP Input.dispatchKeyEvent: down, up);
+//                                                       modifiers: ["Shift", "Control", "Alt", "Meta"]
+//   { insertText: "text" }                              text without key events, as dictation, an
+//                                                       on-screen keyboard or an IME commit gives it
+//   { compose: ["n", "ni"], commit: "你" }               an input method's composition, then its commit
 // Or, to check a page directly on this host (a control for isolation tests):
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
@@ -127,6 +136,39 @@ async function statsInPage() {
   return out;
 }
 
+const cdps = new Map();
+async function cdpOf(page) {
+  if (!cdps.has(page)) cdps.set(page, await page.context().newCDPSession(page));
+  return cdps.get(page);
+}
+
+const MODIFIER_BITS = { Alt: 1, Control: 2, Meta: 4, Shift: 8 };
+
+const MODIFIER_CODES = { Alt: 'AltLeft', Control: 'ControlLeft', Meta: 'MetaLeft', Shift: 'ShiftLeft' };
+
+// One key press and release as the browser receives it from a keyboard:
+// `key` is what the layout produces, `code` the physical key. Modifiers go
+// down before it and up after it, as their own keys. A printable key
+// without Control, Alt or Meta carries its text, as a real one does.
+async function dispatchKey(cdp, { key, code, modifiers = [] }) {
+  let bits = 0;
+  for (const name of modifiers) {
+    bits |= MODIFIER_BITS[name] ?? 0;
+    await cdp.send('Input.dispatchKeyEvent', { type: 'rawKeyDown', key: name, code: MODIFIER_CODES[name], modifiers: bits });
+  }
+  const printable = [...key].length === 1 && !(bits & 7);
+  const vk = key.length === 1 && /[a-z0-9]/i.test(key) ? key.toUpperCase().charCodeAt(0) : 0;
+  const base = { key, code, modifiers: bits, windowsVirtualKeyCode: vk, nativeVirtualKeyCode: vk };
+  await cdp.send('Input.dispatchKeyEvent', printable
+    ? { ...base, type: 'keyDown', text: key, unmodifiedText: key }
+    : { ...base, type: 'rawKeyDown' });
+  await cdp.send('Input.dispatchKeyEvent', { ...base, type: 'keyUp' });
+  for (const name of [...modifiers].reverse()) {
+    bits &= ~(MODIFIER_BITS[name] ?? 0);
+    await cdp.send('Input.dispatchKeyEvent', { type: 'keyUp', key: name, code: MODIFIER_CODES[name], modifiers: bits });
+  }
+}
+
 async function waitColour(page, kind, want, tol, timeoutMs, mode) {
   const target = parseColour(want);
   const deadline = Date.now() + timeoutMs;
@@ -176,6 +218,11 @@ async function runViewers() {
     page.on('pageerror', (e) => result.console.push(`viewer${i} error: ${e.message}`));
     await page.goto(arg.url);
     pages.push(page);
+  }
+  let clipboardPage = pages[0];
+  if (arg.clipboardUrl) {
+    clipboardPage = await (await browser.newContext()).newPage();
+    await clipboardPage.goto(arg.clipboardUrl);
   }
   const kind = arg.kind ?? 'video';
   let lastSize = null;
@@ -227,10 +274,10 @@ async function runViewers() {
     } else if (step.expectRemoteClipboard !== undefined) {
       const deadline = Date.now() + (step.timeoutMs ?? 20000);
       for (;;) {
-        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.remoteClipboard ?? null);
+        rec.got = await clipboardPage.evaluate(() => window.sandcast?.element?.remoteClipboard ?? null);
         if (rec.got === step.expectRemoteClipboard) { rec.ok = true; break; }
         if (Date.now() > deadline) { rec.ok = false; break; }
-        await pages[0].waitForTimeout(50);
+        await clipboardPage.waitForTimeout(50);
       }
     } else if (step.resize) {
       const before = await pages[0].evaluate(sampleInPage, kind);
@@ -258,6 +305,24 @@ async function runViewers() {
       const deadline = Date.now() + (step.timeoutMs ?? 20000);
       while (!existsSync(step.waitFile) && Date.now() < deadline) await pages[0].waitForTimeout(50);
       rec.ok = existsSync(step.waitFile);
+    } else if (step.press) {
+      await pages[0].keyboard.press(step.press);
+      rec.ok = true;
+    } else if (step.keys) {
+      const cdp = await cdpOf(pages[0]);
+      for (const k of step.keys) await dispatchKey(cdp, k);
+      rec.ok = true;
+    } else if (step.insertText !== undefined) {
+      const cdp = await cdpOf(pages[0]);
+      await cdp.send('Input.insertText', { text: step.insertText });
+      rec.ok = true;
+    } else if (step.compose) {
+      const cdp = await cdpOf(pages[0]);
+      for (const text of step.compose) {
+        await cdp.send('Input.imeSetComposition', { text, selectionStart: text.length, selectionEnd: text.length });
+      }
+      await cdp.send('Input.insertText', { text: step.commit });
+      rec.ok = true;
     } else if (step.flood) {
       const end = Date.now() + step.flood;
       rec.chars = 0;

@@ -6,6 +6,10 @@
 // letterboxing of `object-fit: contain`. The display size follows
 // `display_size` messages from the server. Options:
 //   displaySize   initial remote size (else the video's intrinsic size)
+//   display       a function giving the remote size, when displaySize and the
+//                 element cannot (noVNC's canvas)
+//   keyboardHost  where the hidden keyboard text area goes (default: the
+//                 element's parent)
 //   resize        send the element's size as the wanted display size (default true)
 //   resizeDebounceMs  (default 250)
 //   clipboard     mirror the remote clipboard into the local one (default true)
@@ -51,6 +55,63 @@ export function keepsLocal(ev) {
   return isPasteShortcut(ev) || ev.code === 'F12';
 }
 
+/** Editing commands a keyboard without key events (an on-screen one) sends, as keys. */
+const EDITS = {
+  insertLineBreak: { code: 'Enter', key: 'Enter' },
+  insertParagraph: { code: 'Enter', key: 'Enter' },
+  deleteContentBackward: { code: 'Backspace', key: 'Backspace' },
+  deleteContentForward: { code: 'Delete', key: 'Delete' },
+};
+
+/** Longest text one message carries, in UTF-8 bytes (the protocol's limit is 64 KiB). */
+export const MAX_TEXT_BYTES = 60 * 1024;
+
+/** Splits text into pieces of at most `max` UTF-8 bytes, never inside a character. */
+export function textPieces(text, max = MAX_TEXT_BYTES) {
+  const out = [];
+  let piece = '';
+  let bytes = 0;
+  for (const ch of text) {
+    const n = new TextEncoder().encode(ch).length;
+    if (bytes + n > max && piece) {
+      out.push(piece);
+      piece = '';
+      bytes = 0;
+    }
+    piece += ch;
+    bytes += n;
+  }
+  if (piece) out.push(piece);
+  return out;
+}
+
+/** The hidden text area that receives the keyboard, or null without a place for it. */
+function keyboardSink(element, host) {
+  if (!host || typeof document === 'undefined') return null;
+  const sink = document.createElement('textarea');
+  sink.className = 'sandcast-keyboard';
+  sink.setAttribute('part', 'keyboard');
+  sink.setAttribute('aria-label', 'remote keyboard');
+  for (const [k, v] of Object.entries({ autocapitalize: 'off', autocomplete: 'off', autocorrect: 'off', spellcheck: 'false' })) {
+    sink.setAttribute(k, v);
+  }
+  Object.assign(sink.style, {
+    position: 'absolute', left: '0px', top: '0px', width: '2px', height: '1.2em', padding: '0', border: '0',
+    margin: '0', opacity: '0', resize: 'none', overflow: 'hidden', zIndex: '2', pointerEvents: 'none',
+    caretColor: 'transparent', background: 'transparent', color: 'transparent', fontSize: '16px', outline: 'none',
+  });
+  host.appendChild(sink);
+  return sink;
+}
+
+/** Moves the text area to where the pointer went down (relative to its host). */
+function placeSink(sink, element, ev) {
+  const host = sink.offsetParent ?? sink.parentNode;
+  const base = host?.getBoundingClientRect?.() ?? element.getBoundingClientRect();
+  sink.style.left = `${Math.max(0, Math.round(ev.clientX - base.left))}px`;
+  sink.style.top = `${Math.max(0, Math.round(ev.clientY - base.top))}px`;
+}
+
 /** Starts capturing; returns a function that stops it. */
 export function attachInput(element, connection, options = {}) {
   const opts = { resize: true, resizeDebounceMs: 250, clipboard: true, ...options };
@@ -63,6 +124,7 @@ export function attachInput(element, connection, options = {}) {
     cleanups.push(() => target.removeEventListener(type, fn, o));
   };
   const currentDisplay = () => display
+    ?? opts.display?.()
     ?? (element.videoWidth ? { width: element.videoWidth, height: element.videoHeight } : null);
 
   if (!element.hasAttribute('tabindex')) element.tabIndex = 0;
@@ -86,7 +148,6 @@ export function attachInput(element, connection, options = {}) {
   };
   on(element, 'pointermove', move);
   on(element, 'pointerdown', (ev) => {
-    element.focus({ preventScroll: true });
     try { element.setPointerCapture(ev.pointerId); } catch (_) { /* synthetic events */ }
     move(ev);
     const button = BUTTONS[ev.button];
@@ -106,6 +167,21 @@ export function attachInput(element, connection, options = {}) {
     ev.preventDefault();
   }, { passive: false });
 
+  // The keyboard: a hidden text area over the picture holds the focus, so
+  // the host browser delivers text that comes without keys (input methods,
+  // dictation, on-screen keyboards, dead keys) as editing events there. It
+  // sits where the pointer last went down, where the remote caret usually
+  // is, so an input method's window opens next to it.
+  const sink = keyboardSink(element, opts.keyboardHost ?? element.parentNode);
+  if (sink) cleanups.push(() => sink.remove());
+  const targets = sink ? [element, sink] : [element];
+  const focusKeyboard = () => (sink ?? element).focus({ preventScroll: true });
+  if (sink) {
+    on(element, 'focus', focusKeyboard);
+    on(element, 'pointerdown', (ev) => placeSink(sink, element, ev));
+  }
+  on(element, 'pointerdown', focusKeyboard);
+
   // Paste: the V of Ctrl/Cmd+V waits for the browser's "paste" event, so the
   // remote clipboard holds the local text before the remote app pastes it
   // (both travel on the same ordered channel). Without a paste event (no
@@ -118,47 +194,92 @@ export function attachInput(element, connection, options = {}) {
     send({ kind: 'key', code: 'KeyV', key: 'v', down: false });
   };
   cleanups.push(() => clearTimeout(pasteTimer));
-  on(element, 'keydown', (ev) => {
-    if (ev.isComposing) return;
-    if (isPasteShortcut(ev)) {
-      vHeldForPaste = true;
-      clearTimeout(pasteTimer);
-      pasteTimer = setTimeout(() => { pasteTimer = null; typeV(); }, PASTE_WAIT_MS);
-      return;
-    }
-    send({ kind: 'key', code: ev.code || ev.key, key: ev.key, down: true });
-    if (!keepsLocal(ev)) ev.preventDefault();
-  });
-  on(element, 'keyup', (ev) => {
-    if (ev.isComposing) return;
-    // No paste event yet and a key goes up (Ctrl, say): V goes first, while
-    // the remote still holds Ctrl down.
-    if (pasteTimer !== null) {
-      clearTimeout(pasteTimer);
-      pasteTimer = null;
-      typeV();
-    }
-    if (ev.code === 'KeyV' && vHeldForPaste) {
-      // Its down and up went (or go) out with the paste.
-      vHeldForPaste = false;
-      return;
-    }
-    send({ kind: 'key', code: ev.code || ev.key, key: ev.key, down: false });
-    if (!keepsLocal(ev)) ev.preventDefault();
-  });
-  // Input methods and dead keys end in composed text.
-  on(element, 'compositionend', (ev) => { if (ev.data) send({ kind: 'text', text: ev.data }); });
-  on(element, 'paste', (ev) => {
-    const text = ev.clipboardData?.getData('text/plain');
-    if (text) send({ kind: 'clipboard', text });
-    if (pasteTimer !== null) {
-      clearTimeout(pasteTimer);
-      pasteTimer = null;
-      typeV();
-    }
-    ev.preventDefault();
-  });
-  on(element, 'blur', () => send({ kind: 'release_all' }));
+  // Codes whose press went to the remote: only their releases follow.
+  const down = new Set();
+  let composing = false;
+  const sendText = (text) => {
+    // Text events are bounded by the protocol; longer text goes in pieces
+    // that never split a character.
+    for (const piece of textPieces(text)) send({ kind: 'text', text: piece });
+  };
+  const clearSink = () => { if (sink && !composing) sink.value = ''; };
+  for (const target of targets) {
+    on(target, 'keydown', (ev) => {
+      // An input method or a dead key is composing: its result comes as
+      // text when the composition ends.
+      if (ev.isComposing || composing || ev.keyCode === 229 || ev.key === 'Process') return;
+      if (ev.key === 'Dead') return;
+      if (isPasteShortcut(ev)) {
+        vHeldForPaste = true;
+        clearTimeout(pasteTimer);
+        pasteTimer = setTimeout(() => { pasteTimer = null; typeV(); }, PASTE_WAIT_MS);
+        return;
+      }
+      const code = ev.code || ev.key;
+      down.add(code);
+      send({ kind: 'key', code, key: ev.key, down: true });
+      if (!keepsLocal(ev)) ev.preventDefault();
+    });
+    on(target, 'keyup', (ev) => {
+      // No paste event yet and a key goes up (Ctrl, say): V goes first, while
+      // the remote still holds Ctrl down.
+      if (pasteTimer !== null) {
+        clearTimeout(pasteTimer);
+        pasteTimer = null;
+        typeV();
+      }
+      if (ev.code === 'KeyV' && vHeldForPaste) {
+        // Its down and up went (or go) out with the paste.
+        vHeldForPaste = false;
+        return;
+      }
+      const code = ev.code || ev.key;
+      if (!down.delete(code)) return;
+      send({ kind: 'key', code, key: ev.key, down: false });
+      if (!keepsLocal(ev)) ev.preventDefault();
+    });
+    on(target, 'compositionstart', () => { composing = true; });
+    // Input methods and dead keys end in composed text, sent once.
+    on(target, 'compositionend', (ev) => {
+      composing = false;
+      if (ev.data) sendText(ev.data);
+      clearSink();
+    });
+    // Text without keys: dictation, on-screen keyboards, an input method
+    // that commits without composing, automation's insertText.
+    on(target, 'beforeinput', (ev) => {
+      if (ev.isComposing || composing) return;
+      const edit = EDITS[ev.inputType];
+      if (ev.inputType === 'insertText' || ev.inputType === 'insertReplacementText') {
+        const text = ev.data ?? ev.dataTransfer?.getData('text/plain');
+        if (text) sendText(text);
+      } else if (edit) {
+        send({ kind: 'key', code: edit.code, key: edit.key, down: true });
+        send({ kind: 'key', code: edit.code, key: edit.key, down: false });
+      } else if (ev.inputType === 'insertFromPaste') {
+        return; // the paste event below handles it
+      }
+      ev.preventDefault();
+    });
+    on(target, 'input', clearSink);
+    on(target, 'paste', (ev) => {
+      const text = ev.clipboardData?.getData('text/plain');
+      if (text) send({ kind: 'clipboard', text });
+      if (pasteTimer !== null) {
+        clearTimeout(pasteTimer);
+        pasteTimer = null;
+        typeV();
+      }
+      ev.preventDefault();
+    });
+    on(target, 'blur', (ev) => {
+      if (targets.includes(ev.relatedTarget)) return;
+      composing = false;
+      down.clear();
+      clearSink();
+      send({ kind: 'release_all' });
+    });
+  }
 
   // Keyboard Lock: in fullscreen, shortcuts such as Ctrl+W go to the remote.
   on(document, 'fullscreenchange', () => {

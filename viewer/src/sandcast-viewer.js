@@ -26,12 +26,12 @@ export const STARTING_POLL_MS = 150;
 
 // Session states after which nothing will ever be shown again.
 const ENDED = new Set(['stopping', 'stopped']);
-const XK_V = 0x76;
 
 const STYLE = `
 :host { display: block; position: relative; overflow: hidden; background: #111; color: #eee;
   font: 14px/1.4 system-ui, sans-serif; min-height: 240px; }
-.stage, video, .vnc { position: absolute; inset: 0; width: 100%; height: 100%; }
+.stage, video, .vnc, .vnc-input { position: absolute; inset: 0; width: 100%; height: 100%; }
+.vnc-input { z-index: 1; outline: none; }
 video { object-fit: contain; background: #000; outline: none; }
 [hidden] { display: none !important; }
 .overlay { position: absolute; inset: 0; display: flex; flex-direction: column; align-items: center;
@@ -92,6 +92,13 @@ export function describeChildren(children) {
     .join(' · ');
 }
 
+/** Builds the input WebSocket URL (used beside noVNC) for a session. */
+export function inputUrl(server, session, token) {
+  const u = new URL(vncUrl(server, session, token));
+  u.pathname = u.pathname.replace(/\/vnc$/, '/input');
+  return u.href;
+}
+
 /** Builds the noVNC WebSocket URL for a session from the server's base URL. */
 export function vncUrl(server, session, token) {
   const u = new URL(`viewer/${encodeURIComponent(session)}/vnc`, server.endsWith('/') ? server : `${server}/`);
@@ -112,6 +119,7 @@ export class SandcastViewer extends HTMLElement {
       <div class="stage" part="stage">
         <video part="video" hidden autoplay muted playsinline tabindex="0"></video>
         <div class="vnc" part="vnc" hidden></div>
+        <div class="vnc-input" part="vnc-input" hidden></div>
       </div>
       <div class="overlay" part="overlay" role="status" aria-live="polite"><div class="title">not connected</div><div class="detail"></div></div>
       <div class="bar" part="bar"><span class="notice" part="notice" role="note" hidden>not secure: no clipboard copy</span><span class="path"></span>
@@ -119,6 +127,7 @@ export class SandcastViewer extends HTMLElement {
       <div class="stats" part="stats" hidden></div>`;
     this._video = root.querySelector('video');
     this._vncBox = root.querySelector('.vnc');
+    this._vncInput = root.querySelector('.vnc-input');
     this._overlay = root.querySelector('.overlay');
     this._pathLabel = root.querySelector('.path');
     this._statsBox = root.querySelector('.stats');
@@ -483,6 +492,10 @@ export class SandcastViewer extends HTMLElement {
       return;
     }
     this._rfb = rfb;
+    // noVNC only shows the screen: input goes over sandcast's own input
+    // socket, through the same code as over WebRTC (any character, input
+    // methods, dead keys, touch), which x11vnc's keysym handling does not do.
+    rfb.viewOnly = true;
     rfb.scaleViewport = true;
     rfb.resizeSession = false;
     rfb.background = '#000';
@@ -491,7 +504,8 @@ export class SandcastViewer extends HTMLElement {
       this._retries = 0;
       this._set({ connected: true }, null);
       this._emit('connected', { mode: 'vnc' });
-      if (this.hasAttribute('autofocus')) rfb.focus({ preventScroll: true });
+      this._vncInputOn(run, rfb);
+      if (this.hasAttribute('autofocus')) this._vncInput.focus({ preventScroll: true });
     });
     rfb.addEventListener('disconnect', (ev) => {
       if (run !== this._run || this._rfb !== rfb) return;
@@ -501,31 +515,43 @@ export class SandcastViewer extends HTMLElement {
       this._set({ reason: `VNC security failure: ${ev.detail?.reason ?? ev.detail?.status}` });
     });
     rfb.addEventListener('clipboard', (ev) => this._remoteClipboard(ev.detail.text));
-    this._vncPaste(rfb, run);
   }
 
-  // Local clipboard to the remote one. noVNC cancels every key it forwards,
-  // which would also cancel the browser's paste; so Ctrl/Cmd+V is kept from
-  // noVNC, the browser fires "paste" with the text (no permission needed),
-  // the text goes to the remote clipboard, and then "v" is typed remotely
-  // (the remote already holds Ctrl down) so the remote app pastes it.
-  _vncPaste(rfb, run) {
+  // The input socket beside noVNC: the data channel's messages, as JSON text
+  // messages, on the overlay above noVNC's canvas (whose picture is centred
+  // and scaled to fit, as the video is).
+  _vncInputOn(run, rfb) {
+    const ws = new WebSocket(inputUrl(this.server, this.session, this.token));
+    const queue = [];
+    const conn = {
+      onMessage: null,
+      send: (m) => {
+        const text = JSON.stringify(m);
+        if (ws.readyState === WebSocket.OPEN) ws.send(text);
+        else if (ws.readyState === WebSocket.CONNECTING) queue.push(text);
+      },
+    };
+    ws.addEventListener('open', () => queue.splice(0).forEach((t) => ws.send(t)));
+    ws.addEventListener('close', () => {
+      if (run === this._run && this._rfb === rfb) this._dropped(run, rfb, 'input connection lost');
+    });
     const box = this._vncBox;
-    const onKey = (ev) => {
-      if ((ev.ctrlKey || ev.metaKey) && !ev.altKey && ev.code === 'KeyV') ev.stopPropagation();
+    const overlay = this._vncInput;
+    overlay.hidden = false;
+    if (!overlay.hasAttribute('tabindex')) overlay.tabIndex = 0;
+    const detach = attachInput(overlay, conn, {
+      resize: false,
+      clipboard: false,
+      display: () => {
+        const c = box.querySelector('canvas');
+        return c && c.width ? { width: c.width, height: c.height } : null;
+      },
+    });
+    this._detachInput = () => {
+      detach();
+      overlay.hidden = true;
+      try { ws.close(); } catch (_) { /* already closed */ }
     };
-    const onPaste = (ev) => {
-      if (run !== this._run || this._rfb !== rfb) return;
-      const text = ev.clipboardData?.getData('text/plain');
-      ev.preventDefault();
-      if (!text) return;
-      rfb.clipboardPasteFrom(text);
-      rfb.sendKey(XK_V, 'KeyV', true);
-      rfb.sendKey(XK_V, 'KeyV', false);
-    };
-    box.addEventListener('keydown', onKey, true);
-    box.addEventListener('keyup', onKey, true);
-    box.addEventListener('paste', onPaste, true);
   }
 
   _remoteClipboard(text) {

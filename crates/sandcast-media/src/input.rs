@@ -1,7 +1,7 @@
 //! Input injection with XTest.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sandcast_proto::InputEvent;
 use x11rb::connection::Connection;
@@ -29,6 +29,24 @@ const CHARS_PER_TOKEN: usize = 8;
 /// remembered by the viewer's `code`, so a viewer pressing ever new codes
 /// without releasing them must not grow that record without bound.
 pub const MAX_KEYS_HELD: usize = 128;
+
+/// How long a client gets to take up a changed keyboard mapping before a
+/// key bound by the change is pressed. X sends every client a MappingNotify,
+/// but Chromium fetches the new map asynchronously: a press that reaches it
+/// first is read with the old map, where the key code means nothing, and
+/// the character is lost (measured: none of two new characters arrived
+/// without a pause; 15 ms was enough on an idle host). Nothing tells us when
+/// the client is done, so the pause is generous, and text binds every new
+/// character of a run at once so a run pays it once.
+pub const KEYMAP_SETTLE: Duration = Duration::from_millis(60);
+
+/// How long after its last press a bound key code may be bound to another
+/// keysym. A client that lags behind (a loaded host) may read that press
+/// only after fetching a map that already holds the new binding, and type
+/// the wrong character: measured with noVNC polling the screen, a run of
+/// presses 60 ms behind came out as the next run's characters. Codes are
+/// reused least recently used first, so a person's typing rarely waits.
+pub const REBIND_AFTER: Duration = Duration::from_millis(300);
 
 const SHIFT_L: u32 = 0xffe1;
 const SHIFT_R: u32 = 0xffe2;
@@ -109,6 +127,17 @@ impl Keymap {
         })
     }
 
+    /// Marks a spare key code as just used, so it is the last to be
+    /// rebound; false for the layout's own key codes.
+    fn touch(&mut self, kc: u8) -> bool {
+        let Some(pos) = self.spare.iter().position(|&k| k == kc) else {
+            return false;
+        };
+        let k = self.spare.remove(pos);
+        self.spare.push(k);
+        true
+    }
+
     /// The key code and column (0 plain, 1 shifted) that give `sym`.
     fn find(&self, sym: u32) -> Option<(u8, usize)> {
         let per = usize::from(self.per);
@@ -123,6 +152,55 @@ impl Keymap {
     }
 }
 
+/// The next run of keysyms that text types after one keymap change.
+#[derive(Debug, PartialEq)]
+struct Run {
+    /// How many keysyms, at least one.
+    len: usize,
+    /// Keysyms of the run the keymap lacks, each once: bound before it.
+    new: Vec<u32>,
+    /// Spare key codes the run already uses: kept from being rebound.
+    kept: Vec<u8>,
+}
+
+/// Plans the longest run from the start of `syms` whose new keysyms plus
+/// the spare codes it already uses fit in `room` spare codes, so binding
+/// one keysym of the run can never evict another. `lookup` finds a keysym's
+/// key code, `is_spare` tells codes sandcast binds from the layout's own.
+fn next_run(
+    syms: &[u32],
+    lookup: impl Fn(u32) -> Option<u8>,
+    is_spare: impl Fn(u8) -> bool,
+    room: usize,
+) -> Run {
+    let mut run = Run {
+        len: 0,
+        new: Vec::new(),
+        kept: Vec::new(),
+    };
+    for &sym in syms {
+        let full = run.new.len() + run.kept.len() >= room.max(1);
+        match lookup(sym) {
+            Some(kc) if is_spare(kc) && !run.kept.contains(&kc) => {
+                if full {
+                    break;
+                }
+                run.kept.push(kc);
+            }
+            Some(_) => {}
+            None if run.new.contains(&sym) => {}
+            None => {
+                if full {
+                    break;
+                }
+                run.new.push(sym);
+            }
+        }
+        run.len += 1;
+    }
+    run
+}
+
 /// Injects viewer input into an X display.
 pub struct InputInjector {
     conn: RustConnection,
@@ -134,6 +212,8 @@ pub struct InputInjector {
     buttons_down: Vec<u8>,
     wheel_rem: (i32, i32),
     dropped: u64,
+    /// When each key code bound by [`InputInjector::bind`] was last pressed.
+    spare_pressed: HashMap<u8, Instant>,
 }
 
 impl std::fmt::Debug for InputInjector {
@@ -167,6 +247,7 @@ impl InputInjector {
             buttons_down: Vec::new(),
             wheel_rem: (0, 0),
             dropped: 0,
+            spare_pressed: HashMap::new(),
         })
     }
 
@@ -206,15 +287,7 @@ impl InputInjector {
                 self.wheel(*dx, *dy)?;
             }
             InputEvent::Key { code, key, down } => self.key(code, key, *down)?,
-            InputEvent::Text { text } => {
-                for c in text.chars() {
-                    // Characters without a key (other control characters)
-                    // are skipped, not fatal for the rest of the text.
-                    if let Some(sym) = keysym_for_char(c) {
-                        self.type_sym(sym)?;
-                    }
-                }
-            }
+            InputEvent::Text { text } => self.type_text(text)?,
             InputEvent::ReleaseAll => self.release_all()?,
         }
         self.conn.flush()?;
@@ -311,8 +384,11 @@ impl InputInjector {
         let (kc, flip) = match self.keymap.find(sym) {
             Some((kc, col)) if !is_char || (col == 1) == shift => (kc, false),
             Some((kc, _)) if !letter => (kc, true),
-            _ => (self.bind_spare(sym)?, false),
+            _ => (self.bind(&[sym])?[0], false),
         };
+        if self.keymap.touch(kc) {
+            self.spare_pressed.insert(kc, Instant::now());
+        }
         if let Some(old) = self.keys_down.insert(code.to_owned(), kc) {
             // Auto-repeat from the viewer: a press while held repeats.
             if old != kc {
@@ -351,16 +427,59 @@ impl InputInjector {
         Ok(())
     }
 
+    /// Types text: each run of characters binds the keysyms the keymap
+    /// lacks at once (as many as there are spare key codes), waits once for
+    /// clients to take up the new map, then types the run.
+    fn type_text(&mut self, text: &str) -> Result<()> {
+        // Characters without a key (other control characters) are
+        // skipped, not fatal for the rest of the text.
+        let syms: Vec<u32> = text.chars().filter_map(keysym_for_char).collect();
+        let room = self.free_spares().max(1);
+        let mut start = 0;
+        while start < syms.len() {
+            let run = next_run(
+                &syms[start..],
+                |sym| self.keymap.find(sym).map(|(kc, _)| kc),
+                |kc| self.keymap.spare.contains(&kc),
+                room,
+            );
+            for &kc in &run.kept {
+                let _ = self.keymap.touch(kc);
+            }
+            self.bind(&run.new)?;
+            for &sym in &syms[start..start + run.len] {
+                self.type_sym(sym)?;
+            }
+            // The run's presses go out before the next run changes the map.
+            self.conn.flush()?;
+            start += run.len;
+        }
+        Ok(())
+    }
+
+    /// Spare key codes not held down now.
+    fn free_spares(&self) -> usize {
+        self.keymap
+            .spare
+            .iter()
+            .filter(|kc| !self.keys_down.values().any(|h| h == *kc))
+            .count()
+    }
+
     /// Types one keysym with a press and a release, adding Shift when the
-    /// layout has it in the shifted column.
+    /// layout has it in the shifted column. The keysym is in the keymap.
     fn type_sym(&mut self, sym: u32) -> Result<()> {
         let shift = self.shift_held();
         let (kc, needs_shift) = match self.keymap.find(sym) {
             Some((kc, 0)) if !shift => (kc, false),
             Some((kc, 1)) if !shift => (kc, true),
             Some((kc, 1)) => (kc, false),
-            _ => (self.bind_spare(sym)?, false),
+            // Shift is held and the keysym is only unshifted here.
+            _ => (self.bind(&[sym])?[0], false),
         };
+        if self.keymap.touch(kc) {
+            self.spare_pressed.insert(kc, Instant::now());
+        }
         let shift_kc = if needs_shift {
             self.keymap.find(SHIFT_L).map(|(k, _)| k)
         } else {
@@ -377,30 +496,59 @@ impl InputInjector {
         Ok(())
     }
 
-    /// Binds `sym` to a spare key code (in both columns, so Shift does not
-    /// change it) and returns the key code. Bindings stay until the code is
+    /// Binds each of `syms` to a spare key code (in both columns, so Shift
+    /// does not change it), waits [`KEYMAP_SETTLE`] once if anything was
+    /// bound, and returns the key codes. Bindings stay until the code is
     /// needed for another keysym, least recently used first.
-    fn bind_spare(&mut self, sym: u32) -> Result<u8> {
-        let held: Vec<u8> = self.keys_down.values().copied().collect();
-        let pos = self
-            .keymap
-            .spare
-            .iter()
-            .position(|kc| !held.contains(kc))
-            .ok_or_else(|| Error::Unsupported("no spare key code to bind a keysym to".into()))?;
-        let kc = self.keymap.spare.remove(pos);
-        self.keymap.spare.push(kc);
-        let per = usize::from(self.keymap.per);
-        let mut row = vec![0u32; per];
-        row[0] = sym;
-        if per > 1 {
-            row[1] = sym;
+    ///
+    /// A client may also fetch the map when it reads a press (the press of
+    /// a new binding makes the server announce the whole map again), so a
+    /// code is not rebound within [`REBIND_AFTER`] of its last press: the
+    /// client's fetch must not see the next binding while it still has
+    /// presses of the last one to read.
+    fn bind(&mut self, syms: &[u32]) -> Result<Vec<u8>> {
+        if syms.is_empty() {
+            return Ok(Vec::new());
         }
-        self.conn
-            .change_keyboard_mapping(1, kc, self.keymap.per, &row)?;
-        let i = usize::from(kc - self.keymap.min) * per;
-        self.keymap.syms[i..i + per].copy_from_slice(&row);
-        Ok(kc)
+        let held: Vec<u8> = self.keys_down.values().copied().collect();
+        let mut codes = Vec::with_capacity(syms.len());
+        for _ in syms {
+            let pos = self
+                .keymap
+                .spare
+                .iter()
+                .position(|kc| !held.contains(kc) && !codes.contains(kc))
+                .ok_or_else(|| {
+                    Error::Unsupported("no spare key code to bind a keysym to".into())
+                })?;
+            let kc = self.keymap.spare.remove(pos);
+            self.keymap.spare.push(kc);
+            codes.push(kc);
+        }
+        let wait = codes
+            .iter()
+            .filter_map(|kc| self.spare_pressed.get(kc))
+            .map(|t| REBIND_AFTER.saturating_sub(t.elapsed()))
+            .max()
+            .unwrap_or_default();
+        std::thread::sleep(wait);
+        let per = usize::from(self.keymap.per);
+        for (&sym, &kc) in syms.iter().zip(&codes) {
+            let mut row = vec![0u32; per];
+            row[0] = sym;
+            if per > 1 {
+                row[1] = sym;
+            }
+            self.conn
+                .change_keyboard_mapping(1, kc, self.keymap.per, &row)?;
+            let i = usize::from(kc - self.keymap.min) * per;
+            self.keymap.syms[i..i + per].copy_from_slice(&row);
+        }
+        // The server has the new map once this round trip is back; the
+        // clients get their time after that.
+        self.conn.get_input_focus()?.reply()?;
+        std::thread::sleep(KEYMAP_SETTLE);
+        Ok(codes)
     }
 
     fn release_all(&mut self) -> Result<()> {
@@ -686,6 +834,92 @@ mod tests {
         inj.apply(&key("OneMore", "a", true)).unwrap();
         inj.apply(&InputEvent::ReleaseAll).unwrap();
         assert!(inj.keys_down.is_empty());
+    }
+
+    #[test]
+    fn text_runs_bind_each_new_keysym_once_and_never_evict_their_own() {
+        // 'a' is on the layout, 0x100 sits on spare code 200, the rest are new.
+        let lookup = |sym: u32| match sym {
+            0x61 => Some(38u8),
+            0x100 => Some(200u8),
+            _ => None,
+        };
+        let spare = |kc: u8| kc >= 200;
+        let syms = [0x61, 0x1001, 0x100, 0x1001, 0x1002, 0x1003, 0x61];
+        let run = next_run(&syms, lookup, spare, 3);
+        assert_eq!(
+            run,
+            Run {
+                len: 5,
+                new: vec![0x1001, 0x1002],
+                kept: vec![200],
+            }
+        );
+        let rest = next_run(&syms[run.len..], lookup, spare, 3);
+        assert_eq!(rest.len, 2);
+        assert_eq!(rest.new, vec![0x1003]);
+        // No spare code at all still makes progress, one keysym a run.
+        assert_eq!(next_run(&[0x1001, 0x1002], lookup, spare, 0).len, 1);
+        // Text entirely on the layout is one run with nothing to bind.
+        let plain = next_run(&[0x61; 100], lookup, spare, 1);
+        assert_eq!((plain.len, plain.new.len()), (100, 0));
+    }
+
+    #[test]
+    fn more_new_characters_than_spare_codes_all_arrive() {
+        let x = Xvfb::start(320, 240).unwrap();
+        let client = Client::new(x.display());
+        let mut inj =
+            InputInjector::with_rate_limit(x.display(), RateLimit::new(100_000, 100_000)).unwrap();
+        let spare = inj.keymap.spare.len();
+        // Twice as many distinct characters as there are spare codes.
+        let text: String = (0..2 * spare as u32)
+            .map(|i| char::from_u32(0x0410 + i).unwrap())
+            .collect();
+        let typing = {
+            let text = text.clone();
+            std::thread::spawn(move || {
+                inj.apply(&InputEvent::Text { text }).unwrap();
+                inj
+            })
+        };
+        // Each key code pressed gives its character under the map of the
+        // moment: the client reads events while they come and takes up
+        // every MappingNotify as it arrives, within the settle time.
+        let mut map: HashMap<u8, u32> = HashMap::new();
+        let mut got = String::new();
+        while got.chars().count() < text.chars().count() {
+            match client.next(|e| matches!(e, Event::KeyPress(_) | Event::MappingNotify(_))) {
+                Event::MappingNotify(m) if m.request != xproto::Mapping::KEYBOARD => {}
+                Event::MappingNotify(m) => {
+                    let r = client
+                        .conn
+                        .get_keyboard_mapping(m.first_keycode, m.count)
+                        .unwrap()
+                        .reply()
+                        .unwrap();
+                    let per = usize::from(r.keysyms_per_keycode);
+                    for i in 0..usize::from(m.count) {
+                        map.insert(m.first_keycode + i as u8, r.keysyms[i * per]);
+                    }
+                }
+                Event::KeyPress(k) => {
+                    let sym = map.get(&k.detail).copied().unwrap_or_else(|| {
+                        let r = client
+                            .conn
+                            .get_keyboard_mapping(k.detail, 1)
+                            .unwrap()
+                            .reply()
+                            .unwrap();
+                        r.keysyms[0]
+                    });
+                    got.push(char::from_u32(sym - 0x100_0000).unwrap_or('?'));
+                }
+                _ => unreachable!(),
+            }
+        }
+        assert_eq!(got, text);
+        assert_eq!(typing.join().unwrap().dropped(), 0);
     }
 
     #[test]

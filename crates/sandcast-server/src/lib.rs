@@ -105,6 +105,7 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::page))
         .routes(routes!(viewer::state))
         .routes(routes!(viewer::vnc))
+        .routes(routes!(viewer::input))
         .routes(routes!(viewer::asset))
 }
 

@@ -1,6 +1,6 @@
 //! The viewer: its page and assets (embedded in the binary), its state
-//! endpoint, the noVNC WebSocket tunnelled through the agent, and WebRTC
-//! signaling (the seed's endpoints).
+//! endpoint, the noVNC WebSocket tunnelled through the agent with its input
+//! WebSocket, and WebRTC signaling (the seed's endpoints).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -215,6 +215,93 @@ pub async fn vnc(
                 l.viewer(false).await;
             }
         }))
+}
+
+/// Input for a viewer without WebRTC (the noVNC fallback): the same JSON
+/// messages as the WebRTC data channel `input`, one per text message.
+///
+/// A WebSocket upgrade. Each message is a viewer request (`key`, `text`,
+/// `pointer_move`, `pointer_button`, `wheel`, `release_all`, `clipboard`,
+/// `resize`); malformed, oversized or too frequent ones are dropped and
+/// counted, never fatal. Closing it releases every key and button it held.
+/// noVNC stays view-only beside it, so keys, text and input methods behave
+/// exactly as over WebRTC.
+#[utoipa::path(
+    get,
+    path = "/viewer/{id}/input",
+    tag = "viewer",
+    security(("viewer_token_query" = []), ("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol; viewer requests as JSON text messages."),
+        (status = 400, description = "`id` is not a session id (a JSON error), or the request is not a WebSocket upgrade (plain text).", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 409, description = "The session is not `ready`.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
+pub async fn input(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    let live = match state.manager.live(&id) {
+        Some(l) if row.state == SessionState::Ready => l,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("the session is {}", row.state.as_str()),
+            ));
+        }
+    };
+    Ok(ws
+        .max_message_size(sandcast_webrtc::MAX_MESSAGE_LEN)
+        .on_upgrade(move |socket| input_pump(socket, live)))
+}
+
+async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>) {
+    use sandcast_webrtc::{RateLimiter, parse_viewer_message};
+    let mut limiter = RateLimiter::default();
+    let mut ended = live.ended();
+    let mut dropped: u64 = 0;
+    loop {
+        let msg = tokio::select! {
+            m = socket.recv() => m,
+            _ = ended.wait_for(|e| *e) => break,
+        };
+        let data = match msg {
+            Some(Ok(WsMessage::Text(t))) => Bytes::from(t.as_str().as_bytes().to_vec()),
+            Some(Ok(WsMessage::Binary(b))) => b,
+            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        };
+        let req = if limiter.allow(std::time::Instant::now()) {
+            parse_viewer_message(&data).map_err(|e| e.to_string())
+        } else {
+            Err("more messages than the rate limit".into())
+        };
+        match req {
+            Ok(req) => live.viewer_request(req).await,
+            Err(e) => {
+                dropped += 1;
+                // Sparse, and never the content: it may be a password.
+                if dropped == 1 || dropped.is_multiple_of(100) {
+                    tracing::warn!(session = %live.id(), dropped, error = %e, "viewer input dropped");
+                }
+            }
+        }
+    }
+    live.viewer_request(sandcast_webrtc::ViewerRequest::Input(
+        sandcast_proto::InputEvent::ReleaseAll,
+    ))
+    .await;
 }
 
 async fn pump(

@@ -50,7 +50,9 @@ mod types;
 
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
 pub use hub::{Hub, HubConfig, MAX_SESSION_ID_LEN, check_session_id};
-pub use messages::{ViewerMessage, ViewerRequest};
+pub use messages::{
+    MAX_MESSAGE_LEN, RateLimiter, ViewerMessage, ViewerRequest, parse_viewer_message,
+};
 pub use negotiate::OfferError;
 pub use peer::{INPUT_CHANNEL, UNRELIABLE_CHANNEL};
 pub use types::{Answer, GatewayEvent, ViewerCounters, ViewerId, ViewerOptions, ViewerState};

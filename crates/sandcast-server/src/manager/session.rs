@@ -19,7 +19,11 @@ use sandcast_backend::{
 use sandcast_proto::{
     BrowserConfig, ChildReport, Message, RestartPolicy, SessionConfig, StreamTarget,
 };
-use sandcast_webrtc::{GatewayEvent, ViewerMessage};
+use sandcast_webrtc::{GatewayEvent, ViewerId, ViewerMessage, ViewerRequest};
+
+/// The viewer id of input that came through a WebSocket rather than the
+/// gateway (whose ids start at 1).
+pub const SOCKET_VIEWER: ViewerId = ViewerId(0);
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
@@ -81,6 +85,11 @@ pub struct Live {
 }
 
 impl Live {
+    /// The session's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Children as last reported.
     pub fn children(&self) -> Vec<ChildReport> {
         self.snapshot.borrow().children.clone()
@@ -122,6 +131,28 @@ impl Live {
     /// Resolves to true once the session's processes are gone.
     pub fn ended(&self) -> watch::Receiver<bool> {
         self.ended.clone()
+    }
+
+    /// A request from a viewer that has no WebRTC data channel (the noVNC
+    /// path's input WebSocket): handled as the gateway's viewers' are, so
+    /// both paths type through the same injector. Waits for room in the
+    /// session's queue, as a data channel's backpressure would.
+    pub async fn viewer_request(&self, req: ViewerRequest) {
+        let session = self.id.clone();
+        let ev = match req {
+            ViewerRequest::Input(event) => GatewayEvent::Input {
+                session,
+                viewer: SOCKET_VIEWER,
+                event,
+            },
+            ViewerRequest::Clipboard(text) => GatewayEvent::Clipboard { session, text },
+            ViewerRequest::Resize { width, height } => GatewayEvent::Resize {
+                session,
+                width,
+                height,
+            },
+        };
+        let _ = self.commands.send(Command::Gateway(ev)).await;
     }
 
     /// The session's command queue (for the gateway relay).

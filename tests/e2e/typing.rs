@@ -1,0 +1,182 @@
+//! Typing through the real viewer into a page in a real session: any
+//! character, dead keys, input methods, shortcuts, over WebRTC and noVNC.
+//! The page in the session copies what it received to the session's
+//! clipboard on F8, and the viewer's mirror of that clipboard is compared
+//! character by character with what was typed.
+
+use std::time::Duration;
+
+use sandcast_e2e::{
+    Server, TYPING_COPY_KEY, colours, run_browser, typing_page, wait_no_leftovers, with_query,
+};
+use serde_json::{Value, json};
+
+const READY: Duration = Duration::from_secs(40);
+
+/// Mixed scripts, as the issue asks: ASCII, Latin-1, Latin Extended,
+/// Cyrillic, Greek, CJK, Hangul, right-to-left and emoji.
+const MIXED: &str = "Grüße, ü@example.org |?<> łŒž Привет Ωμέγα 漢字かな 한국어 שלום مرحبا 😀👍🏽";
+
+/// A session showing the typing page, ready.
+fn typing_session(s: &Server) -> (String, Value) {
+    let created = s.create(
+        &json!({ "start_url": typing_page(), "kiosk": true, "width": 1280, "height": 720 }),
+    );
+    let id = created["id"].as_str().expect("id").to_string();
+    s.wait_state(&id, "ready", READY);
+    (id, created)
+}
+
+/// Runs `steps` in a viewer (after the page showed and got the focus), then
+/// F8, and returns what the page in the session received (waiting up to
+/// 10 s for it to become `want`). The page is green while empty, red with
+/// text: `shows` is the colour it has before the steps.
+fn typed(url: &str, mode: &str, shows: &str, steps: &[Value], want: &str) -> String {
+    let mut all = vec![
+        json!({ "expect": shows, "timeoutMs": 30000 }),
+        json!({ "click": true }),
+    ];
+    all.extend(steps.iter().cloned());
+    all.push(json!({ "press": TYPING_COPY_KEY }));
+    // What did arrive is in the step's record, for the test's message.
+    all.push(json!({ "expectRemoteClipboard": want, "timeoutMs": 10000 }));
+    let view = run_browser(
+        "e2e-viewer.mjs",
+        &json!({
+            "url": url,
+            "kind": if mode == "vnc" { "canvas" } else { "video" },
+            "mode": mode,
+            // noVNC's clipboard carries Latin-1 only: a WebRTC viewer reads it.
+        "clipboardUrl": (mode == "vnc").then(|| url.replace("mode=vnc", "mode=webrtc")),
+            "steps": all,
+        }),
+    );
+    eprintln!("{mode} steps: {}", view["steps"]);
+    view["steps"].as_array().unwrap().last().unwrap()["got"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn key(key: &str, code: &str) -> Value {
+    json!({ "key": key, "code": code })
+}
+
+/// The session's viewer URL for a mode (`webrtc` or `vnc`).
+fn viewer_url(created: &Value, mode: &str) -> String {
+    with_query(
+        created["viewer_url"].as_str().expect("viewer_url"),
+        &format!("mode={mode}"),
+    )
+}
+
+fn delete_clean(s: &Server, id: &str) {
+    assert_eq!(s.delete(id)["state"], "stopped");
+    let left = wait_no_leftovers(id, Duration::from_secs(15));
+    assert!(left.is_empty(), "session {id} left behind: {left:?}");
+}
+
+/// Key events as a German keyboard sends them, then text that comes
+/// without keys (an input method's commit, dictation, automation's
+/// insertText) in every script: all of it arrives, character by character.
+fn any_character_arrives(mode: &str) {
+    let s = Server::start_default();
+    let (id, created) = typing_session(&s);
+    let german = ["G", "r", "ü", "ß", "e", " ", "ö", "Ä", "€", "@"]
+        .iter()
+        .zip([
+            "KeyG",
+            "KeyR",
+            "BracketLeft",
+            "Minus",
+            "KeyE",
+            "Space",
+            "Semicolon",
+            "Quote",
+            "KeyE",
+            "KeyQ",
+        ])
+        .map(|(k, c)| key(k, c))
+        .collect::<Vec<_>>();
+    // Key events of characters that need a binding, one after another, more
+    // distinct ones than the keymap has spare codes.
+    let cyrillic: String = ('а'..='я').collect();
+    let cyrillic_keys = cyrillic
+        .chars()
+        .map(|c| key(&c.to_string(), "KeyA"))
+        .collect::<Vec<_>>();
+    let want = format!("Grüße öÄ€@{MIXED}{cyrillic}");
+    let got = typed(
+        &viewer_url(&created, mode),
+        mode,
+        colours::START,
+        &[
+            json!({ "keys": german }),
+            json!({ "insertText": MIXED }),
+            json!({ "keys": cyrillic_keys }),
+        ],
+        &want,
+    );
+    assert_eq!(
+        got.chars().collect::<Vec<_>>(),
+        want.chars().collect::<Vec<_>>(),
+        "{mode}: what the page received differs"
+    );
+    delete_clean(&s, &id);
+}
+
+/// Dead keys (as Linux and macOS deliver them: a composition; as Windows
+/// does: the composed character as the next key), input methods (Chinese,
+/// Korean) and the shortcuts and editing keys beside them.
+fn compositions_and_shortcuts(mode: &str) {
+    let s = Server::start_default();
+    let (id, created) = typing_session(&s);
+    // Then shortcuts act in the page: select all, copy, go to the end,
+    // paste, delete the last character.
+    let typed_first = "éô你好한 abXc";
+    let want = format!("{typed_first}{}", &typed_first[..typed_first.len() - 1]);
+    let ctrl = |k: &str| json!({ "key": k, "code": format!("Key{}", k.to_uppercase()), "modifiers": ["Control"] });
+    let got = typed(
+        &viewer_url(&created, mode),
+        mode,
+        colours::START,
+        &[
+            // ´ then e on a French layout, composed by the host browser.
+            json!({ "keys": [key("Dead", "BracketLeft")] }),
+            json!({ "compose": ["´"], "commit": "é" }),
+            // ^ then o, where the next key carries the composed character.
+            json!({ "keys": [key("Dead", "BracketLeft"), key("ô", "KeyO")] }),
+            json!({ "compose": ["n", "ni", "你", "你h", "你ha", "你hao"], "commit": "你好" }),
+            json!({ "compose": ["ㅎ", "하", "한"], "commit": "한" }),
+            json!({ "keys": [key(" ", "Space"), key("a", "KeyA"), key("b", "KeyB"), key("c", "KeyC"),
+                key("ArrowLeft", "ArrowLeft"), key("X", "KeyX")] }),
+            json!({ "keys": [ctrl("a"), ctrl("c"), key("End", "End"), ctrl("v"), key("Backspace", "Backspace")] }),
+        ],
+        &want,
+    );
+    assert_eq!(
+        got, want,
+        "{mode}: dead keys, compositions, arrows or shortcuts"
+    );
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn any_character_arrives_over_webrtc() {
+    any_character_arrives("webrtc");
+}
+
+#[test]
+fn any_character_arrives_over_novnc() {
+    any_character_arrives("vnc");
+}
+
+#[test]
+fn dead_keys_input_methods_and_shortcuts_over_webrtc() {
+    compositions_and_shortcuts("webrtc");
+}
+
+#[test]
+fn dead_keys_input_methods_and_shortcuts_over_novnc() {
+    compositions_and_shortcuts("vnc");
+}
