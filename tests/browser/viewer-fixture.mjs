@@ -5,6 +5,7 @@
 //   GET  /viewer/<id>                 viewer/index.html
 //   GET  /viewer/<id>/state           scripted by the test (fixture.state)
 //   WS   /viewer/<id>/vnc?token=...   bridged to x11vnc's TCP port
+//   WS   /viewer/<id>/input?token=... records the viewer's input messages (fixture.inputs)
 //   POST /api/webrtc/session/<id>/offer  scripted (fixture.offer)
 //   GET  /api/webrtc/ice-servers
 // Everything listens on 127.0.0.1 only. Not part of sandcast itself.
@@ -105,6 +106,8 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
     requests: [],
     vncConnections: 0,
     sockets: new Set(),
+    inputSockets: new Set(),
+    inputs: [],
   };
   const authorised = (h) => h === `Bearer ${token}`;
   const hanging = new Set();
@@ -167,6 +170,14 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
   server.on('upgrade', (req, sock, head) => {
     const url = new URL(req.url, 'http://127.0.0.1');
     fixture.requests.push({ method: 'WS', path: url.pathname, auth: url.searchParams.get('token') });
+    if (url.pathname === `/viewer/${session}/input` && url.searchParams.get('token') === token) {
+      wss.handleUpgrade(req, sock, head, (ws) => {
+        fixture.inputSockets.add(ws);
+        ws.on('message', (d) => fixture.inputs.push(JSON.parse(d.toString())));
+        ws.on('close', () => fixture.inputSockets.delete(ws));
+      });
+      return;
+    }
     if (url.pathname !== `/viewer/${session}/vnc` || url.searchParams.get('token') !== token) {
       sock.end('HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n');
       return;
@@ -190,7 +201,7 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
   fixture.origin = `http://127.0.0.1:${server.address().port}`;
   fixture.viewerUrl = (query = '', tok = token) => `${fixture.origin}/viewer/${session}${query}#token=${tok}`;
   /** Drops every VNC tunnel, as a server restart or network hiccup would. */
-  fixture.dropVnc = () => { for (const ws of fixture.sockets) ws.terminate(); };
+  fixture.dropVnc = () => { for (const ws of [...fixture.sockets, ...fixture.inputSockets]) ws.terminate(); };
   /**
    * Sends an RFB ServerCutText message to every viewer, as a VNC server does
    * when the remote clipboard changes. It waits for a quiet moment in the

@@ -111,7 +111,7 @@ test('paste sends the clipboard text; losing focus releases everything', async (
     const dt = new DataTransfer();
     dt.setData('text/plain', 'pasted ✓');
     document.getElementById('el').dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
-    document.getElementById('el').blur();
+    document.activeElement?.blur();
   });
   const msgs = await take();
   assert.deepEqual(msgs, [{ kind: 'clipboard', text: 'pasted ✓' }, { kind: 'release_all' }]);
@@ -124,7 +124,7 @@ test('Ctrl+V puts the local text on the remote clipboard before the V that paste
     e.preventDefault();
   }, { once: true }));
   // Copy outside the viewer element, which would send Ctrl+C to the remote.
-  await page.evaluate(() => document.getElementById('el').blur());
+  await page.evaluate(() => document.activeElement?.blur());
   await page.keyboard.press('Control+KeyC');
   await page.focus('#el');
   await take();
@@ -146,7 +146,7 @@ test('Ctrl+V with nothing to paste still pastes inside the remote, before Ctrl g
     e.preventDefault();
   }, { once: true }));
   // Copy outside the viewer element, which would send Ctrl+C to the remote.
-  await page.evaluate(() => document.getElementById('el').blur());
+  await page.evaluate(() => document.activeElement?.blur());
   await page.keyboard.press('Control+KeyC');
   await page.focus('#el');
   await take();
@@ -178,4 +178,56 @@ test('detaching stops capture', async () => {
   await page.mouse.move(300, 300);
   await page.mouse.click(300, 300);
   assert.deepEqual(await take(), []);
+});
+
+// The keyboard text area: text that comes without keys.
+test('text without keys (insertText, an input method, a dead key) is sent as text, once', async () => {
+  await page.goto(`${ORIGIN}/`);
+  await page.waitForFunction(() => window.ready === true);
+  await page.mouse.click(300, 300);
+  await take();
+  const cdp = await page.context().newCDPSession(page);
+  // Dictation, an on-screen keyboard, automation: text, no key events.
+  await cdp.send('Input.insertText', { text: 'Grüße 😀' });
+  // An input method: intermediate states stay local, the commit goes once.
+  for (const text of ['n', 'ni', '你']) await cdp.send('Input.imeSetComposition', { text, selectionStart: text.length, selectionEnd: text.length });
+  await cdp.send('Input.insertText', { text: '你好' });
+  // A dead key is not a key of its own; its composition commits the result.
+  await cdp.send('Input.dispatchKeyEvent', { type: 'rawKeyDown', key: 'Dead', code: 'BracketLeft' });
+  await cdp.send('Input.dispatchKeyEvent', { type: 'keyUp', key: 'Dead', code: 'BracketLeft' });
+  await cdp.send('Input.imeSetComposition', { text: '´', selectionStart: 1, selectionEnd: 1 });
+  await cdp.send('Input.insertText', { text: 'é' });
+  await until(() => window.sent.filter((m) => m.kind === 'text').length === 3);
+  assert.deepEqual((await take()).filter((m) => m.kind !== 'resize'), [
+    { kind: 'text', text: 'Grüße 😀' },
+    { kind: 'text', text: '你好' },
+    { kind: 'text', text: 'é' },
+  ]);
+  // Nothing stays behind in the text area for the next composition.
+  assert.equal(await page.evaluate(() => document.querySelector('textarea.sandcast-keyboard').value), '');
+});
+
+test('an on-screen keyboard\'s Enter and Backspace without key events arrive as keys', async () => {
+  await page.mouse.click(300, 300);
+  await take();
+  await page.evaluate(() => {
+    const sink = document.querySelector('textarea.sandcast-keyboard');
+    for (const inputType of ['deleteContentBackward', 'insertLineBreak']) {
+      sink.dispatchEvent(new InputEvent('beforeinput', { inputType, bubbles: true, cancelable: true }));
+    }
+  });
+  assert.deepEqual(await take(), [
+    { kind: 'key', code: 'Backspace', key: 'Backspace', down: true },
+    { kind: 'key', code: 'Backspace', key: 'Backspace', down: false },
+    { kind: 'key', code: 'Enter', key: 'Enter', down: true },
+    { kind: 'key', code: 'Enter', key: 'Enter', down: false },
+  ]);
+});
+
+test('long text goes in pieces within the protocol limit, never inside a character', async () => {
+  const pieces = await page.evaluate(async () => {
+    const { textPieces } = await import('/viewer/src/input.js');
+    return textPieces('a😀'.repeat(5), 5);
+  });
+  assert.deepEqual(pieces, ['a😀', 'a😀', 'a😀', 'a😀', 'a😀']);
 });

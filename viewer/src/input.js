@@ -173,7 +173,6 @@ export function attachInput(element, connection, options = {}) {
   // sits where the pointer last went down, where the remote caret usually
   // is, so an input method's window opens next to it.
   const sink = keyboardSink(element, opts.keyboardHost ?? element.parentNode);
-  if (sink) cleanups.push(() => sink.remove());
   const targets = sink ? [element, sink] : [element];
   const focusKeyboard = () => (sink ?? element).focus({ preventScroll: true });
   if (sink) {
@@ -280,6 +279,8 @@ export function attachInput(element, connection, options = {}) {
       send({ kind: 'release_all' });
     });
   }
+  // Removed after its listeners: detaching sends nothing.
+  if (sink) cleanups.push(() => sink.remove());
 
   // Keyboard Lock: in fullscreen, shortcuts such as Ctrl+W go to the remote.
   on(document, 'fullscreenchange', () => {

@@ -492,10 +492,12 @@ export class SandcastViewer extends HTMLElement {
       return;
     }
     this._rfb = rfb;
-    // noVNC only shows the screen: input goes over sandcast's own input
-    // socket, through the same code as over WebRTC (any character, input
-    // methods, dead keys, touch), which x11vnc's keysym handling does not do.
-    rfb.viewOnly = true;
+    // noVNC only shows the screen (and brings the remote clipboard): input
+    // goes over sandcast's own input socket, through the same code as over
+    // WebRTC (any character, input methods, dead keys, touch), which
+    // x11vnc's keysym handling does not do. The input overlay covers noVNC's
+    // canvas, so noVNC never sees an event; its view-only mode would also
+    // drop the remote clipboard.
     rfb.scaleViewport = true;
     rfb.resizeSession = false;
     rfb.background = '#000';
