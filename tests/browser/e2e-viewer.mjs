@@ -32,6 +32,9 @@
 //   { insertText: "text" }                              text without key events, as dictation, an
 //                                                       on-screen keyboard or an IME commit gives it
 //   { compose: ["n", "ni"], commit: "你" }               an input method's composition, then its commit
+//   { rawInput: ["...", { textOf: "x", times: n }] }    send these messages as they are on a new
+//                                                       input WebSocket of the session (/viewer/{id}/input);
+//                                                       textOf: a text message of that character n times
 // Or, to check a page directly on this host (a control for isolation tests):
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
@@ -315,6 +318,22 @@ async function runViewers() {
     } else if (step.insertText !== undefined) {
       const cdp = await cdpOf(pages[0]);
       await cdp.send('Input.insertText', { text: step.insertText });
+      rec.ok = true;
+    } else if (step.rawInput) {
+      const messages = step.rawInput.map((m) => (typeof m === 'string' ? m
+        : JSON.stringify({ kind: 'text', text: m.textOf.repeat(m.times) })));
+      rec.result = await pages[0].evaluate(async (messages) => {
+        const el = window.sandcast.element;
+        const u = new URL(`viewer/${el.session}/input`, `${el.server}/`);
+        u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+        u.searchParams.set('token', el.token);
+        const ws = new WebSocket(u.href);
+        await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = () => fail(new Error('input socket failed')); });
+        for (const m of messages) ws.send(m);
+        while (ws.bufferedAmount > 0) await new Promise((r) => setTimeout(r, 20));
+        ws.close();
+        return 'sent';
+      }, messages);
       rec.ok = true;
     } else if (step.compose) {
       const cdp = await cdpOf(pages[0]);

@@ -231,3 +231,50 @@ test('long text goes in pieces within the protocol limit, never inside a charact
   });
   assert.deepEqual(pieces, ['a😀', 'a😀', 'a😀', 'a😀', 'a😀']);
 });
+
+test('touch: a tap clicks, a drag scrolls, a long press right-clicks, a pinch zooms the local view', async (t) => {
+  const ctx = await browser.newContext({ viewport: { width: 1000, height: 700 }, hasTouch: true });
+  t.after(() => ctx.close());
+  const p = await ctx.newPage();
+  await p.route(`${ORIGIN}/**`, async (route) => {
+    const path = new URL(route.request().url()).pathname;
+    if (path === '/') return route.fulfill({ contentType: 'text/html', body: PAGE });
+    return route.fulfill({ contentType: 'text/javascript', body: await readFile(normalize(join(root, path)), 'utf8') });
+  });
+  await p.goto(`${ORIGIN}/`);
+  await p.waitForFunction(() => window.ready === true);
+  const cdp = await ctx.newCDPSession(p);
+  const touch = (type, points) => cdp.send('Input.dispatchTouchEvent', { type, touchPoints: points.map(([x, y], id) => ({ x, y, id })) });
+  const sent = () => p.evaluate(() => window.sent.splice(0).filter((m) => m.kind !== 'resize'));
+  const buttons = (msgs) => msgs.filter((m) => m.kind === 'pointer_button').map((m) => `${m.button}${m.down ? '↓' : '↑'}`);
+
+  // A tap at (400, 300): display pixel (800, 450) of the 1600x900 display.
+  await p.touchscreen.tap(400, 300);
+  await p.waitForFunction(() => window.sent.some((m) => m.kind === 'pointer_button' && !m.down));
+  let msgs = await sent();
+  assert.deepEqual(buttons(msgs), ['left↓', 'left↑']);
+  assert.deepEqual(msgs.find((m) => m.kind === 'pointer_move'), { kind: 'pointer_move', x: 800, y: 450 });
+
+  // A finger going up 100 px scrolls the page down by 200 display pixels,
+  // with no button pressed.
+  await touch('touchStart', [[400, 400]]);
+  for (let y = 380; y >= 300; y -= 20) await touch('touchMove', [[400, y]]);
+  await touch('touchEnd', []);
+  msgs = await sent();
+  assert.deepEqual(buttons(msgs), []);
+  const wheel = msgs.filter((m) => m.kind === 'wheel').reduce((a, m) => ({ dx: a.dx + m.dx, dy: a.dy + m.dy }), { dx: 0, dy: 0 });
+  assert.deepEqual(wheel, { dx: 0, dy: 200 });
+
+  // A long press is a right click.
+  await touch('touchStart', [[300, 300]]);
+  await p.waitForFunction(() => window.sent.some((m) => m.kind === 'pointer_button' && m.button === 'right' && !m.down), null, { timeout: 5000 });
+  await touch('touchEnd', []);
+  assert.deepEqual(buttons(await sent()), ['right↓', 'right↑']);
+
+  // Two fingers moving apart zoom the local view, and send nothing.
+  await touch('touchStart', [[350, 300], [450, 300]]);
+  await touch('touchMove', [[300, 300], [500, 300]]);
+  await touch('touchEnd', []);
+  assert.match(await p.evaluate(() => document.getElementById('el').style.transform), /scale\(2\)/);
+  assert.deepEqual(buttons(await sent()), []);
+});

@@ -180,3 +180,54 @@ fn dead_keys_input_methods_and_shortcuts_over_webrtc() {
 fn dead_keys_input_methods_and_shortcuts_over_novnc() {
     compositions_and_shortcuts("vnc");
 }
+
+/// Malformed, out-of-range and oversized input on the input socket is
+/// dropped and counted; the agent and server go on, and typing after it
+/// arrives whole.
+#[test]
+fn bad_input_is_dropped_and_typing_goes_on() {
+    let s = Server::start_default();
+    let (id, created) = typing_session(&s);
+    let text = |t: &str| json!({ "kind": "text", "text": t }).to_string();
+    let got = typed(
+        &viewer_url(&created, "vnc"),
+        "vnc",
+        colours::START,
+        &[
+            json!({ "rawInput": [
+            "{",
+            "[]",
+            "{\"kind\":\"nonsense\"}",
+            text(""),
+            // Over the protocol's 64 KiB: refused by the server.
+            { "textOf": "x", "times": 65 * 1024 },
+            // Within it but beyond the agent's burst: refused by the agent.
+            { "textOf": "y", "times": 20_000 },
+            "{\"kind\":\"key\",\"code\":\"NoSuchCode\",\"key\":\"NoSuchKey\",\"down\":true}",
+            text("ok"),
+        ] }),
+            // The raw socket is not the viewer's: wait for the text before F8.
+            json!({ "expect": colours::TYPED }),
+        ],
+        "ok",
+    );
+    assert_eq!(got, "ok");
+    let logs = s.api("GET", &format!("/api/sessions/{id}/logs"), None).body;
+    assert!(
+        logs.contains("refused input"),
+        "the agent's refusal is not in the session log:\n{logs}"
+    );
+    assert!(
+        s.logs().contains("viewer input dropped"),
+        "the server did not count the dropped messages"
+    );
+    assert!(
+        !logs.contains("yyyy") && !s.logs().contains("yyyy"),
+        "typed text was logged"
+    );
+    assert_eq!(
+        s.api("GET", &format!("/api/sessions/{id}"), None).json()["state"],
+        "ready"
+    );
+    delete_clean(&s, &id);
+}

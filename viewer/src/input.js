@@ -13,6 +13,7 @@
 //   resize        send the element's size as the wanted display size (default true)
 //   resizeDebounceMs  (default 250)
 //   clipboard     mirror the remote clipboard into the local one (default true)
+//   touch         what a one-finger drag does: "scroll" (default) or "drag"
 
 const BUTTONS = ['left', 'middle', 'right', 'back', 'forward'];
 const LINE_PX = 16;
@@ -112,6 +113,118 @@ function placeSink(sink, element, ev) {
   sink.style.top = `${Math.max(0, Math.round(ev.clientY - base.top))}px`;
 }
 
+/** Finger travel (CSS px) under which a touch is a tap, not a drag. */
+export const TAP_SLOP_PX = 10;
+/** A touch held this long without moving is a right click. */
+export const LONG_PRESS_MS = 500;
+/** Largest local zoom a pinch gives. */
+export const MAX_ZOOM = 4;
+
+/**
+ * Touch: a tap clicks, a drag scrolls the remote page (mode "scroll") or
+ * drags with the left button (mode "drag"), a long press right-clicks, and
+ * a pinch zooms the local view (the remote display keeps its size).
+ */
+function attachTouch(element, { on, send, moveTo, at, mode, cleanups }) {
+  const fingers = new Map();
+  let one = null; // the single finger's gesture
+  let pinch = null;
+  let zoom = 1;
+  const click = (button) => {
+    send({ kind: 'pointer_button', button, down: true });
+    send({ kind: 'pointer_button', button, down: false });
+  };
+  const endOne = () => {
+    if (!one) return;
+    clearTimeout(one.timer);
+    if (one.moved && mode === 'drag') send({ kind: 'pointer_button', button: 'left', down: false });
+    one = null;
+  };
+  cleanups.push(endOne);
+  const setZoom = (z, cx, cy) => {
+    zoom = Math.max(1, Math.min(MAX_ZOOM, z));
+    const r = element.getBoundingClientRect();
+    const s = zoom === 1 ? '' : `scale(${zoom})`;
+    if (zoom !== 1 && !element.style.transform) {
+      // The pinch's centre stays under the fingers.
+      element.style.transformOrigin = `${cx - r.left}px ${cy - r.top}px`;
+    }
+    element.style.transform = s;
+  };
+  cleanups.push(() => { element.style.transform = ''; });
+  on(element, 'pointerdown', (ev) => {
+    if (ev.pointerType !== 'touch') return;
+    ev.preventDefault();
+    fingers.set(ev.pointerId, { x: ev.clientX, y: ev.clientY });
+    if (fingers.size === 2) {
+      endOne();
+      const [a, b] = [...fingers.values()];
+      pinch = { d0: Math.hypot(a.x - b.x, a.y - b.y) || 1, z0: zoom };
+      return;
+    }
+    if (fingers.size > 2 || pinch) return;
+    one = { id: ev.pointerId, x0: ev.clientX, y0: ev.clientY, x: ev.clientX, y: ev.clientY, moved: false, long: false, carry: { x: 0, y: 0 } };
+    one.timer = setTimeout(() => {
+      if (!one || one.moved || !moveTo(one.x0, one.y0)) return;
+      one.long = true;
+      click('right');
+    }, LONG_PRESS_MS);
+  });
+  on(element, 'pointermove', (ev) => {
+    if (ev.pointerType !== 'touch' || !fingers.has(ev.pointerId)) return;
+    fingers.set(ev.pointerId, { x: ev.clientX, y: ev.clientY });
+    if (pinch && fingers.size === 2) {
+      const [a, b] = [...fingers.values()];
+      setZoom(pinch.z0 * Math.hypot(a.x - b.x, a.y - b.y) / pinch.d0, (a.x + b.x) / 2, (a.y + b.y) / 2);
+      return;
+    }
+    if (!one || one.id !== ev.pointerId || one.long) return;
+    if (!one.moved && Math.hypot(ev.clientX - one.x0, ev.clientY - one.y0) >= TAP_SLOP_PX) {
+      one.moved = true;
+      clearTimeout(one.timer);
+      if (mode === 'drag' && moveTo(one.x0, one.y0)) send({ kind: 'pointer_button', button: 'left', down: true });
+    }
+    if (one.moved) {
+      if (mode === 'drag') {
+        moveTo(ev.clientX, ev.clientY);
+      } else {
+        // Content follows the finger: a finger going up scrolls down, by
+        // as many remote pixels as the finger travelled over the picture.
+        const p0 = at(one.x, one.y);
+        const p1 = at(ev.clientX, ev.clientY);
+        if (p0 && p1) {
+          one.carry.x += p0.x - p1.x;
+          one.carry.y += p0.y - p1.y;
+          const dx = Math.trunc(one.carry.x);
+          const dy = Math.trunc(one.carry.y);
+          one.carry.x -= dx;
+          one.carry.y -= dy;
+          if (dx || dy) {
+            moveTo(one.x0, one.y0);
+            send({ kind: 'wheel', dx, dy });
+          }
+        }
+      }
+    }
+    one.x = ev.clientX;
+    one.y = ev.clientY;
+  });
+  const up = (ev) => {
+    if (ev.pointerType !== 'touch' || !fingers.delete(ev.pointerId)) return;
+    ev.preventDefault();
+    if (pinch) {
+      if (fingers.size === 0) pinch = null;
+      return;
+    }
+    if (one && one.id === ev.pointerId) {
+      if (ev.type === 'pointerup' && !one.moved && !one.long && moveTo(one.x0, one.y0)) click('left');
+      endOne();
+    }
+  };
+  on(element, 'pointerup', up);
+  on(element, 'pointercancel', up);
+}
+
 /** Starts capturing; returns a function that stops it. */
 export function attachInput(element, connection, options = {}) {
   const opts = { resize: true, resizeDebounceMs: 250, clipboard: true, ...options };
@@ -140,14 +253,20 @@ export function attachInput(element, connection, options = {}) {
   };
   cleanups.push(() => { connection.onMessage = prevOnMessage; });
 
-  const move = (ev) => {
+  const at = (x, y) => {
     const d = currentDisplay();
-    if (!d) return;
-    const p = mapPointer(ev.clientX, ev.clientY, element.getBoundingClientRect(), d);
-    if (p) send({ kind: 'pointer_move', x: p.x, y: p.y });
+    return d ? mapPointer(x, y, element.getBoundingClientRect(), d) : null;
   };
-  on(element, 'pointermove', move);
+  const moveTo = (x, y) => {
+    const p = at(x, y);
+    if (p) send({ kind: 'pointer_move', x: p.x, y: p.y });
+    return p;
+  };
+  const move = (ev) => moveTo(ev.clientX, ev.clientY);
+  const isTouch = (ev) => ev.pointerType === 'touch';
+  on(element, 'pointermove', (ev) => { if (!isTouch(ev)) move(ev); });
   on(element, 'pointerdown', (ev) => {
+    if (isTouch(ev)) return;
     try { element.setPointerCapture(ev.pointerId); } catch (_) { /* synthetic events */ }
     move(ev);
     const button = BUTTONS[ev.button];
@@ -155,11 +274,13 @@ export function attachInput(element, connection, options = {}) {
     ev.preventDefault();
   });
   on(element, 'pointerup', (ev) => {
+    if (isTouch(ev)) return;
     move(ev);
     const button = BUTTONS[ev.button];
     if (button) send({ kind: 'pointer_button', button, down: false });
     ev.preventDefault();
   });
+  attachTouch(element, { on, send, moveTo, at, mode: opts.touch ?? 'scroll', cleanups });
   on(element, 'contextmenu', (ev) => ev.preventDefault());
   on(element, 'wheel', (ev) => {
     const { dx, dy } = wheelPixels(ev, element.clientHeight || 600, carry);

@@ -452,7 +452,7 @@ export class SandcastViewer extends HTMLElement {
     this._rtc = conn;
     this._video.hidden = false;
     this._vncBox.hidden = true;
-    this._detachInput = attachInput(this._video, conn, { displaySize: this._size });
+    this._detachInput = attachInput(this._video, conn, { displaySize: this._size, touch: this._touchMode() });
     const prev = conn.onMessage;
     conn.onMessage = (m) => {
       if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
@@ -542,6 +542,7 @@ export class SandcastViewer extends HTMLElement {
     overlay.hidden = false;
     if (!overlay.hasAttribute('tabindex')) overlay.tabIndex = 0;
     const detach = attachInput(overlay, conn, {
+      touch: this._touchMode(),
       resize: false,
       clipboard: false,
       display: () => {
@@ -554,6 +555,11 @@ export class SandcastViewer extends HTMLElement {
       overlay.hidden = true;
       try { ws.close(); } catch (_) { /* already closed */ }
     };
+  }
+
+  // What a one-finger drag does on a touch screen: the `touch` attribute.
+  _touchMode() {
+    return this.getAttribute('touch') === 'drag' ? 'drag' : 'scroll';
   }
 
   _remoteClipboard(text) {
