@@ -1097,11 +1097,15 @@ pub fn clipboard_page_copying(copy_js: &str) -> String {
 
 /// The key that makes the typing page copy what it received.
 pub const TYPING_COPY_KEY: &str = "F8";
+/// The key that makes the typing page copy the physical keys (`code`) of
+/// the key presses it received, comma-separated.
+pub const TYPING_CODES_KEY: &str = "F9";
 
 /// A page with a focused text area that records what is typed into it: F8
 /// copies the text area's value to the session's clipboard (which the
 /// viewer mirrors), so a test compares what arrived character by
-/// character. Green while empty, red once something arrived.
+/// character; F9 copies the `code` of every key press. Green while empty,
+/// red once something arrived.
 pub fn typing_page() -> String {
     data_url(&format!(
         "<!doctype html><html><head><meta charset=utf-8><title>typing</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
@@ -1110,13 +1114,16 @@ pub fn typing_page() -> String {
          addEventListener('mousedown',e=>{{e.preventDefault();t.focus()}});\
          t.addEventListener('blur',()=>setTimeout(()=>t.focus(),0));\
          t.addEventListener('input',()=>{{document.body.style.background=t.value?'{typed}':'{start}'}});\
-         addEventListener('keydown',e=>{{if(e.key!=='{copy_key}')return;e.preventDefault();\
-           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',t.value);c.preventDefault()}},{{once:true}});\
+         const codes=[];\
+         addEventListener('keydown',e=>{{const v=e.key==='{copy_key}'?t.value:e.key==='{codes_key}'?codes.join(','):null;\
+           if(v===null){{codes.push(e.code);return}}e.preventDefault();\
+           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',v);c.preventDefault()}},{{once:true}});\
            document.execCommand('copy')}});\
          </script></body></html>",
         start = colours::START,
         typed = colours::TYPED,
         copy_key = TYPING_COPY_KEY,
+        codes_key = TYPING_CODES_KEY,
     ))
 }
 

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use sandcast_e2e::{
-    Server, TYPING_COPY_KEY, colours, run_browser, typing_page, wait_no_leftovers, with_query,
+    Server, TYPING_CODES_KEY, TYPING_COPY_KEY, colours, run_browser, typing_page,
+    wait_no_leftovers, with_query,
 };
 use serde_json::{Value, json};
 
@@ -19,9 +20,17 @@ const MIXED: &str = "Grüße, ü@example.org |?<> łŒž Привет Ωμέγα
 
 /// A session showing the typing page, ready.
 fn typing_session(s: &Server) -> (String, Value) {
-    let created = s.create(
-        &json!({ "start_url": typing_page(), "kiosk": true, "width": 1280, "height": 720 }),
-    );
+    typing_session_with(s, json!({}))
+}
+
+/// [`typing_session`] with more fields for the create request.
+fn typing_session_with(s: &Server, extra: Value) -> (String, Value) {
+    let mut body =
+        json!({ "start_url": typing_page(), "kiosk": true, "width": 1280, "height": 720 });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let created = s.create(&body);
     let id = created["id"].as_str().expect("id").to_string();
     s.wait_state(&id, "ready", READY);
     (id, created)
@@ -32,12 +41,25 @@ fn typing_session(s: &Server) -> (String, Value) {
 /// 10 s for it to become `want`). The page is green while empty, red with
 /// text: `shows` is the colour it has before the steps.
 fn typed(url: &str, mode: &str, shows: &str, steps: &[Value], want: &str) -> String {
+    read_back(url, mode, shows, steps, TYPING_COPY_KEY, want)
+}
+
+/// Runs `steps`, presses `report` (F8: the text, F9: the key codes) and
+/// returns what the page copied.
+fn read_back(
+    url: &str,
+    mode: &str,
+    shows: &str,
+    steps: &[Value],
+    report: &str,
+    want: &str,
+) -> String {
     let mut all = vec![
         json!({ "expect": shows, "timeoutMs": 30000 }),
         json!({ "click": true }),
     ];
     all.extend(steps.iter().cloned());
-    all.push(json!({ "press": TYPING_COPY_KEY }));
+    all.push(json!({ "press": report }));
     // What did arrive is in the step's record, for the test's message.
     all.push(json!({ "expectRemoteClipboard": want, "timeoutMs": 10000 }));
     let view = run_browser(
@@ -230,4 +252,57 @@ fn bad_input_is_dropped_and_typing_goes_on() {
         "ready"
     );
     delete_clean(&s, &id);
+}
+
+/// A session with a German layout: the keys a German keyboard sends reach
+/// the page as the same physical keys (Z and Y swapped, Ü where US has
+/// `[`), so shortcuts and games see the person's keyboard; the default US
+/// session sees the US keys for the same characters.
+#[test]
+fn a_session_keyboard_layout_gives_the_page_the_physical_keys() {
+    let s = Server::start_default();
+    // Refused before anything starts, naming the value.
+    for (bad, names) in [
+        ("de;rm", "de;rm"),
+        ("zz", "layout \"zz\""),
+        ("de(nope)", "nope"),
+    ] {
+        let r = s.api(
+            "POST",
+            "/api/sessions",
+            Some(&json!({ "start_url": "about:blank", "keyboard_layout": bad }).to_string()),
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            error.contains(names) && error.contains("keyboard_layout"),
+            "{error}"
+        );
+    }
+    let keys = json!({ "keys": [key("z", "KeyY"), key("y", "KeyZ"), key("ü", "BracketLeft")] });
+    let (de, created) = typing_session_with(&s, json!({ "keyboard_layout": "de" }));
+    assert_eq!(created["keyboard_layout"], "de", "{created:#}");
+    let got = read_back(
+        &viewer_url(&created, "webrtc"),
+        "webrtc",
+        colours::START,
+        std::slice::from_ref(&keys),
+        TYPING_CODES_KEY,
+        "KeyY,KeyZ,BracketLeft",
+    );
+    assert_eq!(got, "KeyY,KeyZ,BracketLeft", "German layout");
+    delete_clean(&s, &de);
+    let (us, created) = typing_session(&s);
+    let got = read_back(
+        &viewer_url(&created, "webrtc"),
+        "webrtc",
+        colours::START,
+        &[keys],
+        TYPING_CODES_KEY,
+        "KeyZ,KeyY,",
+    );
+    // On US, "ü" has no key: it is typed through a bound spare key, which
+    // has no physical name.
+    assert!(got.starts_with("KeyZ,KeyY,"), "US layout: {got}");
+    delete_clean(&s, &us);
 }

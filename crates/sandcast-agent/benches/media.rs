@@ -107,7 +107,7 @@ async fn main() {
         .unwrap_or_else(|e| panic!("{agent_bin}: {e}"));
     let mut control = accept(&listener, Role::Control).await;
     control
-        .send(Message::Config(SessionConfig {
+        .send(Message::Config(Box::new(SessionConfig {
             session_id: "bench".into(),
             width: 1280,
             height: 720,
@@ -125,7 +125,8 @@ async fn main() {
             server_time_ms: 0,
             agent_token: None,
             pause_unwatched_ms: 0,
-        }))
+            keyboard_layout: None,
+        })))
         .await
         .unwrap();
     until(&mut control, |m| matches!(m, Message::Ready)).await;

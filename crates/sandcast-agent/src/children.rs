@@ -96,6 +96,28 @@ pub fn browser(config: &SessionConfig, profile_dir: &Path, own_sandbox: bool) ->
     }
 }
 
+/// Gives `display` the keyboard layout `value` (`de`, `us(intl)`) with
+/// `setxkbmap`, part of Xvfb's own packages; an error says what failed.
+pub async fn set_keyboard_layout(display: &str, value: &str) -> anyhow::Result<()> {
+    let layout = sandcast_proto::KeyboardLayout::parse(value)?;
+    let out = tokio::process::Command::new("setxkbmap")
+        .arg("-display")
+        .arg(display)
+        .args(layout.setxkbmap_args())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("running setxkbmap for keyboard layout {layout}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "setxkbmap could not set keyboard layout {layout} ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// x11vnc on the display, tuned for latency: it waits 1 ms between screen
 /// polls and defers updates 1 ms (its defaults of 20 ms double the latency),
 /// and never naps when idle. It listens on the session's own loopback only.
@@ -297,6 +319,7 @@ mod tests {
             server_time_ms: 0,
             agent_token: None,
             pause_unwatched_ms: 0,
+            keyboard_layout: None,
         }
     }
 

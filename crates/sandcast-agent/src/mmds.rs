@@ -286,6 +286,7 @@ pub(crate) mod tests {
             server_time_ms: 0,
             agent_token: token.map(AgentToken::new),
             pause_unwatched_ms: 0,
+            keyboard_layout: None,
         }
     }
 

@@ -47,7 +47,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     let mut framed = Framed::new(conn, FrameCodec);
     let config = loop {
         match framed.next().await {
-            Some(Ok(Frame::Message(Message::Config(c)))) => break c,
+            Some(Ok(Frame::Message(Message::Config(c)))) => break *c,
             Some(Ok(Frame::Message(Message::Ping { seq }))) => {
                 framed.send(Message::Pong { seq }).await?;
             }
@@ -241,7 +241,10 @@ mod tests {
             })
             .await
             .unwrap();
-        framed.send(Message::Config(config)).await.unwrap();
+        framed
+            .send(Message::Config(Box::new(config)))
+            .await
+            .unwrap();
         let mut got = Vec::new();
         while let Some(Ok(Frame::Message(m))) = framed.next().await {
             got.push(m);

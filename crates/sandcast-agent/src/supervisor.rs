@@ -558,6 +558,11 @@ async fn wait_ready(ctx: &Arc<Ctx>, probe: Probe, display: &str) -> anyhow::Resu
                 media::apply_wanted_size(&display, &sizes, &out, true)
             })
             .await?;
+            // The layout too, so the browser and the input injector start
+            // with the keymap the person's keyboard expects.
+            if let Some(layout) = &ctx.config.keyboard_layout {
+                children::set_keyboard_layout(&d, layout).await?;
+            }
             ctx.display.send_replace(Some(d));
             Ok(())
         }

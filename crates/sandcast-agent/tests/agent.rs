@@ -40,6 +40,7 @@ fn config(url: &str) -> SessionConfig {
         server_time_ms: 0,
         agent_token: None,
         pause_unwatched_ms: 0,
+        keyboard_layout: None,
     }
 }
 
@@ -88,7 +89,9 @@ async fn supervises_display_browser_and_vnc() {
     let control = h.accept_raw(Role::Control).await;
     let mut framed = Framed::new(control, FrameCodec);
     framed
-        .send(Message::Config(config("data:text/html,<h1>hello</h1>")))
+        .send(Message::Config(Box::new(config(
+            "data:text/html,<h1>hello</h1>",
+        ))))
         .await
         .unwrap();
     let mut reports = Vec::new();
@@ -174,7 +177,7 @@ async fn a_browser_that_cannot_start_is_a_crash_loop_and_fatal() {
     let mut framed = Framed::new(control, FrameCodec);
     let mut cfg = config("about:blank");
     cfg.browser.binary = "/bin/false".into();
-    framed.send(Message::Config(cfg)).await.unwrap();
+    framed.send(Message::Config(Box::new(cfg))).await.unwrap();
     let mut reports = Vec::new();
     let reason = until(&mut framed, &mut reports, |m| match m {
         Message::Fatal { reason } => Some(reason.clone()),
@@ -201,7 +204,7 @@ async fn the_agent_stops_everything_when_the_server_goes_away() {
     let control = h.accept_raw(Role::Control).await;
     let mut framed = Framed::new(control, FrameCodec);
     framed
-        .send(Message::Config(config("about:blank")))
+        .send(Message::Config(Box::new(config("about:blank"))))
         .await
         .unwrap();
     let mut reports = Vec::new();
@@ -269,7 +272,10 @@ async fn an_unwatched_browser_is_paused_and_a_viewer_resumes_it() {
         pause_unwatched_ms: 300,
         ..config("data:text/html,<h1>hello</h1>")
     };
-    framed.send(Message::Config(config)).await.unwrap();
+    framed
+        .send(Message::Config(Box::new(config)))
+        .await
+        .unwrap();
     let mut reports = Vec::new();
     until(&mut framed, &mut reports, |m| {
         matches!(m, Message::Ready).then_some(())

@@ -22,7 +22,10 @@ use common::{Channel, Harness};
 /// returns every message seen on the way.
 async fn ready(h: &Harness, config: SessionConfig) -> (Channel, Vec<Message>) {
     let mut control = h.accept(Role::Control).await;
-    control.send(Message::Config(config)).await.unwrap();
+    control
+        .send(Message::Config(Box::new(config)))
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     until(&mut control, &mut seen, |m| {
         matches!(m, Message::Ready).then_some(())
@@ -50,6 +53,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         server_time_ms: 0,
         agent_token: None,
         pause_unwatched_ms: 0,
+        keyboard_layout: None,
     }
 }
 

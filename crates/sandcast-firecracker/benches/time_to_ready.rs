@@ -77,12 +77,13 @@ async fn until_ready(
         server_time_ms: now,
         agent_token: Some(token.clone()),
         pause_unwatched_ms: 0,
+        keyboard_layout: None,
     };
     for m in [
         Message::Welcome {
             protocol: sandcast_proto::PROTOCOL_VERSION,
         },
-        Message::Config(config),
+        Message::Config(Box::new(config)),
     ] {
         s.write_all(&encode_message(&m))
             .await

@@ -27,6 +27,7 @@
 
 mod codec;
 mod input;
+pub mod keyboard;
 mod message;
 pub mod policy;
 #[cfg(any(test, feature = "testing"))]
@@ -36,6 +37,7 @@ mod video;
 
 pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};
 pub use input::{InputError, InputEvent, MAX_TEXT_LEN, PointerButton};
+pub use keyboard::KeyboardLayout;
 pub use message::*;
 pub use policy::BrowserPolicy;
 pub use token::{AgentToken, sha256_hex};

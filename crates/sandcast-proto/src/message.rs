@@ -57,7 +57,7 @@ pub enum Message {
     },
     /// Server → agent: the whole session configuration, sent after `Welcome`
     /// on the control connection.
-    Config(SessionConfig),
+    Config(Box<SessionConfig>),
     /// Agent → server: a child process changed state.
     Child(ChildReport),
     /// Agent → server: a line of output of a child or of the agent.
@@ -198,6 +198,10 @@ pub struct SessionConfig {
     /// never paused.
     #[serde(default)]
     pub pause_unwatched_ms: u64,
+    /// The display's keyboard layout (`de`, `us(intl)`; see
+    /// [`crate::KeyboardLayout`]); none keeps Xvfb's US layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyboard_layout: Option<String>,
 }
 
 fn default_max_fps() -> u32 {
@@ -494,6 +498,7 @@ mod tests {
             "screen",
             "server_time_ms",
             "agent_token",
+            "keyboard_layout",
             "name",
             "state",
             "running",

@@ -100,6 +100,12 @@ pub struct CreateRequest {
     /// [`validate`] so that a bad entry is named in a 400.
     #[schema(value_type = Option<crate::openapi::EgressInput>)]
     egress: Option<Value>,
+    /// The display's keyboard layout as XKB names it, e.g. `"de"`, `"fr"`,
+    /// `"jp"` or `"us(intl)"`, so that shortcuts and physical keys match
+    /// the person's keyboard; default US. Any character is typed whatever
+    /// the layout.
+    #[schema(max_length = 64, example = "de")]
+    keyboard_layout: Option<String>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
@@ -191,6 +197,22 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
         None => cfg.session.egress.clone(),
         Some(v) => limits::check_egress(v).map_err(|e| bad("egress", e))?,
     };
+    let keyboard_layout = match &req.keyboard_layout {
+        None => None,
+        Some(v) => {
+            // The error names the field and the value itself.
+            let refused = |e: sandcast_proto::keyboard::LayoutError| {
+                ApiError::bad_request(e.to_string()).detail(json!({ "field": "keyboard_layout" }))
+            };
+            let layout = sandcast_proto::KeyboardLayout::parse(v).map_err(refused)?;
+            layout
+                .check_installed(std::path::Path::new(
+                    sandcast_proto::keyboard::XKB_SYMBOLS_DIR,
+                ))
+                .map_err(refused)?;
+            Some(layout.to_string())
+        }
+    };
     Ok(NewSession {
         user_id: req.user_id,
         provider: req.provider,
@@ -202,6 +224,7 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             launch,
             idle_timeout_seconds: idle,
             egress,
+            keyboard_layout,
         },
         ttl_seconds: ttl,
     })
@@ -234,6 +257,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "kiosk": row.spec.kiosk,
         "launch": row.spec.launch,
         "egress": row.spec.egress,
+        "keyboard_layout": row.spec.keyboard_layout,
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
         "created_at": rfc3339(row.created_ms),
         "ready_at": row.ready_ms.map(rfc3339),

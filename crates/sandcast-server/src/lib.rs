@@ -330,6 +330,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             launch: None,
             idle_timeout_seconds: cfg.session.idle_timeout_seconds,
             egress: cfg.session.egress.clone(),
+            keyboard_layout: None,
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

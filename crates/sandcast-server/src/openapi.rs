@@ -297,6 +297,8 @@ pub struct Session {
     pub launch: Option<Vec<String>>,
     /// Where its traffic may go.
     pub egress: Egress,
+    /// The display's keyboard layout; null is US.
+    pub keyboard_layout: Option<String>,
     /// Seconds without a viewer before it stops.
     pub idle_timeout_seconds: u64,
     /// When it was created (RFC 3339).
@@ -550,6 +552,7 @@ mod tests {
                 launch: Some(vec!["my-cli".into(), "login".into()]),
                 idle_timeout_seconds: 300,
                 egress: sandcast_backend::Egress::Internet,
+                keyboard_layout: None,
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,

@@ -137,6 +137,7 @@ mod tests {
                 launch: None,
                 idle_timeout_seconds: 60,
                 egress: sandcast_backend::Egress::None,
+                keyboard_layout: None,
             },
             token_hash: "ab".into(),
             created_ms: 1,

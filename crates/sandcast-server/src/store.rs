@@ -92,6 +92,9 @@ pub struct Spec {
     /// Where outbound traffic may go (`true`/`false` in rows of earlier
     /// versions read as `"internet"`/`"none"`).
     pub egress: sandcast_backend::Egress,
+    /// The display's keyboard layout (`de`, `us(intl)`); none is US.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyboard_layout: Option<String>,
 }
 
 /// One stored session.
@@ -475,6 +478,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 launch: None,
                 idle_timeout_seconds: 0,
                 egress: sandcast_backend::Egress::None,
+                keyboard_layout: None,
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
@@ -510,6 +514,7 @@ mod tests {
                 launch: Some(vec!["xterm".into()]),
                 idle_timeout_seconds: 60,
                 egress: sandcast_backend::Egress::Internet,
+                keyboard_layout: None,
             },
             token_hash: "ab".into(),
             created_ms: 1,

@@ -316,7 +316,7 @@ async fn control(
         .await;
     };
     welcome(&mut conn).await?;
-    conn_write(&mut conn, &Message::Config(config)).await?;
+    conn_write(&mut conn, &Message::Config(Box::new(config))).await?;
     let (r, w) = conn.into_split();
     let (tx, mut rx) = mpsc::channel::<Message>(CONTROL_QUEUE);
     if ch.to_session.send(FromAgent::ControlUp(tx)).await.is_err() {

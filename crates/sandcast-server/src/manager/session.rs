@@ -771,6 +771,7 @@ impl Actor {
             server_time_ms: now_ms() as u64,
             agent_token: Some(self.agent_token.clone()),
             pause_unwatched_ms: config.session.pause_unwatched_seconds.saturating_mul(1000),
+            keyboard_layout: self.spec.keyboard_layout.clone(),
         }
     }
 
@@ -884,6 +885,7 @@ mod tests {
             launch: None,
             idle_timeout_seconds: idle,
             egress: sandcast_backend::Egress::None,
+            keyboard_layout: None,
         }
     }
 

@@ -109,6 +109,7 @@ fn request() -> NewSession {
             launch: None,
             idle_timeout_seconds: 3600,
             egress: sandcast_backend::Egress::None,
+            keyboard_layout: None,
         },
         ttl_seconds: 3600,
     }
