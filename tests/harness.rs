@@ -1127,6 +1127,21 @@ pub fn typing_page() -> String {
     ))
 }
 
+/// A page with a text area at (100, 300), 400x60, not focused: green; blue
+/// while the text area has the focus.
+pub fn focus_page() -> String {
+    data_url(&format!(
+        "<!doctype html><html><head><title>focus</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
+         <body><textarea id=t style=\"position:absolute;left:100px;top:300px;width:400px;height:60px;border:0;padding:0\"></textarea><script>\
+         const t=document.getElementById('t');\
+         t.addEventListener('focus',()=>{{document.body.style.background='{focused}'}});\
+         t.addEventListener('blur',()=>{{document.body.style.background='{start}'}});\
+         </script></body></html>",
+        start = colours::START,
+        focused = colours::CLICKED,
+    ))
+}
+
 /// Inserts a query string (`mode=vnc`) into a viewer URL before its fragment.
 pub fn with_query(viewer_url: &str, query: &str) -> String {
     match viewer_url.split_once('#') {

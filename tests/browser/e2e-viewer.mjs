@@ -4,8 +4,7 @@
 // json: { url, kind: "canvas"|"video"|"any", viewers: 1, viewport: [w, h],
 //         mode?: "webrtc"|"vnc" (the viewer's window.sandcast.mode must be this),
 //         chromiumArgs?: [...] (more flags for the viewers' browser),
-//         clipboardUrl?: a WebRTC viewer of the same session that only reads the session's
-//                        clipboard for expectRemoteClipboard (noVNC carries Latin-1 only),
+//         touch?: true (the viewers' pages are on an emulated touch screen),
 //         timeoutMs, steps: [...] }
 // steps (run in order; actions go to the first viewer, checks to all):
 //   { expect: "#rrggbb", tolerance?: 48, timeoutMs? }  the remote screen's centre has that colour
@@ -32,6 +31,11 @@
 //   { insertText: "text" }                              text without key events, as dictation, an
 //                                                       on-screen keyboard or an IME commit gives it
 //   { compose: ["n", "ni"], commit: "你" }               an input method's composition, then its commit
+//   { tap: [x, y] }                                     a finger's tap at that remote display pixel
+//   { expectRemoteFocus: { editable, x?, y? }, timeoutMs? }  the viewer element's remoteFocus
+//                                                       (x, y within 8 px)
+//   { expectKeyboard: "text" | "none" }                 the viewer's keyboard text area asks for
+//                                                       that on-screen keyboard (inputmode)
 //   { rawInput: ["...", { textOf: "x", times: n }] }    send these messages as they are on a new
 //                                                       input WebSocket of the session (/viewer/{id}/input);
 //                                                       textOf: a text message of that character n times
@@ -112,6 +116,7 @@ function sampleInPage(kind) {
     ...info, found: true, width: w, height: h,
     rgb: sum.map((s) => Math.round(s / px)),
     centre: [r.left + r.width / 2, r.top + r.height / 2],
+    box: { left: r.left, top: r.top, width: r.width, height: r.height },
     time: el.currentTime ?? null,
   };
 }
@@ -213,7 +218,7 @@ async function runViewers() {
   const [vw, vh] = arg.viewport ?? [1280, 800];
   const pages = [];
   for (let i = 0; i < (arg.viewers ?? 1); i++) {
-    const ctx = await browser.newContext({ viewport: { width: vw, height: vh } });
+    const ctx = await browser.newContext({ viewport: { width: vw, height: vh }, hasTouch: arg.touch === true });
     const page = await ctx.newPage();
     page.on('console', (m) => {
       if (m.type() === 'error' || m.type() === 'warning') result.console.push(`viewer${i}: ${m.text()}`);
@@ -222,11 +227,7 @@ async function runViewers() {
     await page.goto(arg.url);
     pages.push(page);
   }
-  let clipboardPage = pages[0];
-  if (arg.clipboardUrl) {
-    clipboardPage = await (await browser.newContext()).newPage();
-    await clipboardPage.goto(arg.clipboardUrl);
-  }
+  const clipboardPage = pages[0];
   const kind = arg.kind ?? 'video';
   let lastSize = null;
   for (const step of arg.steps) {
@@ -319,6 +320,38 @@ async function runViewers() {
       const cdp = await cdpOf(pages[0]);
       await cdp.send('Input.insertText', { text: step.insertText });
       rec.ok = true;
+    } else if (step.tap) {
+      const s = await pages[0].evaluate(sampleInPage, kind);
+      if (!s.found) { rec.ok = false; rec.error = 'no remote screen to tap'; }
+      else {
+        // The picture fills its element's box as object-fit: contain does.
+        const [rx, ry] = step.tap;
+        const scale = Math.min(s.box.width / s.width, s.box.height / s.height);
+        const x = s.box.left + (s.box.width - s.width * scale) / 2 + rx * scale;
+        const y = s.box.top + (s.box.height - s.height * scale) / 2 + ry * scale;
+        await pages[0].touchscreen.tap(x, y);
+        rec.ok = true;
+      }
+    } else if (step.expectRemoteFocus) {
+      const want = step.expectRemoteFocus;
+      const deadline = Date.now() + (step.timeoutMs ?? 10000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.remoteFocus ?? null);
+        const g = rec.got;
+        const near = (a, b) => b === undefined || (Number.isFinite(a) && Math.abs(a - b) <= 8);
+        if (g && g.editable === want.editable && near(g.x, want.x) && near(g.y, want.y)) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(50);
+      }
+    } else if (step.expectKeyboard) {
+      const deadline = Date.now() + (step.timeoutMs ?? 5000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.shadowRoot
+          ?.querySelector('textarea.sandcast-keyboard')?.inputMode ?? null);
+        if (rec.got === step.expectKeyboard) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(50);
+      }
     } else if (step.rawInput) {
       const messages = step.rawInput.map((m) => (typeof m === 'string' ? m
         : JSON.stringify({ kind: 'text', text: m.textOf.repeat(m.times) })));

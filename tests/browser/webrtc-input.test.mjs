@@ -278,3 +278,33 @@ test('touch: a tap clicks, a drag scrolls, a long press right-clicks, a pinch zo
   assert.match(await p.evaluate(() => document.getElementById('el').style.transform), /scale\(2\)/);
   assert.deepEqual(buttons(await sent()), []);
 });
+
+test('the remote focus places the keyboard at the remote field and, after a touch, asks for the on-screen keyboard', async (t) => {
+  const ctx = await browser.newContext({ viewport: { width: 1000, height: 700 }, hasTouch: true });
+  t.after(() => ctx.close());
+  const p = await ctx.newPage();
+  await p.route(`${ORIGIN}/**`, async (route) => {
+    const path = new URL(route.request().url()).pathname;
+    if (path === '/') return route.fulfill({ contentType: 'text/html', body: PAGE });
+    return route.fulfill({ contentType: 'text/javascript', body: await readFile(normalize(join(root, path)), 'utf8') });
+  });
+  await p.goto(`${ORIGIN}/`);
+  await p.waitForFunction(() => window.ready === true);
+  const sink = () => p.evaluate(() => {
+    const s = document.querySelector('textarea.sandcast-keyboard');
+    return { mode: s.inputMode, left: s.style.left, top: s.style.top, focused: document.activeElement === s };
+  });
+  // A tap where nothing editable has the focus: no on-screen keyboard.
+  await p.touchscreen.tap(400, 300);
+  assert.equal((await sink()).mode, 'none');
+  // The session says a field at display pixel (800, 450) has the focus:
+  // client (400, 300) on this 1600x900 display letterboxed into 800x600.
+  await p.evaluate(() => window.conn.onMessage({ kind: 'focus', editable: true, x: 800, y: 450 }));
+  assert.deepEqual(await sink(), { mode: 'text', left: '400px', top: '300px', focused: true });
+  await p.evaluate(() => window.conn.onMessage({ kind: 'focus', editable: false }));
+  assert.equal((await sink()).mode, 'none');
+  // With a mouse, the on-screen keyboard is not the viewer's business.
+  await p.mouse.click(400, 300);
+  await p.evaluate(() => window.conn.onMessage({ kind: 'focus', editable: true, x: 0, y: 0 }));
+  assert.equal((await sink()).mode, '');
+});

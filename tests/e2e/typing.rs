@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use sandcast_e2e::{
-    Server, TYPING_CODES_KEY, TYPING_COPY_KEY, colours, run_browser, typing_page,
-    wait_no_leftovers, with_query,
+    Server, TYPING_CODES_KEY, TYPING_COPY_KEY, colours, focus_page, run_browser, run_viewer,
+    typing_page, wait_no_leftovers, with_query,
 };
 use serde_json::{Value, json};
 
@@ -68,9 +68,7 @@ fn read_back(
             "url": url,
             "kind": if mode == "vnc" { "canvas" } else { "video" },
             "mode": mode,
-            // noVNC's clipboard carries Latin-1 only: a WebRTC viewer reads it.
-        "clipboardUrl": (mode == "vnc").then(|| url.replace("mode=vnc", "mode=webrtc")),
-            "steps": all,
+                "steps": all,
         }),
     );
     eprintln!("{mode} steps: {}", view["steps"]);
@@ -305,4 +303,46 @@ fn a_session_keyboard_layout_gives_the_page_the_physical_keys() {
     // has no physical name.
     assert!(got.starts_with("KeyZ,KeyY,"), "US layout: {got}");
     delete_clean(&s, &us);
+}
+
+/// On a touch screen: a tap on the page's text area focuses it, the session
+/// reports the focus and where the text area is, and the viewer asks for
+/// its on-screen keyboard there; a tap elsewhere takes the focus away and
+/// the keyboard with it. Over WebRTC and over noVNC's input socket.
+fn touch_keyboard_follows_the_remote_focus(mode: &str) {
+    let s = Server::start_default();
+    let created = s
+        .create(&json!({ "start_url": focus_page(), "kiosk": true, "width": 1280, "height": 720 }));
+    let id = created["id"].as_str().unwrap().to_string();
+    s.wait_state(&id, "ready", READY);
+    let view = run_viewer(&json!({
+        "url": viewer_url(&created, mode),
+        "kind": if mode == "vnc" { "canvas" } else { "video" },
+        "mode": mode,
+        "touch": true,
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            { "tap": [300, 330] },
+            { "expect": colours::CLICKED },
+            // The text area's bottom-left corner, in display pixels.
+            { "expectRemoteFocus": { "editable": true, "x": 100, "y": 360 } },
+            { "expectKeyboard": "text" },
+            { "tap": [900, 600] },
+            { "expect": colours::START },
+            { "expectRemoteFocus": { "editable": false } },
+            { "expectKeyboard": "none" },
+        ],
+    }));
+    eprintln!("{mode} steps: {}", view["steps"]);
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn touch_keyboard_follows_the_remote_focus_over_webrtc() {
+    touch_keyboard_follows_the_remote_focus("webrtc");
+}
+
+#[test]
+fn touch_keyboard_follows_the_remote_focus_over_novnc() {
+    touch_keyboard_follows_the_remote_focus("vnc");
 }

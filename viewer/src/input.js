@@ -31,6 +31,17 @@ export function mapPointer(clientX, clientY, rect, display) {
   return { x, y };
 }
 
+/** Maps a remote display pixel to a client position (the inverse of `mapPointer`). */
+export function displayToClient(x, y, rect, display) {
+  const { width: dw, height: dh } = display;
+  if (!dw || !dh || rect.width <= 0 || rect.height <= 0) return null;
+  const scale = Math.min(rect.width / dw, rect.height / dh);
+  return {
+    x: rect.left + (rect.width - dw * scale) / 2 + x * scale,
+    y: rect.top + (rect.height - dh * scale) / 2 + y * scale,
+  };
+}
+
 /** Converts a WheelEvent's deltas to whole pixels, keeping the remainder. */
 export function wheelPixels(ev, pageHeight, carry) {
   const unit = ev.deltaMode === 1 ? LINE_PX : ev.deltaMode === 2 ? pageHeight : 1;
@@ -105,12 +116,12 @@ function keyboardSink(element, host) {
   return sink;
 }
 
-/** Moves the text area to where the pointer went down (relative to its host). */
-function placeSink(sink, element, ev) {
+/** Moves the text area to a client position (relative to its host). */
+function placeSink(sink, element, clientX, clientY) {
   const host = sink.offsetParent ?? sink.parentNode;
   const base = host?.getBoundingClientRect?.() ?? element.getBoundingClientRect();
-  sink.style.left = `${Math.max(0, Math.round(ev.clientX - base.left))}px`;
-  sink.style.top = `${Math.max(0, Math.round(ev.clientY - base.top))}px`;
+  sink.style.left = `${Math.max(0, Math.round(clientX - base.left))}px`;
+  sink.style.top = `${Math.max(0, Math.round(clientY - base.top))}px`;
 }
 
 /** Finger travel (CSS px) under which a touch is a tap, not a drag. */
@@ -244,8 +255,10 @@ export function attachInput(element, connection, options = {}) {
   element.style.touchAction = 'none';
 
   const prevOnMessage = connection.onMessage;
+  let onFocusMessage = null;
   connection.onMessage = (msg) => {
     if (msg && msg.kind === 'display_size') display = { width: msg.width, height: msg.height };
+    if (msg && msg.kind === 'focus' && onFocusMessage) onFocusMessage(msg);
     if (msg && msg.kind === 'clipboard' && opts.clipboard && navigator.clipboard?.writeText) {
       navigator.clipboard.writeText(msg.text).catch(() => { /* not permitted without focus */ });
     }
@@ -298,9 +311,35 @@ export function attachInput(element, connection, options = {}) {
   const focusKeyboard = () => (sink ?? element).focus({ preventScroll: true });
   if (sink) {
     on(element, 'focus', focusKeyboard);
-    on(element, 'pointerdown', (ev) => placeSink(sink, element, ev));
+    on(element, 'pointerdown', (ev) => {
+      placeSink(sink, element, ev.clientX, ev.clientY);
+      // On a touch screen the on-screen keyboard opens only while the
+      // remote page has an editable element focused (the session reports
+      // it); elsewhere a tap should not cover half the screen with it.
+      touchLast = ev.pointerType === 'touch';
+      if (touchLast) sink.inputMode = remoteEditable ? 'text' : 'none';
+      else sink.removeAttribute('inputmode');
+    });
   }
   on(element, 'pointerdown', focusKeyboard);
+  let touchLast = false;
+  let remoteEditable = false;
+  // The remote page's focus: an editable element focused opens a touch
+  // screen's keyboard and puts the text area (and so an input method's
+  // window) at the element.
+  onFocusMessage = (msg) => {
+    remoteEditable = msg.editable === true;
+    if (!sink) return;
+    const d = currentDisplay();
+    if (remoteEditable && Number.isFinite(msg.x) && Number.isFinite(msg.y) && d) {
+      const p = displayToClient(msg.x, msg.y, element.getBoundingClientRect(), d);
+      if (p) placeSink(sink, element, p.x, p.y);
+    }
+    if (touchLast) {
+      sink.inputMode = remoteEditable ? 'text' : 'none';
+      if (remoteEditable && document.activeElement !== sink && sink.getRootNode().activeElement !== sink) focusKeyboard();
+    }
+  };
 
   // Paste: the V of Ctrl/Cmd+V waits for the browser's "paste" event, so the
   // remote clipboard holds the local text before the remote app pastes it

@@ -156,6 +156,8 @@ export class SandcastViewer extends HTMLElement {
     this._retries = 0;
     this._notBefore = 0; // no new stream before this time (reconnect backoff)
     this.remoteClipboard = null;
+    /** The remote page's keyboard focus as last reported: `{ editable, x, y }`. */
+    this.remoteFocus = null;
   }
 
   connectedCallback() {
@@ -456,6 +458,7 @@ export class SandcastViewer extends HTMLElement {
     const prev = conn.onMessage;
     conn.onMessage = (m) => {
       if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
+      if (m && m.kind === 'focus') this._remoteFocus(m);
       // The gateway says "ended"; the session API says "stopping"/"stopped".
       if (m && m.kind === 'session_state' && (m.state === 'ended' || ENDED.has(m.state))) {
         this._ended(m.state === 'ended' ? 'stopped' : m.state, m.reason);
@@ -516,7 +519,8 @@ export class SandcastViewer extends HTMLElement {
     rfb.addEventListener('securityfailure', (ev) => {
       this._set({ reason: `VNC security failure: ${ev.detail?.reason ?? ev.detail?.status}` });
     });
-    rfb.addEventListener('clipboard', (ev) => this._remoteClipboard(ev.detail.text));
+    this._socketClipboard = false;
+    rfb.addEventListener('clipboard', (ev) => { if (!this._socketClipboard) this._remoteClipboard(ev.detail.text); });
   }
 
   // The input socket beside noVNC: the data channel's messages, as JSON text
@@ -534,6 +538,19 @@ export class SandcastViewer extends HTMLElement {
       },
     };
     ws.addEventListener('open', () => queue.splice(0).forEach((t) => ws.send(t)));
+    // What the server tells viewers: the clipboard in full Unicode (noVNC's
+    // is Latin-1; once this one speaks, noVNC's is ignored), the focus.
+    ws.addEventListener('message', (ev) => {
+      if (run !== this._run || this._rfb !== rfb) return;
+      let m;
+      try { m = JSON.parse(ev.data); } catch (_) { return; }
+      if (m?.kind === 'clipboard' && typeof m.text === 'string') {
+        this._socketClipboard = true;
+        this._remoteClipboard(m.text);
+      }
+      if (m?.kind === 'focus') this._remoteFocus(m);
+      conn.onMessage?.(m);
+    });
     ws.addEventListener('close', () => {
       if (run === this._run && this._rfb === rfb) this._dropped(run, rfb, 'input connection lost');
     });
@@ -560,6 +577,11 @@ export class SandcastViewer extends HTMLElement {
   // What a one-finger drag does on a touch screen: the `touch` attribute.
   _touchMode() {
     return this.getAttribute('touch') === 'drag' ? 'drag' : 'scroll';
+  }
+
+  _remoteFocus(m) {
+    this.remoteFocus = { editable: m.editable === true, x: m.x ?? null, y: m.y ?? null };
+    this._emit('remotefocus', { ...this.remoteFocus });
   }
 
   _remoteClipboard(text) {

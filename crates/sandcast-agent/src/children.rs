@@ -77,6 +77,9 @@ pub fn browser(config: &SessionConfig, profile_dir: &Path, own_sandbox: bool) ->
         "--window-position=0,0".into(),
         format!("--window-size={},{}", config.width, config.height),
         "--start-maximized".into(),
+        // DevTools on descriptors 3 and 4, which only the agent holds: no
+        // port, in the session or out of it (see `devtools`).
+        "--remote-debugging-pipe".into(),
     ];
     if !own_sandbox {
         // The session itself is the sandbox; Chromium's own needs nested user

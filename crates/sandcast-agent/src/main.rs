@@ -10,6 +10,7 @@
 
 mod channel;
 mod children;
+mod devtools;
 mod logging;
 mod media;
 mod mmds;

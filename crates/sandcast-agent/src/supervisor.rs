@@ -182,6 +182,32 @@ struct Prepared {
     probe: Probe,
     /// A descriptor the child must inherit (Xvfb's `-displayfd` pipe).
     inherit: Option<OwnedFd>,
+    /// The browser's DevTools pipe.
+    devtools: Option<DevtoolsPipe>,
+}
+
+/// Two pipes for `--remote-debugging-pipe`: the browser reads commands on
+/// its descriptor 3 and writes on 4.
+struct DevtoolsPipe {
+    /// The agent's ends: it writes commands, reads replies and events.
+    to_browser: OwnedFd,
+    from_browser: OwnedFd,
+    /// The browser's ends, put on 3 and 4 in the child.
+    browser_reads: OwnedFd,
+    browser_writes: OwnedFd,
+}
+
+impl DevtoolsPipe {
+    fn new() -> std::io::Result<DevtoolsPipe> {
+        let (browser_reads, to_browser) = pipe()?;
+        let (from_browser, browser_writes) = pipe()?;
+        Ok(DevtoolsPipe {
+            to_browser,
+            from_browser,
+            browser_reads,
+            browser_writes,
+        })
+    }
 }
 
 fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
@@ -193,6 +219,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 command: children::xvfb(write.as_raw_fd()),
                 probe: Probe::Display(tokio::fs::File::from_std(std::fs::File::from(read))),
                 inherit: Some(write),
+                devtools: None,
             }
         }
         Kind::Browser => {
@@ -207,6 +234,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 command: children::browser(&config, &profile, ctx.own_sandbox),
                 probe: Probe::Window(children::window_class(&config.browser.binary)),
                 inherit: None,
+                devtools: Some(DevtoolsPipe::new()?),
             }
         }
         Kind::Vnc => {
@@ -215,6 +243,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 command: children::vnc(display, port),
                 probe: Probe::Vnc(port),
                 inherit: None,
+                devtools: None,
             }
         }
         Kind::Launch => Prepared {
@@ -222,6 +251,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 .ok_or_else(|| anyhow::anyhow!("empty launch command"))?,
             probe: Probe::Started,
             inherit: None,
+            devtools: None,
         },
     })
 }
@@ -416,6 +446,16 @@ async fn run_once(
     };
     // The child holds its copy; ours must close so EOF means Xvfb is gone.
     drop(prepared.inherit);
+    if let Some(d) = prepared.devtools {
+        // Likewise: EOF on the pipe means the browser is gone, which ends
+        // the task.
+        drop((d.browser_reads, d.browser_writes));
+        tokio::spawn(crate::devtools::run(
+            d.to_browser,
+            d.from_browser,
+            ctx.out.clone(),
+        ));
+    }
     let pid = child.id();
     if let Some(out) = child.stdout.take() {
         tokio::spawn(pump(
@@ -618,6 +658,10 @@ fn spawn(
         cmd.env("DISPLAY", display);
     }
     let inherit = prepared.inherit.as_ref().map(|fd| fd.as_raw_fd());
+    let devtools = prepared
+        .devtools
+        .as_ref()
+        .map(|d| (d.browser_reads.as_raw_fd(), d.browser_writes.as_raw_fd()));
     let niceness = prepared.command.niceness;
     // SAFETY: only async-signal-safe calls (setpriority, prctl, fcntl)
     // between fork and exec.
@@ -640,6 +684,15 @@ fn spawn(
                 && libc::fcntl(fd, libc::F_SETFD, 0) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some((reads, writes)) = devtools {
+                // Copies above 10 first (closed at exec), so putting one on
+                // 3 or 4 cannot overwrite the other; dup2's copies are kept.
+                let r = libc::fcntl(reads, libc::F_DUPFD_CLOEXEC, 10);
+                let w = libc::fcntl(writes, libc::F_DUPFD_CLOEXEC, 10);
+                if r < 0 || w < 0 || libc::dup2(r, 3) < 0 || libc::dup2(w, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_TEXT_LEN: usize = 64 * 1024;
 
 /// Largest coordinate or wheel delta accepted; real displays are far smaller.
-const MAX_COORD: i32 = 16_384;
+pub const MAX_COORD: i32 = 16_384;
 
 /// A mouse button, numbered as X numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

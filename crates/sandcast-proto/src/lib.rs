@@ -36,7 +36,7 @@ mod token;
 mod video;
 
 pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};
-pub use input::{InputError, InputEvent, MAX_TEXT_LEN, PointerButton};
+pub use input::{InputError, InputEvent, MAX_COORD, MAX_TEXT_LEN, PointerButton};
 pub use keyboard::KeyboardLayout;
 pub use message::*;
 pub use policy::BrowserPolicy;

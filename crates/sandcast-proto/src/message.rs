@@ -84,6 +84,20 @@ pub enum Message {
         /// New clipboard text.
         text: String,
     },
+    /// Agent → server: whether an editable element of the page has the
+    /// keyboard focus (so a touch viewer opens its on-screen keyboard), and
+    /// where its bottom-left corner is on the display. Reported by the
+    /// page, so only a hint: never trusted for more than placing a keyboard.
+    RemoteFocus {
+        /// An editable element has the focus.
+        editable: bool,
+        /// Its left edge on the display, when editable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        x: Option<u32>,
+        /// Its bottom edge on the display, when editable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        y: Option<u32>,
+    },
     /// Server → agent: resize the display (the viewer's size, within limits).
     Resize {
         /// Width in pixels.
@@ -470,6 +484,7 @@ mod tests {
             "shutdown",
             "ping",
             "pong",
+            "remote_focus",
             "nonsense",
         ];
         const WORDS: &[&str] = &[
@@ -499,6 +514,9 @@ mod tests {
             "server_time_ms",
             "agent_token",
             "keyboard_layout",
+            "editable",
+            "x",
+            "y",
             "name",
             "state",
             "running",

@@ -218,9 +218,12 @@ pub async fn vnc(
 }
 
 /// Input for a viewer without WebRTC (the noVNC fallback): the same JSON
-/// messages as the WebRTC data channel `input`, one per text message.
+/// messages as the WebRTC data channel `input`, one per text message, both
+/// ways.
 ///
-/// A WebSocket upgrade. Each message is a viewer request (`key`, `text`,
+/// A WebSocket upgrade. The server sends what it sends WebRTC viewers
+/// (`clipboard` in full Unicode, `display_size`, `focus`). Each message
+/// from the viewer is a viewer request (`key`, `text`,
 /// `pointer_move`, `pointer_button`, `wheel`, `release_all`, `clipboard`,
 /// `resize`); malformed, oversized or too frequent ones are dropped and
 /// counted, never fatal. Closing it releases every key and button it held.
@@ -270,11 +273,27 @@ async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>) {
     use sandcast_webrtc::{RateLimiter, parse_viewer_message};
     let mut limiter = RateLimiter::default();
     let mut ended = live.ended();
+    let mut to_viewer = live.viewer_messages();
     let mut dropped: u64 = 0;
     loop {
         let msg = tokio::select! {
             m = socket.recv() => m,
-            _ = ended.wait_for(|e| *e) => break,
+            // Its guard must not live on in the select's output.
+            () = async { let _ = ended.wait_for(|e| *e).await; } => break,
+            out = to_viewer.recv() => {
+                match out {
+                    Ok(m) => {
+                        let text = serde_json::to_string(&m).unwrap_or_default();
+                        if socket.send(WsMessage::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    // A viewer that reads too slowly misses some; it goes on.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+                continue;
+            }
         };
         let data = match msg {
             Some(Ok(WsMessage::Text(t))) => Bytes::from(t.as_str().as_bytes().to_vec()),

@@ -140,6 +140,20 @@ pub enum ViewerMessage {
         /// True when this viewer drives the session.
         granted: bool,
     },
+    /// Whether an editable element of the remote page has the keyboard
+    /// focus, and where its bottom-left corner is on the display: a touch
+    /// viewer opens its on-screen keyboard and puts an input method's
+    /// window there. Reported by the page: a hint.
+    Focus {
+        /// An editable element has the focus.
+        editable: bool,
+        /// Its left edge in display pixels.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        x: Option<u32>,
+        /// Its bottom edge in display pixels.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        y: Option<u32>,
+    },
 }
 
 impl ViewerMessage {
@@ -153,6 +167,15 @@ impl ViewerMessage {
                     "clipboard text of {} bytes exceeds {MAX_TEXT_LEN}",
                     text.len()
                 )))
+            }
+            ViewerMessage::Focus { x, y, .. }
+                if [x, y]
+                    .iter()
+                    .any(|v| v.is_some_and(|v| v > sandcast_proto::MAX_COORD as u32)) =>
+            {
+                Err(MessageError::Invalid(
+                    "focus position outside the largest display".into(),
+                ))
             }
             _ => Ok(()),
         }

@@ -82,7 +82,13 @@ pub struct Live {
     snapshot: watch::Receiver<Snapshot>,
     log: Arc<SessionLog>,
     ended: watch::Receiver<bool>,
+    to_sockets: broadcast::Sender<ViewerMessage>,
 }
+
+/// Messages for viewers on input sockets that wait unread before the
+/// oldest are dropped (a slow viewer misses a clipboard change, nothing
+/// else waits for it).
+const SOCKET_VIEWER_QUEUE: usize = 64;
 
 impl Live {
     /// The session's id.
@@ -121,6 +127,12 @@ impl Live {
     /// session's queue, so the count is never lost.
     pub async fn viewer(&self, present: bool) {
         let _ = self.commands.send(Command::Viewer(present)).await;
+    }
+
+    /// What the session tells its viewers (clipboard, display size, the
+    /// remote focus), for viewers on an input socket rather than WebRTC.
+    pub fn viewer_messages(&self) -> broadcast::Receiver<ViewerMessage> {
+        self.to_sockets.subscribe()
     }
 
     /// Log lines as they come.
@@ -300,6 +312,8 @@ impl Core {
 
 /// A session's task and everything it owns.
 pub struct Actor {
+    /// Viewers on input sockets (the noVNC path).
+    to_sockets: broadcast::Sender<ViewerMessage>,
     m: Arc<Manager>,
     id: String,
     spec: Spec,
@@ -356,12 +370,14 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         spec.height,
         bounds.video_max,
     ));
+    let (to_sockets, _) = broadcast::channel(SOCKET_VIEWER_QUEUE);
     let live = Arc::new(Live {
         id: id.clone(),
         commands: commands_tx,
         snapshot: snapshot_rx,
         log: log.clone(),
         ended: ended_rx,
+        to_sockets: to_sockets.clone(),
     });
     let dir = m.config.data_dir.join("sessions").join(&id);
     let actor = Actor {
@@ -391,6 +407,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         ended,
         refusals: 0,
         finished: false,
+        to_sockets,
     };
     (live, actor)
 }
@@ -751,6 +768,17 @@ impl Actor {
         Ok(rx)
     }
 
+    /// Tells every viewer, over WebRTC and on input sockets.
+    fn to_viewers(&self, msg: ViewerMessage) {
+        if msg.check().is_err() {
+            return;
+        }
+        if let Some(gw) = &self.m.gateway {
+            gw.send_to_viewers(&self.id, msg.clone());
+        }
+        let _ = self.to_sockets.send(msg);
+    }
+
     fn session_config(&self) -> SessionConfig {
         let config = &self.m.config;
         SessionConfig {
@@ -854,17 +882,18 @@ impl Actor {
                 self.log(&line.source, stream, &line.line);
             }
             Message::Clipboard { text } => {
-                if let Some(gw) = &m.gateway {
-                    gw.send_to_viewers(&self.id, ViewerMessage::Clipboard { text });
-                }
+                self.to_viewers(ViewerMessage::Clipboard { text });
             }
             Message::DisplaySize { width, height } => {
                 self.core.display = (width, height);
                 self.publish();
-                if let Some(gw) = &m.gateway {
-                    gw.send_to_viewers(&self.id, ViewerMessage::DisplaySize { width, height });
-                }
+                self.to_viewers(ViewerMessage::DisplaySize { width, height });
                 self.agent_event("display", json!({"width": width, "height": height}));
+            }
+            Message::RemoteFocus { editable, x, y } => {
+                // The page reports it: only its shape is trusted, checked
+                // by ViewerMessage::check on the way out.
+                self.to_viewers(ViewerMessage::Focus { editable, x, y });
             }
             Message::Ping { seq } => self.send_agent(Message::Pong { seq }),
             _ => {}
