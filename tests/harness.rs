@@ -1127,18 +1127,28 @@ pub fn typing_page() -> String {
     ))
 }
 
-/// A page with a text area at (100, 300), 400x60, not focused: green; blue
-/// while the text area has the focus.
+/// The key that makes the focus page copy how far it is scrolled.
+pub const SCROLL_REPORT_KEY: &str = "F7";
+
+/// A tall page with a text area at (100, 300), 400x60, not focused: green;
+/// blue while the text area has the focus. F8 copies the text area's value
+/// to the session's clipboard, F7 how far the page is scrolled (`scrollY`).
 pub fn focus_page() -> String {
     data_url(&format!(
-        "<!doctype html><html><head><title>focus</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
+        "<!doctype html><html><head><meta charset=utf-8><title>focus</title><style>html,body{{margin:0;height:4000px;background:{start}}}</style></head>\
          <body><textarea id=t style=\"position:absolute;left:100px;top:300px;width:400px;height:60px;border:0;padding:0\"></textarea><script>\
          const t=document.getElementById('t');\
          t.addEventListener('focus',()=>{{document.body.style.background='{focused}'}});\
          t.addEventListener('blur',()=>{{document.body.style.background='{start}'}});\
+         addEventListener('keydown',e=>{{const v=e.key==='{copy_key}'?t.value:e.key==='{scroll_key}'?String(Math.round(scrollY)):null;\
+           if(v===null)return;e.preventDefault();\
+           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',v);c.preventDefault()}},{{once:true}});\
+           document.execCommand('copy')}});\
          </script></body></html>",
         start = colours::START,
         focused = colours::CLICKED,
+        copy_key = TYPING_COPY_KEY,
+        scroll_key = SCROLL_REPORT_KEY,
     ))
 }
 

@@ -15,6 +15,7 @@
 //   { paste: true }                                     focus the remote screen, press Ctrl+V
 //   { expectRemoteClipboard: "text", timeoutMs? }       the viewer element reports that text as
 //                                                       the session's clipboard
+//   { expectRemoteClipboardNumber: [min, max] }         ...a number in that range
 //   { resize: [w, h] }                                  resize the viewer's window
 //   { stats: true }                                     record the viewers' stats; WebRTC ones
 //                                                       must have decoded frames
@@ -32,6 +33,7 @@
 //                                                       on-screen keyboard or an IME commit gives it
 //   { compose: ["n", "ni"], commit: "你" }               an input method's composition, then its commit
 //   { tap: [x, y] }                                     a finger's tap at that remote display pixel
+//   { swipe: [[x0, y0], [x1, y1]] }                     a finger drawn between two remote pixels
 //   { expectRemoteFocus: { editable, x?, y? }, timeoutMs? }  the viewer element's remoteFocus
 //                                                       (x, y within 8 px)
 //   { expectKeyboard: "text" | "none" }                 the viewer's keyboard text area asks for
@@ -275,6 +277,16 @@ async function runViewers() {
         await pages[0].keyboard.press('Control+KeyV');
         rec.ok = true;
       }
+    } else if (step.expectRemoteClipboardNumber) {
+      const [min, max] = step.expectRemoteClipboardNumber;
+      const deadline = Date.now() + (step.timeoutMs ?? 10000);
+      for (;;) {
+        rec.got = await clipboardPage.evaluate(() => window.sandcast?.element?.remoteClipboard ?? null);
+        const n = Number(rec.got);
+        if (rec.got !== null && rec.got !== '' && n >= min && n <= max) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await clipboardPage.waitForTimeout(50);
+      }
     } else if (step.expectRemoteClipboard !== undefined) {
       const deadline = Date.now() + (step.timeoutMs ?? 20000);
       for (;;) {
@@ -320,16 +332,27 @@ async function runViewers() {
       const cdp = await cdpOf(pages[0]);
       await cdp.send('Input.insertText', { text: step.insertText });
       rec.ok = true;
-    } else if (step.tap) {
+    } else if (step.tap || step.swipe) {
       const s = await pages[0].evaluate(sampleInPage, kind);
-      if (!s.found) { rec.ok = false; rec.error = 'no remote screen to tap'; }
+      if (!s.found) { rec.ok = false; rec.error = 'no remote screen to touch'; }
       else {
         // The picture fills its element's box as object-fit: contain does.
-        const [rx, ry] = step.tap;
         const scale = Math.min(s.box.width / s.width, s.box.height / s.height);
-        const x = s.box.left + (s.box.width - s.width * scale) / 2 + rx * scale;
-        const y = s.box.top + (s.box.height - s.height * scale) / 2 + ry * scale;
-        await pages[0].touchscreen.tap(x, y);
+        const client = ([rx, ry]) => [
+          s.box.left + (s.box.width - s.width * scale) / 2 + rx * scale,
+          s.box.top + (s.box.height - s.height * scale) / 2 + ry * scale,
+        ];
+        if (step.tap) {
+          const [x, y] = client(step.tap);
+          await pages[0].touchscreen.tap(x, y);
+        } else {
+          const cdp = await cdpOf(pages[0]);
+          const [a, b] = step.swipe.map(client);
+          const at = (f) => [{ x: a[0] + (b[0] - a[0]) * f, y: a[1] + (b[1] - a[1]) * f, id: 1 }];
+          await cdp.send('Input.dispatchTouchEvent', { type: 'touchStart', touchPoints: at(0) });
+          for (let i = 1; i <= 10; i++) await cdp.send('Input.dispatchTouchEvent', { type: 'touchMove', touchPoints: at(i / 10) });
+          await cdp.send('Input.dispatchTouchEvent', { type: 'touchEnd', touchPoints: [] });
+        }
         rec.ok = true;
       }
     } else if (step.expectRemoteFocus) {

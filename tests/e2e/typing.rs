@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use sandcast_e2e::{
-    Server, TYPING_CODES_KEY, TYPING_COPY_KEY, colours, focus_page, run_browser, run_viewer,
-    typing_page, wait_no_leftovers, with_query,
+    SCROLL_REPORT_KEY, Server, TYPING_CODES_KEY, TYPING_COPY_KEY, colours, focus_page, run_browser,
+    run_viewer, typing_page, wait_no_leftovers, with_query,
 };
 use serde_json::{Value, json};
 
@@ -306,20 +306,24 @@ fn a_session_keyboard_layout_gives_the_page_the_physical_keys() {
 }
 
 /// On a touch screen: a tap on the page's text area focuses it, the session
-/// reports the focus and where the text area is, and the viewer asks for
-/// its on-screen keyboard there; a tap elsewhere takes the focus away and
-/// the keyboard with it. Over WebRTC and over noVNC's input socket.
+/// reports the focus and where the text area is, the viewer asks for its
+/// on-screen keyboard there, and text from it arrives; a tap elsewhere takes
+/// the focus away and the keyboard with it; a finger drawn upwards scrolls
+/// the page. Over WebRTC and over noVNC's input socket.
 fn touch_keyboard_follows_the_remote_focus(mode: &str) {
     let s = Server::start_default();
     let created = s
         .create(&json!({ "start_url": focus_page(), "kiosk": true, "width": 1280, "height": 720 }));
     let id = created["id"].as_str().unwrap().to_string();
     s.wait_state(&id, "ready", READY);
+    let text = "touch ✓ 👍 Grüße";
     let view = run_viewer(&json!({
         "url": viewer_url(&created, mode),
         "kind": if mode == "vnc" { "canvas" } else { "video" },
         "mode": mode,
         "touch": true,
+        // The remote display keeps its 1280x720.
+        "viewport": [1280, 720],
         "steps": [
             { "expect": colours::START, "timeoutMs": 30000 },
             { "tap": [300, 330] },
@@ -327,10 +331,20 @@ fn touch_keyboard_follows_the_remote_focus(mode: &str) {
             // The text area's bottom-left corner, in display pixels.
             { "expectRemoteFocus": { "editable": true, "x": 100, "y": 360 } },
             { "expectKeyboard": "text" },
+            // What the on-screen keyboard gives: text without key events.
+            { "insertText": text },
+            { "press": TYPING_COPY_KEY },
+            { "expectRemoteClipboard": text },
             { "tap": [900, 600] },
             { "expect": colours::START },
             { "expectRemoteFocus": { "editable": false } },
             { "expectKeyboard": "none" },
+            // Content follows the finger: 300 px upwards scrolls down by
+            // about that much (in whole wheel clicks, as the browser
+            // scrolls them).
+            { "swipe": [[640, 600], [640, 300]] },
+            { "press": SCROLL_REPORT_KEY },
+            { "expectRemoteClipboardNumber": [150, 450] },
         ],
     }));
     eprintln!("{mode} steps: {}", view["steps"]);
