@@ -83,7 +83,8 @@ pub fn tiny_guest(dir: &Path, stay: bool) -> Result<PathBuf, String> {
 pub const GUEST_MIB: u64 = 32;
 
 /// A real Firecracker on API socket `sock`, in network namespace `netns`
-/// when given, its serial console written to `console`.
+/// when given, its serial console written to `console` and its own log to
+/// `console` with the extension `vmm.log`.
 pub fn spawn(
     bin: &Path,
     netns: Option<&str>,
@@ -98,8 +99,15 @@ pub fn spawn(
         }
         None => tokio::process::Command::new(bin),
     };
+    // Firecracker's own log goes to a file beside the console: on stdout it
+    // would interleave with the guest's serial output inside a line (seen:
+    // "sa<a log line>ndcast tiny guest: hello").
+    let log = console.with_extension("vmm.log");
+    std::fs::File::create(&log).unwrap();
     cmd.arg("--api-sock")
         .arg(sock)
+        .arg("--log-path")
+        .arg(&log)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(console).unwrap())
         .stderr(std::process::Stdio::null())
