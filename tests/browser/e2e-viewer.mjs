@@ -32,6 +32,7 @@
 //   { insertText: "text" }                              text without key events, as dictation, an
 //                                                       on-screen keyboard or an IME commit gives it
 //   { compose: ["n", "ni"], commit: "你" }               an input method's composition, then its commit
+//   { expectControl: true|false, timeoutMs? }           the viewer's input is used (status.control)
 //   { tap: [x, y] }                                     a finger's tap at that remote display pixel
 //   { swipe: [[x0, y0], [x1, y1]] }                     a finger drawn between two remote pixels
 //   { expectRemoteFocus: { editable, x?, y? }, timeoutMs? }  the viewer element's remoteFocus
@@ -332,6 +333,14 @@ async function runViewers() {
       const cdp = await cdpOf(pages[0]);
       await cdp.send('Input.insertText', { text: step.insertText });
       rec.ok = true;
+    } else if (step.expectControl !== undefined) {
+      const deadline = Date.now() + (step.timeoutMs ?? 10000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.status?.control ?? null);
+        if (rec.got === step.expectControl) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(50);
+      }
     } else if (step.tap || step.swipe) {
       const s = await pages[0].evaluate(sampleInPage, kind);
       if (!s.found) { rec.ok = false; rec.error = 'no remote screen to touch'; }

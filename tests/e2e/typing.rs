@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use sandcast_webrtc::SILENT_CONTROLLER;
+
 use sandcast_e2e::{
     SCROLL_REPORT_KEY, Server, TYPING_CODES_KEY, TYPING_COPY_KEY, colours, focus_page, run_browser,
     run_viewer, typing_page, wait_no_leftovers, with_query,
@@ -359,4 +361,43 @@ fn touch_keyboard_follows_the_remote_focus_over_webrtc() {
 #[test]
 fn touch_keyboard_follows_the_remote_focus_over_novnc() {
     touch_keyboard_follows_the_remote_focus("vnc");
+}
+
+/// A viewer whose browser died (a crashed tab, a laptop closed) leaves a
+/// peer behind until ICE gives it up, and that peer held control: the
+/// person's next page could not type, silently. A controller that is no
+/// longer heard now yields within [`SILENT_CONTROLLER`] to one that is.
+#[test]
+fn a_dead_viewer_yields_control_to_the_next_page() {
+    let s = Server::start_default();
+    let (id, created) = typing_session(&s);
+    let url = viewer_url(&created, "webrtc");
+    // Ends by killing its browser: no goodbye reaches the server.
+    let first = run_browser(
+        "e2e-viewer.mjs",
+        &json!({
+            "url": url, "kind": "video", "mode": "webrtc",
+            "steps": [
+                { "expect": colours::START, "timeoutMs": 30000 },
+                { "click": true },
+                { "keys": [key("a", "KeyA")] },
+                { "expect": colours::TYPED },
+            ],
+        }),
+    );
+    assert_eq!(first["ok"], true, "{first:#}");
+    let limit = SILENT_CONTROLLER + Duration::from_secs(5);
+    let second = run_viewer(&json!({
+        "url": url, "kind": "video", "mode": "webrtc",
+        "steps": [
+            { "expect": colours::TYPED, "timeoutMs": 30000 },
+            { "expectControl": true, "timeoutMs": limit.as_millis() as u64 },
+            { "click": true },
+            { "keys": [key("b", "KeyB")] },
+            { "press": TYPING_COPY_KEY },
+            { "expectRemoteClipboard": "ab" },
+        ],
+    }));
+    eprintln!("control after {} ms", second["steps"][1]["ms"]);
+    delete_clean(&s, &id);
 }

@@ -454,8 +454,10 @@ export class SandcastViewer extends HTMLElement {
     this._rtc = conn;
     this._video.hidden = false;
     this._vncBox.hidden = true;
-    this._detachInput = attachInput(this._video, conn, { displaySize: this._size, touch: this._touchMode() });
-    const prev = conn.onMessage;
+    // Control until the gateway says otherwise; its first word may already
+    // wait among the early messages, which go to the first handler set, so
+    // this element's handler comes first and the input's wraps it.
+    this._set({ control: true });
     conn.onMessage = (m) => {
       if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
       if (m && m.kind === 'focus') this._remoteFocus(m);
@@ -464,8 +466,8 @@ export class SandcastViewer extends HTMLElement {
         this._ended(m.state === 'ended' ? 'stopped' : m.state, m.reason);
       }
       if (m && m.kind === 'control') this._set({ control: m.granted !== false });
-      if (prev) prev(m);
     };
+    this._detachInput = attachInput(this._video, conn, { displaySize: this._size, touch: this._touchMode() });
     let lost;
     conn.pc.addEventListener('connectionstatechange', () => {
       const st = conn.pc.connectionState;
@@ -475,7 +477,7 @@ export class SandcastViewer extends HTMLElement {
       else if (st === 'disconnected') lost = setTimeout(() => this._dropped(run, conn, 'WebRTC connection lost'), 4000);
     });
     this._retries = 0;
-    this._set({ mode: 'webrtc', connected: true, path: null, reason: null, control: true }, null);
+    this._set({ mode: 'webrtc', connected: true, path: null, reason: null }, null);
     this._emit('connected', { mode: 'webrtc' });
     if (this.hasAttribute('autofocus')) this._video.focus({ preventScroll: true });
   }

@@ -72,6 +72,13 @@ pub struct Hub {
     unrouted: u64,
 }
 
+/// A viewer silent this long no longer holds implicit control while another
+/// viewer is heard: a closed or reloaded page's peer lingers until ICE gives
+/// it up, and its person, back in a new page, must not wait that long to
+/// type. A live viewer is heard far more often (RTCP reports about every
+/// second while video flows, consent checks every 4-6 s without).
+pub const SILENT_CONTROLLER: Duration = Duration::from_secs(8);
+
 /// Checks a session id: 1 to 128 of `[A-Za-z0-9._-]`.
 pub fn check_session_id(id: &str) -> Result<(), OfferError> {
     let ok = !id.is_empty()
@@ -254,6 +261,11 @@ impl Hub {
                 });
             }
         }
+        // A controller may have fallen silent since.
+        let names: Vec<String> = self.sessions.keys().cloned().collect();
+        for name in names {
+            self.update_control(&name, now);
+        }
     }
 
     /// Sends a frame to every connected viewer of its session. Frames of a
@@ -378,7 +390,7 @@ impl Hub {
                     }
                 }
                 PeerEvent::Bitrate(_) => self.update_bitrate(&session),
-                PeerEvent::Request(req) => self.on_request(id, &session, req),
+                PeerEvent::Request(req) => self.on_request(id, &session, req, now),
             }
         }
         if !alive {
@@ -389,8 +401,9 @@ impl Hub {
     fn send_initial_messages(&mut self, id: ViewerId, now: Instant) {
         let Some(p) = self.peers.get(&id) else { return };
         let display = self.sessions.get(&p.session).and_then(|s| s.display);
-        let granted = self.in_control(id);
+        let granted = self.in_control(id, now);
         if let Some(p) = self.peers.get_mut(&id) {
+            p.told_control = Some(granted);
             p.send_message(
                 &ViewerMessage::Control { granted },
                 &mut self.transmits,
@@ -406,7 +419,7 @@ impl Hub {
         }
     }
 
-    fn in_control(&self, id: ViewerId) -> bool {
+    fn in_control(&self, id: ViewerId, now: Instant) -> bool {
         let Some(p) = self.peers.get(&id) else {
             return false;
         };
@@ -414,25 +427,30 @@ impl Hub {
             return true;
         }
         // Without shared control, the earliest remaining viewer drives,
-        // unless someone with shared control already does.
+        // unless someone with shared control already does; a silent one is
+        // passed over while another is heard.
         let Some(s) = self.sessions.get(&p.session) else {
             return false;
         };
-        let others_control = s
-            .viewers
-            .iter()
-            .filter_map(|v| self.peers.get(v))
-            .any(|o| o.control);
-        !others_control && s.viewers.first() == Some(&id)
+        let peers: Vec<&Peer> = s.viewers.iter().filter_map(|v| self.peers.get(v)).collect();
+        if peers.iter().any(|o| o.control) {
+            return false;
+        }
+        let heard = |o: &&&Peer| now.saturating_duration_since(o.last_heard) < SILENT_CONTROLLER;
+        let driver = peers.iter().find(heard).or(peers.first());
+        driver.is_some_and(|d| d.id == id)
     }
 
+    /// Tells each viewer of `session` whose control changed.
     fn update_control(&mut self, session: &str, now: Instant) {
         let viewers = self.viewers(session);
         for id in viewers {
-            let granted = self.in_control(id);
+            let granted = self.in_control(id, now);
             if let Some(p) = self.peers.get_mut(&id)
                 && p.connected
+                && p.told_control != Some(granted)
             {
+                p.told_control = Some(granted);
                 p.send_message(
                     &ViewerMessage::Control { granted },
                     &mut self.transmits,
@@ -442,8 +460,8 @@ impl Hub {
         }
     }
 
-    fn on_request(&mut self, id: ViewerId, session: &str, req: ViewerRequest) {
-        if !self.in_control(id) {
+    fn on_request(&mut self, id: ViewerId, session: &str, req: ViewerRequest, now: Instant) {
+        if !self.in_control(id, now) {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.counters.messages_accepted = p.counters.messages_accepted.saturating_sub(1);
                 p.counters.messages_dropped += 1;
@@ -658,17 +676,17 @@ mod tests {
         let b = h
             .accept_offer("s", DEFAULT, ViewerOptions::default(), now)
             .unwrap();
-        assert!(h.in_control(a.viewer_id));
-        assert!(!h.in_control(b.viewer_id));
+        assert!(h.in_control(a.viewer_id, now));
+        assert!(!h.in_control(b.viewer_id, now));
         // Only the controlling viewer's input reaches the server.
         let ev = InputEventFixture::click();
-        h.on_request(b.viewer_id, "s", ViewerRequest::Input(ev.clone()));
+        h.on_request(b.viewer_id, "s", ViewerRequest::Input(ev.clone()), now);
         assert!(
             h.take_events()
                 .iter()
                 .all(|e| !matches!(e, GatewayEvent::Input { .. }))
         );
-        h.on_request(a.viewer_id, "s", ViewerRequest::Input(ev.clone()));
+        h.on_request(a.viewer_id, "s", ViewerRequest::Input(ev.clone()), now);
         assert!(h.take_events().contains(&GatewayEvent::Input {
             session: "s".into(),
             viewer: a.viewer_id,
@@ -676,15 +694,55 @@ mod tests {
         }));
         // Control passes on when the controller leaves.
         h.close_viewer(a.viewer_id, now);
-        assert!(h.in_control(b.viewer_id));
+        assert!(h.in_control(b.viewer_id, now));
         let c = h
             .accept_offer("s", DEFAULT, ViewerOptions { control: true }, now)
             .unwrap();
-        assert!(h.in_control(c.viewer_id));
+        assert!(h.in_control(c.viewer_id, now));
         assert!(
-            !h.in_control(b.viewer_id),
+            !h.in_control(b.viewer_id, now),
             "shared control takes over from the implicit one"
         );
+    }
+
+    #[test]
+    fn a_silent_controller_yields_to_a_viewer_that_is_heard() {
+        // A reloaded page: its old peer lingers until ICE gives it up, its
+        // new one must be able to type at once.
+        let mut h = hub();
+        let t0 = Instant::now();
+        let a = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), t0)
+            .unwrap()
+            .viewer_id;
+        let b = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), t0)
+            .unwrap()
+            .viewer_id;
+        let later = t0 + SILENT_CONTROLLER + Duration::from_secs(1);
+        // Both silent: the first keeps control, nobody is left without.
+        assert!(h.in_control(a, later) && !h.in_control(b, later));
+        // b is heard, a is not.
+        h.peers.get_mut(&b).unwrap().last_heard = later - Duration::from_secs(1);
+        assert!(!h.in_control(a, later));
+        assert!(h.in_control(b, later));
+        let ev = InputEventFixture::click();
+        h.on_request(b, "s", ViewerRequest::Input(ev.clone()), later);
+        assert!(h.take_events().contains(&GatewayEvent::Input {
+            session: "s".into(),
+            viewer: b,
+            event: ev.clone(),
+        }));
+        h.on_request(a, "s", ViewerRequest::Input(ev), later);
+        assert!(
+            h.take_events()
+                .iter()
+                .all(|e| !matches!(e, GatewayEvent::Input { .. })),
+            "the silent viewer's input is not used"
+        );
+        // Heard again, the first viewer drives again.
+        h.peers.get_mut(&a).unwrap().last_heard = later;
+        assert!(h.in_control(a, later) && !h.in_control(b, later));
     }
 
     struct InputEventFixture;

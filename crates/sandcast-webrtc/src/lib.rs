@@ -49,7 +49,7 @@ mod peer;
 mod types;
 
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
-pub use hub::{Hub, HubConfig, MAX_SESSION_ID_LEN, check_session_id};
+pub use hub::{Hub, HubConfig, MAX_SESSION_ID_LEN, SILENT_CONTROLLER, check_session_id};
 pub use messages::{
     MAX_MESSAGE_LEN, RateLimiter, ViewerMessage, ViewerRequest, parse_viewer_message,
 };

@@ -61,6 +61,10 @@ pub(crate) struct Peer {
     pub counters: ViewerCounters,
     pub connected: bool,
     pub loss: LossController,
+    /// When a packet from the viewer last arrived.
+    pub last_heard: Instant,
+    /// What the viewer was last told of its control, if anything.
+    pub told_control: Option<bool>,
     rtc: Rtc,
     mid: Option<Mid>,
     channels: Vec<(ChannelId, String)>,
@@ -122,6 +126,8 @@ impl Peer {
             counters: ViewerCounters::default(),
             connected: false,
             loss: LossController::default(),
+            last_heard: now,
+            told_control: None,
             rtc,
             mid: None,
             channels: Vec::new(),
@@ -172,6 +178,7 @@ impl Peer {
 
     /// Feeds a network packet.
     pub fn handle_receive(&mut self, r: Receive, out: &mut Vec<Transmit>, now: Instant) {
+        self.last_heard = now;
         if let Err(e) = self.rtc.handle_input(Input::Receive(now, r)) {
             tracing::debug!(viewer = %self.id, "input refused: {e}");
         }
