@@ -1062,6 +1062,10 @@ pub fn input_page() -> String {
     ))
 }
 
+/// Script for the test pages: `copy(v)` puts text `v` on the session's
+/// clipboard (which the viewer mirrors), as the page's own copy would.
+const COPY_JS: &str = "const copy=v=>{document.addEventListener('copy',c=>{c.clipboardData.setData('text/plain',v);c.preventDefault()},{once:true});document.execCommand('copy')};";
+
 /// What the clipboard page copies when clicked.
 pub const REMOTE_COPY: &str = "copied in the session ✓";
 /// What the clipboard test pastes into the session.
@@ -1082,15 +1086,15 @@ pub fn clipboard_page_copying(copy_js: &str) -> String {
         "<!doctype html><html><head><title>clipboard</title><style>html,body{{margin:0;height:100%;background:{start}}}</style></head>\
          <body><textarea id=t autofocus style=\"position:absolute;left:0;top:0;width:200px;height:40px\"></textarea><script>\
          const t=document.getElementById('t');\
-         addEventListener('mousedown',e=>{{e.preventDefault();\
-           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',{copy});c.preventDefault()}},{{once:true}});\
-           document.execCommand('copy');t.focus();document.body.style.background='{clicked}'}});\
+         {copy_js}addEventListener('mousedown',e=>{{e.preventDefault();\
+           copy({copy});t.focus();document.body.style.background='{clicked}'}});\
          t.addEventListener('input',()=>{{if(t.value.includes({paste}))document.body.style.background='{typed}'}});\
          </script></body></html>",
         start = colours::START,
         clicked = colours::CLICKED,
         typed = colours::TYPED,
         copy = copy_js,
+        copy_js = COPY_JS,
         paste = js(LOCAL_PASTE),
     ))
 }
@@ -1114,16 +1118,15 @@ pub fn typing_page() -> String {
          addEventListener('mousedown',e=>{{e.preventDefault();t.focus()}});\
          t.addEventListener('blur',()=>setTimeout(()=>t.focus(),0));\
          t.addEventListener('input',()=>{{document.body.style.background=t.value?'{typed}':'{start}'}});\
-         const codes=[];\
+         const codes=[];{copy_js}\
          addEventListener('keydown',e=>{{const v=e.key==='{copy_key}'?t.value:e.key==='{codes_key}'?codes.join(','):null;\
-           if(v===null){{codes.push(e.code);return}}e.preventDefault();\
-           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',v);c.preventDefault()}},{{once:true}});\
-           document.execCommand('copy')}});\
+           if(v===null){{codes.push(e.code);return}}e.preventDefault();copy(v)}});\
          </script></body></html>",
         start = colours::START,
         typed = colours::TYPED,
         copy_key = TYPING_COPY_KEY,
         codes_key = TYPING_CODES_KEY,
+        copy_js = COPY_JS,
     ))
 }
 
@@ -1140,15 +1143,14 @@ pub fn focus_page() -> String {
          const t=document.getElementById('t');\
          t.addEventListener('focus',()=>{{document.body.style.background='{focused}'}});\
          t.addEventListener('blur',()=>{{document.body.style.background='{start}'}});\
-         addEventListener('keydown',e=>{{const v=e.key==='{copy_key}'?t.value:e.key==='{scroll_key}'?String(Math.round(scrollY)):null;\
-           if(v===null)return;e.preventDefault();\
-           document.addEventListener('copy',c=>{{c.clipboardData.setData('text/plain',v);c.preventDefault()}},{{once:true}});\
-           document.execCommand('copy')}});\
+         {copy_js}addEventListener('keydown',e=>{{const v=e.key==='{copy_key}'?t.value:e.key==='{scroll_key}'?String(Math.round(scrollY)):null;\
+           if(v===null)return;e.preventDefault();copy(v)}});\
          </script></body></html>",
         start = colours::START,
         focused = colours::CLICKED,
         copy_key = TYPING_COPY_KEY,
         scroll_key = SCROLL_REPORT_KEY,
+        copy_js = COPY_JS,
     ))
 }
 

@@ -32,17 +32,30 @@ before(async () => {
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
   });
-  page = await browser.newPage({ viewport: { width: 1000, height: 700 } });
-  await page.route(`${ORIGIN}/**`, async (route) => {
+  page = await openPage(await browser.newContext({ viewport: { width: 1000, height: 700 } }));
+});
+
+/** The test page in a new page of `context`, its files served from the repository. */
+async function openPage(context) {
+  const p = await context.newPage();
+  await p.route(`${ORIGIN}/**`, async (route) => {
     const path = new URL(route.request().url()).pathname;
     if (path === '/') return route.fulfill({ contentType: 'text/html', body: PAGE });
     const file = normalize(join(root, path));
     if (!file.startsWith(root)) return route.fulfill({ status: 403 });
     return route.fulfill({ contentType: 'text/javascript', body: await readFile(file, 'utf8') });
   });
-  await page.goto(`${ORIGIN}/`);
-  await page.waitForFunction(() => window.ready === true);
-});
+  await p.goto(`${ORIGIN}/`);
+  await p.waitForFunction(() => window.ready === true);
+  return p;
+}
+
+/** The test page on an emulated touch screen, closed after test `t`. */
+async function openTouchPage(t) {
+  const ctx = await browser.newContext({ viewport: { width: 1000, height: 700 }, hasTouch: true });
+  t.after(() => ctx.close());
+  return openPage(ctx);
+}
 
 after(async () => { await browser?.close(); });
 
@@ -233,17 +246,8 @@ test('long text goes in pieces within the protocol limit, never inside a charact
 });
 
 test('touch: a tap clicks, a drag scrolls, a long press right-clicks, a pinch zooms the local view', async (t) => {
-  const ctx = await browser.newContext({ viewport: { width: 1000, height: 700 }, hasTouch: true });
-  t.after(() => ctx.close());
-  const p = await ctx.newPage();
-  await p.route(`${ORIGIN}/**`, async (route) => {
-    const path = new URL(route.request().url()).pathname;
-    if (path === '/') return route.fulfill({ contentType: 'text/html', body: PAGE });
-    return route.fulfill({ contentType: 'text/javascript', body: await readFile(normalize(join(root, path)), 'utf8') });
-  });
-  await p.goto(`${ORIGIN}/`);
-  await p.waitForFunction(() => window.ready === true);
-  const cdp = await ctx.newCDPSession(p);
+  const p = await openTouchPage(t);
+  const cdp = await p.context().newCDPSession(p);
   const touch = (type, points) => cdp.send('Input.dispatchTouchEvent', { type, touchPoints: points.map(([x, y], id) => ({ x, y, id })) });
   const sent = () => p.evaluate(() => window.sent.splice(0).filter((m) => m.kind !== 'resize'));
   const buttons = (msgs) => msgs.filter((m) => m.kind === 'pointer_button').map((m) => `${m.button}${m.down ? '↓' : '↑'}`);
@@ -280,16 +284,7 @@ test('touch: a tap clicks, a drag scrolls, a long press right-clicks, a pinch zo
 });
 
 test('the remote focus places the keyboard at the remote field and, after a touch, asks for the on-screen keyboard', async (t) => {
-  const ctx = await browser.newContext({ viewport: { width: 1000, height: 700 }, hasTouch: true });
-  t.after(() => ctx.close());
-  const p = await ctx.newPage();
-  await p.route(`${ORIGIN}/**`, async (route) => {
-    const path = new URL(route.request().url()).pathname;
-    if (path === '/') return route.fulfill({ contentType: 'text/html', body: PAGE });
-    return route.fulfill({ contentType: 'text/javascript', body: await readFile(normalize(join(root, path)), 'utf8') });
-  });
-  await p.goto(`${ORIGIN}/`);
-  await p.waitForFunction(() => window.ready === true);
+  const p = await openTouchPage(t);
   const sink = () => p.evaluate(() => {
     const s = document.querySelector('textarea.sandcast-keyboard');
     return { mode: s.inputMode, left: s.style.left, top: s.style.top, focused: document.activeElement === s };

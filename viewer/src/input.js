@@ -80,11 +80,12 @@ export const MAX_TEXT_BYTES = 60 * 1024;
 
 /** Splits text into pieces of at most `max` UTF-8 bytes, never inside a character. */
 export function textPieces(text, max = MAX_TEXT_BYTES) {
+  const utf8 = new TextEncoder();
   const out = [];
   let piece = '';
   let bytes = 0;
   for (const ch of text) {
-    const n = new TextEncoder().encode(ch).length;
+    const n = utf8.encode(ch).length;
     if (bytes + n > max && piece) {
       out.push(piece);
       piece = '';

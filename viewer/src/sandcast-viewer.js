@@ -559,7 +559,6 @@ export class SandcastViewer extends HTMLElement {
     const box = this._vncBox;
     const overlay = this._vncInput;
     overlay.hidden = false;
-    if (!overlay.hasAttribute('tabindex')) overlay.tabIndex = 0;
     const detach = attachInput(overlay, conn, {
       touch: this._touchMode(),
       resize: false,

@@ -123,6 +123,14 @@ fn authorize(
     }
 }
 
+/// The 409 for a session not in the state a request needs, naming its state.
+fn session_is(row: &Row) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!("the session is {}", row.state.as_str()),
+    )
+}
+
 /// The state of a session as its viewer sees it; counts as viewer
 /// activity for the idle timeout.
 #[utoipa::path(
@@ -195,10 +203,7 @@ pub async fn vnc(
 ) -> Result<Response, ApiError> {
     let row = authorize(&state, &id, &headers, q.token.as_deref())?;
     if row.state != SessionState::Ready {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("the session is {}", row.state.as_str()),
-        ));
+        return Err(session_is(&row));
     }
     let stream = state.manager.open_vnc(&id).await?;
     let live = state.manager.live(&id);
@@ -227,8 +232,9 @@ pub async fn vnc(
 /// `pointer_move`, `pointer_button`, `wheel`, `release_all`, `clipboard`,
 /// `resize`); malformed, oversized or too frequent ones are dropped and
 /// counted, never fatal. Closing it releases every key and button it held.
-/// noVNC stays view-only beside it, so keys, text and input methods behave
-/// exactly as over WebRTC.
+/// noVNC beside it only shows the screen (the viewer's input overlay keeps
+/// events from it), so keys, text and input methods behave exactly as over
+/// WebRTC.
 #[utoipa::path(
     get,
     path = "/viewer/{id}/input",
@@ -257,12 +263,7 @@ pub async fn input(
     let row = authorize(&state, &id, &headers, q.token.as_deref())?;
     let live = match state.manager.live(&id) {
         Some(l) if row.state == SessionState::Ready => l,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("the session is {}", row.state.as_str()),
-            ));
-        }
+        _ => return Err(session_is(&row)),
     };
     Ok(ws
         .max_message_size(sandcast_webrtc::MAX_MESSAGE_LEN)
@@ -438,10 +439,7 @@ pub async fn offer(
         ));
     };
     if row.state != SessionState::Ready {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("the session is {}", row.state.as_str()),
-        ));
+        return Err(session_is(&row));
     }
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the offer is not UTF-8"))?;
@@ -569,10 +567,7 @@ pub async fn ice_servers(
         Some(id) => {
             let row = authorize(&state, id, &headers, None)?;
             if !row.state.is_live() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("the session is {}", row.state.as_str()),
-                ));
+                return Err(session_is(&row));
             }
             row.id
         }

@@ -436,8 +436,10 @@ impl Hub {
         if peers.iter().any(|o| o.control) {
             return false;
         }
-        let heard = |o: &&&Peer| now.saturating_duration_since(o.last_heard) < SILENT_CONTROLLER;
-        let driver = peers.iter().find(heard).or(peers.first());
+        let driver = peers
+            .iter()
+            .find(|o| now.saturating_duration_since(o.last_heard) < SILENT_CONTROLLER)
+            .or(peers.first());
         driver.is_some_and(|d| d.id == id)
     }
 
@@ -469,20 +471,8 @@ impl Hub {
             }
             return;
         }
-        let session = session.to_string();
-        self.events.push(match req {
-            ViewerRequest::Input(event) => GatewayEvent::Input {
-                session,
-                viewer: id,
-                event,
-            },
-            ViewerRequest::Clipboard(text) => GatewayEvent::Clipboard { session, text },
-            ViewerRequest::Resize { width, height } => GatewayEvent::Resize {
-                session,
-                width,
-                height,
-            },
-        });
+        self.events
+            .push(GatewayEvent::from_request(session.to_string(), id, req));
     }
 
     fn update_bitrate(&mut self, session: &str) {

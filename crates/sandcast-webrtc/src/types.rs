@@ -3,6 +3,8 @@
 use std::fmt;
 
 use sandcast_proto::{Codec, InputEvent, Message, VideoControl};
+
+use crate::messages::ViewerRequest;
 use serde::{Deserialize, Serialize};
 
 /// Identifies one viewer connection, unique for the gateway's lifetime.
@@ -141,6 +143,23 @@ pub enum GatewayEvent {
 }
 
 impl GatewayEvent {
+    /// What a viewer's valid request becomes for the server.
+    pub fn from_request(session: String, viewer: ViewerId, req: ViewerRequest) -> GatewayEvent {
+        match req {
+            ViewerRequest::Input(event) => GatewayEvent::Input {
+                session,
+                viewer,
+                event,
+            },
+            ViewerRequest::Clipboard(text) => GatewayEvent::Clipboard { session, text },
+            ViewerRequest::Resize { width, height } => GatewayEvent::Resize {
+                session,
+                width,
+                height,
+            },
+        }
+    }
+
     /// The agent-channel message that carries this event to the session's
     /// agent, for the events the agent acts on.
     pub fn to_agent_message(&self) -> Option<Message> {

@@ -150,20 +150,7 @@ impl Live {
     /// both paths type through the same injector. Waits for room in the
     /// session's queue, as a data channel's backpressure would.
     pub async fn viewer_request(&self, req: ViewerRequest) {
-        let session = self.id.clone();
-        let ev = match req {
-            ViewerRequest::Input(event) => GatewayEvent::Input {
-                session,
-                viewer: SOCKET_VIEWER,
-                event,
-            },
-            ViewerRequest::Clipboard(text) => GatewayEvent::Clipboard { session, text },
-            ViewerRequest::Resize { width, height } => GatewayEvent::Resize {
-                session,
-                width,
-                height,
-            },
-        };
+        let ev = GatewayEvent::from_request(self.id.clone(), SOCKET_VIEWER, req);
         let _ = self.commands.send(Command::Gateway(ev)).await;
     }
 
