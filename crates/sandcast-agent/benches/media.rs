@@ -114,6 +114,7 @@ async fn main() {
             start_url: "data:text/html,<body style='background:%23ddd'><h1>sandcast</h1>".into(),
             kiosk: true,
             launch: None,
+            launch_once: false,
             browser: BrowserConfig {
                 binary: "/usr/bin/chromium".into(),
                 extra_args: vec![],

@@ -311,6 +311,7 @@ mod tests {
             start_url: "https://example.org/".into(),
             kiosk: true,
             launch: None,
+            launch_once: false,
             browser: BrowserConfig {
                 binary: "/usr/bin/chromium".into(),
                 extra_args: vec!["--lang=de".into()],

@@ -275,6 +275,7 @@ pub(crate) mod tests {
             start_url: "about:blank".into(),
             kiosk: false,
             launch: None,
+            launch_once: false,
             browser: BrowserConfig {
                 binary: "/bin/false".into(),
                 extra_args: Vec::new(),

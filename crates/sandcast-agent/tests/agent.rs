@@ -24,6 +24,7 @@ fn config(url: &str) -> SessionConfig {
         start_url: url.into(),
         kiosk: false,
         launch: None,
+        launch_once: false,
         browser: BrowserConfig {
             binary: "/usr/bin/chromium".into(),
             extra_args: vec![],

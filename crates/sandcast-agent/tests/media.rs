@@ -42,6 +42,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         start_url: data_url(html),
         kiosk: true,
         launch: None,
+        launch_once: false,
         browser: BrowserConfig {
             binary: "/usr/bin/chromium".into(),
             extra_args: vec![],

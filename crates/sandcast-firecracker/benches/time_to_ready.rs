@@ -66,6 +66,7 @@ async fn until_ready(
         start_url: "about:blank".into(),
         kiosk: true,
         launch: None,
+        launch_once: false,
         browser: BrowserConfig {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),

@@ -26,6 +26,7 @@
 //! Only the agent connects; the server never needs a route into a session.
 
 mod codec;
+pub mod files;
 mod input;
 pub mod keyboard;
 mod message;
@@ -35,6 +36,7 @@ pub mod testing;
 mod token;
 mod video;
 
+pub use files::{FileOp, FileReply, HomePath};
 pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};
 pub use input::{InputError, InputEvent, MAX_COORD, MAX_TEXT_LEN, PointerButton};
 pub use keyboard::KeyboardLayout;

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::FileOp;
 use crate::input::InputEvent;
 use crate::token::AgentToken;
 use crate::video::Codec;
@@ -65,6 +66,12 @@ pub enum Message {
     /// Agent → server: everything the session needs is up (display, browser,
     /// VNC server).
     Ready,
+    /// Agent → server: the launch command of a session with
+    /// [`SessionConfig::launch_once`] exited, and is not restarted.
+    LaunchEnded {
+        /// How it ended.
+        exit: ExitInfo,
+    },
     /// Agent → server: the session cannot work; the agent gives up.
     Fatal {
         /// Why, in words, naming the child and its last output.
@@ -138,11 +145,13 @@ pub enum Message {
 }
 
 /// What a tunnelled stream connects to inside the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamTarget {
     /// The session's VNC server.
     Vnc,
+    /// A file operation in the session's home (see [`crate::files`]).
+    File(FileOp),
 }
 
 /// Video control from the gateway.
@@ -185,6 +194,11 @@ pub struct SessionConfig {
     /// Optional command run beside the browser (argv; not a shell line).
     #[serde(default)]
     pub launch: Option<Vec<String>>,
+    /// The launch command runs once: its exit is reported with
+    /// [`Message::LaunchEnded`] instead of restarting it (a login command
+    /// whose exit completes the session).
+    #[serde(default)]
+    pub launch_once: bool,
     /// Browser binary and extra flags.
     pub browser: BrowserConfig,
     /// Restart policy for crashed children.

@@ -775,6 +775,7 @@ impl Actor {
             start_url: self.spec.start_url.clone(),
             kiosk: self.spec.kiosk,
             launch: self.spec.launch.clone(),
+            launch_once: false,
             browser: BrowserConfig {
                 binary: config.browser.binary.clone(),
                 extra_args: config.browser.session_args(),
