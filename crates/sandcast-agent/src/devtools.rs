@@ -3,20 +3,25 @@
 //! events on 4, each a JSON message ended by a NUL byte). Nothing listens on
 //! a port, in the session or out of it.
 //!
-//! For now the agent uses it to learn where the keyboard focus is: a small
+//! The agent opens the URLs a program in the session asks to open (see
+//! [`crate::opener`]) as tabs, and learns where the keyboard focus is: a small
 //! script in every page reports whether an editable element has the focus
 //! (and where it is), so a viewer on a touch screen opens its on-screen
 //! keyboard and places an input method's window there. The page is not
 //! trusted: it may call the report itself, so only two shapes of report are
 //! accepted, and they are rate-limited.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use sandcast_proto::Message;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::opener::OpenRequest;
 
 /// Longest message read from the browser; longer ones are skipped unread.
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
@@ -93,7 +98,8 @@ struct Commands {
 }
 
 impl Commands {
-    fn add(&mut self, method: &str, params: Value, session: Option<&str>) {
+    /// Queues a command; returns its id.
+    fn add(&mut self, method: &str, params: Value, session: Option<&str>) -> u64 {
         self.next_id += 1;
         let mut m = json!({ "id": self.next_id, "method": method, "params": params });
         if let Some(s) = session {
@@ -102,16 +108,26 @@ impl Commands {
         self.pending
             .extend(serde_json::to_vec(&m).unwrap_or_default());
         self.pending.push(0);
+        self.next_id
     }
 }
 
 /// Drives one browser run's DevTools pipe until the browser closes it:
 /// `to_browser` is the write end of the browser's descriptor 3,
 /// `from_browser` the read end of its descriptor 4. Focus changes go to
-/// `out` as [`Message::RemoteFocus`].
-pub async fn run(to_browser: OwnedFd, from_browser: OwnedFd, out: mpsc::Sender<Message>) {
+/// `out` as [`Message::RemoteFocus`]; URLs from `opens` become tabs in
+/// front (see [`crate::opener`]). `opens` is shared by every run of the
+/// browser: a request made while it restarts waits for the next run.
+pub async fn run(
+    to_browser: OwnedFd,
+    from_browser: OwnedFd,
+    out: mpsc::Sender<Message>,
+    opens: Arc<tokio::sync::Mutex<mpsc::Receiver<OpenRequest>>>,
+) {
     let mut tx = tokio::fs::File::from_std(std::fs::File::from(to_browser));
-    let mut rx = BufReader::new(tokio::fs::File::from_std(std::fs::File::from(from_browser)));
+    let (msg_tx, mut msgs) = mpsc::channel::<Value>(64);
+    tokio::spawn(read_messages(from_browser, msg_tx));
+    let mut opens = opens.lock().await;
     let mut cmds = Commands::default();
     // Every page, now and later, is attached on its own flat session.
     cmds.add(
@@ -119,10 +135,11 @@ pub async fn run(to_browser: OwnedFd, from_browser: OwnedFd, out: mpsc::Sender<M
         json!({ "autoAttach": true, "waitForDebuggerOnStart": false, "flatten": true }),
         None,
     );
+    // Open requests waiting for the browser's answer, by command id.
+    let mut opening: HashMap<u64, oneshot::Sender<Result<(), String>>> = HashMap::new();
     let mut last: Option<Focus> = None;
     let mut tokens = REPORTS_PER_SECOND;
     let mut refilled = Instant::now();
-    let mut buf = Vec::new();
     loop {
         if !cmds.pending.is_empty() {
             if tx.write_all(&cmds.pending).await.is_err() {
@@ -130,36 +147,34 @@ pub async fn run(to_browser: OwnedFd, from_browser: OwnedFd, out: mpsc::Sender<M
             }
             cmds.pending.clear();
         }
-        buf.clear();
-        // Bounded: a message longer than the limit is read past, not kept.
-        let n = match (&mut rx)
-            .take(MAX_MESSAGE_LEN as u64 + 1)
-            .read_until(0, &mut buf)
-            .await
-        {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if buf.last() != Some(&0) {
-            if n > MAX_MESSAGE_LEN {
-                // Skip the rest of the long message.
-                let mut sink = Vec::new();
-                loop {
-                    sink.clear();
-                    match (&mut rx).take(64 * 1024).read_until(0, &mut sink).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) if sink.last() == Some(&0) => break,
-                        Ok(_) => {}
-                    }
-                }
+        let msg = tokio::select! {
+            m = msgs.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            req = opens.recv() => {
+                let Some(req) = req else { continue };
+                let id = cmds.add("Target.createTarget", json!({ "url": req.url }), None);
+                opening.insert(id, req.reply);
                 continue;
             }
-            return;
-        }
-        buf.pop();
-        let Ok(msg) = serde_json::from_slice::<Value>(&buf) else {
-            continue;
         };
+        if let Some(reply) = msg["id"].as_u64().and_then(|id| opening.remove(&id)) {
+            let answer = match (
+                msg["result"]["targetId"].as_str(),
+                msg["error"]["message"].as_str(),
+            ) {
+                (Some(target), _) => {
+                    // In front, so the person sees the page it opened.
+                    cmds.add("Target.activateTarget", json!({ "targetId": target }), None);
+                    Ok(())
+                }
+                (None, Some(e)) => Err(format!("the browser refused it: {e}")),
+                (None, None) => Err("the browser did not say".to_string()),
+            };
+            let _ = reply.send(answer);
+            continue;
+        }
         match msg["method"].as_str() {
             Some("Target.attachedToTarget") => {
                 let Some(session) = msg["params"]["sessionId"].as_str() else {
@@ -215,6 +230,46 @@ pub async fn run(to_browser: OwnedFd, from_browser: OwnedFd, out: mpsc::Sender<M
                     .await;
             }
             _ => {}
+        }
+    }
+}
+
+/// Reads the browser's NUL-ended messages into `tx` until the pipe ends.
+async fn read_messages(from_browser: OwnedFd, tx: mpsc::Sender<Value>) {
+    let mut rx = BufReader::new(tokio::fs::File::from_std(std::fs::File::from(from_browser)));
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        // Bounded: a message longer than the limit is read past, not kept.
+        let n = match (&mut rx)
+            .take(MAX_MESSAGE_LEN as u64 + 1)
+            .read_until(0, &mut buf)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if buf.last() != Some(&0) {
+            if n > MAX_MESSAGE_LEN {
+                // Skip the rest of the long message.
+                let mut sink = Vec::new();
+                loop {
+                    sink.clear();
+                    match (&mut rx).take(64 * 1024).read_until(0, &mut sink).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if sink.last() == Some(&0) => break,
+                        Ok(_) => {}
+                    }
+                }
+                continue;
+            }
+            return;
+        }
+        buf.pop();
+        if let Ok(msg) = serde_json::from_slice::<Value>(&buf)
+            && tx.send(msg).await.is_err()
+        {
+            return;
         }
     }
 }

@@ -14,6 +14,7 @@ mod devtools;
 mod logging;
 mod media;
 mod mmds;
+mod opener;
 mod policy;
 mod restart;
 mod session;
@@ -60,6 +61,11 @@ fn parse_args(argv: impl IntoIterator<Item = String>, pid1: bool) -> Result<Args
 
 fn main() -> std::process::ExitCode {
     let pid1 = std::process::id() == 1;
+    // `sandcast-agent open URL…`: what the session's `xdg-open` runs.
+    let argv: Vec<String> = std::env::args().collect();
+    if !pid1 && argv.get(1).map(String::as_str) == Some("open") {
+        return std::process::ExitCode::from(opener::client_main(&argv[2..]));
+    }
     let args = match parse_args(std::env::args(), pid1) {
         Ok(a) => a,
         Err(e) => e.exit(),

@@ -131,6 +131,7 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
             },
             ev = supervisor.events.recv() => match ev {
                 Some(Event::Ready) => { let _ = out_tx.send(Message::Ready).await; }
+                Some(Event::LaunchEnded(exit)) => { let _ = out_tx.send(Message::LaunchEnded { exit }).await; }
                 Some(Event::Fatal(reason)) => {
                     let _ = out_tx.send(Message::Fatal { reason: reason.clone() }).await;
                     break reason;

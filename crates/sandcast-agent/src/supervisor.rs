@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::children::{self, Command};
 use crate::media::{self, SharedSizes};
+use crate::opener::{OpenRequest, Opener};
 use crate::restart::RestartTracker;
 
 /// How long a child may take to become ready on its first start.
@@ -40,6 +41,8 @@ pub enum Event {
     Ready,
     /// An essential child cannot be kept running.
     Fatal(String),
+    /// The launch command of a `launch_once` session exited.
+    LaunchEnded(ExitInfo),
 }
 
 /// The running supervisor.
@@ -48,6 +51,10 @@ pub struct Supervisor {
     /// Whether anyone watches, as the server last said.
     watched: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The opener's socket, served until shutdown.
+    open_task: Option<tokio::task::JoinHandle<()>>,
+    /// The opener's scripts and socket, removed at shutdown.
+    opener: Option<Opener>,
     /// The display (`:N`) while Xvfb is up.
     pub display: watch::Receiver<Option<String>>,
     /// The VNC server's port on the session's loopback while it is up.
@@ -78,6 +85,11 @@ struct Ctx {
     watched: watch::Receiver<bool>,
     /// The display size to give a new display and a new browser window.
     sizes: SharedSizes,
+    /// URLs programs in the session asked to open, taken by the browser's
+    /// DevTools task of the moment.
+    opens: Arc<tokio::sync::Mutex<mpsc::Receiver<OpenRequest>>>,
+    /// The `xdg-open` scripts for the launch command, when installed.
+    opener: Option<Opener>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -126,6 +138,8 @@ impl Supervisor {
         let root = unsafe { libc::geteuid() } == 0;
         let own_sandbox = !root && children::user_namespaces_work().await;
         let launch = config.launch.clone().filter(|argv| !argv.is_empty());
+        let (open_tx, open_rx) = mpsc::channel(16);
+        let (opener, open_task) = start_opener(open_tx, &out);
         let ctx = Arc::new(Ctx {
             config,
             out,
@@ -137,6 +151,8 @@ impl Supervisor {
             own_sandbox,
             watched: watched_rx,
             sizes,
+            opens: Arc::new(tokio::sync::Mutex::new(open_rx)),
+            opener,
         });
         let mut tasks = JoinSet::new();
         let mut kinds = vec![Kind::Xvfb, Kind::Browser, Kind::Vnc];
@@ -150,6 +166,8 @@ impl Supervisor {
             stop: stop_tx,
             watched: watched_tx,
             tasks,
+            open_task,
+            opener: ctx.opener.clone(),
             display: display_rx,
             vnc_port: vnc_rx,
             events: events_rx,
@@ -164,8 +182,14 @@ impl Supervisor {
     /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
     /// waits for them.
     pub async fn shutdown(mut self) {
+        if let Some(t) = self.open_task.take() {
+            t.abort();
+        }
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        if let Some(o) = &self.opener {
+            o.remove();
+        }
     }
 }
 
@@ -184,6 +208,8 @@ struct Prepared {
     inherit: Option<OwnedFd>,
     /// The browser's DevTools pipe.
     devtools: Option<DevtoolsPipe>,
+    /// Variables set on top of the agent's environment.
+    env: Vec<(String, String)>,
 }
 
 /// Two pipes for `--remote-debugging-pipe`: the browser reads commands on
@@ -220,6 +246,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 probe: Probe::Display(tokio::fs::File::from_std(std::fs::File::from(read))),
                 inherit: Some(write),
                 devtools: None,
+                env: Vec::new(),
             }
         }
         Kind::Browser => {
@@ -235,6 +262,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 probe: Probe::Window(children::window_class(&config.browser.binary)),
                 inherit: None,
                 devtools: Some(DevtoolsPipe::new()?),
+                env: Vec::new(),
             }
         }
         Kind::Vnc => {
@@ -244,6 +272,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
                 probe: Probe::Vnc(port),
                 inherit: None,
                 devtools: None,
+                env: Vec::new(),
             }
         }
         Kind::Launch => Prepared {
@@ -252,6 +281,11 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
             probe: Probe::Started,
             inherit: None,
             devtools: None,
+            env: ctx
+                .opener
+                .as_ref()
+                .map(|o| o.env(std::env::var("PATH").ok().as_deref()))
+                .unwrap_or_default(),
         },
     })
 }
@@ -361,6 +395,22 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
             }
             RunEnd::Exited(exit) => exit,
         };
+        if kind == Kind::Launch && ctx.config.launch_once {
+            // Its exit is the session's outcome, not a crash to mend.
+            log(&ctx, &format!("{name} ended ({exit}); it runs once"));
+            report(
+                &ctx,
+                name,
+                ChildState::Stopped,
+                None,
+                tracker.restarts(),
+                Some(exit),
+                tail_lines,
+            )
+            .await;
+            let _ = ctx.events.send(Event::LaunchEnded(exit)).await;
+            return;
+        }
         first = false;
         last_exit = Some(exit);
         let decision = tracker.on_exit(Instant::now(), started.elapsed());
@@ -454,6 +504,7 @@ async fn run_once(
             d.to_browser,
             d.from_browser,
             ctx.out.clone(),
+            ctx.opens.clone(),
         ));
     }
     let pid = child.id();
@@ -657,6 +708,7 @@ fn spawn(
     if with_display {
         cmd.env("DISPLAY", display);
     }
+    cmd.envs(prepared.env.iter().map(|(k, v)| (k, v)));
     let inherit = prepared.inherit.as_ref().map(|fd| fd.as_raw_fd());
     let devtools = prepared
         .devtools
@@ -807,4 +859,35 @@ async fn report(
             tail,
         }))
         .await;
+}
+
+/// Installs the `xdg-open` scripts and serves their socket; without them a
+/// launch command still runs, it just cannot open URLs (said in the log).
+fn start_opener(
+    tx: mpsc::Sender<OpenRequest>,
+    out: &mpsc::Sender<Message>,
+) -> (Option<Opener>, Option<tokio::task::JoinHandle<()>>) {
+    let dir = std::env::var_os("TMPDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into())
+        .join(".sandcast-open");
+    let installed = std::env::current_exe()
+        .and_then(|agent| Opener::install(&dir, &agent))
+        .and_then(|o| o.bind().map(|l| (o, l)));
+    match installed {
+        Ok((opener, listener)) => {
+            let task = tokio::spawn(async move {
+                let _ = Opener::serve(listener, tx).await;
+            });
+            (Some(opener), Some(task))
+        }
+        Err(e) => {
+            let _ = out.try_send(Message::Log(sandcast_proto::LogLine {
+                source: "agent".into(),
+                stream: LogStream::Agent,
+                line: format!("xdg-open will not reach the browser: {e}"),
+            }));
+            (None, None)
+        }
+    }
 }

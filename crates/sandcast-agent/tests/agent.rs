@@ -199,6 +199,97 @@ async fn a_browser_that_cannot_start_is_a_crash_loop_and_fatal() {
     assert!(status.success());
 }
 
+/// A local web server that answers every request with a small page and
+/// sends each request's path to the returned channel.
+async fn page_server() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = conn.into_split();
+                let mut lines = tokio::io::BufReader::new(rd).lines();
+                let Ok(Some(first)) = lines.next_line().await else {
+                    return;
+                };
+                let path = first.split(' ').nth(1).unwrap_or_default().to_string();
+                let _ = tx.send(path);
+                let body = "<title>signed in</title>ok";
+                let _ = wr
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_launch_command_opens_urls_in_the_session_browser_and_its_exit_ends_it() {
+    let (port, mut hits) = page_server().await;
+    let mut h = Harness::new("launch");
+    let control = h.accept_raw(Role::Control).await;
+    let mut framed = Framed::new(control, FrameCodec);
+    let mut cfg = config("about:blank");
+    // Python's webbrowser (through $BROWSER), xdg-open from PATH, then a
+    // URL the opener refuses, whose failure is the command's exit code.
+    cfg.launch = Some(vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "python3 -c 'import sys, webbrowser; sys.exit(0 if webbrowser.open(sys.argv[1]) else 9)' \
+               http://127.0.0.1:{port}/python || exit 20
+             xdg-open http://127.0.0.1:{port}/xdg || exit 21
+             xdg-open 'javascript:alert(1)'"
+        ),
+    ]);
+    cfg.launch_once = true;
+    framed.send(Message::Config(Box::new(cfg))).await.unwrap();
+    let mut reports = Vec::new();
+    let exit = until(&mut framed, &mut reports, |m| match m {
+        Message::LaunchEnded { exit } => Some(*exit),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        exit.code,
+        Some(4),
+        "xdg-open's refusal of javascript: {reports:?}"
+    );
+    let mut seen = Vec::new();
+    while !(seen.contains(&"/python".to_string()) && seen.contains(&"/xdg".to_string())) {
+        let path = tokio::time::timeout(Duration::from_secs(30), hits.recv())
+            .await
+            .expect("the browser did not load the opened pages")
+            .unwrap();
+        seen.push(path);
+    }
+    let last = reports.iter().rev().find(|r| r.name == "launch").unwrap();
+    assert_eq!(
+        last.state,
+        ChildState::Stopped,
+        "not restarted: {reports:?}"
+    );
+    // The scripts live only as long as the agent.
+    let scripts = h.dir.join(".sandcast-open");
+    assert!(scripts.join("bin/xdg-open").exists());
+    framed.send(Message::Shutdown).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), h.agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!scripts.exists(), "{} left behind", scripts.display());
+}
+
 #[tokio::test]
 async fn the_agent_stops_everything_when_the_server_goes_away() {
     let mut h = Harness::new("gone");

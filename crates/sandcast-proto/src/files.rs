@@ -401,8 +401,7 @@ mod tests {
 
     #[test]
     fn a_home_path_does_not_deserialize_around_its_checks() {
-        let op: Result<FileOp, _> =
-            serde_json::from_str(r#"{"op":"delete","path":"../../etc"}"#);
+        let op: Result<FileOp, _> = serde_json::from_str(r#"{"op":"delete","path":"../../etc"}"#);
         assert!(op.is_err());
         let op: FileOp = serde_json::from_str(r#"{"op":"delete","path":"~/x/"}"#).unwrap();
         assert_eq!(op.path().as_str(), "x");

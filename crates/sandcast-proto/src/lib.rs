@@ -36,8 +36,8 @@ pub mod testing;
 mod token;
 mod video;
 
-pub use files::{FileOp, FileReply, HomePath};
 pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};
+pub use files::{FileOp, FileReply, HomePath};
 pub use input::{InputError, InputEvent, MAX_COORD, MAX_TEXT_LEN, PointerButton};
 pub use keyboard::KeyboardLayout;
 pub use message::*;

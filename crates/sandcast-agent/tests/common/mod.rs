@@ -17,7 +17,7 @@ pub type Channel = Framed<UnixStream, FrameCodec>;
 
 /// The agent under test and the socket it connects to.
 pub struct Harness {
-    /// Temporary directory: the socket and the agent's HOME.
+    /// Temporary directory: the socket and the agent's HOME and TMPDIR.
     pub dir: PathBuf,
     listener: UnixListener,
     /// The agent process.
@@ -36,6 +36,7 @@ impl Harness {
             .arg("--connect")
             .arg(format!("unix:{}", sock.display()))
             .env("HOME", &dir)
+            .env("TMPDIR", &dir)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
