@@ -114,8 +114,9 @@ impl TryFrom<String> for HomePath {
 }
 
 impl From<HomePath> for String {
+    /// As a person writes it: `~/…`.
     fn from(p: HomePath) -> String {
-        p.0
+        p.to_string()
     }
 }
 
@@ -405,6 +406,7 @@ mod tests {
         assert!(op.is_err());
         let op: FileOp = serde_json::from_str(r#"{"op":"delete","path":"~/x/"}"#).unwrap();
         assert_eq!(op.path().as_str(), "x");
+        assert_eq!(serde_json::to_value(&op).unwrap()["path"], "~/x");
     }
 
     #[test]

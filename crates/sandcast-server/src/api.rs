@@ -106,6 +106,23 @@ pub struct CreateRequest {
     /// the layout.
     #[schema(max_length = 64, example = "de")]
     keyboard_layout: Option<String>,
+    /// `"launch_exit"`: the launch command runs once, and its exit ends the
+    /// session as `completed` with `exit_code` (see `nonzero_exit`), its
+    /// `collect` files readable at `GET /api/sessions/{id}/result`. Needs
+    /// `launch`. Default: the provider's.
+    complete_on: Option<crate::store::CompleteOn>,
+    /// What a non-zero exit makes of the session: `"failed"` (default) or
+    /// `"completed"`.
+    nonzero_exit: Option<crate::store::NonzeroExit>,
+    /// Paths in the session's home (`~/.config/tool/token.json`, or
+    /// relative to it) copied out when the session completes. Default: the
+    /// provider's.
+    #[schema(max_items = 32, example = json!(["~/.config/democli/token.json"]))]
+    collect: Option<Vec<String>>,
+    /// Seconds the collected files are kept; default `[files]
+    /// result_ttl_seconds` (600).
+    #[schema(minimum = 1, maximum = 86400)]
+    result_ttl_seconds: Option<u64>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
@@ -193,6 +210,25 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
     if let Some(argv) = &launch {
         limits::check_launch(argv).map_err(|e| bad("launch", e))?;
     }
+    let complete_on = req.complete_on.or(provider.and_then(|p| p.complete_on));
+    let collect = req
+        .collect
+        .clone()
+        .unwrap_or_else(|| provider.map(|p| p.collect.clone()).unwrap_or_default());
+    let result_ttl = req
+        .result_ttl_seconds
+        .or(provider.and_then(|p| p.result_ttl_seconds));
+    let collect = limits::check_outcome(launch.as_deref(), complete_on, &collect, result_ttl)
+        .map_err(|(field, e)| bad(field, e))?;
+    let outcome = crate::store::Outcome {
+        complete_on,
+        nonzero_exit: req
+            .nonzero_exit
+            .or(provider.and_then(|p| p.nonzero_exit))
+            .unwrap_or_default(),
+        collect,
+        result_ttl_seconds: result_ttl.unwrap_or(cfg.files.result_ttl_seconds),
+    };
     let egress = match req.egress {
         None => cfg.session.egress.clone(),
         Some(v) => limits::check_egress(v).map_err(|e| bad("egress", e))?,
@@ -225,6 +261,7 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             idle_timeout_seconds: idle,
             egress,
             keyboard_layout,
+            outcome,
         },
         ttl_seconds: ttl,
     })
@@ -258,6 +295,9 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "launch": row.spec.launch,
         "egress": row.spec.egress,
         "keyboard_layout": row.spec.keyboard_layout,
+        "complete_on": row.spec.outcome.complete_on,
+        "collect": row.spec.outcome.collect,
+        "exit_code": row.exit_code,
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
         "created_at": rfc3339(row.created_ms),
         "ready_at": row.ready_ms.map(rfc3339),
@@ -891,6 +931,7 @@ mod tests {
             crate::config::Provider {
                 start_url: "https://example.org/login".into(),
                 launch: Some(vec!["xterm".into()]),
+                ..Default::default()
             },
         );
         cfg

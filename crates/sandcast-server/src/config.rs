@@ -64,6 +64,30 @@ pub struct Config {
     pub logs: LogLimits,
     /// What one session's agent channel may cost the server.
     pub agent_channel: AgentChannelLimits,
+    /// Files in and out of sessions, and what completed sessions leave.
+    pub files: FileLimits,
+}
+
+/// `[files]`: the files API and the files a completed session leaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileLimits {
+    /// Largest file read, written or archived through the files API, in MiB.
+    pub max_mib: u64,
+    /// Most bytes of collected files one session leaves, all together, in KiB.
+    pub result_max_kib: u64,
+    /// Seconds a completed session's collected files are kept by default.
+    pub result_ttl_seconds: u64,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            max_mib: 1024,
+            result_max_kib: 16 * 1024,
+            result_ttl_seconds: 600,
+        }
+    }
 }
 
 /// `[agent_channel]`: bounds on each session's agent connections. Everything
@@ -285,7 +309,7 @@ impl Default for RateLimits {
 }
 
 /// A named preset.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Provider {
     /// Page the browser opens.
@@ -293,6 +317,19 @@ pub struct Provider {
     /// Optional command beside the browser.
     #[serde(default)]
     pub launch: Option<Vec<String>>,
+    /// `"launch_exit"`: the launch command's exit completes the session.
+    #[serde(default)]
+    pub complete_on: Option<crate::store::CompleteOn>,
+    /// What a non-zero exit makes of the session: `"failed"` (default) or
+    /// `"completed"`.
+    #[serde(default)]
+    pub nonzero_exit: Option<crate::store::NonzeroExit>,
+    /// Paths in the session's home copied out when it completes.
+    #[serde(default)]
+    pub collect: Vec<String>,
+    /// Seconds the collected files are kept (default `[files]`'s).
+    #[serde(default)]
+    pub result_ttl_seconds: Option<u64>,
 }
 
 /// Gateway sockets.
@@ -387,6 +424,7 @@ impl Default for Config {
             retention: Retention::default(),
             logs: LogLimits::default(),
             agent_channel: AgentChannelLimits::default(),
+            files: FileLimits::default(),
         }
     }
 }
@@ -670,6 +708,24 @@ impl Config {
         for (name, p) in &self.providers {
             crate::limits::check_url(&p.start_url)
                 .map_err(|e| format!("providers.{name}.start_url: {e}"))?;
+            crate::limits::check_outcome(
+                p.launch.as_deref(),
+                p.complete_on,
+                &p.collect,
+                p.result_ttl_seconds,
+            )
+            .map_err(|(field, e)| format!("providers.{name}.{field}: {e}"))?;
+        }
+        let f = &self.files;
+        if f.max_mib == 0 || f.result_max_kib == 0 {
+            return Err("files.max_mib and files.result_max_kib must be at least 1".into());
+        }
+        if !(1..=crate::limits::MAX_TTL).contains(&f.result_ttl_seconds) {
+            return Err(format!(
+                "files.result_ttl_seconds = {} is outside 1 to {}",
+                f.result_ttl_seconds,
+                crate::limits::MAX_TTL
+            ));
         }
         self.browser.policy().check()?;
         let r = &self.rate_limit;

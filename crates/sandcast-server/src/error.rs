@@ -45,6 +45,16 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "no such session").detail(json!({ "id": id }))
     }
 
+    /// 404 with a message.
+    pub fn not_found(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, msg)
+    }
+
+    /// 500 with a message.
+    pub fn internal(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg)
+    }
+
     /// 401.
     pub fn unauthorized(msg: &str) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, msg)

@@ -14,6 +14,7 @@ pub mod budget;
 pub mod capacity;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod health;
 pub mod limits;
 pub mod log_read;
@@ -21,6 +22,7 @@ pub mod manager;
 pub mod metrics;
 pub mod openapi;
 pub mod ratelimit;
+pub mod results;
 pub mod retention;
 pub mod session_log;
 pub mod store;
@@ -90,6 +92,9 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(api::events))
         .routes(routes!(api::auth_start))
         .routes(routes!(api::health_detail))
+        .routes(routes!(files::get, files::put, files::delete))
+        .routes(routes!(files::home))
+        .routes(routes!(results::get))
         .routes(routes!(viewer::offer, viewer::last_offer))
         .routes(routes!(viewer::last_answer))
         .routes(routes!(viewer::ice_servers))
@@ -222,6 +227,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         agent_binary(&config),
     );
     retention::spawn(&manager);
+    results::spawn_sweeper(results::dir(&config.data_dir));
     let stale = manager.reconcile().await?;
     if !stale.is_empty() {
         tracing::info!(
@@ -331,6 +337,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             idle_timeout_seconds: cfg.session.idle_timeout_seconds,
             egress: cfg.session.egress.clone(),
             keyboard_layout: None,
+            outcome: Default::default(),
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

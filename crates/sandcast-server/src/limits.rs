@@ -106,6 +106,55 @@ pub fn check_launch(argv: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Most paths a session may collect.
+pub const MAX_COLLECT: usize = 32;
+
+/// Checks what a session is to leave behind (from a request or a preset):
+/// `complete_on` needs a launch command, `collect` paths stay in the home,
+/// the result's time to live is within bounds. Returns the collect paths
+/// parsed; an error names the field.
+pub fn check_outcome(
+    launch: Option<&[String]>,
+    complete_on: Option<crate::store::CompleteOn>,
+    collect: &[String],
+    result_ttl_seconds: Option<u64>,
+) -> Result<Vec<sandcast_proto::HomePath>, (&'static str, String)> {
+    if complete_on.is_some() && launch.is_none_or(|l| l.is_empty()) {
+        return Err((
+            "complete_on",
+            "\"launch_exit\" needs a launch command (launch)".into(),
+        ));
+    }
+    if collect.len() > MAX_COLLECT {
+        return Err(("collect", format!("at most {MAX_COLLECT} paths")));
+    }
+    if !collect.is_empty() && complete_on.is_none() {
+        return Err((
+            "collect",
+            "files are collected when the session completes; set complete_on".into(),
+        ));
+    }
+    let paths = collect
+        .iter()
+        .map(|p| {
+            let path = sandcast_proto::HomePath::parse(p).map_err(|e| ("collect", e))?;
+            if path.is_home() {
+                return Err(("collect", "name files in the home, not the home itself".into()));
+            }
+            Ok(path)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(t) = result_ttl_seconds
+        && !(1..=MAX_TTL).contains(&t)
+    {
+        return Err((
+            "result_ttl_seconds",
+            format!("{t} is outside 1..={MAX_TTL}"),
+        ));
+    }
+    Ok(paths)
+}
+
 /// Checks a session id as it appears in a path.
 pub fn check_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()

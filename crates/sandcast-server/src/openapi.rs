@@ -299,6 +299,13 @@ pub struct Session {
     pub egress: Egress,
     /// The display's keyboard layout; null is US.
     pub keyboard_layout: Option<String>,
+    /// What completes the session, if anything.
+    pub complete_on: Option<crate::store::CompleteOn>,
+    /// Paths copied out when it completes.
+    pub collect: Vec<String>,
+    /// The launch command's exit code, once it exited in a session with
+    /// `complete_on`.
+    pub exit_code: Option<i32>,
     /// Seconds without a viewer before it stops.
     pub idle_timeout_seconds: u64,
     /// When it was created (RFC 3339).
@@ -316,6 +323,40 @@ pub struct Session {
     /// Its child processes (`xvfb`, `browser`, `vnc`, `launch`) while it
     /// runs; empty once it ended.
     pub children: Vec<Child>,
+}
+
+/// A directory in a session's home (`sandcast_proto::files::Listing`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Listing {
+    /// The directory, relative to the home.
+    pub path: String,
+    /// Its entries by name, at most 10000.
+    pub entries: Vec<ListEntry>,
+    /// Entries left out past 10000.
+    pub omitted: u64,
+}
+
+/// One entry of a [`Listing`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListEntry {
+    /// Its name.
+    pub name: String,
+    /// `file`, `directory`, `symlink` (not followed) or `other`.
+    #[schema(pattern = "^(file|directory|symlink|other)$")]
+    pub kind: String,
+    /// A file's size in bytes; 0 for the rest.
+    pub size: u64,
+    /// Last modification, milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
+/// Answer of `PUT /api/sessions/{id}/files/{path}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Written {
+    /// The file, as `~/…`.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// A session just created: the session and how to open its viewer.
@@ -553,12 +594,14 @@ mod tests {
                 idle_timeout_seconds: 300,
                 egress: sandcast_backend::Egress::Internet,
                 keyboard_layout: None,
+                outcome: Default::default(),
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,
             ready_ms: Some(1_700_000_001_000),
             expires_ms: 1_700_003_600_000,
             stopped_ms: None,
+            exit_code: None,
         }
     }
 

@@ -138,12 +138,14 @@ mod tests {
                 idle_timeout_seconds: 60,
                 egress: sandcast_backend::Egress::None,
                 keyboard_layout: None,
+                outcome: Default::default(),
             },
             token_hash: "ab".into(),
             created_ms: 1,
             ready_ms: None,
             expires_ms: 100,
             stopped_ms: None,
+            exit_code: None,
         }
     }
 

@@ -23,16 +23,20 @@ pub enum State {
     Stopping,
     /// Ended.
     Stopped,
+    /// Its launch command exited (`complete_on: "launch_exit"`), with
+    /// `exit_code`; what it was to collect is kept for `result_ttl_seconds`.
+    Completed,
 }
 
 impl State {
     /// Every state, for metrics.
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 6] = [
         State::Starting,
         State::Ready,
         State::Failed,
         State::Stopping,
         State::Stopped,
+        State::Completed,
     ];
 
     /// The name used in JSON and the database.
@@ -43,6 +47,7 @@ impl State {
             State::Failed => "failed",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
+            State::Completed => "completed",
         }
     }
 
@@ -61,13 +66,14 @@ impl State {
     }
 
     /// Whether a move from `self` to `next` is allowed. Ended sessions stay
-    /// ended; a failed session can only be stopped.
+    /// ended (a completed one keeps saying so); a failed session can only be
+    /// stopped.
     pub fn can_become(self, next: State) -> bool {
         use State::*;
         matches!(
             (self, next),
-            (Starting, Ready | Failed | Stopping | Stopped)
-                | (Ready, Failed | Stopping | Stopped)
+            (Starting, Ready | Failed | Stopping | Stopped | Completed)
+                | (Ready, Failed | Stopping | Stopped | Completed)
                 | (Failed, Stopping | Stopped)
                 | (Stopping, Stopped)
         )
@@ -95,6 +101,54 @@ pub struct Spec {
     /// The display's keyboard layout (`de`, `us(intl)`); none is US.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_layout: Option<String>,
+    /// What ends the session with an outcome, and how.
+    #[serde(default, skip_serializing_if = "Outcome::is_none")]
+    pub outcome: Outcome,
+}
+
+/// What ends a session with an outcome (`complete_on`), and what is kept
+/// of it. Part of [`Spec`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// `launch_exit`: the launch command runs once and its exit completes
+    /// the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_on: Option<CompleteOn>,
+    /// A non-zero exit fails the session (default) or completes it too.
+    #[serde(default)]
+    pub nonzero_exit: NonzeroExit,
+    /// Paths in the session's home copied out when it completes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collect: Vec<sandcast_proto::HomePath>,
+    /// Seconds the collected files are kept.
+    #[serde(default)]
+    pub result_ttl_seconds: u64,
+}
+
+impl Outcome {
+    /// Nothing asked for.
+    pub fn is_none(&self) -> bool {
+        self.complete_on.is_none() && self.collect.is_empty()
+    }
+}
+
+/// What completes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CompleteOn {
+    /// The launch command's exit.
+    LaunchExit,
+}
+
+/// What a launch command's non-zero exit makes of the session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NonzeroExit {
+    /// `failed`, with the exit code in the reason.
+    #[default]
+    Failed,
+    /// `completed` all the same; `exit_code` says how.
+    Completed,
 }
 
 /// One stored session.
@@ -122,6 +176,9 @@ pub struct Row {
     pub expires_ms: i64,
     /// When it ended.
     pub stopped_ms: Option<i64>,
+    /// The launch command's exit code, once a session with `complete_on`
+    /// saw it exit.
+    pub exit_code: Option<i32>,
 }
 
 /// Which sessions `GET /api/sessions` lists, newest first.
@@ -180,6 +237,8 @@ fn migrations() -> Migrations<'static> {
             CREATE INDEX sessions_user_created ON sessions(user_id, created_ms, id);
             CREATE INDEX sessions_ended ON sessions(ended_ms) WHERE ended_ms IS NOT NULL;",
         ),
+        // The launch command's exit code of a completed session.
+        M::up("ALTER TABLE sessions ADD COLUMN exit_code INTEGER;"),
     ])
 }
 
@@ -296,13 +355,22 @@ impl Store {
         conn.execute(
             "UPDATE sessions SET state = ?2, reason = COALESCE(?3, reason),
                 ready_ms = CASE WHEN ?2 = 'ready' THEN ?4 ELSE ready_ms END,
-                stopped_ms = CASE WHEN ?2 = 'stopped' THEN ?4 ELSE stopped_ms END,
-                ended_ms = CASE WHEN ?2 IN ('stopped', 'failed')
+                stopped_ms = CASE WHEN ?2 IN ('stopped', 'completed') THEN ?4 ELSE stopped_ms END,
+                ended_ms = CASE WHEN ?2 IN ('stopped', 'failed', 'completed')
                     THEN COALESCE(ended_ms, ?4) ELSE ended_ms END
              WHERE id = ?1",
             params![id, state.as_str(), reason, now_ms],
         )?;
         Ok(true)
+    }
+
+    /// Records the launch command's exit code.
+    pub fn set_exit_code(&self, id: &str, code: Option<i32>) -> Result<()> {
+        self.conn.lock().unwrap().execute(
+            "UPDATE sessions SET exit_code = ?2 WHERE id = ?1",
+            params![id, code],
+        )?;
+        Ok(())
     }
 
     /// One session.
@@ -374,7 +442,8 @@ impl Store {
     pub fn ended_before(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare_cached(
-            "SELECT id FROM sessions WHERE ended_ms <= ?1 AND state IN ('stopped', 'failed')
+            "SELECT id FROM sessions WHERE ended_ms <= ?1
+                AND state IN ('stopped', 'failed', 'completed')
              ORDER BY ended_ms LIMIT ?2",
         )?;
         let ids = stmt
@@ -457,7 +526,7 @@ impl Store {
 }
 
 const SELECT: &str = "SELECT id, user_id, provider, state, reason, spec, token_hash,
-    created_ms, ready_ms, expires_ms, stopped_ms FROM sessions";
+    created_ms, ready_ms, expires_ms, stopped_ms, exit_code FROM sessions";
 
 type RawRow = (Row, String);
 
@@ -479,12 +548,14 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 idle_timeout_seconds: 0,
                 egress: sandcast_backend::Egress::None,
                 keyboard_layout: None,
+                outcome: Outcome::default(),
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
             ready_ms: r.get(8)?,
             expires_ms: r.get(9)?,
             stopped_ms: r.get(10)?,
+            exit_code: r.get(11)?,
         },
         r.get(5)?,
     ))
@@ -515,12 +586,14 @@ mod tests {
                 idle_timeout_seconds: 60,
                 egress: sandcast_backend::Egress::Internet,
                 keyboard_layout: None,
+                outcome: Default::default(),
             },
             token_hash: "ab".into(),
             created_ms: 1,
             ready_ms: None,
             expires_ms: 100,
             stopped_ms: None,
+            exit_code: None,
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use sandcast_backend::Backend;
+use sandcast_proto::{FileOp, StreamTarget};
 use sandcast_webrtc::{Gateway, GatewayEvent};
 use serde_json::json;
 use tokio::net::UnixStream;
@@ -199,6 +200,7 @@ impl Manager {
             ready_ms: None,
             expires_ms: now + (req.ttl_seconds as i64) * 1000,
             stopped_ms: None,
+            exit_code: None,
         };
         let (live, actor) = session::new(
             self.clone(),
@@ -246,9 +248,15 @@ impl Manager {
             .store
             .get(id)?
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        if row.state != State::Stopped {
-            self.store
-                .set_state(id, State::Stopped, Some(reason), now_ms())?;
+        // A completed session stays completed (its result is for someone:
+        // deleting it says it is read, and it goes).
+        if row.state == State::Completed {
+            crate::results::remove(&crate::results::dir(&self.config.data_dir), id);
+        } else if row.state != State::Stopped
+            && self
+                .store
+                .set_state(id, State::Stopped, Some(reason), now_ms())?
+        {
             self.event(id, "state", json!({"state": "stopped", "reason": reason}));
         }
         self.store
@@ -265,16 +273,31 @@ impl Manager {
 
     /// Opens a byte stream to the session's VNC server through its agent.
     pub async fn open_vnc(&self, id: &str) -> Result<UnixStream, ManagerError> {
+        self.open_stream(id, StreamTarget::Vnc, "the session's VNC server did not answer")
+            .await
+    }
+
+    /// Opens a stream for a file operation in the session's home (see
+    /// `sandcast_proto::files`); the agent's reply line comes first on it.
+    pub async fn open_file(&self, id: &str, op: FileOp) -> Result<UnixStream, ManagerError> {
+        self.open_stream(id, StreamTarget::File(op), "the session's agent did not answer")
+            .await
+    }
+
+    async fn open_stream(
+        &self,
+        id: &str,
+        target: StreamTarget,
+        silent: &str,
+    ) -> Result<UnixStream, ManagerError> {
         let live = self
             .live(id)
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
-        let rx = live.open_stream().await?;
+        let rx = live.open_stream(target).await?;
         match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(s)) => Ok(s),
             // Dropping the receiver withdraws the request.
-            _ => Err(ManagerError::Conflict(
-                "the session's VNC server did not answer".into(),
-            )),
+            _ => Err(ManagerError::Conflict(silent.into())),
         }
     }
 

@@ -17,7 +17,8 @@ use sandcast_backend::{
     AgentToken, Instance, InstanceExit, LaunchSpec, Limits, NetworkPolicy, SessionId,
 };
 use sandcast_proto::{
-    BrowserConfig, ChildReport, Message, RestartPolicy, SessionConfig, StreamTarget,
+    BrowserConfig, ChildReport, ExitInfo, FileOp, Message, RestartPolicy, SessionConfig,
+    StreamTarget,
 };
 use sandcast_webrtc::{GatewayEvent, ViewerId, ViewerMessage, ViewerRequest};
 
@@ -68,8 +69,20 @@ pub enum Command {
     Touch,
     /// A viewer arrived (true) or left (false).
     Viewer(bool),
-    /// Open a stream to the session's VNC server through its agent.
-    OpenStream(oneshot::Sender<Result<oneshot::Receiver<UnixStream>, ManagerError>>),
+    /// Open a stream through the session's agent (to its VNC server, for
+    /// a file operation).
+    OpenStream(
+        StreamTarget,
+        oneshot::Sender<Result<oneshot::Receiver<UnixStream>, ManagerError>>,
+    ),
+    /// The launch command of a session with `complete_on` ended and what
+    /// it was to collect is saved (or could not be): the session ends.
+    Complete {
+        /// How the launch command ended.
+        exit: ExitInfo,
+        /// Why collecting failed, if it did.
+        problem: Option<String>,
+    },
     /// Stop the session.
     Stop(String),
 }
@@ -166,12 +179,15 @@ impl Live {
         let _ = ended.wait_for(|e| *e).await;
     }
 
-    /// Asks the agent for a stream to the VNC server.
-    pub(super) async fn open_stream(&self) -> Result<oneshot::Receiver<UnixStream>, ManagerError> {
+    /// Asks the agent for a stream to `target`.
+    pub(super) async fn open_stream(
+        &self,
+        target: StreamTarget,
+    ) -> Result<oneshot::Receiver<UnixStream>, ManagerError> {
         let (tx, rx) = oneshot::channel();
         let gone = || ManagerError::NotFound(self.id.clone());
         self.commands
-            .send(Command::OpenStream(tx))
+            .send(Command::OpenStream(target, tx))
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
@@ -330,6 +346,11 @@ pub struct Actor {
     ended: watch::Sender<bool>,
     refusals: u64,
     finished: bool,
+    /// The session's own command queue, for work it hands to a task (the
+    /// collection of a completed session's files).
+    to_self_commands: mpsc::WeakSender<Command>,
+    /// The launch command ended and the session is completing.
+    completing: bool,
 }
 
 /// Makes a session's handle and its task (not yet running).
@@ -395,6 +416,8 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         refusals: 0,
         finished: false,
         to_sockets,
+        to_self_commands: live.commands.downgrade(),
+        completing: false,
     };
     (live, actor)
 }
@@ -517,6 +540,16 @@ impl Actor {
     }
 
     fn set_state(&mut self, state: State, reason: Option<&str>) -> bool {
+        self.set_state_with(state, reason, json!({}))
+    }
+
+    /// Like [`Actor::set_state`], with more in the event (`extra`'s fields).
+    fn set_state_with(
+        &mut self,
+        state: State,
+        reason: Option<&str>,
+        extra: serde_json::Value,
+    ) -> bool {
         if !matches!(
             self.m.store.set_state(&self.id, state, reason, now_ms()),
             Ok(true)
@@ -528,11 +561,11 @@ impl Actor {
             state.as_str(),
             reason.map(|r| format!(": {r}")).unwrap_or_default()
         ));
-        self.m.event(
-            &self.id,
-            "state",
-            json!({"state": state.as_str(), "reason": reason}),
-        );
+        let mut data = json!({"state": state.as_str(), "reason": reason});
+        if let (Some(d), serde_json::Value::Object(more)) = (data.as_object_mut(), extra) {
+            d.extend(more);
+        }
+        self.m.event(&self.id, "state", data);
         if let Some(gw) = &self.m.gateway {
             gw.send_to_viewers(
                 &self.id,
@@ -668,9 +701,10 @@ impl Actor {
                 self.publish();
                 self.tell_watched();
             }
-            Command::OpenStream(reply) => {
-                let _ = reply.send(self.open_stream());
+            Command::OpenStream(target, reply) => {
+                let _ = reply.send(self.open_stream(target));
             }
+            Command::Complete { exit, problem } => self.complete(exit, problem).await,
             Command::Stop(reason) => self.stop(&reason).await,
         }
     }
@@ -730,7 +764,10 @@ impl Actor {
         }
     }
 
-    fn open_stream(&mut self) -> Result<oneshot::Receiver<UnixStream>, ManagerError> {
+    fn open_stream(
+        &mut self,
+        target: StreamTarget,
+    ) -> Result<oneshot::Receiver<UnixStream>, ManagerError> {
         if self.control.is_none() {
             return Err(ManagerError::Conflict(
                 "the session's agent is not connected".into(),
@@ -748,10 +785,7 @@ impl Actor {
         self.next_stream += 1;
         let (tx, rx) = oneshot::channel();
         self.streams.insert(n, tx);
-        self.send_agent(Message::OpenStream {
-            id: n,
-            target: StreamTarget::Vnc,
-        });
+        self.send_agent(Message::OpenStream { id: n, target });
         Ok(rx)
     }
 
@@ -775,7 +809,7 @@ impl Actor {
             start_url: self.spec.start_url.clone(),
             kiosk: self.spec.kiosk,
             launch: self.spec.launch.clone(),
-            launch_once: false,
+            launch_once: self.spec.outcome.complete_on.is_some(),
             browser: BrowserConfig {
                 binary: config.browser.binary.clone(),
                 extra_args: config.browser.session_args(),
@@ -884,8 +918,70 @@ impl Actor {
                 self.to_viewers(ViewerMessage::Focus { editable, x, y });
             }
             Message::Ping { seq } => self.send_agent(Message::Pong { seq }),
+            Message::LaunchEnded { exit } => self.launch_ended(exit),
             _ => {}
         }
+    }
+
+    /// The launch command of a `complete_on` session exited: its files are
+    /// collected (by a task: the streams come through this task) and then
+    /// the session completes. Said only once; a session without
+    /// `complete_on` never runs its command once, so a report is noise.
+    fn launch_ended(&mut self, exit: ExitInfo) {
+        if self.completing || self.spec.outcome.complete_on.is_none() {
+            return;
+        }
+        self.completing = true;
+        self.note(&format!("the launch command ended ({exit}); completing"));
+        let max = self.m.config.files.result_max_kib * 1024;
+        let mut streams = Vec::new();
+        let mut problem = None;
+        for path in self.spec.outcome.collect.clone() {
+            let op = FileOp::Read {
+                path: path.clone(),
+                max_bytes: max,
+            };
+            match self.open_stream(StreamTarget::File(op)) {
+                Ok(rx) => streams.push((path, rx)),
+                Err(e) => problem = Some(format!("collecting {path}: {e}")),
+            }
+        }
+        let dir = crate::results::dir(&self.m.config.data_dir);
+        let id = self.id.clone();
+        let ttl = self.spec.outcome.result_ttl_seconds;
+        let back = self.to_self_commands.clone();
+        tokio::spawn(async move {
+            let collected = crate::results::collect(streams, max).await;
+            let saved = crate::results::save(&dir, &id, &collected, exit.code, now_ms(), ttl);
+            let problem = problem
+                .or(collected.problem())
+                .or(saved.err().map(|e| format!("saving the result: {e}")));
+            if let Some(tx) = back.upgrade() {
+                let _ = tx.send(Command::Complete { exit, problem }).await;
+            }
+        });
+    }
+
+    /// Ends a session whose launch command exited: `completed` with its
+    /// exit code, or `failed` when a non-zero exit fails it; then its
+    /// processes go.
+    async fn complete(&mut self, exit: ExitInfo, problem: Option<String>) {
+        let _ = self.m.store.set_exit_code(&self.id, exit.code);
+        let failed = exit.code != Some(0)
+            && self.spec.outcome.nonzero_exit == crate::store::NonzeroExit::Failed;
+        let mut reason = format!("the launch command ended with {exit}");
+        if let Some(p) = problem {
+            reason = format!("{reason}; {p}");
+        }
+        let extra = json!({ "exit_code": exit.code, "signal": exit.signal });
+        if failed {
+            if self.set_state_with(State::Failed, Some(&reason), extra) {
+                self.m.metrics.failures.inc();
+            }
+        } else {
+            self.set_state_with(State::Completed, Some(&reason), extra);
+        }
+        self.teardown().await;
     }
 }
 
@@ -903,6 +999,7 @@ mod tests {
             idle_timeout_seconds: idle,
             egress: sandcast_backend::Egress::None,
             keyboard_layout: None,
+            outcome: Default::default(),
         }
     }
 

@@ -110,6 +110,7 @@ fn request() -> NewSession {
             idle_timeout_seconds: 3600,
             egress: sandcast_backend::Egress::None,
             keyboard_layout: None,
+            outcome: Default::default(),
         },
         ttl_seconds: 3600,
     }
