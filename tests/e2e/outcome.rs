@@ -85,7 +85,11 @@ fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token
         ],
     }));
     assert!(
-        view["steps"].as_array().unwrap().iter().all(|s| s["ok"] == true),
+        view["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["ok"] == true),
         "viewer steps: {}",
         view["steps"]
     );
@@ -99,8 +103,10 @@ fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token
     let result = r.json();
     assert_eq!(result["exit_code"], 0);
     let token: Value =
-        serde_json::from_slice(&b64(result["files"]["~/.config/democli/token.json"].as_str().unwrap()))
-            .unwrap();
+        serde_json::from_slice(&b64(result["files"]["~/.config/democli/token.json"]
+            .as_str()
+            .unwrap()))
+        .unwrap();
     assert_eq!(token, json!({ "token": "tok-alice" }));
     assert!(
         result["missing"]["~/.config/democli/absent"]
@@ -111,7 +117,11 @@ fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token
     // The token never reaches a log.
     let logs = s.api("GET", &format!("/api/sessions/{id}/logs"), None).body;
     assert!(!logs.contains("tok-alice") && !s.logs().contains("tok-alice"));
-    let tar = s.api("GET", &format!("/api/sessions/{id}/result?format=tar"), None);
+    let tar = s.api(
+        "GET",
+        &format!("/api/sessions/{id}/result?format=tar"),
+        None,
+    );
     assert_eq!(tar.status, 200);
     assert!(tar.body.contains(".config/democli/token.json") && tar.body.contains("tok-alice"));
 
@@ -126,7 +136,10 @@ fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token
             assert!(r.body.contains("expired"), "{r:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "the result outlived its 4 s: {r:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the result outlived its 4 s: {r:?}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     let files = std::fs::read_dir(s.data_dir().join("results"))
@@ -146,15 +159,27 @@ fn a_non_zero_exit_fails_the_session_and_a_bad_outcome_request_is_refused() {
     let id = created["id"].as_str().unwrap();
     let failed = s.wait_state(id, "failed", READY);
     assert_eq!(failed["exit_code"], 7, "{failed}");
-    assert!(failed["reason"].as_str().unwrap().contains("exit code 7"), "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("exit code 7"),
+        "{failed}"
+    );
 
     for (body, field) in [
         (json!({ "complete_on": "launch_exit" }), "complete_on"),
         (json!({ "complete_on": "sometime" }), ""),
-        (json!({ "launch": ["true"], "complete_on": "launch_exit", "collect": ["../etc/passwd"] }), "collect"),
-        (json!({ "launch": ["true"], "complete_on": "launch_exit", "collect": ["/etc/passwd"] }), "collect"),
+        (
+            json!({ "launch": ["true"], "complete_on": "launch_exit", "collect": ["../etc/passwd"] }),
+            "collect",
+        ),
+        (
+            json!({ "launch": ["true"], "complete_on": "launch_exit", "collect": ["/etc/passwd"] }),
+            "collect",
+        ),
         (json!({ "launch": ["true"], "collect": ["a"] }), "collect"),
-        (json!({ "launch": ["true"], "complete_on": "launch_exit", "result_ttl_seconds": 0 }), "result_ttl_seconds"),
+        (
+            json!({ "launch": ["true"], "complete_on": "launch_exit", "result_ttl_seconds": 0 }),
+            "result_ttl_seconds",
+        ),
     ] {
         let r = s.api("POST", "/api/sessions", Some(&body.to_string()));
         assert_eq!(r.status, 400, "{body}: {r:?}");
@@ -174,7 +199,11 @@ fn files_session(s: &Server) -> String {
     s.wait_state(&id, "ready", READY);
     // The launch command's files are there before the test goes on.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.api("GET", &format!("/api/sessions/{id}/files/planted"), None).status != 200 {
+    while s
+        .api("GET", &format!("/api/sessions/{id}/files/planted"), None)
+        .status
+        != 200
+    {
         assert!(Instant::now() < deadline, "the launch command did not run");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -193,7 +222,10 @@ fn files_go_in_and_out_of_the_home_and_nowhere_else() {
     let put = s.raw(
         "PUT",
         &files("in/deep/big.bin"),
-        &[("authorization", &auth), ("content-type", "application/octet-stream")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
         Some(&big),
     );
     assert_eq!(put.status, 200, "{put:?}");
@@ -201,11 +233,16 @@ fn files_go_in_and_out_of_the_home_and_nowhere_else() {
     let got = s.api("GET", &files("inner/deep/big.bin"), None);
     assert_eq!(got.status, 200);
     assert_eq!(got.body.len(), big.len());
-    assert!(got.body.as_bytes() == big.as_slice(), "the file came back changed");
+    assert!(
+        got.body.as_bytes() == big.as_slice(),
+        "the file came back changed"
+    );
     let listing = s.api("GET", &files("in/deep"), None).json();
     assert_eq!(listing["entries"][0]["name"], "big.bin");
     assert_eq!(listing["entries"][0]["size"], big.len() as u64);
-    let home = s.api("GET", &format!("/api/sessions/{id}/files"), None).json();
+    let home = s
+        .api("GET", &format!("/api/sessions/{id}/files"), None)
+        .json();
     let kind = |name: &str| {
         home["entries"]
             .as_array()
@@ -240,7 +277,10 @@ fn files_go_in_and_out_of_the_home_and_nowhere_else() {
             (method == "PUT").then_some(body.as_slice()),
         );
         assert_eq!(r.status, 400, "{method} {path}: {r:?}");
-        assert!(r.json()["error"].as_str().is_some_and(|e| !e.is_empty()), "{r:?}");
+        assert!(
+            r.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{r:?}"
+        );
     }
     // The symbolic links themselves can go; what they point to stays.
     assert_eq!(s.api("DELETE", &files("other"), None).status, 204);

@@ -11,6 +11,7 @@
 mod channel;
 mod children;
 mod devtools;
+mod files;
 mod logging;
 mod media;
 mod mmds;

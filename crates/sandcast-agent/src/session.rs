@@ -114,6 +114,22 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
                             }
                         });
                     }
+                    Message::OpenStream { id, target: StreamTarget::File(op) } => {
+                        let target = target.clone();
+                        let out = out_tx.clone();
+                        tokio::spawn(async move {
+                            let home = std::env::var_os("HOME")
+                                .map(std::path::PathBuf::from)
+                                .unwrap_or_else(|| sandcast_proto::files::SESSION_HOME.into());
+                            let result = match channel::open(&target, Role::Stream { id }).await {
+                                Ok(conn) => crate::files::serve(conn, op, &home).await,
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = result {
+                                agent_log(&out, format!("file stream {id}: {e:#}"));
+                            }
+                        });
+                    }
                     msg @ (Message::Input(_)
                     | Message::Clipboard { .. }
                     | Message::Resize { .. }

@@ -155,7 +155,12 @@ pub struct ReadQuery {
     archive: Option<String>,
 }
 
-async fn read(state: AppState, id: String, path: String, q: ReadQuery) -> Result<Response, ApiError> {
+async fn read(
+    state: AppState,
+    id: String,
+    path: String,
+    q: ReadQuery,
+) -> Result<Response, ApiError> {
     let tar = match q.archive.as_deref() {
         None => false,
         Some("tar") => true,
@@ -166,9 +171,21 @@ async fn read(state: AppState, id: String, path: String, q: ReadQuery) -> Result
         }
     };
     let (mut stream, max) = if tar {
-        open(&state, &id, |path, max_bytes| FileOp::Tar { path, max_bytes }, &path).await?
+        open(
+            &state,
+            &id,
+            |path, max_bytes| FileOp::Tar { path, max_bytes },
+            &path,
+        )
+        .await?
     } else {
-        open(&state, &id, |path, max_bytes| FileOp::Read { path, max_bytes }, &path).await?
+        open(
+            &state,
+            &id,
+            |path, max_bytes| FileOp::Read { path, max_bytes },
+            &path,
+        )
+        .await?
     };
     match stream.reply().await.map_err(agent_error)? {
         FileReply::File { size } if size <= max => Ok((
@@ -338,7 +355,9 @@ pub async fn put(
     })?;
     match reply {
         FileReply::Done { size } => {
-            let path = HomePath::parse(&path).map(|p| p.to_string()).unwrap_or_default();
+            let path = HomePath::parse(&path)
+                .map(|p| p.to_string())
+                .unwrap_or_default();
             Ok(axum::Json(crate::openapi::Written { path, size }).into_response())
         }
         FileReply::Refused { reason, detail } => Err(refused(reason, detail)),

@@ -139,7 +139,10 @@ pub fn check_outcome(
         .map(|p| {
             let path = sandcast_proto::HomePath::parse(p).map_err(|e| ("collect", e))?;
             if path.is_home() {
-                return Err(("collect", "name files in the home, not the home itself".into()));
+                return Err((
+                    "collect",
+                    "name files in the home, not the home itself".into(),
+                ));
             }
             Ok(path)
         })

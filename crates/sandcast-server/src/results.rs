@@ -104,7 +104,8 @@ pub async fn collect(
             }
             Ok(other) => {
                 out.failure = Some(format!("the agent answered {other:?} for {name}"));
-                out.missing.insert(name, "the agent answered wrongly".into());
+                out.missing
+                    .insert(name, "the agent answered wrongly".into());
             }
             Err(e) => {
                 out.failure = Some(format!("collecting {name}: {e}"));
@@ -293,7 +294,8 @@ pub async fn get(
     if !tar {
         return Ok(axum::Json(result).into_response());
     }
-    let archive = to_tar(&result).map_err(|e| ApiError::internal(format!("making the archive: {e}")))?;
+    let archive =
+        to_tar(&result).map_err(|e| ApiError::internal(format!("making the archive: {e}")))?;
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/x-tar")],
@@ -368,7 +370,10 @@ mod tests {
         let mut a = tar::Archive::new(bytes.as_slice());
         let mut entries = a.entries().unwrap();
         let mut e = entries.next().unwrap().unwrap();
-        assert_eq!(e.path().unwrap().to_str().unwrap(), ".config/democli/token.json");
+        assert_eq!(
+            e.path().unwrap().to_str().unwrap(),
+            ".config/democli/token.json"
+        );
         assert_eq!(e.header().mode().unwrap(), 0o600);
         let mut s = String::new();
         std::io::Read::read_to_string(&mut e, &mut s).unwrap();

@@ -273,15 +273,23 @@ impl Manager {
 
     /// Opens a byte stream to the session's VNC server through its agent.
     pub async fn open_vnc(&self, id: &str) -> Result<UnixStream, ManagerError> {
-        self.open_stream(id, StreamTarget::Vnc, "the session's VNC server did not answer")
-            .await
+        self.open_stream(
+            id,
+            StreamTarget::Vnc,
+            "the session's VNC server did not answer",
+        )
+        .await
     }
 
     /// Opens a stream for a file operation in the session's home (see
     /// `sandcast_proto::files`); the agent's reply line comes first on it.
     pub async fn open_file(&self, id: &str, op: FileOp) -> Result<UnixStream, ManagerError> {
-        self.open_stream(id, StreamTarget::File(op), "the session's agent did not answer")
-            .await
+        self.open_stream(
+            id,
+            StreamTarget::File(op),
+            "the session's agent did not answer",
+        )
+        .await
     }
 
     async fn open_stream(
