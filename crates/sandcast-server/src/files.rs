@@ -230,7 +230,7 @@ async fn read(
 /// it, devices, FIFOs and sockets are refused with 400.
 #[utoipa::path(
     get,
-    path = "/api/sessions/{id}/files/{path}",
+    path = "/api/sessions/{id}/files/{*path}",
     tag = "files",
     security(("api_key" = [])),
     params(
@@ -286,7 +286,7 @@ pub async fn home(
 /// broken upload changes nothing).
 #[utoipa::path(
     put,
-    path = "/api/sessions/{id}/files/{path}",
+    path = "/api/sessions/{id}/files/{*path}",
     tag = "files",
     security(("api_key" = [])),
     params(
@@ -371,7 +371,7 @@ pub async fn put(
 /// never what it points to.
 #[utoipa::path(
     delete,
-    path = "/api/sessions/{id}/files/{path}",
+    path = "/api/sessions/{id}/files/{*path}",
     tag = "files",
     security(("api_key" = [])),
     params(
