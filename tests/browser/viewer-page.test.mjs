@@ -160,6 +160,23 @@ test('a stopped session shows "session ended" and closes the stream', async () =
   await until(() => fixture.sockets.size === 0, 5000, 'the VNC tunnel to close');
 });
 
+test('a completed session shows "done", not a dead stream', async () => {
+  await page.goto(fixture.viewerUrl('?mode=vnc'));
+  await waitFor(() => window.sandcast?.connected === true);
+  await page.evaluate(() => {
+    window.ended = null;
+    window.sandcast.element.addEventListener('ended', (e) => { window.ended = e.detail; });
+  });
+  const reason = 'the launch command ended with exit code 0';
+  fixture.state.body = { ...fixture.state.body, state: 'completed', reason };
+  await waitFor(() => window.ended !== null);
+  assert.deepEqual(await page.evaluate(() => window.ended), { state: 'completed', reason });
+  const o = await overlay();
+  assert.equal(o.title, 'done');
+  assert.equal((await status()).connected, false);
+  await until(() => fixture.sockets.size === 0, 5000, 'the VNC tunnel to close');
+});
+
 test('a refused WebRTC offer falls back to noVNC and says why', async () => {
   await page.goto(fixture.viewerUrl());
   await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');

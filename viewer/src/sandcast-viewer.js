@@ -25,7 +25,9 @@ export const DEFAULT_POLL_MS = 1000;
 export const STARTING_POLL_MS = 150;
 
 // Session states after which nothing will ever be shown again.
-const ENDED = new Set(['stopping', 'stopped']);
+// A completed session (its launch command finished, e.g. a sign-in) ended
+// as it should: the element says "done", not that something went away.
+const ENDED = new Set(['stopping', 'stopped', 'completed']);
 
 const STYLE = `
 :host { display: block; position: relative; overflow: hidden; background: #111; color: #eee;
@@ -226,7 +228,7 @@ export class SandcastViewer extends HTMLElement {
     this._teardown();
     if (this._status.state === 'idle') return;
     // Keep a final message (failed, ended, not authorised) rather than hiding it.
-    const final = ['failed', 'stopping', 'stopped', 'unauthorised', 'not_found', 'error'].includes(this._status.state);
+    const final = ['failed', 'stopping', 'stopped', 'completed', 'unauthorised', 'not_found', 'error'].includes(this._status.state);
     this._set({ connected: false, mode: null, path: null }, final ? undefined : 'disconnected');
   }
 
@@ -358,6 +360,7 @@ export class SandcastViewer extends HTMLElement {
         break;
       case 'stopping':
       case 'stopped':
+      case 'completed':
         this._ended(body.state, body.reason);
         break;
       case 'starting':
@@ -373,7 +376,8 @@ export class SandcastViewer extends HTMLElement {
     if (ENDED.has(this._status.state) && !this._rtc && !this._rfb) return;
     this._run++; // a poll still in flight must not start a stream again
     this._teardown();
-    this._set({ state, connected: false, mode: null, path: null, reason: reason ?? null }, 'session ended', reason ?? '');
+    const title = state === 'completed' ? 'done' : 'session ended';
+    this._set({ state, connected: false, mode: null, path: null, reason: reason ?? null }, title, reason ?? '');
     this._emit('ended', { state, reason: reason ?? null });
   }
 
