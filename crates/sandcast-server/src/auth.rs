@@ -77,7 +77,7 @@ pub fn is_operator(headers: &axum::http::HeaderMap, api_key: &str) -> bool {
 /// base64(HMAC-SHA1(shared secret, username)), what coturn's
 /// `use-auth-secret` checks.
 pub fn turn_credential(shared_secret: &str, username: &str) -> String {
-    use hmac::Mac;
+    use hmac::{KeyInit, Mac};
     let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(shared_secret.as_bytes())
         .expect("HMAC takes keys of any length");
     mac.update(username.as_bytes());

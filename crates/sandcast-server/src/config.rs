@@ -66,6 +66,11 @@ pub struct Config {
     pub agent_channel: AgentChannelLimits,
     /// Files in and out of sessions, and what completed sessions leave.
     pub files: FileLimits,
+    /// `[[webhooks]]`: endpoints told of session events (see
+    /// [`crate::webhooks`]).
+    pub webhooks: Vec<Webhook>,
+    /// How webhook deliveries are retried.
+    pub webhook_retry: WebhookRetry,
 }
 
 /// `[files]`: the files API and the files a completed session leaves.
@@ -86,6 +91,110 @@ impl Default for FileLimits {
             max_mib: 1024,
             result_max_kib: 16 * 1024,
             result_ttl_seconds: 600,
+        }
+    }
+}
+
+/// `[[webhooks]]`: an endpoint that session events are POSTed to, signed
+/// with its secret.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// Where events are POSTed: an `http` or `https` URL.
+    pub url: String,
+    /// The HMAC-SHA256 key of `X-Sandcast-Signature`, at least
+    /// [`Webhook::MIN_SECRET`] bytes. Never logged.
+    pub secret: String,
+    /// Which events it gets, of [`crate::webhooks::EVENTS`]; all when not given.
+    #[serde(default = "Webhook::all_events")]
+    pub events: Vec<String>,
+}
+
+impl Webhook {
+    /// The shortest secret accepted, in bytes.
+    pub const MIN_SECRET: usize = 16;
+
+    fn all_events() -> Vec<String> {
+        crate::webhooks::EVENTS
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// Whether it subscribed to `event`.
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.iter().any(|e| e == event)
+    }
+
+    /// Rejects what cannot work, naming the key (`webhooks[i].…`).
+    fn check(&self, i: usize) -> Result<(), String> {
+        let uri: axum::http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| format!("webhooks[{i}].url {:?}: {e}", self.url))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(format!(
+                "webhooks[{i}].url {:?} must be an http:// or https:// URL with a host",
+                self.url
+            ));
+        }
+        if self.secret.len() < Webhook::MIN_SECRET {
+            return Err(format!(
+                "webhooks[{i}].secret must be at least {} bytes",
+                Webhook::MIN_SECRET
+            ));
+        }
+        if self.events.is_empty() {
+            return Err(format!(
+                "webhooks[{i}].events is empty; leave it out for every event"
+            ));
+        }
+        for e in &self.events {
+            if !crate::webhooks::EVENTS.contains(&e.as_str()) {
+                return Err(format!(
+                    "webhooks[{i}].events: {e:?} is not one of {}",
+                    crate::webhooks::EVENTS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
+/// `[webhook_retry]`: when a delivery that was not acknowledged (an answer
+/// other than 2xx, a connection error, a timeout) is tried again: after
+/// `first_ms`, then twice as long each time up to `max_ms`, until
+/// `give_up_seconds` after the event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookRetry {
+    /// The wait after the first failed attempt, in milliseconds.
+    pub first_ms: u64,
+    /// The longest wait between attempts, in milliseconds.
+    pub max_ms: u64,
+    /// Seconds after the event when a delivery is given up (`failed`).
+    pub give_up_seconds: u64,
+    /// How long one attempt may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhookRetry {
+    fn default() -> Self {
+        WebhookRetry {
+            first_ms: 1000,
+            max_ms: 3600 * 1000,
+            give_up_seconds: 24 * 3600,
+            timeout_ms: 10_000,
         }
     }
 }
@@ -425,6 +534,8 @@ impl Default for Config {
             logs: LogLimits::default(),
             agent_channel: AgentChannelLimits::default(),
             files: FileLimits::default(),
+            webhooks: Vec::new(),
+            webhook_retry: WebhookRetry::default(),
         }
     }
 }
@@ -785,6 +896,21 @@ impl Config {
             (None, Some(_)) => return Err("tls_key is set but tls_cert is not".into()),
             _ => {}
         }
+        for (i, hook) in self.webhooks.iter().enumerate() {
+            hook.check(i)?;
+            if let Some(j) = self.webhooks[..i].iter().position(|h| h.url == hook.url) {
+                return Err(format!(
+                    "webhooks[{i}].url repeats webhooks[{j}].url; list each endpoint once"
+                ));
+            }
+        }
+        let r = &self.webhook_retry;
+        if r.first_ms == 0 || r.max_ms < r.first_ms || r.give_up_seconds == 0 || r.timeout_ms == 0 {
+            return Err(format!(
+                "webhook_retry: first_ms = {}, timeout_ms = {} and give_up_seconds = {} must be at least 1, max_ms = {} at least first_ms",
+                r.first_ms, r.timeout_ms, r.give_up_seconds, r.max_ms
+            ));
+        }
         let url = &self.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(format!(
@@ -1034,6 +1160,31 @@ mod tests {
     }
 
     #[test]
+    fn webhooks_take_every_event_by_default_and_hide_their_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[[webhooks]]\nurl = \"https://ops.example/hooks\"\nsecret = \"s3cr3t-s3cr3t-s3cr3t\"\n\
+             [[webhooks]]\nurl = \"http://127.0.0.1:9/\"\nsecret = \"0123456789abcdef\"\n\
+             events = [\"completed\", \"crash_loop\"]\n\
+             [webhook_retry]\nfirst_ms = 50\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), Figment::new()).unwrap();
+        assert_eq!(c.webhooks.len(), 2);
+        assert_eq!(c.webhooks[0].events, crate::webhooks::EVENTS);
+        assert!(c.webhooks[1].wants("crash_loop") && !c.webhooks[1].wants("ready"));
+        assert_eq!(c.webhook_retry.first_ms, 50);
+        assert_eq!(c.webhook_retry.max_ms, 3_600_000);
+        assert_eq!(c.webhook_retry.give_up_seconds, 86_400);
+        assert_eq!(c.webhook_retry.timeout_ms, 10_000);
+        let shown = format!("{c:?}");
+        assert!(shown.contains("https://ops.example/hooks"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "the secret shows in {shown}");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = |toml: &str| {
             let dir = std::env::temp_dir().join(format!("sc-config-bad-{}", rand::random::<u32>()));
@@ -1064,6 +1215,32 @@ mod tests {
         );
         assert!(err("[webrtc.turn]\nurls = [\"turn:t\"]\nshared_secret = \"\"").contains("turn"));
         assert!(err("[browser]\nblocked_urls = [\"\"]").contains("browser.blocked_urls"));
+        let hook = |body: &str| format!("[[webhooks]]\n{body}\n");
+        let secret = "secret = \"0123456789abcdef\"";
+        let e = err(&hook(&format!("url = \"ftp://h/x\"\n{secret}")));
+        assert!(
+            e.contains("webhooks[0].url") && e.contains("ftp://h/x"),
+            "{e}"
+        );
+        let e = err(&hook("url = \"https://h/x\"\nsecret = \"short\""));
+        assert!(
+            e.contains("webhooks[0].secret") && !e.contains("short"),
+            "{e}"
+        );
+        let e = err(&hook(&format!(
+            "url = \"https://h/x\"\n{secret}\nevents = [\"ready\", \"exploded\"]"
+        )));
+        assert!(
+            e.contains("webhooks[0].events") && e.contains("\"exploded\""),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{}{}",
+            hook(&format!("url = \"https://h/x\"\n{secret}")),
+            hook(&format!("url = \"https://h/x\"\n{secret}"))
+        ));
+        assert!(e.contains("webhooks[1].url repeats webhooks[0].url"), "{e}");
+        assert!(err("[webhook_retry]\nfirst_ms = 0").contains("webhook_retry"));
         assert!(
             Config::load(Some(Path::new("/nonexistent.toml")), Figment::new())
                 .unwrap_err()

@@ -6,7 +6,8 @@
 //! the last run left) → backend → gateway → [`manager::Manager`] → axum
 //! router. Handlers live in [`api`] (operator API) and [`viewer`] (viewer
 //! page, its state, VNC WebSocket, WebRTC signaling); [`openapi`] documents
-//! them, from the same route tables the router is built of.
+//! them, from the same route tables the router is built of. [`webhooks`]
+//! tells the operator's endpoints of session events.
 
 pub mod api;
 pub mod auth;
@@ -28,6 +29,7 @@ pub mod session_log;
 pub mod store;
 pub mod tls;
 pub mod viewer;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,6 +101,7 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::last_answer))
         .routes(routes!(viewer::ice_servers))
         .routes(routes!(viewer::signaling_ws))
+        .routes(routes!(webhooks::deliveries))
 }
 
 /// The routes outside the API key's check; documented like the others.
@@ -228,6 +231,9 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     );
     retention::spawn(&manager);
     results::spawn_sweeper(results::dir(&config.data_dir));
+    // Before reconcile, whose `stopped` events it delivers; it also picks
+    // up whatever the last run left pending.
+    let webhooks = manager.webhooks().spawn();
     let stale = manager.reconcile().await?;
     if !stale.is_empty() {
         tracing::info!(
@@ -296,6 +302,9 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     eprintln!("sandcast: stopping every session");
     manager.stop_all("the server shut down").await;
+    // After the sessions' last events were recorded; what is not sent yet
+    // stays pending for the next run.
+    webhooks.stop().await;
     match manager.backend().release().await {
         Ok(lines) if !lines.is_empty() => {
             tracing::info!(removed = %lines.join(", "), "released the host")

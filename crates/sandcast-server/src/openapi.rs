@@ -50,6 +50,7 @@ pub const PATH: &str = "/api/openapi.json";
         (name = "signaling", description = "WebRTC signaling over a WebSocket."),
         (name = "viewer", description = "The viewer page, its assets and its streams."),
         (name = "server", description = "Health, metrics and this document."),
+        (name = "webhooks", description = "Deliveries of session events to the configured webhooks."),
     )
 )]
 struct Base;

@@ -239,6 +239,29 @@ fn migrations() -> Migrations<'static> {
         ),
         // The launch command's exit code of a completed session.
         M::up("ALTER TABLE sessions ADD COLUMN exit_code INTEGER;"),
+        // Webhook deliveries (`webhooks`): written when the event happens,
+        // so a restart loses none. No reference to `sessions`: a delivery
+        // outlives the retention of its session's row.
+        M::up(
+            "CREATE TABLE webhook_deliveries (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            url TEXT NOT NULL,
+            event TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_ms INTEGER,
+            last_ms INTEGER,
+            last_status INTEGER,
+            last_error TEXT
+        );
+        CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(url, seq)
+            WHERE state = 'pending';
+        CREATE INDEX webhook_deliveries_created ON webhook_deliveries(created_ms);",
+        ),
     ])
 }
 
@@ -297,6 +320,12 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// The connection, for a module that keeps a table of its own in this
+    /// file ([`crate::webhooks`]).
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap()
     }
 
     /// Whether the database answers.

@@ -30,6 +30,7 @@ use crate::auth;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::{Row, Spec, State, Store};
+use crate::webhooks::Webhooks;
 use backlog::Backlog;
 pub use session::Live;
 use session::{Command, Snapshot};
@@ -91,6 +92,7 @@ pub struct Manager {
     agent_binary: PathBuf,
     live: Mutex<HashMap<String, Arc<Live>>>,
     events: broadcast::Sender<SessionEvent>,
+    webhooks: Arc<Webhooks>,
 }
 
 /// Milliseconds since the epoch.
@@ -109,6 +111,7 @@ impl Manager {
         agent_binary: PathBuf,
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(1024);
+        let webhooks = Arc::new(Webhooks::new(&config, store.clone()));
         let m = Arc::new(Manager {
             config,
             store,
@@ -118,6 +121,7 @@ impl Manager {
             agent_binary,
             live: Mutex::new(HashMap::new()),
             events,
+            webhooks,
         });
         if let Some(events) = m.gateway.as_ref().and_then(Gateway::events) {
             tokio::spawn(relay(Arc::downgrade(&m), events));
@@ -150,6 +154,11 @@ impl Manager {
         self.live.lock().unwrap().get(id).cloned()
     }
 
+    /// The webhooks session events are delivered to.
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.webhooks
+    }
+
     /// Subscribes to every session's events.
     pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
         self.events.subscribe()
@@ -162,12 +171,11 @@ impl Manager {
             .store
             .reconcile("the server restarted while the session ran", now_ms())?;
         for id in &ids {
-            let _ = self.store.add_event(
-                id,
-                "state",
-                &json!({"state": "stopped", "reason": "the server restarted while the session ran"}),
-                now_ms(),
-            );
+            let data =
+                json!({"state": "stopped", "reason": "the server restarted while the session ran"});
+            let at = now_ms();
+            let _ = self.store.add_event(id, "state", &data, at);
+            self.webhooks.record(id, "state", &data, at);
         }
         self.backend
             .reap(&[])
@@ -227,7 +235,10 @@ impl Manager {
     }
 
     fn event(&self, id: &str, kind: &'static str, data: serde_json::Value) {
-        let _ = self.store.add_event(id, kind, &data, now_ms());
+        let at = now_ms();
+        let _ = self.store.add_event(id, kind, &data, at);
+        // Written before anyone hears of the event, so none is lost.
+        self.webhooks.record(id, kind, &data, at);
         let _ = self.events.send(SessionEvent {
             id: id.to_string(),
             kind,

@@ -1,0 +1,356 @@
+//! Webhooks with the real server: a receiver on 127.0.0.1 that refuses
+//! attempts gets each event once acknowledged, signed, in order; a
+//! delivery pending when the server is killed arrives after its restart.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
+use sandcast_e2e::{Server, ServerOptions, input_page, wait_no_leftovers};
+use serde_json::{Value, json};
+
+const SECRET: &str = "e2e-webhook-secret-0123456789";
+const READY: Duration = Duration::from_secs(40);
+
+/// One request the receiver got, and what it answered.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+    answered: u16,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("the body is JSON")
+    }
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+    fn event(&self) -> &str {
+        self.header("x-sandcast-event")
+    }
+    fn acknowledged(&self) -> bool {
+        self.answered == 200
+    }
+}
+
+/// A webhook endpoint on 127.0.0.1: it answers 500 to the first two
+/// attempts of every delivery and to any delivery of an event it holds
+/// back, then 200.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<Received>>>,
+    hold: Arc<Mutex<Vec<String>>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    fn start(hold: &[&str]) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the receiver");
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got = Arc::new(Mutex::new(Vec::<Received>::new()));
+        let hold = Arc::new(Mutex::new(hold.iter().map(|e| e.to_string()).collect()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (g, h, c) = (got.clone(), hold.clone(), closed.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if c.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                serve(conn, &g, &h);
+            }
+        });
+        Receiver {
+            url,
+            got,
+            hold,
+            closed,
+        }
+    }
+
+    fn release(&self, event: &str) {
+        self.hold.lock().unwrap().retain(|e| e != event);
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for what was received.
+    fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.got()) {
+            assert!(
+                Instant::now() < deadline,
+                "the receiver did not get {what} in {timeout:?}: {:#?}",
+                self.got()
+                    .iter()
+                    .map(|r| (r.event().to_string(), r.answered))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The acknowledged events in the order they were acknowledged.
+    fn acknowledged(&self) -> Vec<Received> {
+        self.got()
+            .into_iter()
+            .filter(Received::acknowledged)
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(
+            self.url
+                .trim_start_matches("http://")
+                .trim_end_matches("/hook"),
+        );
+    }
+}
+
+/// Reads one request, records it and answers with `Connection: close`.
+fn serve(conn: TcpStream, got: &Mutex<Vec<Received>>, hold: &Mutex<Vec<String>>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() || !line.starts_with("POST /hook ") {
+        return;
+    }
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let mut got = got.lock().unwrap();
+    let delivery = headers
+        .get("x-sandcast-delivery")
+        .cloned()
+        .unwrap_or_default();
+    let earlier = got
+        .iter()
+        .filter(|r| r.header("x-sandcast-delivery") == delivery)
+        .count();
+    let event = headers.get("x-sandcast-event").cloned().unwrap_or_default();
+    let held = hold.lock().unwrap().contains(&event);
+    let answered = if earlier < 2 || held { 500 } else { 200 };
+    got.push(Received {
+        headers,
+        body,
+        answered,
+    });
+    drop(got);
+    let text = if answered == 200 { "OK" } else { "Nope" };
+    let mut conn = reader.into_inner();
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {answered} {text}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+}
+
+/// The server's config tables for one webhook at `url`, retried quickly.
+fn tables(url: &str) -> String {
+    format!(
+        "[[webhooks]]\nurl = {url:?}\nsecret = {SECRET:?}\n\n\
+         [webhook_retry]\nfirst_ms = 200\nmax_ms = 400\n"
+    )
+}
+
+fn expected_signature(body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// Every request: signed over its exact body, its headers agreeing with
+/// its body, about session `id`.
+fn assert_well_formed(got: &[Received], id: &str) {
+    for r in got {
+        assert_eq!(
+            r.header("x-sandcast-signature"),
+            expected_signature(&r.body),
+            "a wrong signature"
+        );
+        assert_eq!(r.header("content-type"), "application/json");
+        let body = r.json();
+        assert_eq!(body["event"], r.event(), "{body}");
+        assert_eq!(body["id"], r.header("x-sandcast-delivery"), "{body}");
+        assert_eq!(body["session_id"], id, "{body}");
+        assert_eq!(body["data"]["state"], r.event(), "{body}");
+        assert!(body["at_ms"].as_i64().is_some_and(|t| t > 0), "{body}");
+    }
+}
+
+/// Each of `events` acknowledged exactly once, in this order, each after
+/// two refusals at least.
+fn assert_acknowledged_once_in_order(receiver: &Receiver, events: &[&str]) {
+    let acked = receiver.acknowledged();
+    let names: Vec<&str> = acked.iter().map(Received::event).collect();
+    assert_eq!(names, events, "acknowledged events");
+    let got = receiver.got();
+    for r in &acked {
+        let tries = got
+            .iter()
+            .filter(|g| g.header("x-sandcast-delivery") == r.header("x-sandcast-delivery"))
+            .count();
+        assert!(
+            tries >= 3,
+            "{} acknowledged after {tries} attempts",
+            r.event()
+        );
+    }
+}
+
+/// `GET /api/webhooks/deliveries` as the document describes it; returns
+/// the deliveries.
+fn deliveries(s: &Server) -> Vec<Value> {
+    let r = s.api("GET", "/api/webhooks/deliveries?limit=50", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        !r.body.contains(SECRET),
+        "the secret shows in the deliveries"
+    );
+    let doc = s.raw("GET", "/api/openapi.json", &[], None).json();
+    let mut schema = doc["paths"]["/api/webhooks/deliveries"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"]
+        .clone();
+    schema["components"] = doc["components"].clone();
+    let v = jsonschema::draft202012::new(&schema).expect("the schema compiles");
+    let answer = r.json();
+    let errors: Vec<String> = v.iter_errors(&answer).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{answer:#} does not match: {errors:?}");
+    answer["deliveries"].as_array().unwrap().clone()
+}
+
+fn assert_delivered(s: &Server, receiver: &Receiver, events: &[&str]) {
+    let shown = deliveries(s);
+    let mut seen: Vec<&str> = Vec::new();
+    for d in shown.iter().rev() {
+        assert_eq!(d["url"], receiver.url, "{d}");
+        assert_eq!(d["state"], "delivered", "{d}");
+        assert_eq!(d["last_status"], 200, "{d}");
+        assert!(d["attempts"].as_u64().unwrap() >= 3, "{d}");
+        assert!(d["next_attempt_at"].is_null(), "{d}");
+        seen.push(d["event"].as_str().unwrap());
+    }
+    assert_eq!(seen, events, "deliveries, oldest first: {shown:#?}");
+}
+
+#[test]
+fn events_arrive_signed_once_acknowledged_and_in_order() {
+    // `ready` is refused until the session has stopped, so `stopped` waits
+    // behind it.
+    let receiver = Receiver::start(&["ready"]);
+    let s = Server::start(ServerOptions {
+        tables: tables(&receiver.url),
+        ..Default::default()
+    });
+    let created = s.create(&json!({ "start_url": input_page(), "user_id": "hooked" }));
+    let id = created["id"].as_str().unwrap().to_string();
+    s.wait_state(&id, "ready", READY);
+    receiver.wait("two refused ready attempts", Duration::from_secs(10), |g| {
+        g.iter().filter(|r| r.event() == "ready").count() >= 2
+    });
+    s.delete(&id);
+    // Time for `stopped` to be tried, were it not held back behind `ready`.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        receiver.got().iter().all(|r| r.event() == "ready"),
+        "an event was sent before ready was acknowledged"
+    );
+    receiver.release("ready");
+    receiver.wait("ready and stopped", Duration::from_secs(20), |g| {
+        g.iter().filter(|r| r.acknowledged()).count() >= 2
+    });
+    // Nothing more comes: each was acknowledged once.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_acknowledged_once_in_order(&receiver, &["ready", "stopped"]);
+    let got = receiver.got();
+    assert_well_formed(&got, &id);
+    let ready = got.iter().find(|r| r.acknowledged()).unwrap().json();
+    assert_eq!(ready["user_id"], "hooked", "{ready}");
+    assert_delivered(&s, &receiver, &["ready", "stopped"]);
+    assert!(
+        !s.logs().contains(SECRET),
+        "the secret is in the server's output"
+    );
+    let left = wait_no_leftovers(&id, Duration::from_secs(15));
+    assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+}
+
+#[test]
+fn a_delivery_pending_when_the_server_is_killed_arrives_after_its_restart() {
+    let receiver = Receiver::start(&["ready"]);
+    let mut s = Server::start(ServerOptions {
+        tables: tables(&receiver.url),
+        ..Default::default()
+    });
+    let created = s.create(&json!({ "start_url": input_page() }));
+    let id = created["id"].as_str().unwrap().to_string();
+    s.wait_state(&id, "ready", READY);
+    receiver.wait("a refused ready attempt", Duration::from_secs(10), |g| {
+        g.iter().any(|r| r.event() == "ready")
+    });
+    let before = receiver.got()[0].header("x-sandcast-delivery").to_string();
+
+    // Killed between attempts: the next run sends what is pending, and the
+    // `stopped` its reconciliation records.
+    s.kill();
+    receiver.release("ready");
+    s.restart();
+    receiver.wait("ready and stopped", Duration::from_secs(30), |g| {
+        g.iter().filter(|r| r.acknowledged()).count() >= 2
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_acknowledged_once_in_order(&receiver, &["ready", "stopped"]);
+    let acked = receiver.acknowledged();
+    assert_eq!(
+        acked[0].header("x-sandcast-delivery"),
+        before,
+        "the same delivery, sent again"
+    );
+    let stopped = acked[1].json();
+    assert!(
+        stopped["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarted")),
+        "{stopped}"
+    );
+    assert_well_formed(&receiver.got(), &id);
+    assert_delivered(&s, &receiver, &["ready", "stopped"]);
+    let left = wait_no_leftovers(&id, Duration::from_secs(20));
+    assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+}
