@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "webhook_receiver.rs"]
+pub mod webhook_receiver;
+
 /// Flags every test browser gets (both the viewers and the browsers in sessions).
 pub const BROWSER_FLAGS: [&str; 5] = [
     "--no-sandbox",

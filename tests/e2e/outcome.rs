@@ -8,7 +8,8 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use sandcast_e2e::{Server, run_viewer, wait_no_leftovers, with_query};
+use sandcast_e2e::webhook_receiver::{self, Receiver};
+use sandcast_e2e::{Server, ServerOptions, run_viewer, wait_no_leftovers, with_query};
 use serde_json::{Value, json};
 
 const READY: Duration = Duration::from_secs(40);
@@ -57,7 +58,11 @@ fn b64(s: &str) -> Vec<u8> {
 
 #[test]
 fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token() {
-    let s = Server::start_default();
+    let hooks = Receiver::start(&[]);
+    let s = Server::start(ServerOptions {
+        tables: webhook_receiver::tables(&hooks.url),
+        ..Default::default()
+    });
     let created = s.create(&json!({
         "user_id": "alice",
         "start_url": "about:blank",
@@ -97,6 +102,23 @@ fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token
     assert_eq!(done["exit_code"], 0, "{done}");
     let logs = s.api("GET", &format!("/api/sessions/{id}/logs"), None).body;
     assert!(logs.contains("democli: signed in"), "{logs}");
+    // The operator's endpoint hears of it, signed.
+    hooks.wait("the completed event", Duration::from_secs(30), |got| {
+        got.iter().any(|r| r.acknowledged() && r.event() == "completed")
+    });
+    let completed = hooks
+        .acknowledged()
+        .into_iter()
+        .find(|r| r.event() == "completed")
+        .unwrap();
+    assert_eq!(
+        completed.header("x-sandcast-signature"),
+        webhook_receiver::expected_signature(&completed.body)
+    );
+    let event = completed.json();
+    assert_eq!(event["session_id"], id.as_str());
+    assert_eq!(event["user_id"], "alice");
+    assert_eq!(event["data"]["exit_code"], 0, "{event}");
 
     let r = s.api("GET", &format!("/api/sessions/{id}/result"), None);
     assert_eq!(r.status, 200, "{r:?}");

@@ -285,6 +285,11 @@ pub struct LaunchSpec {
     /// SHA-256 there; `None` for an instance that gets no configuration (a
     /// snapshot template).
     pub agent_token: Option<AgentToken>,
+    /// An ext4 image (a user's profile, made and checked by the caller) to
+    /// be the session's home, writable; `None`: a fresh, empty home. The
+    /// sandbox mounts it inside the session's mount namespace, a microVM
+    /// gets it as a drive.
+    pub home: Option<PathBuf>,
 }
 
 /// How an instance ended.

@@ -140,6 +140,7 @@ async fn run(
                 egress: sandcast_backend::Egress::Internet,
             },
             agent_token: Some(AgentToken::new(format!("bench-token-{i}"))),
+            home: None,
         };
         let listener = UnixListener::bind(&spec.agent_socket).unwrap();
         let t = Instant::now();

@@ -311,6 +311,7 @@ impl FirecrackerBackend {
                 egress: sandcast_backend::Egress::None,
             },
             agent_token: None,
+            home: None,
         };
         // The template's agent connects and waits; it gets no configuration.
         let _ = std::fs::remove_file(&spec.agent_socket);

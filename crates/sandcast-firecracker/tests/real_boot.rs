@@ -88,6 +88,7 @@ async fn boots_a_real_microvm() {
             egress: sandcast_backend::Egress::None,
         },
         agent_token: Some(sandcast_backend::AgentToken::new("real-boot-token")),
+        home: None,
     };
     let listener = UnixListener::bind(&spec.agent_socket).unwrap();
     let instance = match backend.start(&spec).await {

@@ -48,6 +48,7 @@ impl Bench {
                 egress: Egress::Internet,
             },
             agent_token: None,
+            home: None,
         };
         (spec, listener)
     }

@@ -135,6 +135,7 @@ impl Harness {
                     },
                 },
                 agent_token: None,
+                home: None,
             },
             listener,
         }

@@ -100,6 +100,7 @@ pub fn launch_spec(backend: &FirecrackerBackend, dir: &Path, id: &SessionId) -> 
             egress: sandcast_backend::Egress::Internet,
         },
         agent_token: Some(sandcast_backend::AgentToken::new(format!("token-of-{id}"))),
+        home: None,
     }
 }
 

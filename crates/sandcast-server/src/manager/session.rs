@@ -628,6 +628,7 @@ impl Actor {
                 egress: self.spec.egress.clone(),
             },
             agent_token: Some(self.agent_token.clone()),
+            home: None,
         };
         Ok(Box::pin(async move {
             backend.start(&spec).await.map_err(|e| {
