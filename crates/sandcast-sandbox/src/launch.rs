@@ -102,7 +102,13 @@ pub struct BwrapArgs {
     pub info_fd: RawFd,
     /// Fds holding compiled seccomp programs, loaded before the agent runs.
     pub seccomp_fds: Vec<RawFd>,
+    /// The home is a profile mounted at the stage's `home` (see
+    /// [`PreExec::prepare`]), bound in place of a fresh tmpfs.
+    pub profile_home: bool,
 }
+
+/// The stage entry a profile's file system is mounted on.
+pub const HOME_STAGE: &str = "home";
 
 /// The bwrap arguments (after the program name).
 pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
@@ -158,9 +164,21 @@ pub fn bwrap_args(a: &BwrapArgs) -> Vec<OsString> {
         ("/var/tmp", "1777"),
         ("/tmp", "1777"),
         ("/home", "0755"),
-        (inside::HOME, "0700"),
     ] {
         push(&[&"--perms", &perms, &"--size", &writable, &"--tmpfs", &dir]);
+    }
+    if a.profile_home {
+        // The profile's own size is its quota.
+        push(&[&"--bind", &stage(HOME_STAGE), &inside::HOME]);
+    } else {
+        push(&[
+            &"--perms",
+            &"0700",
+            &"--size",
+            &writable,
+            &"--tmpfs",
+            &inside::HOME,
+        ]);
     }
     for p in &a.policies {
         push(&[&"--size", &"1048576", &"--tmpfs", &p.dir]);
@@ -322,7 +340,7 @@ pub fn check_image_root(root: &Path) -> Result<(), String> {
 }
 
 /// Steps of the pre-exec sequence, reported by number when one fails.
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 11] = [
     "joining the network namespace",
     "joining the cgroup",
     "creating a private mount namespace",
@@ -333,6 +351,7 @@ const STEPS: [&str; 10] = [
     "dropping to the unprivileged user",
     "passing fds to bwrap",
     "hiding a host path",
+    "mounting the profile as the home",
 ];
 
 /// Name of a pre-exec step reported by the child.
@@ -356,6 +375,8 @@ pub struct PreExec {
     gid: u32,
     pass_fds: Vec<RawFd>,
     step_fd: RawFd,
+    /// A profile's loop device and where in the stage to mount it.
+    home: Option<(CString, CString)>,
 }
 
 /// A host path hidden inside the session.
@@ -391,6 +412,7 @@ impl PreExec {
         (uid, gid): (u32, u32),
         pass_fds: Vec<RawFd>,
         step_fd: RawFd,
+        home: Option<&std::ffi::CStr>,
     ) -> io::Result<PreExec> {
         let open = |p: &Path, write: bool| -> io::Result<OwnedFd> {
             let f = std::fs::OpenOptions::new()
@@ -420,6 +442,9 @@ impl PreExec {
             gid,
             pass_fds,
             step_fd,
+            home: home
+                .map(|dev| Ok::<_, io::Error>((dev.to_owned(), cstr(&stage.join(HOME_STAGE))?)))
+                .transpose()?,
         })
     }
 
@@ -497,6 +522,23 @@ impl PreExec {
                     return fail(6);
                 }
             }
+            // The profile, in this namespace only; a failure fails the
+            // session rather than leave it a fresh home unnoticed.
+            if let Some((dev, target)) = &self.home {
+                if libc::mkdir(target.as_ptr(), 0o700) != 0 {
+                    return fail(10);
+                }
+                if libc::mount(
+                    dev.as_ptr(),
+                    target.as_ptr(),
+                    c"ext4".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail(10);
+                }
+            }
             // After staging (whose sources may lie under a hidden path).
             if !self.hide.is_empty() {
                 let fd = libc::open(
@@ -552,6 +594,10 @@ mod tests {
     use super::*;
 
     fn args() -> Vec<String> {
+        args_with(false)
+    }
+
+    fn args_with(profile_home: bool) -> Vec<String> {
         bwrap_args(&BwrapArgs {
             root: "/".into(),
             stage: "/run/stage".into(),
@@ -565,6 +611,7 @@ mod tests {
             resolv_target: "/etc/resolv.conf".into(),
             info_fd: 7,
             seccomp_fds: vec![8, 9],
+            profile_home,
         })
         .into_iter()
         .map(|s| s.into_string().unwrap())
@@ -631,6 +678,11 @@ mod tests {
             .map(|w| w[1].as_str())
             .collect();
         assert_eq!(binds, ["/run/stage/agent.sock"]);
+        // A profile's home is the one other: its own file system, mounted
+        // on the stage in the session's namespace.
+        let p = args_with(true);
+        assert!(has_seq(&p, &["--bind", "/run/stage/home", "/home/sandcast"]));
+        assert!(!has_seq(&p, &["--tmpfs", "/home/sandcast"]));
         assert!(has_seq(
             &a,
             &[

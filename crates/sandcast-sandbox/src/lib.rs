@@ -60,6 +60,7 @@
 //!   browser policies) belongs to the backend; the server removes the
 //!   session directory. Nothing a session writes lands on the host's disk.
 
+pub mod home;
 pub mod launch;
 pub mod seccomp;
 
@@ -418,7 +419,20 @@ impl Inner {
             resolv_target: launch::resolv_target(&root),
             info_fd: info_w.as_raw_fd(),
             seccomp_fds: seccomp_fds.iter().map(AsRawFd::as_raw_fd).collect(),
+            profile_home: spec.home.is_some(),
         });
+        // A profile: its files become this session's uid's, then its loop
+        // device is held until the child has mounted it.
+        let home = match &spec.home {
+            Some(image) => {
+                home::give_to(image, uid).await.map_err(BackendError::Start)?;
+                Some(
+                    home::LoopDevice::attach(image)
+                        .map_err(|e| BackendError::Start(format!("the profile: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let mut pass_fds = vec![info_w.as_raw_fd()];
         pass_fds.extend(seccomp_fds.iter().map(AsRawFd::as_raw_fd));
         let pre = launch::PreExec::prepare(
@@ -430,6 +444,7 @@ impl Inner {
             (uid, uid),
             pass_fds,
             step_w.as_raw_fd(),
+            home.as_ref().map(|h| h.path.as_c_str()),
         )
         .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?;
         let mut cmd = tokio::process::Command::new(&cfg.bwrap);
@@ -448,6 +463,8 @@ impl Inner {
         drop(info_w);
         drop(step_w);
         drop(seccomp_fds);
+        // Mounted by now (or the spawn failed): the mount holds the device.
+        drop(home);
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
