@@ -73,8 +73,10 @@ pub struct Resp {
     pub status: u16,
     /// Headers, names lower-cased.
     pub headers: Vec<(String, String)>,
-    /// The body as text.
+    /// The body as text (empty when it is not UTF-8).
     pub body: String,
+    /// The body's bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl Resp {
@@ -540,16 +542,17 @@ impl Server {
             })
             .collect();
         let status = resp.status().as_u16();
-        let body = resp
+        let bytes = resp
             .body_mut()
             .with_config()
             .limit(64 << 20)
-            .read_to_string()
+            .read_to_vec()
             .unwrap_or_default();
         Ok(Resp {
             status,
             headers,
-            body,
+            body: String::from_utf8(bytes.clone()).unwrap_or_default(),
+            bytes,
         })
     }
 

@@ -104,7 +104,8 @@ fn a_cli_login_signed_in_through_the_viewer_completes_the_session_with_its_token
     assert!(logs.contains("democli: signed in"), "{logs}");
     // The operator's endpoint hears of it, signed.
     hooks.wait("the completed event", Duration::from_secs(30), |got| {
-        got.iter().any(|r| r.acknowledged() && r.event() == "completed")
+        got.iter()
+            .any(|r| r.acknowledged() && r.event() == "completed")
     });
     let completed = hooks
         .acknowledged()

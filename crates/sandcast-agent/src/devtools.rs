@@ -114,7 +114,8 @@ impl Commands {
 
 /// Drives one browser run's DevTools pipe until the browser closes it:
 /// `to_browser` is the write end of the browser's descriptor 3,
-/// `from_browser` the read end of its descriptor 4. Focus changes go to
+/// `from_browser` the read end of its descriptor 4; a word on `close`
+/// asks the browser to close (the session ends). Focus changes go to
 /// `out` as [`Message::RemoteFocus`]; URLs from `opens` become tabs in
 /// front (see [`crate::opener`]). `opens` is shared by every run of the
 /// browser: a request made while it restarts waits for the next run.
@@ -123,7 +124,9 @@ pub async fn run(
     from_browser: OwnedFd,
     out: mpsc::Sender<Message>,
     opens: Arc<tokio::sync::Mutex<mpsc::Receiver<OpenRequest>>>,
+    close: oneshot::Receiver<()>,
 ) {
+    let mut close = Some(close);
     let mut tx = tokio::fs::File::from_std(std::fs::File::from(to_browser));
     let (msg_tx, mut msgs) = mpsc::channel::<Value>(64);
     tokio::spawn(read_messages(from_browser, msg_tx));
@@ -152,6 +155,14 @@ pub async fn run(
                 Some(m) => m,
                 None => return,
             },
+            asked = async { close.as_mut().expect("guarded").await }, if close.is_some() => {
+                close = None;
+                if asked.is_ok() {
+                    // A clean exit, with the profile written out.
+                    cmds.add("Browser.close", json!({}), None);
+                }
+                continue;
+            }
             req = opens.recv() => {
                 let Some(req) = req else { continue };
                 let id = cmds.add("Target.createTarget", json!({ "url": req.url }), None);

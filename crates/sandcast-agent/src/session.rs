@@ -97,8 +97,13 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
         h264_mode,
     );
     let mut next_stream_ok = true;
+    // The backend's stop is a SIGTERM: the children are stopped in order
+    // (the browser gets to write its profile), as on `Shutdown`.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("handling SIGTERM")?;
     let reason = loop {
         tokio::select! {
+            _ = terminate.recv() => break "asked to stop (SIGTERM)".to_string(),
             frame = stream.next() => match frame {
                 Some(Ok(Frame::Message(msg))) => match msg {
                     Message::Shutdown => break "the server asked to shut down".to_string(),

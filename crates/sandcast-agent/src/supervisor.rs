@@ -48,6 +48,9 @@ pub enum Event {
 /// The running supervisor.
 pub struct Supervisor {
     stop: watch::Sender<bool>,
+    stop_display: watch::Sender<bool>,
+    /// Xvfb's task, stopped last.
+    display_task: Option<tokio::task::JoinHandle<()>>,
     /// Whether anyone watches, as the server last said.
     watched: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -71,10 +74,24 @@ struct ReadyFlags {
     sent: bool,
 }
 
+impl Ctx {
+    /// The stop a child of `kind` obeys: the display's comes last.
+    fn stop_for(&self, kind: Kind) -> watch::Receiver<bool> {
+        if kind == Kind::Xvfb {
+            self.stop_display.clone()
+        } else {
+            self.stop.clone()
+        }
+    }
+}
+
 struct Ctx {
     config: SessionConfig,
     out: mpsc::Sender<Message>,
     stop: watch::Receiver<bool>,
+    /// The display's own stop, given once everything on it has stopped (a
+    /// browser losing its display mid-shutdown dies without saving).
+    stop_display: watch::Receiver<bool>,
     display: watch::Sender<Option<String>>,
     vnc_port: watch::Sender<Option<u16>>,
     events: mpsc::Sender<Event>,
@@ -126,6 +143,7 @@ impl Supervisor {
         sizes: SharedSizes,
     ) -> Supervisor {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_display_tx, stop_display_rx) = watch::channel(false);
         let (display_tx, display_rx) = watch::channel(None);
         let (vnc_tx, vnc_rx) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(8);
@@ -144,6 +162,7 @@ impl Supervisor {
             config,
             out,
             stop: stop_rx,
+            stop_display: stop_display_rx,
             display: display_tx,
             vnc_port: vnc_tx,
             events: events_tx,
@@ -155,15 +174,18 @@ impl Supervisor {
             opener,
         });
         let mut tasks = JoinSet::new();
-        let mut kinds = vec![Kind::Xvfb, Kind::Browser, Kind::Vnc];
+        let mut kinds = vec![Kind::Browser, Kind::Vnc];
         if launch.is_some() {
             kinds.push(Kind::Launch);
         }
         for kind in kinds {
             tasks.spawn(supervise(ctx.clone(), kind));
         }
+        let display_task = tokio::spawn(supervise(ctx.clone(), Kind::Xvfb));
         Supervisor {
             stop: stop_tx,
+            stop_display: stop_display_tx,
+            display_task: Some(display_task),
             watched: watched_tx,
             tasks,
             open_task,
@@ -187,6 +209,10 @@ impl Supervisor {
         }
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let _ = self.stop_display.send(true);
+        if let Some(t) = self.display_task.take() {
+            let _ = t.await;
+        }
         if let Some(o) = &self.opener {
             o.remove();
         }
@@ -252,6 +278,13 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
         Kind::Browser => {
             let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
             let profile = std::path::Path::new(&home).join(".sandcast-browser");
+            // A profile kept from a session that ended uncleanly still
+            // holds its lock, naming a process of that session: Chromium
+            // would take it for another browser using the profile. Only
+            // this agent starts browsers on it.
+            for lock in ["SingletonLock", "SingletonCookie", "SingletonSocket"] {
+                let _ = std::fs::remove_file(profile.join(lock));
+            }
             let _ = display;
             // The window starts at the display's size now, not the
             // configured one: the viewer may have resized since.
@@ -311,7 +344,7 @@ enum RunEnd {
 async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
     let name = kind.name();
     let mut tracker = RestartTracker::new(ctx.config.restart);
-    let mut stop = ctx.stop.clone();
+    let mut stop = ctx.stop_for(kind);
     let mut display_rx = ctx.display.subscribe();
     let mut last_exit = None;
     let mut first = true;
@@ -471,7 +504,7 @@ async fn run_once(
     last_exit: Option<ExitInfo>,
 ) -> RunEnd {
     let name = kind.name();
-    let mut stop = ctx.stop.clone();
+    let mut stop = ctx.stop_for(kind);
     let prepared = match prepare(ctx, kind, display) {
         Ok(p) => p,
         Err(e) => {
@@ -496,15 +529,19 @@ async fn run_once(
     };
     // The child holds its copy; ours must close so EOF means Xvfb is gone.
     drop(prepared.inherit);
+    let mut close = None;
     if let Some(d) = prepared.devtools {
         // Likewise: EOF on the pipe means the browser is gone, which ends
         // the task.
         drop((d.browser_reads, d.browser_writes));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        close = Some(tx);
         tokio::spawn(crate::devtools::run(
             d.to_browser,
             d.from_browser,
             ctx.out.clone(),
             ctx.opens.clone(),
+            rx,
         ));
     }
     let pid = child.id();
@@ -564,7 +601,7 @@ async fn run_once(
             return RunEnd::DisplayChanged;
         }
         _ = stop.changed() => {
-            stop_child(&mut child, pid).await;
+            close_then_stop(&mut child, pid, close.take()).await;
             return RunEnd::Stop;
         }
     }
@@ -604,7 +641,7 @@ async fn run_once(
                 return RunEnd::DisplayChanged;
             }
             _ = stop.changed() => {
-                stop_child(&mut child, pid).await;
+                close_then_stop(&mut child, pid, close.take()).await;
                 return RunEnd::Stop;
             }
             () = pause => {
@@ -773,6 +810,33 @@ fn kill_group(pid: Option<u32>, signal: i32) {
             libc::kill(-(pid as i32), signal);
         }
     }
+}
+
+/// How long a browser asked to close gets to save its profile (cookies,
+/// local storage) and exit before it is stopped with signals.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops a child at the session's end: a browser is first asked to close
+/// over its DevTools pipe (`close`), the only way it writes everything of
+/// its profile out; then, or for the others, signals.
+async fn close_then_stop(
+    child: &mut tokio::process::Child,
+    pid: Option<u32>,
+    close: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    if let Some(close) = close {
+        kill_group(pid, libc::SIGCONT);
+        if close.send(()).is_ok()
+            && tokio::time::timeout(CLOSE_GRACE, child.wait())
+                .await
+                .is_ok()
+        {
+            // Its helpers may linger a moment after it.
+            kill_group(pid, libc::SIGKILL);
+            return;
+        }
+    }
+    stop_child(child, pid).await;
 }
 
 async fn stop_child(child: &mut tokio::process::Child, pid: Option<u32>) {

@@ -118,7 +118,15 @@ mount -t ext4 -o loop,nosuid,nodev,noexec "$0" "$m"
 chown -R -P "$1:$1" "$m"
 chmod 0700 "$m""#;
     let out = tokio::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c", script])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
         .arg(image)
         .arg(uid.to_string())
         .stdin(std::process::Stdio::null())
@@ -167,7 +175,12 @@ mod tests {
         assert!(mkfs.success());
         give_to(&image, 2_000_123).await.unwrap();
         let dev = LoopDevice::attach(&image).unwrap();
-        let name = dev.path.to_str().unwrap().trim_start_matches("/dev/").to_string();
+        let name = dev
+            .path
+            .to_str()
+            .unwrap()
+            .trim_start_matches("/dev/")
+            .to_string();
         let backing = format!("/sys/block/{name}/loop/backing_file");
         assert_eq!(
             std::fs::read_to_string(&backing).unwrap().trim(),
@@ -182,7 +195,10 @@ mod tests {
             ))
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "2000123 700\n2000123 700\n");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "2000123 700\n2000123 700\n"
+        );
         drop(dev);
         // Autoclear: with nothing holding it, the device lets go of the image.
         assert!(

@@ -681,7 +681,10 @@ mod tests {
         // A profile's home is the one other: its own file system, mounted
         // on the stage in the session's namespace.
         let p = args_with(true);
-        assert!(has_seq(&p, &["--bind", "/run/stage/home", "/home/sandcast"]));
+        assert!(has_seq(
+            &p,
+            &["--bind", "/run/stage/home", "/home/sandcast"]
+        ));
         assert!(!has_seq(&p, &["--tmpfs", "/home/sandcast"]));
         assert!(has_seq(
             &a,

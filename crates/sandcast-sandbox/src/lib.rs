@@ -425,7 +425,9 @@ impl Inner {
         // device is held until the child has mounted it.
         let home = match &spec.home {
             Some(image) => {
-                home::give_to(image, uid).await.map_err(BackendError::Start)?;
+                home::give_to(image, uid)
+                    .await
+                    .map_err(BackendError::Start)?;
                 Some(
                     home::LoopDevice::attach(image)
                         .map_err(|e| BackendError::Start(format!("the profile: {e}")))?,

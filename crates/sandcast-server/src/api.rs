@@ -123,6 +123,25 @@ pub struct CreateRequest {
     /// result_ttl_seconds` (600).
     #[schema(minimum = 1, maximum = 86400)]
     result_ttl_seconds: Option<u64>,
+    /// The home (browser profile, dot-files) is the user's profile, kept
+    /// between sessions; needs `user_id`. Default: the provider's
+    /// `persist`.
+    profile: Option<bool>,
+    /// When the user's profile is in a live session already: `"existing"`
+    /// (default) answers with that session (200, a new viewer token),
+    /// `"reject"` with 409.
+    profile_conflict: Option<ProfileConflict>,
+}
+
+/// What a create does when the user's profile is in a live session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileConflict {
+    /// Answer with the live session.
+    #[default]
+    Existing,
+    /// Refuse with 409.
+    Reject,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
@@ -229,6 +248,15 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
         collect,
         result_ttl_seconds: result_ttl.unwrap_or(cfg.files.result_ttl_seconds),
     };
+    let profile = match req.profile.unwrap_or(provider.is_some_and(|p| p.persist)) {
+        false => None,
+        true => Some(req.user_id.clone().ok_or_else(|| {
+            bad(
+                "profile",
+                "a profile belongs to a user: give user_id".into(),
+            )
+        })?),
+    };
     let egress = match req.egress {
         None => cfg.session.egress.clone(),
         Some(v) => limits::check_egress(v).map_err(|e| bad("egress", e))?,
@@ -262,6 +290,7 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             egress,
             keyboard_layout,
             outcome,
+            profile,
         },
         ttl_seconds: ttl,
     })
@@ -298,6 +327,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "complete_on": row.spec.outcome.complete_on,
         "collect": row.spec.outcome.collect,
         "exit_code": row.exit_code,
+        "profile": row.spec.profile.is_some(),
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
         "created_at": rfc3339(row.created_ms),
         "ready_at": row.ready_ms.map(rfc3339),
@@ -329,8 +359,25 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
-fn created(state: &AppState, headers: &HeaderMap, new: NewSession) -> Result<Response, ApiError> {
-    let (row, token) = state.manager.create(new)?;
+fn created(
+    state: &AppState,
+    headers: &HeaderMap,
+    new: NewSession,
+    conflict: ProfileConflict,
+) -> Result<Response, ApiError> {
+    // The user's profile is in a live session: that session is the answer
+    // (with a new viewer token), unless asked to refuse.
+    let existing = new
+        .spec
+        .profile
+        .as_deref()
+        .filter(|_| conflict == ProfileConflict::Existing)
+        .and_then(|user| state.manager.profile_session(user))
+        .filter(|id| state.manager.live(id).is_some());
+    let (status, (row, token)) = match existing {
+        Some(id) => (StatusCode::OK, state.manager.new_viewer_token(&id)?),
+        None => (StatusCode::CREATED, state.manager.create(new)?),
+    };
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
     body["viewer_url"] = json!(format!(
         "{}/viewer/{}#token={}",
@@ -339,7 +386,7 @@ fn created(state: &AppState, headers: &HeaderMap, new: NewSession) -> Result<Res
         token
     ));
     body["viewer_token"] = json!(token);
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((status, Json(body)).into_response())
 }
 
 /// Create a session.
@@ -369,8 +416,9 @@ pub async fn create(
     body: Result<Json<CreateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = json_body(body)?;
+    let conflict = req.profile_conflict.unwrap_or_default();
     let new = validate(state.manager.config(), req)?;
-    created(&state, &headers, new)
+    created(&state, &headers, new, conflict)
 }
 
 /// Create a session from a provider preset (the seed's endpoint).
@@ -405,7 +453,7 @@ pub async fn auth_start(
             ..Default::default()
         },
     )?;
-    let resp = created(&state, &headers, new)?;
+    let resp = created(&state, &headers, new, ProfileConflict::Existing)?;
     Ok(resp)
 }
 

@@ -305,6 +305,8 @@ pub struct SessionDefaults {
     /// paused (no rendering, no CPU; a launch command runs on); a viewer
     /// resumes it at once. 0 never pauses.
     pub pause_unwatched_seconds: u64,
+    /// Size of a user's profile (its quota), in MiB, when it is made.
+    pub profile_mib: u64,
 }
 
 impl Default for SessionDefaults {
@@ -322,6 +324,7 @@ impl Default for SessionDefaults {
             pids: 1024,
             start_timeout_seconds: 60,
             pause_unwatched_seconds: 10,
+            profile_mib: 512,
         }
     }
 }
@@ -439,6 +442,9 @@ pub struct Provider {
     /// Seconds the collected files are kept (default `[files]`'s).
     #[serde(default)]
     pub result_ttl_seconds: Option<u64>,
+    /// The user's profile is the session's home (`profile: true`).
+    #[serde(default)]
+    pub persist: bool,
 }
 
 /// Gateway sockets.
@@ -826,6 +832,12 @@ impl Config {
                 p.result_ttl_seconds,
             )
             .map_err(|(field, e)| format!("providers.{name}.{field}: {e}"))?;
+        }
+        if !(16..=1 << 20).contains(&self.session.profile_mib) {
+            return Err(format!(
+                "session.profile_mib = {} is outside 16 to 1048576",
+                self.session.profile_mib
+            ));
         }
         let f = &self.files;
         if f.max_mib == 0 || f.result_max_kib == 0 {

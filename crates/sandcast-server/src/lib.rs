@@ -22,6 +22,7 @@ pub mod log_read;
 pub mod manager;
 pub mod metrics;
 pub mod openapi;
+pub mod profiles;
 pub mod ratelimit;
 pub mod results;
 pub mod retention;
@@ -97,6 +98,7 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(files::get, files::put, files::delete))
         .routes(routes!(files::home))
         .routes(routes!(results::get))
+        .routes(routes!(profiles::get, profiles::put, profiles::delete))
         .routes(routes!(viewer::offer, viewer::last_offer))
         .routes(routes!(viewer::last_answer))
         .routes(routes!(viewer::ice_servers))
@@ -347,6 +349,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             egress: cfg.session.egress.clone(),
             keyboard_layout: None,
             outcome: Default::default(),
+            profile: None,
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

@@ -307,6 +307,8 @@ pub struct Session {
     /// The launch command's exit code, once it exited in a session with
     /// `complete_on`.
     pub exit_code: Option<i32>,
+    /// Its home is its user's profile.
+    pub profile: bool,
     /// Seconds without a viewer before it stops.
     pub idle_timeout_seconds: u64,
     /// When it was created (RFC 3339).
@@ -596,6 +598,7 @@ mod tests {
                 egress: sandcast_backend::Egress::Internet,
                 keyboard_layout: None,
                 outcome: Default::default(),
+                profile: None,
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,

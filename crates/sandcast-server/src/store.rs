@@ -104,6 +104,9 @@ pub struct Spec {
     /// What ends the session with an outcome, and how.
     #[serde(default, skip_serializing_if = "Outcome::is_none")]
     pub outcome: Outcome,
+    /// The user whose profile is the session's home (`profile: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// What ends a session with an outcome (`complete_on`), and what is kept
@@ -393,6 +396,15 @@ impl Store {
         Ok(true)
     }
 
+    /// Replaces a session's viewer token hash.
+    pub fn set_token_hash(&self, id: &str, hash: &str) -> Result<()> {
+        self.conn.lock().unwrap().execute(
+            "UPDATE sessions SET token_hash = ?2 WHERE id = ?1",
+            params![id, hash],
+        )?;
+        Ok(())
+    }
+
     /// Records the launch command's exit code.
     pub fn set_exit_code(&self, id: &str, code: Option<i32>) -> Result<()> {
         self.conn.lock().unwrap().execute(
@@ -578,6 +590,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 egress: sandcast_backend::Egress::None,
                 keyboard_layout: None,
                 outcome: Outcome::default(),
+                profile: None,
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
@@ -616,6 +629,7 @@ mod tests {
                 egress: sandcast_backend::Egress::Internet,
                 keyboard_layout: None,
                 outcome: Default::default(),
+                profile: None,
             },
             token_hash: "ab".into(),
             created_ms: 1,

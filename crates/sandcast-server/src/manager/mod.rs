@@ -91,8 +91,24 @@ pub struct Manager {
     metrics: Arc<Metrics>,
     agent_binary: PathBuf,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Which profile is in use, by whom (a session id, or an import): one
+    /// ext4 file system is never mounted twice.
+    profiles: Arc<Mutex<HashMap<String, String>>>,
     events: broadcast::Sender<SessionEvent>,
     webhooks: Arc<Webhooks>,
+}
+
+/// A profile in use; released when dropped.
+#[derive(Debug)]
+pub struct ProfileClaim {
+    profiles: Arc<Mutex<HashMap<String, String>>>,
+    user_id: String,
+}
+
+impl Drop for ProfileClaim {
+    fn drop(&mut self) {
+        self.profiles.lock().unwrap().remove(&self.user_id);
+    }
 }
 
 /// Milliseconds since the epoch.
@@ -120,6 +136,7 @@ impl Manager {
             metrics,
             agent_binary,
             live: Mutex::new(HashMap::new()),
+            profiles: Arc::new(Mutex::new(HashMap::new())),
             events,
             webhooks,
         });
@@ -127,6 +144,37 @@ impl Manager {
             tokio::spawn(relay(Arc::downgrade(&m), events));
         }
         m
+    }
+
+    /// Who has `user_id`'s profile now (a session id), if anyone.
+    pub fn profile_session(&self, user_id: &str) -> Option<String> {
+        self.profiles.lock().unwrap().get(user_id).cloned()
+    }
+
+    /// Takes `user_id`'s profile for `holder`; `Err` names who has it.
+    pub fn claim_profile(&self, user_id: &str, holder: &str) -> Result<ProfileClaim, String> {
+        let mut p = self.profiles.lock().unwrap();
+        if let Some(other) = p.get(user_id) {
+            return Err(other.clone());
+        }
+        p.insert(user_id.to_string(), holder.to_string());
+        Ok(ProfileClaim {
+            profiles: self.profiles.clone(),
+            user_id: user_id.to_string(),
+        })
+    }
+
+    /// Gives a live session a new viewer token (the old one stops
+    /// opening it) and returns it: the answer to a second create for a
+    /// user whose profile that session has.
+    pub fn new_viewer_token(&self, id: &str) -> Result<(Row, String), ManagerError> {
+        let token = auth::new_secret();
+        self.store.set_token_hash(id, &auth::hash_token(&token))?;
+        let row = self
+            .store
+            .get(id)?
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        Ok((row, token))
     }
 
     /// The store.
@@ -210,17 +258,27 @@ impl Manager {
             stopped_ms: None,
             exit_code: None,
         };
-        let (live, actor) = session::new(
+        let profile = req.spec.profile.clone();
+        let (live, mut actor) = session::new(
             self.clone(),
             id.clone(),
             req.spec,
             Duration::from_secs(req.ttl_seconds),
         );
         {
-            // The count and the reservation are one step under one lock.
+            // The count and the reservation are one step under one lock,
+            // and so is the profile's.
             let mut map = self.live.lock().unwrap();
             if map.len() >= self.config.max_sessions {
                 return Err(ManagerError::Full(map.len()));
+            }
+            if let Some(user) = &profile {
+                let claim = self.claim_profile(user, &id).map_err(|other| {
+                    ManagerError::Conflict(format!(
+                        "session {other} has the profile of {user:?} now; one session at a time has a profile"
+                    ))
+                })?;
+                actor.hold_profile(claim);
             }
             map.insert(id.clone(), live);
         }

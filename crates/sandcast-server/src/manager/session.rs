@@ -351,6 +351,9 @@ pub struct Actor {
     to_self_commands: mpsc::WeakSender<Command>,
     /// The launch command ended and the session is completing.
     completing: bool,
+    /// The user's profile this session has as its home, held until its
+    /// processes are gone.
+    profile_claim: Option<super::ProfileClaim>,
 }
 
 /// Makes a session's handle and its task (not yet running).
@@ -418,6 +421,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         to_sockets,
         to_self_commands: live.commands.downgrade(),
         completing: false,
+        profile_claim: None,
     };
     (live, actor)
 }
@@ -445,6 +449,11 @@ async fn started(f: &mut Option<Starting>) -> Result<Box<dyn Instance>, String> 
 }
 
 impl Actor {
+    /// Keeps the claim on the session's profile until its processes are gone.
+    pub(super) fn hold_profile(&mut self, claim: super::ProfileClaim) {
+        self.profile_claim = Some(claim);
+    }
+
     /// Runs the session until it has stopped or failed and its processes are
     /// gone.
     pub async fn run(mut self) {
@@ -630,7 +639,21 @@ impl Actor {
             agent_token: Some(self.agent_token.clone()),
             home: None,
         };
+        let profile = self.spec.profile.clone().map(|user| {
+            let cfg = &self.m.config;
+            (
+                crate::profiles::dir(&cfg.data_dir),
+                user,
+                cfg.session.profile_mib,
+            )
+        });
+        let session = self.id.clone();
         Ok(Box::pin(async move {
+            let mut spec = spec;
+            if let Some((dir, user, mib)) = profile {
+                let image = crate::profiles::prepare(&dir, &user, mib, &session).await?;
+                spec.home = Some(image);
+            }
             backend.start(&spec).await.map_err(|e| {
                 format!(
                     "the {} backend could not start the session: {e}",
@@ -677,6 +700,8 @@ impl Actor {
         }
         self.control = None;
         self.streams.clear();
+        // Its file system is unmounted with the instance: free for the next.
+        self.profile_claim = None;
         let _ = std::fs::remove_dir_all(&self.dir);
         self.m.live.lock().unwrap().remove(&self.id);
         self.finished = true;
@@ -1001,6 +1026,7 @@ mod tests {
             egress: sandcast_backend::Egress::None,
             keyboard_layout: None,
             outcome: Default::default(),
+            profile: None,
         }
     }
 

@@ -111,6 +111,7 @@ fn request() -> NewSession {
             egress: sandcast_backend::Egress::None,
             keyboard_layout: None,
             outcome: Default::default(),
+            profile: None,
         },
         ttl_seconds: 3600,
     }
