@@ -8,8 +8,9 @@
 //! overlay, mounts `/proc`, `/sys`, `/dev` (with `/dev/pts` and a sized
 //! `/dev/shm` for Chromium), `/run` and `/tmp`, brings up loopback, writes
 //! `/etc/resolv.conf` from the kernel's `ip=` configuration, routes
-//! Firecracker's MMDS address through the VM's interface (when it has one)
-//! and sets the hostname. Reaping orphans stays the supervisor's job.
+//! Firecracker's MMDS address through the VM's interface (when it has one),
+//! mounts a user's profile drive (`/dev/vdc`, when the session has one) as
+//! the home and sets the hostname. Reaping orphans stays the supervisor's job.
 
 use std::ffi::CString;
 use std::io;
@@ -17,6 +18,10 @@ use std::path::Path;
 
 /// The per-session writable drive (Firecracker's second virtio-block drive).
 pub const WRITABLE_DEVICE: &str = "/dev/vdb";
+/// A user's profile, when the session has one (the third drive).
+pub const PROFILE_DEVICE: &str = "/dev/vdc";
+/// Where the profile is mounted: the session user's home.
+pub const PROFILE_HOME: &str = sandcast_proto::files::SESSION_HOME;
 /// The hostname of every session.
 pub const HOSTNAME: &str = "sandcast";
 /// The VM's network interface (the kernel's `ip=` configures it); MMDS
@@ -139,7 +144,27 @@ pub fn prepare_vm_root_with(writable: &Path) -> io::Result<()> {
     if has_mmds_interface() {
         add_host_route(MMDS_IPV4, MMDS_INTERFACE)?;
     }
+    mount_profile(Path::new(PROFILE_DEVICE), Path::new(PROFILE_HOME))?;
     set_hostname(HOSTNAME)
+}
+
+/// Mounts a profile's drive as the home when the VM has one; returns
+/// whether it did. A drive that is there but does not mount is an error:
+/// a session must not run on a fresh home in place of its profile.
+pub fn mount_profile(device: &Path, home: &Path) -> io::Result<bool> {
+    if !device.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(home)?;
+    mount(
+        &device.to_string_lossy(),
+        &home.to_string_lossy(),
+        "ext4",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "",
+    )
+    .map_err(|e| context(e, &format!("mounting the profile {}", device.display())))?;
+    Ok(true)
 }
 
 /// Whether the VM has the interface MMDS answers on (none when the backend
@@ -338,6 +363,66 @@ mod tests {
         let pnp = "#MANUAL\nnameserver 1.1.1.1\nnameserver 0.0.0.0\nbootserver 0.0.0.0\n";
         assert_eq!(nameservers(pnp), ["1.1.1.1"]);
         assert!(nameservers("#MANUAL\n").is_empty());
+    }
+
+    #[test]
+    fn a_profile_drive_is_mounted_as_the_home_and_its_absence_is_no_error() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: mounting needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("sc-vm-home-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let home = dir.join("home");
+        assert!(!mount_profile(&dir.join("no-such-device"), &home).unwrap());
+        let image = dir.join("profile.ext4");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let ok = |c: &mut std::process::Command| c.status().unwrap().success();
+        assert!(ok(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)));
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(device.starts_with("/dev/loop"), "{device}");
+        assert!(mount_profile(Path::new(&device), &home).unwrap());
+        assert!(
+            home.join("lost+found").is_dir(),
+            "the profile's file system is the home"
+        );
+        // SAFETY: a NUL-terminated path.
+        unsafe {
+            libc::umount2(
+                cstr(home.to_str().unwrap()).unwrap().as_ptr(),
+                libc::MNT_DETACH,
+            )
+        };
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &device])
+            .status();
+        // A drive that is not a file system fails the VM, naming it.
+        let bad = dir.join("not-ext4");
+        std::fs::write(&bad, vec![0u8; 1 << 20]).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let err = mount_profile(Path::new(&device), &home).unwrap_err();
+        assert!(err.to_string().contains("mounting the profile"), "{err}");
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &device])
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -141,6 +141,9 @@ const METRICS_FILE: &str = "metrics.json";
 /// Drive and interface ids in the VM configuration.
 const ROOT_DRIVE_ID: &str = "rootfs";
 const WRITABLE_DRIVE_ID: &str = "writable";
+/// A profile's drive, the third (`/dev/vdc` in the guest, where the agent
+/// mounts it as the home).
+const HOME_DRIVE_ID: &str = "home";
 const IFACE_ID: &str = "eth0";
 /// Where the image installs the agent.
 pub const AGENT_PATH_IN_IMAGE: &str = "/usr/local/bin/sandcast-agent";
@@ -537,6 +540,10 @@ impl FirecrackerBackend {
             None => None,
         };
         let rootfs = running.import(&self.config.rootfs, "rootfs.ext4").await?;
+        let home = match &spec.home {
+            Some(image) => Some(running.import_writable(image, "home.ext4").await?),
+            None => None,
+        };
         let snapshot_names = match snapshot {
             Some(s) => Some((
                 running.import(&s.state, SNAPSHOT_STATE).await?,
@@ -600,6 +607,17 @@ impl FirecrackerBackend {
                         cache_type: None,
                     })
                     .await)?;
+                if let Some(home) = home {
+                    api(c
+                        .put_drive(&Drive {
+                            drive_id: HOME_DRIVE_ID.into(),
+                            is_root_device: false,
+                            is_read_only: false,
+                            path_on_host: home,
+                            cache_type: None,
+                        })
+                        .await)?;
+                }
                 if self.config.network {
                     api(c
                         .put_network_interface(&NetworkInterface {
@@ -981,6 +999,19 @@ impl Running {
         }
     }
 
+    /// Like [`Running::import`] for a file the VM writes and that must
+    /// outlive it (a profile): given to the jail's uid, and only ever a hard
+    /// link, never a copy that the session's writes would miss.
+    async fn import_writable(&self, host: &Path, name: &str) -> Result<String, BackendError> {
+        match &self.jail {
+            Some(j) => {
+                j.give(host)?;
+                j.link_in(host, name)
+            }
+            None => Ok(host.display().to_string()),
+        }
+    }
+
     /// Gives `path` to the jail's uid and gid; nothing to do unjailed.
     fn give(&self, path: &Path) -> Result<(), BackendError> {
         match &self.jail {
@@ -1180,7 +1211,9 @@ impl Backend for FirecrackerBackend {
                 expected.display()
             )));
         }
-        let snapshot = self.snapshot();
+        // A restored VM keeps the template's drives; a profile needs a
+        // drive of its own, so a session with one boots.
+        let snapshot = self.snapshot().filter(|_| spec.home.is_none());
         let mut running = self.launch(spec, snapshot.as_ref()).await?;
         let (tx, rx) = watch::channel(None);
         let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -161,6 +161,23 @@ impl Jail {
         Ok(self.jail_name(name))
     }
 
+    /// Brings `from` into the jail as `name` by a hard link only (a file
+    /// the VM writes for later); another file system is an error naming it.
+    pub fn link_in(&self, from: &Path, name: &str) -> Result<String, BackendError> {
+        let to = self.host_path(name);
+        let _ = std::fs::remove_file(&to);
+        std::fs::hard_link(from, &to).map_err(|e| {
+            BackendError::io(
+                format!(
+                    "linking {} into the jail (a profile must be on the jail's file system: put the data directory and chroot_base_dir on one)",
+                    from.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(self.jail_name(name))
+    }
+
     /// Gives a file or socket in the jail (or the agent's socket) to the
     /// jail's uid and gid, so the unprivileged Firecracker can use it.
     pub fn give(&self, path: &Path) -> Result<(), BackendError> {

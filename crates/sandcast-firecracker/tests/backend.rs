@@ -384,3 +384,40 @@ async fn an_image_without_the_browser_is_refused_with_the_reason() {
     let backend = FirecrackerBackend::new(cfg).unwrap();
     assert_eq!(backend.config().rootfs, image.join("rootfs.ext4"));
 }
+
+#[tokio::test]
+async fn a_profile_is_the_vms_third_drive_writable_and_kept() {
+    let dir = TestDir::new("home");
+    let backend = FirecrackerBackend::new(config(&dir.0)).unwrap();
+    let id = session_id("home");
+    let mut spec = launch_spec(&backend, &dir.0, &id);
+    let image = dir.0.join("alice.ext4");
+    std::fs::write(&image, b"stands for an ext4 profile").unwrap();
+    spec.home = Some(image.clone());
+    let listener = UnixListener::bind(&spec.agent_socket).unwrap();
+    let instance = backend.start(&spec).await.unwrap();
+    let _hello = agent_hello(&listener).await;
+    let reqs = requests(&spec.session_dir);
+    let drives: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r["method"] == "PUT")
+        .filter_map(|r| r["path"].as_str())
+        .filter(|p| p.starts_with("/drives/"))
+        .collect();
+    // Third, so the guest sees it as /dev/vdc.
+    assert_eq!(
+        drives,
+        ["/drives/rootfs", "/drives/writable", "/drives/home"]
+    );
+    let home = reqs.iter().find(|r| r["path"] == "/drives/home").unwrap();
+    assert_eq!(home["status"], 204, "{home}");
+    assert_eq!(home["body"]["is_read_only"], false);
+    assert_eq!(home["body"]["is_root_device"], false);
+    assert_eq!(home["body"]["path_on_host"], image.display().to_string());
+    instance.stop(Duration::from_secs(5)).await.unwrap();
+    // The profile outlives the VM.
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        b"stands for an ext4 profile"
+    );
+}
