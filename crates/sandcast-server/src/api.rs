@@ -478,7 +478,7 @@ pub struct ListQuery {
     cursor: Option<String>,
     /// Only sessions in these states, comma-separated (`ready,starting`).
     #[param(
-        pattern = "^(starting|ready|failed|stopping|stopped)(,(starting|ready|failed|stopping|stopped))*$"
+        pattern = "^(starting|ready|failed|stopping|stopped|completed)(,(starting|ready|failed|stopping|stopped|completed))*$"
     )]
     state: Option<String>,
     /// Only the sessions of this `user_id`.

@@ -231,6 +231,7 @@ async fn read(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/files/{*path}",
+    operation_id = "read_file",
     tag = "files",
     security(("api_key" = [])),
     params(
@@ -261,6 +262,7 @@ pub async fn get(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/files",
+    operation_id = "list_home",
     tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "The session's id."), ReadQuery),
@@ -287,6 +289,7 @@ pub async fn home(
 #[utoipa::path(
     put,
     path = "/api/sessions/{id}/files/{*path}",
+    operation_id = "write_file",
     tag = "files",
     security(("api_key" = [])),
     params(
@@ -372,6 +375,7 @@ pub async fn put(
 #[utoipa::path(
     delete,
     path = "/api/sessions/{id}/files/{*path}",
+    operation_id = "delete_file",
     tag = "files",
     security(("api_key" = [])),
     params(

@@ -252,6 +252,7 @@ fn not_in_use(state: &AppState, user_id: &str) -> Result<(), ApiError> {
 #[utoipa::path(
     get,
     path = "/api/users/{user_id}/profile",
+    operation_id = "get_profile",
     tag = "profiles",
     security(("api_key" = [])),
     params(("user_id" = String, Path, description = "The operator's user id."), ProfileQuery),
@@ -343,6 +344,7 @@ tar -C "$m" --exclude=./lost+found --numeric-owner -cf - ."#;
 #[utoipa::path(
     delete,
     path = "/api/users/{user_id}/profile",
+    operation_id = "wipe_profile",
     tag = "profiles",
     security(("api_key" = [])),
     params(("user_id" = String, Path, description = "The operator's user id.")),
@@ -376,6 +378,7 @@ pub async fn delete(
 #[utoipa::path(
     put,
     path = "/api/users/{user_id}/profile",
+    operation_id = "import_profile",
     tag = "profiles",
     security(("api_key" = [])),
     params(("user_id" = String, Path, description = "The operator's user id.")),

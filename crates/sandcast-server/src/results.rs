@@ -243,6 +243,7 @@ pub struct ResultQuery {
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/result",
+    operation_id = "get_result",
     tag = "sessions",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "The session's id."), ResultQuery),
