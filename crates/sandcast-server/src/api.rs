@@ -123,6 +123,12 @@ pub struct CreateRequest {
     /// result_ttl_seconds` (600).
     #[schema(minimum = 1, maximum = 86400)]
     result_ttl_seconds: Option<u64>,
+    /// Downloads and uploads for the person in the viewer: a file the page
+    /// downloads is offered to the viewer, and a file chooser the page
+    /// opens asks the viewer for local files. `false` turns both off (the
+    /// viewer's download and upload routes answer 403). Default: the
+    /// provider's, else true.
+    transfers: Option<bool>,
 }
 
 /// Body of the seed's `POST /api/auth/start`.
@@ -262,6 +268,10 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             egress,
             keyboard_layout,
             outcome,
+            transfers: req
+                .transfers
+                .or(provider.and_then(|p| p.transfers))
+                .unwrap_or(true),
         },
         ttl_seconds: ttl,
     })
@@ -297,6 +307,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "keyboard_layout": row.spec.keyboard_layout,
         "complete_on": row.spec.outcome.complete_on,
         "collect": row.spec.outcome.collect,
+        "transfers": row.spec.transfers,
         "exit_code": row.exit_code,
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
         "created_at": rfc3339(row.created_ms),
@@ -904,6 +915,7 @@ mod tests {
         "kiosk",
         "launch",
         "egress",
+        "transfers",
         "userId",
         "alice",
         "preset",

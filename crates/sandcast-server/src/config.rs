@@ -330,6 +330,9 @@ pub struct Provider {
     /// Seconds the collected files are kept (default `[files]`'s).
     #[serde(default)]
     pub result_ttl_seconds: Option<u64>,
+    /// Downloads and file choosers reach the viewer (default true).
+    #[serde(default)]
+    pub transfers: Option<bool>,
 }
 
 /// Gateway sockets.

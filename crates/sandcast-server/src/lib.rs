@@ -111,6 +111,8 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::state))
         .routes(routes!(viewer::vnc))
         .routes(routes!(viewer::input))
+        .routes(routes!(viewer::download))
+        .routes(routes!(viewer::upload))
         .routes(routes!(viewer::asset))
 }
 
@@ -165,6 +167,8 @@ pub fn router(
                 .allow_methods([
                     axum::http::Method::GET,
                     axum::http::Method::POST,
+                    // The viewer's uploads.
+                    axum::http::Method::PUT,
                     axum::http::Method::DELETE,
                 ])
                 .allow_headers([
@@ -338,6 +342,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             egress: cfg.session.egress.clone(),
             keyboard_layout: None,
             outcome: Default::default(),
+            transfers: true,
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

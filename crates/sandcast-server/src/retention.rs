@@ -139,6 +139,7 @@ mod tests {
                 egress: sandcast_backend::Egress::None,
                 keyboard_layout: None,
                 outcome: Default::default(),
+                transfers: true,
             },
             token_hash: "ab".into(),
             created_ms: 1,

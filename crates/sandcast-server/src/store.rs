@@ -104,6 +104,14 @@ pub struct Spec {
     /// What ends the session with an outcome, and how.
     #[serde(default, skip_serializing_if = "Outcome::is_none")]
     pub outcome: Outcome,
+    /// Downloads and file choosers reach the viewer (rows of earlier
+    /// versions had them on).
+    #[serde(default = "transfers_default")]
+    pub transfers: bool,
+}
+
+fn transfers_default() -> bool {
+    true
 }
 
 /// What ends a session with an outcome (`complete_on`), and what is kept
@@ -549,6 +557,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 egress: sandcast_backend::Egress::None,
                 keyboard_layout: None,
                 outcome: Outcome::default(),
+                transfers: true,
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
@@ -587,6 +596,7 @@ mod tests {
                 egress: sandcast_backend::Egress::Internet,
                 keyboard_layout: None,
                 outcome: Default::default(),
+                transfers: true,
             },
             token_hash: "ab".into(),
             created_ms: 1,

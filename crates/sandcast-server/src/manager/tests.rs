@@ -111,6 +111,7 @@ fn request() -> NewSession {
             egress: sandcast_backend::Egress::None,
             keyboard_layout: None,
             outcome: Default::default(),
+            transfers: true,
         },
         ttl_seconds: 3600,
     }
