@@ -1,6 +1,8 @@
 //! The viewer: its page and assets (embedded in the binary), its state
 //! endpoint, the noVNC WebSocket tunnelled through the agent with its input
-//! WebSocket, and WebRTC signaling (the seed's endpoints).
+//! WebSocket, WebRTC signaling (the seed's endpoints), and the person's
+//! downloads and uploads (files in the session's `~/Downloads` and
+//! `~/Uploads`, by plain name, through the agent).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -227,10 +229,10 @@ pub async fn vnc(
 /// ways.
 ///
 /// A WebSocket upgrade. The server sends what it sends WebRTC viewers
-/// (`clipboard` in full Unicode, `display_size`, `focus`). Each message
-/// from the viewer is a viewer request (`key`, `text`,
-/// `pointer_move`, `pointer_button`, `wheel`, `release_all`, `clipboard`,
-/// `resize`); malformed, oversized or too frequent ones are dropped and
+/// (`clipboard` in full Unicode, `display_size`, `focus`, `download`,
+/// `file_chooser`). Each message from the viewer is a viewer request
+/// (`key`, `text`, `pointer_move`, `pointer_button`, `wheel`,
+/// `release_all`, `clipboard`, `resize`, `choose_files`); malformed, oversized or too frequent ones are dropped and
 /// counted, never fatal. Closing it releases every key and button it held.
 /// noVNC beside it only shows the screen (the viewer's input overlay keeps
 /// events from it), so keys, text and input methods behave exactly as over
