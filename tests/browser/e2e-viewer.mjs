@@ -42,10 +42,18 @@
 //   { rawInput: ["...", { textOf: "x", times: n }] }    send these messages as they are on a new
 //                                                       input WebSocket of the session (/viewer/{id}/input);
 //                                                       textOf: a text message of that character n times
+//   { expectDownload: "name", timeoutMs? }              the viewer element lists that download
+//                                                       (its `downloads`)
+//   { saveDownload: "name", expectText?: "..." }        click the download's save button; the file
+//                                                       the viewer's browser saves has that content
+//   { armFileChooser: [{ name, text }] }                the next file chooser of the viewer page is
+//                                                       answered with these files
+//   { expectFileChosen: true, timeoutMs? }              ...and it was (its "choose…" button is
+//                                                       clicked when the chooser waits for a gesture)
 // Or, to check a page directly on this host (a control for isolation tests):
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 import { VIEWER_ARGS } from './chromium-args.mjs';
 
@@ -221,7 +229,9 @@ async function runViewers() {
   const [vw, vh] = arg.viewport ?? [1280, 800];
   const pages = [];
   for (let i = 0; i < (arg.viewers ?? 1); i++) {
-    const ctx = await browser.newContext({ viewport: { width: vw, height: vh }, hasTouch: arg.touch === true });
+    const ctx = await browser.newContext({
+      viewport: { width: vw, height: vh }, hasTouch: arg.touch === true, acceptDownloads: true,
+    });
     const page = await ctx.newPage();
     page.on('console', (m) => {
       if (m.type() === 'error' || m.type() === 'warning') result.console.push(`viewer${i}: ${m.text()}`);
@@ -233,6 +243,7 @@ async function runViewers() {
   const clipboardPage = pages[0];
   const kind = arg.kind ?? 'video';
   let lastSize = null;
+  let chooser = null; // the armed file chooser's answer, under way
   for (const step of arg.steps) {
     const t0 = Date.now();
     const rec = { step };
@@ -407,6 +418,53 @@ async function runViewers() {
       }
       await cdp.send('Input.insertText', { text: step.commit });
       rec.ok = true;
+    } else if (step.expectDownload !== undefined) {
+      const deadline = Date.now() + (step.timeoutMs ?? 20000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.downloads ?? null);
+        if (rec.got?.some((d) => d.name === step.expectDownload)) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(100);
+      }
+    } else if (step.saveDownload !== undefined) {
+      const item = pages[0].locator('sandcast-viewer .downloads li')
+        .filter({ has: pages[0].locator('.name', { hasText: step.saveDownload }) });
+      const saved = pages[0].waitForEvent('download', { timeout: step.timeoutMs ?? 20000 });
+      await item.first().locator('button.save').click();
+      const download = await saved;
+      const text = readFileSync(await download.path(), 'utf8');
+      rec.name = download.suggestedFilename();
+      rec.size = Buffer.byteLength(text);
+      rec.ok = step.expectText === undefined || text === step.expectText;
+      if (!rec.ok) rec.got = text.slice(0, 200);
+    } else if (step.armFileChooser) {
+      const files = step.armFileChooser.map((f) => ({ name: f.name, mimeType: 'text/plain', buffer: Buffer.from(f.text) }));
+      chooser = pages[0].waitForEvent('filechooser', { timeout: 60000 }).then(async (fc) => {
+        await fc.setFiles(files);
+        return { multiple: fc.isMultiple() };
+      });
+      chooser.catch(() => {});
+      rec.ok = true;
+    } else if (step.expectFileChosen) {
+      if (!chooser) { rec.ok = false; rec.error = 'no armFileChooser before'; }
+      else {
+        const deadline = Date.now() + (step.timeoutMs ?? 20000);
+        let settled = null;
+        chooser.then((v) => { settled = { v }; }, (e) => { settled = { e: String(e) }; });
+        // Without a gesture left the viewer waits with a button.
+        while (!settled && Date.now() < deadline) {
+          const button = pages[0].locator('sandcast-viewer .chooser button.choose');
+          if (Date.now() > deadline - (step.timeoutMs ?? 20000) + 3000 && await button.isVisible()) {
+            rec.button = true;
+            await button.click();
+            await pages[0].waitForTimeout(1000);
+          }
+          await pages[0].waitForTimeout(100);
+        }
+        rec.got = settled;
+        rec.ok = settled?.v !== undefined;
+        chooser = null;
+      }
     } else if (step.flood) {
       const end = Date.now() + step.flood;
       rec.chars = 0;

@@ -6,6 +6,8 @@
 //   GET  /viewer/<id>/state           scripted by the test (fixture.state)
 //   WS   /viewer/<id>/vnc?token=...   bridged to x11vnc's TCP port
 //   WS   /viewer/<id>/input?token=... records the viewer's input messages (fixture.inputs)
+//   GET  /viewer/<id>/downloads/<name> a file of fixture.downloads (bearer token)
+//   PUT  /viewer/<id>/uploads/<name>   kept in fixture.uploads (bearer token)
 //   POST /api/webrtc/session/<id>/offer  scripted (fixture.offer)
 //   GET  /api/webrtc/ice-servers
 // Everything listens on 127.0.0.1 only. Not part of sandcast itself.
@@ -108,6 +110,9 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
     sockets: new Set(),
     inputSockets: new Set(),
     inputs: [],
+    // name -> Buffer: what the viewer may download, and what it uploaded.
+    downloads: new Map(),
+    uploads: new Map(),
   };
   const authorised = (h) => h === `Bearer ${token}`;
   const hanging = new Set();
@@ -123,7 +128,7 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
     if (cors) {
       res.setHeader('Access-Control-Allow-Origin', '*');
       res.setHeader('Access-Control-Allow-Headers', 'Authorization, Content-Type');
-      res.setHeader('Access-Control-Allow-Methods', 'GET, POST, OPTIONS');
+      res.setHeader('Access-Control-Allow-Methods', 'GET, POST, PUT, OPTIONS');
       if (req.method === 'OPTIONS') { res.writeHead(204); res.end(); return; }
     }
     if (path.startsWith('/assets/')) {
@@ -141,6 +146,24 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
     if (path === `/viewer/${session}/state`) {
       if (!authorised(req.headers.authorization)) return json(401, { error: 'unauthorised' });
       return json(fixture.state.status, fixture.state.body);
+    }
+    const transfer = path.match(new RegExp(`^/viewer/${session}/(downloads|uploads)/([^/]+)$`));
+    if (transfer) {
+      if (!authorised(req.headers.authorization)) return json(401, { error: 'unauthorised' });
+      const name = decodeURIComponent(transfer[2]);
+      if (transfer[1] === 'downloads' && req.method === 'GET') {
+        const body = fixture.downloads.get(name);
+        if (!body) return json(404, { error: 'no such download' });
+        res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': body.length });
+        res.end(body);
+        return;
+      }
+      if (transfer[1] === 'uploads' && req.method === 'PUT') {
+        const chunks = [];
+        for await (const c of req) chunks.push(c);
+        fixture.uploads.set(name, Buffer.concat(chunks));
+        return json(200, { path: `~/Uploads/${name}`, size: fixture.uploads.get(name).length });
+      }
     }
     if (/^\/viewer\/[^/]+$/.test(path)) {
       res.writeHead(200, { 'Content-Type': TYPES['.html'] });
@@ -200,6 +223,8 @@ export async function startServer({ vncPort, token = 'tok-123', session = 'x', c
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   fixture.origin = `http://127.0.0.1:${server.address().port}`;
   fixture.viewerUrl = (query = '', tok = token) => `${fixture.origin}/viewer/${session}${query}#token=${tok}`;
+  /** Sends a server message (JSON) to every viewer on an input socket. */
+  fixture.toViewers = (msg) => { for (const ws of fixture.inputSockets) ws.send(JSON.stringify(msg)); };
   /** Drops every VNC tunnel, as a server restart or network hiccup would. */
   fixture.dropVnc = () => { for (const ws of [...fixture.sockets, ...fixture.inputSockets]) ws.terminate(); };
   /**

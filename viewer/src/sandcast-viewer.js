@@ -47,7 +47,34 @@ video { object-fit: contain; background: #000; outline: none; }
 .bar .notice { color: #fc6; }
 .stats { position: absolute; left: 0; bottom: 0; z-index: 4; padding: .3em .6em; background: rgba(0,0,0,.7);
   font: 12px ui-monospace, monospace; }
+.transfers { position: absolute; right: 0; bottom: 0; z-index: 4; display: flex; flex-direction: column; gap: .2em;
+  align-items: flex-end; max-width: min(28em, 90%); font-size: 12px; }
+.transfers > * { background: rgba(0,0,0,.75); border-radius: 6px 0 0 0; padding: .25em .5em; }
+.transfers ul { list-style: none; margin: 0; display: flex; flex-direction: column; gap: .2em; }
+.transfers li, .chooser { display: flex; gap: .4em; align-items: center; min-width: 0; }
+.transfers .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
+.transfers .size, .chooser .note { opacity: .7; white-space: nowrap; }
+.transfers button { font: inherit; color: inherit; background: #333; border: 1px solid #555; border-radius: 4px;
+  padding: 0 .5em; cursor: pointer; }
 `;
+
+/** Downloads the element lists at once; older ones leave the list. */
+export const MAX_LISTED_DOWNLOADS = 8;
+
+/** A byte count as people read it: `512 B`, `1.5 KiB`, `20 MiB`. */
+export function formatBytes(n) {
+  if (!Number.isFinite(n) || n < 0) return '';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${i === 0 ? n : +n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
+}
+
+/** The viewer route of a download or an upload (`kind`: `downloads` or `uploads`). */
+export function transferUrl(server, session, kind, name) {
+  return new URL(`viewer/${encodeURIComponent(session)}/${kind}/${encodeURIComponent(name)}`,
+    server.endsWith('/') ? server : `${server}/`).href;
+}
 
 const msg = (e) => (e && e.message) || String(e);
 
@@ -126,7 +153,14 @@ export class SandcastViewer extends HTMLElement {
       <div class="overlay" part="overlay" role="status" aria-live="polite"><div class="title">not connected</div><div class="detail"></div></div>
       <div class="bar" part="bar"><span class="notice" part="notice" role="note" hidden>not secure: no clipboard copy</span><span class="path"></span>
         <button type="button" class="stats-toggle" title="Stats (Ctrl+Alt+Shift+S)">stats</button></div>
-      <div class="stats" part="stats" hidden></div>`;
+      <div class="stats" part="stats" hidden></div>
+      <div class="transfers" part="transfers">
+        <div class="chooser" part="chooser" role="dialog" aria-label="the remote page asks for files" hidden>
+          <span class="note">the page asks for a file</span>
+          <button type="button" class="choose">choose…</button><button type="button" class="cancel">cancel</button></div>
+        <ul class="downloads" part="downloads" aria-label="downloads" hidden></ul>
+      </div>
+      <input type="file" class="file-input" hidden tabindex="-1">`;
     this._video = root.querySelector('video');
     this._vncBox = root.querySelector('.vnc');
     this._vncInput = root.querySelector('.vnc-input');
@@ -134,6 +168,18 @@ export class SandcastViewer extends HTMLElement {
     this._pathLabel = root.querySelector('.path');
     this._statsBox = root.querySelector('.stats');
     root.querySelector('.stats-toggle').addEventListener('click', () => this.toggleStats());
+    this._downloadList = root.querySelector('.downloads');
+    this._chooserBox = root.querySelector('.chooser');
+    this._fileInput = root.querySelector('.file-input');
+    root.querySelector('.chooser .choose').addEventListener('click', () => this._fileInput.click());
+    root.querySelector('.chooser .cancel').addEventListener('click', () => this.cancelFileChooser());
+    this._fileInput.addEventListener('change', () => {
+      const files = [...this._fileInput.files];
+      this._fileInput.value = '';
+      if (files.length) this.chooseFiles(files).catch(() => { /* said in the chooser box */ });
+      else this.cancelFileChooser();
+    });
+    this._fileInput.addEventListener('cancel', () => this.cancelFileChooser());
     this._onKey = (ev) => {
       if (ev.ctrlKey && ev.altKey && ev.shiftKey && ev.code === 'KeyS') {
         ev.preventDefault();
@@ -160,6 +206,10 @@ export class SandcastViewer extends HTMLElement {
     this.remoteClipboard = null;
     /** The remote page's keyboard focus as last reported: `{ editable, x, y }`. */
     this.remoteFocus = null;
+    /** Files the remote browser downloaded, newest last: `{ name, size }`. */
+    this.downloads = [];
+    // The file chooser the remote page waits on: { chooser, multiple, send }.
+    this._chooser = null;
   }
 
   connectedCallback() {
@@ -465,6 +515,7 @@ export class SandcastViewer extends HTMLElement {
     conn.onMessage = (m) => {
       if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
       if (m && m.kind === 'focus') this._remoteFocus(m);
+      this._transferMessage(m, (x) => conn.send(x));
       // The gateway says "ended"; the session API says "stopping"/"stopped".
       if (m && m.kind === 'session_state' && (m.state === 'ended' || ENDED.has(m.state))) {
         this._ended(m.state === 'ended' ? 'stopped' : m.state, m.reason);
@@ -555,6 +606,7 @@ export class SandcastViewer extends HTMLElement {
         this._remoteClipboard(m.text);
       }
       if (m?.kind === 'focus') this._remoteFocus(m);
+      this._transferMessage(m, conn.send);
       conn.onMessage?.(m);
     });
     ws.addEventListener('close', () => {
@@ -587,6 +639,134 @@ export class SandcastViewer extends HTMLElement {
   _remoteFocus(m) {
     this.remoteFocus = { editable: m.editable === true, x: m.x ?? null, y: m.y ?? null };
     this._emit('remotefocus', { ...this.remoteFocus });
+  }
+
+  // ---- downloads and file choosers ----
+
+  /** Saves a download of the remote browser (`name` as in `downloads`) on this computer. */
+  async saveDownload(name) {
+    const res = await fetch(transferUrl(this.server, this.session, 'downloads', name), { headers: this._headers(), cache: 'no-store' });
+    if (!res.ok) {
+      const body = await res.json().catch(() => ({}));
+      throw new Error(body.error || `HTTP ${res.status}`);
+    }
+    // The token stays in a header, never in a link the browser keeps.
+    const url = URL.createObjectURL(await res.blob());
+    const a = document.createElement('a');
+    a.href = url;
+    a.download = name;
+    a.hidden = true;
+    this.shadowRoot.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  }
+
+  /**
+   * Answers the remote page's file chooser with local files (`File`s, or
+   * blobs with a `name`): each is uploaded to the session, then the page's
+   * input gets them. Only the first counts for a single-file input.
+   */
+  async chooseFiles(files) {
+    const c = this._chooser;
+    if (!c) throw new Error('no file chooser is waiting');
+    const list = c.multiple ? [...files] : [...files].slice(0, 1);
+    const note = this._chooserBox.querySelector('.note');
+    const names = [];
+    try {
+      for (const f of list) {
+        note.textContent = `uploading ${f.name}…`;
+        const res = await fetch(transferUrl(this.server, this.session, 'uploads', f.name), {
+          method: 'PUT', body: f, headers: { ...this._headers(), 'Content-Type': 'application/octet-stream' },
+        });
+        if (!res.ok) {
+          const body = await res.json().catch(() => ({}));
+          throw new Error(`${f.name}: ${body.error || `HTTP ${res.status}`}`);
+        }
+        names.push(f.name);
+      }
+    } catch (e) {
+      // The chooser still waits: the person may pick another file.
+      if (this._chooser === c) {
+        note.textContent = `upload failed: ${msg(e)}`;
+        this._chooserBox.hidden = false;
+      }
+      throw e;
+    }
+    if (this._chooser !== c) return; // a newer chooser replaced it meanwhile
+    c.send({ kind: 'choose_files', chooser: c.chooser, names });
+    this._chooser = null;
+    this._chooserBox.hidden = true;
+  }
+
+  /** Tells the remote page's file chooser that nothing was chosen. */
+  cancelFileChooser() {
+    const c = this._chooser;
+    if (!c) return;
+    c.send({ kind: 'choose_files', chooser: c.chooser, names: [] });
+    this._chooser = null;
+    this._chooserBox.hidden = true;
+  }
+
+  // What the session says about downloads and file choosers; `send` answers
+  // on the connection the message came on.
+  _transferMessage(m, send) {
+    if (m?.kind === 'download' && typeof m.name === 'string') {
+      const d = { name: m.name, size: Number.isFinite(m.size) ? m.size : null };
+      this.downloads = [...this.downloads, d].slice(-100);
+      this._listDownload(d);
+      this._emit('download', { ...d });
+    }
+    if (m?.kind === 'file_chooser' && Number.isInteger(m.chooser)) {
+      this._chooser = { chooser: m.chooser, multiple: m.multiple === true, send };
+      this._fileInput.multiple = m.multiple === true;
+      const ev = new CustomEvent('filechooser', {
+        detail: { chooser: m.chooser, multiple: m.multiple === true }, bubbles: true, composed: true, cancelable: true,
+      });
+      // An embedding page that handles it calls chooseFiles() or cancelFileChooser().
+      if (!this.dispatchEvent(ev)) return;
+      this._chooserBox.querySelector('.note').textContent = m.multiple ? 'the page asks for files' : 'the page asks for a file';
+      this._chooserBox.hidden = false;
+      // The click that opened the remote chooser is still a gesture here,
+      // usually; without one the browser ignores this and the button waits.
+      if (navigator.userActivation?.isActive !== false) this._fileInput.click();
+    }
+  }
+
+  _listDownload(d) {
+    const li = document.createElement('li');
+    const name = document.createElement('span');
+    name.className = 'name';
+    name.textContent = d.name; // the remote page chose it: text, never markup
+    name.title = d.name;
+    const size = document.createElement('span');
+    size.className = 'size';
+    size.textContent = d.size === null ? '' : formatBytes(d.size);
+    const save = document.createElement('button');
+    save.type = 'button';
+    save.className = 'save';
+    save.textContent = 'save';
+    save.title = `save ${d.name} on this computer`;
+    save.addEventListener('click', () => {
+      save.disabled = true;
+      this.saveDownload(d.name).then(() => { save.textContent = 'saved'; }, (e) => {
+        save.textContent = 'retry';
+        save.title = msg(e);
+      }).finally(() => { save.disabled = false; });
+    });
+    const close = document.createElement('button');
+    close.type = 'button';
+    close.className = 'dismiss';
+    close.textContent = '×';
+    close.title = 'remove from this list';
+    close.addEventListener('click', () => {
+      li.remove();
+      this._downloadList.hidden = this._downloadList.children.length === 0;
+    });
+    li.append(name, size, save, close);
+    this._downloadList.append(li);
+    while (this._downloadList.children.length > MAX_LISTED_DOWNLOADS) this._downloadList.firstElementChild.remove();
+    this._downloadList.hidden = false;
   }
 
   _remoteClipboard(text) {
@@ -626,6 +806,9 @@ export class SandcastViewer extends HTMLElement {
   }
 
   _teardownStreams() {
+    // A chooser's answer goes on the connection that asked; that one is gone.
+    this._chooser = null;
+    this._chooserBox.hidden = true;
     this._detachInput?.();
     this._detachInput = null;
     if (this._rtc) { const c = this._rtc; this._rtc = null; c.close(); }

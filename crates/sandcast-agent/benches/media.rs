@@ -126,6 +126,7 @@ async fn main() {
             server_time_ms: 0,
             agent_token: None,
             pause_unwatched_ms: 0,
+            transfers: true,
             keyboard_layout: None,
         })))
         .await

@@ -323,6 +323,7 @@ mod tests {
             server_time_ms: 0,
             agent_token: None,
             pause_unwatched_ms: 0,
+            transfers: true,
             keyboard_layout: None,
         }
     }

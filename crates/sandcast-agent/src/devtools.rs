@@ -10,13 +10,22 @@
 //! keyboard and places an input method's window there. The page is not
 //! trusted: it may call the report itself, so only two shapes of report are
 //! accepted, and they are rate-limited.
+//!
+//! With transfers on (the session's default), the browser saves downloads
+//! in `~/Downloads` and the agent reports each finished one
+//! ([`Message::Download`]), and file choosers are intercepted
+//! ([`Message::FileChooser`]) and answered with the viewer's uploads
+//! (`DOM.setFileInputFiles`). The page names its downloads and opens
+//! choosers as often as it likes: names are checked, reports rate-limited,
+//! and only files in `~/Uploads` are ever handed to a page.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sandcast_proto::Message;
+use sandcast_proto::{Message, transfer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
@@ -112,43 +121,406 @@ impl Commands {
     }
 }
 
+/// A token bucket with the clock passed in.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            refilled: now,
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// At most this many download and file-chooser reports a second reach the
+/// server (the page decides how many it makes).
+const TRANSFER_EVENTS_PER_SECOND: f64 = 5.0;
+/// ... after a burst of this many.
+const TRANSFER_EVENTS_BURST: f64 = 20.0;
+/// Downloads under way whose suggested names are remembered; more are
+/// reported by the name the browser saved them under, or not at all.
+const MAX_DOWNLOADS_UNDER_WAY: usize = 256;
+
+/// A file chooser the page opened and the agent intercepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chooser {
+    id: u64,
+    /// The page's DevTools session.
+    session: String,
+    /// The `<input type=file>` it belongs to.
+    node: i64,
+    multiple: bool,
+}
+
+/// Downloads and file choosers of one browser run.
+#[derive(Debug)]
+struct Transfers {
+    /// The session's home as the browser sees it.
+    home: PathBuf,
+    /// Suggested names of downloads under way, by guid.
+    names: HashMap<String, String>,
+    /// The chooser waiting for the viewer's answer; a new one replaces it.
+    chooser: Option<Chooser>,
+    next_chooser: u64,
+    bucket: Bucket,
+}
+
+impl Transfers {
+    fn downloads(&self) -> PathBuf {
+        self.home.join(transfer::DOWNLOADS_DIR)
+    }
+
+    /// The file name a completed download has in `~/Downloads`: the one
+    /// the browser says it saved (it adds ` (1)` to a name taken), else the
+    /// suggested one; only a plain name, directly in the directory.
+    fn completed_name(&self, file_path: Option<&str>, suggested: Option<String>) -> Option<String> {
+        let saved = file_path.and_then(|p| {
+            let p = Path::new(p);
+            (p.parent() == Some(self.downloads().as_path()))
+                .then(|| p.file_name()?.to_str().map(String::from))
+                .flatten()
+        });
+        saved
+            .or(suggested)
+            .filter(|n| transfer::check_name(n).is_ok())
+    }
+}
+
+/// One browser run's DevTools conversation, without I/O: events and
+/// replies go in (with the time), commands for the browser collect in
+/// [`Driver::take_commands`], messages for the server come out.
+pub struct Driver {
+    cmds: Commands,
+    focus: Option<Focus>,
+    focus_bucket: Bucket,
+    /// None: transfers are off for the session.
+    transfers: Option<Transfers>,
+    /// Ids of `DOM.setFileInputFiles` commands, whose failure is logged.
+    choosing: HashMap<u64, u64>,
+}
+
+impl Driver {
+    /// A new run. With `transfers_home`, downloads are saved in its
+    /// `Downloads` and reported, and file choosers are intercepted.
+    pub fn new(transfers_home: Option<PathBuf>, now: Instant) -> Driver {
+        let mut cmds = Commands::default();
+        // Every page, now and later, is attached on its own flat session.
+        cmds.add(
+            "Target.setAutoAttach",
+            json!({ "autoAttach": true, "waitForDebuggerOnStart": false, "flatten": true }),
+            None,
+        );
+        let transfers = transfers_home.map(|home| Transfers {
+            home,
+            names: HashMap::new(),
+            chooser: None,
+            next_chooser: 0,
+            bucket: Bucket::new(TRANSFER_EVENTS_PER_SECOND, TRANSFER_EVENTS_BURST, now),
+        });
+        if let Some(t) = &transfers {
+            // A browser-wide setting: no session.
+            cmds.add(
+                "Browser.setDownloadBehavior",
+                json!({
+                    "behavior": "allow",
+                    "downloadPath": t.downloads().to_string_lossy(),
+                    "eventsEnabled": true,
+                }),
+                None,
+            );
+        }
+        Driver {
+            cmds,
+            focus: None,
+            focus_bucket: Bucket::new(REPORTS_PER_SECOND, REPORTS_PER_SECOND, now),
+            transfers,
+            choosing: HashMap::new(),
+        }
+    }
+
+    /// The commands queued since the last call, each NUL-terminated.
+    pub fn take_commands(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.cmds.pending)
+    }
+
+    /// Opens `url` in a new tab; returns the command's id, whose reply
+    /// says how it went.
+    pub fn open(&mut self, url: &str) -> u64 {
+        self.cmds
+            .add("Target.createTarget", json!({ "url": url }), None)
+    }
+
+    /// A new tab the browser made for [`Driver::open`]: in front, so the
+    /// person sees the page a program opened.
+    pub fn activate(&mut self, target: &str) {
+        self.cmds
+            .add("Target.activateTarget", json!({ "targetId": target }), None);
+    }
+
+    /// Asks the browser to close cleanly (the session ends): the only way
+    /// it writes everything of its profile out.
+    pub fn close(&mut self) {
+        self.cmds.add("Browser.close", json!({}), None);
+    }
+
+    /// The server's answer to a file chooser: `paths` must each be an
+    /// upload's absolute path (`/home/sandcast/Uploads/<name>`); they are
+    /// set on the chooser's input if it is still the one waiting. Empty:
+    /// cancelled, the input keeps what it had.
+    pub fn choose(&mut self, chooser: u64, paths: &[String]) -> Result<(), String> {
+        let Some(t) = &mut self.transfers else {
+            return Err("transfers are off".into());
+        };
+        if t.chooser.as_ref().map(|c| c.id) != Some(chooser) {
+            return Err(format!("file chooser {chooser} is not the one waiting"));
+        }
+        if let Some(bad) = paths.iter().find(|p| !transfer::is_upload_absolute(p)) {
+            return Err(format!(
+                "{bad:?} is not a file in ~/{}",
+                transfer::UPLOADS_DIR
+            ));
+        }
+        let c = t.chooser.take().expect("checked above");
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let take = if c.multiple { transfer::MAX_CHOSEN } else { 1 };
+        // The server names the session's home as /home/sandcast; the
+        // browser gets the files where this agent's home really is.
+        let files: Vec<String> = paths
+            .iter()
+            .take(take)
+            .filter_map(|p| p.strip_prefix(sandcast_proto::files::SESSION_HOME))
+            .map(|rest| {
+                t.home
+                    .join(rest.trim_start_matches('/'))
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let id = self.cmds.add(
+            "DOM.setFileInputFiles",
+            json!({ "files": files, "backendNodeId": c.node }),
+            Some(&c.session),
+        );
+        self.choosing.insert(id, c.id);
+        Ok(())
+    }
+
+    /// Handles one message from the browser; what the server should hear
+    /// of it, if anything.
+    pub fn on_message(&mut self, msg: &Value, now: Instant) -> Option<Message> {
+        if let Some(chooser) = msg["id"].as_u64().and_then(|id| self.choosing.remove(&id)) {
+            let e = msg["error"]["message"].as_str()?;
+            return Some(agent_line(format!(
+                "the browser did not take the files for chooser {chooser}: {e}"
+            )));
+        }
+        let session = msg["sessionId"].as_str();
+        let params = &msg["params"];
+        match msg["method"].as_str()? {
+            "Target.attachedToTarget" => {
+                let session = params["sessionId"].as_str()?;
+                if params["targetInfo"]["type"] != "page" {
+                    return None;
+                }
+                // Bindings exist only in contexts Runtime inspects; enabling
+                // it announces every page context, now and later, and the
+                // script is put into each (below).
+                self.cmds.add(
+                    "Runtime.addBinding",
+                    json!({ "name": BINDING }),
+                    Some(session),
+                );
+                self.cmds.add("Runtime.enable", json!({}), Some(session));
+                if self.transfers.is_some() {
+                    // File choosers come to the agent instead of opening a
+                    // dialog on the remote display (Page events need Page on).
+                    self.cmds.add("Page.enable", json!({}), Some(session));
+                    self.cmds.add(
+                        "Page.setInterceptFileChooserDialog",
+                        json!({ "enabled": true }),
+                        Some(session),
+                    );
+                }
+                None
+            }
+            "Target.detachedFromTarget" => {
+                let gone = params["sessionId"].as_str()?;
+                if let Some(t) = &mut self.transfers
+                    && t.chooser.as_ref().is_some_and(|c| c.session == gone)
+                {
+                    t.chooser = None;
+                }
+                None
+            }
+            "Runtime.executionContextCreated" => {
+                let ctx = &params["context"];
+                let (Some(session), Some(id)) = (session, ctx["id"].as_i64()) else {
+                    return None;
+                };
+                if ctx["auxData"]["isDefault"] != true {
+                    return None;
+                }
+                self.cmds.add(
+                    "Runtime.evaluate",
+                    json!({ "expression": FOCUS_SCRIPT, "contextId": id }),
+                    Some(session),
+                );
+                None
+            }
+            "Runtime.bindingCalled" if params["name"] == BINDING => {
+                let focus = params["payload"].as_str().and_then(parse_report)?;
+                if self.focus == Some(focus) || !self.focus_bucket.take(now) {
+                    return None;
+                }
+                self.focus = Some(focus);
+                Some(Message::RemoteFocus {
+                    editable: focus.editable,
+                    x: focus.at.map(|a| a.0),
+                    y: focus.at.map(|a| a.1),
+                })
+            }
+            // Browser-wide events come without a session.
+            "Browser.downloadWillBegin" if session.is_none() => {
+                let t = self.transfers.as_mut()?;
+                let (guid, name) = (
+                    params["guid"].as_str()?,
+                    params["suggestedFilename"].as_str()?,
+                );
+                if t.names.len() < MAX_DOWNLOADS_UNDER_WAY && guid.len() <= 64 {
+                    t.names.insert(guid.to_string(), name.to_string());
+                }
+                None
+            }
+            "Browser.downloadProgress" if session.is_none() => {
+                let t = self.transfers.as_mut()?;
+                let guid = params["guid"].as_str()?;
+                match params["state"].as_str()? {
+                    "completed" => {}
+                    "canceled" => {
+                        t.names.remove(guid);
+                        return None;
+                    }
+                    _ => return None,
+                }
+                let suggested = t.names.remove(guid);
+                let name = t.completed_name(params["filePath"].as_str(), suggested)?;
+                if !t.bucket.take(now) {
+                    return None;
+                }
+                let size = params["receivedBytes"]
+                    .as_f64()
+                    .filter(|b| b.is_finite() && *b >= 0.0)
+                    .map_or(0, |b| b as u64);
+                Some(Message::Download { name, size })
+            }
+            "Page.fileChooserOpened" => {
+                let t = self.transfers.as_mut()?;
+                let session = session?;
+                // Only an <input type=file> can be given files; other
+                // pickers stay unanswered.
+                let node = params["backendNodeId"].as_i64()?;
+                if !t.bucket.take(now) {
+                    return None;
+                }
+                t.next_chooser += 1;
+                let multiple = params["mode"] == "selectMultiple";
+                t.chooser = Some(Chooser {
+                    id: t.next_chooser,
+                    session: session.to_string(),
+                    node,
+                    multiple,
+                });
+                Some(Message::FileChooser {
+                    chooser: t.next_chooser,
+                    multiple,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A line of the agent's in the session's log.
+fn agent_line(line: String) -> Message {
+    Message::Log(sandcast_proto::LogLine {
+        source: "agent".into(),
+        stream: sandcast_proto::LogStream::Agent,
+        line,
+    })
+}
+
+/// A viewer's answer to a file chooser, as the server passes it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The chooser answered.
+    pub chooser: u64,
+    /// Absolute paths of the uploads (checked again by [`Driver::choose`]).
+    pub paths: Vec<String>,
+}
+
 /// Drives one browser run's DevTools pipe until the browser closes it:
 /// `to_browser` is the write end of the browser's descriptor 3,
 /// `from_browser` the read end of its descriptor 4; a word on `close`
 /// asks the browser to close (the session ends). Focus changes go to
 /// `out` as [`Message::RemoteFocus`]; URLs from `opens` become tabs in
 /// front (see [`crate::opener`]). `opens` is shared by every run of the
+/// `from_browser` the read end of its descriptor 4. Focus changes,
+/// downloads and file choosers go to `out` (see [`Driver`]); URLs from
+/// `opens` become tabs in front (see [`crate::opener`]); `choices` answer
+/// file choosers. `opens` and `choices` are shared by every run of the
 /// browser: a request made while it restarts waits for the next run.
+/// With `transfers_home`, downloads land in its `Downloads` and file
+/// choosers are intercepted.
 pub async fn run(
     to_browser: OwnedFd,
     from_browser: OwnedFd,
     out: mpsc::Sender<Message>,
     opens: Arc<tokio::sync::Mutex<mpsc::Receiver<OpenRequest>>>,
     close: oneshot::Receiver<()>,
+    choices: Arc<tokio::sync::Mutex<mpsc::Receiver<Choice>>>,
+    transfers_home: Option<PathBuf>,
 ) {
     let mut close = Some(close);
     let mut tx = tokio::fs::File::from_std(std::fs::File::from(to_browser));
     let (msg_tx, mut msgs) = mpsc::channel::<Value>(64);
     tokio::spawn(read_messages(from_browser, msg_tx));
     let mut opens = opens.lock().await;
-    let mut cmds = Commands::default();
-    // Every page, now and later, is attached on its own flat session.
-    cmds.add(
-        "Target.setAutoAttach",
-        json!({ "autoAttach": true, "waitForDebuggerOnStart": false, "flatten": true }),
-        None,
-    );
+    let mut choices = choices.lock().await;
+    if let Some(home) = &transfers_home {
+        // Made by the agent, so the first download does not depend on
+        // the browser making it.
+        let _ = std::fs::create_dir_all(home.join(transfer::DOWNLOADS_DIR));
+    }
+    let mut driver = Driver::new(transfers_home, Instant::now());
     // Open requests waiting for the browser's answer, by command id.
     let mut opening: HashMap<u64, oneshot::Sender<Result<(), String>>> = HashMap::new();
-    let mut last: Option<Focus> = None;
-    let mut tokens = REPORTS_PER_SECOND;
-    let mut refilled = Instant::now();
     loop {
-        if !cmds.pending.is_empty() {
-            if tx.write_all(&cmds.pending).await.is_err() {
-                return;
-            }
-            cmds.pending.clear();
+        let pending = driver.take_commands();
+        if !pending.is_empty() && tx.write_all(&pending).await.is_err() {
+            return;
         }
         let msg = tokio::select! {
             m = msgs.recv() => match m {
@@ -158,15 +530,21 @@ pub async fn run(
             asked = async { close.as_mut().expect("guarded").await }, if close.is_some() => {
                 close = None;
                 if asked.is_ok() {
-                    // A clean exit, with the profile written out.
-                    cmds.add("Browser.close", json!({}), None);
+                    driver.close();
                 }
                 continue;
             }
             req = opens.recv() => {
                 let Some(req) = req else { continue };
-                let id = cmds.add("Target.createTarget", json!({ "url": req.url }), None);
+                let id = driver.open(&req.url);
                 opening.insert(id, req.reply);
+                continue;
+            }
+            choice = choices.recv() => {
+                let Some(c) = choice else { continue };
+                if let Err(e) = driver.choose(c.chooser, &c.paths) {
+                    let _ = out.send(agent_line(format!("file chooser answer ignored: {e}"))).await;
+                }
                 continue;
             }
         };
@@ -176,8 +554,7 @@ pub async fn run(
                 msg["error"]["message"].as_str(),
             ) {
                 (Some(target), _) => {
-                    // In front, so the person sees the page it opened.
-                    cmds.add("Target.activateTarget", json!({ "targetId": target }), None);
+                    driver.activate(target);
                     Ok(())
                 }
                 (None, Some(e)) => Err(format!("the browser refused it: {e}")),
@@ -186,61 +563,8 @@ pub async fn run(
             let _ = reply.send(answer);
             continue;
         }
-        match msg["method"].as_str() {
-            Some("Target.attachedToTarget") => {
-                let Some(session) = msg["params"]["sessionId"].as_str() else {
-                    continue;
-                };
-                if msg["params"]["targetInfo"]["type"] != "page" {
-                    continue;
-                }
-                // Bindings exist only in contexts Runtime inspects; enabling
-                // it announces every page context, now and later, and the
-                // script is put into each (below).
-                cmds.add(
-                    "Runtime.addBinding",
-                    json!({ "name": BINDING }),
-                    Some(session),
-                );
-                cmds.add("Runtime.enable", json!({}), Some(session));
-            }
-            Some("Runtime.executionContextCreated") => {
-                let ctx = &msg["params"]["context"];
-                let (Some(session), Some(id)) = (msg["sessionId"].as_str(), ctx["id"].as_i64())
-                else {
-                    continue;
-                };
-                if ctx["auxData"]["isDefault"] != true {
-                    continue;
-                }
-                cmds.add(
-                    "Runtime.evaluate",
-                    json!({ "expression": FOCUS_SCRIPT, "contextId": id }),
-                    Some(session),
-                );
-            }
-            Some("Runtime.bindingCalled") if msg["params"]["name"] == BINDING => {
-                let Some(focus) = msg["params"]["payload"].as_str().and_then(parse_report) else {
-                    continue;
-                };
-                let now = Instant::now();
-                tokens = (tokens + now.duration_since(refilled).as_secs_f64() * REPORTS_PER_SECOND)
-                    .min(REPORTS_PER_SECOND);
-                refilled = now;
-                if last == Some(focus) || tokens < 1.0 {
-                    continue;
-                }
-                tokens -= 1.0;
-                last = Some(focus);
-                let _ = out
-                    .send(Message::RemoteFocus {
-                        editable: focus.editable,
-                        x: focus.at.map(|a| a.0),
-                        y: focus.at.map(|a| a.1),
-                    })
-                    .await;
-            }
-            _ => {}
+        if let Some(m) = driver.on_message(&msg, Instant::now()) {
+            let _ = out.send(m).await;
         }
     }
 }
@@ -313,5 +637,303 @@ mod tests {
         for bad in ["", "e", "e,1", "e,a,b", "x,1,2", "n ", "e,1,2,3"] {
             assert_eq!(parse_report(bad), None, "{bad:?}");
         }
+    }
+    /// The commands a driver queued, as JSON.
+    fn commands(d: &mut Driver) -> Vec<Value> {
+        d.take_commands()
+            .split(|&b| b == 0)
+            .filter(|c| !c.is_empty())
+            .map(|c| serde_json::from_slice(c).unwrap())
+            .collect()
+    }
+
+    fn home() -> PathBuf {
+        PathBuf::from("/home/sandcast")
+    }
+
+    fn attached(session: &str) -> Value {
+        json!({"method": "Target.attachedToTarget", "params": {
+            "sessionId": session, "targetInfo": {"type": "page", "targetId": "T"}}})
+    }
+
+    #[test]
+    fn downloads_are_allowed_into_the_home_and_choosers_intercepted_per_page() {
+        let now = Instant::now();
+        let mut d = Driver::new(Some(home()), now);
+        let first = commands(&mut d);
+        assert_eq!(first[0]["method"], "Target.setAutoAttach");
+        // Browser-wide: no session.
+        assert_eq!(first[1]["method"], "Browser.setDownloadBehavior");
+        assert_eq!(first[1]["params"]["behavior"], "allow");
+        assert_eq!(
+            first[1]["params"]["downloadPath"],
+            "/home/sandcast/Downloads"
+        );
+        assert_eq!(first[1]["params"]["eventsEnabled"], true);
+        assert!(first[1].get("sessionId").is_none());
+        assert_eq!(d.on_message(&attached("S1"), now), None);
+        let cmds = commands(&mut d);
+        let methods: Vec<_> = cmds.iter().map(|c| c["method"].as_str().unwrap()).collect();
+        assert_eq!(
+            methods,
+            [
+                "Runtime.addBinding",
+                "Runtime.enable",
+                "Page.enable",
+                "Page.setInterceptFileChooserDialog"
+            ]
+        );
+        assert!(cmds.iter().all(|c| c["sessionId"] == "S1"));
+        assert_eq!(cmds[3]["params"]["enabled"], true);
+    }
+
+    #[test]
+    fn with_transfers_off_nothing_is_intercepted_or_reported() {
+        let now = Instant::now();
+        let mut d = Driver::new(None, now);
+        let first = commands(&mut d);
+        assert_eq!(first.len(), 1, "{first:?}");
+        d.on_message(&attached("S1"), now);
+        let methods: Vec<_> = commands(&mut d)
+            .iter()
+            .map(|c| c["method"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(methods, ["Runtime.addBinding", "Runtime.enable"]);
+        let opened = json!({"method": "Page.fileChooserOpened", "sessionId": "S1",
+            "params": {"frameId": "F", "backendNodeId": 5, "mode": "selectSingle"}});
+        assert_eq!(d.on_message(&opened, now), None);
+        let done = json!({"method": "Browser.downloadProgress", "params": {
+            "guid": "g", "state": "completed", "receivedBytes": 3, "totalBytes": 3,
+            "filePath": "/home/sandcast/Downloads/a.txt"}});
+        assert_eq!(d.on_message(&done, now), None);
+        assert!(d.choose(1, &["/home/sandcast/Uploads/a".into()]).is_err());
+    }
+
+    #[test]
+    fn a_completed_download_is_reported_by_its_saved_plain_name() {
+        let now = Instant::now();
+        let mut d = Driver::new(Some(home()), now);
+        let begin = |guid: &str, name: &str| {
+            json!({"method": "Browser.downloadWillBegin", "params": {
+                "frameId": "F", "guid": guid, "url": "blob:x", "suggestedFilename": name}})
+        };
+        let progress = |guid: &str, state: &str, path: Option<&str>| {
+            let mut v = json!({"method": "Browser.downloadProgress", "params": {
+                "guid": guid, "state": state, "receivedBytes": 1234.0, "totalBytes": 1234.0}});
+            if let Some(p) = path {
+                v["params"]["filePath"] = json!(p);
+            }
+            v
+        };
+        assert_eq!(d.on_message(&begin("g1", "report.pdf"), now), None);
+        assert_eq!(d.on_message(&progress("g1", "inProgress", None), now), None);
+        // The name the browser saved it under wins (it adds " (1)").
+        assert_eq!(
+            d.on_message(
+                &progress(
+                    "g1",
+                    "completed",
+                    Some("/home/sandcast/Downloads/report (1).pdf")
+                ),
+                now
+            ),
+            Some(Message::Download {
+                name: "report (1).pdf".into(),
+                size: 1234
+            })
+        );
+        // Reported once.
+        assert_eq!(d.on_message(&progress("g1", "completed", None), now), None);
+        // Without a path, the suggested name.
+        d.on_message(&begin("g2", "b.txt"), now);
+        assert_eq!(
+            d.on_message(&progress("g2", "completed", None), now),
+            Some(Message::Download {
+                name: "b.txt".into(),
+                size: 1234
+            })
+        );
+        // A path outside the directory is not believed; a bad name is not reported.
+        d.on_message(&begin("g3", "../../etc/passwd"), now);
+        assert_eq!(
+            d.on_message(&progress("g3", "completed", Some("/etc/passwd")), now),
+            None
+        );
+        d.on_message(&begin("g4", "fine.txt"), now);
+        assert_eq!(
+            d.on_message(
+                &progress("g4", "completed", Some("/home/sandcast/Downloads/sub/x")),
+                now
+            )
+            .map(|m| matches!(m, Message::Download { name, .. } if name == "fine.txt")),
+            Some(true)
+        );
+        // Cancelled: forgotten, never reported.
+        d.on_message(&begin("g5", "c.txt"), now);
+        assert_eq!(d.on_message(&progress("g5", "canceled", None), now), None);
+        assert_eq!(d.on_message(&progress("g5", "completed", None), now), None);
+        // A download event inside a page's session is not the browser's.
+        let mut forged = progress("g6", "completed", Some("/home/sandcast/Downloads/f"));
+        forged["sessionId"] = json!("S1");
+        assert_eq!(d.on_message(&forged, now), None);
+    }
+
+    #[test]
+    fn download_reports_are_rate_limited() {
+        let now = Instant::now();
+        let mut d = Driver::new(Some(home()), now);
+        let done = |i: usize| {
+            json!({"method": "Browser.downloadProgress", "params": {
+                "guid": format!("g{i}"), "state": "completed", "receivedBytes": 1,
+                "filePath": format!("/home/sandcast/Downloads/f{i}")}})
+        };
+        let sent = (0..1000)
+            .filter(|&i| d.on_message(&done(i), now).is_some())
+            .count();
+        assert_eq!(sent, TRANSFER_EVENTS_BURST as usize);
+        let later = now + std::time::Duration::from_secs(1);
+        let sent = (1000..2000)
+            .filter(|&i| d.on_message(&done(i), later).is_some())
+            .count();
+        assert_eq!(sent, TRANSFER_EVENTS_PER_SECOND as usize);
+    }
+
+    #[test]
+    fn a_chooser_is_answered_only_with_uploads_on_its_own_input() {
+        let now = Instant::now();
+        let mut d = Driver::new(Some(home()), now);
+        d.on_message(&attached("S1"), now);
+        commands(&mut d);
+        let opened = |mode: &str| {
+            json!({"method": "Page.fileChooserOpened", "sessionId": "S1",
+                "params": {"frameId": "F", "backendNodeId": 42, "mode": mode}})
+        };
+        assert_eq!(
+            d.on_message(&opened("selectSingle"), now),
+            Some(Message::FileChooser {
+                chooser: 1,
+                multiple: false
+            })
+        );
+        // Not a file in ~/Uploads, or not the chooser waiting: nothing is set.
+        for bad in [
+            "/etc/passwd",
+            "/home/sandcast/Uploads/../x",
+            "/home/sandcast/a",
+        ] {
+            assert!(d.choose(1, &[bad.into()]).is_err(), "{bad}");
+        }
+        assert!(
+            d.choose(7, &["/home/sandcast/Uploads/a.txt".into()])
+                .is_err()
+        );
+        assert!(commands(&mut d).is_empty());
+        // A single chooser takes the first file.
+        d.choose(
+            1,
+            &[
+                "/home/sandcast/Uploads/a.txt".into(),
+                "/home/sandcast/Uploads/b.txt".into(),
+            ],
+        )
+        .unwrap();
+        let cmds = commands(&mut d);
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(cmds[0]["method"], "DOM.setFileInputFiles");
+        assert_eq!(cmds[0]["sessionId"], "S1");
+        assert_eq!(cmds[0]["params"]["backendNodeId"], 42);
+        assert_eq!(
+            cmds[0]["params"]["files"],
+            json!(["/home/sandcast/Uploads/a.txt"])
+        );
+        // Answered once.
+        assert!(
+            d.choose(1, &["/home/sandcast/Uploads/a.txt".into()])
+                .is_err()
+        );
+        // A failure to set them is logged.
+        let failed = json!({"id": cmds[0]["id"], "error": {"message": "no node"}});
+        assert!(
+            matches!(d.on_message(&failed, now), Some(Message::Log(l)) if l.line.contains("no node"))
+        );
+
+        // A multiple chooser takes all; cancelling sets nothing.
+        assert_eq!(
+            d.on_message(&opened("selectMultiple"), now),
+            Some(Message::FileChooser {
+                chooser: 2,
+                multiple: true
+            })
+        );
+        d.choose(2, &[]).unwrap();
+        assert!(commands(&mut d).is_empty());
+        d.on_message(&opened("selectMultiple"), now);
+        d.choose(
+            3,
+            &[
+                "/home/sandcast/Uploads/a.txt".into(),
+                "/home/sandcast/Uploads/b.txt".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            commands(&mut d)[0]["params"]["files"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        // A chooser with no input, or one whose page went away, is not answered.
+        let picker = json!({"method": "Page.fileChooserOpened", "sessionId": "S1",
+            "params": {"frameId": "F", "mode": "selectSingle"}});
+        assert_eq!(d.on_message(&picker, now), None);
+        d.on_message(&opened("selectSingle"), now);
+        d.on_message(
+            &json!({"method": "Target.detachedFromTarget", "params": {"sessionId": "S1"}}),
+            now,
+        );
+        assert!(
+            d.choose(4, &["/home/sandcast/Uploads/a.txt".into()])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn uploads_are_given_where_the_agents_home_really_is() {
+        let now = Instant::now();
+        let mut d = Driver::new(Some(PathBuf::from("/tmp/h")), now);
+        d.on_message(
+            &json!({"method": "Page.fileChooserOpened", "sessionId": "S",
+                "params": {"backendNodeId": 1, "mode": "selectSingle"}}),
+            now,
+        );
+        commands(&mut d);
+        d.choose(1, &["/home/sandcast/Uploads/a.txt".into()])
+            .unwrap();
+        assert_eq!(
+            commands(&mut d)[0]["params"]["files"],
+            json!(["/tmp/h/Uploads/a.txt"])
+        );
+    }
+
+    #[test]
+    fn focus_reports_are_passed_on_once_each() {
+        let now = Instant::now();
+        let mut d = Driver::new(None, now);
+        let call = |p: &str| {
+            json!({"method": "Runtime.bindingCalled", "sessionId": "S",
+                "params": {"name": BINDING, "payload": p, "executionContextId": 1}})
+        };
+        assert_eq!(
+            d.on_message(&call("e,1,2"), now),
+            Some(Message::RemoteFocus {
+                editable: true,
+                x: Some(1),
+                y: Some(2)
+            })
+        );
+        assert_eq!(d.on_message(&call("e,1,2"), now), None);
+        assert_eq!(d.on_message(&call("bogus"), now), None);
+        assert!(d.on_message(&call("n"), now).is_some());
     }
 }

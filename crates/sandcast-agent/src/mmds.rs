@@ -287,6 +287,7 @@ pub(crate) mod tests {
             server_time_ms: 0,
             agent_token: token.map(AgentToken::new),
             pause_unwatched_ms: 0,
+            transfers: true,
             keyboard_layout: None,
         }
     }

@@ -109,6 +109,9 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
                     Message::Shutdown => break "the server asked to shut down".to_string(),
                     Message::Ping { seq } => { let _ = out_tx.send(Message::Pong { seq }).await; }
                     Message::Watched { watched } => supervisor.set_watched(watched),
+                    Message::ChooseFiles { chooser, paths } => {
+                        supervisor.choose(crate::devtools::Choice { chooser, paths });
+                    }
                     Message::OpenStream { id, target: StreamTarget::Vnc } => {
                         let vnc = supervisor.vnc_port.clone();
                         let target = target.clone();

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::children::{self, Command};
+use crate::devtools::Choice;
 use crate::media::{self, SharedSizes};
 use crate::opener::{OpenRequest, Opener};
 use crate::restart::RestartTracker;
@@ -58,6 +59,8 @@ pub struct Supervisor {
     open_task: Option<tokio::task::JoinHandle<()>>,
     /// The opener's scripts and socket, removed at shutdown.
     opener: Option<Opener>,
+    /// Answers to file choosers, for the browser's DevTools task.
+    choices: mpsc::Sender<Choice>,
     /// The display (`:N`) while Xvfb is up.
     pub display: watch::Receiver<Option<String>>,
     /// The VNC server's port on the session's loopback while it is up.
@@ -105,6 +108,8 @@ struct Ctx {
     /// URLs programs in the session asked to open, taken by the browser's
     /// DevTools task of the moment.
     opens: Arc<tokio::sync::Mutex<mpsc::Receiver<OpenRequest>>>,
+    /// The server's answers to file choosers, taken likewise.
+    choices: Arc<tokio::sync::Mutex<mpsc::Receiver<Choice>>>,
     /// The `xdg-open` scripts for the launch command, when installed.
     opener: Option<Opener>,
 }
@@ -158,6 +163,7 @@ impl Supervisor {
         let launch = config.launch.clone().filter(|argv| !argv.is_empty());
         let (open_tx, open_rx) = mpsc::channel(16);
         let (opener, open_task) = start_opener(open_tx, &out);
+        let (choices_tx, choices_rx) = mpsc::channel(8);
         let ctx = Arc::new(Ctx {
             config,
             out,
@@ -171,6 +177,7 @@ impl Supervisor {
             watched: watched_rx,
             sizes,
             opens: Arc::new(tokio::sync::Mutex::new(open_rx)),
+            choices: Arc::new(tokio::sync::Mutex::new(choices_rx)),
             opener,
         });
         let mut tasks = JoinSet::new();
@@ -190,6 +197,7 @@ impl Supervisor {
             tasks,
             open_task,
             opener: ctx.opener.clone(),
+            choices: choices_tx,
             display: display_rx,
             vnc_port: vnc_rx,
             events: events_rx,
@@ -199,6 +207,12 @@ impl Supervisor {
     /// The server says whether anyone watches the session.
     pub fn set_watched(&self, watched: bool) {
         self.watched.send_replace(watched);
+    }
+
+    /// The server's answer to a file chooser, for the browser of the
+    /// moment; dropped when answers pile up (the person can choose again).
+    pub fn choose(&self, choice: Choice) {
+        let _ = self.choices.try_send(choice);
     }
 
     /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
@@ -542,6 +556,12 @@ async fn run_once(
             ctx.out.clone(),
             ctx.opens.clone(),
             rx,
+            ctx.choices.clone(),
+            ctx.config.transfers.then(|| {
+                std::env::var_os("HOME")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| sandcast_proto::files::SESSION_HOME.into())
+            }),
         ));
     }
     let pid = child.id();

@@ -41,6 +41,7 @@ fn config(url: &str) -> SessionConfig {
         server_time_ms: 0,
         agent_token: None,
         pause_unwatched_ms: 0,
+        transfers: true,
         keyboard_layout: None,
     }
 }

@@ -54,6 +54,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         server_time_ms: 0,
         agent_token: None,
         pause_unwatched_ms: 0,
+        transfers: true,
         keyboard_layout: None,
     }
 }

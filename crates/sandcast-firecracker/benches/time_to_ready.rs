@@ -78,6 +78,7 @@ async fn until_ready(
         server_time_ms: now,
         agent_token: Some(token.clone()),
         pause_unwatched_ms: 0,
+        transfers: true,
         keyboard_layout: None,
     };
     for m in [

@@ -34,6 +34,7 @@ pub mod policy;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod token;
+pub mod transfer;
 mod video;
 
 pub use codec::{Frame, FrameCodec, FrameError, MAX_FRAME_LEN, MAX_JSON_LEN, encode_message};

@@ -105,6 +105,33 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         y: Option<u32>,
     },
+    /// Agent → server: the session's browser finished a download into
+    /// `~/Downloads` (see [`crate::transfer`]). The page chose the name:
+    /// the server checks it with [`crate::transfer::check_name`] before it
+    /// tells anyone.
+    Download {
+        /// The file's name in `~/Downloads`.
+        name: String,
+        /// Its size in bytes, as the browser counted it.
+        size: u64,
+    },
+    /// Agent → server: a page opened a file chooser; the agent intercepted
+    /// it and waits for [`Message::ChooseFiles`] with this `chooser`.
+    FileChooser {
+        /// The agent's number for this chooser; a later one replaces it.
+        chooser: u64,
+        /// The input accepts several files.
+        multiple: bool,
+    },
+    /// Server → agent: give the page's waiting file chooser these files
+    /// (absolute paths under `/home/sandcast/Uploads`, built by the server
+    /// from checked names; the agent checks them again). None: cancelled.
+    ChooseFiles {
+        /// The chooser this answers.
+        chooser: u64,
+        /// The files, in the viewer's order.
+        paths: Vec<String>,
+    },
     /// Server → agent: resize the display (the viewer's size, within limits).
     Resize {
         /// Width in pixels.
@@ -230,6 +257,15 @@ pub struct SessionConfig {
     /// [`crate::KeyboardLayout`]); none keeps Xvfb's US layout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_layout: Option<String>,
+    /// Downloads and file choosers reach the viewer: the browser saves
+    /// downloads in `~/Downloads` and reports them, and file choosers are
+    /// intercepted and answered with the viewer's uploads. Off: neither.
+    #[serde(default = "default_transfers")]
+    pub transfers: bool,
+}
+
+fn default_transfers() -> bool {
+    true
 }
 
 fn default_max_fps() -> u32 {
@@ -416,6 +452,40 @@ mod tests {
         assert_eq!(cfg.restart, RestartPolicy::default());
         assert!(cfg.launch.is_none());
         assert!(cfg.agent_token.is_none());
+        // A server that predates transfers meant them on.
+        assert!(cfg.transfers);
+    }
+
+    #[test]
+    fn transfer_messages_are_tagged_json() {
+        let m = Message::ChooseFiles {
+            chooser: 3,
+            paths: vec!["/home/sandcast/Uploads/a.txt".into()],
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"choose_files","chooser":3,"paths":["/home/sandcast/Uploads/a.txt"]}"#
+        );
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), m);
+        let d: Message =
+            serde_json::from_str(r#"{"type":"download","name":"a.pdf","size":12}"#).unwrap();
+        assert_eq!(
+            d,
+            Message::Download {
+                name: "a.pdf".into(),
+                size: 12
+            }
+        );
+        let c: Message =
+            serde_json::from_str(r#"{"type":"file_chooser","chooser":1,"multiple":true}"#).unwrap();
+        assert_eq!(
+            c,
+            Message::FileChooser {
+                chooser: 1,
+                multiple: true
+            }
+        );
     }
 
     #[test]
@@ -499,6 +569,9 @@ mod tests {
             "ping",
             "pong",
             "remote_focus",
+            "download",
+            "file_chooser",
+            "choose_files",
             "nonsense",
         ];
         const WORDS: &[&str] = &[
@@ -563,6 +636,11 @@ mod tests {
             "input_dropped",
             "frames_encoded",
             "seq",
+            "size",
+            "chooser",
+            "multiple",
+            "paths",
+            "transfers",
         ];
         const VALID: &[&str] = &[
             r#"{"type":"hello","protocol":1,"role":{"stream":{"id":7}},"agent_version":"0.1.0"}"#,

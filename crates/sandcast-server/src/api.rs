@@ -131,6 +131,12 @@ pub struct CreateRequest {
     /// (default) answers with that session (200, a new viewer token),
     /// `"reject"` with 409.
     profile_conflict: Option<ProfileConflict>,
+    /// Downloads and uploads for the person in the viewer: a file the page
+    /// downloads is offered to the viewer, and a file chooser the page
+    /// opens asks the viewer for local files. `false` turns both off (the
+    /// viewer's download and upload routes answer 403). Default: the
+    /// provider's, else true.
+    transfers: Option<bool>,
 }
 
 /// What a create does when the user's profile is in a live session.
@@ -291,6 +297,10 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             keyboard_layout,
             outcome,
             profile,
+            transfers: req
+                .transfers
+                .or(provider.and_then(|p| p.transfers))
+                .unwrap_or(true),
         },
         ttl_seconds: ttl,
     })
@@ -326,6 +336,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "keyboard_layout": row.spec.keyboard_layout,
         "complete_on": row.spec.outcome.complete_on,
         "collect": row.spec.outcome.collect,
+        "transfers": row.spec.transfers,
         "exit_code": row.exit_code,
         "profile": row.spec.profile.is_some(),
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
@@ -952,6 +963,7 @@ mod tests {
         "kiosk",
         "launch",
         "egress",
+        "transfers",
         "userId",
         "alice",
         "preset",

@@ -445,6 +445,9 @@ pub struct Provider {
     /// The user's profile is the session's home (`profile: true`).
     #[serde(default)]
     pub persist: bool,
+    /// Downloads and file choosers reach the viewer (default true).
+    #[serde(default)]
+    pub transfers: Option<bool>,
 }
 
 /// Gateway sockets.

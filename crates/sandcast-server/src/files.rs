@@ -73,7 +73,7 @@ impl FileStream {
     }
 
     /// The body after the reply, at most `limit` bytes of it.
-    fn body(self, limit: u64) -> impl AsyncRead + Send + Unpin + 'static {
+    pub(crate) fn body(self, limit: u64) -> impl AsyncRead + Send + Unpin + 'static {
         std::io::Cursor::new(self.buf.freeze())
             .chain(self.conn)
             .take(limit)
@@ -97,7 +97,7 @@ impl FileStream {
 }
 
 /// The status and message of an agent's refusal.
-fn refused(reason: Refusal, detail: String) -> ApiError {
+pub(crate) fn refused(reason: Refusal, detail: String) -> ApiError {
     let status = match reason {
         Refusal::BadPath => StatusCode::BAD_REQUEST,
         Refusal::NotFound => StatusCode::NOT_FOUND,
@@ -108,11 +108,13 @@ fn refused(reason: Refusal, detail: String) -> ApiError {
     ApiError::new(status, detail)
 }
 
-fn agent_error(e: String) -> ApiError {
+/// The 502 of an agent that failed or misbehaved.
+pub(crate) fn agent_error(e: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, format!("the session's agent: {e}"))
 }
 
-fn unexpected(reply: FileReply) -> ApiError {
+/// The 502 of a reply that does not fit the operation.
+pub(crate) fn unexpected(reply: FileReply) -> ApiError {
     agent_error(format!("an unexpected reply {reply:?}"))
 }
 
@@ -126,6 +128,17 @@ async fn open(
     crate::limits::check_id(id).map_err(ApiError::bad_request)?;
     let path = HomePath::parse(raw_path)
         .map_err(|e| ApiError::bad_request(e).detail(serde_json::json!({ "field": "path" })))?;
+    open_path(state, id, op, path).await
+}
+
+/// Opens the stream of an operation on a checked path of a live session;
+/// the stream and `[files] max_mib` in bytes.
+pub(crate) async fn open_path(
+    state: &AppState,
+    id: &str,
+    op: impl FnOnce(HomePath, u64) -> FileOp,
+    path: HomePath,
+) -> Result<(FileStream, u64), ApiError> {
     let max = state.manager.config().files.max_mib.saturating_mul(1 << 20);
     let live = state.manager.live(id);
     if live.is_none() {
@@ -311,13 +324,27 @@ pub async fn put(
     UrlPath((id, path)): UrlPath<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (mut stream, max) = open(
+    let (stream, max) = open(
         &state,
         &id,
         |path, max_bytes| FileOp::Write { path, max_bytes },
         &path,
     )
     .await?;
+    let size = write_body(stream, max, body).await?;
+    let path = HomePath::parse(&path)
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    Ok(axum::Json(crate::openapi::Written { path, size }).into_response())
+}
+
+/// Streams `body` into a write's stream as chunks, at most `max` bytes;
+/// the size written once the agent says it is done.
+pub(crate) async fn write_body(
+    mut stream: FileStream,
+    max: u64,
+    body: Body,
+) -> Result<u64, ApiError> {
     match stream.reply().await.map_err(agent_error)? {
         FileReply::Ready => {}
         FileReply::Refused { reason, detail } => return Err(refused(reason, detail)),
@@ -357,12 +384,7 @@ pub async fn put(
         None => agent_error(e),
     })?;
     match reply {
-        FileReply::Done { size } => {
-            let path = HomePath::parse(&path)
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            Ok(axum::Json(crate::openapi::Written { path, size }).into_response())
-        }
+        FileReply::Done { size } => Ok(size),
         FileReply::Refused { reason, detail } => Err(refused(reason, detail)),
         other => Err(unexpected(other)),
     }

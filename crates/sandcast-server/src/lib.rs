@@ -116,6 +116,8 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::state))
         .routes(routes!(viewer::vnc))
         .routes(routes!(viewer::input))
+        .routes(routes!(viewer::download))
+        .routes(routes!(viewer::upload))
         .routes(routes!(viewer::asset))
 }
 
@@ -170,6 +172,8 @@ pub fn router(
                 .allow_methods([
                     axum::http::Method::GET,
                     axum::http::Method::POST,
+                    // The viewer's uploads.
+                    axum::http::Method::PUT,
                     axum::http::Method::DELETE,
                 ])
                 .allow_headers([
@@ -350,6 +354,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             keyboard_layout: None,
             outcome: Default::default(),
             profile: None,
+            transfers: true,
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

@@ -304,6 +304,8 @@ pub struct Session {
     pub complete_on: Option<crate::store::CompleteOn>,
     /// Paths copied out when it completes.
     pub collect: Vec<String>,
+    /// Downloads and file choosers reach the viewer.
+    pub transfers: bool,
     /// The launch command's exit code, once it exited in a session with
     /// `complete_on`.
     pub exit_code: Option<i32>,
@@ -599,6 +601,7 @@ mod tests {
                 keyboard_layout: None,
                 outcome: Default::default(),
                 profile: None,
+                transfers: true,
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,

@@ -140,6 +140,7 @@ mod tests {
                 keyboard_layout: None,
                 outcome: Default::default(),
                 profile: None,
+                transfers: true,
             },
             token_hash: "ab".into(),
             created_ms: 1,

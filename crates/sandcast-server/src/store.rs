@@ -107,6 +107,14 @@ pub struct Spec {
     /// The user whose profile is the session's home (`profile: true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// Downloads and file choosers reach the viewer (rows of earlier
+    /// versions had them on).
+    #[serde(default = "transfers_default")]
+    pub transfers: bool,
+}
+
+fn transfers_default() -> bool {
+    true
 }
 
 /// What ends a session with an outcome (`complete_on`), and what is kept
@@ -591,6 +599,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 keyboard_layout: None,
                 outcome: Outcome::default(),
                 profile: None,
+                transfers: true,
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
@@ -630,6 +639,7 @@ mod tests {
                 keyboard_layout: None,
                 outcome: Default::default(),
                 profile: None,
+                transfers: true,
             },
             token_hash: "ab".into(),
             created_ms: 1,

@@ -1,6 +1,8 @@
 //! The viewer: its page and assets (embedded in the binary), its state
 //! endpoint, the noVNC WebSocket tunnelled through the agent with its input
-//! WebSocket, and WebRTC signaling (the seed's endpoints).
+//! WebSocket, WebRTC signaling (the seed's endpoints), and the person's
+//! downloads and uploads (files in the session's `~/Downloads` and
+//! `~/Uploads`, by plain name, through the agent).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -227,10 +229,10 @@ pub async fn vnc(
 /// ways.
 ///
 /// A WebSocket upgrade. The server sends what it sends WebRTC viewers
-/// (`clipboard` in full Unicode, `display_size`, `focus`). Each message
-/// from the viewer is a viewer request (`key`, `text`,
-/// `pointer_move`, `pointer_button`, `wheel`, `release_all`, `clipboard`,
-/// `resize`); malformed, oversized or too frequent ones are dropped and
+/// (`clipboard` in full Unicode, `display_size`, `focus`, `download`,
+/// `file_chooser`). Each message from the viewer is a viewer request
+/// (`key`, `text`, `pointer_move`, `pointer_button`, `wheel`,
+/// `release_all`, `clipboard`, `resize`, `choose_files`); malformed, oversized or too frequent ones are dropped and
 /// counted, never fatal. Closing it releases every key and button it held.
 /// noVNC beside it only shows the screen (the viewer's input overlay keeps
 /// events from it), so keys, text and input methods behave exactly as over
@@ -268,6 +270,177 @@ pub async fn input(
     Ok(ws
         .max_message_size(sandcast_webrtc::MAX_MESSAGE_LEN)
         .on_upgrade(move |socket| input_pump(socket, live)))
+}
+
+/// Path of a viewer's download or upload: the session and a plain file name.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TransferPath {
+    /// The session's id.
+    #[param(pattern = "^[a-z0-9-]{1,64}$")]
+    id: String,
+    /// A file name: one component, no `/`, not `..`, no control
+    /// characters, at most 255 bytes.
+    name: String,
+}
+
+/// The 403 of a session created with `transfers: false`.
+fn transfers_on(row: &Row) -> Result<(), ApiError> {
+    if row.spec.transfers {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "downloads and uploads are off for this session (transfers: false)",
+    )
+    .detail(json!({ "field": "transfers" })))
+}
+
+/// The 400 of a name that is not a plain file name.
+fn bad_name(e: String) -> ApiError {
+    ApiError::bad_request(e).detail(json!({ "field": "name" }))
+}
+
+/// `Content-Disposition` for saving `name`: an ASCII fallback and the exact
+/// name in RFC 5987 form (`filename*=UTF-8''…`), so no character of the
+/// name, which the remote page chose, can end the header's value.
+pub fn attachment(name: &str) -> String {
+    let fallback: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut encoded = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
+/// A file the session's browser downloaded, for the person in the viewer
+/// to save.
+///
+/// Only files directly in the session's `~/Downloads` (the server builds
+/// the path from the name). The body is the file's bytes, streamed through
+/// the session's agent, with `Content-Disposition: attachment`. The token
+/// goes in the `Authorization` header (the viewer fetches it so) or, for a
+/// plain link, in the query.
+#[utoipa::path(
+    get,
+    path = "/viewer/{id}/downloads/{name}",
+    tag = "viewer",
+    security(("viewer_token" = []), ("viewer_token_query" = []), ("api_key" = [])),
+    params(TransferPath),
+    responses(
+        (status = 200, description = "The file's bytes.", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 400, description = "`id` is not a session id, or `name` is not a plain file name.", body = ErrorBody),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 403, description = "The session was created with `transfers: false`.", body = ErrorBody),
+        (status = 404, description = "No such session or file.", body = ErrorBody),
+        (status = 409, description = "The session is not running.", body = ErrorBody),
+        (status = 413, description = "The file is larger than `[files] max_mib`.", body = ErrorBody),
+        (status = 502, description = "The session's agent failed or misbehaved.", body = ErrorBody),
+    )
+)]
+pub async fn download(
+    State(state): State<AppState>,
+    Path(TransferPath { id, name }): Path<TransferPath>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use crate::files::{FileStream, agent_error, refused, unexpected};
+    use sandcast_proto::{FileOp, FileReply};
+    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    transfers_on(&row)?;
+    let path = sandcast_proto::transfer::download_path(&name).map_err(bad_name)?;
+    let (mut stream, max): (FileStream, u64) = crate::files::open_path(
+        &state,
+        &id,
+        |path, max_bytes| FileOp::Read { path, max_bytes },
+        path,
+    )
+    .await?;
+    if let Some(l) = state.manager.live(&id) {
+        l.touch();
+    }
+    match stream.reply().await.map_err(agent_error)? {
+        FileReply::File { size } if size <= max => Ok((
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::CONTENT_LENGTH, size.to_string()),
+                (header::CONTENT_DISPOSITION, attachment(&name)),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+            ],
+            axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(stream.body(size))),
+        )
+            .into_response()),
+        FileReply::Directory => Err(ApiError::not_found(format!(
+            "~/Downloads/{name} is a directory, not a download"
+        ))),
+        FileReply::Refused { reason, detail } => Err(refused(reason, detail)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A file from the person in the viewer, for a file chooser of the remote
+/// page.
+///
+/// Written to the session's `~/Uploads/{name}` (replaced once all of it
+/// arrived), at most `[files] max_mib`; the viewer then names it in its
+/// `choose_files` answer to the chooser.
+#[utoipa::path(
+    put,
+    path = "/viewer/{id}/uploads/{name}",
+    tag = "viewer",
+    security(("viewer_token" = []), ("viewer_token_query" = []), ("api_key" = [])),
+    params(TransferPath),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Written.", body = crate::openapi::Written),
+        (status = 400, description = "`id` is not a session id, or `name` is not a plain file name.", body = ErrorBody),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 403, description = "The session was created with `transfers: false`.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 409, description = "The session is not running, or a directory is in the way.", body = ErrorBody),
+        (status = 413, description = "The body is larger than `[files] max_mib`.", body = ErrorBody),
+        (status = 502, description = "The session's agent failed or misbehaved.", body = ErrorBody),
+    )
+)]
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(TransferPath { id, name }): Path<TransferPath>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use sandcast_proto::FileOp;
+    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    transfers_on(&row)?;
+    let path = sandcast_proto::transfer::upload_path(&name).map_err(bad_name)?;
+    let shown = path.to_string();
+    let (stream, max) = crate::files::open_path(
+        &state,
+        &id,
+        |path, max_bytes| FileOp::Write { path, max_bytes },
+        path,
+    )
+    .await?;
+    if let Some(l) = state.manager.live(&id) {
+        l.touch();
+    }
+    let size = crate::files::write_body(stream, max, body).await?;
+    Ok(Json(crate::openapi::Written { path: shown, size }).into_response())
 }
 
 async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>) {
@@ -697,5 +870,30 @@ async fn signaling_reply(
         Some("candidate") => json!({ "type": "ack" }),
         Some(other) => err(format!("unknown message type {other:?}")),
         None => err("a message needs \"type\"".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_name_cannot_break_out_of_its_header() {
+        assert_eq!(
+            attachment("report.pdf"),
+            "attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf"
+        );
+        assert_eq!(
+            attachment("a \"b\";c.txt"),
+            "attachment; filename=\"a _b_;c.txt\"; filename*=UTF-8''a%20%22b%22%3Bc.txt"
+        );
+        assert_eq!(
+            attachment("ünï 你.csv"),
+            "attachment; filename=\"_n_ _.csv\"; filename*=UTF-8''%C3%BCn%C3%AF%20%E4%BD%A0.csv"
+        );
+        // Whatever the name, the value is a valid header value.
+        for name in ["a\\b", "x\u{7f}", "\u{202e}exe.txt"] {
+            assert!(axum::http::HeaderValue::from_str(&attachment(name)).is_ok());
+        }
     }
 }

@@ -4,12 +4,14 @@
 //! pointer moves, optionally the unordered unreliable channel
 //! `input-unreliable`): JSON objects tagged by `kind`, either a
 //! [`sandcast_proto::InputEvent`] (`{"kind":"pointer_move","x":1,"y":2}`) or
-//! `{"kind":"clipboard","text":..}` / `{"kind":"resize","width":..,"height":..}`.
+//! `{"kind":"clipboard","text":..}` / `{"kind":"resize","width":..,"height":..}`
+//! / `{"kind":"choose_files","chooser":..,"names":[..]}`.
 //!
 //! Gateway to viewer, on `input`: [`ViewerMessage`] JSON, tagged the same way.
 
 use std::time::{Duration, Instant};
 
+use sandcast_proto::transfer::{MAX_CHOSEN, check_name};
 use sandcast_proto::{InputEvent, MAX_TEXT_LEN};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +40,14 @@ pub enum ViewerRequest {
         /// Height in pixels.
         height: u32,
     },
+    /// The answer to a remote file chooser: the names of files the viewer
+    /// uploaded to `~/Uploads` (checked plain names; none: cancelled).
+    ChooseFiles {
+        /// The chooser from [`ViewerMessage::FileChooser`].
+        chooser: u64,
+        /// File names in `~/Uploads`.
+        names: Vec<String>,
+    },
 }
 
 /// Why a viewer message was dropped.
@@ -65,6 +75,7 @@ struct Kind<'a> {
 enum Extra {
     Clipboard { text: String },
     Resize { width: u32, height: u32 },
+    ChooseFiles { chooser: u64, names: Vec<String> },
 }
 
 /// Parses and validates one viewer message.
@@ -75,7 +86,7 @@ pub fn parse_viewer_message(data: &[u8]) -> Result<ViewerRequest, MessageError> 
     let kind: Kind =
         serde_json::from_slice(data).map_err(|e| MessageError::Malformed(e.to_string()))?;
     let req = match kind.kind.as_ref() {
-        "clipboard" | "resize" => {
+        "clipboard" | "resize" | "choose_files" => {
             match serde_json::from_slice(data)
                 .map_err(|e| MessageError::Malformed(e.to_string()))?
             {
@@ -97,6 +108,18 @@ pub fn parse_viewer_message(data: &[u8]) -> Result<ViewerRequest, MessageError> 
                         )));
                     }
                     ViewerRequest::Resize { width, height }
+                }
+                Extra::ChooseFiles { chooser, names } => {
+                    if names.len() > MAX_CHOSEN {
+                        return Err(MessageError::Invalid(format!(
+                            "{} files chosen; at most {MAX_CHOSEN}",
+                            names.len()
+                        )));
+                    }
+                    for n in &names {
+                        check_name(n).map_err(MessageError::Invalid)?;
+                    }
+                    ViewerRequest::ChooseFiles { chooser, names }
                 }
             }
         }
@@ -154,6 +177,23 @@ pub enum ViewerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         y: Option<u32>,
     },
+    /// The remote browser finished a download into the session's
+    /// `~/Downloads`; the viewer offers it at `/viewer/{id}/downloads/{name}`.
+    /// The page chose the name: a checked plain name, shown as text only.
+    Download {
+        /// The file's name.
+        name: String,
+        /// Its size in bytes, as the browser counted it.
+        size: u64,
+    },
+    /// The remote page opened a file chooser: the viewer asks its person for
+    /// files, uploads them and answers with `choose_files`.
+    FileChooser {
+        /// Which chooser, to name in the answer.
+        chooser: u64,
+        /// The input accepts several files.
+        multiple: bool,
+    },
 }
 
 impl ViewerMessage {
@@ -176,6 +216,9 @@ impl ViewerMessage {
                 Err(MessageError::Invalid(
                     "focus position outside the largest display".into(),
                 ))
+            }
+            ViewerMessage::Download { name, .. } => {
+                check_name(name).map_err(|e| MessageError::Invalid(format!("download: {e}")))
             }
             _ => Ok(()),
         }
@@ -311,6 +354,83 @@ mod tests {
     }
 
     #[test]
+    fn a_file_choice_names_plain_files_only() {
+        assert_eq!(
+            parse_viewer_message(
+                br#"{"kind":"choose_files","chooser":4,"names":["a.txt","b c.pdf"]}"#
+            ),
+            Ok(ViewerRequest::ChooseFiles {
+                chooser: 4,
+                names: vec!["a.txt".into(), "b c.pdf".into()]
+            })
+        );
+        // No names: cancelled.
+        assert_eq!(
+            parse_viewer_message(br#"{"kind":"choose_files","chooser":4,"names":[]}"#),
+            Ok(ViewerRequest::ChooseFiles {
+                chooser: 4,
+                names: vec![]
+            })
+        );
+        for bad in [
+            r#"{"kind":"choose_files","chooser":4,"names":["../x"]}"#,
+            r#"{"kind":"choose_files","chooser":4,"names":["a/b"]}"#,
+            r#"{"kind":"choose_files","chooser":4,"names":[".."]}"#,
+            r#"{"kind":"choose_files","chooser":4,"names":[""]}"#,
+            r#"{"kind":"choose_files","chooser":4,"names":["a\nb"]}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_viewer_message(bad.as_bytes()),
+                    Err(MessageError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        let many = format!(
+            r#"{{"kind":"choose_files","chooser":1,"names":[{}]}}"#,
+            vec![r#""a""#; MAX_CHOSEN + 1].join(",")
+        );
+        assert!(matches!(
+            parse_viewer_message(many.as_bytes()),
+            Err(MessageError::Invalid(m)) if m.contains("at most")
+        ));
+        assert!(matches!(
+            parse_viewer_message(br#"{"kind":"choose_files","names":["a"]}"#),
+            Err(MessageError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_download_for_viewers_has_a_plain_name() {
+        let ok = ViewerMessage::Download {
+            name: "report (1).pdf".into(),
+            size: 10,
+        };
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"kind":"download","name":"report (1).pdf","size":10}"#
+        );
+        let long = "a".repeat(300);
+        for bad in ["../../etc/passwd", "a/b", "", "..", "x\r\n", long.as_str()] {
+            let m = ViewerMessage::Download {
+                name: bad.to_string(),
+                size: 1,
+            };
+            assert!(m.check().is_err(), "{bad:?}");
+        }
+        let chooser = ViewerMessage::FileChooser {
+            chooser: 2,
+            multiple: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&chooser).unwrap(),
+            r#"{"kind":"file_chooser","chooser":2,"multiple":false}"#
+        );
+    }
+
+    #[test]
     fn oversized_messages_are_refused_unread() {
         let big = vec![b'{'; MAX_MESSAGE_LEN + 1];
         assert_eq!(
@@ -381,6 +501,7 @@ mod tests {
             "clipboard",
             "resize",
             "display_size",
+            "choose_files",
             "teleport",
         ];
         const WORDS: &[&str] = &[
@@ -399,6 +520,10 @@ mod tests {
             "left",
             "middle",
             "right",
+            "names",
+            "chooser",
+            "a.txt",
+            "../x",
             "back",
             "forward",
             "KeyA",
@@ -418,6 +543,7 @@ mod tests {
             r#"{"kind":"release_all"}"#,
             r#"{"kind":"clipboard","text":"copied"}"#,
             r#"{"kind":"resize","width":1280,"height":720}"#,
+            r#"{"kind":"choose_files","chooser":1,"names":["a.txt"]}"#,
         ];
 
         /// What every accepted message holds, whatever it was made of.
@@ -431,6 +557,12 @@ mod tests {
                 Ok(ViewerRequest::Resize { width, height }) => {
                     prop_assert!((MIN_DISPLAY..=MAX_DISPLAY_WIDTH).contains(&width));
                     prop_assert!((MIN_DISPLAY..=MAX_DISPLAY_HEIGHT).contains(&height));
+                }
+                Ok(ViewerRequest::ChooseFiles { names, .. }) => {
+                    prop_assert!(names.len() <= MAX_CHOSEN);
+                    for n in &names {
+                        prop_assert_eq!(check_name(n), Ok(()));
+                    }
                 }
                 Err(MessageError::TooLarge(n)) => prop_assert!(n > MAX_MESSAGE_LEN),
                 Err(_) => {}

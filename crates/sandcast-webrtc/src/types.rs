@@ -131,6 +131,16 @@ pub enum GatewayEvent {
         /// Height in pixels.
         height: u32,
     },
+    /// A viewer in control answered a file chooser with files it uploaded
+    /// (checked plain names in `~/Uploads`; none: cancelled).
+    ChooseFiles {
+        /// Session id.
+        session: String,
+        /// The chooser answered.
+        chooser: u64,
+        /// File names in `~/Uploads`.
+        names: Vec<String>,
+    },
     /// A viewer's connection changed state.
     ViewerState {
         /// Session id.
@@ -157,6 +167,11 @@ impl GatewayEvent {
                 width,
                 height,
             },
+            ViewerRequest::ChooseFiles { chooser, names } => GatewayEvent::ChooseFiles {
+                session,
+                chooser,
+                names,
+            },
         }
     }
 
@@ -181,6 +196,15 @@ impl GatewayEvent {
                 width: *width,
                 height: *height,
             },
+            // The server builds the paths: only names it checks again
+            // become paths, and only under `~/Uploads`.
+            GatewayEvent::ChooseFiles { chooser, names, .. } => Message::ChooseFiles {
+                chooser: *chooser,
+                paths: names
+                    .iter()
+                    .filter_map(|n| sandcast_proto::transfer::upload_absolute(n).ok())
+                    .collect(),
+            },
             GatewayEvent::ViewerState { .. } => return None,
         })
     }
@@ -195,6 +219,7 @@ impl GatewayEvent {
             | GatewayEvent::Input { session, .. }
             | GatewayEvent::Clipboard { session, .. }
             | GatewayEvent::Resize { session, .. }
+            | GatewayEvent::ChooseFiles { session, .. }
             | GatewayEvent::ViewerState { session, .. } => session,
         }
     }
@@ -226,6 +251,21 @@ mod tests {
             (
                 GatewayEvent::KeyFrameWanted { session: s() },
                 Some(Message::Video(VideoControl::KeyFrame)),
+            ),
+            (
+                // The names become paths under ~/Uploads here, never before.
+                GatewayEvent::ChooseFiles {
+                    session: s(),
+                    chooser: 2,
+                    names: vec!["a.txt".into(), "b c".into()],
+                },
+                Some(Message::ChooseFiles {
+                    chooser: 2,
+                    paths: vec![
+                        "/home/sandcast/Uploads/a.txt".into(),
+                        "/home/sandcast/Uploads/b c".into(),
+                    ],
+                }),
             ),
             (
                 GatewayEvent::Bitrate {

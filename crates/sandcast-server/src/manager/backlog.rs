@@ -64,6 +64,8 @@ fn class(msg: &Message) -> Class {
         Message::Resize { .. } => Class::Setting(2),
         Message::Clipboard { .. } => Class::Setting(3),
         Message::Watched { .. } => Class::Setting(4),
+        // Only the newest answer to a file chooser can still fit it.
+        Message::ChooseFiles { .. } => Class::Setting(5),
         Message::Video(VideoControl::KeyFrame) | Message::Pong { .. } => Class::Droppable,
         _ => Class::Keep,
     }

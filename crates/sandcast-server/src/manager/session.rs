@@ -753,6 +753,9 @@ impl Actor {
         self.tell_watched();
         let msgs: Vec<Message> = b.drain().collect();
         for msg in msgs {
+            if matches!(msg, Message::ChooseFiles { .. }) && !self.spec.transfers {
+                continue;
+            }
             self.send_agent(msg);
         }
     }
@@ -848,6 +851,7 @@ impl Actor {
             agent_token: Some(self.agent_token.clone()),
             pause_unwatched_ms: config.session.pause_unwatched_seconds.saturating_mul(1000),
             keyboard_layout: self.spec.keyboard_layout.clone(),
+            transfers: self.spec.transfers,
         }
     }
 
@@ -943,6 +947,19 @@ impl Actor {
                 // by ViewerMessage::check on the way out.
                 self.to_viewers(ViewerMessage::Focus { editable, x, y });
             }
+            // The page names its downloads and opens choosers at will: the
+            // agent rate-limits both, the name is checked by
+            // ViewerMessage::check, and a session with transfers off says
+            // nothing of either.
+            Message::Download { name, size } if self.spec.transfers => {
+                if sandcast_proto::transfer::check_name(&name).is_ok() {
+                    self.note(&format!("download finished: {name:?}, {size} bytes"));
+                }
+                self.to_viewers(ViewerMessage::Download { name, size });
+            }
+            Message::FileChooser { chooser, multiple } if self.spec.transfers => {
+                self.to_viewers(ViewerMessage::FileChooser { chooser, multiple });
+            }
             Message::Ping { seq } => self.send_agent(Message::Pong { seq }),
             Message::LaunchEnded { exit } => self.launch_ended(exit),
             _ => {}
@@ -1027,6 +1044,7 @@ mod tests {
             keyboard_layout: None,
             outcome: Default::default(),
             profile: None,
+            transfers: true,
         }
     }
 

@@ -112,6 +112,7 @@ fn request() -> NewSession {
             keyboard_layout: None,
             outcome: Default::default(),
             profile: None,
+            transfers: true,
         },
         ttl_seconds: 3600,
     }
