@@ -484,10 +484,7 @@ pub struct Choice {
 /// Drives one browser run's DevTools pipe until the browser closes it:
 /// `to_browser` is the write end of the browser's descriptor 3,
 /// `from_browser` the read end of its descriptor 4; a word on `close`
-/// asks the browser to close (the session ends). Focus changes go to
-/// `out` as [`Message::RemoteFocus`]; URLs from `opens` become tabs in
-/// front (see [`crate::opener`]). `opens` is shared by every run of the
-/// `from_browser` the read end of its descriptor 4. Focus changes,
+/// asks the browser to close (the session ends). Focus changes,
 /// downloads and file choosers go to `out` (see [`Driver`]); URLs from
 /// `opens` become tabs in front (see [`crate::opener`]); `choices` answer
 /// file choosers. `opens` and `choices` are shared by every run of the
