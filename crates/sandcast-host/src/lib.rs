@@ -27,6 +27,7 @@
 //! [`policy`] describes the firewall.
 
 pub mod cgroup;
+pub mod image;
 pub mod net;
 pub mod policy;
 pub mod state;

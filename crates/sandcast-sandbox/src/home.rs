@@ -111,28 +111,15 @@ impl LoopDevice {
 /// itself mode 0700: mounted in a mount namespace of its own, so the host
 /// never sees it. Symbolic links are changed, never followed.
 pub async fn give_to(image: &Path, uid: u32) -> Result<(), String> {
-    let script = r#"set -e
-m=$(mktemp -d)
-trap 'umount "$m" 2>/dev/null; rmdir "$m"' EXIT
-mount -t ext4 -o loop,nosuid,nodev,noexec "$0" "$m"
-chown -R -P "$1:$1" "$m"
-chmod 0700 "$m""#;
-    let out = tokio::process::Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .arg(image)
-        .arg(uid.to_string())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("running unshare: {e}"))?;
+    let out = sandcast_host::image::in_private_mount(
+        image,
+        "",
+        "chown -R -P \"$1:$1\" \"$m\"\nchmod 0700 \"$m\"",
+    )
+    .arg(uid.to_string())
+    .output()
+    .await
+    .map_err(|e| format!("running unshare: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {

@@ -49,18 +49,25 @@ pub fn load_or_create_api_key(configured: &str, path: &Path) -> std::io::Result<
         Err(e) => return Err(e),
     }
     let key = new_secret();
-    let tmp = path.with_extension("tmp");
+    write_private(path, format!("{key}\n").as_bytes())?;
+    Ok(key)
+}
+
+/// Writes a file only its owner (root) reads, whole or not at all: a
+/// temporary file of mode 0600 beside it, synced, renamed over it. For
+/// secrets (the API key, collected results) and records of users.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(key.as_bytes())?;
-    f.write_all(b"\n")?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(key)
+    std::fs::rename(&tmp, path)
 }
 
 /// Whether a request carries the operator key. Only the `Authorization`

@@ -61,21 +61,6 @@ pub struct Meta {
     pub last_used_ms: Option<i64>,
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
-}
-
 fn read_meta(dir: &Path, user_id: &str) -> Option<Meta> {
     let bytes = std::fs::read(meta_path(dir, user_id)).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -167,7 +152,7 @@ pub async fn prepare(
     }
     meta.last_session = Some(session.to_string());
     meta.last_used_ms = Some(now_ms());
-    write_private(
+    crate::auth::write_private(
         &meta_path(dir, user_id),
         &serde_json::to_vec(&meta).unwrap_or_default(),
     )
@@ -300,28 +285,15 @@ pub async fn get(
 /// The profile's files as a tar stream, read from a mount in a namespace
 /// of its own (read-only).
 async fn export(img: &Path) -> Result<Response, ApiError> {
-    let script = r#"set -e
-m=$(mktemp -d)
-trap 'umount "$m" 2>/dev/null; rmdir "$m"' EXIT
-mount -t ext4 -o loop,ro,nosuid,nodev,noexec "$0" "$m"
-tar -C "$m" --exclude=./lost+found --numeric-owner -cf - ."#;
-    let mut child = tokio::process::Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .arg(img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| ApiError::internal(format!("running unshare: {e}")))?;
+    let mut child = sandcast_host::image::in_private_mount(
+        img,
+        "ro",
+        r#"tar -C "$m" --exclude=./lost+found --numeric-owner -cf - ."#,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .map_err(|e| ApiError::internal(format!("running unshare: {e}")))?;
     let stdout = child.stdout.take().expect("piped");
     // The child is reaped when the stream ends (kill_on_drop if cut short).
     let stream =
@@ -413,29 +385,17 @@ pub async fn put(
     // Extracted as root into the profile's own file system, in a mount
     // namespace of its own; GNU tar keeps members inside the directory
     // (no `..`, no absolute names, links made last).
-    let script = r#"set -e
-m=$(mktemp -d)
-trap 'umount "$m" 2>/dev/null; rmdir "$m"' EXIT
-mount -t ext4 -o loop,nosuid,nodev,noexec "$0" "$m"
-find "$m" -mindepth 1 -maxdepth 1 ! -name lost+found -exec rm -rf -- {} +
-tar -C "$m" --no-same-owner -xf -"#;
-    let mut child = tokio::process::Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| ApiError::internal(format!("running unshare: {e}")))?;
+    let mut child = sandcast_host::image::in_private_mount(
+        &img,
+        "",
+        r#"find "$m" -mindepth 1 -maxdepth 1 ! -name lost+found -exec rm -rf -- {} +
+tar -C "$m" --no-same-owner -xf -"#,
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .map_err(|e| ApiError::internal(format!("running unshare: {e}")))?;
     let mut stdin = child.stdin.take().expect("piped");
     let mut body = body.into_data_stream();
     let mut cut = None;

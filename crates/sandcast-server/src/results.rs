@@ -142,8 +142,7 @@ pub fn save(
     now_ms: i64,
     ttl_seconds: u64,
 ) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -161,16 +160,10 @@ pub fn save(
             .collect(),
         missing: collected.missing.clone(),
     };
-    let tmp = dir.join(format!(".{id}.json.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec(&result).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file(dir, id))
+    crate::auth::write_private(
+        &file(dir, id),
+        &serde_json::to_vec(&result).map_err(std::io::Error::other)?,
+    )
 }
 
 /// A session's result while it is kept; an expired one is removed.
