@@ -269,9 +269,20 @@ pub async fn get(
             )));
         }
     }
-    let (used_bytes, _) = usage(&img).await.map_err(ApiError::internal)?;
-    Ok(axum::Json(ProfileInfo {
-        live_session: state.manager.profile_session(&user_id),
+    let live = state.manager.profile_session(&user_id);
+    Ok(axum::Json(info(user_id, meta, &img, live).await?).into_response())
+}
+
+/// What the API shows of a profile.
+async fn info(
+    user_id: String,
+    meta: Meta,
+    img: &Path,
+    live_session: Option<String>,
+) -> Result<ProfileInfo, ApiError> {
+    let (used_bytes, _) = usage(img).await.map_err(ApiError::internal)?;
+    Ok(ProfileInfo {
+        live_session,
         user_id,
         size_mib: meta.size_mib,
         used_bytes,
@@ -279,7 +290,6 @@ pub async fn get(
         last_session: meta.last_session,
         last_used_ms: meta.last_used_ms,
     })
-    .into_response())
 }
 
 /// The profile's files as a tar stream, read from a mount in a namespace
@@ -427,17 +437,7 @@ tar -C "$m" --no-same-owner -xf -"#,
         )));
     }
     let meta = read_meta(&dir, &user_id).ok_or_else(|| no_profile(&user_id))?;
-    let (used_bytes, _) = usage(&img).await.map_err(ApiError::internal)?;
-    Ok(axum::Json(ProfileInfo {
-        live_session: None,
-        user_id,
-        size_mib: meta.size_mib,
-        used_bytes,
-        created_ms: meta.created_ms,
-        last_session: meta.last_session,
-        last_used_ms: meta.last_used_ms,
-    })
-    .into_response())
+    Ok(axum::Json(info(user_id, meta, &img, None).await?).into_response())
 }
 
 #[cfg(test)]
