@@ -277,4 +277,27 @@ fn a_full_profile_fails_writes_inside_and_a_killed_session_leaves_it_usable() {
         &lines.body[..40.min(lines.body.len())]
     );
     end(&s, &n);
+
+    // The user clicks again the moment a session completes: the new one
+    // waits for the profile to be let go of, and has what the other wrote.
+    let once = s.create(&json!({
+        "user_id": "carol", "profile": true, "start_url": "about:blank",
+        "launch": ["sh", "-c", "echo handed-over > $HOME/h.txt"], "complete_on": "launch_exit",
+    }));
+    let o = once["id"].as_str().unwrap().to_string();
+    s.wait_state(&o, "completed", READY);
+    let next = s.api(
+        "POST",
+        "/api/sessions",
+        Some(
+            &json!({ "user_id": "carol", "profile": true, "start_url": "about:blank" }).to_string(),
+        ),
+    );
+    assert_eq!(next.status, 201, "{next:?}");
+    let n = next.json()["id"].as_str().unwrap().to_string();
+    assert_ne!(n, o);
+    s.wait_state(&n, "ready", READY);
+    let h = s.api("GET", &format!("/api/sessions/{n}/files/h.txt"), None);
+    assert_eq!(h.body, "handed-over\n", "{h:?}");
+    end(&s, &n);
 }

@@ -370,21 +370,40 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
-fn created(
+/// How long a create waits for the session that is ending with the user's
+/// profile to let go of it.
+const PROFILE_HANDOVER: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn created(
     state: &AppState,
     headers: &HeaderMap,
     new: NewSession,
     conflict: ProfileConflict,
 ) -> Result<Response, ApiError> {
-    // The user's profile is in a live session: that session is the answer
-    // (with a new viewer token), unless asked to refuse.
-    let existing = new
+    let m = &state.manager;
+    let holder = new
         .spec
         .profile
         .as_deref()
-        .filter(|_| conflict == ProfileConflict::Existing)
-        .and_then(|user| state.manager.profile_session(user))
-        .filter(|id| state.manager.live(id).is_some());
+        .and_then(|user| m.profile_session(user))
+        .and_then(|id| m.live(&id).map(|live| (id, live)));
+    let mut existing = None;
+    if let Some((id, live)) = holder {
+        let running = m
+            .store()
+            .get(&id)?
+            .is_some_and(|row| matches!(row.state, SessionState::Starting | SessionState::Ready));
+        if running {
+            // The user's profile is in a running session: that session is
+            // the answer (with a new viewer token), unless asked to refuse.
+            existing = (conflict == ProfileConflict::Existing).then_some(id);
+        } else {
+            // It is ending (completed, failed, stopping): the new session
+            // takes the profile once its file system is let go of.
+            let mut ended = live.ended();
+            let _ = tokio::time::timeout(PROFILE_HANDOVER, ended.wait_for(|e| *e)).await;
+        }
+    }
     let (status, (row, token)) = match existing {
         Some(id) => (StatusCode::OK, state.manager.new_viewer_token(&id)?),
         None => (StatusCode::CREATED, state.manager.create(new)?),
@@ -429,7 +448,7 @@ pub async fn create(
     let req = json_body(body)?;
     let conflict = req.profile_conflict.unwrap_or_default();
     let new = validate(state.manager.config(), req)?;
-    created(&state, &headers, new, conflict)
+    created(&state, &headers, new, conflict).await
 }
 
 /// Create a session from a provider preset (the seed's endpoint).
@@ -464,7 +483,7 @@ pub async fn auth_start(
             ..Default::default()
         },
     )?;
-    let resp = created(&state, &headers, new, ProfileConflict::Existing)?;
+    let resp = created(&state, &headers, new, ProfileConflict::Existing).await?;
     Ok(resp)
 }
 
