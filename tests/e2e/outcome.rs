@@ -187,6 +187,27 @@ fn a_non_zero_exit_fails_the_session_and_a_bad_outcome_request_is_refused() {
         "{failed}"
     );
 
+    // More files than a session may have streams waiting
+    // ([agent_channel] streams, 8): they are read one after the other.
+    let paths: Vec<String> = (0..12).map(|i| format!("~/out/f{i}")).collect();
+    let many = s.create(&json!({
+        "start_url": "about:blank",
+        "launch": ["sh", "-c", "mkdir -p $HOME/out; for i in 0 1 2 3 4 5 6 7 8 9 10 11; do echo file-$i > $HOME/out/f$i; done"],
+        "complete_on": "launch_exit",
+        "collect": paths,
+    }));
+    let id = many["id"].as_str().unwrap();
+    s.wait_state(id, "completed", READY);
+    let result = s
+        .api("GET", &format!("/api/sessions/{id}/result"), None)
+        .json();
+    for i in 0..12 {
+        let got = b64(result["files"][format!("~/out/f{i}")]
+            .as_str()
+            .unwrap_or_default());
+        assert_eq!(got, format!("file-{i}\n").as_bytes(), "{result}");
+    }
+
     for (body, field) in [
         (json!({ "complete_on": "launch_exit" }), "complete_on"),
         (json!({ "complete_on": "sometime" }), ""),

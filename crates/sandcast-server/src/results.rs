@@ -12,7 +12,8 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use sandcast_proto::{FileReply, HomePath};
+use futures::future::BoxFuture;
+use sandcast_proto::{FileOp, FileReply, HomePath};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
@@ -55,21 +56,34 @@ impl Collected {
     }
 }
 
-/// Reads each file from its stream (as the agent opens them), at most
+/// Reads each of `paths` through a stream `open` asks the agent for, one
+/// after the other (a session's pending streams are bounded), at most
 /// `max_total` bytes of them all; a file past that is listed as missing.
-pub async fn collect(
-    streams: Vec<(HomePath, oneshot::Receiver<UnixStream>)>,
-    max_total: u64,
-) -> Collected {
+pub async fn collect<F>(paths: Vec<HomePath>, max_total: u64, mut open: F) -> Collected
+where
+    F: FnMut(FileOp) -> BoxFuture<'static, Result<oneshot::Receiver<UnixStream>, String>>,
+{
     let mut out = Collected::default();
     let mut left = max_total;
-    for (path, rx) in streams {
+    for path in paths {
         let name = path.to_string();
-        let conn = match tokio::time::timeout(STREAM_DEADLINE, rx).await {
-            Ok(Ok(c)) => c,
-            _ => {
-                out.failure = Some(format!("the agent did not open a stream for {name}"));
-                out.missing.insert(name, "the agent did not answer".into());
+        let asked = open(FileOp::Read {
+            path,
+            max_bytes: left,
+        })
+        .await;
+        let conn = match asked {
+            Ok(rx) => match tokio::time::timeout(STREAM_DEADLINE, rx).await {
+                Ok(Ok(c)) => c,
+                _ => {
+                    out.failure = Some(format!("the agent did not open a stream for {name}"));
+                    out.missing.insert(name, "the agent did not answer".into());
+                    continue;
+                }
+            },
+            Err(e) => {
+                out.failure = Some(format!("collecting {name}: {e}"));
+                out.missing.insert(name, e);
                 continue;
             }
         };

@@ -977,27 +977,36 @@ impl Actor {
         self.completing = true;
         self.note(&format!("the launch command ended ({exit}); completing"));
         let max = self.m.config.files.result_max_kib * 1024;
-        let mut streams = Vec::new();
-        let mut problem = None;
-        for path in self.spec.outcome.collect.clone() {
-            let op = FileOp::Read {
-                path: path.clone(),
-                max_bytes: max,
-            };
-            match self.open_stream(StreamTarget::File(op)) {
-                Ok(rx) => streams.push((path, rx)),
-                Err(e) => problem = Some(format!("collecting {path}: {e}")),
-            }
-        }
+        let paths = self.spec.outcome.collect.clone();
         let dir = crate::results::dir(&self.m.config.data_dir);
         let id = self.id.clone();
         let ttl = self.spec.outcome.result_ttl_seconds;
         let back = self.to_self_commands.clone();
+        let streams = back.clone();
+        // Each stream is asked for through this task's own queue, as any
+        // other request: its replies come through here.
+        let open =
+            move |op: FileOp| -> BoxFuture<'static, Result<oneshot::Receiver<UnixStream>, String>> {
+                let queue = streams.clone();
+                Box::pin(async move {
+                    let queue = queue.upgrade().ok_or("the session ended")?;
+                    let (tx, rx) = oneshot::channel();
+                    queue
+                        .send(Command::OpenStream(StreamTarget::File(op), tx))
+                        .await
+                        .map_err(|_| "the session ended".to_string())?;
+                    match rx.await {
+                        Ok(Ok(stream)) => Ok(stream),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("the session ended".to_string()),
+                    }
+                })
+            };
         tokio::spawn(async move {
-            let collected = crate::results::collect(streams, max).await;
+            let collected = crate::results::collect(paths, max, open).await;
             let saved = crate::results::save(&dir, &id, &collected, exit.code, now_ms(), ttl);
-            let problem = problem
-                .or(collected.problem())
+            let problem = collected
+                .problem()
                 .or(saved.err().map(|e| format!("saving the result: {e}")));
             if let Some(tx) = back.upgrade() {
                 let _ = tx.send(Command::Complete { exit, problem }).await;
