@@ -79,6 +79,19 @@ impl FileStream {
             .take(limit)
     }
 
+    /// A 200 streaming the file of `size` bytes that the reply announced.
+    pub fn file_response(self, size: u64) -> Response {
+        (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::CONTENT_LENGTH, size.to_string()),
+            ],
+            Body::from_stream(ReaderStream::new(self.body(size))),
+        )
+            .into_response()
+    }
+
     /// Exactly `size` bytes of body, gathered (for small files only).
     pub async fn read_exact_body(self, size: u64) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(size.min(1 << 20) as usize);
@@ -201,15 +214,7 @@ async fn read(
         .await?
     };
     match stream.reply().await.map_err(agent_error)? {
-        FileReply::File { size } if size <= max => Ok((
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::CONTENT_LENGTH, size.to_string()),
-            ],
-            Body::from_stream(ReaderStream::new(stream.body(size))),
-        )
-            .into_response()),
+        FileReply::File { size } if size <= max => Ok(stream.file_response(size)),
         FileReply::Directory => {
             let mut json = Vec::new();
             stream

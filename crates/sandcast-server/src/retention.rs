@@ -120,36 +120,7 @@ pub fn spawn(manager: &Arc<Manager>) {
 mod tests {
     use super::*;
     use crate::config::LogLimits;
-    use crate::store::{Row, Spec, State};
-
-    fn row(id: &str) -> Row {
-        Row {
-            id: id.into(),
-            user_id: None,
-            provider: None,
-            state: State::Starting,
-            reason: None,
-            spec: Spec {
-                start_url: "about:blank".into(),
-                width: 800,
-                height: 600,
-                kiosk: false,
-                launch: None,
-                idle_timeout_seconds: 60,
-                egress: sandcast_backend::Egress::None,
-                keyboard_layout: None,
-                outcome: Default::default(),
-                profile: None,
-                transfers: true,
-            },
-            token_hash: "ab".into(),
-            created_ms: 1,
-            ready_ms: None,
-            expires_ms: 100,
-            stopped_ms: None,
-            exit_code: None,
-        }
-    }
+    use crate::store::{Row, State};
 
     #[test]
     fn a_sweep_removes_ended_sessions_files_and_orphans_only() {
@@ -164,7 +135,7 @@ mod tests {
             "dddddddddddddddddddddddd", // failed long ago, still tearing down
         ];
         for id in ids {
-            store.insert(&row(id)).unwrap();
+            store.insert(&Row::for_test(id)).unwrap();
             store
                 .add_event(id, "state", &serde_json::json!({}), 1)
                 .unwrap();

@@ -618,13 +618,13 @@ fn finish((mut row, spec): RawRow) -> Result<Row> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(id: &str) -> Row {
+impl Row {
+    /// A session just created, with the smallest spec, for the tests of
+    /// every module that stores sessions.
+    pub(crate) fn for_test(id: &str) -> Row {
         Row {
             id: id.into(),
-            user_id: Some("u".into()),
+            user_id: None,
             provider: None,
             state: State::Starting,
             reason: None,
@@ -633,11 +633,11 @@ mod tests {
                 width: 800,
                 height: 600,
                 kiosk: false,
-                launch: Some(vec!["xterm".into()]),
+                launch: None,
                 idle_timeout_seconds: 60,
-                egress: sandcast_backend::Egress::Internet,
+                egress: sandcast_backend::Egress::None,
                 keyboard_layout: None,
-                outcome: Default::default(),
+                outcome: Outcome::default(),
                 profile: None,
                 transfers: true,
             },
@@ -647,6 +647,24 @@ mod tests {
             expires_ms: 100,
             stopped_ms: None,
             exit_code: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> Row {
+        let base = Row::for_test(id);
+        Row {
+            user_id: Some("u".into()),
+            spec: Spec {
+                launch: Some(vec!["xterm".into()]),
+                egress: sandcast_backend::Egress::Internet,
+                ..base.spec
+            },
+            ..base
         }
     }
 

@@ -373,18 +373,21 @@ pub async fn download(
         l.touch();
     }
     match stream.reply().await.map_err(agent_error)? {
-        FileReply::File { size } if size <= max => Ok((
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::CONTENT_LENGTH, size.to_string()),
+        FileReply::File { size } if size <= max => {
+            let mut resp = stream.file_response(size);
+            let h = resp.headers_mut();
+            for (key, value) in [
                 (header::CONTENT_DISPOSITION, attachment(&name)),
                 (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
                 (header::CACHE_CONTROL, "no-store".to_string()),
-            ],
-            axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(stream.body(size))),
-        )
-            .into_response()),
+            ] {
+                h.insert(
+                    key,
+                    value.parse().map_err(|_| ApiError::internal("a header"))?,
+                );
+            }
+            Ok(resp)
+        }
         FileReply::Directory => Err(ApiError::not_found(format!(
             "~/Downloads/{name} is a directory, not a download"
         ))),

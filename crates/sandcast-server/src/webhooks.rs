@@ -804,30 +804,8 @@ mod tests {
 
     fn session_row(id: &str) -> crate::store::Row {
         crate::store::Row {
-            id: id.into(),
             user_id: Some("alice".into()),
-            provider: None,
-            state: crate::store::State::Starting,
-            reason: None,
-            spec: crate::store::Spec {
-                start_url: "about:blank".into(),
-                width: 800,
-                height: 600,
-                kiosk: false,
-                launch: None,
-                idle_timeout_seconds: 60,
-                egress: sandcast_backend::Egress::None,
-                keyboard_layout: None,
-                outcome: Default::default(),
-                profile: None,
-                transfers: true,
-            },
-            token_hash: "ab".into(),
-            created_ms: 1,
-            ready_ms: None,
-            expires_ms: 100,
-            stopped_ms: None,
-            exit_code: None,
+            ..crate::store::Row::for_test(id)
         }
     }
 
