@@ -155,6 +155,7 @@ impl Hub {
             connect_deadline: now + self.cfg.connect_timeout,
             candidates: &self.candidates,
             control: opts.control,
+            view_only: opts.view_only,
             limiter,
         };
         let (peer, answer) = Peer::accept(id, session, sdp, &offered, &setup, now)?;
@@ -423,16 +424,24 @@ impl Hub {
         let Some(p) = self.peers.get(&id) else {
             return false;
         };
+        if p.view_only {
+            return false;
+        }
         if p.control {
             return true;
         }
         // Without shared control, the earliest remaining viewer drives,
         // unless someone with shared control already does; a silent one is
-        // passed over while another is heard.
+        // passed over while another is heard. View-only viewers never drive.
         let Some(s) = self.sessions.get(&p.session) else {
             return false;
         };
-        let peers: Vec<&Peer> = s.viewers.iter().filter_map(|v| self.peers.get(v)).collect();
+        let peers: Vec<&Peer> = s
+            .viewers
+            .iter()
+            .filter_map(|v| self.peers.get(v))
+            .filter(|o| !o.view_only)
+            .collect();
         if peers.iter().any(|o| o.control) {
             return false;
         }
@@ -468,6 +477,9 @@ impl Hub {
                 p.counters.messages_accepted = p.counters.messages_accepted.saturating_sub(1);
                 p.counters.messages_dropped += 1;
                 p.counters.messages_not_in_control += 1;
+                if p.view_only {
+                    p.counters.messages_view_only += 1;
+                }
             }
             return;
         }
@@ -686,13 +698,78 @@ mod tests {
         h.close_viewer(a.viewer_id, now);
         assert!(h.in_control(b.viewer_id, now));
         let c = h
-            .accept_offer("s", DEFAULT, ViewerOptions { control: true }, now)
+            .accept_offer(
+                "s",
+                DEFAULT,
+                ViewerOptions {
+                    control: true,
+                    ..ViewerOptions::default()
+                },
+                now,
+            )
             .unwrap();
         assert!(h.in_control(c.viewer_id, now));
         assert!(
             !h.in_control(b.viewer_id, now),
             "shared control takes over from the implicit one"
         );
+    }
+
+    #[test]
+    fn a_view_only_viewer_never_controls_and_its_requests_are_dropped() {
+        let mut h = hub();
+        let t0 = Instant::now();
+        let view = ViewerOptions {
+            control: true,
+            view_only: true,
+        };
+        let a = h.accept_offer("s", DEFAULT, view, t0).unwrap().viewer_id;
+        // Alone, and asking for shared control: still not in control.
+        assert!(!h.in_control(a, t0));
+        let b = h
+            .accept_offer("s", DEFAULT, ViewerOptions::default(), t0)
+            .unwrap()
+            .viewer_id;
+        // The first viewer that may drive does, though it came later.
+        assert!(h.in_control(b, t0));
+        // Heard while b is silent long enough: a still never drives.
+        let later = t0 + SILENT_CONTROLLER + Duration::from_secs(1);
+        h.peers.get_mut(&a).unwrap().last_heard = later;
+        assert!(!h.in_control(a, later));
+        assert!(h.in_control(b, later));
+        h.take_events();
+        let requests = [
+            ViewerRequest::Input(InputEventFixture::click()),
+            ViewerRequest::Clipboard("from a watcher".into()),
+            ViewerRequest::Resize {
+                width: 640,
+                height: 480,
+            },
+            ViewerRequest::ChooseFiles {
+                chooser: 1,
+                names: vec!["x.txt".into()],
+            },
+        ];
+        for req in requests.clone() {
+            h.on_request(a, "s", req, later);
+        }
+        assert!(
+            h.take_events().is_empty(),
+            "nothing of a view-only viewer reaches the server"
+        );
+        let c = h.counters(a).unwrap();
+        assert_eq!(c.messages_view_only, 4);
+        assert_eq!(c.messages_not_in_control, 4);
+        assert_eq!(c.messages_dropped, 4);
+        // The same requests from the viewer in control do.
+        for req in requests {
+            h.on_request(b, "s", req, later);
+        }
+        assert_eq!(h.take_events().len(), 4);
+        assert_eq!(h.counters(b).unwrap().messages_view_only, 0);
+        // When the controller leaves, control does not pass to a.
+        h.close_viewer(b, later);
+        assert!(!h.in_control(a, later));
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub(crate) struct PeerSetup<'a> {
     pub connect_deadline: Instant,
     pub candidates: &'a [Candidate],
     pub control: bool,
+    pub view_only: bool,
     pub limiter: RateLimiter,
 }
 
@@ -58,6 +59,8 @@ pub(crate) struct Peer {
     pub session: String,
     pub codecs: Vec<Codec>,
     pub control: bool,
+    /// Never in control (a `view` token's viewer).
+    pub view_only: bool,
     pub counters: ViewerCounters,
     pub connected: bool,
     pub loss: LossController,
@@ -122,7 +125,8 @@ impl Peer {
             id,
             session: session.to_string(),
             codecs: codecs.to_vec(),
-            control: setup.control,
+            control: setup.control && !setup.view_only,
+            view_only: setup.view_only,
             counters: ViewerCounters::default(),
             connected: false,
             loss: LossController::default(),

@@ -23,11 +23,18 @@ impl fmt::Display for ViewerId {
 /// control). With `false` the viewer drives it only while no other viewer
 /// does: the first viewer of a session controls it, later ones watch, and
 /// control passes on when the controlling viewer leaves.
+///
+/// `view_only: true` (a `view` token's viewer) gets the stream and the
+/// session's messages but never control: its input, clipboard, resize and
+/// file-chooser answers are dropped and counted, whatever `control` says.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewerOptions {
     /// Always in control, alongside any others.
     #[serde(default)]
     pub control: bool,
+    /// Never in control: watches only.
+    #[serde(default)]
+    pub view_only: bool,
 }
 
 /// The answer to a viewer's offer.
@@ -65,6 +72,8 @@ pub struct ViewerCounters {
     pub messages_rate_limited: u64,
     /// Of the dropped: valid, but the viewer is not in control.
     pub messages_not_in_control: u64,
+    /// Of those not in control: the viewer is view-only (never in control).
+    pub messages_view_only: u64,
     /// Video frames handed to the packetiser.
     pub frames_sent: u64,
     /// Video frames skipped (waiting for a key frame, codec not negotiated).
