@@ -163,7 +163,7 @@ pub struct AuthStartRequest {
     provider: String,
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     match body {
         Ok(Json(t)) => Ok(t),
         Err(e) => {
@@ -348,6 +348,12 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
     })
 }
 
+/// The viewer of session `id` opened with `token` (in the fragment, which
+/// browsers never send).
+pub(crate) fn viewer_url(state: &AppState, headers: &HeaderMap, id: &str, token: &str) -> String {
+    format!("{}/viewer/{id}#token={token}", base_url(state, headers))
+}
+
 fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     let cfg = &state.manager.config().public_url;
     if !cfg.is_empty() {
@@ -409,12 +415,7 @@ async fn created(
         None => (StatusCode::CREATED, state.manager.create(new)?),
     };
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
-    body["viewer_url"] = json!(format!(
-        "{}/viewer/{}#token={}",
-        base_url(state, headers),
-        row.id,
-        token
-    ));
+    body["viewer_url"] = json!(viewer_url(state, headers, &row.id, &token));
     body["viewer_token"] = json!(token);
     Ok((status, Json(body)).into_response())
 }

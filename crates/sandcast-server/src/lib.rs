@@ -26,9 +26,11 @@ pub mod profiles;
 pub mod ratelimit;
 pub mod results;
 pub mod retention;
+pub mod rfb_view;
 pub mod session_log;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod viewer;
 pub mod webhooks;
 
@@ -98,6 +100,8 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(files::get, files::put, files::delete))
         .routes(routes!(files::home))
         .routes(routes!(results::get))
+        .routes(routes!(tokens::create, tokens::list))
+        .routes(routes!(tokens::revoke))
         .routes(routes!(profiles::get, profiles::put, profiles::delete))
         .routes(routes!(viewer::offer, viewer::last_offer))
         .routes(routes!(viewer::last_answer))

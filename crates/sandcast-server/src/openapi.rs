@@ -525,6 +525,10 @@ pub struct ViewerState {
     pub children: Vec<Child>,
     /// Whether the server streams over WebRTC (else the viewer uses VNC).
     pub webrtc: bool,
+    /// What the token may do: `view` (the server drops this viewer's
+    /// input, clipboard and resize; the page hides its controls) or
+    /// `control`.
+    pub role: crate::tokens::Role,
 }
 
 /// An SDP offer or answer.

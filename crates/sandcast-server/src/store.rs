@@ -273,6 +273,20 @@ fn migrations() -> Migrations<'static> {
             WHERE state = 'pending';
         CREATE INDEX webhook_deliveries_created ON webhook_deliveries(created_ms);",
         ),
+        // Per-session tokens with a role (`tokens`): only their hashes.
+        // They go with their session's row.
+        M::up(
+            "CREATE TABLE tokens (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            token_hash TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            expires_ms INTEGER,
+            revoked_ms INTEGER
+        );
+        CREATE INDEX tokens_session ON tokens(session_id, created_ms);",
+        ),
     ])
 }
 
@@ -574,6 +588,85 @@ impl Store {
     }
 }
 
+/// One stored per-session token: its public id and role, never the
+/// secret (only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Public id, for listing and revoking.
+    pub id: String,
+    /// The session it opens.
+    pub session_id: String,
+    /// What it may do.
+    pub role: crate::tokens::Role,
+    /// SHA-256 of the token, hex.
+    pub token_hash: String,
+    /// Times in milliseconds since the epoch.
+    pub created_ms: i64,
+    /// When it stops opening the session; none: with the session.
+    pub expires_ms: Option<i64>,
+    /// When it was revoked.
+    pub revoked_ms: Option<i64>,
+}
+
+impl Store {
+    /// Records a token.
+    pub fn insert_token(&self, t: &TokenRow) -> Result<()> {
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO tokens (id, session_id, role, token_hash, created_ms, expires_ms, revoked_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                t.id,
+                t.session_id,
+                t.role.as_str(),
+                t.token_hash,
+                t.created_ms,
+                t.expires_ms,
+                t.revoked_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A session's tokens, oldest first (revoked and expired ones too).
+    pub fn tokens(&self, session_id: &str) -> Result<Vec<TokenRow>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, session_id, role, token_hash, created_ms, expires_ms, revoked_ms
+             FROM tokens WHERE session_id = ?1 ORDER BY created_ms, id",
+        )?;
+        let rows = stmt
+            .query_map([session_id], |r| {
+                let role: String = r.get(2)?;
+                // A role this version does not know opens nothing.
+                let Some(role) = crate::tokens::Role::from_name(&role) else {
+                    return Ok(None);
+                };
+                Ok(Some(TokenRow {
+                    id: r.get(0)?,
+                    session_id: r.get(1)?,
+                    role,
+                    token_hash: r.get(3)?,
+                    created_ms: r.get(4)?,
+                    expires_ms: r.get(5)?,
+                    revoked_ms: r.get(6)?,
+                }))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    /// Revokes a session's token (a second revocation keeps the first
+    /// time); returns whether the session has that token.
+    pub fn revoke_token(&self, session_id: &str, token_id: &str, now_ms: i64) -> Result<bool> {
+        let n = self.conn.lock().unwrap().execute(
+            "UPDATE tokens SET revoked_ms = COALESCE(revoked_ms, ?3)
+             WHERE session_id = ?1 AND id = ?2",
+            params![session_id, token_id, now_ms],
+        )?;
+        Ok(n > 0)
+    }
+}
+
 const SELECT: &str = "SELECT id, user_id, provider, state, reason, spec, token_hash,
     created_ms, ready_ms, expires_ms, stopped_ms, exit_code FROM sessions";
 
@@ -820,6 +913,50 @@ mod tests {
         let ids = s.reconcile("restart", 60).unwrap();
         assert_eq!(ids, ["live"]);
         assert_eq!(s.ended_before(60, 10).unwrap(), ["stopped", "late", "live"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tokens_are_kept_per_session_revoked_once_and_go_with_the_session() {
+        use crate::tokens::Role;
+        let (dir, s) = temp_db();
+        s.insert(&row("a")).unwrap();
+        s.insert(&row("b")).unwrap();
+        let tok = |id: &str, session: &str, role, created| TokenRow {
+            id: id.into(),
+            session_id: session.into(),
+            role,
+            token_hash: format!("hash-{id}"),
+            created_ms: created,
+            expires_ms: (role == Role::View).then_some(99),
+            revoked_ms: None,
+        };
+        s.insert_token(&tok("t2", "a", Role::Control, 2)).unwrap();
+        s.insert_token(&tok("t1", "a", Role::View, 1)).unwrap();
+        s.insert_token(&tok("t3", "b", Role::Automation, 1))
+            .unwrap();
+        assert!(
+            s.insert_token(&tok("t4", "nope", Role::View, 1)).is_err(),
+            "a token needs its session"
+        );
+        assert!(s.insert_token(&tok("t1", "b", Role::View, 1)).is_err());
+        let a = s.tokens("a").unwrap();
+        assert_eq!(
+            a,
+            [
+                tok("t1", "a", Role::View, 1),
+                tok("t2", "a", Role::Control, 2)
+            ]
+        );
+        assert!(s.revoke_token("a", "t1", 10).unwrap());
+        assert!(s.revoke_token("a", "t1", 20).unwrap());
+        assert_eq!(s.tokens("a").unwrap()[0].revoked_ms, Some(10));
+        assert!(!s.revoke_token("a", "t3", 10).unwrap(), "b's token");
+        assert!(!s.revoke_token("a", "zz", 10).unwrap());
+        assert_eq!(s.tokens("b").unwrap()[0].revoked_ms, None);
+        assert!(s.delete("a").unwrap());
+        assert!(s.tokens("a").unwrap().is_empty());
+        assert_eq!(s.tokens("b").unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -24,6 +24,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::openapi::{IceServers, SdpMessage, ViewerState};
 use crate::store::{Row, State as SessionState};
+use crate::tokens::Grant;
 
 /// The viewer's files: `viewer/` of the source tree.
 #[derive(Embed)]
@@ -94,16 +95,19 @@ pub async fn page(Path(id): Path<String>) -> Response {
     }
 }
 
-/// Checks a request's credential against a session; the session's row when
-/// it opens it. The viewer token may come from the `Authorization` header or
+/// Checks a request's credential against a session; the session's row and
+/// what the credential may do ([`Grant`]) when it opens the session's
+/// viewer. The viewer token may come from the `Authorization` header or
 /// (where a browser cannot set headers: WebSockets) the query; the operator
-/// key only ever from the header, never from a URL that proxies log.
+/// key only ever from the header, never from a URL that proxies log. Only
+/// `view` and `control` tokens open the viewer (the session's own token is
+/// `control`); an `automation` token never does.
 fn authorize(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
     query_token: Option<&str>,
-) -> Result<Row, ApiError> {
+) -> Result<(Row, Grant), ApiError> {
     limits::check_id(id).map_err(ApiError::bad_request)?;
     let row = state
         .manager
@@ -111,17 +115,19 @@ fn authorize(
         .get(id)?
         .ok_or_else(|| ApiError::no_session(id))?;
     if auth::is_operator(headers, &state.api_key) {
-        return Ok(row);
+        return Ok((row, Grant::control()));
     }
     let Some(token) = bearer(headers).or(query_token) else {
         return Err(ApiError::unauthorized("missing viewer token"));
     };
-    if auth::token_matches(token, &row.token_hash) {
-        Ok(row)
-    } else {
-        Err(ApiError::unauthorized(
+    match state.manager.token_grant(id, token)? {
+        Some(g) if g.role.opens_viewer() => Ok((row, g)),
+        Some(_) => Err(ApiError::unauthorized(
+            "an automation token does not open the viewer",
+        )),
+        None => Err(ApiError::unauthorized(
             "the token does not open this session",
-        ))
+        )),
     }
 }
 
@@ -154,7 +160,7 @@ pub async fn state(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let row = authorize(&state, &id, &headers, None)?;
+    let (row, grant) = authorize(&state, &id, &headers, None)?;
     let live = state.manager.live(&id);
     if let Some(l) = &live {
         l.touch();
@@ -164,6 +170,7 @@ pub async fn state(
         "id": full["id"], "state": full["state"], "reason": full["reason"],
         "width": full["width"], "height": full["height"], "children": full["children"],
         "webrtc": state.manager.gateway().is_some(),
+        "role": grant.role,
     })))
 }
 
@@ -203,7 +210,7 @@ pub async fn vnc(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (row, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
     if row.state != SessionState::Ready {
         return Err(session_is(&row));
     }
@@ -217,7 +224,8 @@ pub async fn vnc(
                 l.viewer(true).await;
             }
             let ended = live.as_ref().map(|l| l.ended());
-            pump(socket, stream, ended).await;
+            let lost = live.as_ref().map(|l| l.lost(&grant));
+            pump(socket, stream, ended, lost, grant.view_only()).await;
             if let Some(l) = &live {
                 l.viewer(false).await;
             }
@@ -262,14 +270,14 @@ pub async fn input(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (row, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
     let live = match state.manager.live(&id) {
         Some(l) if row.state == SessionState::Ready => l,
         _ => return Err(session_is(&row)),
     };
     Ok(ws
         .max_message_size(sandcast_webrtc::MAX_MESSAGE_LEN)
-        .on_upgrade(move |socket| input_pump(socket, live)))
+        .on_upgrade(move |socket| input_pump(socket, live, grant)))
 }
 
 /// Path of a viewer's download or upload: the session and a plain file name.
@@ -294,6 +302,15 @@ fn transfers_on(row: &Row) -> Result<(), ApiError> {
         "downloads and uploads are off for this session (transfers: false)",
     )
     .detail(json!({ "field": "transfers" })))
+}
+
+/// The 403 of something only a `control` viewer does.
+fn view_only(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("a view token only watches: {what} need a control token"),
+    )
+    .detail(json!({ "role": "view" }))
 }
 
 /// The 400 of a name that is not a plain file name.
@@ -359,7 +376,7 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     use crate::files::{FileStream, agent_error, refused, unexpected};
     use sandcast_proto::{FileOp, FileReply};
-    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (row, _) = authorize(&state, &id, &headers, q.token.as_deref())?;
     transfers_on(&row)?;
     let path = sandcast_proto::transfer::download_path(&name).map_err(bad_name)?;
     let (mut stream, max): (FileStream, u64) = crate::files::open_path(
@@ -413,7 +430,7 @@ pub async fn download(
         (status = 200, description = "Written.", body = crate::openapi::Written),
         (status = 400, description = "`id` is not a session id, or `name` is not a plain file name.", body = ErrorBody),
         (status = 401, description = "No token, or not this session's.", body = ErrorBody),
-        (status = 403, description = "The session was created with `transfers: false`.", body = ErrorBody),
+        (status = 403, description = "The session was created with `transfers: false`, or the token is a `view` token.", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 409, description = "The session is not running, or a directory is in the way.", body = ErrorBody),
         (status = 413, description = "The body is larger than `[files] max_mib`.", body = ErrorBody),
@@ -428,7 +445,10 @@ pub async fn upload(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use sandcast_proto::FileOp;
-    let row = authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (row, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
+    if grant.view_only() {
+        return Err(view_only("uploads"));
+    }
     transfers_on(&row)?;
     let path = sandcast_proto::transfer::upload_path(&name).map_err(bad_name)?;
     let shown = path.to_string();
@@ -446,17 +466,20 @@ pub async fn upload(
     Ok(Json(crate::openapi::Written { path: shown, size }).into_response())
 }
 
-async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>) {
+async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>, grant: Grant) {
     use sandcast_webrtc::{RateLimiter, parse_viewer_message};
     let mut limiter = RateLimiter::default();
     let mut ended = live.ended();
     let mut to_viewer = live.viewer_messages();
+    let lost = live.lost(&grant);
+    tokio::pin!(lost);
     let mut dropped: u64 = 0;
     loop {
         let msg = tokio::select! {
             m = socket.recv() => m,
             // Its guard must not live on in the select's output.
             () = async { let _ = ended.wait_for(|e| *e).await; } => break,
+            () = &mut lost => break,
             out = to_viewer.recv() => {
                 match out {
                     Ok(m) => {
@@ -478,7 +501,11 @@ async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>) {
             Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => continue,
         };
-        let req = if limiter.allow(std::time::Instant::now()) {
+        let req = if grant.view_only() {
+            // The server is the boundary: a view token's requests never
+            // reach the session, whatever its page sends.
+            Err("a view token's input, clipboard and resize are dropped".into())
+        } else if limiter.allow(std::time::Instant::now()) {
             parse_viewer_message(&data).map_err(|e| e.to_string())
         } else {
             Err("more messages than the rate limit".into())
@@ -494,28 +521,47 @@ async fn input_pump(mut socket: WebSocket, live: Arc<crate::manager::Live>) {
             }
         }
     }
-    live.viewer_request(sandcast_webrtc::ViewerRequest::Input(
-        sandcast_proto::InputEvent::ReleaseAll,
-    ))
-    .await;
+    // A watcher held nothing, and must not release what others hold.
+    if !grant.view_only() {
+        live.viewer_request(sandcast_webrtc::ViewerRequest::Input(
+            sandcast_proto::InputEvent::ReleaseAll,
+        ))
+        .await;
+    }
 }
 
+/// Splices a noVNC WebSocket onto the session's VNC server until either
+/// side ends, the session ends, or its token stops opening it (`lost`).
+/// A `view` viewer's stream goes through [`crate::rfb_view::ViewFilter`]:
+/// its keys, pointer, clipboard and resize never reach the VNC server.
 async fn pump(
     socket: WebSocket,
     stream: tokio::net::UnixStream,
     ended: Option<tokio::sync::watch::Receiver<bool>>,
+    lost: Option<impl std::future::Future<Output = ()>>,
+    view_only: bool,
 ) {
     use futures::{SinkExt, StreamExt};
     let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut rd, mut wr) = stream.into_split();
     let up = async {
+        let mut filter = view_only.then(crate::rfb_view::ViewFilter::default);
         while let Some(Ok(msg)) = ws_rx.next().await {
-            let data = match msg {
+            let mut data = match msg {
                 WsMessage::Binary(b) => b,
                 WsMessage::Text(t) => Bytes::from(t.as_str().as_bytes().to_vec()),
                 WsMessage::Close(_) => break,
                 _ => continue,
             };
+            if let Some(f) = &mut filter {
+                match f.feed(&data) {
+                    Ok(kept) => data = Bytes::from(kept),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a view viewer's RFB stream ended");
+                        break;
+                    }
+                }
+            }
             if wr.write_all(&data).await.is_err() {
                 break;
             }
@@ -547,10 +593,17 @@ async fn pump(
             None => std::future::pending().await,
         }
     };
+    let lost = async {
+        match lost {
+            Some(l) => l.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = up => {}
         _ = down => {}
         _ = end => {}
+        _ = lost => {}
     }
 }
 
@@ -571,8 +624,20 @@ struct OfferBody {
     kind: Option<String>,
 }
 
-fn authorize_signaling(state: &AppState, id: &str, headers: &HeaderMap) -> Result<Row, ApiError> {
+fn authorize_signaling(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<(Row, Grant), ApiError> {
     authorize(state, id, headers, None)
+}
+
+/// How the gateway treats a viewer opened with `grant`.
+fn viewer_options(grant: &Grant) -> sandcast_webrtc::ViewerOptions {
+    sandcast_webrtc::ViewerOptions {
+        view_only: grant.view_only(),
+        ..Default::default()
+    }
 }
 
 /// Send a WebRTC offer; the answer comes back at once (the seed's
@@ -607,7 +672,7 @@ pub async fn offer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let row = authorize_signaling(&state, &id, &headers)?;
+    let (row, grant) = authorize_signaling(&state, &id, &headers)?;
     let Some(gw) = state.manager.gateway() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -630,7 +695,7 @@ pub async fn offer(
         text.to_string()
     };
     let answer = gw
-        .accept_offer(&id, &sdp, sandcast_webrtc::ViewerOptions::default())
+        .accept_offer(&id, &sdp, viewer_options(&grant))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -639,6 +704,7 @@ pub async fn offer(
             )
         })?;
     if let Some(l) = state.manager.live(&id) {
+        l.peer_opened(answer.viewer_id, &grant).await;
         l.touch();
     }
     sig.last
@@ -741,7 +807,7 @@ pub async fn ice_servers(
 ) -> Result<Response, ApiError> {
     let who = match q.session.as_deref() {
         Some(id) => {
-            let row = authorize(&state, id, &headers, None)?;
+            let (row, _) = authorize(&state, id, &headers, None)?;
             if !row.state.is_live() {
                 return Err(session_is(&row));
             }
@@ -802,7 +868,7 @@ pub async fn signaling_ws(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (_, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
     if state.manager.gateway().is_none() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -811,18 +877,37 @@ pub async fn signaling_ws(
     }
     Ok(ws
         .max_message_size(limits::MAX_BODY)
-        .on_upgrade(move |socket| signaling_session(state, id, socket)))
+        .on_upgrade(move |socket| signaling_session(state, id, grant, socket)))
 }
 
-async fn signaling_session(state: AppState, id: String, mut socket: WebSocket) {
+async fn signaling_session(state: AppState, id: String, grant: Grant, mut socket: WebSocket) {
     let mut viewer: Option<sandcast_webrtc::ViewerId> = None;
-    while let Some(Ok(msg)) = socket.recv().await {
+    // Revoked or expired: the socket ends, and its viewer (closed by the
+    // session's task too) with it.
+    let lost = async {
+        match state.manager.live(&id) {
+            Some(l) => l.lost(&grant).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lost);
+    loop {
+        let msg = tokio::select! {
+            m = socket.recv() => m,
+            () = &mut lost => {
+                if let (Some(gw), Some(v)) = (state.manager.gateway(), viewer.take()) {
+                    gw.close_viewer(v);
+                }
+                break;
+            }
+        };
+        let Some(Ok(msg)) = msg else { break };
         let text = match msg {
             WsMessage::Text(t) => t.to_string(),
             WsMessage::Close(_) => break,
             _ => continue,
         };
-        let reply = signaling_reply(&state, &id, &text, &mut viewer).await;
+        let reply = signaling_reply(&state, &id, &grant, &text, &mut viewer).await;
         if socket
             .send(WsMessage::Text(reply.to_string().into()))
             .await
@@ -836,6 +921,7 @@ async fn signaling_session(state: AppState, id: String, mut socket: WebSocket) {
 async fn signaling_reply(
     state: &AppState,
     id: &str,
+    grant: &Grant,
     text: &str,
     viewer: &mut Option<sandcast_webrtc::ViewerId>,
 ) -> Value {
@@ -859,12 +945,12 @@ async fn signaling_reply(
             if let Some(old) = viewer.take() {
                 gw.close_viewer(old);
             }
-            match gw
-                .accept_offer(id, sdp, sandcast_webrtc::ViewerOptions::default())
-                .await
-            {
+            match gw.accept_offer(id, sdp, viewer_options(grant)).await {
                 Ok(answer) => {
                     *viewer = Some(answer.viewer_id);
+                    if let Some(l) = state.manager.live(id) {
+                        l.peer_opened(answer.viewer_id, grant).await;
+                    }
                     json!({ "type": "answer", "sdp": answer.sdp, "viewer_id": answer.viewer_id.to_string() })
                 }
                 Err(e) => err(e.to_string()),

@@ -7,7 +7,7 @@
 //!
 //! [`Core`] is the sans-IO part (time passed in); [`Actor`] is its I/O edge.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use super::{Manager, ManagerError, now_ms};
 use crate::budget::EventGate;
 use crate::session_log::{self, SessionLog};
 use crate::store::{Spec, State};
+use crate::tokens::Grant;
 
 /// How long a stopping agent gets before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -85,6 +86,18 @@ pub enum Command {
     },
     /// Stop the session.
     Stop(String),
+    /// A token of the session was revoked: what was opened with it ends.
+    Revoke(String),
+    /// A WebRTC viewer was opened with an added token: closed when the
+    /// token is revoked or expires.
+    Peer {
+        /// The viewer.
+        viewer: ViewerId,
+        /// Its token's id.
+        token_id: String,
+        /// When the token expires.
+        expires: Option<Instant>,
+    },
 }
 
 /// A handle to a running session; cheap to share. Dropping it does not stop
@@ -96,6 +109,13 @@ pub struct Live {
     log: Arc<SessionLog>,
     ended: watch::Receiver<bool>,
     to_sockets: broadcast::Sender<ViewerMessage>,
+    /// Ids of the session's tokens revoked while it runs.
+    revoked: watch::Receiver<HashSet<String>>,
+}
+
+/// The `Instant` of a time in ms since the epoch (now if it has passed).
+fn instant_of_ms(ms: i64) -> Instant {
+    Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms()).max(0) as u64)
 }
 
 /// Messages for viewers on input sockets that wait unread before the
@@ -165,6 +185,60 @@ impl Live {
     pub async fn viewer_request(&self, req: ViewerRequest) {
         let ev = GatewayEvent::from_request(self.id.clone(), SOCKET_VIEWER, req);
         let _ = self.commands.send(Command::Gateway(ev)).await;
+    }
+
+    /// Revokes a token of the session: WebRTC viewers opened with it are
+    /// closed by the session's task, sockets opened with it end (they wait
+    /// on [`Live::lost`]). Waits for room in the session's queue.
+    pub async fn revoke(&self, token_id: &str) {
+        let _ = self
+            .commands
+            .send(Command::Revoke(token_id.to_string()))
+            .await;
+    }
+
+    /// Tells the session's task that a WebRTC viewer was opened with
+    /// `grant`, so that revoking or the expiry of its token closes it.
+    /// Nothing for the session's own token or the operator key.
+    pub async fn peer_opened(&self, viewer: ViewerId, grant: &Grant) {
+        let Some(token_id) = &grant.token_id else {
+            return;
+        };
+        let _ = self
+            .commands
+            .send(Command::Peer {
+                viewer,
+                token_id: token_id.clone(),
+                expires: grant.expires_ms.map(instant_of_ms),
+            })
+            .await;
+    }
+
+    /// Resolves once `grant` stops opening the session: its token revoked
+    /// or expired. Never for the session's own token or the operator key
+    /// (the session's end is [`Live::ended`]). A socket opened with a grant
+    /// ends when this resolves.
+    pub fn lost(&self, grant: &Grant) -> impl Future<Output = ()> + Send + 'static {
+        let mut revoked = self.revoked.clone();
+        let token = grant.token_id.clone();
+        let expires = grant.expires_ms.map(instant_of_ms);
+        async move {
+            let Some(token) = token else {
+                return std::future::pending().await;
+            };
+            let gone = async move {
+                if revoked.wait_for(|r| r.contains(&token)).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            match expires {
+                Some(at) => tokio::select! {
+                    () = gone => {}
+                    () = tokio::time::sleep_until(at.into()) => {}
+                },
+                None => gone.await,
+            }
+        }
     }
 
     /// The session's command queue (for the gateway relay).
@@ -354,6 +428,10 @@ pub struct Actor {
     /// The user's profile this session has as its home, held until its
     /// processes are gone.
     profile_claim: Option<super::ProfileClaim>,
+    /// Ids of tokens revoked while the session runs (sockets watch it).
+    revoked: watch::Sender<HashSet<String>>,
+    /// WebRTC viewers opened with added tokens: viewer, token id, expiry.
+    token_peers: Vec<(ViewerId, String, Option<Instant>)>,
 }
 
 /// Makes a session's handle and its task (not yet running).
@@ -382,7 +460,9 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         bounds.video_max,
     ));
     let (to_sockets, _) = broadcast::channel(SOCKET_VIEWER_QUEUE);
+    let (revoked, revoked_rx) = watch::channel(HashSet::new());
     let live = Arc::new(Live {
+        revoked: revoked_rx,
         id: id.clone(),
         commands: commands_tx,
         snapshot: snapshot_rx,
@@ -422,6 +502,8 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         to_self_commands: live.commands.downgrade(),
         completing: false,
         profile_claim: None,
+        revoked,
+        token_peers: Vec::new(),
     };
     (live, actor)
 }
@@ -463,6 +545,7 @@ impl Actor {
         }
         while !self.finished {
             let deadline = tokio::time::Instant::from_std(self.core.next_deadline());
+            let token_expiry = self.token_peers.iter().filter_map(|p| p.2).min();
             let control = self.control.clone();
             tokio::select! {
                 r = started(&mut self.starting) => {
@@ -491,6 +574,11 @@ impl Actor {
                     {
                         self.fail(&format!("the session's agent ended: {}", exit.reason)).await;
                     }
+                }
+                () = tokio::time::sleep_until(token_expiry.unwrap_or(Instant::now()).into()),
+                    if token_expiry.is_some() =>
+                {
+                    self.close_token_peers(|_, expires| expires.is_some_and(|e| e <= Instant::now()));
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     match self.core.due(Instant::now()) {
@@ -711,6 +799,14 @@ impl Actor {
         let now = Instant::now();
         match cmd {
             Command::Gateway(ev) => {
+                if let GatewayEvent::ViewerState {
+                    viewer,
+                    state: sandcast_webrtc::ViewerState::Closed,
+                    ..
+                } = &ev
+                {
+                    self.token_peers.retain(|p| p.0 != *viewer);
+                }
                 let mut b = Backlog::default();
                 b.push_event(ev);
                 self.apply(b, now);
@@ -732,7 +828,43 @@ impl Actor {
             }
             Command::Complete { exit, problem } => self.complete(exit, problem).await,
             Command::Stop(reason) => self.stop(&reason).await,
+            Command::Revoke(token_id) => {
+                self.revoked.send_modify(|r| {
+                    r.insert(token_id.clone());
+                });
+                let n = self.close_token_peers(|t, _| t == token_id);
+                self.note(&format!(
+                    "token {token_id} revoked; {n} WebRTC viewer(s) with it closed"
+                ));
+            }
+            Command::Peer {
+                viewer,
+                token_id,
+                expires,
+            } => {
+                self.token_peers.push((viewer, token_id.clone(), expires));
+                // Revoked or expired while the offer was answered.
+                let gone = self.revoked.borrow().contains(&token_id);
+                self.close_token_peers(|t, e| {
+                    t == token_id && (gone || e.is_some_and(|e| e <= now))
+                });
+            }
         }
+    }
+
+    /// Closes the WebRTC viewers opened with a token that `which` (its id,
+    /// its expiry) picks; returns how many.
+    fn close_token_peers(&mut self, which: impl Fn(&str, Option<Instant>) -> bool) -> usize {
+        let (closing, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.token_peers)
+            .into_iter()
+            .partition(|(_, t, e)| which(t, *e));
+        self.token_peers = kept;
+        if let Some(gw) = &self.m.gateway {
+            for (viewer, _, _) in &closing {
+                gw.close_viewer(*viewer);
+            }
+        }
+        closing.len()
     }
 
     /// Applies gateway events (one, or a backlog of them).
