@@ -50,6 +50,14 @@
 //                                                       answered with these files
 //   { expectFileChosen: true, timeoutMs? }              ...and it was (its "choose…" button is
 //                                                       clicked when the chooser waits for a gesture)
+//   { expectStatus: { key: value, ... }, timeoutMs? }   the viewer element's status has these values
+//   { watchDisconnect: true }                           from now on, record when the viewer element
+//                                                       first reports connected: false (it must be
+//                                                       connected now)
+//   { expectDisconnected: true, timeoutMs? }            ...and wait for it; `got` is { at (epoch ms),
+//                                                       state }
+//   { expectRemoteClipboardPrefix: "text", timeoutMs? } the session's clipboard as the viewer element
+//                                                       reports it starts with that text; `got` is it
 // Or, to check a page directly on this host (a control for isolation tests):
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
@@ -464,6 +472,37 @@ async function runViewers() {
         rec.got = settled;
         rec.ok = settled?.v !== undefined;
         chooser = null;
+      }
+    } else if (step.expectStatus) {
+      const deadline = Date.now() + (step.timeoutMs ?? 20000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.status ?? null);
+        if (rec.got && Object.entries(step.expectStatus).every(([k, v]) => rec.got[k] === v)) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(50);
+      }
+    } else if (step.watchDisconnect) {
+      rec.ok = await pages[0].evaluate(() => {
+        const el = window.sandcast?.element;
+        if (!el) return false;
+        window.e2eLost = null;
+        el.addEventListener('statechange', (e) => {
+          if (!e.detail.connected && window.e2eLost === null) window.e2eLost = { at: Date.now(), state: e.detail.state };
+        });
+        return el.status.connected === true;
+      });
+    } else if (step.expectDisconnected) {
+      await pages[0].waitForFunction(() => window.e2eLost, null, { timeout: step.timeoutMs ?? 20000, polling: 10 })
+        .catch(() => {});
+      rec.got = await pages[0].evaluate(() => window.e2eLost ?? null);
+      rec.ok = rec.got !== null;
+    } else if (step.expectRemoteClipboardPrefix !== undefined) {
+      const deadline = Date.now() + (step.timeoutMs ?? 20000);
+      for (;;) {
+        rec.got = await clipboardPage.evaluate(() => window.sandcast?.element?.remoteClipboard ?? null);
+        if (typeof rec.got === 'string' && rec.got.startsWith(step.expectRemoteClipboardPrefix)) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await clipboardPage.waitForTimeout(50);
       }
     } else if (step.flood) {
       const end = Date.now() + step.flood;

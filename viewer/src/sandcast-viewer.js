@@ -192,7 +192,7 @@ export class SandcastViewer extends HTMLElement {
     noticeBox.hidden = notice === null;
     noticeBox.title = notice ?? '';
     this._status = {
-      state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null, control: true,
+      state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null, control: true, role: null,
       secureContext: notice === null, notice,
     };
     this._run = 0; // bumped on every (dis)connect so stale async work can tell it is stale
@@ -249,7 +249,7 @@ export class SandcastViewer extends HTMLElement {
   /** The RTCPeerConnection while WebRTC is active, else null (for diagnostics). */
   get peerConnection() { return this._rtc?.pc ?? null; }
 
-  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session, control, secureContext, notice }`. */
+  /** A copy of the current status: `{ state, mode, connected, reason, path, children, session, control, role, secureContext, notice }`. */
   get status() { return { ...this._status, children: [...this._status.children] }; }
 
   /** Starts (or restarts) watching the session and streaming it once ready. */
@@ -318,6 +318,8 @@ export class SandcastViewer extends HTMLElement {
   _set(patch, overlayTitle, overlayDetail = '') {
     const before = JSON.stringify(this._status);
     Object.assign(this._status, patch);
+    // A view token only watches: the server drops its input whatever is sent.
+    if (this._status.role === 'view') this._status.control = false;
     if (overlayTitle !== undefined) {
       this._overlay.hidden = overlayTitle === null;
       if (overlayTitle !== null) {
@@ -330,6 +332,7 @@ export class SandcastViewer extends HTMLElement {
       : s.mode === 'vnc' ? `noVNC${s.path ? ` (${s.path})` : ''}` : '')
       + (s.mode && s.control === false ? ' · view only' : '');
     this.dataset.state = s.state;
+    this.dataset.role = s.role ?? '';
     this.dataset.mode = s.mode ?? '';
     this.dataset.connected = String(s.connected);
     if (JSON.stringify(s) !== before) this._emit('statechange', this.status);
@@ -391,6 +394,7 @@ export class SandcastViewer extends HTMLElement {
 
   _onSessionState(run, body) {
     const children = Array.isArray(body.children) ? body.children : [];
+    if (typeof body.role === 'string') this._set({ role: body.role });
     this._size = body.width && body.height ? { width: body.width, height: body.height } : this._size;
     switch (body.state) {
       case 'ready':
@@ -531,6 +535,9 @@ export class SandcastViewer extends HTMLElement {
       // "disconnected" often heals by itself; give ICE a moment first.
       else if (st === 'disconnected') lost = setTimeout(() => this._dropped(run, conn, 'WebRTC connection lost'), 4000);
     });
+    // The server closing the viewer (its token revoked) ends the data
+    // channel at once; ICE would notice only seconds later.
+    conn.input.addEventListener('close', () => this._dropped(run, conn, 'the server closed the connection'));
     this._retries = 0;
     this._set({ mode: 'webrtc', connected: true, path: null, reason: null }, null);
     this._emit('connected', { mode: 'webrtc' });
