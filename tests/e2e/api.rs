@@ -955,6 +955,27 @@ fn openapi_document_is_valid_openapi_and_describes_the_real_router() {
         101,
         "the VNC WebSocket is an upgrade, as documented"
     );
+    // Tokens with roles: made, listed, refused, revoked, as documented.
+    let tokens = "/api/sessions/{id}/tokens";
+    let path = format!("/api/sessions/{id}/tokens");
+    for body in [
+        r#"{"role":"view","ttl_seconds":60}"#,
+        r#"{"role":"automation"}"#,
+    ] {
+        let r = s.api("POST", &path, Some(body));
+        assert_eq!(r.status, 201, "{body}: {}", r.body);
+        assert_matches(&doc, tokens, "post", &r);
+    }
+    let r = s.api("POST", &path, Some(r#"{"role":"owner"}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_matches(&doc, tokens, "post", &r);
+    let r = s.api("GET", &path, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_matches(&doc, tokens, "get", &r);
+    let first = r.json()["tokens"][0]["id"].as_str().unwrap().to_string();
+    let r = s.api("DELETE", &format!("{path}/{first}"), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_matches(&doc, "/api/sessions/{id}/tokens/{token_id}", "delete", &r);
     let r = s.raw("GET", "/health", &[], None);
     assert_matches(&doc, "/health", "get", &r);
     let r = s.api("DELETE", &format!("/api/sessions/{id}"), None);

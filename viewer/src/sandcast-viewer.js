@@ -332,7 +332,6 @@ export class SandcastViewer extends HTMLElement {
       : s.mode === 'vnc' ? `noVNC${s.path ? ` (${s.path})` : ''}` : '')
       + (s.mode && s.control === false ? ' · view only' : '');
     this.dataset.state = s.state;
-    this.dataset.role = s.role ?? '';
     this.dataset.mode = s.mode ?? '';
     this.dataset.connected = String(s.connected);
     if (JSON.stringify(s) !== before) this._emit('statechange', this.status);

@@ -267,6 +267,7 @@ fn session_of(state: &AppState, id: &str) -> Result<Row, ApiError> {
 #[utoipa::path(
     post,
     path = "/api/sessions/{id}/tokens",
+    operation_id = "create_token",
     tag = "sessions",
     security(("api_key" = [])),
     params(SessionPath),
@@ -333,6 +334,7 @@ pub async fn create(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/tokens",
+    operation_id = "list_tokens",
     tag = "sessions",
     security(("api_key" = [])),
     params(SessionPath),
@@ -372,6 +374,7 @@ pub async fn list(
 #[utoipa::path(
     delete,
     path = "/api/sessions/{id}/tokens/{token_id}",
+    operation_id = "revoke_token",
     tag = "sessions",
     security(("api_key" = [])),
     params(TokenPath),
