@@ -255,6 +255,33 @@ fn a_view_token_watches_a_control_token_drives_and_revoking_disconnects() {
     assert_eq!((&v["id"], &v["active"]), (&view["id"], &json!(false)));
     assert!(v["revoked_at"].is_string());
 
+    // A token's expiry disconnects its viewer too, within 1 s of it.
+    let before = now_ms();
+    let brief = new_token(&s, &id, json!({ "role": "view", "ttl_seconds": 15 }));
+    let after = now_ms();
+    let r = run_viewer(&json!({
+        "url": with_query(brief["viewer_url"].as_str().unwrap(), "mode=webrtc"),
+        "kind": "video", "mode": "webrtc", "timeoutMs": 60000,
+        "steps": [
+            { "expect": "#0000c0", "timeoutMs": 12000 },
+            { "watchDisconnect": true },
+            { "expectDisconnected": true, "timeoutMs": 30000 },
+            { "expectStatus": { "state": "unauthorised" }, "timeoutMs": 20000 },
+        ],
+    }));
+    let at = step(&r, "expectDisconnected")["got"]["at"]
+        .as_u64()
+        .unwrap();
+    let (earliest, latest) = (before + 15_000, after + 15_000);
+    eprintln!(
+        "the expired token's viewer disconnected {} ms after its expiry",
+        at.saturating_sub(latest)
+    );
+    assert!(
+        at + 50 >= earliest && at < latest + 1000,
+        "disconnected at {at}, the token expired between {earliest} and {latest}"
+    );
+
     assert_eq!(s.delete(&id)["state"], "stopped");
     let left = wait_no_leftovers(&id, Duration::from_secs(15));
     assert!(left.is_empty(), "session {id} left behind: {left:?}");

@@ -407,3 +407,59 @@ async fn connections_waiting_for_hello_are_bounded() {
     assert_eq!(closed, 20, "{closed} of {} closed", conns.len());
     m.stop_all("test over").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_or_expired_token_ends_what_was_opened_with_it() {
+    use crate::store::TokenRow;
+    use crate::tokens::Role as TokenRole;
+    let (m, _dir) = manager(2);
+    let (row, own) = m.create(request()).unwrap();
+    let live = m.live(&row.id).unwrap();
+    let add = |id: &str, secret: &str, role, expires_ms| {
+        m.store()
+            .insert_token(&TokenRow {
+                id: id.into(),
+                session_id: row.id.clone(),
+                role,
+                token_hash: crate::auth::hash_token(secret),
+                created_ms: now_ms(),
+                expires_ms,
+                revoked_ms: None,
+            })
+            .unwrap();
+    };
+    add("watch", "w", TokenRole::View, None);
+    add("brief", "b", TokenRole::Control, Some(now_ms() + 300));
+    let grant = |t: &str| m.token_grant(&row.id, t).unwrap().unwrap();
+    let (own, watch, brief) = (grant(&own), grant("w"), grant("b"));
+    assert_eq!(own, crate::tokens::Grant::control());
+    assert_eq!(watch.role, TokenRole::View);
+    let soon = Duration::from_millis(100);
+    assert!(
+        tokio::time::timeout(soon, live.lost(&watch)).await.is_err(),
+        "nothing happened to it yet"
+    );
+    // Expiry: the brief token's connections end when it does.
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), live.lost(&brief))
+        .await
+        .expect("the expired token's connections end");
+    assert!(t0.elapsed() >= Duration::from_millis(150));
+    assert_eq!(m.token_grant(&row.id, "b").unwrap(), None);
+    // Revocation: a connection waiting on it, and one opened afterwards.
+    let waiting = tokio::spawn(live.lost(&watch));
+    assert!(m.store().revoke_token(&row.id, "watch", now_ms()).unwrap());
+    live.revoke("watch").await;
+    tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("ended within 1 s")
+        .unwrap();
+    tokio::time::timeout(soon, live.lost(&watch))
+        .await
+        .expect("a late connection with a revoked grant ends at once");
+    assert_eq!(m.token_grant(&row.id, "w").unwrap(), None);
+    // The session's own token is not revoked with it.
+    assert!(tokio::time::timeout(soon, live.lost(&own)).await.is_err());
+    assert_eq!(m.token_grant(&row.id, &row.id).unwrap(), None);
+    m.stop_all("test over").await;
+}
