@@ -672,6 +672,9 @@ mod tests {
             };
             let body: Value = serde_json::from_str(body)
                 .unwrap_or_else(|e| panic!("README body for {path} is not JSON ({e}): {body}"));
+            // The shell variable of a session id is the document's `{id}`.
+            let path = path.replace("$ID", "{id}");
+            let path = path.as_str();
             let schema =
                 &doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"];
             assert!(
