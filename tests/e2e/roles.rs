@@ -389,6 +389,18 @@ fn expired_automation_and_other_sessions_tokens_open_no_viewer() {
         "a view token may download (there is no such file): {r:?}"
     );
 
+    // Nor does it read another viewer's offer or answer (its addresses).
+    let auth = format!("Bearer {view_token}");
+    for what in ["offer", "answer"] {
+        let r = s.raw(
+            "GET",
+            &format!("/api/webrtc/session/{a_id}/{what}"),
+            &[("authorization", auth.as_str())],
+            None,
+        );
+        assert_eq!(r.status, 403, "{what}: {r:?}");
+    }
+
     // An expired token is refused (it opened the session until then).
     let short = new_token(&s, a_id, json!({ "role": "control", "ttl_seconds": 1 }));
     let short_token = short["token"].as_str().unwrap();

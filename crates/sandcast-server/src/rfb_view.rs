@@ -6,7 +6,9 @@
 //! (SetPixelFormat, SetEncodings, FramebufferUpdateRequest,
 //! EnableContinuousUpdates, ClientFence), and drops whole messages that act
 //! on the session: keys, pointer, clipboard (ClientCutText), SetDesktopSize,
-//! xvp, QEMU's extended keys. A message it cannot frame ends the
+//! xvp, QEMU's extended keys. Its ClientInit always asks for a shared
+//! session, so a watcher never disconnects the others. A message it cannot
+//! frame ends the
 //! connection: it never guesses where the next one starts.
 
 /// Longest ClientCutText skipped; a longer one ends the connection.
@@ -138,7 +140,12 @@ impl ViewFilter {
                 1 => Ok(Frame::Whole(1, true)),
                 t => Err(format!("security type {t} is not offered")),
             },
-            Phase::ClientInit => Ok(Frame::Whole(1, true)),
+            // Always shared: an exclusive ClientInit would make the VNC
+            // server drop every other viewer.
+            Phase::ClientInit => {
+                self.head[0] = 1;
+                Ok(Frame::Whole(1, true))
+            }
             Phase::Messages => message(h),
         }
     }
@@ -269,6 +276,15 @@ mod tests {
         s.extend([3, 1, 0, 0, 0, 0, 5, 0, 2, 208]);
         let out = f.feed(&s).unwrap();
         assert_eq!(out.len(), 12 + 1 + 10);
+    }
+
+    #[test]
+    fn a_watcher_never_asks_for_the_session_alone() {
+        let mut f = ViewFilter::default();
+        let mut s = b"RFB 003.008\n".to_vec();
+        s.extend([1, 0]); // security None, ClientInit: exclusive
+        let out = f.feed(&s).unwrap();
+        assert_eq!(out[12..], [1, 1], "ClientInit made shared");
     }
 
     #[test]

@@ -632,6 +632,15 @@ fn authorize_signaling(
     authorize(state, id, headers, None)
 }
 
+/// The last offer and answer are another viewer's (its addresses among
+/// them): not for a `view` token.
+fn not_for_watchers(grant: &Grant) -> Result<(), ApiError> {
+    if grant.view_only() {
+        return Err(view_only("the session's last offer and answer"));
+    }
+    Ok(())
+}
+
 /// How the gateway treats a viewer opened with `grant`.
 fn viewer_options(grant: &Grant) -> sandcast_webrtc::ViewerOptions {
     sandcast_webrtc::ViewerOptions {
@@ -727,6 +736,7 @@ pub async fn offer(
     responses(
         (status = 200, description = "The offer (`type` is `offer`).", body = SdpMessage),
         (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 403, description = "A `view` token: another viewer's offer is not for it.", body = ErrorBody),
         (status = 404, description = "No such session, or no offer yet.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
@@ -737,7 +747,8 @@ pub async fn last_offer(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize_signaling(&state, &id, &headers)?;
+    let (_, grant) = authorize_signaling(&state, &id, &headers)?;
+    not_for_watchers(&grant)?;
     let last = sig.last.lock().unwrap().get(&id).cloned();
     let (offer, _) = last.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no offer yet"))?;
     Ok(Json(json!({ "type": "offer", "sdp": offer })))
@@ -754,6 +765,7 @@ pub async fn last_offer(
     responses(
         (status = 200, description = "The answer (`type` is `answer`).", body = SdpMessage),
         (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 403, description = "A `view` token: another viewer's answer is not for it.", body = ErrorBody),
         (status = 404, description = "No such session, or no answer yet.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
@@ -764,7 +776,8 @@ pub async fn last_answer(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize_signaling(&state, &id, &headers)?;
+    let (_, grant) = authorize_signaling(&state, &id, &headers)?;
+    not_for_watchers(&grant)?;
     let last = sig.last.lock().unwrap().get(&id).cloned();
     let (_, answer) = last.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no answer yet"))?;
     Ok(Json(json!({ "type": "answer", "sdp": answer })))
