@@ -150,7 +150,7 @@ fn session_is(row: &Row) -> ApiError {
     responses(
         (status = 200, description = "The session's state.", body = ViewerState),
         (status = 400, description = "`id` is not a session id.", body = ErrorBody),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
@@ -197,7 +197,7 @@ pub struct TokenQuery {
             (ErrorBody = "application/json"),
             (String = "text/plain"),
         )),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 409, description = "The session is not `ready`.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
@@ -257,7 +257,7 @@ pub async fn vnc(
             (ErrorBody = "application/json"),
             (String = "text/plain"),
         )),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 409, description = "The session is not `ready`.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
@@ -360,7 +360,7 @@ pub fn attachment(name: &str) -> String {
     responses(
         (status = 200, description = "The file's bytes.", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 400, description = "`id` is not a session id, or `name` is not a plain file name.", body = ErrorBody),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 403, description = "The session was created with `transfers: false`.", body = ErrorBody),
         (status = 404, description = "No such session or file.", body = ErrorBody),
         (status = 409, description = "The session is not running.", body = ErrorBody),
@@ -429,7 +429,7 @@ pub async fn download(
     responses(
         (status = 200, description = "Written.", body = crate::openapi::Written),
         (status = 400, description = "`id` is not a session id, or `name` is not a plain file name.", body = ErrorBody),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 403, description = "The session was created with `transfers: false`, or the token is a `view` token.", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 409, description = "The session is not running, or a directory is in the way.", body = ErrorBody),
@@ -667,7 +667,7 @@ fn viewer_options(grant: &Grant) -> sandcast_webrtc::ViewerOptions {
     responses(
         (status = 200, description = "The answer, and the id of the new viewer.", body = SdpMessage),
         (status = 400, description = "`id` is not a session id, or a malformed offer.", body = ErrorBody),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 409, description = "The session is not `ready`.", body = ErrorBody),
         (status = 503, description = "WebRTC is turned off on this server.", body = ErrorBody),
@@ -735,7 +735,7 @@ pub async fn offer(
     params(SessionPath),
     responses(
         (status = 200, description = "The offer (`type` is `offer`).", body = SdpMessage),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 403, description = "A `view` token: another viewer's offer is not for it.", body = ErrorBody),
         (status = 404, description = "No such session, or no offer yet.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
@@ -764,7 +764,7 @@ pub async fn last_offer(
     params(SessionPath),
     responses(
         (status = 200, description = "The answer (`type` is `answer`).", body = SdpMessage),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 403, description = "A `view` token: another viewer's answer is not for it.", body = ErrorBody),
         (status = 404, description = "No such session, or no answer yet.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
@@ -868,7 +868,7 @@ pub async fn ice_servers(
             (ErrorBody = "application/json"),
             (String = "text/plain"),
         )),
-        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
         (status = 503, description = "WebRTC is turned off on this server.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
