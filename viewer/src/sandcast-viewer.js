@@ -723,7 +723,8 @@ export class SandcastViewer extends HTMLElement {
       this._listDownload(d);
       this._emit('download', { ...d });
     }
-    if (m?.kind === 'file_chooser' && Number.isInteger(m.chooser)) {
+    // A watcher cannot answer a chooser (the server refuses its uploads).
+    if (m?.kind === 'file_chooser' && Number.isInteger(m.chooser) && this._status.role !== 'view') {
       this._chooser = { chooser: m.chooser, multiple: m.multiple === true, send };
       this._fileInput.multiple = m.multiple === true;
       const ev = new CustomEvent('filechooser', {
