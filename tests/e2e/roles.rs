@@ -49,10 +49,19 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Waits for a viewer script to create `path` (its `signal` step).
-fn wait_file(path: &Path, timeout: Duration) {
+/// Waits for a viewer script to create `path` (its `signal` step); a
+/// script that ends first fails the test with what it saw.
+fn wait_file(
+    path: &Path,
+    viewer: std::thread::JoinHandle<Value>,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Value> {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
+        if viewer.is_finished() {
+            let r = viewer.join().unwrap();
+            panic!("the viewer ended before {}: {r:#}", path.display());
+        }
         assert!(
             Instant::now() < deadline,
             "{} never appeared",
@@ -60,6 +69,7 @@ fn wait_file(path: &Path, timeout: Duration) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    viewer
 }
 
 fn new_token(s: &Server, id: &str, body: Value) -> Value {
@@ -160,9 +170,10 @@ fn a_view_token_watches_a_control_token_drives_and_revoking_disconnects() {
             )
         })
         .collect();
-    for (_, done, _) in &viewers {
-        wait_file(done, Duration::from_secs(120));
-    }
+    let viewers: Vec<_> = viewers
+        .into_iter()
+        .map(|(mode, done, viewer)| (mode, wait_file(&done, viewer, Duration::from_secs(120))))
+        .collect();
     // Nothing they did changed the display.
     let session = s.session(&id);
     assert_eq!(
@@ -233,7 +244,7 @@ fn a_view_token_watches_a_control_token_drives_and_revoking_disconnects() {
         None,
     );
     assert_eq!(r.status, 204, "{r:?}");
-    for (mode, _, viewer) in viewers {
+    for (mode, viewer) in viewers {
         let r = viewer.join().unwrap();
         assert!(r["ok"] == true, "{mode} view viewer: {r:#}");
         let at = step(&r, "expectDisconnected")["got"]["at"]
