@@ -526,7 +526,7 @@ pub struct ViewerState {
     /// Whether the server streams over WebRTC (else the viewer uses VNC).
     pub webrtc: bool,
     /// What the token may do: `view` (the server drops this viewer's
-    /// input, clipboard and resize; the page hides its controls) or
+    /// input, clipboard and resize; the page says "view only") or
     /// `control`.
     pub role: crate::tokens::Role,
 }

@@ -147,7 +147,7 @@ pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
 #[schema(example = json!({ "role": "view", "ttl_seconds": 3600 }))]
 pub struct TokenRequest {
     /// What the token may do.
-    #[schema(value_type = Role)]
+    #[schema(value_type = Role, required = true)]
     #[serde(default)]
     role: Value,
     /// Seconds it lasts, 1 to 2592000 (30 days); without it, as long as
