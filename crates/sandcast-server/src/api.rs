@@ -38,7 +38,8 @@ pub struct AppState {
 
 /// Requires the operator key on `/api/*` (signaling has its own check).
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/api/webrtc/") {
+    // Signaling and the DevTools endpoints take their own tokens too.
+    if req.uri().path().starts_with("/api/webrtc/") || crate::cdp::is_cdp_path(req.uri().path()) {
         return next.run(req).await;
     }
     if auth::is_operator(req.headers(), &state.api_key) {
@@ -314,12 +315,17 @@ fn rfc3339(ms: i64) -> Value {
 
 /// A session as the API shows it.
 pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
-    let (children, display) = match live {
+    let (children, display, snapshot) = match live {
         Some(l) => (
             serde_json::to_value(l.children()).unwrap_or_default(),
             l.display(),
+            l.snapshot(),
         ),
-        None => (json!([]), (row.spec.width, row.spec.height)),
+        None => (
+            json!([]),
+            (row.spec.width, row.spec.height),
+            Default::default(),
+        ),
     };
     json!({
         "id": row.id,
@@ -345,10 +351,13 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "expires_at": rfc3339(row.expires_ms),
         "stopped_at": row.stopped_ms.map(rfc3339),
         "children": children,
+        "control": snapshot.control.as_str(),
+        "automation_clients": snapshot.automation,
     })
 }
 
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+/// This server's base URL as the client reached it (or `public_url`).
+pub(crate) fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     let cfg = &state.manager.config().public_url;
     if !cfg.is_empty() {
         return cfg.trim_end_matches('/').to_string();
@@ -416,6 +425,11 @@ async fn created(
         token
     ));
     body["viewer_token"] = json!(token);
+    body["cdp_url"] = json!(format!(
+        "{}/api/sessions/{}/cdp",
+        crate::cdp::ws_base(state, headers),
+        row.id
+    ));
     Ok((status, Json(body)).into_response())
 }
 

@@ -71,6 +71,28 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// How webhook deliveries are retried.
     pub webhook_retry: WebhookRetry,
+    /// Automation clients on a session's DevTools endpoint.
+    pub cdp: CdpLimits,
+}
+
+/// `[cdp]`: automation clients on `/api/sessions/{id}/cdp`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CdpLimits {
+    /// Largest DevTools message either way, in MiB (a full-page screenshot
+    /// of a large page comes as one message).
+    pub max_message_mib: u64,
+    /// Automation clients connected to one session at once.
+    pub clients_per_session: usize,
+}
+
+impl Default for CdpLimits {
+    fn default() -> Self {
+        CdpLimits {
+            max_message_mib: 64,
+            clients_per_session: 4,
+        }
+    }
 }
 
 /// `[files]`: the files API and the files a completed session leaves.
@@ -545,6 +567,7 @@ impl Default for Config {
             files: FileLimits::default(),
             webhooks: Vec::new(),
             webhook_retry: WebhookRetry::default(),
+            cdp: CdpLimits::default(),
         }
     }
 }
@@ -851,6 +874,12 @@ impl Config {
                 "files.result_ttl_seconds = {} is outside 1 to {}",
                 f.result_ttl_seconds,
                 crate::limits::MAX_TTL
+            ));
+        }
+        if !(1..=1024).contains(&self.cdp.max_message_mib) || self.cdp.clients_per_session == 0 {
+            return Err(format!(
+                "cdp.max_message_mib = {} must be 1 to 1024 and cdp.clients_per_session at least 1",
+                self.cdp.max_message_mib
             ));
         }
         self.browser.policy().check()?;

@@ -13,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod capacity;
+pub mod cdp;
 pub mod config;
 pub mod error;
 pub mod files;
@@ -104,6 +105,13 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::ice_servers))
         .routes(routes!(viewer::signaling_ws))
         .routes(routes!(webhooks::deliveries))
+        .routes(routes!(cdp::browser))
+        .routes(routes!(cdp::page))
+        .routes(routes!(cdp::version))
+        .routes(routes!(cdp::version_slash))
+        .routes(routes!(cdp::list))
+        .routes(routes!(cdp::list_alias))
+        .routes(routes!(cdp::get_control, cdp::put_control))
 }
 
 /// The routes outside the API key's check; documented like the others.

@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::store::{Row, Spec, State, Store};
 use crate::webhooks::Webhooks;
 use backlog::Backlog;
-pub use session::Live;
 use session::{Command, Snapshot};
+pub use session::{Holder, InUse, Live};
 
 /// A change worth telling subscribers of `/events`.
 #[derive(Debug, Clone)]
@@ -175,6 +175,13 @@ impl Manager {
             .get(id)?
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
         Ok((row, token))
+    }
+
+    /// Whether `token` is an automation token of session `id` (made with
+    /// `POST /api/sessions/{id}/tokens {"role": "automation"}`); a viewer
+    /// token never is.
+    pub fn is_automation_token(&self, _id: &str, _token: &str) -> bool {
+        false
     }
 
     /// The store.
@@ -346,6 +353,17 @@ impl Manager {
             id,
             StreamTarget::Vnc,
             "the session's VNC server did not answer",
+        )
+        .await
+    }
+
+    /// Opens a byte stream to the session browser's DevTools server (HTTP
+    /// and WebSocket) through its agent.
+    pub async fn open_devtools(&self, id: &str) -> Result<UnixStream, ManagerError> {
+        self.open_stream(
+            id,
+            StreamTarget::Devtools,
+            "the session's browser did not answer on its DevTools port",
         )
         .await
     }

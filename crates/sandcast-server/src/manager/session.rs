@@ -57,6 +57,42 @@ pub struct Snapshot {
     pub display: (u32, u32),
     /// Viewers connected now (WebRTC and VNC).
     pub viewers: usize,
+    /// Automation clients connected now (CDP WebSockets).
+    pub automation: usize,
+    /// Who may give input: everyone, or the person alone.
+    pub control: Holder,
+}
+
+/// Who holds control of a session's input.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Holder {
+    /// The person in the viewer and automation clients both give input.
+    #[default]
+    Shared,
+    /// The person has taken over: automation clients' `Input.*` commands
+    /// are refused until control is given back.
+    Person,
+}
+
+impl Holder {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Holder::Shared => "shared",
+            Holder::Person => "person",
+        }
+    }
 }
 
 /// A command to a session's task.
@@ -69,6 +105,17 @@ pub enum Command {
     Touch,
     /// A viewer arrived (true) or left (false).
     Viewer(bool),
+    /// An automation client (a DevTools connection, `client`) or one of
+    /// its requests (`json/*`) arrived (true) or left (false).
+    Automation {
+        /// Arrived or left.
+        present: bool,
+        /// A connection rather than a single request: counted in the
+        /// snapshot and announced.
+        client: bool,
+    },
+    /// Who holds control now; says when it changed.
+    Control(Holder, oneshot::Sender<Snapshot>),
     /// Open a stream through the session's agent (to its VNC server, for
     /// a file operation).
     OpenStream(
@@ -142,6 +189,34 @@ impl Live {
         let _ = self.commands.send(Command::Viewer(present)).await;
     }
 
+    /// Counts an automation client (`client`) or request in; the session
+    /// is in use (its browser never paused) until the returned guard is
+    /// dropped.
+    pub async fn automation(self: &Arc<Self>, client: bool) -> InUse {
+        let _ = self
+            .commands
+            .send(Command::Automation {
+                present: true,
+                client,
+            })
+            .await;
+        InUse {
+            live: self.clone(),
+            client,
+        }
+    }
+
+    /// Gives control to `holder`; the session's state after the change, or
+    /// `None` when the session has ended.
+    pub async fn set_control(&self, holder: Holder) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Control(holder, tx))
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
     /// What the session tells its viewers (clipboard, display size, the
     /// remote focus), for viewers on an input socket rather than WebRTC.
     pub fn viewer_messages(&self) -> broadcast::Receiver<ViewerMessage> {
@@ -194,6 +269,29 @@ impl Live {
     }
 }
 
+/// An automation client or request in a session; counted out when dropped.
+pub struct InUse {
+    live: Arc<Live>,
+    client: bool,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let (live, client) = (self.live.clone(), self.client);
+        // The count must not be lost: wait for room in the queue, on a
+        // task of its own since a drop cannot wait.
+        tokio::spawn(async move {
+            let _ = live
+                .commands
+                .send(Command::Automation {
+                    present: false,
+                    client,
+                })
+                .await;
+        });
+    }
+}
+
 /// Why a session's time is up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Due {
@@ -219,6 +317,10 @@ impl Due {
 #[derive(Debug)]
 pub struct Core {
     viewers: usize,
+    automation: usize,
+    /// Automation requests (`json/*`, a connection being set up) under way.
+    requests: usize,
+    control: Holder,
     last_activity: Instant,
     expires: Instant,
     idle: Duration,
@@ -237,6 +339,9 @@ impl Core {
     pub fn new(spec: &Spec, ttl: Duration, start_timeout: Duration, now: Instant) -> Core {
         Core {
             viewers: 0,
+            automation: 0,
+            requests: 0,
+            control: Holder::Shared,
             last_activity: now,
             expires: now + ttl,
             idle: Duration::from_secs(spec.idle_timeout_seconds),
@@ -263,6 +368,30 @@ impl Core {
         self.touch(now);
     }
 
+    /// An automation client (`client`) or request arrived or left: while
+    /// one is there the session is in use, as with a viewer.
+    pub fn automation(&mut self, present: bool, client: bool, now: Instant) {
+        let n = if client {
+            &mut self.automation
+        } else {
+            &mut self.requests
+        };
+        *n = if present { *n + 1 } else { n.saturating_sub(1) };
+        self.touch(now);
+    }
+
+    /// Gives control to `holder`; whether that changed anything.
+    pub fn control(&mut self, holder: Holder, now: Instant) -> bool {
+        self.touch(now);
+        std::mem::replace(&mut self.control, holder) != holder
+    }
+
+    /// Whether anyone uses the session: a viewer or an automation client.
+    /// An unused session may have its browser paused and stops when idle.
+    pub fn in_use(&self) -> bool {
+        self.viewers > 0 || self.automation > 0 || self.requests > 0
+    }
+
     /// The agent said the session is ready.
     pub fn ready(&mut self) {
         self.start_deadline = None;
@@ -286,7 +415,7 @@ impl Core {
         if now >= self.expires {
             return Some(Due::Expired);
         }
-        if self.viewers == 0 && now.duration_since(self.last_activity) >= self.idle {
+        if !self.in_use() && now.duration_since(self.last_activity) >= self.idle {
             return Some(Due::Idle(self.idle.as_secs()));
         }
         None
@@ -298,7 +427,7 @@ impl Core {
         if let Some(d) = self.start_deadline {
             t = t.min(d);
         }
-        if self.viewers == 0 {
+        if !self.in_use() {
             t = t.min(self.last_activity + self.idle);
         }
         t
@@ -309,6 +438,8 @@ impl Core {
             children: self.children.values().cloned().collect(),
             display: self.display,
             viewers: self.viewers,
+            automation: self.automation,
+            control: self.control,
         }
     }
 }
@@ -727,6 +858,21 @@ impl Actor {
                 self.publish();
                 self.tell_watched();
             }
+            Command::Automation { present, client } => {
+                self.core.automation(present, client, now);
+                self.tell_watched();
+                if client {
+                    self.publish();
+                    self.announce_control();
+                }
+            }
+            Command::Control(holder, reply) => {
+                if self.core.control(holder, now) {
+                    self.publish();
+                    self.announce_control();
+                }
+                let _ = reply.send(self.core.snapshot());
+            }
             Command::OpenStream(target, reply) => {
                 let _ = reply.send(self.open_stream(target));
             }
@@ -763,7 +909,7 @@ impl Actor {
     /// Tells the agent when the session went from watched to unwatched or
     /// back (it pauses and resumes the browser).
     fn tell_watched(&mut self) {
-        let watched = self.core.viewers > 0;
+        let watched = self.core.in_use();
         if self.control.is_some() && self.told_watched != Some(watched) {
             self.told_watched = Some(watched);
             self.send_agent(Message::Watched { watched });
@@ -816,6 +962,22 @@ impl Actor {
         self.streams.insert(n, tx);
         self.send_agent(Message::OpenStream { id: n, target });
         Ok(rx)
+    }
+
+    /// Says who holds control and how many automation clients are
+    /// connected: an event on the session's stream, and a message to its
+    /// viewers (whose page offers to take over while a program drives).
+    fn announce_control(&mut self) {
+        let snap = self.core.snapshot();
+        self.m.event(
+            &self.id,
+            "control",
+            json!({"holder": snap.control.as_str(), "automation_clients": snap.automation}),
+        );
+        self.to_viewers(ViewerMessage::Automation {
+            clients: snap.automation as u32,
+            paused: snap.control == Holder::Person,
+        });
     }
 
     /// Tells every viewer, over WebRTC and on input sockets.
@@ -1097,6 +1259,37 @@ mod tests {
         c.touch(t0 + Duration::from_secs(1008));
         assert_eq!(c.due(t0 + Duration::from_secs(1012)), None);
         assert_eq!(c.next_deadline(), t0 + Duration::from_secs(1013));
+    }
+
+    #[test]
+    fn an_automation_client_keeps_the_session_in_use_and_control_changes_once() {
+        let t0 = Instant::now();
+        let mut c = Core::new(
+            &spec(5),
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+            t0,
+        );
+        c.ready();
+        assert!(!c.in_use());
+        c.automation(true, true, t0);
+        assert!(c.in_use());
+        assert_eq!(c.due(t0 + Duration::from_secs(100)), None);
+        c.automation(true, false, t0 + Duration::from_secs(100));
+        c.automation(false, true, t0 + Duration::from_secs(100));
+        assert!(c.in_use(), "a request under way keeps it in use");
+        assert_eq!(c.snapshot().automation, 0, "requests are not clients");
+        c.automation(false, false, t0 + Duration::from_secs(100));
+        assert!(!c.in_use());
+        assert_eq!(c.due(t0 + Duration::from_secs(105)), Some(Due::Idle(5)));
+        assert_eq!(c.snapshot().control, Holder::Shared);
+        assert!(c.control(Holder::Person, t0));
+        assert!(
+            !c.control(Holder::Person, t0),
+            "no change, nothing to announce"
+        );
+        assert_eq!(c.snapshot().control, Holder::Person);
+        assert!(c.control(Holder::Shared, t0));
     }
 
     #[test]
