@@ -310,12 +310,58 @@ fn the_person_takes_control_and_gives_it_back() {
         "{bad:?}"
     );
 
+    // The person in the viewer does the same with the viewer's own control.
+    let dir = tempfile::tempdir().unwrap();
+    let (taken, checked) = (dir.path().join("taken"), dir.path().join("checked"));
+    let viewer_url = with_query(created["viewer_url"].as_str().unwrap(), "mode=webrtc");
+    let scenario = json!({
+        "url": viewer_url,
+        "kind": "video",
+        "mode": "webrtc",
+        "timeoutMs": 90000,
+        "steps": [
+            { "expectAutomation": { "clients": 1, "paused": false }, "timeoutMs": 30000 },
+            { "holdButton": true },
+            { "expectAutomation": { "clients": 1, "paused": true } },
+            { "signal": taken },
+            { "waitFile": checked, "timeoutMs": 30000 },
+            { "holdButton": true },
+            { "expectAutomation": { "clients": 1, "paused": false } },
+        ],
+    });
+    let viewer = std::thread::spawn(move || run_viewer(&scenario));
+    events
+        .wait_for(Duration::from_secs(60), |e, d| {
+            e == "control" && d["holder"] == "person"
+        })
+        .expect("the viewer's person took control");
+    let r = insert(&mut ws, 20, "d");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("paused")),
+        "{r}"
+    );
+    std::fs::write(&checked, "").unwrap();
+    events
+        .wait_for(Duration::from_secs(30), |e, d| {
+            e == "control" && d["holder"] == "shared"
+        })
+        .expect("the viewer's person gave control back");
+    let r = insert(&mut ws, 21, "e");
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!(value(&mut ws, 22), "ace");
+    let seen = viewer.join().expect("viewer thread");
+    assert_eq!(seen["steps"][1]["label"], "take control", "{seen:#}");
+    assert_eq!(seen["steps"][5]["label"], "give back", "{seen:#}");
+    assert!(taken.exists());
+
     // Something that is not a command is answered, not passed on, and the
     // connection goes on.
     ws.send(Message::text("this is not JSON")).unwrap();
     let r = reply(&mut ws, -1);
     assert_eq!(r["error"]["code"], -32700, "{r}");
-    assert_eq!(value(&mut ws, 8), "ac");
+    assert_eq!(value(&mut ws, 8), "ace");
     // A binary message closes this connection only.
     ws.send(Message::binary(vec![0u8; 16])).unwrap();
     assert_eq!(closed(&mut ws), Some(1003));

@@ -723,13 +723,19 @@ pub async fn put_control(
     body: Result<Json<ControlRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     limits::check_id(&id).map_err(ApiError::bad_request)?;
-    let Json(req) = body.map_err(|e| {
+    set_control(&state, &id, control_body(body)?.holder).await
+}
+
+/// The body of a control request, or a 400 naming what is wrong.
+pub fn control_body(
+    body: Result<Json<ControlRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<ControlRequest, ApiError> {
+    body.map(|Json(r)| r).map_err(|e| {
         ApiError::bad_request(format!(
             "body: {} (expected {{\"holder\": \"person\"|\"shared\"}})",
             e.body_text()
         ))
-    })?;
-    set_control(&state, &id, req.holder).await
+    })
 }
 
 /// Sets the holder of a running session.

@@ -122,6 +122,7 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(api::metrics))
         .routes(routes!(viewer::page))
         .routes(routes!(viewer::state))
+        .routes(routes!(viewer::control))
         .routes(routes!(viewer::vnc))
         .routes(routes!(viewer::input))
         .routes(routes!(viewer::download))

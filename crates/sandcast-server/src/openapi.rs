@@ -602,6 +602,10 @@ pub struct ViewerState {
     pub children: Vec<Child>,
     /// Whether the server streams over WebRTC (else the viewer uses VNC).
     pub webrtc: bool,
+    /// Who holds control of its input (`shared` or `person`).
+    pub control: crate::manager::Holder,
+    /// Automation clients (CDP) connected now.
+    pub automation_clients: usize,
 }
 
 /// An SDP offer or answer.

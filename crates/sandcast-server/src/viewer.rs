@@ -164,7 +164,36 @@ pub async fn state(
         "id": full["id"], "state": full["state"], "reason": full["reason"],
         "width": full["width"], "height": full["height"], "children": full["children"],
         "webrtc": state.manager.gateway().is_some(),
+        "control": full["control"], "automation_clients": full["automation_clients"],
     })))
+}
+
+/// Take control from programs driving the session (`person`: their
+/// `Input.*` commands are refused) or give it back (`shared`): the
+/// viewer's control of `PUT /api/sessions/{id}/control`.
+#[utoipa::path(
+    put,
+    path = "/viewer/{id}/control",
+    tag = "viewer",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    request_body = crate::cdp::ControlRequest,
+    responses(
+        (status = 200, description = "Who holds control now.", body = crate::openapi::Control),
+        (status = 400, description = "`id` or the body is malformed.", body = ErrorBody),
+        (status = 401, description = "No token, or not this session's.", body = ErrorBody),
+        (status = 404, description = "No such session, or it is not running.", body = ErrorBody),
+    )
+)]
+pub async fn control(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<crate::cdp::ControlRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &id, &headers, None)?;
+    let req = crate::cdp::control_body(body)?;
+    crate::cdp::set_control(&state, &id, req.holder).await
 }
 
 /// Query carrying the token where headers cannot (WebSocket); documented
