@@ -137,6 +137,14 @@ pub struct CreateRequest {
     /// viewer's download and upload routes answer 403). Default: the
     /// provider's, else true.
     transfers: Option<bool>,
+    /// Record the session's video (H.264 in fragmented MP4) for `GET
+    /// /api/sessions/{id}/recording`; the video is encoded even while
+    /// nobody watches. Default: the provider's `record`, else false.
+    record: Option<bool>,
+    /// Seconds the recording is kept after the session ended; at most
+    /// `[recording] ttl_seconds` (the default). Needs `record`.
+    #[schema(minimum = 1)]
+    recording_ttl_seconds: Option<u64>,
 }
 
 /// What a create does when the user's profile is in a live session.
@@ -283,6 +291,22 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             Some(layout.to_string())
         }
     };
+    let record = req.record.or(provider.map(|p| p.record)).unwrap_or(false);
+    if let Some(t) = req.recording_ttl_seconds {
+        let max = cfg.recording.ttl_seconds;
+        if !record {
+            return Err(bad(
+                "recording_ttl_seconds",
+                "only a recorded session has a recording: give record: true".into(),
+            ));
+        }
+        if !(1..=max).contains(&t) {
+            return Err(bad(
+                "recording_ttl_seconds",
+                format!("{t} is outside 1..={max} ([recording] ttl_seconds)"),
+            ));
+        }
+    }
     Ok(NewSession {
         user_id: req.user_id,
         provider: req.provider,
@@ -301,6 +325,8 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
                 .transfers
                 .or(provider.and_then(|p| p.transfers))
                 .unwrap_or(true),
+            record,
+            recording_ttl_seconds: req.recording_ttl_seconds,
         },
         ttl_seconds: ttl,
     })
@@ -337,6 +363,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "complete_on": row.spec.outcome.complete_on,
         "collect": row.spec.outcome.collect,
         "transfers": row.spec.transfers,
+        "record": row.spec.record,
         "exit_code": row.exit_code,
         "profile": row.spec.profile.is_some(),
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
@@ -983,6 +1010,8 @@ mod tests {
         "launch",
         "egress",
         "transfers",
+        "record",
+        "recording_ttl_seconds",
         "userId",
         "alice",
         "preset",
