@@ -1071,6 +1071,10 @@ mod tests {
         prop_assert!((240..=2160).contains(&new.spec.height));
         prop_assert!((1..=86_400).contains(&new.ttl_seconds));
         prop_assert!((1..=86_400).contains(&new.spec.idle_timeout_seconds));
+        if let Some(t) = new.spec.recording_ttl_seconds {
+            prop_assert!(new.spec.record, "a recording TTL without record");
+            prop_assert!((1..=cfg.recording.ttl_seconds).contains(&t));
+        }
         if let Some(argv) = &new.spec.launch {
             prop_assert!((1..=64).contains(&argv.len()));
             prop_assert!(!argv[0].is_empty());
@@ -1128,6 +1132,58 @@ mod tests {
         assert_eq!(new.spec.launch, Some(vec!["xterm".to_string()]));
         let req = Json::<AuthStartRequest>::from_bytes(br#"{"userId":"a","provider":"preset"}"#);
         assert!(req.is_ok());
+    }
+
+    #[test]
+    fn record_comes_from_the_body_or_the_provider_and_its_ttl_is_bounded() {
+        let mut cfg = config();
+        cfg.providers.insert(
+            "recorded".into(),
+            crate::config::Provider {
+                start_url: "https://example.org/".into(),
+                record: true,
+                ..Default::default()
+            },
+        );
+        let new = |body: &str| {
+            validate(
+                &cfg,
+                Json::<CreateRequest>::from_bytes(body.as_bytes())
+                    .unwrap()
+                    .0,
+            )
+        };
+        assert!(!new("{}").unwrap().spec.record);
+        assert!(new(r#"{"provider":"recorded"}"#).unwrap().spec.record);
+        assert!(
+            !new(r#"{"provider":"recorded","record":false}"#)
+                .unwrap()
+                .spec
+                .record
+        );
+        let s = new(r#"{"record":true,"recording_ttl_seconds":60}"#)
+            .unwrap()
+            .spec;
+        assert_eq!((s.record, s.recording_ttl_seconds), (true, Some(60)));
+        for (body, why) in [
+            (r#"{"recording_ttl_seconds":60}"#, "record: true"),
+            (
+                r#"{"record":true,"recording_ttl_seconds":0}"#,
+                "outside 1..=86400",
+            ),
+            (
+                r#"{"record":true,"recording_ttl_seconds":86401}"#,
+                "outside 1..=86400",
+            ),
+        ] {
+            let e = new(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(
+                e.error.contains("recording_ttl_seconds") && e.error.contains(why),
+                "{body}: {}",
+                e.error
+            );
+        }
     }
 
     proptest! {

@@ -291,16 +291,6 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     crate::limits::check_id(&id).map_err(ApiError::bad_request)?;
     let m = &state.manager;
-    let row = m
-        .store()
-        .get(&id)?
-        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
-    let none = |why: String| ApiError::not_found(why).detail(json!({ "field": "recording" }));
-    if !row.spec.record {
-        return Err(none(format!(
-            "session {id} was not recorded (create it with record: true)"
-        )));
-    }
     let d = session_dir(&dir(&m.config().data_dir), &id);
     let meta = {
         let d = d.clone();
@@ -309,15 +299,20 @@ pub async fn get(
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::internal(format!("reading the recording: {e}")))?
     };
+    let none = |why: String| ApiError::not_found(why).detail(json!({ "field": "recording" }));
+    // A recording outlives its session's row when its TTL is the longer.
     let Some(meta) = meta.filter(|m| !m.expired(now_ms())) else {
-        return Err(none(format!(
-            "session {id} has no recording: it {}",
-            if row.state.is_live() {
-                "has not started recording yet"
-            } else {
-                "expired or was never written"
-            }
-        )));
+        let row = m
+            .store()
+            .get(&id)?
+            .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
+        return Err(none(if !row.spec.record {
+            format!("session {id} was not recorded (create it with record: true)")
+        } else if row.state.is_live() {
+            format!("session {id} has not started recording yet")
+        } else {
+            format!("session {id}'s recording expired or was never written")
+        }));
     };
     let n = q.segment.unwrap_or(0);
     if meta.segments == 0 {

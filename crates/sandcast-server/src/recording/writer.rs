@@ -453,6 +453,36 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_size_change_writes_a_second_playable_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (setup, _) = setup(tmp.path(), 1 << 30);
+        let d = setup.dir.clone();
+        let r = Recorder::start(setup).unwrap();
+        let small = video(&testing::h264(160, 120, 40));
+        let mut big = video(&testing::h264(320, 240, 40));
+        let last = small.last().unwrap().header;
+        for (i, f) in big.iter_mut().enumerate() {
+            f.header.width = 320;
+            f.header.height = 240;
+            f.header.seq = last.seq + 1 + i as u32;
+            f.header.capture_us += last.capture_us + 33_333 - 1_700_000_000_000_000;
+        }
+        feed(&r.sink(), &small);
+        feed(&r.sink(), &big);
+        r.finish().await;
+        assert_eq!(Meta::load(&d).unwrap().unwrap().segments, 2);
+        for n in 0..2 {
+            let seg = segment_path(&d, n);
+            let len = std::fs::metadata(&seg).unwrap().len();
+            assert_eq!(
+                recover::complete_length(&seg).unwrap(),
+                Some(len),
+                "segment {n}"
+            );
+        }
+    }
+
     #[test]
     fn a_full_queue_drops_frames_and_counts_them() {
         let (tx, _rx) = sync_channel(1);
