@@ -27,6 +27,8 @@ pub const TIMESCALE: u32 = 90_000;
 const MAX_FRAGMENT_TICKS: u64 = 10 * TIMESCALE as u64;
 /// The same bound in bytes.
 const MAX_FRAGMENT_BYTES: usize = 32 << 20;
+/// The same bound in frames (tiny frames cost more than their bytes).
+const MAX_FRAGMENT_SAMPLES: usize = 4096;
 /// A sample lasts at most this long (a frame before a pause in capture).
 const MAX_SAMPLE_TICKS: u64 = 600 * TIMESCALE as u64;
 /// The track's id in every segment.
@@ -210,7 +212,10 @@ impl Muxer {
         self.pending_bytes += data.len();
         self.pending.push(Sample { data, key, t });
         let span = t.saturating_sub(self.pending[0].t);
-        if span >= MAX_FRAGMENT_TICKS || self.pending_bytes >= MAX_FRAGMENT_BYTES {
+        if span >= MAX_FRAGMENT_TICKS
+            || self.pending_bytes >= MAX_FRAGMENT_BYTES
+            || self.pending.len() >= MAX_FRAGMENT_SAMPLES
+        {
             // The frame that overflowed ends the fragment; it gets a
             // nominal duration (the one before it) as at the end.
             if let Some(f) = self.close_fragment(None) {
@@ -700,6 +705,54 @@ mod tests {
             .collect();
         assert!(d.iter().all(|&d| d >= 1), "{d:?}");
         assert_eq!(d[2], 90_000 - 2, "the later frame takes up the time: {d:?}");
+    }
+
+    #[test]
+    fn a_fragment_without_a_key_frame_for_too_long_is_closed_and_frames_wait() {
+        // An agent that never sends a key frame after the first.
+        let fs = frames(160, 120, 2, 1000, 30);
+        let mut m = Muxer::new();
+        let (key, delta) = (&fs[0], &fs[1]);
+        m.push(Frame {
+            data: &key.0,
+            keyframe: true,
+            width: 160,
+            height: 120,
+            capture_us: 0,
+        })
+        .unwrap();
+        let mut closed = None;
+        for i in 1..=MAX_FRAGMENT_SAMPLES as u64 {
+            let f = Frame {
+                data: &delta.0,
+                keyframe: false,
+                width: 160,
+                height: 120,
+                capture_us: i,
+            };
+            let out = m.push(f).unwrap();
+            if !out.is_empty() {
+                closed = Some((i, out));
+                break;
+            }
+        }
+        let (i, out) = closed.expect("the fragment was closed");
+        assert_eq!(i as usize, MAX_FRAGMENT_SAMPLES - 1);
+        assert!(matches!(
+            out[..],
+            [Output::Fragment {
+                samples: MAX_FRAGMENT_SAMPLES,
+                ..
+            }]
+        ));
+        let f = Frame {
+            data: &delta.0,
+            keyframe: false,
+            width: 160,
+            height: 120,
+            capture_us: i + 1,
+        };
+        assert_eq!(m.push(f), Err(Skipped::WaitingForKeyFrame));
     }
 
     #[test]
