@@ -203,7 +203,15 @@ fn a_recorded_clock_plays_back_with_the_times_it_was_captured() {
         eprintln!("SKIPPED: {tool} is not installed (scripts/common.sh TEST_PACKAGES has ffmpeg)");
         return;
     }
-    let s = Server::start_default();
+    // An unwatched browser would be paused after a second: the recording
+    // must count as watching for the clock to go on.
+    let s = Server::start(ServerOptions {
+        env: vec![(
+            "SANDCAST_SESSION__PAUSE_UNWATCHED_SECONDS".into(),
+            "1".into(),
+        )],
+        ..Default::default()
+    });
     let tmp = tempfile::tempdir().unwrap();
 
     // A session that does not record has no recording.
@@ -353,6 +361,10 @@ fn a_server_killed_while_recording_leaves_a_playable_file() {
     // Several fragments in, while more are being written.
     wait_recording(&s, &id, 100_000, READY);
     s.restart();
+    s.wait_output(
+        "recordings of the last run recovered",
+        Duration::from_secs(10),
+    );
     let r = s.api("GET", &recording_path(&id), None);
     assert_eq!(r.status, 200, "{}", r.body);
     let file = tmp.path().join("killed.mp4");
