@@ -8,7 +8,9 @@
 //! frame times come from the capture times); range requests answer the
 //! right bytes (206, 416); a server killed with SIGKILL while recording
 //! leaves, after its restart, a file ffprobe reads and ffmpeg decodes
-//! without an error; a session that does not record answers 404.
+//! without an error; a session that does not record answers 404. And the
+//! file plays in Chromium's `<video>` straight from the server, seeking
+//! included (`browser/recording-playback.mjs`).
 //!
 //! Needs ffmpeg/ffprobe and node; skipped (saying so) without them.
 
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sandcast_e2e::{Server, ServerOptions, data_url, wait_no_leftovers};
+use sandcast_e2e::{Server, ServerOptions, data_url, run_browser, wait_no_leftovers};
 use serde_json::{Value, json};
 
 const READY: Duration = Duration::from_secs(40);
@@ -306,6 +308,39 @@ fn a_recorded_clock_plays_back_with_the_times_it_was_captured() {
         whole.len(),
         read.len(),
         clocks.len()
+    );
+
+    // Played in Chromium's <video> from the server (its own range
+    // requests): the same size and length, and seeking shows the clock ten
+    // seconds on between 5 s and 15 s.
+    let played = run_browser(
+        "recording-playback.mjs",
+        &json!({"base": s.base, "path": recording_path(&id), "key": s.api_key, "at": [5, 15]}),
+    );
+    assert_eq!(played["ok"], true, "{played:#}");
+    assert_eq!(
+        (played["width"].as_u64(), played["height"].as_u64()),
+        (Some(W.into()), Some(H.into())),
+        "{played:#}"
+    );
+    let played_duration = played["duration"].as_f64().unwrap();
+    assert!(
+        (played_duration - duration).abs() <= duration * 0.05,
+        "{played:#}"
+    );
+    assert!(
+        played["ranges"].as_u64().unwrap() >= 1,
+        "the <video> asked for ranges: {played:#}"
+    );
+    let (a, b) = (played["clocks"][0].as_f64(), played["clocks"][1].as_f64());
+    let (Some(a), Some(b)) = (a, b) else {
+        panic!("the clock is readable at 5 s and 15 s: {played:#}")
+    };
+    assert!(((b - a) - 10_000.0).abs() <= 250.0, "{a} → {b}: {played:#}");
+    eprintln!(
+        "<video>: {played_duration:.2} s, clock {:.0} ms apart from 5 s to 15 s, {} range requests",
+        b - a,
+        played["ranges"]
     );
 
     // Range requests.
