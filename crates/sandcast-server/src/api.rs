@@ -835,8 +835,11 @@ pub async fn logs(
 /// Follow a session's events as server-sent events.
 ///
 /// The first event is the current `state` (`{"state","reason"}`); then
-/// each change: `state` events, and `child` events with a child process's
-/// report (as in `children` of the session). The stream ends after the
+/// each change: `state` events, `child` events with a child process's
+/// report (as in `children` of the session), and for a recorded session
+/// `recording` events (`{"state": "recording"}` as it starts; `"stopped"`
+/// or `"paused"` with a `reason` when it stops early or skips video). The
+/// stream ends after the
 /// session ends: its first `failed` or `stopped` state.
 #[utoipa::path(
     get,
