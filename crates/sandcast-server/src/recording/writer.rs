@@ -23,6 +23,8 @@ use super::{Disk, Meta};
 
 /// Frames queued for the writer before new ones are dropped.
 const QUEUE: usize = 64;
+/// How long the end of a session waits for its recording's last fragment.
+pub const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Told when the recording stops early (`"stopped"`) or skips video
 /// (`"paused"`), with why: for the session's log and events.
@@ -131,17 +133,24 @@ impl Recorder {
     }
 
     /// Ends the recording: the last fragment is written (the last frame
-    /// lasting until now) and its expiry set. Resolves once written.
+    /// lasting until now) and its expiry set. Resolves once written, or
+    /// after [`FINISH_WAIT`] (a disk that hangs must not hold up the end of
+    /// the session; the writer finishes on its own).
     pub async fn finish(self) {
         let (tx, rx) = oneshot::channel();
         let sender = self.sink.tx.clone();
         let end_us = now_us();
-        // Waits for room in the queue, on a blocking thread.
-        let sent = tokio::task::spawn_blocking(move || sender.send(Item::Finish(end_us, tx)))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if sent {
-            let _ = rx.await;
+        let done = async move {
+            // Waits for room in the queue, on a blocking thread.
+            let sent = tokio::task::spawn_blocking(move || sender.send(Item::Finish(end_us, tx)))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if sent {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(FINISH_WAIT, done).await.is_err() {
+            tracing::warn!("a recording's writer did not finish in time");
         }
     }
 }
