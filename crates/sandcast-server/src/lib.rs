@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod profiles;
 pub mod ratelimit;
+pub mod recording;
 pub mod results;
 pub mod retention;
 pub mod session_log;
@@ -99,6 +100,7 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(files::get, files::put, files::delete))
         .routes(routes!(files::home))
         .routes(routes!(results::get))
+        .routes(routes!(recording::get))
         .routes(routes!(profiles::get, profiles::put, profiles::delete))
         .routes(routes!(viewer::offer, viewer::last_offer))
         .routes(routes!(viewer::last_answer))
@@ -246,6 +248,16 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     );
     retention::spawn(&manager);
     results::spawn_sweeper(results::dir(&config.data_dir));
+    // Before any session records: what a killed server left is cut to its
+    // last complete fragment.
+    let recovered = recording::recover_all(&recording::dir(&config.data_dir));
+    if recovered > 0 {
+        tracing::info!(count = recovered, "recordings of the last run recovered");
+    }
+    recording::spawn_sweeper(
+        recording::dir(&config.data_dir),
+        manager.recordings().clone(),
+    );
     // Before reconcile, whose `stopped` events it delivers; it also picks
     // up whatever the last run left pending.
     let webhooks = manager.webhooks().spawn();
@@ -364,6 +376,8 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             outcome: Default::default(),
             profile: None,
             transfers: true,
+            record: false,
+            recording_ttl_seconds: None,
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

@@ -321,6 +321,8 @@ pub struct Session {
     pub collect: Vec<String>,
     /// Downloads and file choosers reach the viewer.
     pub transfers: bool,
+    /// Its video is recorded (`GET /api/sessions/{id}/recording`).
+    pub record: bool,
     /// The launch command's exit code, once it exited in a session with
     /// `complete_on`.
     pub exit_code: Option<i32>,
@@ -683,6 +685,8 @@ mod tests {
                 outcome: Default::default(),
                 profile: None,
                 transfers: true,
+                record: false,
+                recording_ttl_seconds: None,
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,

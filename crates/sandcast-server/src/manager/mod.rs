@@ -96,6 +96,8 @@ pub struct Manager {
     profiles: Arc<Mutex<HashMap<String, String>>>,
     events: broadcast::Sender<SessionEvent>,
     webhooks: Arc<Webhooks>,
+    /// What the recordings use on disk, for `[recording] disk_mib`.
+    recordings: Arc<crate::recording::Disk>,
 }
 
 /// A profile in use; released when dropped.
@@ -139,6 +141,7 @@ impl Manager {
             profiles: Arc::new(Mutex::new(HashMap::new())),
             events,
             webhooks,
+            recordings: Arc::default(),
         });
         if let Some(events) = m.gateway.as_ref().and_then(Gateway::events) {
             tokio::spawn(relay(Arc::downgrade(&m), events));
@@ -207,6 +210,11 @@ impl Manager {
     /// A live session.
     pub fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.live.lock().unwrap().get(id).cloned()
+    }
+
+    /// What the recordings use on disk.
+    pub fn recordings(&self) -> &Arc<crate::recording::Disk> {
+        &self.recordings
     }
 
     /// The webhooks session events are delivered to.

@@ -18,7 +18,7 @@ use sandcast_backend::{
 };
 use sandcast_proto::{
     BrowserConfig, ChildReport, ExitInfo, FileOp, Message, RestartPolicy, SessionConfig,
-    StreamTarget,
+    StreamTarget, VideoControl,
 };
 use sandcast_webrtc::{GatewayEvent, ViewerId, ViewerMessage, ViewerRequest};
 
@@ -35,6 +35,17 @@ use super::{Manager, ManagerError, now_ms};
 use crate::budget::EventGate;
 use crate::session_log::{self, SessionLog};
 use crate::store::{Spec, State};
+
+/// The encoder's bitrate while only the recording watches.
+const RECORD_BITRATE_BPS: u32 = 2_500_000;
+
+/// Starts (or keeps) the H.264 encoder for the recording.
+fn record_video() -> Message {
+    Message::Video(VideoControl::Start {
+        codec: sandcast_proto::Codec::H264,
+        bitrate_bps: RECORD_BITRATE_BPS,
+    })
+}
 
 /// How long a stopping agent gets before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -485,6 +496,8 @@ pub struct Actor {
     /// The user's profile this session has as its home, held until its
     /// processes are gone.
     profile_claim: Option<super::ProfileClaim>,
+    /// The session's recording, while it records.
+    recorder: Option<crate::recording::Recorder>,
 }
 
 /// Makes a session's handle and its task (not yet running).
@@ -553,6 +566,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         to_self_commands: live.commands.downgrade(),
         completing: false,
         profile_claim: None,
+        recorder: None,
     };
     (live, actor)
 }
@@ -592,10 +606,15 @@ impl Actor {
             Ok(f) => self.starting = Some(f),
             Err(reason) => self.fail(&reason).await,
         }
+        let mut key_frames =
+            tokio::time::interval(Duration::from_millis(self.m.config.recording.fragment_ms));
+        key_frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.finished {
             let deadline = tokio::time::Instant::from_std(self.core.next_deadline());
             let control = self.control.clone();
+            let recording = self.recorder.is_some();
             tokio::select! {
+                _ = key_frames.tick(), if recording => self.recording_tick(),
                 r = started(&mut self.starting) => {
                     self.starting = None;
                     match r {
@@ -738,6 +757,9 @@ impl Actor {
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock)
             .map_err(|e| format!("listening on {}: {e}", sock.display()))?;
+        if self.spec.record {
+            self.start_recording();
+        }
         let channel = Arc::new(Channel {
             id: self.id.clone(),
             peer_uid: backend.agent_peer_uid(&id),
@@ -748,6 +770,7 @@ impl Actor {
             video_cap: self.video_cap.subscribe(),
             to_session: self.to_self.clone(),
             gateway: self.m.gateway.clone(),
+            recorder: self.recorder.as_ref().map(|r| r.sink()),
         });
         tokio::spawn(agent_conn::accept_loop(
             channel,
@@ -810,6 +833,9 @@ impl Actor {
     }
 
     async fn teardown(&mut self) {
+        if let Some(r) = self.recorder.take() {
+            r.finish().await;
+        }
         if let Some(control) = &self.control {
             let _ = control.try_send(Message::Shutdown);
         }
@@ -902,14 +928,74 @@ impl Actor {
             if matches!(msg, Message::ChooseFiles { .. }) && !self.spec.transfers {
                 continue;
             }
+            // The last viewer left: a recording keeps the encoder running.
+            if msg == Message::Video(VideoControl::Stop) && self.recording() {
+                self.send_agent(record_video());
+                continue;
+            }
             self.send_agent(msg);
         }
+    }
+
+    /// Whether the session records now (it may have stopped at a cap).
+    fn recording(&self) -> bool {
+        self.recorder.as_ref().is_some_and(|r| r.is_open())
+    }
+
+    /// Starts the recording; a recording that cannot start is said in the
+    /// log and events, and the session goes on without it.
+    fn start_recording(&mut self) {
+        let cfg = &self.m.config.recording;
+        let ttl = self.spec.recording_ttl_seconds.unwrap_or(cfg.ttl_seconds);
+        let dir = crate::recording::dir(&self.m.config.data_dir);
+        let m = self.m.clone();
+        let id = self.id.clone();
+        let log = self.log.clone();
+        let notify: crate::recording::Notify = Arc::new(move |state, reason| {
+            log.write_server(&format!("recording {state}: {reason}"));
+            m.event(&id, "recording", json!({"state": state, "reason": reason}));
+        });
+        let started = crate::recording::create_dir(&dir, &self.id).and_then(|dir| {
+            crate::recording::Recorder::start(crate::recording::Setup {
+                dir,
+                meta: crate::recording::Meta::new(&self.id, ttl),
+                max_bytes: cfg.max_mib << 20,
+                disk_max_bytes: cfg.disk_mib << 20,
+                disk: self.m.recordings().clone(),
+                notify: notify.clone(),
+            })
+        });
+        match started {
+            Ok(r) => {
+                self.recorder = Some(r);
+                self.note("recording");
+                self.m
+                    .event(&self.id, "recording", json!({"state": "recording"}));
+            }
+            Err(e) => notify("stopped", &format!("the recording could not start: {e}")),
+        }
+    }
+
+    /// Every fragment interval while recording: a key frame starts the next
+    /// fragment. A recording that stopped (a cap) lets the encoder and the
+    /// browser rest again when nobody watches.
+    fn recording_tick(&mut self) {
+        if self.recording() {
+            self.send_agent(Message::Video(VideoControl::KeyFrame));
+            return;
+        }
+        self.recorder = None;
+        if self.core.viewers == 0 && self.control.is_some() {
+            self.send_agent(Message::Video(VideoControl::Stop));
+        }
+        self.tell_watched();
     }
 
     /// Tells the agent when the session went from watched to unwatched or
     /// back (it pauses and resumes the browser).
     fn tell_watched(&mut self) {
-        let watched = self.core.in_use();
+        // A recording watches too: the browser must not be paused.
+        let watched = self.core.in_use() || self.recording();
         if self.control.is_some() && self.told_watched != Some(watched) {
             self.told_watched = Some(watched);
             self.send_agent(Message::Watched { watched });
@@ -1032,6 +1118,9 @@ impl Actor {
                 self.control = Some(tx);
                 self.told_watched = None;
                 self.tell_watched();
+                if self.recording() {
+                    self.send_agent(record_video());
+                }
             }
             FromAgent::Message(msg) => self.on_agent_message(*msg).await,
             FromAgent::ClaimStream { id, reply } => {
@@ -1216,6 +1305,8 @@ mod tests {
             outcome: Default::default(),
             profile: None,
             transfers: true,
+            record: false,
+            recording_ttl_seconds: None,
         }
     }
 
