@@ -256,6 +256,7 @@ struct Target {
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/cdp/json/version",
+    operation_id = "cdp_version",
     tag = "automation",
     security(("api_key" = []), ("automation_token" = [])),
     params(SessionPath, TokenQuery),
@@ -290,6 +291,7 @@ pub async fn version(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/cdp/json/version/",
+    operation_id = "cdp_version_slash",
     tag = "automation",
     security(("api_key" = []), ("automation_token" = [])),
     params(SessionPath, TokenQuery),
@@ -315,6 +317,7 @@ pub async fn version_slash(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/cdp/json/list",
+    operation_id = "cdp_list",
     tag = "automation",
     security(("api_key" = []), ("automation_token" = [])),
     params(SessionPath, TokenQuery),
@@ -359,6 +362,7 @@ pub async fn list(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/cdp/json",
+    operation_id = "cdp_list_alias",
     tag = "automation",
     security(("api_key" = []), ("automation_token" = [])),
     params(SessionPath, TokenQuery),
@@ -390,6 +394,7 @@ pub async fn list_alias(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/cdp",
+    operation_id = "cdp_browser",
     tag = "automation",
     security(("api_key" = []), ("automation_token" = [])),
     params(SessionPath, TokenQuery),
@@ -425,6 +430,7 @@ pub async fn browser(
 #[utoipa::path(
     get,
     path = "/api/sessions/{id}/cdp/devtools/page/{target}",
+    operation_id = "cdp_page",
     tag = "automation",
     security(("api_key" = []), ("automation_token" = [])),
     params(SessionPath, ("target" = String, Path, description = "A target id of `json/list`."), TokenQuery),

@@ -174,6 +174,7 @@ pub async fn state(
 #[utoipa::path(
     put,
     path = "/viewer/{id}/control",
+    operation_id = "viewer_control",
     tag = "viewer",
     security(("viewer_token" = []), ("api_key" = [])),
     params(SessionPath),
