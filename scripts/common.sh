@@ -26,6 +26,7 @@ TEST_PACKAGES=(
   "${RUN_PACKAGES[@]}"
   mmdebstrap debian-archive-keyring
   x11-utils x11-xserver-utils xdotool
+  ffmpeg
 )
 
 say() {

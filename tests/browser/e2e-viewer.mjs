@@ -58,6 +58,10 @@
 //                                                       state }
 //   { expectRemoteClipboardPrefix: "text", timeoutMs? } the session's clipboard as the viewer element
 //                                                       reports it starts with that text; `got` is it
+//   { expectAutomation: { clients, paused }, timeoutMs? }  the viewer element's status.automation
+//                                                       (programs on the DevTools endpoint)
+//   { holdButton: true }                                click the automation bar's button
+//                                                       ("take control" / "give back")
 // Or, to check a page directly on this host (a control for isolation tests):
 //   { control: "<url>", expect: "#rrggbb", timeoutMs }
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
@@ -360,6 +364,20 @@ async function runViewers() {
         if (Date.now() > deadline) { rec.ok = false; break; }
         await pages[0].waitForTimeout(50);
       }
+    } else if (step.expectAutomation !== undefined) {
+      const want = JSON.stringify(step.expectAutomation);
+      const deadline = Date.now() + (step.timeoutMs ?? 10000);
+      for (;;) {
+        rec.got = await pages[0].evaluate(() => window.sandcast?.element?.status?.automation ?? null);
+        if (JSON.stringify(rec.got) === want) { rec.ok = true; break; }
+        if (Date.now() > deadline) { rec.ok = false; break; }
+        await pages[0].waitForTimeout(50);
+      }
+    } else if (step.holdButton) {
+      const button = pages[0].locator('sandcast-viewer .automation button.hold');
+      rec.label = await button.textContent();
+      await button.click();
+      rec.ok = true;
     } else if (step.tap || step.swipe) {
       const s = await pages[0].evaluate(sampleInPage, kind);
       if (!s.found) { rec.ok = false; rec.error = 'no remote screen to touch'; }

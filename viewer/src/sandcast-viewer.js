@@ -54,6 +54,10 @@ video { object-fit: contain; background: #000; outline: none; }
 .transfers li, .chooser { display: flex; gap: .4em; align-items: center; min-width: 0; }
 .transfers .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
 .transfers .size, .chooser .note { opacity: .7; white-space: nowrap; }
+.automation { position: absolute; left: 0; top: 0; z-index: 4; display: flex; gap: .5em; align-items: center;
+  padding: .2em .5em; background: rgba(0,0,0,.75); border-bottom-right-radius: 6px; font-size: 12px; }
+.automation button { font: inherit; color: inherit; background: #335; border: 1px solid #557; border-radius: 4px;
+  padding: 0 .5em; cursor: pointer; }
 .transfers button { font: inherit; color: inherit; background: #333; border: 1px solid #555; border-radius: 4px;
   padding: 0 .5em; cursor: pointer; }
 `;
@@ -154,6 +158,8 @@ export class SandcastViewer extends HTMLElement {
       <div class="bar" part="bar"><span class="notice" part="notice" role="note" hidden>not secure: no clipboard copy</span><span class="path"></span>
         <button type="button" class="stats-toggle" title="Stats (Ctrl+Alt+Shift+S)">stats</button></div>
       <div class="stats" part="stats" hidden></div>
+      <div class="automation" part="automation" role="status" hidden><span class="note"></span>
+        <button type="button" class="hold"></button></div>
       <div class="transfers" part="transfers">
         <div class="chooser" part="chooser" role="dialog" aria-label="the remote page asks for files" hidden>
           <span class="note">the page asks for a file</span>
@@ -168,6 +174,13 @@ export class SandcastViewer extends HTMLElement {
     this._pathLabel = root.querySelector('.path');
     this._statsBox = root.querySelector('.stats');
     root.querySelector('.stats-toggle').addEventListener('click', () => this.toggleStats());
+    this._automationBox = root.querySelector('.automation');
+    root.querySelector('.automation .hold').addEventListener('click', () => {
+      const take = !this._status.automation.paused;
+      (take ? this.takeControl() : this.giveBackControl()).catch((e) => {
+        this._automationBox.querySelector('.note').textContent = `could not change control: ${msg(e)}`;
+      });
+    });
     this._downloadList = root.querySelector('.downloads');
     this._chooserBox = root.querySelector('.chooser');
     this._fileInput = root.querySelector('.file-input');
@@ -194,6 +207,9 @@ export class SandcastViewer extends HTMLElement {
     this._status = {
       state: 'idle', mode: null, connected: false, reason: null, path: null, children: [], session: null, control: true, role: null,
       secureContext: notice === null, notice,
+      // Programs driving the session over its DevTools endpoint, and whether
+      // the person took control from them.
+      automation: { clients: 0, paused: false },
     };
     this._run = 0; // bumped on every (dis)connect so stale async work can tell it is stale
     this._timers = new Set();
@@ -394,6 +410,9 @@ export class SandcastViewer extends HTMLElement {
   _onSessionState(run, body) {
     const children = Array.isArray(body.children) ? body.children : [];
     if (typeof body.role === 'string') this._set({ role: body.role });
+    if (Number.isInteger(body.automation_clients)) {
+      this._automationMessage({ kind: 'automation', clients: body.automation_clients, paused: body.control === 'person' });
+    }
     this._size = body.width && body.height ? { width: body.width, height: body.height } : this._size;
     switch (body.state) {
       case 'ready':
@@ -519,6 +538,7 @@ export class SandcastViewer extends HTMLElement {
       if (m && m.kind === 'clipboard') this._remoteClipboard(m.text);
       if (m && m.kind === 'focus') this._remoteFocus(m);
       this._transferMessage(m, (x) => conn.send(x));
+      this._automationMessage(m);
       // The gateway says "ended"; the session API says "stopping"/"stopped".
       if (m && m.kind === 'session_state' && (m.state === 'ended' || ENDED.has(m.state))) {
         this._ended(m.state === 'ended' ? 'stopped' : m.state, m.reason);
@@ -613,6 +633,7 @@ export class SandcastViewer extends HTMLElement {
       }
       if (m?.kind === 'focus') this._remoteFocus(m);
       this._transferMessage(m, conn.send);
+      this._automationMessage(m);
       conn.onMessage?.(m);
     });
     ws.addEventListener('close', () => {
@@ -712,6 +733,44 @@ export class SandcastViewer extends HTMLElement {
     c.send({ kind: 'choose_files', chooser: c.chooser, names: [] });
     this._chooser = null;
     this._chooserBox.hidden = true;
+  }
+
+  // ---- automation beside the person ----
+
+  /**
+   * Takes control from programs driving the session over its DevTools
+   * endpoint: their input is refused until {@link giveBackControl}.
+   */
+  takeControl() { return this._setHolder('person'); }
+
+  /** Gives control back: programs' input reaches the page again. */
+  giveBackControl() { return this._setHolder('shared'); }
+
+  async _setHolder(holder) {
+    const res = await fetch(this._url(`viewer/${encodeURIComponent(this.session)}/control`), {
+      method: 'PUT',
+      headers: { ...this._headers(), 'Content-Type': 'application/json' },
+      body: JSON.stringify({ holder }),
+    });
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) throw new Error(body.error || `HTTP ${res.status}`);
+    this._automationMessage({ kind: 'automation', clients: body.automation_clients, paused: body.holder === 'person' });
+  }
+
+  // What the session says about programs driving it: a bar offers to take
+  // control while one does, and to give it back.
+  _automationMessage(m) {
+    if (m?.kind !== 'automation' || !Number.isInteger(m.clients)) return;
+    const a = { clients: m.clients, paused: m.paused === true };
+    const before = this._status.automation;
+    if (before.clients === a.clients && before.paused === a.paused) return;
+    this._set({ automation: a });
+    this._automationBox.hidden = a.clients === 0 && !a.paused;
+    this._automationBox.querySelector('.note').textContent = a.paused
+      ? 'you have control; programs wait'
+      : `a program is driving this browser${a.clients > 1 ? ` (${a.clients})` : ''}`;
+    this._automationBox.querySelector('.hold').textContent = a.paused ? 'give back' : 'take control';
+    this._emit('automation', { ...a });
   }
 
   // What the session says about downloads and file choosers; `send` answers

@@ -58,8 +58,14 @@ pub fn xvfb(display_fd: i32) -> Command {
     }
 }
 
-/// The browser, on the start URL, filling the display.
-pub fn browser(config: &SessionConfig, profile_dir: &Path, own_sandbox: bool) -> Command {
+/// The browser, on the start URL, filling the display, its DevTools server
+/// on `devtools_port` of the session's own loopback.
+pub fn browser(
+    config: &SessionConfig,
+    profile_dir: &Path,
+    own_sandbox: bool,
+    devtools_port: u16,
+) -> Command {
     let mut args = vec![
         format!("--user-data-dir={}", profile_dir.display()),
         "--no-first-run".into(),
@@ -77,9 +83,16 @@ pub fn browser(config: &SessionConfig, profile_dir: &Path, own_sandbox: bool) ->
         "--window-position=0,0".into(),
         format!("--window-size={},{}", config.width, config.height),
         "--start-maximized".into(),
-        // DevTools on descriptors 3 and 4, which only the agent holds: no
-        // port, in the session or out of it (see `devtools`).
+        // The agent's own DevTools conversation is on descriptors 3 and 4,
+        // which only it holds (see `devtools`).
         "--remote-debugging-pipe".into(),
+        // Automation clients reach the browser through this port, which
+        // Chromium binds to 127.0.0.1 of the session's own network
+        // namespace (or microVM): only the agent's tunnel, opened on the
+        // server's request, leads there from outside. Session code could
+        // use it too, but it can already ptrace the browser; web pages
+        // cannot (Chromium refuses WebSockets with an Origin and checks Host).
+        format!("--remote-debugging-port={devtools_port}"),
     ];
     if !own_sandbox {
         // The session itself is the sandbox; Chromium's own needs nested user
@@ -330,8 +343,13 @@ mod tests {
 
     #[test]
     fn browser_command_line() {
-        let cmd = browser(&config(), Path::new("/tmp/p"), false);
+        let cmd = browser(&config(), Path::new("/tmp/p"), false, 9333);
         assert_eq!(cmd.program, "/usr/bin/chromium");
+        assert!(cmd.args.contains(&"--remote-debugging-pipe".to_string()));
+        assert!(
+            cmd.args
+                .contains(&"--remote-debugging-port=9333".to_string())
+        );
         assert!(cmd.args.contains(&"--no-sandbox".to_string()));
         assert!(cmd.args.contains(&"--kiosk".to_string()));
         assert!(cmd.args.contains(&"--window-size=1280,720".to_string()));
@@ -340,7 +358,7 @@ mod tests {
         let n = cmd.args.len();
         assert_eq!(cmd.args[n - 2], "--lang=de");
         assert_eq!(cmd.args[n - 1], "https://example.org/");
-        let own = browser(&config(), Path::new("/tmp/p"), true);
+        let own = browser(&config(), Path::new("/tmp/p"), true, 9333);
         assert!(!own.args.contains(&"--no-sandbox".to_string()));
     }
 

@@ -112,13 +112,17 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
                     Message::ChooseFiles { chooser, paths } => {
                         supervisor.choose(crate::devtools::Choice { chooser, paths });
                     }
-                    Message::OpenStream { id, target: StreamTarget::Vnc } => {
-                        let vnc = supervisor.vnc_port.clone();
+                    Message::OpenStream { id, target: to @ (StreamTarget::Vnc | StreamTarget::Devtools) } => {
+                        let (port, what) = if to == StreamTarget::Vnc {
+                            (supervisor.vnc_port.clone(), "the VNC server")
+                        } else {
+                            (supervisor.devtools_port.clone(), "the browser's DevTools server")
+                        };
                         let target = target.clone();
                         let out = out_tx.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = open_vnc_stream(&target, id, vnc).await {
-                                agent_log(&out, format!("stream {id} to the VNC server: {e:#}"));
+                            if let Err(e) = open_local_stream(&target, id, port, what).await {
+                                agent_log(&out, format!("stream {id} to {what}: {e:#}"));
                             }
                         });
                     }
@@ -174,27 +178,30 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Opens a stream connection for `id` and splices it to the VNC server.
-async fn open_vnc_stream(
+/// Opens a stream connection for `id` and splices it to a server on the
+/// session's loopback (the VNC server, the browser's DevTools) once its
+/// port is known.
+async fn open_local_stream(
     target: &Target,
     id: u64,
-    mut vnc: tokio::sync::watch::Receiver<Option<u16>>,
+    mut port: tokio::sync::watch::Receiver<Option<u16>>,
+    what: &str,
 ) -> anyhow::Result<()> {
     let port = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let Some(p) = *vnc.borrow_and_update() {
+            if let Some(p) = *port.borrow_and_update() {
                 return Ok(p);
             }
-            if vnc.changed().await.is_err() {
-                bail!("the VNC server is gone");
+            if port.changed().await.is_err() {
+                bail!("{what} is gone");
             }
         }
     })
     .await
-    .context("the VNC server is not up")??;
+    .with_context(|| format!("{what} is not up"))??;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .context("connecting to the VNC server")?;
+        .with_context(|| format!("connecting to {what}"))?;
     tcp.set_nodelay(true)?;
     let mut conn = channel::open(target, Role::Stream { id }).await?;
     tokio::io::copy_bidirectional(&mut conn, &mut tcp).await?;

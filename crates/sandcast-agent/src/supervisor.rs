@@ -65,6 +65,8 @@ pub struct Supervisor {
     pub display: watch::Receiver<Option<String>>,
     /// The VNC server's port on the session's loopback while it is up.
     pub vnc_port: watch::Receiver<Option<u16>>,
+    /// The browser's DevTools port on the session's loopback while it is up.
+    pub devtools_port: watch::Receiver<Option<u16>>,
     /// Ready and fatal events.
     pub events: mpsc::Receiver<Event>,
 }
@@ -97,6 +99,7 @@ struct Ctx {
     stop_display: watch::Receiver<bool>,
     display: watch::Sender<Option<String>>,
     vnc_port: watch::Sender<Option<u16>>,
+    devtools_port: watch::Sender<Option<u16>>,
     events: mpsc::Sender<Event>,
     ready: Mutex<ReadyFlags>,
     own_sandbox: bool,
@@ -151,6 +154,7 @@ impl Supervisor {
         let (stop_display_tx, stop_display_rx) = watch::channel(false);
         let (display_tx, display_rx) = watch::channel(None);
         let (vnc_tx, vnc_rx) = watch::channel(None);
+        let (devtools_tx, devtools_rx) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(8);
         // Until the server says otherwise (an older one never does), the
         // session counts as watched and the browser is never paused.
@@ -171,6 +175,7 @@ impl Supervisor {
             stop_display: stop_display_rx,
             display: display_tx,
             vnc_port: vnc_tx,
+            devtools_port: devtools_tx,
             events: events_tx,
             ready: Mutex::new(ReadyFlags::default()),
             own_sandbox,
@@ -200,6 +205,7 @@ impl Supervisor {
             choices: choices_tx,
             display: display_rx,
             vnc_port: vnc_rx,
+            devtools_port: devtools_rx,
             events: events_rx,
         }
     }
@@ -236,7 +242,9 @@ impl Supervisor {
 /// What a child needs before it can start, and how it is known to be ready.
 enum Probe {
     Display(tokio::fs::File),
-    Window(String),
+    /// The browser's window class, and its DevTools port to announce once
+    /// the window is up.
+    Window(String, u16),
     Vnc(u16),
     Started,
 }
@@ -304,9 +312,10 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
             // configured one: the viewer may have resized since.
             let mut config = config.clone();
             (config.width, config.height) = ctx.sizes.lock().unwrap().wanted;
+            let port = children::free_port()?;
             Prepared {
-                command: children::browser(&config, &profile, ctx.own_sandbox),
-                probe: Probe::Window(children::window_class(&config.browser.binary)),
+                command: children::browser(&config, &profile, ctx.own_sandbox, port),
+                probe: Probe::Window(children::window_class(&config.browser.binary), port),
                 inherit: None,
                 devtools: Some(DevtoolsPipe::new()?),
                 env: Vec::new(),
@@ -401,6 +410,9 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
         }
         if kind == Kind::Vnc {
             ctx.vnc_port.send_replace(None);
+        }
+        if kind == Kind::Browser {
+            ctx.devtools_port.send_replace(None);
         }
         let tail_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
         let exit = match end {
@@ -714,10 +726,12 @@ async fn wait_ready(ctx: &Arc<Ctx>, probe: Probe, display: &str) -> anyhow::Resu
             ctx.display.send_replace(Some(d));
             Ok(())
         }
-        Probe::Window(class) => {
+        Probe::Window(class, devtools_port) => {
             let display = display.to_string();
             tokio::task::spawn_blocking(move || children::wait_window_blocking(&display, &class))
-                .await?
+                .await??;
+            ctx.devtools_port.send_replace(Some(devtools_port));
+            Ok(())
         }
         Probe::Vnc(port) => {
             children::wait_vnc(port).await?;

@@ -179,6 +179,9 @@ pub enum StreamTarget {
     Vnc,
     /// A file operation in the session's home (see [`crate::files`]).
     File(FileOp),
+    /// The browser's DevTools HTTP and WebSocket server on the session's
+    /// own loopback, for an automation client the server tunnels.
+    Devtools,
 }
 
 /// Video control from the gateway.

@@ -38,7 +38,8 @@ pub struct AppState {
 
 /// Requires the operator key on `/api/*` (signaling has its own check).
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/api/webrtc/") {
+    // Signaling and the DevTools endpoints take their own tokens too.
+    if req.uri().path().starts_with("/api/webrtc/") || crate::cdp::is_cdp_path(req.uri().path()) {
         return next.run(req).await;
     }
     if auth::is_operator(req.headers(), &state.api_key) {
@@ -137,6 +138,14 @@ pub struct CreateRequest {
     /// viewer's download and upload routes answer 403). Default: the
     /// provider's, else true.
     transfers: Option<bool>,
+    /// Record the session's video (H.264 in fragmented MP4) for `GET
+    /// /api/sessions/{id}/recording`; the video is encoded even while
+    /// nobody watches. Default: the provider's `record`, else false.
+    record: Option<bool>,
+    /// Seconds the recording is kept after the session ended; at most
+    /// `[recording] ttl_seconds` (the default). Needs `record`.
+    #[schema(minimum = 1)]
+    recording_ttl_seconds: Option<u64>,
 }
 
 /// What a create does when the user's profile is in a live session.
@@ -283,6 +292,22 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
             Some(layout.to_string())
         }
     };
+    let record = req.record.or(provider.map(|p| p.record)).unwrap_or(false);
+    if let Some(t) = req.recording_ttl_seconds {
+        let max = cfg.recording.ttl_seconds;
+        if !record {
+            return Err(bad(
+                "recording_ttl_seconds",
+                "only a recorded session has a recording: give record: true".into(),
+            ));
+        }
+        if !(1..=max).contains(&t) {
+            return Err(bad(
+                "recording_ttl_seconds",
+                format!("{t} is outside 1..={max} ([recording] ttl_seconds)"),
+            ));
+        }
+    }
     Ok(NewSession {
         user_id: req.user_id,
         provider: req.provider,
@@ -301,6 +326,8 @@ pub fn validate(cfg: &Config, req: CreateRequest) -> Result<NewSession, ApiError
                 .transfers
                 .or(provider.and_then(|p| p.transfers))
                 .unwrap_or(true),
+            record,
+            recording_ttl_seconds: req.recording_ttl_seconds,
         },
         ttl_seconds: ttl,
     })
@@ -314,12 +341,17 @@ fn rfc3339(ms: i64) -> Value {
 
 /// A session as the API shows it.
 pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
-    let (children, display) = match live {
+    let (children, display, snapshot) = match live {
         Some(l) => (
             serde_json::to_value(l.children()).unwrap_or_default(),
             l.display(),
+            l.snapshot(),
         ),
-        None => (json!([]), (row.spec.width, row.spec.height)),
+        None => (
+            json!([]),
+            (row.spec.width, row.spec.height),
+            Default::default(),
+        ),
     };
     json!({
         "id": row.id,
@@ -337,6 +369,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "complete_on": row.spec.outcome.complete_on,
         "collect": row.spec.outcome.collect,
         "transfers": row.spec.transfers,
+        "record": row.spec.record,
         "exit_code": row.exit_code,
         "profile": row.spec.profile.is_some(),
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
@@ -345,6 +378,8 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "expires_at": rfc3339(row.expires_ms),
         "stopped_at": row.stopped_ms.map(rfc3339),
         "children": children,
+        "control": snapshot.control.as_str(),
+        "automation_clients": snapshot.automation,
     })
 }
 
@@ -354,7 +389,8 @@ pub(crate) fn viewer_url(state: &AppState, headers: &HeaderMap, id: &str, token:
     format!("{}/viewer/{id}#token={token}", base_url(state, headers))
 }
 
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+/// This server's base URL as the client reached it (or `public_url`).
+pub(crate) fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     let cfg = &state.manager.config().public_url;
     if !cfg.is_empty() {
         return cfg.trim_end_matches('/').to_string();
@@ -417,6 +453,11 @@ async fn created(
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
     body["viewer_url"] = json!(viewer_url(state, headers, &row.id, &token));
     body["viewer_token"] = json!(token);
+    body["cdp_url"] = json!(format!(
+        "{}/api/sessions/{}/cdp",
+        crate::cdp::ws_base(state, headers),
+        row.id
+    ));
     Ok((status, Json(body)).into_response())
 }
 
@@ -809,8 +850,11 @@ pub async fn logs(
 /// Follow a session's events as server-sent events.
 ///
 /// The first event is the current `state` (`{"state","reason"}`); then
-/// each change: `state` events, and `child` events with a child process's
-/// report (as in `children` of the session). The stream ends after the
+/// each change: `state` events, `child` events with a child process's
+/// report (as in `children` of the session), and for a recorded session
+/// `recording` events (`{"state": "recording"}` as it starts; `"stopped"`
+/// or `"paused"` with a `reason` when it stops early or skips video). The
+/// stream ends after the
 /// session ends: its first `failed` or `stopped` state.
 #[utoipa::path(
     get,
@@ -984,6 +1028,8 @@ mod tests {
         "launch",
         "egress",
         "transfers",
+        "record",
+        "recording_ttl_seconds",
         "userId",
         "alice",
         "preset",
@@ -1043,6 +1089,10 @@ mod tests {
         prop_assert!((240..=2160).contains(&new.spec.height));
         prop_assert!((1..=86_400).contains(&new.ttl_seconds));
         prop_assert!((1..=86_400).contains(&new.spec.idle_timeout_seconds));
+        if let Some(t) = new.spec.recording_ttl_seconds {
+            prop_assert!(new.spec.record, "a recording TTL without record");
+            prop_assert!((1..=cfg.recording.ttl_seconds).contains(&t));
+        }
         if let Some(argv) = &new.spec.launch {
             prop_assert!((1..=64).contains(&argv.len()));
             prop_assert!(!argv[0].is_empty());
@@ -1100,6 +1150,58 @@ mod tests {
         assert_eq!(new.spec.launch, Some(vec!["xterm".to_string()]));
         let req = Json::<AuthStartRequest>::from_bytes(br#"{"userId":"a","provider":"preset"}"#);
         assert!(req.is_ok());
+    }
+
+    #[test]
+    fn record_comes_from_the_body_or_the_provider_and_its_ttl_is_bounded() {
+        let mut cfg = config();
+        cfg.providers.insert(
+            "recorded".into(),
+            crate::config::Provider {
+                start_url: "https://example.org/".into(),
+                record: true,
+                ..Default::default()
+            },
+        );
+        let new = |body: &str| {
+            validate(
+                &cfg,
+                Json::<CreateRequest>::from_bytes(body.as_bytes())
+                    .unwrap()
+                    .0,
+            )
+        };
+        assert!(!new("{}").unwrap().spec.record);
+        assert!(new(r#"{"provider":"recorded"}"#).unwrap().spec.record);
+        assert!(
+            !new(r#"{"provider":"recorded","record":false}"#)
+                .unwrap()
+                .spec
+                .record
+        );
+        let s = new(r#"{"record":true,"recording_ttl_seconds":60}"#)
+            .unwrap()
+            .spec;
+        assert_eq!((s.record, s.recording_ttl_seconds), (true, Some(60)));
+        for (body, why) in [
+            (r#"{"recording_ttl_seconds":60}"#, "record: true"),
+            (
+                r#"{"record":true,"recording_ttl_seconds":0}"#,
+                "outside 1..=86400",
+            ),
+            (
+                r#"{"record":true,"recording_ttl_seconds":86401}"#,
+                "outside 1..=86400",
+            ),
+        ] {
+            let e = new(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(
+                e.error.contains("recording_ttl_seconds") && e.error.contains(why),
+                "{body}: {}",
+                e.error
+            );
+        }
     }
 
     proptest! {

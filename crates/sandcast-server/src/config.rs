@@ -71,6 +71,64 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// How webhook deliveries are retried.
     pub webhook_retry: WebhookRetry,
+    /// Automation clients on a session's DevTools endpoint.
+    pub cdp: CdpLimits,
+    /// Recordings of sessions created with `record: true`.
+    pub recording: RecordingSettings,
+}
+
+/// `[cdp]`: automation clients on `/api/sessions/{id}/cdp`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CdpLimits {
+    /// Largest DevTools message either way, in MiB (a full-page screenshot
+    /// of a large page comes as one message).
+    pub max_message_mib: u64,
+    /// Automation clients connected to one session at once.
+    pub clients_per_session: usize,
+}
+
+impl Default for CdpLimits {
+    fn default() -> Self {
+        CdpLimits {
+            max_message_mib: 64,
+            clients_per_session: 4,
+        }
+    }
+}
+
+/// The longest a recording may be kept: 90 days.
+pub const MAX_RECORDING_TTL: u64 = 90 * 86_400;
+
+/// `[recording]`: how long recordings are kept and how much disk they may
+/// use (see [`crate::recording`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecordingSettings {
+    /// Seconds a recording is kept after its session ended; a session's
+    /// `recording_ttl_seconds` may shorten it.
+    pub ttl_seconds: u64,
+    /// Most MiB of one recording; past it the recording stops (the
+    /// session goes on).
+    pub max_mib: u64,
+    /// Most MiB of every recording together in `<data_dir>/recordings`;
+    /// past it, recordings stop.
+    pub disk_mib: u64,
+    /// Milliseconds between the key frames the server asks for while
+    /// recording: each starts a fragment, and a crash loses at most the
+    /// fragment being written.
+    pub fragment_ms: u64,
+}
+
+impl Default for RecordingSettings {
+    fn default() -> Self {
+        RecordingSettings {
+            ttl_seconds: 86_400,
+            max_mib: 1024,
+            disk_mib: 10 * 1024,
+            fragment_ms: 2000,
+        }
+    }
 }
 
 /// `[files]`: the files API and the files a completed session leaves.
@@ -448,6 +506,9 @@ pub struct Provider {
     /// Downloads and file choosers reach the viewer (default true).
     #[serde(default)]
     pub transfers: Option<bool>,
+    /// The session's video is recorded (`record: true`).
+    #[serde(default)]
+    pub record: bool,
 }
 
 /// Gateway sockets.
@@ -545,6 +606,8 @@ impl Default for Config {
             files: FileLimits::default(),
             webhooks: Vec::new(),
             webhook_retry: WebhookRetry::default(),
+            cdp: CdpLimits::default(),
+            recording: RecordingSettings::default(),
         }
     }
 }
@@ -851,6 +914,28 @@ impl Config {
                 "files.result_ttl_seconds = {} is outside 1 to {}",
                 f.result_ttl_seconds,
                 crate::limits::MAX_TTL
+            ));
+        }
+        if !(1..=1024).contains(&self.cdp.max_message_mib) || self.cdp.clients_per_session == 0 {
+            return Err(format!(
+                "cdp.max_message_mib = {} must be 1 to 1024 and cdp.clients_per_session at least 1",
+                self.cdp.max_message_mib
+            ));
+        }
+        let rec = &self.recording;
+        if !(1..=MAX_RECORDING_TTL).contains(&rec.ttl_seconds) {
+            return Err(format!(
+                "recording.ttl_seconds = {} is outside 1 to {MAX_RECORDING_TTL}",
+                rec.ttl_seconds,
+            ));
+        }
+        if rec.max_mib == 0 || rec.disk_mib == 0 {
+            return Err("recording.max_mib and recording.disk_mib must be at least 1".into());
+        }
+        if !(500..=60_000).contains(&rec.fragment_ms) {
+            return Err(format!(
+                "recording.fragment_ms = {} is outside 500 to 60000",
+                rec.fragment_ms
             ));
         }
         self.browser.policy().check()?;

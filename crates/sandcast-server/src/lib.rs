@@ -13,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod capacity;
+pub mod cdp;
 pub mod config;
 pub mod error;
 pub mod files;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod profiles;
 pub mod ratelimit;
+pub mod recording;
 pub mod results;
 pub mod retention;
 pub mod rfb_view;
@@ -102,12 +104,20 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(results::get))
         .routes(routes!(tokens::create, tokens::list))
         .routes(routes!(tokens::revoke))
+        .routes(routes!(recording::get))
         .routes(routes!(profiles::get, profiles::put, profiles::delete))
         .routes(routes!(viewer::offer, viewer::last_offer))
         .routes(routes!(viewer::last_answer))
         .routes(routes!(viewer::ice_servers))
         .routes(routes!(viewer::signaling_ws))
         .routes(routes!(webhooks::deliveries))
+        .routes(routes!(cdp::browser))
+        .routes(routes!(cdp::page))
+        .routes(routes!(cdp::version))
+        .routes(routes!(cdp::version_slash))
+        .routes(routes!(cdp::list))
+        .routes(routes!(cdp::list_alias))
+        .routes(routes!(cdp::get_control, cdp::put_control))
 }
 
 /// The routes outside the API key's check; documented like the others.
@@ -118,6 +128,7 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(api::metrics))
         .routes(routes!(viewer::page))
         .routes(routes!(viewer::state))
+        .routes(routes!(viewer::control))
         .routes(routes!(viewer::vnc))
         .routes(routes!(viewer::input))
         .routes(routes!(viewer::download))
@@ -241,6 +252,16 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     );
     retention::spawn(&manager);
     results::spawn_sweeper(results::dir(&config.data_dir));
+    // Before any session records: what a killed server left is cut to its
+    // last complete fragment.
+    let recovered = recording::recover_all(&recording::dir(&config.data_dir));
+    if recovered > 0 {
+        tracing::info!(count = recovered, "recordings of the last run recovered");
+    }
+    recording::spawn_sweeper(
+        recording::dir(&config.data_dir),
+        manager.recordings().clone(),
+    );
     // Before reconcile, whose `stopped` events it delivers; it also picks
     // up whatever the last run left pending.
     let webhooks = manager.webhooks().spawn();
@@ -359,6 +380,8 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
             outcome: Default::default(),
             profile: None,
             transfers: true,
+            record: false,
+            recording_ttl_seconds: None,
         },
         ttl_seconds: cfg.session.ttl_seconds,
     };

@@ -51,6 +51,7 @@ pub const PATH: &str = "/api/openapi.json";
         (name = "viewer", description = "The viewer page, its assets and its streams."),
         (name = "server", description = "Health, metrics and this document."),
         (name = "webhooks", description = "Deliveries of session events to the configured webhooks."),
+        (name = "automation", description = "A session's Chrome DevTools Protocol endpoint, and who holds control of its input."),
     )
 )]
 struct Base;
@@ -82,6 +83,20 @@ impl Modify for SecuritySchemes {
                         "A session's viewer token (`viewer_token` of the created session, \
                          the `#token=` of its `viewer_url`): `Authorization: Bearer <token>`. \
                          It opens that session's viewer endpoints and nothing else.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "automation_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A session's automation token (`POST /api/sessions/{id}/tokens` with \
+                         `{\"role\": \"automation\"}`): `Authorization: Bearer <token>`, or \
+                         `?token=<token>` where a client cannot set headers. It opens that \
+                         session's DevTools endpoints and nothing else.",
                     ))
                     .build(),
             ),
@@ -306,6 +321,8 @@ pub struct Session {
     pub collect: Vec<String>,
     /// Downloads and file choosers reach the viewer.
     pub transfers: bool,
+    /// Its video is recorded (`GET /api/sessions/{id}/recording`).
+    pub record: bool,
     /// The launch command's exit code, once it exited in a session with
     /// `complete_on`.
     pub exit_code: Option<i32>,
@@ -328,6 +345,65 @@ pub struct Session {
     /// Its child processes (`xvfb`, `browser`, `vnc`, `launch`) while it
     /// runs; empty once it ended.
     pub children: Vec<Child>,
+    /// Who holds control of its input: `shared` (the person and automation
+    /// clients) or `person` (automation input paused).
+    pub control: crate::manager::Holder,
+    /// Automation clients (CDP) connected now.
+    pub automation_clients: usize,
+}
+
+/// The session browser's version (`cdp::version`), as DevTools clients
+/// read it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CdpVersion {
+    /// Product and version, such as `Chrome/156.0.8078.129`.
+    #[serde(rename = "Browser")]
+    pub browser: String,
+    /// The DevTools protocol's version.
+    #[serde(rename = "Protocol-Version")]
+    pub protocol_version: String,
+    /// The browser's user agent.
+    #[serde(rename = "User-Agent")]
+    pub user_agent: String,
+    /// V8's version.
+    #[serde(rename = "V8-Version")]
+    pub v8_version: String,
+    /// WebKit's version.
+    #[serde(rename = "WebKit-Version")]
+    pub webkit_version: String,
+    /// The browser-level DevTools WebSocket at this server,
+    /// `ws(s)://…/api/sessions/{id}/cdp`.
+    #[serde(rename = "webSocketDebuggerUrl")]
+    pub web_socket_debugger_url: String,
+}
+
+/// A DevTools target of the session's browser (`cdp::list`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CdpTarget {
+    /// The target's id.
+    pub id: String,
+    /// `page`, `iframe`, `service_worker`, `browser`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its title.
+    pub title: String,
+    /// Its URL.
+    pub url: String,
+    /// Chromium's description of it.
+    pub description: String,
+    /// Its DevTools WebSocket at this server.
+    #[serde(rename = "webSocketDebuggerUrl")]
+    pub web_socket_debugger_url: String,
+}
+
+/// Who holds control of a session's input (`cdp::get_control`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Control {
+    /// `shared`: the person and automation clients both give input;
+    /// `person`: automation clients' `Input.*` commands are refused.
+    pub holder: crate::manager::Holder,
+    /// Automation clients connected now.
+    pub automation_clients: usize,
 }
 
 /// A directory in a session's home (`sandcast_proto::files::Listing`).
@@ -374,6 +450,9 @@ pub struct CreatedSession {
     pub viewer_url: String,
     /// The session's viewer token (also in `viewer_url`'s fragment).
     pub viewer_token: String,
+    /// Its DevTools endpoint for automation clients (Playwright,
+    /// Puppeteer): the API key or an automation token opens it.
+    pub cdp_url: String,
 }
 
 /// Answer of `GET /api/sessions`: a page of sessions.
@@ -529,6 +608,10 @@ pub struct ViewerState {
     /// input, clipboard and resize; the page says "view only") or
     /// `control`.
     pub role: crate::tokens::Role,
+    /// Who holds control of its input (`shared` or `person`).
+    pub control: crate::manager::Holder,
+    /// Automation clients (CDP) connected now.
+    pub automation_clients: usize,
 }
 
 /// An SDP offer or answer.
@@ -606,6 +689,8 @@ mod tests {
                 outcome: Default::default(),
                 profile: None,
                 transfers: true,
+                record: false,
+                recording_ttl_seconds: None,
             },
             token_hash: "00".repeat(32),
             created_ms: 1_700_000_000_000,

@@ -111,6 +111,13 @@ pub struct Spec {
     /// versions had them on).
     #[serde(default = "transfers_default")]
     pub transfers: bool,
+    /// The session's video is recorded (see [`crate::recording`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record: bool,
+    /// Seconds its recording is kept after it ended; none: `[recording]
+    /// ttl_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_ttl_seconds: Option<u64>,
 }
 
 fn transfers_default() -> bool {
@@ -693,6 +700,8 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
                 outcome: Outcome::default(),
                 profile: None,
                 transfers: true,
+                record: false,
+                recording_ttl_seconds: None,
             },
             token_hash: r.get(6)?,
             created_ms: r.get(7)?,
@@ -733,6 +742,8 @@ impl Row {
                 outcome: Outcome::default(),
                 profile: None,
                 transfers: true,
+                record: false,
+                recording_ttl_seconds: None,
             },
             token_hash: "ab".into(),
             created_ms: 1,

@@ -171,7 +171,41 @@ pub async fn state(
         "width": full["width"], "height": full["height"], "children": full["children"],
         "webrtc": state.manager.gateway().is_some(),
         "role": grant.role,
+        "control": full["control"], "automation_clients": full["automation_clients"],
     })))
+}
+
+/// Take control from programs driving the session (`person`: their
+/// `Input.*` commands are refused) or give it back (`shared`): the
+/// viewer's control of `PUT /api/sessions/{id}/control`.
+#[utoipa::path(
+    put,
+    path = "/viewer/{id}/control",
+    operation_id = "viewer_control",
+    tag = "viewer",
+    security(("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    request_body = crate::cdp::ControlRequest,
+    responses(
+        (status = 200, description = "Who holds control now.", body = crate::openapi::Control),
+        (status = 400, description = "`id` or the body is malformed.", body = ErrorBody),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
+        (status = 403, description = "A `view` token: watching never takes control.", body = ErrorBody),
+        (status = 404, description = "No such session, or it is not running.", body = ErrorBody),
+    )
+)]
+pub async fn control(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<crate::cdp::ControlRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (_, grant) = authorize(&state, &id, &headers, None)?;
+    if grant.view_only() {
+        return Err(view_only("taking control"));
+    }
+    let req = crate::cdp::control_body(body)?;
+    crate::cdp::set_control(&state, &id, req.holder).await
 }
 
 /// Query carrying the token where headers cannot (WebSocket); documented

@@ -194,6 +194,15 @@ pub enum ViewerMessage {
         /// The input accepts several files.
         multiple: bool,
     },
+    /// Automation clients (CDP) connected to the session, and whether their
+    /// input is paused because the person took control: the viewer offers
+    /// to take over while a program drives, and to give control back.
+    Automation {
+        /// Automation clients connected now.
+        clients: u32,
+        /// The person holds control: automation input is refused.
+        paused: bool,
+    },
 }
 
 impl ViewerMessage {

@@ -191,6 +191,9 @@ pub struct Channel {
     pub to_session: mpsc::Sender<FromAgent>,
     /// Where video frames go.
     pub gateway: Option<Gateway>,
+    /// The session's recording, if it records: frames are offered to it
+    /// first, never waiting.
+    pub recorder: Option<crate::recording::Sink>,
 }
 
 impl Channel {
@@ -377,6 +380,9 @@ async fn video(
     while let Some(frame) = frames.next().await {
         match frame {
             Ok(Frame::Video(v)) => {
+                if let Some(r) = &ch.recorder {
+                    r.push(&v);
+                }
                 if let Some(gw) = &ch.gateway {
                     gw.push_frame(&ch.id, v);
                 }

@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::store::{Row, Spec, State, Store};
 use crate::webhooks::Webhooks;
 use backlog::Backlog;
-pub use session::Live;
 use session::{Command, Snapshot};
+pub use session::{Holder, InUse, Live};
 
 /// A change worth telling subscribers of `/events`.
 #[derive(Debug, Clone)]
@@ -96,6 +96,8 @@ pub struct Manager {
     profiles: Arc<Mutex<HashMap<String, String>>>,
     events: broadcast::Sender<SessionEvent>,
     webhooks: Arc<Webhooks>,
+    /// What the recordings use on disk, for `[recording] disk_mib`.
+    recordings: Arc<crate::recording::Disk>,
 }
 
 /// A profile in use; released when dropped.
@@ -139,6 +141,7 @@ impl Manager {
             profiles: Arc::new(Mutex::new(HashMap::new())),
             events,
             webhooks,
+            recordings: Arc::default(),
         });
         if let Some(events) = m.gateway.as_ref().and_then(Gateway::events) {
             tokio::spawn(relay(Arc::downgrade(&m), events));
@@ -177,6 +180,16 @@ impl Manager {
         Ok((row, token))
     }
 
+    /// Whether `token` is an automation token of session `id` (made with
+    /// `POST /api/sessions/{id}/tokens {"role": "automation"}`); a viewer
+    /// token never is.
+    pub fn is_automation_token(&self, id: &str, token: &str) -> bool {
+        self.token_grant(id, token)
+            .ok()
+            .flatten()
+            .is_some_and(|g| g.role == crate::tokens::Role::Automation)
+    }
+
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
@@ -200,6 +213,11 @@ impl Manager {
     /// A live session.
     pub fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.live.lock().unwrap().get(id).cloned()
+    }
+
+    /// What the recordings use on disk.
+    pub fn recordings(&self) -> &Arc<crate::recording::Disk> {
+        &self.recordings
     }
 
     /// The webhooks session events are delivered to.
@@ -346,6 +364,17 @@ impl Manager {
             id,
             StreamTarget::Vnc,
             "the session's VNC server did not answer",
+        )
+        .await
+    }
+
+    /// Opens a byte stream to the session browser's DevTools server (HTTP
+    /// and WebSocket) through its agent.
+    pub async fn open_devtools(&self, id: &str) -> Result<UnixStream, ManagerError> {
+        self.open_stream(
+            id,
+            StreamTarget::Devtools,
+            "the session's browser did not answer on its DevTools port",
         )
         .await
     }

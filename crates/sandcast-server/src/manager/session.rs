@@ -18,7 +18,7 @@ use sandcast_backend::{
 };
 use sandcast_proto::{
     BrowserConfig, ChildReport, ExitInfo, FileOp, Message, RestartPolicy, SessionConfig,
-    StreamTarget,
+    StreamTarget, VideoControl,
 };
 use sandcast_webrtc::{GatewayEvent, ViewerId, ViewerMessage, ViewerRequest};
 
@@ -36,6 +36,17 @@ use crate::budget::EventGate;
 use crate::session_log::{self, SessionLog};
 use crate::store::{Spec, State};
 use crate::tokens::Grant;
+
+/// The encoder's bitrate while only the recording watches.
+const RECORD_BITRATE_BPS: u32 = 2_500_000;
+
+/// Starts (or keeps) the H.264 encoder for the recording.
+fn record_video() -> Message {
+    Message::Video(VideoControl::Start {
+        codec: sandcast_proto::Codec::H264,
+        bitrate_bps: RECORD_BITRATE_BPS,
+    })
+}
 
 /// How long a stopping agent gets before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -58,6 +69,42 @@ pub struct Snapshot {
     pub display: (u32, u32),
     /// Viewers connected now (WebRTC and VNC).
     pub viewers: usize,
+    /// Automation clients connected now (CDP WebSockets).
+    pub automation: usize,
+    /// Who may give input: everyone, or the person alone.
+    pub control: Holder,
+}
+
+/// Who holds control of a session's input.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Holder {
+    /// The person in the viewer and automation clients both give input.
+    #[default]
+    Shared,
+    /// The person has taken over: automation clients' `Input.*` commands
+    /// are refused until control is given back.
+    Person,
+}
+
+impl Holder {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Holder::Shared => "shared",
+            Holder::Person => "person",
+        }
+    }
 }
 
 /// A command to a session's task.
@@ -70,6 +117,17 @@ pub enum Command {
     Touch,
     /// A viewer arrived (true) or left (false).
     Viewer(bool),
+    /// An automation client (a DevTools connection, `client`) or one of
+    /// its requests (`json/*`) arrived (true) or left (false).
+    Automation {
+        /// Arrived or left.
+        present: bool,
+        /// A connection rather than a single request: counted in the
+        /// snapshot and announced.
+        client: bool,
+    },
+    /// Who holds control now; says when it changed.
+    Control(Holder, oneshot::Sender<Snapshot>),
     /// Open a stream through the session's agent (to its VNC server, for
     /// a file operation).
     OpenStream(
@@ -160,6 +218,34 @@ impl Live {
     /// session's queue, so the count is never lost.
     pub async fn viewer(&self, present: bool) {
         let _ = self.commands.send(Command::Viewer(present)).await;
+    }
+
+    /// Counts an automation client (`client`) or request in; the session
+    /// is in use (its browser never paused) until the returned guard is
+    /// dropped.
+    pub async fn automation(self: &Arc<Self>, client: bool) -> InUse {
+        let _ = self
+            .commands
+            .send(Command::Automation {
+                present: true,
+                client,
+            })
+            .await;
+        InUse {
+            live: self.clone(),
+            client,
+        }
+    }
+
+    /// Gives control to `holder`; the session's state after the change, or
+    /// `None` when the session has ended.
+    pub async fn set_control(&self, holder: Holder) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Control(holder, tx))
+            .await
+            .ok()?;
+        rx.await.ok()
     }
 
     /// What the session tells its viewers (clipboard, display size, the
@@ -268,6 +354,29 @@ impl Live {
     }
 }
 
+/// An automation client or request in a session; counted out when dropped.
+pub struct InUse {
+    live: Arc<Live>,
+    client: bool,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let (live, client) = (self.live.clone(), self.client);
+        // The count must not be lost: wait for room in the queue, on a
+        // task of its own since a drop cannot wait.
+        tokio::spawn(async move {
+            let _ = live
+                .commands
+                .send(Command::Automation {
+                    present: false,
+                    client,
+                })
+                .await;
+        });
+    }
+}
+
 /// Why a session's time is up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Due {
@@ -293,6 +402,10 @@ impl Due {
 #[derive(Debug)]
 pub struct Core {
     viewers: usize,
+    automation: usize,
+    /// Automation requests (`json/*`, a connection being set up) under way.
+    requests: usize,
+    control: Holder,
     last_activity: Instant,
     expires: Instant,
     idle: Duration,
@@ -311,6 +424,9 @@ impl Core {
     pub fn new(spec: &Spec, ttl: Duration, start_timeout: Duration, now: Instant) -> Core {
         Core {
             viewers: 0,
+            automation: 0,
+            requests: 0,
+            control: Holder::Shared,
             last_activity: now,
             expires: now + ttl,
             idle: Duration::from_secs(spec.idle_timeout_seconds),
@@ -337,6 +453,30 @@ impl Core {
         self.touch(now);
     }
 
+    /// An automation client (`client`) or request arrived or left: while
+    /// one is there the session is in use, as with a viewer.
+    pub fn automation(&mut self, present: bool, client: bool, now: Instant) {
+        let n = if client {
+            &mut self.automation
+        } else {
+            &mut self.requests
+        };
+        *n = if present { *n + 1 } else { n.saturating_sub(1) };
+        self.touch(now);
+    }
+
+    /// Gives control to `holder`; whether that changed anything.
+    pub fn control(&mut self, holder: Holder, now: Instant) -> bool {
+        self.touch(now);
+        std::mem::replace(&mut self.control, holder) != holder
+    }
+
+    /// Whether anyone uses the session: a viewer or an automation client.
+    /// An unused session may have its browser paused and stops when idle.
+    pub fn in_use(&self) -> bool {
+        self.viewers > 0 || self.automation > 0 || self.requests > 0
+    }
+
     /// The agent said the session is ready.
     pub fn ready(&mut self) {
         self.start_deadline = None;
@@ -360,7 +500,7 @@ impl Core {
         if now >= self.expires {
             return Some(Due::Expired);
         }
-        if self.viewers == 0 && now.duration_since(self.last_activity) >= self.idle {
+        if !self.in_use() && now.duration_since(self.last_activity) >= self.idle {
             return Some(Due::Idle(self.idle.as_secs()));
         }
         None
@@ -372,7 +512,7 @@ impl Core {
         if let Some(d) = self.start_deadline {
             t = t.min(d);
         }
-        if self.viewers == 0 {
+        if !self.in_use() {
             t = t.min(self.last_activity + self.idle);
         }
         t
@@ -383,6 +523,8 @@ impl Core {
             children: self.children.values().cloned().collect(),
             display: self.display,
             viewers: self.viewers,
+            automation: self.automation,
+            control: self.control,
         }
     }
 }
@@ -432,6 +574,8 @@ pub struct Actor {
     revoked: watch::Sender<HashSet<String>>,
     /// WebRTC viewers opened with added tokens: viewer, token id, expiry.
     token_peers: Vec<(ViewerId, String, Option<Instant>)>,
+    /// The session's recording, while it records.
+    recorder: Option<crate::recording::Recorder>,
 }
 
 /// Makes a session's handle and its task (not yet running).
@@ -504,6 +648,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         profile_claim: None,
         revoked,
         token_peers: Vec::new(),
+        recorder: None,
     };
     (live, actor)
 }
@@ -543,11 +688,16 @@ impl Actor {
             Ok(f) => self.starting = Some(f),
             Err(reason) => self.fail(&reason).await,
         }
+        let mut key_frames =
+            tokio::time::interval(Duration::from_millis(self.m.config.recording.fragment_ms));
+        key_frames.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.finished {
             let deadline = tokio::time::Instant::from_std(self.core.next_deadline());
             let token_expiry = self.token_peers.iter().filter_map(|p| p.2).min();
             let control = self.control.clone();
+            let recording = self.recorder.is_some();
             tokio::select! {
+                _ = key_frames.tick(), if recording => self.recording_tick(),
                 r = started(&mut self.starting) => {
                     self.starting = None;
                     match r {
@@ -695,6 +845,9 @@ impl Actor {
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock)
             .map_err(|e| format!("listening on {}: {e}", sock.display()))?;
+        if self.spec.record {
+            self.start_recording();
+        }
         let channel = Arc::new(Channel {
             id: self.id.clone(),
             peer_uid: backend.agent_peer_uid(&id),
@@ -705,6 +858,7 @@ impl Actor {
             video_cap: self.video_cap.subscribe(),
             to_session: self.to_self.clone(),
             gateway: self.m.gateway.clone(),
+            recorder: self.recorder.as_ref().map(|r| r.sink()),
         });
         tokio::spawn(agent_conn::accept_loop(
             channel,
@@ -767,6 +921,9 @@ impl Actor {
     }
 
     async fn teardown(&mut self) {
+        if let Some(r) = self.recorder.take() {
+            r.finish().await;
+        }
         if let Some(control) = &self.control {
             let _ = control.try_send(Message::Shutdown);
         }
@@ -822,6 +979,21 @@ impl Actor {
                 self.core.viewer(present, now);
                 self.publish();
                 self.tell_watched();
+            }
+            Command::Automation { present, client } => {
+                self.core.automation(present, client, now);
+                self.tell_watched();
+                if client {
+                    self.publish();
+                    self.announce_control();
+                }
+            }
+            Command::Control(holder, reply) => {
+                if self.core.control(holder, now) {
+                    self.publish();
+                    self.announce_control();
+                }
+                let _ = reply.send(self.core.snapshot());
             }
             Command::OpenStream(target, reply) => {
                 let _ = reply.send(self.open_stream(target));
@@ -888,14 +1060,74 @@ impl Actor {
             if matches!(msg, Message::ChooseFiles { .. }) && !self.spec.transfers {
                 continue;
             }
+            // The last viewer left: a recording keeps the encoder running.
+            if msg == Message::Video(VideoControl::Stop) && self.recording() {
+                self.send_agent(record_video());
+                continue;
+            }
             self.send_agent(msg);
         }
+    }
+
+    /// Whether the session records now (it may have stopped at a cap).
+    fn recording(&self) -> bool {
+        self.recorder.as_ref().is_some_and(|r| r.is_open())
+    }
+
+    /// Starts the recording; a recording that cannot start is said in the
+    /// log and events, and the session goes on without it.
+    fn start_recording(&mut self) {
+        let cfg = &self.m.config.recording;
+        let ttl = self.spec.recording_ttl_seconds.unwrap_or(cfg.ttl_seconds);
+        let dir = crate::recording::dir(&self.m.config.data_dir);
+        let m = self.m.clone();
+        let id = self.id.clone();
+        let log = self.log.clone();
+        let notify: crate::recording::Notify = Arc::new(move |state, reason| {
+            log.write_server(&format!("recording {state}: {reason}"));
+            m.event(&id, "recording", json!({"state": state, "reason": reason}));
+        });
+        let started = crate::recording::create_dir(&dir, &self.id).and_then(|dir| {
+            crate::recording::Recorder::start(crate::recording::Setup {
+                dir,
+                meta: crate::recording::Meta::new(&self.id, ttl),
+                max_bytes: cfg.max_mib << 20,
+                disk_max_bytes: cfg.disk_mib << 20,
+                disk: self.m.recordings().clone(),
+                notify: notify.clone(),
+            })
+        });
+        match started {
+            Ok(r) => {
+                self.recorder = Some(r);
+                self.note("recording");
+                self.m
+                    .event(&self.id, "recording", json!({"state": "recording"}));
+            }
+            Err(e) => notify("stopped", &format!("the recording could not start: {e}")),
+        }
+    }
+
+    /// Every fragment interval while recording: a key frame starts the next
+    /// fragment. A recording that stopped (a cap) lets the encoder and the
+    /// browser rest again when nobody watches.
+    fn recording_tick(&mut self) {
+        if self.recording() {
+            self.send_agent(Message::Video(VideoControl::KeyFrame));
+            return;
+        }
+        self.recorder = None;
+        if self.core.viewers == 0 && self.control.is_some() {
+            self.send_agent(Message::Video(VideoControl::Stop));
+        }
+        self.tell_watched();
     }
 
     /// Tells the agent when the session went from watched to unwatched or
     /// back (it pauses and resumes the browser).
     fn tell_watched(&mut self) {
-        let watched = self.core.viewers > 0;
+        // A recording watches too: the browser must not be paused.
+        let watched = self.core.in_use() || self.recording();
         if self.control.is_some() && self.told_watched != Some(watched) {
             self.told_watched = Some(watched);
             self.send_agent(Message::Watched { watched });
@@ -950,6 +1182,22 @@ impl Actor {
         Ok(rx)
     }
 
+    /// Says who holds control and how many automation clients are
+    /// connected: an event on the session's stream, and a message to its
+    /// viewers (whose page offers to take over while a program drives).
+    fn announce_control(&mut self) {
+        let snap = self.core.snapshot();
+        self.m.event(
+            &self.id,
+            "control",
+            json!({"holder": snap.control.as_str(), "automation_clients": snap.automation}),
+        );
+        self.to_viewers(ViewerMessage::Automation {
+            clients: snap.automation as u32,
+            paused: snap.control == Holder::Person,
+        });
+    }
+
     /// Tells every viewer, over WebRTC and on input sockets.
     fn to_viewers(&self, msg: ViewerMessage) {
         if msg.check().is_err() {
@@ -1002,6 +1250,9 @@ impl Actor {
                 self.control = Some(tx);
                 self.told_watched = None;
                 self.tell_watched();
+                if self.recording() {
+                    self.send_agent(record_video());
+                }
             }
             FromAgent::Message(msg) => self.on_agent_message(*msg).await,
             FromAgent::ClaimStream { id, reply } => {
@@ -1186,6 +1437,8 @@ mod tests {
             outcome: Default::default(),
             profile: None,
             transfers: true,
+            record: false,
+            recording_ttl_seconds: None,
         }
     }
 
@@ -1229,6 +1482,37 @@ mod tests {
         c.touch(t0 + Duration::from_secs(1008));
         assert_eq!(c.due(t0 + Duration::from_secs(1012)), None);
         assert_eq!(c.next_deadline(), t0 + Duration::from_secs(1013));
+    }
+
+    #[test]
+    fn an_automation_client_keeps_the_session_in_use_and_control_changes_once() {
+        let t0 = Instant::now();
+        let mut c = Core::new(
+            &spec(5),
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+            t0,
+        );
+        c.ready();
+        assert!(!c.in_use());
+        c.automation(true, true, t0);
+        assert!(c.in_use());
+        assert_eq!(c.due(t0 + Duration::from_secs(100)), None);
+        c.automation(true, false, t0 + Duration::from_secs(100));
+        c.automation(false, true, t0 + Duration::from_secs(100));
+        assert!(c.in_use(), "a request under way keeps it in use");
+        assert_eq!(c.snapshot().automation, 0, "requests are not clients");
+        c.automation(false, false, t0 + Duration::from_secs(100));
+        assert!(!c.in_use());
+        assert_eq!(c.due(t0 + Duration::from_secs(105)), Some(Due::Idle(5)));
+        assert_eq!(c.snapshot().control, Holder::Shared);
+        assert!(c.control(Holder::Person, t0));
+        assert!(
+            !c.control(Holder::Person, t0),
+            "no change, nothing to announce"
+        );
+        assert_eq!(c.snapshot().control, Holder::Person);
+        assert!(c.control(Holder::Shared, t0));
     }
 
     #[test]

@@ -113,6 +113,8 @@ fn request() -> NewSession {
             outcome: Default::default(),
             profile: None,
             transfers: true,
+            record: false,
+            recording_ttl_seconds: None,
         },
         ttl_seconds: 3600,
     }
