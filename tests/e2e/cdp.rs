@@ -417,11 +417,24 @@ fn only_the_api_key_or_an_automation_token_opens_the_endpoint() {
         .api("POST", &tokens, Some(r#"{"role":"automation"}"#))
         .json();
     let auto_token = auto["token"].as_str().unwrap();
+    assert_eq!(
+        auto["cdp_url"],
+        format!("ws://127.0.0.1:{}/api/sessions/{id}/cdp", s.port)
+    );
     assert_eq!(with(auto_token), 200);
     let mut ws = connect(&s, &format!("/api/sessions/{id}/cdp"), auto_token).unwrap();
     let v = call(&mut ws, 1, "Browser.getVersion", json!({}), None);
     assert!(v["result"]["product"].is_string(), "{v}");
-    drop(ws);
+    // Another session's automation token does not open this one.
+    let b = s.create(&json!({ "start_url": "about:blank" }));
+    let other = s
+        .api(
+            "POST",
+            &format!("/api/sessions/{}/tokens", b["id"].as_str().unwrap()),
+            Some(r#"{"role":"automation"}"#),
+        )
+        .json();
+    assert_eq!(with(other["token"].as_str().unwrap()), 401);
     let view = s.api("POST", &tokens, Some(r#"{"role":"view"}"#)).json();
     assert_eq!(with(view["token"].as_str().unwrap()), 401);
     let r = s.api(
@@ -430,6 +443,8 @@ fn only_the_api_key_or_an_automation_token_opens_the_endpoint() {
         None,
     );
     assert_eq!(r.status, 204, "{r:?}");
+    // Revoking it ends the connection it opened.
+    assert_eq!(closed(&mut ws), Some(1008));
     assert_eq!(with(auto_token), 401, "a revoked automation token");
     let unknown = s.api("GET", "/api/sessions/nosuchsession/cdp/json/version", None);
     assert_eq!(unknown.status, 404, "{unknown:?}");

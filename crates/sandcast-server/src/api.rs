@@ -453,11 +453,7 @@ async fn created(
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
     body["viewer_url"] = json!(viewer_url(state, headers, &row.id, &token));
     body["viewer_token"] = json!(token);
-    body["cdp_url"] = json!(format!(
-        "{}/api/sessions/{}/cdp",
-        crate::cdp::ws_base(state, headers),
-        row.id
-    ));
+    body["cdp_url"] = json!(crate::cdp::cdp_url(state, headers, &row.id));
     Ok((status, Json(body)).into_response())
 }
 

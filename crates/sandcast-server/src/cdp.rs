@@ -38,6 +38,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::manager::{Holder, InUse, Live};
 use crate::store::{Row, State as SessionState};
+use crate::tokens::{Grant, Role};
 
 /// Largest `json/*` answer read from the browser.
 const MAX_JSON: usize = 1 << 20;
@@ -67,22 +68,22 @@ pub struct TokenQuery {
 }
 
 /// The session, if the request may automate it: the operator's key, or an
-/// automation token of this session (never a viewer token). It must be
-/// `ready`.
+/// automation token of this session (never a viewer token), with what
+/// opened it. It must be `ready`.
 fn authorize(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
     query_token: Option<&str>,
-) -> Result<Row, ApiError> {
+) -> Result<(Row, Grant), ApiError> {
     limits::check_id(id).map_err(ApiError::bad_request)?;
     let row = state
         .manager
         .store()
         .get(id)?
         .ok_or_else(|| ApiError::no_session(id))?;
-    let allowed = if auth::is_operator(headers, &state.api_key) {
-        true
+    let grant = if auth::is_operator(headers, &state.api_key) {
+        Some(Grant::control())
     } else {
         match bearer(headers).or(query_token) {
             None => {
@@ -90,26 +91,34 @@ fn authorize(
                     "missing credentials: send Authorization: Bearer <API key or automation token>",
                 ));
             }
-            Some(token) => state.manager.is_automation_token(id, token),
+            Some(token) => state
+                .manager
+                .token_grant(id, token)?
+                .filter(|g| g.role == Role::Automation),
         }
     };
-    if !allowed {
+    let Some(grant) = grant else {
         return Err(ApiError::unauthorized(
             "the credentials do not automate this session: use the API key or a token made \
              with POST /api/sessions/{id}/tokens {\"role\": \"automation\"}",
         ));
-    }
+    };
     if row.state != SessionState::Ready {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("the session is {}", row.state.as_str()),
         ));
     }
-    Ok(row)
+    Ok((row, grant))
+}
+
+/// The session's DevTools endpoint as the client reached this server.
+pub(crate) fn cdp_url(state: &AppState, headers: &HeaderMap, id: &str) -> String {
+    format!("{}/api/sessions/{id}/cdp", ws_base(state, headers))
 }
 
 /// The `ws://` or `wss://` base of this server as the client reached it.
-pub(crate) fn ws_base(state: &AppState, headers: &HeaderMap) -> String {
+fn ws_base(state: &AppState, headers: &HeaderMap) -> String {
     let base = crate::api::base_url(state, headers);
     match base.strip_prefix("http") {
         Some(rest) => format!("ws{rest}"),
@@ -283,7 +292,7 @@ pub async fn version(
         "User-Agent": v.user_agent,
         "V8-Version": v.v8_version,
         "WebKit-Version": v.webkit_version,
-        "webSocketDebuggerUrl": format!("{}/api/sessions/{id}/cdp", ws_base(&state, &headers)),
+        "webSocketDebuggerUrl": cdp_url(&state, &headers, &id),
     })))
 }
 
@@ -417,12 +426,12 @@ pub async fn browser(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (_, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
     let live = room_for_client(&state, &id)?;
     let in_use = live.automation(false).await;
     let v = browser_version(&state, &id).await?;
     let path = format!("/devtools/browser/{}", v.browser_id()?);
-    upgrade(&state, &id, live, in_use, &path, ws).await
+    upgrade(&state, &id, live, in_use, grant, &path, ws).await
 }
 
 /// A page-level DevTools connection (a `webSocketDebuggerUrl` of
@@ -453,7 +462,7 @@ pub async fn page(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &id, &headers, q.token.as_deref())?;
+    let (_, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
     if !is_target_id(&target) {
         return Err(ApiError::bad_request(
             "target: not a DevTools target id (hex digits and dashes, up to 64)",
@@ -461,15 +470,8 @@ pub async fn page(
     }
     let live = room_for_client(&state, &id)?;
     let in_use = live.automation(false).await;
-    upgrade(
-        &state,
-        &id,
-        live,
-        in_use,
-        &format!("/devtools/page/{target}"),
-        ws,
-    )
-    .await
+    let path = format!("/devtools/page/{target}");
+    upgrade(&state, &id, live, in_use, grant, &path, ws).await
 }
 
 /// The session, if it has room for one more automation client.
@@ -497,6 +499,7 @@ async fn upgrade(
     id: &str,
     live: Arc<Live>,
     in_use: InUse,
+    grant: Grant,
     path: &str,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -520,7 +523,7 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             let _client = live.automation(true).await;
             drop(in_use);
-            relay(socket, browser, &live).await;
+            relay(socket, browser, &live, &grant).await;
         })
         .into_response())
 }
@@ -583,8 +586,10 @@ async fn relay(
     client: WebSocket,
     browser: tokio_tungstenite::WebSocketStream<UnixStream>,
     live: &Live,
+    grant: &Grant,
 ) {
     let (mut c_tx, mut c_rx) = client.split();
+    let mut lost = std::pin::pin!(live.lost(grant));
     let (mut b_tx, mut b_rx) = browser.split();
     let snapshots = live.snapshots();
     let mut ended = live.ended();
@@ -653,6 +658,10 @@ async fn relay(
             },
             _ = &mut ended => {
                 let _ = c_tx.send(close(1001, "the session ended")).await;
+                break;
+            }
+            _ = &mut lost => {
+                let _ = c_tx.send(close(1008, "the automation token was revoked or expired")).await;
                 break;
             }
         }

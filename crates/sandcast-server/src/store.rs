@@ -639,7 +639,7 @@ impl Store {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare_cached(
             "SELECT id, session_id, role, token_hash, created_ms, expires_ms, revoked_ms
-             FROM tokens WHERE session_id = ?1 ORDER BY created_ms, id",
+             FROM tokens WHERE session_id = ?1 ORDER BY created_ms, rowid",
         )?;
         let rows = stmt
             .query_map([session_id], |r| {

@@ -171,7 +171,10 @@ pub struct TokenCreated {
     /// For `view` and `control`: the session's viewer with this token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub viewer_url: Option<String>,
-    // For `automation`: where the CDP endpoint is (`cdp_url`) belongs here.
+    /// For `automation`: the session's DevTools endpoint, which this token
+    /// opens (`Authorization: Bearer <token>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdp_url: Option<String>,
 }
 
 /// A token as `GET /api/sessions/{id}/tokens` lists it: never its secret.
@@ -326,6 +329,7 @@ pub async fn create(
         token,
         expires_at: t.expires_ms.map(stamp),
         viewer_url,
+        cdp_url: (role == Role::Automation).then(|| crate::cdp::cdp_url(&state, &headers, &id)),
     };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -180,16 +180,6 @@ impl Manager {
         Ok((row, token))
     }
 
-    /// Whether `token` is an automation token of session `id` (made with
-    /// `POST /api/sessions/{id}/tokens {"role": "automation"}`); a viewer
-    /// token never is.
-    pub fn is_automation_token(&self, id: &str, token: &str) -> bool {
-        self.token_grant(id, token)
-            .ok()
-            .flatten()
-            .is_some_and(|g| g.role == crate::tokens::Role::Automation)
-    }
-
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
