@@ -6,7 +6,9 @@
 //
 //   node recording-playback.mjs '{"base":"http://127.0.0.1:PORT","path":"/api/sessions/ID/recording","key":"…","at":[5,15]}'
 //
-// Prints `RESULT {"ok","duration","width","height","clocks":[ms|null…],"ranges":n}`.
+// Prints `RESULT {"ok","duration","width","height","clocks":[ms|null…],"times":[s…],"ranges":n}`
+// (`times`: where each clock was read; a frame caught mid-paint is
+// unreadable, so a read may be a tenth of a second or a few on).
 import { chromium } from 'playwright-core';
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -43,13 +45,23 @@ try {
     video.src = url;
     await loaded;
     const clocks = [];
+    const times = [];
+    const painted = () => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
     for (const t of at) {
-      const seeked = once('seeked');
-      video.currentTime = t;
-      await seeked;
-      clocks.push(decodeFrom(video, {}));
+      // `seeked` may come before the frame is on screen; and a frame caught
+      // mid-paint by the capture is unreadable: try a few frames on.
+      let clock = null;
+      for (let k = 0; k < 5 && clock === null; k++) {
+        const seeked = once('seeked');
+        video.currentTime = t + k * 0.1;
+        await seeked;
+        await painted();
+        clock = decodeFrom(video, {});
+      }
+      clocks.push(clock);
+      times.push(video.currentTime);
     }
-    return { duration: video.duration, width: video.videoWidth, height: video.videoHeight, clocks };
+    return { duration: video.duration, width: video.videoWidth, height: video.videoHeight, clocks, times };
   }, { url: `${arg.base}${arg.path}`, at: arg.at });
   result = { ok: true, ...played, ranges };
 } catch (e) {

@@ -382,10 +382,12 @@ fn expired_automation_and_other_sessions_tokens_open_no_viewer() {
     );
 
     // A view token uploads nothing; it may download.
+    // (Refused before its body is read, the connection may be closed
+    // after the answer: not one for the client to reuse.)
     let r = s.raw(
         "PUT",
         &format!("/viewer/{a_id}/uploads/x.txt?token={view_token}"),
-        &[],
+        &[("connection", "close")],
         Some(b"x"),
     );
     assert_eq!(r.status, 403, "{r:?}");

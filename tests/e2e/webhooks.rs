@@ -70,14 +70,15 @@ fn deliveries(s: &Server) -> Vec<Value> {
     answer["deliveries"].as_array().unwrap().clone()
 }
 
-fn assert_delivered(s: &Server, receiver: &Receiver, events: &[&str]) {
+/// Each of `events` delivered, in order, after at least `min_attempts`.
+fn assert_delivered(s: &Server, receiver: &Receiver, events: &[&str], min_attempts: u64) {
     let shown = deliveries(s);
     let mut seen: Vec<&str> = Vec::new();
     for d in shown.iter().rev() {
         assert_eq!(d["url"], receiver.url, "{d}");
         assert_eq!(d["state"], "delivered", "{d}");
         assert_eq!(d["last_status"], 200, "{d}");
-        assert!(d["attempts"].as_u64().unwrap() >= 3, "{d}");
+        assert!(d["attempts"].as_u64().unwrap() >= min_attempts, "{d}");
         assert!(d["next_attempt_at"].is_null(), "{d}");
         seen.push(d["event"].as_str().unwrap());
     }
@@ -117,7 +118,7 @@ fn events_arrive_signed_once_acknowledged_and_in_order() {
     assert_well_formed(&got, &id);
     let ready = got.iter().find(|r| r.acknowledged()).unwrap().json();
     assert_eq!(ready["user_id"], "hooked", "{ready}");
-    assert_delivered(&s, &receiver, &["ready", "stopped"]);
+    assert_delivered(&s, &receiver, &["ready", "stopped"], 3);
     assert!(
         !s.logs().contains(SECRET),
         "the secret is in the server's output"
@@ -165,7 +166,8 @@ fn a_delivery_pending_when_the_server_is_killed_arrives_after_its_restart() {
         "{stopped}"
     );
     assert_well_formed(&receiver.got(), &id);
-    assert_delivered(&s, &receiver, &["ready", "stopped"]);
+    // Killed after one refused attempt of `ready`, perhaps before a second.
+    assert_delivered(&s, &receiver, &["ready", "stopped"], 1);
     let left = wait_no_leftovers(&id, Duration::from_secs(20));
     assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
 }

@@ -223,13 +223,8 @@ pub fn sweep(dir: &Path, now_ms: i64) -> usize {
 
 /// Sweeps `dir` every few seconds, for as long as the server runs.
 pub fn spawn_sweeper(dir: PathBuf) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
-        loop {
-            tick.tick().await;
-            let dir = dir.clone();
-            let _ = tokio::task::spawn_blocking(move || sweep(&dir, now_ms())).await;
-        }
+    crate::retention::spawn_every(SWEEP_EVERY, move || {
+        sweep(&dir, now_ms());
     });
 }
 

@@ -116,6 +116,20 @@ pub fn spawn(manager: &Arc<Manager>) {
     tokio::spawn(run(Arc::downgrade(manager)));
 }
 
+/// Runs `sweep` on a blocking thread every `every`, for as long as the
+/// server runs: the expiry of what sessions leave (results, recordings).
+pub fn spawn_every(every: Duration, sweep: impl Fn() + Send + Sync + 'static) {
+    let sweep = Arc::new(sweep);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let sweep = sweep.clone();
+            let _ = tokio::task::spawn_blocking(move || sweep()).await;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1461,16 +1461,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_watched_session_is_never_idle_and_an_unwatched_one_is() {
-        let t0 = Instant::now();
+    /// A ready session of an hour with `idle` seconds of idle timeout.
+    fn ready_core(idle: u64, t0: Instant) -> Core {
         let mut c = Core::new(
-            &spec(5),
+            &spec(idle),
             Duration::from_secs(3600),
             Duration::from_secs(10),
             t0,
         );
         c.ready();
+        c
+    }
+
+    #[test]
+    fn a_watched_session_is_never_idle_and_an_unwatched_one_is() {
+        let t0 = Instant::now();
+        let mut c = ready_core(5, t0);
         c.viewer(true, t0 + Duration::from_secs(1));
         assert_eq!(c.due(t0 + Duration::from_secs(1000)), None);
         assert_eq!(c.next_deadline(), t0 + Duration::from_secs(3600));
@@ -1487,13 +1493,7 @@ mod tests {
     #[test]
     fn an_automation_client_keeps_the_session_in_use_and_control_changes_once() {
         let t0 = Instant::now();
-        let mut c = Core::new(
-            &spec(5),
-            Duration::from_secs(3600),
-            Duration::from_secs(10),
-            t0,
-        );
-        c.ready();
+        let mut c = ready_core(5, t0);
         assert!(!c.in_use());
         c.automation(true, true, t0);
         assert!(c.in_use());

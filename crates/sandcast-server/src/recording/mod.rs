@@ -235,14 +235,8 @@ pub fn sweep(dir: &Path, disk: &Disk, now_ms: i64) -> usize {
 
 /// Sweeps `dir` every few seconds, for as long as the server runs.
 pub fn spawn_sweeper(dir: PathBuf, disk: std::sync::Arc<Disk>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
-        loop {
-            tick.tick().await;
-            let dir = dir.clone();
-            let disk = disk.clone();
-            let _ = tokio::task::spawn_blocking(move || sweep(&dir, &disk, now_ms())).await;
-        }
+    crate::retention::spawn_every(SWEEP_EVERY, move || {
+        sweep(&dir, &disk, now_ms());
     });
 }
 
