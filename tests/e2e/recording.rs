@@ -5,7 +5,8 @@
 //! running and the page drawing. Checked: ffprobe reads H.264 at the
 //! session's size and a duration within 5 % of the wall time recorded; one
 //! frame a second shows the page's clock advancing by a second each (so
-//! frame times come from the capture times); range requests answer the
+//! frame times come from the capture times; a paint the loaded machine
+//! delayed may show an older clock, never a newer one); range requests answer the
 //! right bytes (206, 416); a server killed with SIGKILL while recording
 //! leaves, after its restart, a file ffprobe reads and ffmpeg decodes
 //! without an error; a session that does not record answers 404. And the
@@ -294,15 +295,24 @@ fn a_recorded_clock_plays_back_with_the_times_it_was_captured() {
         read.len() + 3 >= clocks.len() && read.len() >= 15,
         "the clock is readable in most frames: {clocks:?}"
     );
+    // Frame i (at i s) shows the clock at about start + i s: its offset
+    // (clock - i s) is the same for every frame, give or take a frame. A
+    // page that did not paint for a while (a loaded machine) shows an older
+    // clock, never a newer one: a frame's time is its capture's.
     for w in read.windows(2) {
-        let ((i, a), (j, b)) = (w[0], w[1]);
-        let expect = (j - i) as f64 * 1000.0;
-        assert!(
-            b > a && ((b - a) - expect).abs() <= 250.0,
-            "frames {i} and {j} show {a} and {b}: {} ms apart, not {expect} (all: {clocks:?})",
-            b - a
-        );
+        assert!(w[1].1 > w[0].1, "the clock goes back: {clocks:?}");
     }
+    let mut offsets: Vec<f64> = read.iter().map(|&(i, c)| c - i as f64 * 1000.0).collect();
+    offsets.sort_by(f64::total_cmp);
+    let median = offsets[offsets.len() / 2];
+    let on_time = offsets
+        .iter()
+        .filter(|o| (*o - median).abs() <= 250.0)
+        .count();
+    assert!(
+        offsets.iter().all(|o| *o <= median + 250.0) && on_time * 5 >= offsets.len() * 4,
+        "frames one second apart show clocks one second apart: {clocks:?}"
+    );
     eprintln!(
         "recorded {wall:.2} s wall, {duration:.2} s in the file, {} bytes; clock read in {}/{} frames",
         whole.len(),
