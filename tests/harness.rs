@@ -524,11 +524,22 @@ impl Server {
         body: Option<&[u8]>,
     ) -> Result<Resp, String> {
         let url = format!("{}{}", self.base, path);
-        let req = ureq::http::Request::builder().method(method).uri(&url);
-        let req = headers.iter().fold(req, |r, (k, v)| r.header(*k, *v));
-        let result = match body {
-            Some(b) => self.agent.run(req.body(b.to_vec()).expect("request")),
-            None => self.agent.run(req.body(()).expect("request")),
+        let send = || {
+            let req = ureq::http::Request::builder().method(method).uri(&url);
+            let req = headers.iter().fold(req, |r, (k, v)| r.header(*k, *v));
+            match body {
+                Some(b) => self.agent.run(req.body(b.to_vec()).expect("request")),
+                None => self.agent.run(req.body(()).expect("request")),
+            }
+        };
+        // A connection the server closed after its last answer (it may, when
+        // it refused a request before reading its body) fails the next
+        // request sent on it; browsers and curl send an idempotent one again
+        // on a new connection, and so does this.
+        let idempotent = matches!(method, "GET" | "HEAD" | "PUT" | "DELETE");
+        let result = match send() {
+            Err(e) if idempotent && e.to_string().contains("Peer disconnected") => send(),
+            r => r,
         };
         let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
         let headers = resp

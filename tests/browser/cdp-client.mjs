@@ -9,17 +9,11 @@
 // is `waitTitle` (something the person in the viewer does) and reports the
 // field's value. Prints one line "RESULT <json>" with { ok, steps, error? }.
 import { chromium } from 'playwright-core';
+import { scenario } from './scenario.mjs';
 
 const arg = JSON.parse(process.argv[2]);
 const result = { ok: false, steps: [] };
-const done = (code) => {
-  console.log('RESULT ' + JSON.stringify(result));
-  process.exit(code);
-};
-setTimeout(() => {
-  result.error = 'scenario timed out';
-  done(1);
-}, arg.timeoutMs ?? 90000);
+const done = scenario(arg, result);
 
 // The width and height in a PNG's IHDR chunk.
 function pngSize(buf) {

@@ -67,18 +67,12 @@
 // Prints one line "RESULT <json>" with { ok, steps, error?, console }.
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
+import { scenario } from './scenario.mjs';
 import { VIEWER_ARGS } from './chromium-args.mjs';
 
 const arg = JSON.parse(process.argv[2]);
 const result = { ok: false, steps: [], console: [] };
-const done = (code) => {
-  console.log('RESULT ' + JSON.stringify(result));
-  process.exit(code);
-};
-setTimeout(() => {
-  result.error = 'scenario timed out';
-  done(1);
-}, arg.timeoutMs ?? 90000);
+const done = scenario(arg, result);
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',

@@ -453,19 +453,21 @@ mod tests {
             .collect()
     }
 
+    /// A test frame (from [`frames`]) at `w` x `h`.
+    fn frame((data, key, t): &(Vec<u8>, bool, u64), w: u16, h: u16) -> Frame<'_> {
+        Frame {
+            data,
+            keyframe: *key,
+            width: w,
+            height: h,
+            capture_us: *t,
+        }
+    }
+
     fn push_all(m: &mut Muxer, frames: &[(Vec<u8>, bool, u64)], w: u16, h: u16) -> Vec<Output> {
         let mut out = Vec::new();
-        for (data, key, t) in frames {
-            out.extend(
-                m.push(Frame {
-                    data,
-                    keyframe: *key,
-                    width: w,
-                    height: h,
-                    capture_us: *t,
-                })
-                .unwrap(),
-            );
+        for f in frames {
+            out.extend(m.push(frame(f, w, h)).unwrap());
         }
         out
     }
@@ -579,27 +581,12 @@ mod tests {
         let fs = frames(160, 120, 31, 30, 30);
         let mut m = Muxer::new();
         // Frame 1 is not a key frame: skipped until frame 30 is.
-        for (data, key, t) in &fs[1..30] {
-            assert!(!key);
-            let r = m.push(Frame {
-                data,
-                keyframe: *key,
-                width: 160,
-                height: 120,
-                capture_us: *t,
-            });
+        for f in &fs[1..30] {
+            assert!(!f.1);
+            let r = m.push(frame(f, 160, 120));
             assert_eq!(r, Err(Skipped::WaitingForKeyFrame));
         }
-        let (data, key, t) = &fs[30];
-        let out = m
-            .push(Frame {
-                data,
-                keyframe: *key,
-                width: 160,
-                height: 120,
-                capture_us: *t,
-            })
-            .unwrap();
+        let out = m.push(frame(&fs[30], 160, 120)).unwrap();
         assert!(matches!(
             out[..],
             [Output::Segment {
@@ -654,27 +641,9 @@ mod tests {
         push_all(&mut m, &fs[..5], 160, 120);
         let out = m.lost(fs[7].2).unwrap();
         assert!(matches!(out, Output::Fragment { samples: 5, .. }));
-        let (data, key, t) = &fs[7];
-        let r = m.push(Frame {
-            data,
-            keyframe: *key,
-            width: 160,
-            height: 120,
-            capture_us: *t,
-        });
+        let r = m.push(frame(&fs[7], 160, 120));
         assert_eq!(r, Err(Skipped::WaitingForKeyFrame));
-        let (data, key, t) = &fs[30];
-        assert!(
-            m.push(Frame {
-                data,
-                keyframe: *key,
-                width: 160,
-                height: 120,
-                capture_us: *t
-            })
-            .unwrap()
-            .is_empty()
-        );
+        assert!(m.push(frame(&fs[30], 160, 120)).unwrap().is_empty());
     }
 
     #[test]
