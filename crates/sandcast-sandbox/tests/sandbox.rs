@@ -1226,8 +1226,10 @@ async fn display_stack_runs_inside_the_sandbox() {
     // until ready, with a deadline).
     let body = r#"
 Xvfb :7 -screen 0 1280x720x24 -nolisten tcp >/tmp/xvfb.log 2>&1 &
-i=0; until xdpyinfo -display :7 >/dev/null 2>&1 || [ $i -ge 100 ]; do i=$((i+1)); sleep 0.1; done
-echo "display=$(xdpyinfo -display :7 2>&1 | grep -m1 dimensions | awk '{print $2}')"
+i=0; d=; until [ -n "$d" ] || [ $i -ge 100 ]; do
+  d=$(xdpyinfo -display :7 2>/dev/null | grep -m1 dimensions | awk '{print $2}'); i=$((i+1)); [ -n "$d" ] || sleep 0.1
+done
+echo "display=$d"
 x11vnc -display :7 -rfbport 5907 -localhost -nopw -forever -quiet >/tmp/vnc.log 2>&1 &
 i=0; until probe 127.0.0.1 5907 | grep -q '^ok:RFB' || [ $i -ge 100 ]; do i=$((i+1)); sleep 0.1; done
 echo "vnc=$(probe 127.0.0.1 5907)"
