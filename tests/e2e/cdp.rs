@@ -33,6 +33,11 @@ fn form_page() -> String {
     )
 }
 
+/// The page's title once its document has loaded and has one (the blank
+/// document before it has none).
+const LOADED_TITLE: &str = "new Promise(r => { const done = () => document.title ? r(document.title) : \
+     setTimeout(done, 20); document.readyState === 'complete' ? done() : addEventListener('load', done); })";
+
 type Ws = WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
 
 /// A raw DevTools client on `path` of the server with `auth` (a bearer).
@@ -208,13 +213,22 @@ fn the_person_takes_control_and_gives_it_back() {
         &s.api_key,
     )
     .unwrap();
-    let r = call(
-        &mut pws,
-        1,
-        "Runtime.evaluate",
-        json!({"expression": "document.title"}),
-        None,
-    );
+    // `ready` means the window is up; the page may still be loading, and
+    // until its document commits the title is the blank page's.
+    let mut r = Value::Null;
+    for n in 1..=5 {
+        r = call(
+            &mut pws,
+            n,
+            "Runtime.evaluate",
+            json!({"expression": LOADED_TITLE, "awaitPromise": true}),
+            None,
+        );
+        // A blank document replaced mid-wait ends the call with an error.
+        if r.get("error").is_none() {
+            break;
+        }
+    }
     assert_eq!(r["result"]["result"]["value"], "form", "{r}");
     drop(pws);
 

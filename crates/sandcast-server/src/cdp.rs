@@ -32,13 +32,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite;
 
-use crate::api::{AppState, SessionPath, bearer};
-use crate::auth;
+use crate::api::{AppState, SessionPath};
 use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::manager::{Holder, InUse, Live};
 use crate::store::{Row, State as SessionState};
-use crate::tokens::{Grant, Role};
+use crate::tokens::{self, Credentials, Grant, Role};
 
 /// Largest `json/*` answer read from the browser.
 const MAX_JSON: usize = 1 << 20;
@@ -76,38 +75,24 @@ fn authorize(
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<(Row, Grant), ApiError> {
-    limits::check_id(id).map_err(ApiError::bad_request)?;
-    let row = state
-        .manager
-        .store()
-        .get(id)?
-        .ok_or_else(|| ApiError::no_session(id))?;
-    let grant = if auth::is_operator(headers, &state.api_key) {
-        Some(Grant::control())
-    } else {
-        match bearer(headers).or(query_token) {
-            None => {
-                return Err(ApiError::unauthorized(
-                    "missing credentials: send Authorization: Bearer <API key or automation token>",
-                ));
-            }
-            Some(token) => state
-                .manager
-                .token_grant(id, token)?
-                .filter(|g| g.role == Role::Automation),
+    let (row, who) = tokens::credentials(state, id, headers, query_token)?;
+    let grant = match who {
+        Credentials::Operator => Grant::control(),
+        Credentials::Missing => {
+            return Err(ApiError::unauthorized(
+                "missing credentials: send Authorization: Bearer <API key or automation token>",
+            ));
+        }
+        Credentials::Granted(g) if g.role == Role::Automation => g,
+        Credentials::Granted(_) | Credentials::Unknown => {
+            return Err(ApiError::unauthorized(
+                "the credentials do not automate this session: use the API key or a token made \
+                 with POST /api/sessions/{id}/tokens {\"role\": \"automation\"}",
+            ));
         }
     };
-    let Some(grant) = grant else {
-        return Err(ApiError::unauthorized(
-            "the credentials do not automate this session: use the API key or a token made \
-             with POST /api/sessions/{id}/tokens {\"role\": \"automation\"}",
-        ));
-    };
     if row.state != SessionState::Ready {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("the session is {}", row.state.as_str()),
-        ));
+        return Err(tokens::session_is(&row));
     }
     Ok((row, grant))
 }
@@ -126,15 +111,26 @@ fn ws_base(state: &AppState, headers: &HeaderMap) -> String {
     }
 }
 
-/// A `GET` of the browser's DevTools HTTP server through the agent: the
-/// body of a 200, at most [`MAX_JSON`] bytes.
-async fn devtools_get(state: &AppState, id: &str, path: &str) -> Result<Vec<u8>, ApiError> {
-    // An unwatched session's browser may be paused: in use, it runs.
-    let live = state
+/// The live session `id`, in use while the guard lives: an unwatched
+/// session's browser may be paused, and in use it runs.
+async fn in_use(state: &AppState, id: &str) -> Result<(Arc<Live>, InUse), ApiError> {
+    let live = live_of(state, id)?;
+    let in_use = live.automation(false).await;
+    Ok((live, in_use))
+}
+
+/// The live session `id`.
+fn live_of(state: &AppState, id: &str) -> Result<Arc<Live>, ApiError> {
+    state
         .manager
         .live(id)
-        .ok_or_else(|| ApiError::no_session(id))?;
-    let _in_use = live.automation(false).await;
+        .ok_or_else(|| ApiError::no_session(id))
+}
+
+/// A `GET` of the browser's DevTools HTTP server through the agent: the
+/// body of a 200, at most [`MAX_JSON`] bytes. The caller holds the
+/// session in use.
+async fn devtools_get(state: &AppState, id: &str, path: &str) -> Result<Vec<u8>, ApiError> {
     let stream = state.manager.open_devtools(id).await?;
     tokio::time::timeout(DEVTOOLS_TIMEOUT, http_get(stream, path))
         .await
@@ -285,6 +281,7 @@ pub async fn version(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &id, &headers, q.token.as_deref())?;
+    let _in_use = in_use(&state, &id).await?;
     let v = browser_version(&state, &id).await?;
     Ok(Json(json!({
         "Browser": v.browser,
@@ -346,6 +343,7 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &id, &headers, q.token.as_deref())?;
+    let _in_use = in_use(&state, &id).await?;
     let body = devtools_get(&state, &id, "/json/list").await?;
     let targets: Vec<Target> = serde_json::from_slice(&body)
         .map_err(|e| browser_error(&format!("the browser's json/list is not as expected: {e}")))?;
@@ -476,10 +474,7 @@ pub async fn page(
 
 /// The session, if it has room for one more automation client.
 fn room_for_client(state: &AppState, id: &str) -> Result<Arc<Live>, ApiError> {
-    let live = state
-        .manager
-        .live(id)
-        .ok_or_else(|| ApiError::no_session(id))?;
+    let live = live_of(state, id)?;
     let most = state.manager.config().cdp.clients_per_session;
     if live.snapshot().automation >= most {
         return Err(ApiError::new(

@@ -120,6 +120,57 @@ pub fn grant_of(row: &Row, tokens: &[TokenRow], token: &str, now_ms: i64) -> Opt
     })
 }
 
+/// Who a per-session request is, before its route decides what that may do.
+#[derive(Debug)]
+pub enum Credentials {
+    /// The operator's API key.
+    Operator,
+    /// No key and no token.
+    Missing,
+    /// A token that does not open this session (unknown, another
+    /// session's, revoked or expired).
+    Unknown,
+    /// A token of this session, with what it may do.
+    Granted(Grant),
+}
+
+/// The session `id` and who the request is: the API key, or a token of
+/// this session from the `Authorization` header or, for clients that
+/// cannot set headers, `query_token`. The one lookup behind the viewer and
+/// DevTools routes; each maps the outcome to its own refusals.
+pub fn credentials(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<(Row, Credentials), ApiError> {
+    limits::check_id(id).map_err(ApiError::bad_request)?;
+    let row = state
+        .manager
+        .store()
+        .get(id)?
+        .ok_or_else(|| ApiError::no_session(id))?;
+    if auth::is_operator(headers, &state.api_key) {
+        return Ok((row, Credentials::Operator));
+    }
+    let Some(token) = crate::api::bearer(headers).or(query_token) else {
+        return Ok((row, Credentials::Missing));
+    };
+    let who = match state.manager.token_grant(id, token)? {
+        Some(g) => Credentials::Granted(g),
+        None => Credentials::Unknown,
+    };
+    Ok((row, who))
+}
+
+/// The 409 for a session not in the state a request needs, naming its state.
+pub fn session_is(row: &Row) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!("the session is {}", row.state.as_str()),
+    )
+}
+
 impl Manager {
     /// What `token` may do in session `session_id`, now: its [`Grant`], or
     /// none when it does not open the session (unknown, another session's,

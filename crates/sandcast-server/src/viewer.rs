@@ -18,13 +18,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::api::{AppState, SessionPath, bearer, session_json};
+use crate::api::{AppState, SessionPath, session_json};
 use crate::auth;
 use crate::error::{ApiError, ErrorBody};
 use crate::limits;
 use crate::openapi::{IceServers, SdpMessage, ViewerState};
 use crate::store::{Row, State as SessionState};
-use crate::tokens::Grant;
+use crate::tokens::{self, Credentials, Grant, session_is};
 
 /// The viewer's files: `viewer/` of the source tree.
 #[derive(Embed)]
@@ -108,35 +108,18 @@ fn authorize(
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<(Row, Grant), ApiError> {
-    limits::check_id(id).map_err(ApiError::bad_request)?;
-    let row = state
-        .manager
-        .store()
-        .get(id)?
-        .ok_or_else(|| ApiError::no_session(id))?;
-    if auth::is_operator(headers, &state.api_key) {
-        return Ok((row, Grant::control()));
-    }
-    let Some(token) = bearer(headers).or(query_token) else {
-        return Err(ApiError::unauthorized("missing viewer token"));
-    };
-    match state.manager.token_grant(id, token)? {
-        Some(g) if g.role.opens_viewer() => Ok((row, g)),
-        Some(_) => Err(ApiError::unauthorized(
+    let (row, who) = tokens::credentials(state, id, headers, query_token)?;
+    match who {
+        Credentials::Operator => Ok((row, Grant::control())),
+        Credentials::Missing => Err(ApiError::unauthorized("missing viewer token")),
+        Credentials::Granted(g) if g.role.opens_viewer() => Ok((row, g)),
+        Credentials::Granted(_) => Err(ApiError::unauthorized(
             "an automation token does not open the viewer",
         )),
-        None => Err(ApiError::unauthorized(
+        Credentials::Unknown => Err(ApiError::unauthorized(
             "the token does not open this session",
         )),
     }
-}
-
-/// The 409 for a session not in the state a request needs, naming its state.
-fn session_is(row: &Row) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        format!("the session is {}", row.state.as_str()),
-    )
 }
 
 /// The state of a session as its viewer sees it; counts as viewer
