@@ -78,11 +78,18 @@ pub fn new_encoder(codec: Codec, settings: EncoderSettings) -> Result<Box<dyn En
 /// itself. Requests inside `min_interval` of the last key frame are not
 /// dropped but deferred to the end of the interval, and any number of
 /// requests in between become one key frame.
+///
+/// The key frame that opens a stream does not start the interval: it is
+/// encoded while the first viewer is still connecting (the server starts the
+/// encoder on its offer), so nobody can use it, and that viewer's own request
+/// a moment later must be served at once, not a second later.
 #[derive(Debug, Clone)]
 pub struct KeyFramePolicy {
     min_interval: Duration,
     last: Option<Instant>,
     pending: bool,
+    /// The pending key frame opens the stream.
+    opening: bool,
 }
 
 impl KeyFramePolicy {
@@ -92,12 +99,21 @@ impl KeyFramePolicy {
             min_interval,
             last: None,
             pending: false,
+            opening: false,
         }
     }
 
     /// Notes a request.
     pub fn request(&mut self) {
         self.pending = true;
+    }
+
+    /// Asks for the key frame that opens a stream (served at once, and not
+    /// counted by the limit).
+    pub fn open(&mut self) {
+        self.last = None;
+        self.pending = true;
+        self.opening = true;
     }
 
     /// Whether a request waits.
@@ -124,7 +140,9 @@ impl KeyFramePolicy {
 
     /// Records that a key frame (requested or not) went out at `now`.
     pub fn sent(&mut self, now: Instant) {
-        self.last = Some(now);
+        if !std::mem::take(&mut self.opening) {
+            self.last = Some(now);
+        }
         self.pending = false;
     }
 }
@@ -142,6 +160,24 @@ mod tests {
         assert!(p.should_force(now));
         p.sent(now);
         assert!(!p.pending());
+    }
+
+    #[test]
+    fn the_opening_key_frame_does_not_hold_back_the_next_request() {
+        let mut p = KeyFramePolicy::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        p.open();
+        assert!(p.should_force(t0));
+        p.sent(t0);
+        // The first viewer connects and asks: served at once.
+        let t1 = t0 + Duration::from_millis(200);
+        p.request();
+        assert!(p.should_force(t1));
+        p.sent(t1);
+        // Later requests are limited again.
+        p.request();
+        assert!(!p.should_force(t1 + Duration::from_millis(500)));
+        assert_eq!(p.due_at(t1), Some(t1 + Duration::from_secs(1)));
     }
 
     #[test]
