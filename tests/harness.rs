@@ -116,6 +116,9 @@ pub struct ServerOptions {
     /// PEM CA certificate the harness's clients (HTTP and `sandcast` CLI)
     /// trust, for a server with `tls_cert`/`tls_key` in `top`.
     pub ca_cert: Option<PathBuf>,
+    /// The sessions' browser instead of `/usr/bin/chromium` (a path the
+    /// sandbox shows: not under /tmp, /var/tmp, /run or /home).
+    pub browser_binary: Option<String>,
 }
 
 /// A running `sandcast serve` with its own data directory.
@@ -304,13 +307,18 @@ impl Server {
         let cfg = format!(
             "data_dir = {data:?}\n{top}\n\
              [session]\negress = false\n\n\
-             [browser]\nbinary = \"/usr/bin/chromium\"\nextra_args = {args}\n\n\
+             [browser]\nbinary = {binary:?}\nextra_args = {args}\n\n\
              [host]\nname_prefix = \"{prefix}\"\ncgroup_parent = \"sandcast-e2e\"\n\n\
              [webrtc]\nudp_bind = \"127.0.0.1:0\"\ntcp_bind = \"127.0.0.1:0\"\npublic_ips = [\"127.0.0.1\"]\n{webrtc}\n\n\
              {tables}\n",
             data = self.data.path().to_str().expect("utf-8 temp path"),
             top = self.opts.top,
             args = serde_json::to_string(&extra_args).expect("json"),
+            binary = self
+                .opts
+                .browser_binary
+                .as_deref()
+                .unwrap_or("/usr/bin/chromium"),
             tables = self.opts.tables,
             webrtc = self.opts.webrtc,
             prefix = E2E_PREFIX,

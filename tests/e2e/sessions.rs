@@ -146,6 +146,103 @@ fn webrtc_two_viewers_see_the_page_and_input_changes_it() {
     delete_clean(&s, &id);
 }
 
+/// A browser that stops itself before it starts: `chromium` in a directory
+/// the sandbox shows (the session sees the host's root read-only, with its
+/// own /tmp, /var/tmp, /run and /home), removed at the end.
+struct HeldBrowser {
+    dir: std::path::PathBuf,
+}
+
+impl HeldBrowser {
+    fn new() -> HeldBrowser {
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::path::PathBuf::from(format!("/srv/sandcast-e2e-held-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("chromium");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\nkill -STOP $$\nexec /usr/bin/chromium \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        HeldBrowser { dir }
+    }
+
+    fn binary(&self) -> String {
+        self.dir.join("chromium").to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for HeldBrowser {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The process state letter of `pid` (`T` when stopped).
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+#[test]
+fn a_viewer_connects_over_webrtc_while_the_session_starts() {
+    let held = HeldBrowser::new();
+    let s = Server::start(ServerOptions {
+        browser_binary: Some(held.binary()),
+        ..Default::default()
+    });
+    let created = s
+        .create(&json!({ "start_url": input_page(), "kiosk": true, "width": 1280, "height": 720 }));
+    let id = created["id"].as_str().unwrap().to_string();
+    // The session cannot become ready until its browser is let go.
+    let deadline = Instant::now() + READY;
+    let browser = loop {
+        let stopped = sandcast_e2e::session_processes(&id)
+            .into_iter()
+            .find(|p| p.cmdline.contains(&held.binary()) && proc_state(p.pid) == Some('T'));
+        if let Some(p) = stopped {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the held browser never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(s.session(&id)["state"], "starting");
+
+    let signal = s.data_dir().join("viewer-connected");
+    let scenario = json!({
+        "url": with_query(created["viewer_url"].as_str().unwrap(), "mode=webrtc"),
+        "kind": "video",
+        "steps": [
+            { "expectStatus": { "state": "starting", "connected": true, "mode": "webrtc" }, "timeoutMs": 30000 },
+            { "signal": signal },
+            { "expect": colours::START, "timeoutMs": 40000 },
+            { "expectStatus": { "state": "ready", "connected": true } },
+        ],
+    });
+    let viewer = std::thread::spawn(move || run_viewer(&scenario));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !signal.exists() {
+        assert!(
+            !viewer.is_finished(),
+            "the viewer ended before it connected: {:?}",
+            viewer.join()
+        );
+        assert!(Instant::now() < deadline, "the viewer never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Connected, and the session still starting: the browser is held.
+    assert_eq!(s.session(&id)["state"], "starting");
+    assert_eq!(proc_state(browser.pid), Some('T'));
+    // SAFETY: a plain signal to a process of this test's session.
+    assert_eq!(unsafe { libc::kill(browser.pid, libc::SIGCONT) }, 0);
+    let view = viewer.join().expect("the viewer thread");
+    eprintln!("early viewer steps: {}", view["steps"]);
+    delete_clean(&s, &id);
+}
+
 #[test]
 fn without_webrtc_the_viewer_falls_back_to_novnc_by_itself() {
     let s = Server::start(ServerOptions {

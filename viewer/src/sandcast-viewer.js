@@ -420,7 +420,7 @@ export class SandcastViewer extends HTMLElement {
           this._set({ state: 'ready', children, reason: null }, 'connecting…', describeChildren(children));
           this._startStream(run);
         } else {
-          this._set({ state: 'ready', children });
+          this._readyWhileConnected(children);
         }
         break;
       case 'failed':
@@ -436,12 +436,33 @@ export class SandcastViewer extends HTMLElement {
         this._ended(body.state, body.reason);
         break;
       case 'starting':
+        if (this._rtc || this._starting) {
+          this._set({ state: 'starting', children, reason: null });
+          break;
+        }
         this._set({ state: 'starting', children, reason: null }, 'starting…', describeChildren(children));
+        // WebRTC connects while the session starts, so the first picture
+        // comes as soon as the browser draws, not a connect later. noVNC
+        // waits for `ready` (its server starts with the session).
+        if (this._webrtcEarly() && Date.now() >= this._notBefore) this._startStream(run);
         break;
       default:
         this._set({ state: String(body.state ?? 'unknown'), children, reason: body.reason ?? null },
           `session ${body.state ?? 'in an unknown state'}`, body.reason ?? '');
     }
+  }
+
+  /** Whether WebRTC may connect before the session is ready. */
+  _webrtcEarly() {
+    const mode = this.mode;
+    return mode === 'webrtc' || (mode === 'auto' && !this._webrtcFailed);
+  }
+
+  /** The session became ready; a stream connected early now shows it. */
+  _readyWhileConnected(children) {
+    const wasStarting = this._status.state === 'starting';
+    this._set(children ? { state: 'ready', children } : { state: 'ready' },
+      wasStarting && this._status.connected ? null : undefined);
   }
 
   _ended(state, reason) {
@@ -471,6 +492,12 @@ export class SandcastViewer extends HTMLElement {
         const why = e && e.timeout
           ? `WebRTC did not connect within ${+(timeoutMs / 1000).toFixed(1)} s`
           : `WebRTC failed: ${msg(e)}`;
+        if (mode === 'auto' && this._status.state === 'starting') {
+          // noVNC needs a ready session: the next `ready` starts it.
+          this._webrtcFailed = why;
+          this._emit('fallback', { reason: why });
+          return;
+        }
         if (mode === 'webrtc') {
           this._set({ connected: false, mode: null, reason: why }, 'WebRTC did not connect, retrying…', why);
           this._retry(run);
@@ -543,6 +570,9 @@ export class SandcastViewer extends HTMLElement {
       if (m && m.kind === 'session_state' && (m.state === 'ended' || ENDED.has(m.state))) {
         this._ended(m.state === 'ended' ? 'stopped' : m.state, m.reason);
       }
+      // Connected while the session started: its `ready` comes this way
+      // first, before the next poll.
+      if (m && m.kind === 'session_state' && m.state === 'ready') this._readyWhileConnected();
       if (m && m.kind === 'control') this._set({ control: m.granted !== false });
     };
     this._detachInput = attachInput(this._video, conn, { displaySize: this._size, touch: this._touchMode() });
@@ -558,7 +588,9 @@ export class SandcastViewer extends HTMLElement {
     // channel at once; ICE would notice only seconds later.
     conn.input.addEventListener('close', () => this._dropped(run, conn, 'the server closed the connection'));
     this._retries = 0;
-    this._set({ mode: 'webrtc', connected: true, path: null, reason: null }, null);
+    // Connected while the session starts: "starting…" stays until `ready`.
+    this._set({ mode: 'webrtc', connected: true, path: null, reason: null },
+      this._status.state === 'starting' ? undefined : null);
     this._emit('connected', { mode: 'webrtc' });
     if (this.hasAttribute('autofocus')) this._video.focus({ preventScroll: true });
   }

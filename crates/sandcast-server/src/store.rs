@@ -60,6 +60,13 @@ impl State {
         State::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
+    /// Whether a WebRTC viewer may connect. While the session starts too:
+    /// the connection is then up by the time the browser first draws, and
+    /// the first picture follows at once instead of a connect later.
+    pub fn takes_webrtc_viewers(self) -> bool {
+        matches!(self, State::Starting | State::Ready)
+    }
+
     /// Whether processes may still exist for a session in this state.
     pub fn is_live(self) -> bool {
         matches!(self, State::Starting | State::Ready | State::Stopping)

@@ -670,7 +670,8 @@ fn viewer_options(grant: &Grant) -> sandcast_webrtc::ViewerOptions {
 /// endpoint).
 ///
 /// The gateway is ICE-lite and puts all its candidates in the answer, so
-/// no trickle is needed.
+/// no trickle is needed. A `starting` session takes offers too: the
+/// picture follows as soon as the browser draws.
 #[utoipa::path(
     post,
     path = "/api/webrtc/session/{id}/offer",
@@ -686,7 +687,7 @@ fn viewer_options(grant: &Grant) -> sandcast_webrtc::ViewerOptions {
         (status = 400, description = "`id` is not a session id, or a malformed offer.", body = ErrorBody),
         (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
-        (status = 409, description = "The session is not `ready`.", body = ErrorBody),
+        (status = 409, description = "The session is neither `starting` nor `ready`.", body = ErrorBody),
         (status = 503, description = "WebRTC is turned off on this server.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
@@ -705,7 +706,7 @@ pub async fn offer(
             "WebRTC is turned off on this server",
         ));
     };
-    if row.state != SessionState::Ready {
+    if !row.state.takes_webrtc_viewers() {
         return Err(session_is(&row));
     }
     let text =
@@ -968,7 +969,7 @@ async fn signaling_reply(
                 return err("an offer needs \"sdp\"".into());
             };
             match state.manager.store().get(id) {
-                Ok(Some(row)) if row.state == SessionState::Ready => {}
+                Ok(Some(row)) if row.state.takes_webrtc_viewers() => {}
                 Ok(Some(row)) => return err(format!("the session is {}", row.state.as_str())),
                 _ => return err("no such session".into()),
             }

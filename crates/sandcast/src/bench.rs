@@ -577,10 +577,10 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
         let first_clock = t["firstClock"].as_f64().map(|f| f - posted);
         let at = |k: &str| fmt(t[k].as_f64().map(|v| v - posted), "ms");
         println!(
-            "{}: POST /api/sessions to first frame {} (to first readable clock {}; page loaded {}, session ready seen {}, stream connected {})",
+            "{}: POST /api/sessions to the page shown {} (first readable clock; first decoded frame {}, which over WebRTC can be the display before the browser draws; page loaded {}, session ready seen {}, stream connected {})",
             mode.as_str(),
-            fmt(first_frame, "ms"),
             fmt(first_clock, "ms"),
+            fmt(first_frame, "ms"),
             at("loaded"),
             at("ready"),
             at("connected"),

@@ -1144,6 +1144,12 @@ impl Actor {
                 .send_replace(agent_conn::video_frame_cap(w, h, self.bounds.video_max));
         }
         let Some(control) = &self.control else {
+            // A viewer may connect while the session starts, before its
+            // agent does: what it asks for (the video stream, a key frame,
+            // a size) waits, under the backlog's policy, for the agent.
+            if !self.finished {
+                self.outbox.push(msg);
+            }
             return;
         };
         if self.outbox.messages() > 0 {
