@@ -243,6 +243,107 @@ fn a_viewer_connects_over_webrtc_while_the_session_starts() {
     delete_clean(&s, &id);
 }
 
+/// The value of the series `name{labels}` in a metrics text.
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn the_operator_sees_each_sessions_video_in_the_metrics() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    let dir = tempfile::tempdir().unwrap();
+    let (watching, done) = (dir.path().join("watching"), dir.path().join("done"));
+    let scenario = json!({
+        "url": with_query(created["viewer_url"].as_str().unwrap(), "mode=webrtc"),
+        "kind": "video",
+        "mode": "webrtc",
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            { "signal": watching },
+            { "waitFile": done, "timeoutMs": 60000 },
+        ],
+    });
+    let viewer = std::thread::spawn(move || run_viewer(&scenario));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !watching.exists() {
+        assert!(
+            !viewer.is_finished(),
+            "the viewer ended: {:?}",
+            viewer.join()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the viewer never showed the page"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let with_key = s.api("GET", "/metrics", None);
+    assert_eq!(with_key.status, 200);
+    let text = with_key.body.clone();
+    let session = format!("{{session=\"{id}\"}}");
+    assert_eq!(
+        series(&text, &format!("sandcast_session_viewers{session}")),
+        Some(1.0),
+        "{text}"
+    );
+    let viewer_line = text
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "sandcast_viewer_frames_sent_total{{session=\"{id}\",viewer="
+            ))
+        })
+        .unwrap_or_else(|| panic!("no viewer series in {text}"));
+    let labels = &viewer_line[viewer_line.find('{').unwrap()..=viewer_line.find('}').unwrap()];
+    let frames = series(&text, &format!("sandcast_viewer_frames_sent_total{labels}")).unwrap();
+    let keys = series(
+        &text,
+        &format!("sandcast_viewer_key_frames_sent_total{labels}"),
+    )
+    .unwrap();
+    let bytes = series(&text, &format!("sandcast_viewer_sent_bytes_total{labels}")).unwrap();
+    assert!(frames >= 1.0 && keys >= 1.0 && keys <= frames, "{text}");
+    assert!(bytes > 1000.0, "{text}");
+    assert!(
+        series(&text, &format!("sandcast_viewer_rtt_seconds{labels}")).is_some(),
+        "{text}"
+    );
+    assert!(
+        series(&text, &format!("sandcast_viewer_loss_ratio{labels}")).is_some(),
+        "{text}"
+    );
+    assert!(
+        series(
+            &text,
+            &format!("sandcast_viewer_target_bitrate_bps{labels}")
+        )
+        .unwrap()
+            > 0.0,
+        "{text}"
+    );
+    // Session ids are not for a scrape without the key.
+    let open = s.raw("GET", "/metrics", &[], None);
+    assert_eq!(open.status, 200);
+    let open = open.body;
+    assert!(
+        open.contains("sandcast_sessions{state=\"ready\"} 1"),
+        "{open}"
+    );
+    assert!(!open.contains(&id), "{open}");
+
+    std::fs::write(&done, b"").unwrap();
+    viewer.join().expect("the viewer thread");
+    delete_clean(&s, &id);
+    let text = s.api("GET", "/metrics", None).body;
+    assert!(
+        !text.contains(&id),
+        "an ended session's series stay: {text}"
+    );
+}
+
 #[test]
 fn without_webrtc_the_viewer_falls_back_to_novnc_by_itself() {
     let s = Server::start(ServerOptions {

@@ -970,11 +970,20 @@ fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
     }
 }
 
-/// Prometheus metrics in the OpenMetrics text format. No credential needed.
+/// Prometheus metrics in the OpenMetrics text format.
 ///
-/// `sandcast_sessions{state}`, `sandcast_session_starts_total`,
-/// `sandcast_session_failures_total`, `sandcast_child_restarts_total`,
-/// `sandcast_session_start_seconds`.
+/// Without a credential: `sandcast_sessions{state}`,
+/// `sandcast_session_starts_total`, `sandcast_session_failures_total`,
+/// `sandcast_child_restarts_total`, `sandcast_session_start_seconds`.
+/// With the API key as a bearer (Prometheus' `authorization` scrape
+/// setting), also per live session and viewer (session ids are not for
+/// everyone): `sandcast_session_viewers`, `sandcast_session_automation_clients`,
+/// `sandcast_session_frames_encoded_total`, `sandcast_session_frames_dropped_total`,
+/// `sandcast_session_input_dropped_total`, and per WebRTC viewer
+/// `sandcast_viewer_frames_sent_total`, `sandcast_viewer_frames_skipped_total`,
+/// `sandcast_viewer_key_frames_sent_total`, `sandcast_viewer_sent_bytes_total`,
+/// `sandcast_viewer_key_frame_requests_total`, `sandcast_viewer_rtt_seconds`,
+/// `sandcast_viewer_loss_ratio`, `sandcast_viewer_target_bitrate_bps`.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -987,16 +996,26 @@ fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
 pub async fn metrics(
     State(state): State<AppState>,
     metrics: axum::Extension<Arc<crate::metrics::Metrics>>,
+    headers: HeaderMap,
 ) -> Response {
     if let Ok(counts) = state.manager.store().count_by_state() {
         metrics.set_states(&counts);
     }
+    let text = if auth::is_operator(&headers, &state.api_key) {
+        let viewers = match state.manager.gateway() {
+            Some(gw) => gw.all_counters().await,
+            None => Vec::new(),
+        };
+        metrics.render_live(&state.manager.live_snapshots(), &viewers)
+    } else {
+        metrics.render()
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.render(),
+        text,
     )
         .into_response()
 }

@@ -1,7 +1,11 @@
 //! Prometheus metrics: sessions by state, starts, failures, restarts and the
-//! time from request to ready.
+//! time from request to ready; per live session and viewer, the video the
+//! session encodes and each viewer gets (frames, key frames, bytes, RTT,
+//! loss). The per-session series are rebuilt at each scrape from the live
+//! sessions, so an ended session's series go with it.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -10,7 +14,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use sandcast_webrtc::{ViewerCounters, ViewerId};
+
+use crate::manager::Snapshot;
 use crate::store::State;
+
+/// A metric's label set.
+type Labels = Vec<(String, String)>;
+/// A family of counters whose values are set from a snapshot.
+type Counters = Family<Labels, Counter<u64, AtomicU64>>;
+/// A family of floating-point gauges.
+type Floats = Family<Labels, Gauge<f64, AtomicU64>>;
 
 /// The server's metrics.
 pub struct Metrics {
@@ -25,6 +39,123 @@ pub struct Metrics {
     pub restarts: Counter,
     /// Seconds from create to ready.
     pub start_seconds: Histogram,
+    live: LiveFamilies,
+}
+
+/// The per-session and per-viewer series.
+#[derive(Default)]
+struct LiveFamilies {
+    viewers: Family<Labels, Gauge>,
+    automation: Family<Labels, Gauge>,
+    frames_encoded: Counters,
+    frames_dropped: Counters,
+    input_dropped: Counters,
+    frames_sent: Counters,
+    frames_skipped: Counters,
+    key_frames_sent: Counters,
+    bytes_sent: Counters,
+    key_frame_requests: Counters,
+    rtt: Floats,
+    loss: Floats,
+    target_bitrate: Family<Labels, Gauge>,
+}
+
+impl LiveFamilies {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "session_viewers",
+            "Viewers of a live session (WebRTC and noVNC)",
+            self.viewers.clone(),
+        );
+        r.register(
+            "session_automation_clients",
+            "DevTools clients of a live session",
+            self.automation.clone(),
+        );
+        r.register(
+            "session_frames_encoded",
+            "Video frames the session's agent encoded (its report)",
+            self.frames_encoded.clone(),
+        );
+        r.register(
+            "session_frames_dropped",
+            "Video frames the session's agent dropped because its channel was busy (its report)",
+            self.frames_dropped.clone(),
+        );
+        r.register(
+            "session_input_dropped",
+            "Input events the session's agent refused (its report)",
+            self.input_dropped.clone(),
+        );
+        r.register(
+            "viewer_frames_sent",
+            "Video frames sent to a WebRTC viewer",
+            self.frames_sent.clone(),
+        );
+        r.register(
+            "viewer_frames_skipped",
+            "Video frames not sent to a WebRTC viewer (waiting for a key frame)",
+            self.frames_skipped.clone(),
+        );
+        r.register(
+            "viewer_key_frames_sent",
+            "Key frames sent to a WebRTC viewer",
+            self.key_frames_sent.clone(),
+        );
+        r.register(
+            "viewer_sent_bytes",
+            "Encoded video bytes sent to a WebRTC viewer",
+            self.bytes_sent.clone(),
+        );
+        r.register(
+            "viewer_key_frame_requests",
+            "PLI and FIR a WebRTC viewer sent",
+            self.key_frame_requests.clone(),
+        );
+        r.register(
+            "viewer_rtt_seconds",
+            "A WebRTC viewer's last round-trip time (receiver reports)",
+            self.rtt.clone(),
+        );
+        r.register(
+            "viewer_loss_ratio",
+            "Fraction of packets a WebRTC viewer lost (last receiver report)",
+            self.loss.clone(),
+        );
+        r.register(
+            "viewer_target_bitrate_bps",
+            "The bitrate the loss controller asks for a WebRTC viewer",
+            self.target_bitrate.clone(),
+        );
+    }
+
+    fn clear(&self) {
+        self.viewers.clear();
+        self.automation.clear();
+        for f in [
+            &self.frames_encoded,
+            &self.frames_dropped,
+            &self.input_dropped,
+            &self.frames_sent,
+            &self.frames_skipped,
+            &self.key_frames_sent,
+            &self.bytes_sent,
+            &self.key_frame_requests,
+        ] {
+            f.clear();
+        }
+        self.rtt.clear();
+        self.loss.clear();
+        self.target_bitrate.clear();
+    }
+}
+
+/// Sets a counter read from a snapshot.
+fn set(family: &Counters, labels: &Labels, v: u64) {
+    family
+        .get_or_create(labels)
+        .inner()
+        .store(v, Ordering::Relaxed);
 }
 
 impl Default for Metrics {
@@ -55,6 +186,8 @@ impl Metrics {
             "Time from the create request to ready",
             start_seconds.clone(),
         );
+        let live = LiveFamilies::default();
+        live.register(&mut registry);
         Metrics {
             registry: Mutex::new(registry),
             sessions,
@@ -62,6 +195,59 @@ impl Metrics {
             failures,
             restarts,
             start_seconds,
+            live,
+        }
+    }
+
+    /// The text exposition with the per-session and per-viewer series of
+    /// the live sessions and the gateway's viewers. They exist only while
+    /// the registry's lock is held for this scrape, so [`Metrics::render`]
+    /// (for a scrape without the key) never shows them.
+    pub fn render_live(
+        &self,
+        sessions: &[(String, Snapshot)],
+        viewers: &[(String, ViewerId, ViewerCounters)],
+    ) -> String {
+        let registry = self.registry.lock().unwrap();
+        self.set_live(sessions, viewers);
+        let mut out = String::new();
+        encode(&mut out, &registry).expect("writing to a String");
+        self.live.clear();
+        out
+    }
+
+    fn set_live(
+        &self,
+        sessions: &[(String, Snapshot)],
+        viewers: &[(String, ViewerId, ViewerCounters)],
+    ) {
+        let f = &self.live;
+        f.clear();
+        for (id, s) in sessions {
+            let l = vec![("session".to_string(), id.clone())];
+            f.viewers.get_or_create(&l).set(s.viewers as i64);
+            f.automation.get_or_create(&l).set(s.automation as i64);
+            set(&f.frames_encoded, &l, s.agent.frames_encoded);
+            set(&f.frames_dropped, &l, s.agent.frames_dropped);
+            set(&f.input_dropped, &l, s.agent.input_dropped);
+        }
+        for (session, viewer, c) in viewers {
+            let l = vec![
+                ("session".to_string(), session.clone()),
+                ("viewer".to_string(), viewer.0.to_string()),
+            ];
+            set(&f.frames_sent, &l, c.frames_sent);
+            set(&f.frames_skipped, &l, c.frames_skipped);
+            set(&f.key_frames_sent, &l, c.key_frames_sent);
+            set(&f.bytes_sent, &l, c.bytes_sent);
+            set(&f.key_frame_requests, &l, c.key_frame_requests);
+            f.rtt.get_or_create(&l).set(f64::from(c.rtt_ms) / 1000.0);
+            f.loss
+                .get_or_create(&l)
+                .set(f64::from(c.loss_permille) / 1000.0);
+            f.target_bitrate
+                .get_or_create(&l)
+                .set(i64::from(c.target_bitrate_bps));
         }
     }
 
@@ -112,5 +298,45 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sandcast_child_restarts_total 0"), "{text}");
+    }
+
+    #[test]
+    fn live_series_follow_the_sessions_and_viewers_there_are() {
+        let m = Metrics::new();
+        let snap = Snapshot {
+            viewers: 1,
+            agent: sandcast_proto::AgentStats {
+                frames_encoded: 42,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let counters = ViewerCounters {
+            frames_sent: 40,
+            bytes_sent: 123_456,
+            rtt_ms: 12,
+            loss_permille: 25,
+            ..Default::default()
+        };
+        let text = m.render_live(
+            &[("abc".into(), snap)],
+            &[("abc".into(), ViewerId(7), counters)],
+        );
+        for want in [
+            "sandcast_session_viewers{session=\"abc\"} 1",
+            "sandcast_session_frames_encoded_total{session=\"abc\"} 42",
+            "sandcast_viewer_frames_sent_total{session=\"abc\",viewer=\"7\"} 40",
+            "sandcast_viewer_sent_bytes_total{session=\"abc\",viewer=\"7\"} 123456",
+            "sandcast_viewer_rtt_seconds{session=\"abc\",viewer=\"7\"} 0.012",
+            "sandcast_viewer_loss_ratio{session=\"abc\",viewer=\"7\"} 0.025",
+        ] {
+            assert!(text.contains(want), "{want} not in {text}");
+        }
+        // A scrape without the key never shows them.
+        let text = m.render();
+        assert!(!text.contains("abc"), "{text}");
+        // The session ended: its series go.
+        let text = m.render_live(&[], &[]);
+        assert!(!text.contains("abc"), "{text}");
     }
 }

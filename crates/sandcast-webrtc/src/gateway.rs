@@ -99,6 +99,7 @@ enum Command {
     CloseSession(String),
     CloseViewer(ViewerId),
     Counters(ViewerId, oneshot::Sender<Option<ViewerCounters>>),
+    AllCounters(oneshot::Sender<Vec<(String, ViewerId, ViewerCounters)>>),
 }
 
 enum TcpIn {
@@ -393,6 +394,15 @@ impl Gateway {
             .ok()?;
         rx.await.ok().flatten()
     }
+
+    /// Every viewer's counters with its session (for the metrics).
+    pub async fn all_counters(&self) -> Vec<(String, ViewerId, ViewerCounters)> {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.commands.send(Command::AllCounters(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
 }
 
 async fn accept_tcp(listener: TcpListener, ips: Vec<IpAddr>, to_hub: mpsc::Sender<TcpIn>) {
@@ -542,6 +552,7 @@ async fn run(
                     Command::CloseSession(session) => hub.close_session(&session, now),
                     Command::CloseViewer(id) => hub.close_viewer(id, now),
                     Command::Counters(id, reply) => { let _ = reply.send(hub.counters(id)); }
+                    Command::AllCounters(reply) => { let _ = reply.send(hub.all_counters()); }
                 }
             }
             _ = sleep => hub.handle_timeout(Instant::now()),

@@ -340,7 +340,18 @@ impl Hub {
 
     /// A viewer's counters.
     pub fn counters(&self, id: ViewerId) -> Option<ViewerCounters> {
-        self.peers.get(&id).map(|p| p.counters)
+        self.peers.get(&id).map(|p| p.counter_snapshot())
+    }
+
+    /// Every viewer's counters with its session, for the metrics.
+    pub fn all_counters(&self) -> Vec<(String, ViewerId, ViewerCounters)> {
+        let mut all: Vec<_> = self
+            .peers
+            .values()
+            .map(|p| (p.session.clone(), p.id, p.counter_snapshot()))
+            .collect();
+        all.sort_by_key(|(_, id, _)| *id);
+        all
     }
 
     /// Viewers of a session.

@@ -248,13 +248,27 @@ impl Peer {
             .playout_delay(MediaTime::ZERO, MediaTime::ZERO)
             .write(pt, wallclock, rtp_time, frame.data.to_vec());
         match res {
-            Ok(()) => self.counters.frames_sent += 1,
+            Ok(()) => {
+                self.counters.frames_sent += 1;
+                self.counters.bytes_sent += frame.data.len() as u64;
+                if frame.header.keyframe {
+                    self.counters.key_frames_sent += 1;
+                }
+            }
             Err(e) => {
                 self.counters.frames_skipped += 1;
                 tracing::debug!(viewer = %self.id, "frame not written: {e}");
             }
         }
         self.drain(out, now);
+    }
+
+    /// The counters, with the loss controller's current target.
+    pub fn counter_snapshot(&self) -> ViewerCounters {
+        ViewerCounters {
+            target_bitrate_bps: self.loss.bitrate(),
+            ..self.counters
+        }
     }
 
     /// Forget the current picture: skip to the next key frame (codec switch).
@@ -364,6 +378,9 @@ impl Peer {
                 // nothing about capacity: hold instead of climbing while idle.
                 let sent = s.packets > self.egress_packets;
                 self.egress_packets = s.packets;
+                if let Some(loss) = s.loss {
+                    self.counters.loss_permille = (loss.clamp(0.0, 1.0) * 1000.0).round() as u32;
+                }
                 if let Some(loss) = s.loss.filter(|l| sent || *l >= 0.02) {
                     let before = self.loss.bitrate();
                     let after = self.loss.on_loss(loss);

@@ -82,6 +82,14 @@ pub struct ViewerCounters {
     pub key_frame_requests: u64,
     /// Last round-trip time from receiver reports, in milliseconds.
     pub rtt_ms: u32,
+    /// Of the frames sent: key frames.
+    pub key_frames_sent: u64,
+    /// Encoded bytes of the frames sent (before RTP packetisation).
+    pub bytes_sent: u64,
+    /// Fraction of packets lost in the last receiver report, in thousandths.
+    pub loss_permille: u32,
+    /// The bitrate the loss controller asks of the encoder for this viewer.
+    pub target_bitrate_bps: u32,
 }
 
 /// What the gateway tells the server.

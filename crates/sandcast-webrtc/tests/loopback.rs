@@ -80,6 +80,23 @@ fn connects_and_delivers_the_encoders_frames_byte_for_byte() {
         // str0m's depacketiser hands back Annex B, as openh264 wrote it.
         assert_eq!(&got[i], data, "frame {i} differs");
     }
+    // What the operator's metrics read: the frames, key frames and bytes
+    // sent, and the one skipped before the first key frame.
+    let all = l.hub.all_counters();
+    assert_eq!(all.len(), 1, "{all:?}");
+    let (session, _, c) = &all[0];
+    assert_eq!(session, "s");
+    assert_eq!(c.frames_sent, frames.len() as u64);
+    assert_eq!(c.frames_skipped, 1);
+    assert_eq!(
+        c.key_frames_sent,
+        frames.iter().filter(|(key, _)| *key).count() as u64
+    );
+    assert_eq!(
+        c.bytes_sent,
+        frames.iter().map(|(_, d)| d.len() as u64).sum::<u64>()
+    );
+    assert!(c.target_bitrate_bps > 0);
 }
 
 /// A VP8 key frame header (RFC 6386 9.1): frame tag with the key-frame bit

@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::store::{Row, Spec, State, Store};
 use crate::webhooks::Webhooks;
 use backlog::Backlog;
-use session::{Command, Snapshot};
-pub use session::{Holder, InUse, Live};
+use session::Command;
+pub use session::{Holder, InUse, Live, Snapshot};
 
 /// A change worth telling subscribers of `/events`.
 #[derive(Debug, Clone)]
@@ -203,6 +203,18 @@ impl Manager {
     /// A live session.
     pub fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.live.lock().unwrap().get(id).cloned()
+    }
+
+    /// Every live session's id and last published state.
+    pub fn live_snapshots(&self) -> Vec<(String, Snapshot)> {
+        let live: Vec<(String, Arc<Live>)> = self
+            .live
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        live.into_iter().map(|(id, l)| (id, l.snapshot())).collect()
     }
 
     /// What the recordings use on disk.

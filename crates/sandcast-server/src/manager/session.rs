@@ -73,6 +73,9 @@ pub struct Snapshot {
     pub automation: usize,
     /// Who may give input: everyone, or the person alone.
     pub control: Holder,
+    /// The agent's own counters, as it last reported them (its word: for
+    /// the operator's metrics, never for a decision).
+    pub agent: sandcast_proto::AgentStats,
 }
 
 /// Who holds control of a session's input.
@@ -417,6 +420,7 @@ pub struct Core {
     /// bounded by what it can need.
     max_display: (u32, u32),
     children: BTreeMap<String, ChildReport>,
+    agent: sandcast_proto::AgentStats,
 }
 
 impl Core {
@@ -434,6 +438,7 @@ impl Core {
             start_deadline: Some(now + start_timeout),
             display: (spec.width, spec.height),
             max_display: (spec.width, spec.height),
+            agent: Default::default(),
             children: BTreeMap::new(),
         }
     }
@@ -525,6 +530,7 @@ impl Core {
             viewers: self.viewers,
             automation: self.automation,
             control: self.control,
+            agent: self.agent.clone(),
         }
     }
 }
@@ -1350,6 +1356,11 @@ impl Actor {
                 self.to_viewers(ViewerMessage::FileChooser { chooser, multiple });
             }
             Message::Ping { seq } => self.send_agent(Message::Pong { seq }),
+            // Sent only when they changed, at most every few seconds.
+            Message::Stats(stats) => {
+                self.core.agent = stats;
+                self.publish();
+            }
             Message::LaunchEnded { exit } => self.launch_ended(exit),
             _ => {}
         }
