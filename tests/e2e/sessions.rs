@@ -324,6 +324,24 @@ fn the_operator_sees_each_sessions_video_in_the_metrics() {
             > 0.0,
         "{text}"
     );
+    // The agent's own counts come every few seconds (when they changed).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = s.api("GET", "/metrics", None).body;
+        let encoded = series(
+            &text,
+            &format!("sandcast_session_frames_encoded_total{session}"),
+        );
+        let spent = series(&text, &format!("sandcast_session_encode_seconds{session}"));
+        if encoded.is_some_and(|n| n >= 1.0) && spent.is_some_and(|t| t > 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's counts never came: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Session ids are not for a scrape without the key.
     let open = s.raw("GET", "/metrics", &[], None);
     assert_eq!(open.status, 200);

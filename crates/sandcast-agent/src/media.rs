@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::SinkExt;
 use sandcast_media::{
     Clipboard, FrameReceiver, H264Mode, InputInjector, MAX_DISPLAY_SIZE, MIN_DISPLAY_SIZE,
-    VideoPipeline, VideoSettings, resize_display,
+    PipelineStats, VideoPipeline, VideoSettings, resize_display,
 };
 use sandcast_proto::{
     AgentStats, FrameCodec, H264Tuning, InputEvent, LogLine, LogStream, Message, Role, VideoControl,
@@ -176,8 +176,7 @@ struct Video {
     feed: Option<mpsc::Sender<(u64, FrameReceiver)>>,
     forwarder: Option<JoinHandle<()>>,
     /// Counters of pipelines that have ended.
-    frames_encoded: u64,
-    frames_dropped: u64,
+    ended: PipelineStats,
 }
 
 struct MediaTask {
@@ -439,8 +438,7 @@ impl MediaTask {
     async fn drop_pipeline(&mut self) {
         if let Some((_, p)) = self.video.pipeline.take() {
             let stats = p.stats();
-            self.video.frames_encoded += stats.frames_encoded;
-            self.video.frames_dropped += stats.frames_dropped;
+            self.video.ended = self.video.ended.plus(&stats);
             // Joining the pipeline's thread blocks briefly; not on the runtime.
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }
@@ -464,11 +462,10 @@ impl MediaTask {
             .as_ref()
             .map(|(_, p)| p.stats())
             .unwrap_or_default();
-        AgentStats {
-            input_dropped: self.counters.input_dropped.load(Ordering::Relaxed),
-            frames_encoded: self.video.frames_encoded + live.frames_encoded,
-            frames_dropped: self.video.frames_dropped + live.frames_dropped,
-        }
+        self.video
+            .ended
+            .plus(&live)
+            .to_agent_stats(self.counters.input_dropped.load(Ordering::Relaxed))
     }
 
     fn report_stats(&mut self) {

@@ -72,6 +72,9 @@ pub struct PipelineStats {
     pub frames_dropped: u64,
     /// Encoded bytes published.
     pub bytes: u64,
+    /// Microseconds spent producing the frames: capture, conversion and
+    /// encoding.
+    pub encode_us: u64,
 }
 
 impl PipelineStats {
@@ -81,6 +84,21 @@ impl PipelineStats {
             input_dropped,
             frames_encoded: self.frames_encoded,
             frames_dropped: self.frames_dropped,
+            key_frames: self.keyframes,
+            encode_us: self.encode_us,
+        }
+    }
+
+    /// These counters and `other`'s together (a pipeline that ended and
+    /// the one after it).
+    pub fn plus(&self, other: &PipelineStats) -> PipelineStats {
+        PipelineStats {
+            captures: self.captures + other.captures,
+            frames_encoded: self.frames_encoded + other.frames_encoded,
+            keyframes: self.keyframes + other.keyframes,
+            frames_dropped: self.frames_dropped + other.frames_dropped,
+            bytes: self.bytes + other.bytes,
+            encode_us: self.encode_us + other.encode_us,
         }
     }
 }
@@ -95,6 +113,7 @@ struct Counters {
     keyframes: AtomicU64,
     frames_dropped: AtomicU64,
     bytes: AtomicU64,
+    encode_us: AtomicU64,
 }
 
 struct Slot {
@@ -334,6 +353,7 @@ impl VideoPipeline {
             keyframes: c.keyframes.load(Ordering::Relaxed),
             frames_dropped: c.frames_dropped.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
+            encode_us: c.encode_us.load(Ordering::Relaxed),
         }
     }
 
@@ -566,6 +586,8 @@ impl Worker {
         }
         let c = &self.shared.counters;
         c.frames_encoded.fetch_add(1, Ordering::Relaxed);
+        c.encode_us
+            .fetch_add(now.elapsed().as_micros() as u64, Ordering::Relaxed);
         c.bytes
             .fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
         let frame = VideoFrame {

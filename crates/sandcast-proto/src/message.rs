@@ -419,6 +419,13 @@ pub struct AgentStats {
     /// Frames dropped because the channel was busy.
     #[serde(default)]
     pub frames_dropped: u64,
+    /// Key frames among the frames encoded.
+    #[serde(default)]
+    pub key_frames: u64,
+    /// Microseconds spent producing the frames encoded (capture,
+    /// conversion, encoding).
+    #[serde(default)]
+    pub encode_us: u64,
 }
 
 #[cfg(test)]

@@ -978,7 +978,8 @@ fn health_status(snap: &crate::health::Snapshot) -> StatusCode {
 /// With the API key as a bearer (Prometheus' `authorization` scrape
 /// setting), also per live session and viewer (session ids are not for
 /// everyone): `sandcast_session_viewers`, `sandcast_session_automation_clients`,
-/// `sandcast_session_frames_encoded_total`, `sandcast_session_frames_dropped_total`,
+/// `sandcast_session_frames_encoded_total`, `sandcast_session_key_frames_encoded_total`,
+/// `sandcast_session_encode_seconds`, `sandcast_session_frames_dropped_total`,
 /// `sandcast_session_input_dropped_total`, and per WebRTC viewer
 /// `sandcast_viewer_frames_sent_total`, `sandcast_viewer_frames_skipped_total`,
 /// `sandcast_viewer_key_frames_sent_total`, `sandcast_viewer_sent_bytes_total`,

@@ -48,6 +48,8 @@ struct LiveFamilies {
     viewers: Family<Labels, Gauge>,
     automation: Family<Labels, Gauge>,
     frames_encoded: Counters,
+    key_frames: Counters,
+    encode_seconds: Floats,
     frames_dropped: Counters,
     input_dropped: Counters,
     frames_sent: Counters,
@@ -76,6 +78,16 @@ impl LiveFamilies {
             "session_frames_encoded",
             "Video frames the session's agent encoded (its report)",
             self.frames_encoded.clone(),
+        );
+        r.register(
+            "session_key_frames_encoded",
+            "Key frames the session's agent encoded (its report)",
+            self.key_frames.clone(),
+        );
+        r.register(
+            "session_encode_seconds",
+            "Seconds the session's agent spent producing frames: capture, conversion, encoding (its report; grows like a counter)",
+            self.encode_seconds.clone(),
         );
         r.register(
             "session_frames_dropped",
@@ -132,8 +144,10 @@ impl LiveFamilies {
     fn clear(&self) {
         self.viewers.clear();
         self.automation.clear();
+        self.encode_seconds.clear();
         for f in [
             &self.frames_encoded,
+            &self.key_frames,
             &self.frames_dropped,
             &self.input_dropped,
             &self.frames_sent,
@@ -228,6 +242,10 @@ impl Metrics {
             f.viewers.get_or_create(&l).set(s.viewers as i64);
             f.automation.get_or_create(&l).set(s.automation as i64);
             set(&f.frames_encoded, &l, s.agent.frames_encoded);
+            set(&f.key_frames, &l, s.agent.key_frames);
+            f.encode_seconds
+                .get_or_create(&l)
+                .set(s.agent.encode_us as f64 / 1e6);
             set(&f.frames_dropped, &l, s.agent.frames_dropped);
             set(&f.input_dropped, &l, s.agent.input_dropped);
         }
@@ -307,6 +325,7 @@ mod tests {
             viewers: 1,
             agent: sandcast_proto::AgentStats {
                 frames_encoded: 42,
+                encode_us: 210_000,
                 ..Default::default()
             },
             ..Default::default()
@@ -325,6 +344,7 @@ mod tests {
         for want in [
             "sandcast_session_viewers{session=\"abc\"} 1",
             "sandcast_session_frames_encoded_total{session=\"abc\"} 42",
+            "sandcast_session_encode_seconds{session=\"abc\"} 0.21",
             "sandcast_viewer_frames_sent_total{session=\"abc\",viewer=\"7\"} 40",
             "sandcast_viewer_sent_bytes_total{session=\"abc\",viewer=\"7\"} 123456",
             "sandcast_viewer_rtt_seconds{session=\"abc\",viewer=\"7\"} 0.012",
