@@ -181,6 +181,27 @@ impl Drop for HeldBrowser {
     }
 }
 
+/// Runs a viewer scenario on a thread of its own and returns once it has
+/// created `signal` (its `signal` step), which says it `reached` a point.
+fn viewer_until(
+    scenario: Value,
+    signal: &std::path::Path,
+    reached: &str,
+) -> std::thread::JoinHandle<Value> {
+    let viewer = std::thread::spawn(move || run_viewer(&scenario));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !signal.exists() {
+        assert!(
+            !viewer.is_finished(),
+            "the viewer ended before it {reached}: {:?}",
+            viewer.join()
+        );
+        assert!(Instant::now() < deadline, "the viewer never {reached}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    viewer
+}
+
 /// The process state letter of `pid` (`T` when stopped).
 fn proc_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -222,17 +243,7 @@ fn a_viewer_connects_over_webrtc_while_the_session_starts() {
             { "expectStatus": { "state": "ready", "connected": true } },
         ],
     });
-    let viewer = std::thread::spawn(move || run_viewer(&scenario));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !signal.exists() {
-        assert!(
-            !viewer.is_finished(),
-            "the viewer ended before it connected: {:?}",
-            viewer.join()
-        );
-        assert!(Instant::now() < deadline, "the viewer never connected");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let viewer = viewer_until(scenario, &signal, "connected");
     // Connected, and the session still starting: the browser is held.
     assert_eq!(s.session(&id)["state"], "starting");
     assert_eq!(proc_state(browser.pid), Some('T'));
@@ -266,20 +277,7 @@ fn the_operator_sees_each_sessions_video_in_the_metrics() {
             { "waitFile": done, "timeoutMs": 60000 },
         ],
     });
-    let viewer = std::thread::spawn(move || run_viewer(&scenario));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !watching.exists() {
-        assert!(
-            !viewer.is_finished(),
-            "the viewer ended: {:?}",
-            viewer.join()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the viewer never showed the page"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let viewer = viewer_until(scenario, &watching, "showed the page");
     let with_key = s.api("GET", "/metrics", None);
     assert_eq!(with_key.status, 200);
     let text = with_key.body.clone();
