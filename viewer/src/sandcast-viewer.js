@@ -436,6 +436,8 @@ export class SandcastViewer extends HTMLElement {
         this._ended(body.state, body.reason);
         break;
       case 'starting':
+        // A poll answered before the session's `ready` message came: stale.
+        if (this._status.state === 'ready') break;
         if (this._rtc || this._starting) {
           this._set({ state: 'starting', children, reason: null });
           break;
