@@ -113,10 +113,8 @@ fn ws_base(state: &AppState, headers: &HeaderMap) -> String {
 
 /// The live session `id`, in use while the guard lives: an unwatched
 /// session's browser may be paused, and in use it runs.
-async fn in_use(state: &AppState, id: &str) -> Result<(Arc<Live>, InUse), ApiError> {
-    let live = live_of(state, id)?;
-    let in_use = live.automation(false).await;
-    Ok((live, in_use))
+async fn in_use(state: &AppState, id: &str) -> Result<InUse, ApiError> {
+    Ok(live_of(state, id)?.automation(false).await)
 }
 
 /// The live session `id`.

@@ -235,8 +235,8 @@ impl Metrics {
         sessions: &[(String, Snapshot)],
         viewers: &[(String, ViewerId, ViewerCounters)],
     ) {
+        // Empty: render_live clears them before it lets go of the lock.
         let f = &self.live;
-        f.clear();
         for (id, s) in sessions {
             let l = vec![("session".to_string(), id.clone())];
             f.viewers.get_or_create(&l).set(s.viewers as i64);
