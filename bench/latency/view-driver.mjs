@@ -4,7 +4,7 @@
 //
 // Prints {"ready":true} once the browser runs, then answers one JSON line
 // per JSON command line:
-//   {"cmd":"open","url":VIEWER_URL,"mode":"webrtc"|"vnc","width":1280,"height":720,
+//   {"cmd":"open","url":VIEWER_URL,"mode":"webrtc"|"ws"|"vnc","width":1280,"height":720,
 //    "timeoutMs":30000,"warmupMs":0,"clock":false}
 //       opens the real viewer page (`?mode=` must already be in the URL) in a
 //       new browser context and waits for its first frame (and with clock,
@@ -14,9 +14,9 @@
 //       page's, both run on this host).
 //   {"cmd":"measure","seconds":10}
 //       samples glass-to-glass latency on every new clock for that long, in
-//       both modes at the same point: the viewer page's rendering update
-//       (requestAnimationFrame) that first finds it in the <video> or the
-//       noVNC canvas; answers {ok, latency: {samples, p50, p95, min, max,
+//       every mode at the same point: the viewer page's rendering update
+//       (requestAnimationFrame) that first finds it in the <video>, the
+//       WebSocket stream's canvas or the noVNC canvas; answers {ok, latency: {samples, p50, p95, min, max,
 //       mean}, presented, toReceive, toCapture, rates} (see view-stats.js).
 //       WebRTC only: presented is drawn time to the video frame callback
 //       (the compositor has shown it), toReceive to the arrival of the
@@ -151,6 +151,11 @@ function instrument() {
         timeVnc(rfb);
       }
       if (st.mode === 'webrtc' && video && video.readyState >= 2) seen(read(video), false);
+      if (st.mode === 'ws' && el?._ws?.size()) {
+        const canvas = root.querySelector('canvas.ws');
+        if (B.t.firstFrame === null) B.t.firstFrame = Date.now();
+        seen(read(canvas), true);
+      }
       if (st.mode === 'vnc') {
         const canvas = root?.querySelector('.vnc canvas');
         if (canvas && canvas.width > 0 && canvas.height > 0) {
@@ -176,9 +181,11 @@ async function snapshotInPage() {
       if (s.type === 'inbound-rtp' || s.type === 'transport' || s.type === 'codec') rtc.push(s);
     });
   }
+  const ws = window.sandcast?.element?._ws ?? null;
   return {
     t: performance.now(), frames: B.frames, clocks: B.clocks, wsBytes: B.wsBytes,
     vnc: { ...B.vnc }, rtc,
+    ws: ws ? { framesDecoded: ws._t.framesDecoded, decodeMs: ws._t.decodeMs, codec: ws._codec, ...(ws.size() ?? {}) } : null,
   };
 }
 
@@ -205,7 +212,7 @@ async function closeViewer() {
 const commands = {
   async open({ url, mode: want, width = 1280, height = 720, timeoutMs = 30000, warmupMs = 0, clock = false }) {
     if (!url) throw new Error('open needs url');
-    if (want !== 'webrtc' && want !== 'vnc') throw new Error(`mode must be webrtc or vnc, not ${JSON.stringify(want)}`);
+    if (!['webrtc', 'ws', 'vnc'].includes(want)) throw new Error(`mode must be webrtc, ws or vnc, not ${JSON.stringify(want)}`);
     await closeViewer();
     consoleErrors = [];
     mode = want;

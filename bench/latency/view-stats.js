@@ -97,13 +97,26 @@ export function rates(before, after, mode) {
     out.codec = b.codec;
     out.width = b.width;
     out.height = b.height;
+  } else if (mode === 'ws') {
+    // The stream's own counts: frames decoded and the time from decode()
+    // to the decoder's output; bytes of every WebSocket of the page.
+    const a = before.ws ?? { framesDecoded: 0, decodeMs: 0 };
+    const b = after.ws;
+    if (!b) return out;
+    const frames = b.framesDecoded - a.framesDecoded;
+    out.fps = frames / seconds;
+    if (frames > 0) out.decodeMs = (b.decodeMs - a.decodeMs) / frames;
+    out.kbps = ((after.wsBytes - before.wsBytes) * 8) / seconds / 1000;
+    out.codec = b.codec ?? null;
+    out.width = b.width ?? null;
+    out.height = b.height ?? null;
   } else if (mode === 'vnc') {
     const updates = after.vnc.updates - before.vnc.updates;
     out.fps = updates / seconds;
     if (updates > 0) out.decodeMs = (after.vnc.decodeMs - before.vnc.decodeMs) / updates;
     out.kbps = ((after.wsBytes - before.wsBytes) * 8) / seconds / 1000;
   } else {
-    throw new Error(`unknown mode ${JSON.stringify(mode)} (expected webrtc or vnc)`);
+    throw new Error(`unknown mode ${JSON.stringify(mode)} (expected webrtc, ws or vnc)`);
   }
   return out;
 }

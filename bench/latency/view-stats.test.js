@@ -67,6 +67,18 @@ test('noVNC rates: framebuffer updates, JS ms per update, WebSocket kbit/s', () 
   assert.equal(r.shownFps, 20);
 });
 
+test('WebSocket stream rates: frames decoded, ms per decode, WebSocket kbit/s', () => {
+  const a = snap(0, { wsBytes: 0, ws: { framesDecoded: 100, decodeMs: 200, codec: 'avc1.42E033', width: 1280, height: 720 } });
+  const b = snap(2000, { wsBytes: 250000, frames: 100, clocks: 100, ws: { framesDecoded: 220, decodeMs: 440, codec: 'avc1.42E033', width: 1280, height: 720 } });
+  const r = rates(a, b, 'ws');
+  assert.equal(r.fps, 60);
+  assert.equal(r.decodeMs, 2);
+  assert.equal(r.kbps, 1000);
+  assert.equal(r.shownFps, 50);
+  assert.deepEqual([r.codec, r.width, r.height], ['avc1.42E033', 1280, 720]);
+  assert.equal(rates(snap(0), snap(1000), 'ws').fps, null, 'no stream yet: no figures');
+});
+
 test('an idle window has no decode time rather than NaN', () => {
   const r = rates(snap(0), snap(1000), 'vnc');
   assert.equal(r.fps, 0);

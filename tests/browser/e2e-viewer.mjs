@@ -2,7 +2,7 @@
 // against what they show:
 //   node e2e-viewer.mjs '<json>'
 // json: { url, kind: "canvas"|"video"|"any", viewers: 1, viewport: [w, h],
-//         mode?: "webrtc"|"vnc" (the viewer's window.sandcast.mode must be this),
+//         mode?: "webrtc"|"ws"|"vnc" (the viewer's window.sandcast.mode must be this),
 //         chromiumArgs?: [...] (more flags for the viewers' browser),
 //         touch?: true (the viewers' pages are on an emulated touch screen),
 //         timeoutMs, steps: [...] }
@@ -17,7 +17,7 @@
 //                                                       the session's clipboard
 //   { expectRemoteClipboardNumber: [min, max] }         ...a number in that range
 //   { resize: [w, h] }                                  resize the viewer's window
-//   { stats: true }                                     record the viewers' stats; WebRTC ones
+//   { stats: true }                                     record the viewers' stats; WebRTC and ws ones
 //                                                       must have decoded frames
 //   { expectResized: { from?: [w, h], max: [w, h] } }   video/canvas size changed (from the size
 //                                                       before the last resize) and fits in max
@@ -105,7 +105,7 @@ function sampleInPage(kind) {
   };
   let el, w, h, src;
   // "any": whatever the viewer currently streams with.
-  if (kind === 'any') kind = info.mode === 'vnc' ? 'canvas' : 'video';
+  if (kind === 'any') kind = info.mode === 'vnc' || info.mode === 'ws' ? 'canvas' : 'video';
   if (kind === 'video') {
     const vs = all('video').filter((v) => v.videoWidth > 0 && v.readyState >= 2);
     vs.sort((a, b) => b.videoWidth * b.videoHeight - a.videoWidth * a.videoHeight);
@@ -113,7 +113,8 @@ function sampleInPage(kind) {
     if (!el) return { ...info, found: false };
     w = el.videoWidth; h = el.videoHeight; src = el;
   } else {
-    const cs = all('canvas').filter((c) => c.width > 0 && c.height > 0 && !c.dataset.e2e);
+    // Shown ones only: the WebSocket stream's canvas waits hidden in the other modes.
+    const cs = all('canvas').filter((c) => c.width > 0 && c.height > 0 && !c.dataset.e2e && c.getClientRects().length > 0);
     cs.sort((a, b) => b.width * b.height - a.width * a.height);
     el = cs[0];
     if (!el) return { ...info, found: false };
@@ -261,7 +262,7 @@ async function runViewers() {
       rec.ok = outs.every((o) => o.ok);
     } else if (step.stats) {
       rec.stats = await Promise.all(pages.map((p) => p.evaluate(statsInPage)));
-      rec.ok = rec.stats.every((st) => st.mode !== 'webrtc' || st.framesDecoded > 0);
+      rec.ok = rec.stats.every((st) => (st.mode !== 'webrtc' && st.mode !== 'ws') || st.framesDecoded > 0);
     } else if (step.click) {
       const s = await pages[0].evaluate(sampleInPage, kind);
       if (!s.found) { rec.ok = false; rec.error = 'no remote screen to click'; }

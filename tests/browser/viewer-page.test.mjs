@@ -199,8 +199,15 @@ test('a WebRTC offer that never answers falls back after the timeout', async () 
     window.sandcast.element.addEventListener('fallback', (e) => window.fallbacks.push(e.detail.reason));
   });
   await waitFor(() => window.sandcast?.connected === true && window.sandcast.mode === 'vnc');
-  assert.deepEqual(await page.evaluate(() => window.fallbacks), ['WebRTC did not connect within 1.5 s']);
-  assert.equal((await overlay()).path, 'noVNC (WebRTC did not connect within 1.5 s)');
+  // The video stream over a WebSocket came second; this stand-in server has none.
+  assert.deepEqual(await page.evaluate(() => window.fallbacks), [
+    'WebRTC did not connect within 1.5 s',
+    'the video stream failed: the video socket was refused or could not connect',
+  ]);
+  assert.ok(fixture.requests.some((r) => r.method === 'WS' && r.path === '/viewer/x/video' && r.auth === fixture.token),
+    'the stream was tried with the token');
+  assert.equal((await overlay()).path,
+    'noVNC (WebRTC did not connect within 1.5 s; the video stream failed: the video socket was refused or could not connect)');
 });
 
 test('mode=webrtc never falls back', async () => {

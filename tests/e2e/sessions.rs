@@ -361,24 +361,120 @@ fn the_operator_sees_each_sessions_video_in_the_metrics() {
 }
 
 #[test]
-fn without_webrtc_the_viewer_falls_back_to_novnc_by_itself() {
+fn without_webrtc_the_viewer_falls_back_to_the_websocket_stream_by_itself() {
     let s = Server::start(ServerOptions {
         webrtc: "enabled = false".into(),
         ..Default::default()
     });
     let (id, created) = ready_session(&s, &input_page());
-    // Auto mode (no ?mode=): WebRTC cannot connect, so the viewer must switch.
+    // Auto mode (no ?mode=): WebRTC cannot connect, so the viewer must switch
+    // to the video stream on the server's own port, and type through it.
     let view = run_viewer(&json!({
         "url": created["viewer_url"],
         "kind": "canvas",
-        "mode": "vnc",
+        "mode": "ws",
         "steps": [
             { "expect": colours::START, "timeoutMs": 40000 },
             { "click": true },
             { "expect": colours::CLICKED },
+            { "expectStatus": { "mode": "ws", "connected": true } },
         ],
     }));
     eprintln!("fallback: {}", view["steps"][0]["samples"][0]);
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn without_webrtc_or_webcodecs_the_viewer_falls_back_to_novnc() {
+    let s = Server::start(ServerOptions {
+        webrtc: "enabled = false".into(),
+        ..Default::default()
+    });
+    let (id, created) = ready_session(&s, &input_page());
+    // Opened by another name than 127.0.0.1 over plain HTTP, the viewer page
+    // is not a secure context: the browser gives it no WebCodecs, as on a
+    // plain-HTTP server reached from another machine.
+    let url = created["viewer_url"]
+        .as_str()
+        .unwrap()
+        .replace("127.0.0.1", "sandcast.test");
+    assert!(url.contains("sandcast.test"), "{url}");
+    let view = run_viewer(&json!({
+        "url": url,
+        "kind": "canvas",
+        "mode": "vnc",
+        "chromiumArgs": ["--host-resolver-rules=MAP sandcast.test 127.0.0.1"],
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 40000 },
+            { "click": true },
+            { "expect": colours::CLICKED },
+            { "expectStatus": { "mode": "vnc", "secureContext": false } },
+        ],
+    }));
+    eprintln!("fallback: {}", view["steps"][0]["samples"][0]);
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn the_websocket_stream_connects_while_the_session_starts_and_is_a_viewer() {
+    let s = Server::start_default();
+    // The viewer opens right after the POST, as a user's would, with the
+    // stream forced: it connects while the session starts.
+    let created = s
+        .create(&json!({ "start_url": input_page(), "kiosk": true, "width": 1280, "height": 720 }));
+    let id = created["id"].as_str().unwrap().to_string();
+    let url = with_query(created["viewer_url"].as_str().unwrap(), "mode=ws");
+    let dir = tempfile::tempdir().unwrap();
+    let shown = dir.path().join("shown");
+    let done = dir.path().join("done");
+    let viewer = viewer_until(
+        json!({
+            "url": url,
+            "kind": "canvas",
+            "mode": "ws",
+            "steps": [
+                { "expect": colours::START, "timeoutMs": 40000 },
+                { "click": true },
+                { "expect": colours::CLICKED },
+                { "type": "hi" },
+                { "expect": colours::TYPED },
+                { "stats": true },
+                { "signal": shown.to_str().unwrap() },
+                { "waitFile": done.to_str().unwrap(), "timeoutMs": 30000 },
+            ],
+        }),
+        &shown,
+        "showed the page",
+    );
+    // It counts as a viewer: the session says so, and is not idle.
+    let session = s.session(&id);
+    assert_eq!(session["viewers"], 1, "{session:#}");
+    std::fs::write(&done, b"").unwrap();
+    let view = viewer.join().expect("the viewer thread");
+    let stats = &view["steps"][5]["stats"][0];
+    assert_eq!(stats["mode"], "ws", "{stats:#}");
+    assert_eq!(stats["protocol"], "websocket", "{stats:#}");
+    assert!(
+        stats["codec"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("avc1")),
+        "{stats:#}"
+    );
+    // The viewer left: the count goes back (the socket's end reaches the
+    // session's task a moment later).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.session(&id)["viewers"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stream's viewer is still counted: {:#}",
+            s.session(&id)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !s.logs().contains(created["viewer_token"].as_str().unwrap()),
+        "the server logged a viewer token"
+    );
     delete_clean(&s, &id);
 }
 

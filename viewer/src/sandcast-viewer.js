@@ -4,18 +4,23 @@
 //   <sandcast-viewer session="ID" token="VIEWER_TOKEN"></sandcast-viewer>
 //
 // It polls the session's state, shows what is going on (starting, failed,
-// ended, not authorised), and once the session is ready plays it over WebRTC,
-// falling back to noVNC when WebRTC does not connect in time. The full API
-// (attributes, properties, events, methods) is in docs/embedding.md.
+// ended, not authorised), and plays it over WebRTC as soon as it can, falling
+// back to the video stream over a WebSocket on the server's own port
+// (WebCodecs) when WebRTC does not connect in time, and to noVNC when that
+// cannot play either. The full API (attributes, properties, events, methods)
+// is in docs/embedding.md.
 
 import RFB from '../vendor/novnc/core/rfb.js';
 import { encodings } from '../vendor/novnc/core/encodings.js';
 import { connectWebRtc } from './webrtc.js';
+import { connectWsVideo } from './wsvideo.js';
 import { attachInput } from './input.js';
 import { collectStats, formatStats } from './stats.js';
 
 /** Modes the `mode` attribute accepts. */
-export const MODES = ['auto', 'webrtc', 'vnc'];
+export const MODES = ['auto', 'webrtc', 'ws', 'vnc'];
+/** How each mode is shown to the person. */
+export const MODE_LABELS = { webrtc: 'WebRTC', ws: 'WebSocket', vnc: 'noVNC' };
 /** Default time WebRTC gets to connect before noVNC takes over, in ms. */
 export const DEFAULT_WEBRTC_TIMEOUT_MS = 5000;
 /** Default interval between polls of the session's state, in ms. */
@@ -32,7 +37,8 @@ const ENDED = new Set(['stopping', 'stopped', 'completed']);
 const STYLE = `
 :host { display: block; position: relative; overflow: hidden; background: #111; color: #eee;
   font: 14px/1.4 system-ui, sans-serif; min-height: 240px; }
-.stage, video, .vnc, .vnc-input { position: absolute; inset: 0; width: 100%; height: 100%; }
+.stage, video, .vnc, .vnc-input, canvas.ws { position: absolute; inset: 0; width: 100%; height: 100%; }
+canvas.ws { object-fit: contain; background: #000; }
 .vnc-input { z-index: 1; outline: none; }
 video { object-fit: contain; background: #000; outline: none; }
 [hidden] { display: none !important; }
@@ -125,19 +131,22 @@ export function describeChildren(children) {
     .join(' · ');
 }
 
-/** Builds the input WebSocket URL (used beside noVNC) for a session. */
-export function inputUrl(server, session, token) {
-  const u = new URL(vncUrl(server, session, token));
-  u.pathname = u.pathname.replace(/\/vnc$/, '/input');
+/** Builds a session's WebSocket URL (`vnc`, `input` or `video`) from the server's base URL. */
+export function streamUrl(server, session, token, kind) {
+  const u = new URL(`viewer/${encodeURIComponent(session)}/${kind}`, server.endsWith('/') ? server : `${server}/`);
+  u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
+  u.searchParams.set('token', token);
   return u.href;
+}
+
+/** Builds the input WebSocket URL (used beside noVNC and the WebSocket stream) for a session. */
+export function inputUrl(server, session, token) {
+  return streamUrl(server, session, token, 'input');
 }
 
 /** Builds the noVNC WebSocket URL for a session from the server's base URL. */
 export function vncUrl(server, session, token) {
-  const u = new URL(`viewer/${encodeURIComponent(session)}/vnc`, server.endsWith('/') ? server : `${server}/`);
-  u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:';
-  u.searchParams.set('token', token);
-  return u.href;
+  return streamUrl(server, session, token, 'vnc');
 }
 
 /** The `<sandcast-viewer>` element: one session, WebRTC first, noVNC fallback. */
@@ -151,6 +160,7 @@ export class SandcastViewer extends HTMLElement {
     root.innerHTML = `<style>${STYLE}</style>
       <div class="stage" part="stage">
         <video part="video" hidden autoplay muted playsinline tabindex="0"></video>
+        <canvas class="ws" part="ws" hidden></canvas>
         <div class="vnc" part="vnc" hidden></div>
         <div class="vnc-input" part="vnc-input" hidden></div>
       </div>
@@ -169,6 +179,7 @@ export class SandcastViewer extends HTMLElement {
       <input type="file" class="file-input" hidden tabindex="-1">`;
     this._video = root.querySelector('video');
     this._vncBox = root.querySelector('.vnc');
+    this._wsCanvas = root.querySelector('canvas.ws');
     this._vncInput = root.querySelector('.vnc-input');
     this._overlay = root.querySelector('.overlay');
     this._pathLabel = root.querySelector('.path');
@@ -214,6 +225,7 @@ export class SandcastViewer extends HTMLElement {
     this._run = 0; // bumped on every (dis)connect so stale async work can tell it is stale
     this._timers = new Set();
     this._rtc = null;
+    this._ws = null;
     this._rfb = null;
     this._detachInput = null;
     this._statsTimer = null;
@@ -256,7 +268,7 @@ export class SandcastViewer extends HTMLElement {
   /** The viewer token (`token` attribute). */
   get token() { return this.getAttribute('token') || ''; }
 
-  /** `auto` (WebRTC, then noVNC), `webrtc` or `vnc`. */
+  /** `auto` (WebRTC, then the WebSocket stream, then noVNC), `webrtc`, `ws` or `vnc`. */
   get mode() {
     const m = (this.getAttribute('mode') || 'auto').toLowerCase();
     return MODES.includes(m) ? m : 'auto';
@@ -275,9 +287,10 @@ export class SandcastViewer extends HTMLElement {
     this._retries = 0;
     this._notBefore = 0;
     this._webrtcFailed = null;
+    this._wsFailed = null;
     const mode = (this.getAttribute('mode') || 'auto').toLowerCase();
     if (!MODES.includes(mode)) {
-      this._set({ state: 'error', reason: `unknown mode "${mode}" (expected auto, webrtc or vnc)` }, 'error', `unknown mode "${mode}"`);
+      this._set({ state: 'error', reason: `unknown mode "${mode}" (expected auto, webrtc, ws or vnc)` }, 'error', `unknown mode "${mode}"`);
       return;
     }
     if (!this.session) return this._set({ state: 'error', reason: 'no session attribute' }, 'error', 'no session given');
@@ -298,10 +311,11 @@ export class SandcastViewer extends HTMLElement {
     this._set({ connected: false, mode: null, path: null }, final ? undefined : 'disconnected');
   }
 
-  /** Live figures of the active path: WebRTC stats (see stats.js) or noVNC's framebuffer size. */
+  /** Live figures of the active path: WebRTC's or the WebSocket stream's (see stats.js) or noVNC's framebuffer size. */
   async stats() {
     const base = { mode: this._status.mode, connected: this._status.connected };
     if (this._rtc) return { ...base, ...(await collectStats(this._rtc.pc)) };
+    if (this._ws) return { ...base, ...this._ws.stats() };
     if (this._rfb) {
       const canvas = this._vncBox.querySelector('canvas');
       return { ...base, width: canvas?.width ?? null, height: canvas?.height ?? null };
@@ -318,7 +332,7 @@ export class SandcastViewer extends HTMLElement {
     const update = async () => {
       try {
         const s = await this.stats();
-        if (s.mode === 'webrtc') this._statsBox.textContent = `WebRTC · ${formatStats(s)}`;
+        if (s.mode === 'webrtc' || s.mode === 'ws') this._statsBox.textContent = `${MODE_LABELS[s.mode]} · ${formatStats(s)}`;
         else if (s.mode === 'vnc') this._statsBox.textContent = `noVNC · ${s.width ?? '–'}x${s.height ?? '–'}`;
         else this._statsBox.textContent = 'not streaming';
       } catch (e) {
@@ -344,8 +358,7 @@ export class SandcastViewer extends HTMLElement {
       }
     }
     const s = this._status;
-    this._pathLabel.textContent = (s.mode === 'webrtc' ? 'WebRTC'
-      : s.mode === 'vnc' ? `noVNC${s.path ? ` (${s.path})` : ''}` : '')
+    this._pathLabel.textContent = (s.mode ? `${MODE_LABELS[s.mode]}${s.mode !== 'webrtc' && s.path ? ` (${s.path})` : ''}` : '')
       + (s.mode && s.control === false ? ' · view only' : '');
     this.dataset.state = s.state;
     this.dataset.mode = s.mode ?? '';
@@ -416,7 +429,7 @@ export class SandcastViewer extends HTMLElement {
     this._size = body.width && body.height ? { width: body.width, height: body.height } : this._size;
     switch (body.state) {
       case 'ready':
-        if (!this._rtc && !this._rfb && !this._starting && Date.now() >= this._notBefore) {
+        if (!this._rtc && !this._ws && !this._rfb && !this._starting && Date.now() >= this._notBefore) {
           this._set({ state: 'ready', children, reason: null }, 'connecting…', describeChildren(children));
           this._startStream(run);
         } else {
@@ -438,15 +451,16 @@ export class SandcastViewer extends HTMLElement {
       case 'starting':
         // A poll answered before the session's `ready` message came: stale.
         if (this._status.state === 'ready') break;
-        if (this._rtc || this._starting) {
+        if (this._rtc || this._ws || this._starting) {
           this._set({ state: 'starting', children, reason: null });
           break;
         }
         this._set({ state: 'starting', children, reason: null }, 'starting…', describeChildren(children));
-        // WebRTC connects while the session starts, so the first picture
-        // comes as soon as the browser draws, not a connect later. noVNC
-        // waits for `ready` (its server starts with the session).
-        if (this._webrtcEarly() && Date.now() >= this._notBefore) this._startStream(run);
+        // WebRTC and the WebSocket stream connect while the session starts,
+        // so the first picture comes as soon as the browser draws, not a
+        // connect later. noVNC waits for `ready` (its server starts with
+        // the session).
+        if (this._streamsEarly() && Date.now() >= this._notBefore) this._startStream(run);
         break;
       default:
         this._set({ state: String(body.state ?? 'unknown'), children, reason: body.reason ?? null },
@@ -454,10 +468,10 @@ export class SandcastViewer extends HTMLElement {
     }
   }
 
-  /** Whether WebRTC may connect before the session is ready. */
-  _webrtcEarly() {
+  /** Whether the stream this element tries next may connect before the session is ready. */
+  _streamsEarly() {
     const mode = this.mode;
-    return mode === 'webrtc' || (mode === 'auto' && !this._webrtcFailed);
+    return mode === 'webrtc' || mode === 'ws' || (mode === 'auto' && !(this._webrtcFailed && this._wsFailed));
   }
 
   /** The session became ready; a stream connected early now shows it. */
@@ -468,7 +482,7 @@ export class SandcastViewer extends HTMLElement {
   }
 
   _ended(state, reason) {
-    if (ENDED.has(this._status.state) && !this._rtc && !this._rfb) return;
+    if (ENDED.has(this._status.state) && !this._rtc && !this._ws && !this._rfb) return;
     this._run++; // a poll still in flight must not start a stream again
     this._teardown();
     const title = state === 'completed' ? 'done' : 'session ended';
@@ -483,9 +497,20 @@ export class SandcastViewer extends HTMLElement {
     try {
       const mode = this.mode;
       if (mode === 'vnc') return this._startVnc(run, 'forced by mode=vnc');
-      // Once WebRTC has failed, reconnects go straight to noVNC rather than
-      // waiting for the timeout again; connect() tries WebRTC afresh.
-      if (mode === 'auto' && this._webrtcFailed) return this._startVnc(run, this._webrtcFailed);
+      if (mode === 'ws') {
+        try {
+          await this._startWs(run, 'forced by mode=ws');
+        } catch (e) {
+          if (run !== this._run) return;
+          this._set({ connected: false, mode: null, reason: msg(e) }, 'the video stream did not connect, retrying…', msg(e));
+          this._retry(run);
+        }
+        return;
+      }
+      // Once WebRTC has failed, reconnects go straight to the fallbacks
+      // rather than waiting for the timeout again; connect() tries WebRTC
+      // afresh.
+      if (mode === 'auto' && this._webrtcFailed) return await this._fallback(run, this._webrtcFailed);
       const timeoutMs = intAttr(this, 'webrtc-timeout', DEFAULT_WEBRTC_TIMEOUT_MS);
       try {
         await this._startWebRtc(run, timeoutMs);
@@ -494,12 +519,6 @@ export class SandcastViewer extends HTMLElement {
         const why = e && e.timeout
           ? `WebRTC did not connect within ${+(timeoutMs / 1000).toFixed(1)} s`
           : `WebRTC failed: ${msg(e)}`;
-        if (mode === 'auto' && this._status.state === 'starting') {
-          // noVNC needs a ready session: the next `ready` starts it.
-          this._webrtcFailed = why;
-          this._emit('fallback', { reason: why });
-          return;
-        }
         if (mode === 'webrtc') {
           this._set({ connected: false, mode: null, reason: why }, 'WebRTC did not connect, retrying…', why);
           this._retry(run);
@@ -507,11 +526,56 @@ export class SandcastViewer extends HTMLElement {
         }
         this._webrtcFailed = why;
         this._emit('fallback', { reason: why });
-        this._startVnc(run, why);
+        await this._fallback(run, why);
       }
     } finally {
       this._starting = false;
     }
+  }
+
+  // After WebRTC failed (`why`): the WebSocket stream, then noVNC. Once the
+  // stream has failed too, reconnects go straight to noVNC.
+  async _fallback(run, why) {
+    if (!this._wsFailed) {
+      try {
+        await this._startWs(run, why);
+        return;
+      } catch (e) {
+        if (run !== this._run) return;
+        this._wsFailed = `the video stream failed: ${msg(e)}`;
+        this._emit('fallback', { reason: this._wsFailed });
+      }
+    }
+    // noVNC needs a ready session: the next `ready` starts it.
+    if (this._status.state === 'starting') return;
+    this._startVnc(run, `${why}; ${this._wsFailed}`);
+  }
+
+  // The video stream over a WebSocket (WebCodecs on a canvas), with input
+  // over the input socket. Throws when it cannot connect.
+  async _startWs(run, why) {
+    const starting = this._status.state === 'starting';
+    this._set({ mode: 'ws', connected: false, path: why, reason: null }, starting ? undefined : 'connecting…', why);
+    const conn = await connectWsVideo({
+      canvas: this._wsCanvas,
+      url: streamUrl(this.server, this.session, this.token, 'video'),
+      timeoutMs: intAttr(this, 'webrtc-timeout', DEFAULT_WEBRTC_TIMEOUT_MS),
+    });
+    if (run !== this._run) { conn.close(); return; }
+    this._ws = conn;
+    this._wsCanvas.hidden = false;
+    this._video.hidden = true;
+    this._vncBox.hidden = true;
+    conn.onClose = (reason) => this._dropped(run, conn, reason);
+    this._socketInputOn(run, conn, {
+      resize: true,
+      display: () => conn.size() ?? this._size ?? null,
+    });
+    this._retries = 0;
+    // Connected while the session starts: "starting…" stays until `ready`.
+    this._set({ connected: true, reason: null }, this._status.state === 'starting' ? undefined : null);
+    this._emit('connected', { mode: 'ws' });
+    if (this.hasAttribute('autofocus')) this._vncInput.focus({ preventScroll: true });
   }
 
   async _iceServers() {
@@ -558,6 +622,7 @@ export class SandcastViewer extends HTMLElement {
     if (run !== this._run) { conn.close(); return; }
     this._rtc = conn;
     this._video.hidden = false;
+    this._wsCanvas.hidden = true;
     this._vncBox.hidden = true;
     // Control until the gateway says otherwise; its first word may already
     // wait among the early messages, which go to the first handler set, so
@@ -602,6 +667,7 @@ export class SandcastViewer extends HTMLElement {
     box.replaceChildren();
     box.hidden = false;
     this._video.hidden = true;
+    this._wsCanvas.hidden = true;
     this._set({ mode: 'vnc', connected: false, path: why, reason: why }, 'connecting to noVNC…', why);
     let rfb;
     try {
@@ -626,7 +692,13 @@ export class SandcastViewer extends HTMLElement {
       this._retries = 0;
       this._set({ connected: true }, null);
       this._emit('connected', { mode: 'vnc' });
-      this._vncInputOn(run, rfb);
+      this._socketInputOn(run, rfb, {
+        resize: false,
+        display: () => {
+          const c = box.querySelector('canvas');
+          return c && c.width ? { width: c.width, height: c.height } : null;
+        },
+      });
       if (this.hasAttribute('autofocus')) this._vncInput.focus({ preventScroll: true });
     });
     rfb.addEventListener('disconnect', (ev) => {
@@ -640,11 +712,14 @@ export class SandcastViewer extends HTMLElement {
     rfb.addEventListener('clipboard', (ev) => { if (!this._socketClipboard) this._remoteClipboard(ev.detail.text); });
   }
 
-  // The input socket beside noVNC: the data channel's messages, as JSON text
-  // messages, on the overlay above noVNC's canvas (whose picture is centred
-  // and scaled to fit, as the video is).
-  _vncInputOn(run, rfb) {
+  // The input socket beside noVNC or the WebSocket stream (`owner`): the
+  // data channel's messages, as JSON text messages, on the overlay above the
+  // canvas (whose picture is centred and scaled to fit, as the video is).
+  // `resize`: the remote display follows the element's size (not with
+  // noVNC, which scales instead).
+  _socketInputOn(run, owner, { resize, display }) {
     const ws = new WebSocket(inputUrl(this.server, this.session, this.token));
+    const current = () => run === this._run && (this._rfb === owner || this._ws === owner);
     const queue = [];
     const conn = {
       onMessage: null,
@@ -658,7 +733,7 @@ export class SandcastViewer extends HTMLElement {
     // What the server tells viewers: the clipboard in full Unicode (noVNC's
     // is Latin-1; once this one speaks, noVNC's is ignored), the focus.
     ws.addEventListener('message', (ev) => {
-      if (run !== this._run || this._rfb !== rfb) return;
+      if (!current()) return;
       let m;
       try { m = JSON.parse(ev.data); } catch (_) { return; }
       if (m?.kind === 'clipboard' && typeof m.text === 'string') {
@@ -671,19 +746,15 @@ export class SandcastViewer extends HTMLElement {
       conn.onMessage?.(m);
     });
     ws.addEventListener('close', () => {
-      if (run === this._run && this._rfb === rfb) this._dropped(run, rfb, 'input connection lost');
+      if (current()) this._dropped(run, owner, 'input connection lost');
     });
-    const box = this._vncBox;
     const overlay = this._vncInput;
     overlay.hidden = false;
     const detach = attachInput(overlay, conn, {
       touch: this._touchMode(),
-      resize: false,
+      resize,
       clipboard: false,
-      display: () => {
-        const c = box.querySelector('canvas');
-        return c && c.width ? { width: c.width, height: c.height } : null;
-      },
+      display,
     });
     this._detachInput = () => {
       detach();
@@ -878,7 +949,7 @@ export class SandcastViewer extends HTMLElement {
   }
 
   _dropped(run, which, why) {
-    if (run !== this._run || (which !== this._rtc && which !== this._rfb)) return;
+    if (run !== this._run || (which !== this._rtc && which !== this._ws && which !== this._rfb)) return;
     this._teardownStreams();
     if (ENDED.has(this._status.state)) return;
     this._set({ connected: false, reason: why }, 'reconnecting…', why);
@@ -913,6 +984,8 @@ export class SandcastViewer extends HTMLElement {
     this._detachInput = null;
     if (this._rtc) { const c = this._rtc; this._rtc = null; c.close(); }
     this._video.srcObject = null;
+    if (this._ws) { const c = this._ws; this._ws = null; c.close(); }
+    this._wsCanvas.hidden = true;
     if (this._rfb) {
       const r = this._rfb;
       this._rfb = null;

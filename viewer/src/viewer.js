@@ -1,11 +1,11 @@
-// sandcast viewer page: /viewer/<id>#token=<viewer token>[?mode=auto|webrtc|vnc]
+// sandcast viewer page: /viewer/<id>#token=<viewer token>[?mode=auto|webrtc|ws|vnc]
 //
 // A thin page around <sandcast-viewer>: it takes the session id from the
 // path and the token from the fragment (then removes the token from the
 // address bar and history), and mirrors the element's status on
 // `window.sandcast` and as data- attributes on <html> for scripts and tests.
 
-import { MODES } from './sandcast-viewer.js';
+import { MODES, MODE_LABELS } from './sandcast-viewer.js';
 
 /** Parses the session id from a /viewer/<id> path; null when absent. */
 export function sessionFromPath(pathname) {
@@ -52,7 +52,7 @@ function main() {
     root.dataset.mode = s.mode ?? '';
     root.dataset.connected = String(s.connected);
     root.dataset.reason = s.reason ?? '';
-    document.title = `sandcast · ${s.state}${s.mode ? ` · ${s.mode === 'vnc' ? 'noVNC' : 'WebRTC'}` : ''}`;
+    document.title = `sandcast · ${s.state}${s.mode ? ` · ${MODE_LABELS[s.mode]}` : ''}`;
   };
   el.addEventListener('statechange', publish);
   document.body.append(el);

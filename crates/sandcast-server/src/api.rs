@@ -380,6 +380,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "children": children,
         "control": snapshot.control.as_str(),
         "automation_clients": snapshot.automation,
+        "viewers": snapshot.viewers,
     })
 }
 

@@ -33,6 +33,7 @@ pub mod session_log;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod video_socket;
 pub mod viewer;
 pub mod webhooks;
 
@@ -131,6 +132,7 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::control))
         .routes(routes!(viewer::vnc))
         .routes(routes!(viewer::input))
+        .routes(routes!(video_socket::video))
         .routes(routes!(viewer::download))
         .routes(routes!(viewer::upload))
         .routes(routes!(viewer::asset))
@@ -314,6 +316,12 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
         None => {
+            use axum::serve::ListenerExt;
+            // Frames and input are small writes that must go out at once,
+            // not wait for the previous one's acknowledgement (Nagle).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await?

@@ -350,6 +350,8 @@ pub struct Session {
     pub control: crate::manager::Holder,
     /// Automation clients (CDP) connected now.
     pub automation_clients: usize,
+    /// Viewers connected now: WebRTC, the WebSocket video stream and noVNC.
+    pub viewers: usize,
 }
 
 /// The session browser's version (`cdp::version`), as DevTools clients

@@ -60,10 +60,11 @@ impl State {
         State::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
-    /// Whether a WebRTC viewer may connect. While the session starts too:
-    /// the connection is then up by the time the browser first draws, and
-    /// the first picture follows at once instead of a connect later.
-    pub fn takes_webrtc_viewers(self) -> bool {
+    /// Whether a streaming viewer (WebRTC, the WebSocket video stream and
+    /// its input socket) may connect. While the session starts too: the
+    /// connection is then up by the time the browser first draws, and the
+    /// first picture follows at once instead of a connect later.
+    pub fn takes_stream_viewers(self) -> bool {
         matches!(self, State::Starting | State::Ready)
     }
 

@@ -314,6 +314,8 @@ impl axum::serve::Listener for TlsListener {
         loop {
             match self.tcp.accept().await {
                 Ok((stream, addr)) => {
+                    // As on the plain listener: small writes go out at once.
+                    let _ = stream.set_nodelay(true);
                     return (
                         TlsConn {
                             state: ConnState::Handshake(Box::new(self.acceptor.accept(stream))),

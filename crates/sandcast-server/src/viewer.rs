@@ -102,7 +102,7 @@ pub async fn page(Path(id): Path<String>) -> Response {
 /// key only ever from the header, never from a URL that proxies log. Only
 /// `view` and `control` tokens open the viewer (the session's own token is
 /// `control`); an `automation` token never does.
-fn authorize(
+pub(crate) fn authorize(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
@@ -198,6 +198,13 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
+impl TokenQuery {
+    /// The token, when the query has one.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
 /// The noVNC fallback: RFB over a WebSocket (subprotocol `binary`).
 ///
 /// A WebSocket upgrade (`Connection: Upgrade`, `Upgrade: websocket`); the
@@ -276,7 +283,7 @@ pub async fn vnc(
         )),
         (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
-        (status = 409, description = "The session is not `ready`.", body = ErrorBody),
+        (status = 409, description = "The session is neither `starting` nor `ready`.", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
 )]
@@ -288,8 +295,10 @@ pub async fn input(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let (row, grant) = authorize(&state, &id, &headers, q.token.as_deref())?;
+    // While the session starts too, beside the WebSocket video stream:
+    // what is sent before the agent is up waits for it.
     let live = match state.manager.live(&id) {
-        Some(l) if row.state == SessionState::Ready => l,
+        Some(l) if row.state.takes_stream_viewers() => l,
         _ => return Err(session_is(&row)),
     };
     Ok(ws
@@ -706,7 +715,7 @@ pub async fn offer(
             "WebRTC is turned off on this server",
         ));
     };
-    if !row.state.takes_webrtc_viewers() {
+    if !row.state.takes_stream_viewers() {
         return Err(session_is(&row));
     }
     let text =
@@ -969,7 +978,7 @@ async fn signaling_reply(
                 return err("an offer needs \"sdp\"".into());
             };
             match state.manager.store().get(id) {
-                Ok(Some(row)) if row.state.takes_webrtc_viewers() => {}
+                Ok(Some(row)) if row.state.takes_stream_viewers() => {}
                 Ok(Some(row)) => return err(format!("the session is {}", row.state.as_str())),
                 _ => return err("no such session".into()),
             }

@@ -128,7 +128,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
 pub enum ViewMode {
     /// WebRTC video (the default path).
     Webrtc,
-    /// noVNC over the server's WebSocket tunnel (the fallback path).
+    /// The same video over a WebSocket on the server's port, decoded with
+    /// WebCodecs (the first fallback).
+    Ws,
+    /// noVNC over the server's WebSocket tunnel (the last fallback).
     Vnc,
 }
 
@@ -136,6 +139,7 @@ impl ViewMode {
     fn as_str(self) -> &'static str {
         match self {
             ViewMode::Webrtc => "webrtc",
+            ViewMode::Ws => "ws",
             ViewMode::Vnc => "vnc",
         }
     }
@@ -153,7 +157,7 @@ pub struct ViewArgs {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Modes to measure, in this order.
-    #[arg(long, value_delimiter = ',', default_value = "webrtc,vnc")]
+    #[arg(long, value_delimiter = ',', default_value = "webrtc,ws,vnc")]
     modes: Vec<ViewMode>,
     /// Seconds of the idle measurement (a still page with a WebRTC viewer
     /// watching); 0 skips it.

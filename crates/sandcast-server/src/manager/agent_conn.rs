@@ -194,6 +194,9 @@ pub struct Channel {
     /// The session's recording, if it records: frames are offered to it
     /// first, never waiting.
     pub recorder: Option<crate::recording::Sink>,
+    /// Viewers of the WebSocket video stream: a frame is a reference, and a
+    /// viewer that falls behind misses frames rather than holding any up.
+    pub video_sockets: tokio::sync::broadcast::Sender<sandcast_proto::VideoFrame>,
 }
 
 impl Channel {
@@ -382,6 +385,9 @@ async fn video(
             Ok(Frame::Video(v)) => {
                 if let Some(r) = &ch.recorder {
                     r.push(&v);
+                }
+                if ch.video_sockets.receiver_count() > 0 {
+                    let _ = ch.video_sockets.send(v.clone());
                 }
                 if let Some(gw) = &ch.gateway {
                     gw.push_frame(&ch.id, v);

@@ -33,7 +33,7 @@ use crate::store::{Row, Spec, State, Store};
 use crate::webhooks::Webhooks;
 use backlog::Backlog;
 use session::Command;
-pub use session::{Holder, InUse, Live, Snapshot};
+pub use session::{Holder, InUse, Live, Snapshot, VideoSocket};
 
 /// A change worth telling subscribers of `/events`.
 #[derive(Debug, Clone)]

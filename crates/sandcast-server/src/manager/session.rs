@@ -67,7 +67,7 @@ pub struct Snapshot {
     pub children: Vec<ChildReport>,
     /// Display size now.
     pub display: (u32, u32),
-    /// Viewers connected now (WebRTC and VNC).
+    /// Viewers connected now (WebRTC, the WebSocket video stream and VNC).
     pub viewers: usize,
     /// Automation clients connected now (CDP WebSockets).
     pub automation: usize,
@@ -120,6 +120,8 @@ pub enum Command {
     Touch,
     /// A viewer arrived (true) or left (false).
     Viewer(bool),
+    /// A viewer of the WebSocket video stream arrived, left or fell behind.
+    VideoSocket(VideoSocket),
     /// An automation client (a DevTools connection, `client`) or one of
     /// its requests (`json/*`) arrived (true) or left (false).
     Automation {
@@ -161,6 +163,22 @@ pub enum Command {
     },
 }
 
+/// What a viewer of the WebSocket video stream tells its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VideoSocket {
+    /// It connected: the encoder runs, and a key frame comes for it.
+    Joined,
+    /// It closed: the encoder stops when nobody else needs it.
+    Left,
+    /// It missed frames (it reads too slowly): it waits for a key frame.
+    Lagged,
+}
+
+/// Encoded frames waiting for the slowest viewer on a WebSocket video
+/// stream before it misses some and waits for a key frame (at 60 fps, a
+/// quarter of a second: later than that the picture is stale anyway).
+pub const VIDEO_SOCKET_QUEUE: usize = 16;
+
 /// A handle to a running session; cheap to share. Dropping it does not stop
 /// the session.
 pub struct Live {
@@ -170,6 +188,8 @@ pub struct Live {
     log: Arc<SessionLog>,
     ended: watch::Receiver<bool>,
     to_sockets: broadcast::Sender<ViewerMessage>,
+    /// The encoded video, for viewers of the WebSocket video stream.
+    video_frames: broadcast::Sender<sandcast_proto::VideoFrame>,
     /// Ids of the session's tokens revoked while it runs.
     revoked: watch::Receiver<HashSet<String>>,
 }
@@ -255,6 +275,18 @@ impl Live {
     /// remote focus), for viewers on an input socket rather than WebRTC.
     pub fn viewer_messages(&self) -> broadcast::Receiver<ViewerMessage> {
         self.to_sockets.subscribe()
+    }
+
+    /// The session's encoded video from now on, for a viewer of the
+    /// WebSocket video stream; tell the session with [`Live::video_socket`].
+    pub fn video_frames(&self) -> broadcast::Receiver<sandcast_proto::VideoFrame> {
+        self.video_frames.subscribe()
+    }
+
+    /// Tells the session about a viewer of the WebSocket video stream; waits
+    /// for room in the session's queue, so a count is never lost.
+    pub async fn video_socket(&self, what: VideoSocket) {
+        let _ = self.commands.send(Command::VideoSocket(what)).await;
     }
 
     /// Log lines as they come.
@@ -582,6 +614,13 @@ pub struct Actor {
     token_peers: Vec<(ViewerId, String, Option<Instant>)>,
     /// The session's recording, while it records.
     recorder: Option<crate::recording::Recorder>,
+    /// The encoded video, for viewers of the WebSocket video stream.
+    video_frames: broadcast::Sender<sandcast_proto::VideoFrame>,
+    /// Viewers of the WebSocket video stream connected now.
+    video_sockets: usize,
+    /// Whether the gateway's WebRTC viewers want the video now (its last
+    /// word was `Start`, not `Stop`).
+    gateway_video: bool,
 }
 
 /// Makes a session's handle and its task (not yet running).
@@ -610,6 +649,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         bounds.video_max,
     ));
     let (to_sockets, _) = broadcast::channel(SOCKET_VIEWER_QUEUE);
+    let (video_frames, _) = broadcast::channel(VIDEO_SOCKET_QUEUE);
     let (revoked, revoked_rx) = watch::channel(HashSet::new());
     let live = Arc::new(Live {
         revoked: revoked_rx,
@@ -619,6 +659,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         log: log.clone(),
         ended: ended_rx,
         to_sockets: to_sockets.clone(),
+        video_frames: video_frames.clone(),
     });
     let dir = m.config.data_dir.join("sessions").join(&id);
     let actor = Actor {
@@ -655,6 +696,9 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         revoked,
         token_peers: Vec::new(),
         recorder: None,
+        video_frames,
+        video_sockets: 0,
+        gateway_video: false,
     };
     (live, actor)
 }
@@ -865,6 +909,7 @@ impl Actor {
             to_session: self.to_self.clone(),
             gateway: self.m.gateway.clone(),
             recorder: self.recorder.as_ref().map(|r| r.sink()),
+            video_sockets: self.video_frames.clone(),
         });
         tokio::spawn(agent_conn::accept_loop(
             channel,
@@ -986,6 +1031,7 @@ impl Actor {
                 self.publish();
                 self.tell_watched();
             }
+            Command::VideoSocket(what) => self.video_socket(what, now),
             Command::Automation { present, client } => {
                 self.core.automation(present, client, now);
                 self.tell_watched();
@@ -1066,13 +1112,61 @@ impl Actor {
             if matches!(msg, Message::ChooseFiles { .. }) && !self.spec.transfers {
                 continue;
             }
-            // The last viewer left: a recording keeps the encoder running.
-            if msg == Message::Video(VideoControl::Stop) && self.recording() {
-                self.send_agent(record_video());
-                continue;
+            match msg {
+                Message::Video(VideoControl::Start { .. }) => self.gateway_video = true,
+                Message::Video(VideoControl::Stop) => {
+                    self.gateway_video = false;
+                    // The last WebRTC viewer left: a recording or a viewer
+                    // on the WebSocket stream keeps the encoder running.
+                    if self.video_elsewhere() {
+                        self.send_agent(record_video());
+                        continue;
+                    }
+                }
+                _ => {}
             }
             self.send_agent(msg);
         }
+    }
+
+    /// Whether something beside the gateway needs the encoded video: the
+    /// recording, or a viewer on the WebSocket video stream.
+    fn video_elsewhere(&self) -> bool {
+        self.recording() || self.video_sockets > 0
+    }
+
+    /// A viewer of the WebSocket video stream arrived, left or fell behind.
+    /// It counts as a viewer (the session is watched, not idle); the
+    /// encoder runs while any viewer of either kind or a recording needs it,
+    /// in the codec the WebRTC viewers negotiated when there are any (the
+    /// stream says its codec in each frame), else H.264.
+    fn video_socket(&mut self, what: VideoSocket, now: Instant) {
+        match what {
+            VideoSocket::Joined => {
+                self.video_sockets += 1;
+                self.core.viewer(true, now);
+                // Its stream starts at a key frame: ask for one from a
+                // running encoder, or start it (it opens with one).
+                if self.gateway_video || self.recording() {
+                    self.send_agent(Message::Video(VideoControl::KeyFrame));
+                } else {
+                    self.send_agent(record_video());
+                }
+            }
+            VideoSocket::Left => {
+                self.video_sockets = self.video_sockets.saturating_sub(1);
+                self.core.viewer(false, now);
+                if !self.gateway_video && !self.video_elsewhere() {
+                    self.send_agent(Message::Video(VideoControl::Stop));
+                }
+            }
+            VideoSocket::Lagged => {
+                self.send_agent(Message::Video(VideoControl::KeyFrame));
+                return;
+            }
+        }
+        self.publish();
+        self.tell_watched();
     }
 
     /// Whether the session records now (it may have stopped at a cap).
@@ -1123,7 +1217,7 @@ impl Actor {
             return;
         }
         self.recorder = None;
-        if self.core.viewers == 0 && self.control.is_some() {
+        if !self.gateway_video && self.video_sockets == 0 && self.control.is_some() {
             self.send_agent(Message::Video(VideoControl::Stop));
         }
         self.tell_watched();
@@ -1262,7 +1356,7 @@ impl Actor {
                 self.control = Some(tx);
                 self.told_watched = None;
                 self.tell_watched();
-                if self.recording() {
+                if self.video_elsewhere() {
                     self.send_agent(record_video());
                 }
             }

@@ -1,0 +1,230 @@
+//! The video stream over a WebSocket on the server's HTTP port: the path for
+//! a viewer that can reach nothing but that port (UDP and the ICE-TCP port
+//! blocked, as on many corporate networks). The same encoded frames WebRTC
+//! viewers get, one per binary message, decoded in the page with WebCodecs;
+//! input goes over the viewer's input socket (`/viewer/{id}/input`), as
+//! beside noVNC.
+//!
+//! No jitter buffer, no pacing: a frame is sent as soon as the agent hands
+//! it over. A viewer that reads too slowly misses frames (the session's
+//! queue of them is short and never waits for it) and then waits for the
+//! next key frame, which it asks for; TCP's own flow control is all the
+//! congestion control there is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use sandcast_proto::{Codec, VideoFrame, VideoHeader};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::api::{AppState, SessionPath};
+use crate::error::{ApiError, ErrorBody};
+use crate::manager::{Live, VideoSocket};
+use crate::tokens::{Grant, session_is};
+use crate::viewer::{TokenQuery, authorize};
+
+/// Bytes of the header in front of each frame's bitstream.
+pub const HEADER_LEN: usize = 18;
+
+/// How long one frame may take to reach the socket's buffer before the
+/// viewer counts as gone: one that stopped reading must not hold the
+/// stream's task (and its session's viewer count) forever.
+const SEND_STALL: Duration = Duration::from_secs(10);
+
+/// The largest message a viewer may send on this socket (it sends none but
+/// a close; anything bigger ends the connection).
+const MAX_VIEWER_MESSAGE: usize = 1024;
+
+/// The session's video as binary WebSocket messages, for a viewer that
+/// cannot use WebRTC: one encoded frame per message, starting at a key
+/// frame.
+///
+/// A WebSocket upgrade. Each message is an 18-byte header, big-endian,
+/// then the frame's bitstream: byte 0 the codec (1: H.264 constrained
+/// baseline, Annex B; 2: VP8), byte 1 flags (bit 0: a key frame), bytes
+/// 2-3 width and 4-5 height in pixels, bytes 6-9 the frame's sequence
+/// number (a gap: frames were skipped), bytes 10-17 when the screen was
+/// captured, in microseconds since the Unix epoch by the session's clock.
+/// The codec is the one WebRTC viewers of the session negotiated when
+/// there are any, else H.264. The viewer sends nothing on it; its input
+/// goes over `/viewer/{id}/input`. It counts as a viewer: the session is
+/// watched and not idle while it is open.
+#[utoipa::path(
+    get,
+    path = "/viewer/{id}/video",
+    tag = "viewer",
+    security(("viewer_token_query" = []), ("viewer_token" = []), ("api_key" = [])),
+    params(SessionPath),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol; encoded frames in binary messages."),
+        (status = 400, description = "`id` is not a session id (a JSON error), or the request is not a WebSocket upgrade (plain text).", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 409, description = "The session is neither `starting` nor `ready`.", body = ErrorBody),
+        (status = 500, description = "The session store failed.", body = ErrorBody),
+    )
+)]
+pub async fn video(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (row, grant) = authorize(&state, &id, &headers, q.token())?;
+    let live = match state.manager.live(&id) {
+        Some(l) if row.state.takes_stream_viewers() => l,
+        _ => return Err(session_is(&row)),
+    };
+    Ok(ws
+        .max_message_size(MAX_VIEWER_MESSAGE)
+        .on_upgrade(move |socket| pump(socket, live, grant)))
+}
+
+/// The message of one frame: its header, then its bitstream.
+pub fn message(frame: &VideoFrame) -> Bytes {
+    let h = &frame.header;
+    let mut out = Vec::with_capacity(HEADER_LEN + frame.data.len());
+    out.push(match h.codec {
+        Codec::H264 => 1,
+        Codec::Vp8 => 2,
+    });
+    out.push(u8::from(h.keyframe));
+    out.extend_from_slice(&h.width.to_be_bytes());
+    out.extend_from_slice(&h.height.to_be_bytes());
+    out.extend_from_slice(&h.seq.to_be_bytes());
+    out.extend_from_slice(&h.capture_us.to_be_bytes());
+    out.extend_from_slice(&frame.data);
+    Bytes::from(out)
+}
+
+/// Which frames one viewer gets: none until a key frame, and none again
+/// after it missed some until the next key frame (a delta frame on a
+/// picture it does not have would decode as garbage).
+#[derive(Debug)]
+pub struct KeyGate {
+    waiting: bool,
+}
+
+impl Default for KeyGate {
+    fn default() -> Self {
+        KeyGate { waiting: true }
+    }
+}
+
+impl KeyGate {
+    /// Whether the viewer gets this frame.
+    pub fn pass(&mut self, h: &VideoHeader) -> bool {
+        if h.keyframe {
+            self.waiting = false;
+        }
+        !self.waiting
+    }
+
+    /// The viewer missed frames: it waits for a key frame again.
+    pub fn missed(&mut self) {
+        self.waiting = true;
+    }
+}
+
+/// Sends the session's frames until the viewer closes, stops reading, the
+/// session ends or the token stops opening it.
+async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
+    // Subscribed before the session starts the encoder for it, so the
+    // opening key frame cannot pass before the subscription.
+    let mut frames = live.video_frames();
+    live.video_socket(VideoSocket::Joined).await;
+    let mut ended = live.ended();
+    let lost = live.lost(&grant);
+    tokio::pin!(lost);
+    let mut gate = KeyGate::default();
+    loop {
+        tokio::select! {
+            f = frames.recv() => match f {
+                Ok(frame) => {
+                    if !gate.pass(&frame.header) {
+                        continue;
+                    }
+                    let sent = tokio::time::timeout(
+                        SEND_STALL,
+                        socket.send(WsMessage::Binary(message(&frame))),
+                    )
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    gate.missed();
+                    live.video_socket(VideoSocket::Lagged).await;
+                }
+                Err(RecvError::Closed) => break,
+            },
+            m = socket.recv() => match m {
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            // Its guard must not live on in the select's output.
+            () = async { let _ = ended.wait_for(|e| *e).await; } => break,
+            () = &mut lost => break,
+        }
+    }
+    live.video_socket(VideoSocket::Left).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(codec: Codec, keyframe: bool, seq: u32) -> VideoFrame {
+        VideoFrame {
+            header: VideoHeader {
+                codec,
+                keyframe,
+                width: 1280,
+                height: 720,
+                seq,
+                capture_us: 1_765_000_000_123_456,
+            },
+            data: Bytes::from_static(&[0, 0, 0, 1, 0x65, 0xaa]),
+        }
+    }
+
+    #[test]
+    fn a_message_is_the_documented_header_then_the_bitstream() {
+        let m = message(&frame(Codec::H264, true, 0x0102_0304));
+        assert_eq!(m.len(), HEADER_LEN + 6);
+        assert_eq!(m[0], 1, "H.264");
+        assert_eq!(m[1], 1, "key frame");
+        assert_eq!(u16::from_be_bytes([m[2], m[3]]), 1280);
+        assert_eq!(u16::from_be_bytes([m[4], m[5]]), 720);
+        assert_eq!(&m[6..10], &[1, 2, 3, 4]);
+        assert_eq!(
+            u64::from_be_bytes(m[10..18].try_into().unwrap()),
+            1_765_000_000_123_456
+        );
+        assert_eq!(&m[HEADER_LEN..], &[0, 0, 0, 1, 0x65, 0xaa]);
+        let vp8 = message(&frame(Codec::Vp8, false, 7));
+        assert_eq!((vp8[0], vp8[1]), (2, 0));
+    }
+
+    #[test]
+    fn a_viewer_starts_at_a_key_frame_and_waits_for_one_after_missing_frames() {
+        let mut gate = KeyGate::default();
+        assert!(!gate.pass(&frame(Codec::H264, false, 1).header));
+        assert!(gate.pass(&frame(Codec::H264, true, 2).header));
+        assert!(gate.pass(&frame(Codec::H264, false, 3).header));
+        gate.missed();
+        assert!(!gate.pass(&frame(Codec::H264, false, 9).header));
+        assert!(gate.pass(&frame(Codec::H264, true, 10).header));
+        assert!(gate.pass(&frame(Codec::H264, false, 11).header));
+    }
+}
