@@ -478,14 +478,19 @@ fn the_websocket_stream_connects_while_the_session_starts_and_is_a_viewer() {
     delete_clean(&s, &id);
 }
 
-/// An nftables table that drops UDP to one port on this host, removed on drop.
-struct UdpBlock(String);
+/// An nftables table that drops packets to some ports on this host
+/// (`("udp", 3478)`), removed on drop.
+struct PortBlock(String);
 
-impl UdpBlock {
-    fn port(port: u16) -> UdpBlock {
-        let table = format!("sce2e_udp_{port}");
+impl PortBlock {
+    fn ports(ports: &[(&str, u16)]) -> PortBlock {
+        let table = format!("sce2e_block_{}", ports[0].1);
+        let drops: String = ports
+            .iter()
+            .map(|(proto, port)| format!("  {proto} dport {port} drop\n"))
+            .collect();
         let rules = format!(
-            "table inet {table} {{\n chain input {{\n  type filter hook input priority -50;\n  udp dport {port} drop\n }}\n}}\n"
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority -50;\n{drops} }}\n}}\n"
         );
         let mut child = std::process::Command::new("nft")
             .args(["-f", "-"])
@@ -499,11 +504,11 @@ impl UdpBlock {
             .write_all(rules.as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success(), "nft refused {rules}");
-        UdpBlock(table)
+        PortBlock(table)
     }
 }
 
-impl Drop for UdpBlock {
+impl Drop for PortBlock {
     fn drop(&mut self) {
         let _ = std::process::Command::new("nft")
             .args(["delete", "table", "inet", &self.0])
@@ -511,15 +516,22 @@ impl Drop for UdpBlock {
     }
 }
 
+/// The gateway's UDP and ICE-TCP ports, from the keyed health.
+fn gateway_ports(s: &Server) -> (u16, u16) {
+    let health: Value = s.api("GET", "/api/health", None).json();
+    let port = |v: &Value| -> Option<u16> { v.as_str()?.rsplit(':').next()?.parse().ok() };
+    let udp = port(&health["webrtc"]["udp"][0])
+        .unwrap_or_else(|| panic!("no gateway UDP port in /health: {health}"));
+    let tcp = port(&health["webrtc"]["tcp"])
+        .unwrap_or_else(|| panic!("no gateway ICE-TCP port in /health: {health}"));
+    (udp, tcp)
+}
+
 #[test]
 fn with_udp_blocked_webrtc_runs_over_ice_tcp() {
     let s = Server::start_default();
-    let health: Value = s.api("GET", "/api/health", None).json();
-    let port: u16 = health["webrtc"]["udp"][0]
-        .as_str()
-        .and_then(|a| a.rsplit(':').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no gateway UDP port in /health: {health}"));
-    let _block = UdpBlock::port(port);
+    let (udp, _) = gateway_ports(&s);
+    let _block = PortBlock::ports(&[("udp", udp)]);
     let (id, created) = ready_session(&s, &input_page());
     let view = run_viewer(&json!({
         "url": created["viewer_url"],
@@ -536,6 +548,30 @@ fn with_udp_blocked_webrtc_runs_over_ice_tcp() {
     eprintln!("stats with UDP blocked: {st}");
     assert_eq!(st["localProtocol"], "tcp", "{st}");
     assert!(st["framesDecoded"].as_u64().unwrap_or(0) > 0, "{st}");
+    delete_clean(&s, &id);
+}
+
+#[test]
+fn with_only_the_http_port_reachable_the_viewer_streams_over_the_websocket() {
+    let s = Server::start_default();
+    let (udp, tcp) = gateway_ports(&s);
+    // A corporate network: UDP and the ICE-TCP port blocked, HTTP passes.
+    let _block = PortBlock::ports(&[("udp", udp), ("tcp", tcp)]);
+    let (id, created) = ready_session(&s, &input_page());
+    let view = run_viewer(&json!({
+        "url": with_query(created["viewer_url"].as_str().unwrap(), "webrtc-timeout=3000"),
+        "kind": "canvas",
+        "mode": "ws",
+        "steps": [
+            { "expect": colours::START, "timeoutMs": 30000 },
+            { "click": true },
+            { "expect": colours::CLICKED },
+            { "type": "hi" },
+            { "expect": colours::TYPED },
+            { "expectStatus": { "mode": "ws", "path": "WebRTC did not connect within 3 s" } },
+        ],
+    }));
+    eprintln!("only HTTP: {}", view["steps"][5]["got"]);
     delete_clean(&s, &id);
 }
 
@@ -821,4 +857,101 @@ fn a_session_cannot_reach_the_host_and_tokens_open_only_their_session() {
     // B first: its page's URL names A, so B's browser mentions A's id.
     delete_clean(&s, &b);
     delete_clean(&s, &a);
+}
+
+/// A raw client of a session's WebSocket video stream with `token`.
+fn video_socket(
+    s: &Server,
+    id: &str,
+    token: &str,
+) -> Result<
+    tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    tungstenite::Error,
+> {
+    let (ws, _) = tungstenite::connect(format!(
+        "ws://127.0.0.1:{}/viewer/{id}/video?token={token}",
+        s.port
+    ))?;
+    if let tungstenite::stream::MaybeTlsStream::Plain(t) = ws.get_ref() {
+        t.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    Ok(ws)
+}
+
+/// The HTTP status of a refused WebSocket upgrade, and its body.
+fn refused(r: Result<impl std::fmt::Debug, tungstenite::Error>) -> (u16, String) {
+    match r {
+        Err(tungstenite::Error::Http(res)) => (
+            res.status().as_u16(),
+            String::from_utf8_lossy(res.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        other => panic!("expected a refused upgrade, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_video_socket_sends_documented_frames_from_a_key_frame_and_bounds_its_viewers() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    let token = created["viewer_token"].as_str().unwrap();
+
+    let mut ws = video_socket(&s, &id, token).expect("the video socket opens");
+    let m = loop {
+        if let tungstenite::Message::Binary(m) = ws.read().expect("a frame") {
+            break m;
+        }
+    };
+    assert!(m.len() > 22, "a frame of {} bytes", m.len());
+    assert_eq!(m[0], 1, "H.264 without WebRTC viewers");
+    assert_eq!(m[1] & 1, 1, "the stream starts at a key frame");
+    let size = (
+        u16::from_be_bytes([m[2], m[3]]),
+        u16::from_be_bytes([m[4], m[5]]),
+    );
+    assert_eq!(size, (1280, 720));
+    let capture_us = u64::from_be_bytes(m[10..18].try_into().unwrap());
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    assert!(
+        capture_us <= now_us + 1_000_000 && now_us - capture_us < 60_000_000,
+        "capture time {capture_us} µs, now {now_us} µs"
+    );
+    assert_eq!(&m[18..22], &[0, 0, 0, 1], "Annex B: a start code first");
+    assert_eq!(s.session(&id)["viewers"], 1);
+
+    // As many as WebRTC allows a session; one more is refused, saying why.
+    let mut more: Vec<_> = (1..16)
+        .map(|_| video_socket(&s, &id, token).expect("a viewer within the limit"))
+        .collect();
+    let (status, body) = refused(video_socket(&s, &id, token));
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("most viewers on the video stream allowed (16)"),
+        "{body}"
+    );
+    // A slot is free again once the server has seen a viewer go.
+    drop(more.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let extra = loop {
+        match video_socket(&s, &id, token) {
+            Ok(w) => break w,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no slot came free: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    drop(extra);
+
+    let (status, body) = refused(video_socket(&s, &id, "not-a-token"));
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("token"), "{body}");
+
+    drop(ws);
+    drop(more);
+    delete_clean(&s, &id);
+    let (status, body) = refused(video_socket(&s, &id, token));
+    assert!(status == 409 || status == 401, "{status} {body}");
 }

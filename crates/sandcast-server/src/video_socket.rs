@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use sandcast_proto::{Codec, VideoFrame, VideoHeader};
 use tokio::sync::broadcast::error::RecvError;
@@ -68,7 +68,7 @@ const MAX_VIEWER_MESSAGE: usize = 1024;
         )),
         (status = 401, description = "No token, or one that does not open this session's viewer (another session's, revoked, expired, or an automation token).", body = ErrorBody),
         (status = 404, description = "No such session.", body = ErrorBody),
-        (status = 409, description = "The session is neither `starting` nor `ready`.", body = ErrorBody),
+        (status = 409, description = "The session is neither `starting` nor `ready`, or already has the most viewers on this stream allowed (16).", body = ErrorBody),
         (status = 500, description = "The session store failed.", body = ErrorBody),
     )
 )]
@@ -84,9 +84,18 @@ pub async fn video(
         Some(l) if row.state.takes_stream_viewers() => l,
         _ => return Err(session_is(&row)),
     };
+    let slot = live.video_slot().map_err(|max| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("the session already has the most viewers on the video stream allowed ({max}); close one"),
+        )
+    })?;
     Ok(ws
         .max_message_size(MAX_VIEWER_MESSAGE)
-        .on_upgrade(move |socket| pump(socket, live, grant)))
+        .on_upgrade(move |socket| async move {
+            pump(socket, live, grant).await;
+            drop(slot);
+        }))
 }
 
 /// The message of one frame: its header, then its bitstream.

@@ -1,6 +1,7 @@
 //! The viewer: its page and assets (embedded in the binary), its state
-//! endpoint, the noVNC WebSocket tunnelled through the agent with its input
-//! WebSocket, WebRTC signaling (the seed's endpoints), and the person's
+//! endpoint, the noVNC WebSocket tunnelled through the agent, the input
+//! WebSocket beside it and beside the WebSocket video stream
+//! ([`crate::video_socket`]), WebRTC signaling (the seed's endpoints), and the person's
 //! downloads and uploads (files in the session's `~/Downloads` and
 //! `~/Uploads`, by plain name, through the agent).
 

@@ -190,6 +190,9 @@ pub struct Live {
     to_sockets: broadcast::Sender<ViewerMessage>,
     /// The encoded video, for viewers of the WebSocket video stream.
     video_frames: broadcast::Sender<sandcast_proto::VideoFrame>,
+    /// A slot per viewer of the WebSocket video stream, as many as the
+    /// gateway allows WebRTC viewers.
+    video_slots: Arc<Semaphore>,
     /// Ids of the session's tokens revoked while it runs.
     revoked: watch::Receiver<HashSet<String>>,
 }
@@ -281,6 +284,15 @@ impl Live {
     /// WebSocket video stream; tell the session with [`Live::video_socket`].
     pub fn video_frames(&self) -> broadcast::Receiver<sandcast_proto::VideoFrame> {
         self.video_frames.subscribe()
+    }
+
+    /// A slot for one more viewer of the WebSocket video stream, held while
+    /// it is open; `Err(max)` when the session has the most it may have.
+    pub fn video_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, usize> {
+        self.video_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| sandcast_webrtc::HubConfig::default().max_viewers_per_session)
     }
 
     /// Tells the session about a viewer of the WebSocket video stream; waits
@@ -660,6 +672,9 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         ended: ended_rx,
         to_sockets: to_sockets.clone(),
         video_frames: video_frames.clone(),
+        video_slots: Arc::new(Semaphore::new(
+            sandcast_webrtc::HubConfig::default().max_viewers_per_session,
+        )),
     });
     let dir = m.config.data_dir.join("sessions").join(&id);
     let actor = Actor {
