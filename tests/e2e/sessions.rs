@@ -955,3 +955,47 @@ fn the_video_socket_sends_documented_frames_from_a_key_frame_and_bounds_its_view
     let (status, body) = refused(video_socket(&s, &id, token));
     assert!(status == 409 || status == 401, "{status} {body}");
 }
+
+#[test]
+fn a_viewer_asking_for_a_display_past_the_maximum_gets_the_maximum() {
+    let s = Server::start_default();
+    let (id, created) = ready_session(&s, &input_page());
+    let token = created["viewer_token"].as_str().unwrap();
+    let mut video = video_socket(&s, &id, token).expect("the video socket opens");
+    let (mut input, _) = tungstenite::connect(format!(
+        "ws://127.0.0.1:{}/viewer/{id}/input?token={token}",
+        s.port
+    ))
+    .expect("the input socket opens");
+    // 3840x2160 is within what the protocol takes; the server's default
+    // `session.max_width/max_height` (2560x1600) is what Xvfb can hold.
+    input
+        .send(tungstenite::Message::text(
+            json!({"kind": "resize", "width": 3840, "height": 2160}).to_string(),
+        ))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no frame at the maximum size");
+        let Ok(tungstenite::Message::Binary(m)) = video.read() else {
+            continue;
+        };
+        let size = (
+            u16::from_be_bytes([m[2], m[3]]),
+            u16::from_be_bytes([m[4], m[5]]),
+        );
+        assert!(size.0 <= 2560 && size.1 <= 1600, "a frame of {size:?}");
+        if size == (2560, 1600) {
+            break;
+        }
+    }
+    let session = s.session(&id);
+    assert_eq!(
+        (&session["width"], &session["height"]),
+        (&json!(2560), &json!(1600)),
+        "{session:#}"
+    );
+    drop(input);
+    drop(video);
+    delete_clean(&s, &id);
+}

@@ -127,6 +127,7 @@ async fn main() {
             agent_token: None,
             pause_unwatched_ms: 0,
             transfers: true,
+            display_max: None,
             keyboard_layout: None,
         })))
         .await

@@ -32,12 +32,24 @@ pub struct Command {
 /// 9 to 6 ms, glass to glass from 29 to 25 ms at the median.
 pub const BROWSER_NICENESS: i32 = 10;
 
-/// Xvfb at the largest display size; it writes its display number to
+/// The size Xvfb starts at: the largest a viewer may resize the session to
+/// (`display_max`, at most what sandcast sets), never below the session's
+/// own size.
+pub fn xvfb_size(config: &SessionConfig) -> (u32, u32) {
+    let most = sandcast_media::MAX_DISPLAY_SIZE;
+    let (w, h) = config.display_max.unwrap_or(most);
+    (
+        w.max(config.width).min(most.0),
+        h.max(config.height).min(most.1),
+    )
+}
+
+/// Xvfb at `size` (see [`xvfb_size`]); it writes its display number to
 /// `display_fd`. The agent shrinks it to the session's size at once.
-pub fn xvfb(display_fd: i32) -> Command {
+pub fn xvfb(display_fd: i32, (w, h): (u32, u32)) -> Command {
     // Xvfb's RandR cannot grow the screen past its start size, so it starts
-    // at the largest size a viewer may resize to.
-    let (w, h) = sandcast_media::MAX_DISPLAY_SIZE;
+    // at the largest size a viewer may resize to; its framebuffer is that
+    // size whatever is in use.
     Command {
         program: "Xvfb".into(),
         args: vec![
@@ -337,6 +349,7 @@ mod tests {
             agent_token: None,
             pause_unwatched_ms: 0,
             transfers: true,
+            display_max: None,
             keyboard_layout: None,
         }
     }
@@ -363,10 +376,34 @@ mod tests {
     }
 
     #[test]
-    fn xvfb_and_vnc_command_lines() {
-        let x = xvfb(5);
+    fn xvfb_command_line() {
+        let x = xvfb(5, xvfb_size(&config()));
         assert_eq!(x.args[..2], ["-displayfd", "5"]);
         assert!(x.args.contains(&"3840x2160x24".to_string()));
+    }
+
+    #[test]
+    fn xvfb_starts_at_the_largest_size_a_viewer_may_ask_for() {
+        // No maximum given: the largest sandcast sets.
+        assert_eq!(xvfb_size(&config()), (3840, 2160));
+        let mut c = config();
+        c.display_max = Some((2560, 1600));
+        assert_eq!(xvfb_size(&c), (2560, 1600));
+        assert!(
+            xvfb(5, xvfb_size(&c))
+                .args
+                .contains(&"2560x1600x24".to_string())
+        );
+        // Never below the session's own size, never above the largest.
+        c.width = 3000;
+        c.height = 1200;
+        assert_eq!(xvfb_size(&c), (3000, 1600));
+        c.display_max = Some((9999, 9999));
+        assert_eq!(xvfb_size(&c), (3840, 2160));
+    }
+
+    #[test]
+    fn vnc_command_line_is_tuned_for_latency() {
         let v = vnc(":3", 5901);
         let line = v.args.join(" ");
         assert!(

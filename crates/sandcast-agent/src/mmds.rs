@@ -288,6 +288,7 @@ pub(crate) mod tests {
             agent_token: token.map(AgentToken::new),
             pause_unwatched_ms: 0,
             transfers: true,
+            display_max: None,
             keyboard_layout: None,
         }
     }

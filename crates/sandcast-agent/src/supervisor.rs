@@ -290,7 +290,7 @@ fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
         Kind::Xvfb => {
             let (read, write) = pipe()?;
             Prepared {
-                command: children::xvfb(write.as_raw_fd()),
+                command: children::xvfb(write.as_raw_fd(), children::xvfb_size(config)),
                 probe: Probe::Display(tokio::fs::File::from_std(std::fs::File::from(read))),
                 inherit: Some(write),
                 devtools: None,

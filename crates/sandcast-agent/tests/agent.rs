@@ -42,6 +42,7 @@ fn config(url: &str) -> SessionConfig {
         agent_token: None,
         pause_unwatched_ms: 0,
         transfers: true,
+        display_max: None,
         keyboard_layout: None,
     }
 }

@@ -55,6 +55,7 @@ fn config(width: u32, height: u32, html: &str) -> SessionConfig {
         agent_token: None,
         pause_unwatched_ms: 0,
         transfers: true,
+        display_max: None,
         keyboard_layout: None,
     }
 }

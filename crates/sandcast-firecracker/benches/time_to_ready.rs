@@ -79,6 +79,7 @@ async fn until_ready(
         agent_token: Some(token.clone()),
         pause_unwatched_ms: 0,
         transfers: true,
+        display_max: None,
         keyboard_layout: None,
     };
     for m in [

@@ -265,6 +265,12 @@ pub struct SessionConfig {
     /// intercepted and answered with the viewer's uploads. Off: neither.
     #[serde(default = "default_transfers")]
     pub transfers: bool,
+    /// The largest display a viewer may resize the session to, which is
+    /// what Xvfb allocates its framebuffer for (4 bytes a pixel, whatever
+    /// the size in use); never below the session's own size. None: the
+    /// largest sandcast sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_max: Option<(u32, u32)>,
 }
 
 fn default_transfers() -> bool {

@@ -340,6 +340,14 @@ pub struct SessionDefaults {
     pub width: u32,
     /// Display height.
     pub height: u32,
+    /// Widest display a viewer may resize a session to; Xvfb allocates its
+    /// framebuffer for `max_width` x `max_height` (4 bytes a pixel) whatever
+    /// size is in use, so this is memory every session pays. A viewer
+    /// asking for more gets this. A session created larger gets its own
+    /// size.
+    pub max_width: u32,
+    /// Tallest display a viewer may resize a session to (see `max_width`).
+    pub max_height: u32,
     /// Lifetime of a session.
     pub ttl_seconds: u64,
     /// A session nobody watches for this long stops.
@@ -373,6 +381,10 @@ impl Default for SessionDefaults {
         SessionDefaults {
             width: 1280,
             height: 720,
+            // A 1440p or 16:10 laptop screen filled by the viewer, at 16 MiB
+            // a session; 3840x2160 costs 32 MiB.
+            max_width: 2560,
+            max_height: 1600,
             ttl_seconds: 3600,
             idle_timeout_seconds: 900,
             start_url: "about:blank".into(),
@@ -886,6 +898,8 @@ impl Config {
         }
         crate::limits::check_size(self.session.width, self.session.height)
             .map_err(|e| format!("session size: {e}"))?;
+        crate::limits::check_size(self.session.max_width, self.session.max_height)
+            .map_err(|e| format!("session.max_width/max_height: {e}"))?;
         crate::limits::check_url(&self.session.start_url)
             .map_err(|e| format!("session.start_url: {e}"))?;
         for (name, p) in &self.providers {

@@ -4,11 +4,15 @@
 //! memory per idle session.
 //!
 //! `sandcast bench view`: what a person watching a session gets, through the
-//! real backend and the real viewer page in headless Chromium, over WebRTC
-//! and over noVNC: glass-to-glass latency, frame rate, decode time, time from
-//! `POST /api/sessions` to the first decoded frame, CPU of the session and
-//! the server (idle and in motion) and the viewer's bandwidth. The browser
-//! side is `bench/latency/view-driver.mjs`, driven over its stdin/stdout.
+//! real backend and the real viewer page in headless Chromium, over WebRTC,
+//! the WebSocket stream and noVNC: glass-to-glass latency, frame rate,
+//! decode time, time from `POST /api/sessions` to the page shown, CPU of the
+//! session and the server (idle and in motion) and the viewer's bandwidth.
+//! The browser side is `bench/latency/view-driver.mjs`, driven over its
+//! stdin/stdout.
+//!
+//! `sandcast bench density` ([`density`]): how many idle sessions this host
+//! runs while a watched one keeps its latency.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -22,6 +26,8 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::client::{Client, ConnArgs};
+
+mod density;
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
@@ -38,8 +44,13 @@ pub enum BenchCommand {
         settle_seconds: u64,
     },
     /// Glass-to-glass latency, frame rate, decode time, POST to first frame,
-    /// CPU and bandwidth through the viewer page, over WebRTC and noVNC.
+    /// CPU and bandwidth through the viewer page, over WebRTC, the WebSocket
+    /// stream and noVNC.
     View(ViewArgs),
+    /// Idle sessions started in steps while one watched session measures
+    /// latency: how many run before its p95 passes the limit or memory runs
+    /// out, and what each costs.
+    Density(density::DensityArgs),
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -50,17 +61,25 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
-/// Memory charged to a session's cgroup, in MiB (v1 or v2 layouts).
+/// Memory charged to a session's cgroup, in MiB (v1 or v2 layouts; the
+/// session's cgroup is `sandcast/<server instance>/<id>`).
 fn cgroup_memory_mib(id: &str) -> Option<f64> {
-    let candidates = [
-        format!("/sys/fs/cgroup/memory/sandcast/{id}/memory.usage_in_bytes"),
-        format!("/sys/fs/cgroup/sandcast/{id}/memory.current"),
+    let layouts = [
+        ("/sys/fs/cgroup/memory/sandcast", "memory.usage_in_bytes"),
+        ("/sys/fs/cgroup/sandcast", "memory.current"),
     ];
-    candidates.iter().find_map(|p| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .map(|b| b / (1024.0 * 1024.0))
+    layouts.iter().find_map(|(root, file)| {
+        std::fs::read_dir(root)
+            .ok()?
+            .flatten()
+            .find_map(|instance| {
+                std::fs::read_to_string(instance.path().join(id).join(file))
+                    .ok()?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .map(|b| b / (1024.0 * 1024.0))
+            })
     })
 }
 
@@ -68,6 +87,7 @@ fn cgroup_memory_mib(id: &str) -> Option<f64> {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::View(args) => run_view(&args),
+        BenchCommand::Density(args) => density::run(&args),
         BenchCommand::Start {
             conn,
             sessions,
@@ -515,7 +535,7 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
 fn open_session<'a>(
     c: &'a Client,
     driver: &mut Driver,
-    args: &ViewArgs,
+    (width, height): (u32, u32),
     page: String,
     clock: bool,
     mode: ViewMode,
@@ -524,7 +544,7 @@ fn open_session<'a>(
     let created = c.json(
         "POST",
         "/api/sessions",
-        Some(json!({"start_url": page, "kiosk": true, "width": args.width, "height": args.height})),
+        Some(json!({"start_url": page, "kiosk": true, "width": width, "height": height})),
     )?;
     let id = created["id"]
         .as_str()
@@ -538,7 +558,7 @@ fn open_session<'a>(
     let opened = driver.call(
         json!({
             "cmd": "open", "url": with_query(url, &format!("mode={}", mode.as_str())),
-            "mode": mode.as_str(), "width": args.width, "height": args.height,
+            "mode": mode.as_str(), "width": width, "height": height,
             "timeoutMs": 60_000, "clock": clock,
         }),
         Duration::from_secs(90),
@@ -574,8 +594,14 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
     let window = Duration::from_secs(args.seconds + 60);
 
     for &mode in &args.modes {
-        let (guard, posted, opened) =
-            open_session(&c, &mut driver, args, clock_page(), true, mode)?;
+        let (guard, posted, opened) = open_session(
+            &c,
+            &mut driver,
+            (args.width, args.height),
+            clock_page(),
+            true,
+            mode,
+        )?;
         let t = &opened["t"];
         let first_frame = t["firstFrame"].as_f64().map(|f| f - posted);
         let first_clock = t["firstClock"].as_f64().map(|f| f - posted);
@@ -674,8 +700,14 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
     }
 
     if args.idle_seconds > 0 {
-        let (guard, _, _) =
-            open_session(&c, &mut driver, args, still_page(), false, ViewMode::Webrtc)?;
+        let (guard, _, _) = open_session(
+            &c,
+            &mut driver,
+            (args.width, args.height),
+            still_page(),
+            false,
+            ViewMode::Webrtc,
+        )?;
         // Let the first frames, the page's load and the viewer's resize settle.
         std::thread::sleep(Duration::from_secs(3));
         let (m, cpu) = with_cpu(&guard.id, server, || {

@@ -1353,6 +1353,7 @@ impl Actor {
             pause_unwatched_ms: config.session.pause_unwatched_seconds.saturating_mul(1000),
             keyboard_layout: self.spec.keyboard_layout.clone(),
             transfers: self.spec.transfers,
+            display_max: Some((config.session.max_width, config.session.max_height)),
         }
     }
 
