@@ -57,6 +57,8 @@ struct LiveFamilies {
     key_frames_sent: Counters,
     bytes_sent: Counters,
     key_frame_requests: Counters,
+    freezes: Counters,
+    freeze_seconds: Floats,
     rtt: Floats,
     loss: Floats,
     target_bitrate: Family<Labels, Gauge>,
@@ -66,7 +68,7 @@ impl LiveFamilies {
     fn register(&self, r: &mut Registry) {
         r.register(
             "session_viewers",
-            "Viewers of a live session (WebRTC and noVNC)",
+            "Viewers of a live session (WebRTC, the WebSocket stream and noVNC)",
             self.viewers.clone(),
         );
         r.register(
@@ -125,6 +127,16 @@ impl LiveFamilies {
             self.key_frame_requests.clone(),
         );
         r.register(
+            "viewer_freezes",
+            "Times a WebRTC viewer got no frame for over 250 ms while the encoder made frames (held back for a key frame or unwritable)",
+            self.freezes.clone(),
+        );
+        r.register(
+            "viewer_freeze_seconds",
+            "Total length of a WebRTC viewer's freezes (grows like a counter)",
+            self.freeze_seconds.clone(),
+        );
+        r.register(
             "viewer_rtt_seconds",
             "A WebRTC viewer's last round-trip time (receiver reports)",
             self.rtt.clone(),
@@ -145,6 +157,7 @@ impl LiveFamilies {
         self.viewers.clear();
         self.automation.clear();
         self.encode_seconds.clear();
+        self.freeze_seconds.clear();
         for f in [
             &self.frames_encoded,
             &self.key_frames,
@@ -155,6 +168,7 @@ impl LiveFamilies {
             &self.key_frames_sent,
             &self.bytes_sent,
             &self.key_frame_requests,
+            &self.freezes,
         ] {
             f.clear();
         }
@@ -259,6 +273,10 @@ impl Metrics {
             set(&f.key_frames_sent, &l, c.key_frames_sent);
             set(&f.bytes_sent, &l, c.bytes_sent);
             set(&f.key_frame_requests, &l, c.key_frame_requests);
+            set(&f.freezes, &l, c.freezes);
+            f.freeze_seconds
+                .get_or_create(&l)
+                .set(c.freeze_ms as f64 / 1000.0);
             f.rtt.get_or_create(&l).set(f64::from(c.rtt_ms) / 1000.0);
             f.loss
                 .get_or_create(&l)
@@ -335,6 +353,8 @@ mod tests {
             bytes_sent: 123_456,
             rtt_ms: 12,
             loss_permille: 25,
+            freezes: 2,
+            freeze_ms: 1500,
             ..Default::default()
         };
         let text = m.render_live(
@@ -349,6 +369,8 @@ mod tests {
             "sandcast_viewer_sent_bytes_total{session=\"abc\",viewer=\"7\"} 123456",
             "sandcast_viewer_rtt_seconds{session=\"abc\",viewer=\"7\"} 0.012",
             "sandcast_viewer_loss_ratio{session=\"abc\",viewer=\"7\"} 0.025",
+            "sandcast_viewer_freezes_total{session=\"abc\",viewer=\"7\"} 2",
+            "sandcast_viewer_freeze_seconds{session=\"abc\",viewer=\"7\"} 1.5",
         ] {
             assert!(text.contains(want), "{want} not in {text}");
         }

@@ -40,6 +40,7 @@
 #![deny(missing_docs)]
 
 pub mod bitrate;
+pub mod freeze;
 mod gateway;
 mod hub;
 pub mod keyframe;

@@ -64,6 +64,8 @@ pub(crate) struct Peer {
     pub counters: ViewerCounters,
     pub connected: bool,
     pub loss: LossController,
+    /// Frames held back from this viewer, in time.
+    freeze: crate::freeze::FreezeMeter,
     /// When a packet from the viewer last arrived.
     pub last_heard: Instant,
     /// What the viewer was last told of its control, if anything.
@@ -130,6 +132,7 @@ impl Peer {
             counters: ViewerCounters::default(),
             connected: false,
             loss: LossController::default(),
+            freeze: Default::default(),
             last_heard: now,
             told_control: None,
             rtc,
@@ -222,6 +225,7 @@ impl Peer {
         if self.awaiting_key_frame {
             if !frame.header.keyframe {
                 self.counters.frames_skipped += 1;
+                self.freeze.skipped();
                 return;
             }
             self.awaiting_key_frame = false;
@@ -239,6 +243,7 @@ impl Peer {
             .map(|p| p.pt())
         else {
             self.counters.frames_skipped += 1;
+            self.freeze.skipped();
             return;
         };
         // RTP time from the capture time, so the viewer's jitter estimate
@@ -249,6 +254,7 @@ impl Peer {
             .write(pt, wallclock, rtp_time, frame.data.to_vec());
         match res {
             Ok(()) => {
+                self.freeze.sent(now);
                 self.counters.frames_sent += 1;
                 self.counters.bytes_sent += frame.data.len() as u64;
                 if frame.header.keyframe {
@@ -257,6 +263,7 @@ impl Peer {
             }
             Err(e) => {
                 self.counters.frames_skipped += 1;
+                self.freeze.skipped();
                 tracing::debug!(viewer = %self.id, "frame not written: {e}");
             }
         }
@@ -267,6 +274,8 @@ impl Peer {
     pub fn counter_snapshot(&self) -> ViewerCounters {
         ViewerCounters {
             target_bitrate_bps: self.loss.bitrate(),
+            freezes: self.freeze.freezes,
+            freeze_ms: self.freeze.frozen.as_millis() as u64,
             ..self.counters
         }
     }

@@ -90,6 +90,11 @@ pub struct ViewerCounters {
     pub loss_permille: u32,
     /// The bitrate the loss controller asks of the encoder for this viewer.
     pub target_bitrate_bps: u32,
+    /// Freezes: frames were made but none sent to this viewer for longer
+    /// than [`crate::freeze::FREEZE_AFTER`].
+    pub freezes: u64,
+    /// Their total length, in milliseconds.
+    pub freeze_ms: u64,
 }
 
 /// What the gateway tells the server.
