@@ -17,7 +17,8 @@
 //       every mode at the same point: the viewer page's rendering update
 //       (requestAnimationFrame) that first finds it in the <video>, the
 //       WebSocket stream's canvas or the noVNC canvas; answers {ok, latency: {samples, p50, p95, min, max,
-//       mean}, presented, toReceive, toCapture, rates} (see view-stats.js).
+//       mean}, freezes: {count, totalMs, longestMs} (gaps over 250 ms between
+//       new clocks), presented, toReceive, toCapture, rates} (see view-stats.js).
 //       WebRTC only: presented is drawn time to the video frame callback
 //       (the compositor has shown it), toReceive to the arrival of the
 //       frame's last packet, toCapture to the capture (its RTP time).
@@ -30,7 +31,7 @@ import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
-import { summarizeLatency, rates } from './view-stats.js';
+import { summarizeLatency, rates, freezes } from './view-stats.js';
 import { VIEWER_ARGS } from '../../tests/browser/chromium-args.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -47,7 +48,7 @@ function instrument() {
   const D = window.__sandcastBenchDecode;
   const B = {
     t: { start: Date.now(), loaded: null, ready: null, connected: null, firstFrame: null, firstClock: null },
-    measuring: false, samples: [], presented: [], toReceive: [], toCapture: [], frames: 0, clocks: 0, last: null, lastPresented: null,
+    measuring: false, samples: [], shownAt: [], presented: [], toReceive: [], toCapture: [], frames: 0, clocks: 0, last: null, lastPresented: null,
     wsBytes: 0, vnc: { decodeMs: 0, updates: 0 },
   };
   window.__sandcastBench = B;
@@ -84,7 +85,10 @@ function instrument() {
     B.last = drawn;
     B.clocks++;
     if (isFrame) B.frames++;
-    if (B.measuring) B.samples.push(now - drawn);
+    if (B.measuring) {
+      B.samples.push(now - drawn);
+      B.shownAt.push(now);
+    }
   };
   const presented = (drawn, received, rtp) => {
     if (drawn === null || drawn === B.lastPresented) return;
@@ -246,6 +250,7 @@ const commands = {
       const B = window.__sandcastBench;
       const a = await snap();
       B.samples = [];
+      B.shownAt = [];
       B.presented = [];
       B.toReceive = [];
       B.toCapture = [];
@@ -253,11 +258,12 @@ const commands = {
       await new Promise((r) => setTimeout(r, ms));
       B.measuring = false;
       const b = await snap();
-      return { a, b, samples: B.samples, presented: B.presented, toReceive: B.toReceive, toCapture: B.toCapture };
+      return { a, b, samples: B.samples, shownAt: B.shownAt, presented: B.presented, toReceive: B.toReceive, toCapture: B.toCapture };
     }, seconds * 1000);
     return {
       mode,
       latency: summarizeLatency(res.samples),
+      freezes: freezes(res.shownAt),
       presented: summarizeLatency(res.presented),
       toReceive: summarizeLatency(res.toReceive),
       toCapture: summarizeLatency(res.toCapture),

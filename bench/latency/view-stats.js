@@ -27,6 +27,28 @@ export function summarizeLatency(samples) {
   return { samples: n, p50: percentile(samples, 50), p95: percentile(samples, 95), min, max, mean: sum / n };
 }
 
+/** A gap between two new pictures longer than this is a freeze, in ms. */
+export const FREEZE_MS = 250;
+
+/**
+ * Freezes in a window: gaps over FREEZE_MS between the times (ms, in order)
+ * at which a new picture was first shown, and the longest gap.
+ */
+export function freezes(shownAt, threshold = FREEZE_MS) {
+  let count = 0;
+  let totalMs = 0;
+  let longestMs = null;
+  for (let i = 1; i < shownAt.length; i++) {
+    const gap = shownAt[i] - shownAt[i - 1];
+    if (longestMs === null || gap > longestMs) longestMs = gap;
+    if (gap > threshold) {
+      count++;
+      totalMs += gap;
+    }
+  }
+  return { count, totalMs, longestMs };
+}
+
 /**
  * The inbound video and transport figures of a getStats() report, given as
  * an array of its entries (or a Map/RTCStatsReport). Null without inbound video.

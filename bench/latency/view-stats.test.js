@@ -1,7 +1,13 @@
 // node --test bench/latency/
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { summarizeLatency, rtcSnapshot, rates } from './view-stats.js';
+import { summarizeLatency, rtcSnapshot, rates, freezes } from './view-stats.js';
+
+test('freezes: gaps over 250 ms between new pictures, and the longest gap', () => {
+  assert.deepEqual(freezes([0, 17, 33, 400, 417, 600, 650]), { count: 1, totalMs: 367, longestMs: 367 });
+  assert.deepEqual(freezes([0, 260, 520]), { count: 2, totalMs: 520, longestMs: 260 });
+  assert.deepEqual(freezes([5]), { count: 0, totalMs: 0, longestMs: null });
+});
 
 test('latency summary: nearest-rank percentiles, extremes, mean', () => {
   const s = summarizeLatency([40, 10, 30, 20, 100, 50, 60, 70, 80, 90]);

@@ -635,12 +635,15 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
                 ),
                 _ => String::new(),
             };
+            let fr = &m["freezes"];
             println!(
-                "  run {}: p50 {} p95 {} ({} samples){split}, {} shown, {} decoded, decode {}, {}, CPU session {:.1} % (agent {:.1} %), server {}",
+                "  run {}: p50 {} p95 {} ({} samples){split}, {} freezes over 250 ms (longest gap {}), {} shown, {} decoded, decode {}, {}, CPU session {:.1} % (agent {:.1} %), server {}",
                 i + 1,
                 fmt(l["p50"].as_f64(), "ms"),
                 fmt(l["p95"].as_f64(), "ms"),
                 l["samples"],
+                fr["count"],
+                fmt(fr["longestMs"].as_f64(), "ms"),
                 fmt(r["shownFps"].as_f64(), "fps"),
                 fmt(r["fps"].as_f64(), "fps"),
                 fmt(r["decodeMs"].as_f64(), "ms"),
@@ -658,7 +661,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             runs.push(json!({
-                "latency": l, "to_capture": to_capture, "to_receive": to_receive,
+                "latency": l, "freezes": fr, "to_capture": to_capture, "to_receive": to_receive,
                 "presented": presented,
                 "rates": r, "cpu": cpu,
             }));
@@ -671,6 +674,8 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             "post_to_first_clock_ms": first_clock,
             "p50_ms": med(&|r| r["latency"]["p50"].as_f64()),
             "p95_ms": med(&|r| r["latency"]["p95"].as_f64()),
+            "freezes": runs.iter().filter_map(|r| r["freezes"]["count"].as_u64()).sum::<u64>(),
+            "longest_gap_ms": runs.iter().filter_map(|r| r["freezes"]["longestMs"].as_f64()).fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b)))),
             "p50_drawn_to_captured_ms": med(&|r| r["to_capture"]["p50"].as_f64()),
             "p50_drawn_to_received_ms": med(&|r| r["to_receive"]["p50"].as_f64()),
             "p50_drawn_to_frame_callback_ms": med(&|r| r["presented"]["p50"].as_f64()),
@@ -685,11 +690,13 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             "runs": runs,
         });
         println!(
-            "{} median of {} runs: p50 {}, p95 {}, {} shown, {}, CPU in motion: session {}, agent {}, server {}",
+            "{} median of {} runs: p50 {}, p95 {}, {} freezes over 250 ms in all (longest gap {}), {} shown, {}, CPU in motion: session {}, agent {}, server {}",
             mode.as_str(),
             args.runs,
             fmt(summary["p50_ms"].as_f64(), "ms"),
             fmt(summary["p95_ms"].as_f64(), "ms"),
+            summary["freezes"],
+            fmt(summary["longest_gap_ms"].as_f64(), "ms"),
             fmt(summary["shown_fps"].as_f64(), "fps"),
             fmt(summary["kbps"].as_f64(), "kbit/s"),
             fmt(summary["cpu_session_pct"].as_f64(), "%"),
