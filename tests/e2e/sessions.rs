@@ -890,7 +890,7 @@ fn refused(r: Result<impl std::fmt::Debug, tungstenite::Error>) -> (u16, String)
 }
 
 #[test]
-fn the_video_socket_sends_documented_frames_from_a_key_frame_and_bounds_its_viewers() {
+fn the_video_socket_sends_documented_frames_bounds_its_viewers_and_ends_on_revocation() {
     let s = Server::start_default();
     let (id, created) = ready_session(&s, &input_page());
     let token = created["viewer_token"].as_str().unwrap();
@@ -949,8 +949,41 @@ fn the_video_socket_sends_documented_frames_from_a_key_frame_and_bounds_its_view
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("token"), "{body}");
 
-    drop(ws);
+    // A view token watches the stream; revoking it closes the socket.
     drop(more);
+    let view = s.api(
+        "POST",
+        &format!("/api/sessions/{id}/tokens"),
+        Some(&json!({"role": "view"}).to_string()),
+    );
+    assert_eq!(view.status, 201, "{view:?}");
+    let view = view.json();
+    let mut watcher =
+        video_socket(&s, &id, view["token"].as_str().unwrap()).expect("a view token's stream");
+    assert!(
+        matches!(watcher.read(), Ok(tungstenite::Message::Binary(_))),
+        "a view token gets the frames"
+    );
+    let r = s.api(
+        "DELETE",
+        &format!("/api/sessions/{id}/tokens/{}", view["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let revoked = Instant::now();
+    loop {
+        match watcher.read() {
+            Ok(tungstenite::Message::Binary(_)) => {}
+            Ok(tungstenite::Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "still open after the revocation"
+        );
+    }
+
+    drop(ws);
     delete_clean(&s, &id);
     let (status, body) = refused(video_socket(&s, &id, token));
     assert!(status == 409 || status == 401, "{status} {body}");
