@@ -25,6 +25,8 @@
 //   {"cmd":"warm","url":URL}  loads a page once, so the browser is warm.
 //   {"cmd":"close"}    closes the viewer.       {"cmd":"quit"}  ends.
 // Errors answer {ok:false, error}. Uses playwright-core from tests/browser.
+// SANDCAST_BENCH_SECURE_ORIGIN=<origin>: treat that plain-HTTP origin as
+// secure (the server behind `--impair`, as if it were on HTTPS).
 
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
@@ -198,7 +200,12 @@ const prelude = `(() => {\n${decodeSource}\nwindow.__sandcastBenchDecode = { dec
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: VIEWER_ARGS,
+  // Behind `--impair` the server is reached over plain HTTP at an address
+  // that is not localhost: the origin counts as secure here, as an HTTPS
+  // server's would (WebCodecs, the clipboard).
+  args: process.env.SANDCAST_BENCH_SECURE_ORIGIN
+    ? [...VIEWER_ARGS, `--unsafely-treat-insecure-origin-as-secure=${process.env.SANDCAST_BENCH_SECURE_ORIGIN}`]
+    : VIEWER_ARGS,
 });
 
 let ctx = null;

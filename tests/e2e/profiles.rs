@@ -282,7 +282,8 @@ fn a_full_profile_fails_writes_inside_and_a_killed_session_leaves_it_usable() {
     // waits for the profile to be let go of, and has what the other wrote.
     let once = s.create(&json!({
         "user_id": "carol", "profile": true, "start_url": "about:blank",
-        "launch": ["sh", "-c", "echo handed-over > $HOME/h.txt"], "complete_on": "launch_exit",
+        // The killed writer above may have filled the 16 MiB profile.
+        "launch": ["sh", "-c", "rm -f $HOME/lines.txt; echo handed-over > $HOME/h.txt"], "complete_on": "launch_exit",
     }));
     let o = once["id"].as_str().unwrap().to_string();
     s.wait_state(&o, "completed", READY);

@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use crate::client::{Client, ConnArgs};
 
 mod density;
+mod impair;
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
@@ -198,6 +199,12 @@ pub struct ViewArgs {
     /// Also print every figure as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// Puts the viewer behind an impaired link that stays on this machine:
+    /// `delay=20ms,loss=1%,rate=8mbit` (any of them, each way). After each
+    /// mode's runs, one more window has a 1 s burst of 10 % loss. Needs
+    /// root, iproute2 and iptables, and a server on plain HTTP.
+    #[arg(long)]
+    impair: Option<impair::Impairment>,
 }
 
 /// Where the driver lives in the source tree this binary was built from.
@@ -267,14 +274,23 @@ struct Driver {
 }
 
 impl Driver {
-    fn start(path: &Path) -> anyhow::Result<Driver> {
+    /// Starts the driver, inside the impaired link's namespace when given.
+    fn start(path: &Path, link: Option<&impair::Link>) -> anyhow::Result<Driver> {
         if !path.is_file() {
             bail!(
                 "the viewer driver {} does not exist (pass --driver)",
                 path.display()
             );
         }
-        let mut child = Command::new("node")
+        let mut command = match link {
+            Some(l) => {
+                let mut c = l.command("node");
+                c.env("SANDCAST_BENCH_SECURE_ORIGIN", l.viewer_base());
+                c
+            }
+            None => Command::new("node"),
+        };
+        let mut child = command
             .arg(path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -539,6 +555,7 @@ fn open_session<'a>(
     page: String,
     clock: bool,
     mode: ViewMode,
+    base: Option<&str>,
 ) -> anyhow::Result<(SessionGuard<'a>, f64, Value)> {
     let posted = now_ms();
     let created = c.json(
@@ -554,6 +571,15 @@ fn open_session<'a>(
     let url = created["viewer_url"]
         .as_str()
         .context("the server's answer has no viewer_url")?;
+    // Behind an impaired link the viewer reaches the server through its relay.
+    let rebased;
+    let url = match (base, url.find("/viewer/")) {
+        (Some(b), Some(i)) => {
+            rebased = format!("{b}{}", &url[i..]);
+            rebased.as_str()
+        }
+        _ => url,
+    };
     // Opened at once: the page waits for `ready` as a user's would.
     let opened = driver.call(
         json!({
@@ -585,9 +611,21 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             "no CPU cgroup for the viewer (not root?); it competes with the session per process"
         );
     }
-    let mut driver = Driver::start(&args.driver)?;
+    let link = match &args.impair {
+        Some(imp) => {
+            let link = impaired_link(&c, &args.conn.server, imp)?;
+            println!("the viewer is behind: {imp}");
+            Some(link)
+        }
+        None => None,
+    };
+    let base = link.as_ref().map(|l| l.viewer_base());
+    let mut driver = Driver::start(&args.driver, link.as_ref())?;
+    let server_base = base
+        .clone()
+        .unwrap_or_else(|| args.conn.server.trim_end_matches('/').to_owned());
     driver.call(
-        json!({"cmd": "warm", "url": format!("{}/health", args.conn.server.trim_end_matches('/'))}),
+        json!({"cmd": "warm", "url": format!("{server_base}/health")}),
         Duration::from_secs(60),
     )?;
     let mut report = BTreeMap::new();
@@ -601,6 +639,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             clock_page(),
             true,
             mode,
+            base.as_deref(),
         )?;
         let t = &opened["t"];
         let first_frame = t["firstFrame"].as_f64().map(|f| f - posted);
@@ -666,6 +705,10 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
                 "rates": r, "cpu": cpu,
             }));
         }
+        let burst = match (&link, &args.impair) {
+            (Some(l), Some(imp)) => Some(loss_burst(&mut driver, l, imp, args.seconds)?),
+            _ => None,
+        };
         driver.call(json!({"cmd": "close"}), Duration::from_secs(30))?;
         drop(guard);
         let med = |f: &dyn Fn(&Value) -> Option<f64>| median(runs.iter().filter_map(f).collect());
@@ -687,6 +730,8 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             "cpu_agent_pct": med(&|r| r["cpu"]["agent"].as_f64()),
             "cpu_server_pct": med(&|r| r["cpu"]["server"].as_f64()),
             "codec": runs.last().map(|r| r["rates"]["codec"].clone()),
+            "impairment": args.impair.map(|i| i.to_string()),
+            "loss_burst": burst,
             "runs": runs,
         });
         println!(
@@ -714,6 +759,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             still_page(),
             false,
             ViewMode::Webrtc,
+            base.as_deref(),
         )?;
         // Let the first frames, the page's load and the viewer's resize settle.
         std::thread::sleep(Duration::from_secs(3));
@@ -743,11 +789,87 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
         );
     }
     drop(driver);
+    drop(link);
     drop(cgroup);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The impaired link for the viewer: routes to the addresses the server's
+/// WebRTC answers with (this machine's own), a relay to `server`.
+fn impaired_link(
+    c: &Client,
+    server: &str,
+    imp: &impair::Impairment,
+) -> anyhow::Result<impair::Link> {
+    use std::net::ToSocketAddrs;
+    let Some(authority) = server.strip_prefix("http://") else {
+        bail!("--impair needs the server on plain HTTP (http://host:port), not {server}");
+    };
+    let authority = authority.trim_end_matches('/');
+    let server_addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} has no address"))?;
+    let health = c.json("GET", "/api/health", None)?;
+    let own: Vec<std::net::Ipv4Addr> = health["webrtc"]["udp"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str()?.parse::<std::net::SocketAddr>().ok())
+        .filter_map(|a| match a.ip() {
+            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+            _ => None,
+        })
+        .collect();
+    if own.is_empty() {
+        bail!(
+            "the server's WebRTC has no address but loopback ({}); the viewer in its own namespace could not reach it (set webrtc.public_ips)",
+            health["webrtc"]["udp"]
+        );
+    }
+    impair::Link::up(imp, server_addr, &own)
+}
+
+/// One measuring window with 1 s of 10 % loss a third of the way in: the
+/// freezes and the longest gap say how the stream recovers.
+fn loss_burst(
+    driver: &mut Driver,
+    link: &impair::Link,
+    imp: &impair::Impairment,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let m = std::thread::scope(|s| {
+        let burst = s.spawn(|| -> anyhow::Result<()> {
+            std::thread::sleep(Duration::from_secs(seconds) / 3);
+            link.set_loss(100)?;
+            std::thread::sleep(Duration::from_secs(1));
+            link.set_loss(imp.loss_permille)
+        });
+        let m = driver.call(
+            json!({"cmd": "measure", "seconds": seconds}),
+            Duration::from_secs(seconds + 60),
+        );
+        burst
+            .join()
+            .map_err(|_| anyhow::anyhow!("the loss burst's thread panicked"))??;
+        m
+    })?;
+    let (l, fr, r) = (&m["latency"], &m["freezes"], &m["rates"]);
+    println!(
+        "  with a 1 s burst of 10 % loss: p50 {} p95 {}, {} freezes over 250 ms (longest gap {}, {} frozen), {} shown, {}",
+        fmt(l["p50"].as_f64(), "ms"),
+        fmt(l["p95"].as_f64(), "ms"),
+        fr["count"],
+        fmt(fr["longestMs"].as_f64(), "ms"),
+        fmt(fr["totalMs"].as_f64(), "ms"),
+        fmt(r["shownFps"].as_f64(), "fps"),
+        fmt(r["kbps"].as_f64(), "kbit/s"),
+    );
+    Ok(json!({"latency": l, "freezes": fr, "rates": r}))
 }
 
 #[cfg(test)]

@@ -123,13 +123,20 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<std::process::ExitCode> {
         );
     }
     let cgroup = ViewerCgroup::join();
-    let mut driver = Driver::start(&args.driver)?;
+    let mut driver = Driver::start(&args.driver, None)?;
     driver.call(
         json!({"cmd": "warm", "url": format!("{}/health", args.conn.server.trim_end_matches('/'))}),
         Duration::from_secs(60),
     )?;
-    let (watched, _, _) =
-        open_session(&c, &mut driver, (1280, 720), clock_page(), true, args.mode)?;
+    let (watched, _, _) = open_session(
+        &c,
+        &mut driver,
+        (1280, 720),
+        clock_page(),
+        true,
+        args.mode,
+        None,
+    )?;
     let free_before = meminfo_mib("MemAvailable");
     let mut idle: Vec<SessionGuard> = Vec::new();
     let mut steps = Vec::new();
