@@ -14,7 +14,10 @@
 // (codec: 1 H.264 Annex B, 2 VP8; flags: bit 0 key frame; width; height;
 // sequence number; capture time in µs since the epoch) and the bitstream.
 // The server starts the stream at a key frame, and after a gap (the viewer
-// read too slowly) resumes at the next one.
+// read too slowly) resumes at the next one. Each frame is acknowledged with
+// its sequence number (4 bytes, big-endian): the server holds frames back
+// while one waits for its acknowledgement over 250 ms (a link slower than
+// the stream), instead of letting buffers fill and the picture fall behind.
 
 /** Bytes of the header in front of each frame. */
 export const HEADER_LEN = 18;
@@ -127,6 +130,13 @@ export class WsVideo {
     this._t.bytes += buf.byteLength;
     if (this._t.lastSeq !== null && f.seq !== ((this._t.lastSeq + 1) >>> 0)) this._t.gaps++;
     this._t.lastSeq = f.seq;
+    // The acknowledgement: the server sends no more while one waits for
+    // it too long, so a slow link shows fewer pictures, not older ones.
+    if (this.ws.readyState === WebSocket.OPEN) {
+      const ack = new DataView(new ArrayBuffer(4));
+      ack.setUint32(0, f.seq);
+      this.ws.send(ack.buffer);
+    }
     if (this._waitKey && !f.key) return;
     this._waitKey = false;
     let decoder;

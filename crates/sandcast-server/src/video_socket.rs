@@ -8,11 +8,15 @@
 //! No jitter buffer, no pacing: a frame is sent as soon as the agent hands
 //! it over. A viewer that reads too slowly misses frames (the session's
 //! queue of them is short and never waits for it) and then waits for the
-//! next key frame, which it asks for; TCP's own flow control is all the
-//! congestion control there is.
+//! next key frame, which it asks for. A viewer that acknowledges frames
+//! (4 bytes: the sequence number it received) is not sent more while its
+//! oldest unacknowledged frame is older than [`MAX_IN_FLIGHT`]: on a link
+//! slower than the stream, the kernel's and the network's buffers would
+//! otherwise fill and the picture fall seconds behind.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -36,9 +40,13 @@ pub const HEADER_LEN: usize = 18;
 /// stream's task (and its session's viewer count) forever.
 const SEND_STALL: Duration = Duration::from_secs(10);
 
-/// The largest message a viewer may send on this socket (it sends none but
-/// a close; anything bigger ends the connection).
+/// The largest message a viewer may send on this socket (acknowledgements
+/// and a close; anything bigger ends the connection).
 const MAX_VIEWER_MESSAGE: usize = 1024;
+
+/// The longest a frame may wait for its acknowledgement before no more are
+/// sent: more than that in flight is a link slower than the stream.
+pub const MAX_IN_FLIGHT: Duration = Duration::from_millis(250);
 
 /// The session's video as binary WebSocket messages, for a viewer that
 /// cannot use WebRTC: one encoded frame per message, starting at a key
@@ -51,9 +59,12 @@ const MAX_VIEWER_MESSAGE: usize = 1024;
 /// number (a gap: frames were skipped), bytes 10-17 when the screen was
 /// captured, in microseconds since the Unix epoch by the session's clock.
 /// The codec is the one WebRTC viewers of the session negotiated when
-/// there are any, else H.264. The viewer sends nothing on it; its input
-/// goes over `/viewer/{id}/input`. It counts as a viewer: the session is
-/// watched and not idle while it is open.
+/// there are any, else H.264. The viewer may acknowledge each frame with a
+/// 4-byte binary message, its sequence number: then no more frames are sent
+/// while the oldest unacknowledged one is over 250 ms old, and the stream
+/// resumes at a key frame (a slow link shows fewer pictures instead of
+/// falling behind). Its input goes over `/viewer/{id}/input`. It counts as
+/// a viewer: the session is watched and not idle while it is open.
 #[utoipa::path(
     get,
     path = "/viewer/{id}/video",
@@ -142,6 +153,57 @@ impl KeyGate {
     pub fn missed(&mut self) {
         self.waiting = true;
     }
+
+    /// Whether the viewer waits for a key frame.
+    pub fn waiting(&self) -> bool {
+        self.waiting
+    }
+}
+
+/// The frames sent to a viewer and not yet acknowledged. Nothing is kept
+/// for a viewer that never acknowledges.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    acks: bool,
+    sent: VecDeque<(u32, Instant)>,
+}
+
+impl InFlight {
+    /// Most frames remembered (a viewer acknowledging far behind is full
+    /// long before).
+    const MAX: usize = 1024;
+
+    /// Frame `seq` was sent at `now`.
+    pub fn sent(&mut self, seq: u32, now: Instant) {
+        if self.acks {
+            if self.sent.len() == Self::MAX {
+                self.sent.pop_front();
+            }
+            self.sent.push_back((seq, now));
+        }
+    }
+
+    /// The viewer received every frame up to `seq`.
+    pub fn acked(&mut self, seq: u32) {
+        self.acks = true;
+        // Sequence numbers wrap: `a` is at or before `seq` when it is less
+        // than half the space behind it.
+        while self
+            .sent
+            .front()
+            .is_some_and(|(a, _)| seq.wrapping_sub(*a) < 1 << 31)
+        {
+            self.sent.pop_front();
+        }
+    }
+
+    /// Whether the oldest unacknowledged frame waited longer than
+    /// [`MAX_IN_FLIGHT`].
+    pub fn full(&self, now: Instant) -> bool {
+        self.sent
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > MAX_IN_FLIGHT)
+    }
 }
 
 /// Sends the session's frames until the viewer closes, stops reading, the
@@ -155,10 +217,23 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
     let lost = live.lost(&grant);
     tokio::pin!(lost);
     let mut gate = KeyGate::default();
+    let mut in_flight = InFlight::default();
     loop {
         tokio::select! {
             f = frames.recv() => match f {
                 Ok(frame) => {
+                    let now = Instant::now();
+                    if in_flight.full(now) {
+                        // The link is full: skip, and resume at a key frame,
+                        // asked for when the skipping starts and whenever
+                        // one is skipped (none would come by itself).
+                        let was_waiting = gate.waiting();
+                        gate.missed();
+                        if !was_waiting || frame.header.keyframe {
+                            live.video_socket(VideoSocket::Lagged).await;
+                        }
+                        continue;
+                    }
                     if !gate.pass(&frame.header) {
                         continue;
                     }
@@ -170,6 +245,7 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
                     if !matches!(sent, Ok(Ok(()))) {
                         break;
                     }
+                    in_flight.sent(frame.header.seq, now);
                 }
                 Err(RecvError::Lagged(_)) => {
                     gate.missed();
@@ -178,6 +254,9 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
                 Err(RecvError::Closed) => break,
             },
             m = socket.recv() => match m {
+                Some(Ok(WsMessage::Binary(b))) if b.len() == 4 => {
+                    in_flight.acked(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                }
                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
@@ -223,6 +302,34 @@ mod tests {
         assert_eq!(&m[HEADER_LEN..], &[0, 0, 0, 1, 0x65, 0xaa]);
         let vp8 = message(&frame(Codec::Vp8, false, 7));
         assert_eq!((vp8[0], vp8[1]), (2, 0));
+    }
+
+    #[test]
+    fn frames_wait_for_their_acknowledgement_only_for_a_viewer_that_sends_them() {
+        let t0 = Instant::now();
+        let later = t0 + MAX_IN_FLIGHT + Duration::from_millis(1);
+        let mut f = InFlight::default();
+        f.sent(1, t0);
+        assert!(
+            !f.full(later),
+            "a viewer that never acknowledges is never held"
+        );
+        f.acked(1);
+        f.sent(2, t0);
+        f.sent(3, t0 + Duration::from_millis(100));
+        assert!(!f.full(t0 + Duration::from_millis(200)));
+        assert!(f.full(later), "frame 2 waited too long");
+        f.acked(2);
+        assert!(!f.full(later), "frame 3 is younger");
+        f.acked(3);
+        assert!(!f.full(t0 + Duration::from_secs(9)), "all acknowledged");
+        // Across the wrap of the sequence numbers.
+        f.sent(u32::MAX, t0);
+        f.sent(0, t0);
+        f.acked(u32::MAX);
+        assert!(f.full(later), "frame 0 (after the wrap) still waits");
+        f.acked(0);
+        assert!(!f.full(later));
     }
 
     #[test]

@@ -205,6 +205,10 @@ pub struct ViewArgs {
     /// root, iproute2 and iptables, and a server on plain HTTP.
     #[arg(long)]
     impair: Option<impair::Impairment>,
+    /// What the clock is drawn over: `still` (only the clock changes) or
+    /// `scroll` (text scrolling under it, megabits a second).
+    #[arg(long, value_enum, default_value = "still")]
+    backdrop: Backdrop,
 }
 
 /// Where the driver lives in the source tree this binary was built from.
@@ -216,12 +220,55 @@ const DEFAULT_DRIVER: &str = concat!(
 /// The clock page: `clock.html` with `decode.js` inlined, as a `data:` URL,
 /// so a session needs no network to show it.
 fn clock_page() -> String {
+    clock_page_over(Backdrop::Still)
+}
+
+/// What the clock is drawn over (`bench view --backdrop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backdrop {
+    /// A flat grey page: only the clock changes (about 200 kbit/s).
+    Still,
+    /// Lines of text scrolling 4 px a frame under the clock: every frame
+    /// changes most of the screen, as reading a long page does (megabits a
+    /// second), to see what a slow link does.
+    Scroll,
+}
+
+/// Scrolls lines of text over the whole window, under the clock's row.
+const SCROLL_SCRIPT: &str = r#"<canvas id="scroll" style="position:fixed;left:0;top:80px"></canvas>
+<script>
+  const sc = document.getElementById('scroll');
+  sc.width = innerWidth; sc.height = innerHeight - 80;
+  const sx = sc.getContext('2d');
+  const words = 'sandcast streams a browser to a page over a slow link while the text keeps scrolling'.split(' ');
+  let off = 0;
+  function scroll() {
+    sx.fillStyle = '#fff'; sx.fillRect(0, 0, sc.width, sc.height);
+    sx.fillStyle = '#123'; sx.font = '18px serif';
+    for (let y = -(off % 24), n = Math.floor(off / 24); y < sc.height; y += 24, n++) {
+      let line = '';
+      for (let i = 0; line.length < 160; i++) line += words[(n * 7 + i * 3) % words.length] + ' ';
+      sx.fillText(n + ' ' + line, 8, y + 18);
+    }
+    off += 4;
+    requestAnimationFrame(scroll);
+  }
+  requestAnimationFrame(scroll);
+</script>
+</body>"#;
+
+/// The clock page over `backdrop`: `clock.html` with `decode.js` inlined,
+/// as a `data:` URL, so a session needs no network to show it.
+fn clock_page_over(backdrop: Backdrop) -> String {
     const CLOCK: &str = include_str!("../../../bench/latency/clock.html");
     const DECODE: &str = include_str!("../../../bench/latency/decode.js");
     let decode = DECODE.replace("\nexport ", "\n");
-    let page = CLOCK
+    let mut page = CLOCK
         .replace("<script type=\"module\">", &format!("<script>\n{decode}\n"))
         .replace("  import { drawClock, BLOCKS } from './decode.js';\n", "");
+    if backdrop == Backdrop::Scroll {
+        page = page.replace("</body>", SCROLL_SCRIPT);
+    }
     data_url(&page)
 }
 
@@ -636,7 +683,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             &c,
             &mut driver,
             (args.width, args.height),
-            clock_page(),
+            clock_page_over(args.backdrop),
             true,
             mode,
             base.as_deref(),
@@ -886,6 +933,16 @@ mod tests {
             with_query("http://h/viewer/a?x=1", "mode=vnc"),
             "http://h/viewer/a?x=1&mode=vnc"
         );
+    }
+
+    #[test]
+    fn the_scrolling_backdrop_is_under_the_clock_and_within_the_url_limit() {
+        let url = clock_page_over(Backdrop::Scroll);
+        assert!(url.len() < 32 * 1024, "{} bytes", url.len());
+        let html = percent_decode(&url["data:text/html;charset=utf-8,".len()..]);
+        assert!(html.contains("requestAnimationFrame(scroll)"));
+        assert!(html.contains("top:80px"), "the clock's row stays readable");
+        assert!(html.trim_end().ends_with("</html>"));
     }
 
     #[test]
