@@ -360,37 +360,51 @@ fn the_operator_sees_each_sessions_video_in_the_metrics() {
     );
 }
 
-#[test]
-fn without_webrtc_the_viewer_falls_back_to_the_websocket_stream_by_itself() {
+/// A server with WebRTC turned off, and a ready session on the input page.
+fn without_webrtc() -> (Server, String, Value) {
     let s = Server::start(ServerOptions {
         webrtc: "enabled = false".into(),
         ..Default::default()
     });
     let (id, created) = ready_session(&s, &input_page());
-    // Auto mode (no ?mode=): WebRTC cannot connect, so the viewer must switch
-    // to the video stream on the server's own port, and type through it.
+    (s, id, created)
+}
+
+/// A viewer in auto mode shows the page in `mode`, takes a click, and its
+/// status has `status`.
+fn falls_back_to(url: &str, mode: &str, chromium_args: Value, status: Value) {
     let view = run_viewer(&json!({
-        "url": created["viewer_url"],
+        "url": url,
         "kind": "canvas",
-        "mode": "ws",
+        "mode": mode,
+        "chromiumArgs": chromium_args,
         "steps": [
             { "expect": colours::START, "timeoutMs": 40000 },
             { "click": true },
             { "expect": colours::CLICKED },
-            { "expectStatus": { "mode": "ws", "connected": true } },
+            { "expectStatus": status },
         ],
     }));
-    eprintln!("fallback: {}", view["steps"][0]["samples"][0]);
+    eprintln!("fallback to {mode}: {}", view["steps"][0]["samples"][0]);
+}
+
+#[test]
+fn without_webrtc_the_viewer_falls_back_to_the_websocket_stream_by_itself() {
+    let (s, id, created) = without_webrtc();
+    // Auto mode (no ?mode=): WebRTC cannot connect, so the viewer must switch
+    // to the video stream on the server's own port, and type through it.
+    falls_back_to(
+        created["viewer_url"].as_str().unwrap(),
+        "ws",
+        json!([]),
+        json!({ "mode": "ws", "connected": true }),
+    );
     delete_clean(&s, &id);
 }
 
 #[test]
 fn without_webrtc_or_webcodecs_the_viewer_falls_back_to_novnc() {
-    let s = Server::start(ServerOptions {
-        webrtc: "enabled = false".into(),
-        ..Default::default()
-    });
-    let (id, created) = ready_session(&s, &input_page());
+    let (s, id, created) = without_webrtc();
     // Opened by another name than 127.0.0.1 over plain HTTP, the viewer page
     // is not a secure context: the browser gives it no WebCodecs, as on a
     // plain-HTTP server reached from another machine.
@@ -399,19 +413,12 @@ fn without_webrtc_or_webcodecs_the_viewer_falls_back_to_novnc() {
         .unwrap()
         .replace("127.0.0.1", "sandcast.test");
     assert!(url.contains("sandcast.test"), "{url}");
-    let view = run_viewer(&json!({
-        "url": url,
-        "kind": "canvas",
-        "mode": "vnc",
-        "chromiumArgs": ["--host-resolver-rules=MAP sandcast.test 127.0.0.1"],
-        "steps": [
-            { "expect": colours::START, "timeoutMs": 40000 },
-            { "click": true },
-            { "expect": colours::CLICKED },
-            { "expectStatus": { "mode": "vnc", "secureContext": false } },
-        ],
-    }));
-    eprintln!("fallback: {}", view["steps"][0]["samples"][0]);
+    falls_back_to(
+        &url,
+        "vnc",
+        json!(["--host-resolver-rules=MAP sandcast.test 127.0.0.1"]),
+        json!({ "mode": "vnc", "secureContext": false }),
+    );
     delete_clean(&s, &id);
 }
 
