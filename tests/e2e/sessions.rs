@@ -48,6 +48,14 @@ fn input_steps() -> Value {
     ])
 }
 
+/// [`input_steps`], then `more`.
+fn input_steps_then(more: Value) -> Value {
+    let mut steps = input_steps();
+    let list = steps.as_array_mut().expect("an array");
+    list.extend(more.as_array().expect("an array").iter().cloned());
+    steps
+}
+
 #[test]
 fn novnc_lifecycle_shows_the_page_takes_input_and_leaves_nothing() {
     let s = Server::start_default();
@@ -439,16 +447,11 @@ fn the_websocket_stream_connects_while_the_session_starts_and_is_a_viewer() {
             "url": url,
             "kind": "canvas",
             "mode": "ws",
-            "steps": [
-                { "expect": colours::START, "timeoutMs": 40000 },
-                { "click": true },
-                { "expect": colours::CLICKED },
-                { "type": "hi" },
-                { "expect": colours::TYPED },
+            "steps": input_steps_then(json!([
                 { "stats": true },
                 { "signal": shown.to_str().unwrap() },
                 { "waitFile": done.to_str().unwrap(), "timeoutMs": 30000 },
-            ],
+            ])),
         }),
         &shown,
         "showed the page",
@@ -569,14 +572,9 @@ fn with_only_the_http_port_reachable_the_viewer_streams_over_the_websocket() {
         "url": with_query(created["viewer_url"].as_str().unwrap(), "webrtc-timeout=3000"),
         "kind": "canvas",
         "mode": "ws",
-        "steps": [
-            { "expect": colours::START, "timeoutMs": 30000 },
-            { "click": true },
-            { "expect": colours::CLICKED },
-            { "type": "hi" },
-            { "expect": colours::TYPED },
+        "steps": input_steps_then(json!([
             { "expectStatus": { "mode": "ws", "path": "WebRTC did not connect within 3 s" } },
-        ],
+        ])),
     }));
     eprintln!("only HTTP: {}", view["steps"][5]["got"]);
     delete_clean(&s, &id);
