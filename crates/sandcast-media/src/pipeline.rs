@@ -297,6 +297,8 @@ impl VideoPipeline {
             dirty_since: Instant::now(),
             keyframes: KeyFramePolicy::new(KEYFRAME_MIN_INTERVAL),
             pacer: Pacer::new(settings.max_fps),
+            budget: BitBudget::new(),
+            started_bps: settings.bitrate_bps,
             seq: 0,
             i420: I420Frame::default(),
             subtract_seq: 0,
@@ -412,6 +414,60 @@ impl Pacer {
     }
 }
 
+/// Holds the stream to the encoder's bitrate when the encoder cannot: in
+/// camera mode without skipping (the default), openh264 raises its
+/// quantiser only so far, and a page that changes everywhere (scrolling)
+/// then needs several times the bitrate it was asked for, which a slow
+/// link loses whole. A token bucket of bits refilled at the bitrate, with
+/// half a second of it saved (a key frame passes at once); while it is in
+/// debt the next frame waits, so the frame rate falls instead of the link
+/// overflowing. Only once the bitrate was lowered since the stream started
+/// (a viewer lost packets): until then the link has carried what it was
+/// given, and holding a fast link to the starting bitrate would cost frames
+/// for nothing. Plain state, the clock passed in.
+#[derive(Debug, Clone)]
+struct BitBudget {
+    bits: f64,
+    at: Option<Instant>,
+}
+
+impl BitBudget {
+    /// Seconds of the bitrate the bucket holds.
+    const SAVED_SECONDS: f64 = 0.5;
+
+    fn new() -> BitBudget {
+        BitBudget {
+            bits: 0.0,
+            at: None,
+        }
+    }
+
+    /// The bits in the bucket at `now`.
+    fn level(&self, now: Instant, bitrate: u32) -> f64 {
+        let rate = f64::from(bitrate.max(1));
+        match self.at {
+            None => rate * Self::SAVED_SECONDS,
+            Some(at) => (self.bits + now.saturating_duration_since(at).as_secs_f64() * rate)
+                .min(rate * Self::SAVED_SECONDS),
+        }
+    }
+
+    /// The earliest a frame may be made, at `now` (no earlier than it).
+    fn next_at(&self, now: Instant, bitrate: u32) -> Instant {
+        let level = self.level(now, bitrate);
+        if level >= 0.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64(-level / f64::from(bitrate.max(1)))
+    }
+
+    /// A frame of `bytes` was made at `now`.
+    fn spent(&mut self, bytes: usize, now: Instant, bitrate: u32) {
+        self.bits = self.level(now, bitrate) - (bytes * 8) as f64;
+        self.at = Some(now);
+    }
+}
+
 struct Worker {
     capture: Capture,
     damage: damage::Damage,
@@ -425,6 +481,9 @@ struct Worker {
     dirty_since: Instant,
     keyframes: KeyFramePolicy,
     pacer: Pacer,
+    budget: BitBudget,
+    /// The bitrate the stream started at (its last `Start`).
+    started_bps: u32,
     seq: u32,
     i420: I420Frame,
     /// Sequence number of the last DamageSubtract request.
@@ -439,7 +498,18 @@ impl Worker {
             let due = if !self.running {
                 None
             } else if self.dirty {
-                Some((self.dirty_since + COALESCE).max(self.pacer.next_at()))
+                let now = Instant::now();
+                let bitrate = self.encoder.bitrate();
+                let budget = if bitrate < self.started_bps {
+                    self.budget.next_at(now, bitrate)
+                } else {
+                    now
+                };
+                Some(
+                    (self.dirty_since + COALESCE)
+                        .max(self.pacer.next_at())
+                        .max(budget),
+                )
             } else {
                 // An unchanged screen is encoded only for a key frame.
                 self.keyframes.due_at(Instant::now())
@@ -504,6 +574,7 @@ impl Worker {
         for c in controls {
             match c {
                 VideoControl::Start { codec, bitrate_bps } => {
+                    self.started_bps = bitrate_bps;
                     if codec != self.encoder.codec() {
                         // A waiting frame of the old codec is no use now.
                         self.shared.slot.lock().expect("slot lock").frame = None;
@@ -584,6 +655,8 @@ impl Worker {
                 .keyframes
                 .fetch_add(1, Ordering::Relaxed);
         }
+        self.budget
+            .spent(encoded.data.len(), now, self.encoder.bitrate());
         let c = &self.shared.counters;
         c.frames_encoded.fetch_add(1, Ordering::Relaxed);
         c.encode_us
@@ -611,6 +684,43 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bit_budget_lets_a_key_frame_through_and_holds_the_average() {
+        let t0 = Instant::now();
+        let mut b = BitBudget::new();
+        let rate = 1_000_000; // 1 Mbit/s: half a second saved is 62 500 bytes
+        assert_eq!(b.next_at(t0, rate), t0, "a fresh stream goes at once");
+        // A 50 KB key frame fits in what is saved.
+        b.spent(50_000, t0, rate);
+        assert_eq!(b.next_at(t0, rate), t0);
+        // 50 KB more puts it 300 kbit in debt: 300 ms to wait.
+        b.spent(50_000, t0, rate);
+        let wait = b.next_at(t0, rate) - t0;
+        assert!((wait.as_secs_f64() - 0.3).abs() < 0.001, "{wait:?}");
+        // Frames of 20 KB, each as soon as allowed, average the bitrate.
+        let mut now = t0;
+        let mut bytes = 100_000usize;
+        for _ in 0..100 {
+            now = b.next_at(now, rate);
+            b.spent(20_000, now, rate);
+            bytes += 20_000;
+        }
+        let secs = (now - t0).as_secs_f64();
+        let avg = bytes as f64 * 8.0 / secs;
+        assert!(
+            avg < 1_100_000.0 && avg > 900_000.0,
+            "{avg} bit/s over {secs} s"
+        );
+        // Small frames at a high bitrate are never held.
+        let mut b = BitBudget::new();
+        let mut now = t0;
+        for _ in 0..600 {
+            assert_eq!(b.next_at(now, 2_500_000), now);
+            b.spent(500, now, 2_500_000);
+            now += Duration::from_millis(16);
+        }
+    }
 
     #[test]
     fn pacer_holds_the_average_and_lets_one_frame_through_early() {
