@@ -54,7 +54,10 @@ pub struct VideoHeader {
 }
 
 impl VideoHeader {
-    pub(crate) fn encode(&self) -> [u8; VIDEO_HEADER_LEN] {
+    /// The header as the agent channel carries it (and the viewer's
+    /// WebSocket video stream): codec (1 H.264, 2 VP8), key-frame flag,
+    /// width, height, sequence number, capture time in µs, big-endian.
+    pub fn encode(&self) -> [u8; VIDEO_HEADER_LEN] {
         let mut out = [0u8; VIDEO_HEADER_LEN];
         out[0] = self.codec.to_byte();
         out[1] = u8::from(self.keyframe);

@@ -23,7 +23,7 @@ use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use sandcast_proto::{Codec, VideoFrame, VideoHeader};
+use sandcast_proto::{VideoFrame, VideoHeader};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{AppState, SessionPath};
@@ -33,7 +33,7 @@ use crate::tokens::{Grant, session_is};
 use crate::viewer::{TokenQuery, authorize};
 
 /// Bytes of the header in front of each frame's bitstream.
-pub const HEADER_LEN: usize = 18;
+pub const HEADER_LEN: usize = sandcast_proto::VIDEO_HEADER_LEN;
 
 /// How long one frame may take to reach the socket's buffer before the
 /// viewer counts as gone: one that stopped reading must not hold the
@@ -110,18 +110,12 @@ pub async fn video(
 }
 
 /// The message of one frame: its header, then its bitstream.
+/// The viewer gets the agent channel's own header (`VideoHeader::encode`),
+/// so there is one layout to keep; the test below pins it to this route's
+/// documentation.
 pub fn message(frame: &VideoFrame) -> Bytes {
-    let h = &frame.header;
     let mut out = Vec::with_capacity(HEADER_LEN + frame.data.len());
-    out.push(match h.codec {
-        Codec::H264 => 1,
-        Codec::Vp8 => 2,
-    });
-    out.push(u8::from(h.keyframe));
-    out.extend_from_slice(&h.width.to_be_bytes());
-    out.extend_from_slice(&h.height.to_be_bytes());
-    out.extend_from_slice(&h.seq.to_be_bytes());
-    out.extend_from_slice(&h.capture_us.to_be_bytes());
+    out.extend_from_slice(&frame.header.encode());
     out.extend_from_slice(&frame.data);
     Bytes::from(out)
 }
@@ -271,6 +265,7 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sandcast_proto::Codec;
 
     fn frame(codec: Codec, keyframe: bool, seq: u32) -> VideoFrame {
         VideoFrame {

@@ -378,6 +378,14 @@ impl Driver {
         serde_json::from_str(&line).with_context(|| format!("the viewer driver printed {line:?}"))
     }
 
+    /// Loads `server`'s health page once, so the browser is warm before
+    /// anything is measured.
+    fn warm(&mut self, server: &str) -> anyhow::Result<()> {
+        let url = format!("{}/health", server.trim_end_matches('/'));
+        self.call(json!({"cmd": "warm", "url": url}), Duration::from_secs(60))?;
+        Ok(())
+    }
+
     /// Sends one command and returns its answer, or its error.
     fn call(&mut self, cmd: Value, timeout: Duration) -> anyhow::Result<Value> {
         writeln!(self.stdin, "{cmd}")?;
@@ -639,17 +647,19 @@ fn open_session<'a>(
     Ok((guard, posted, opened))
 }
 
-fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
-    if args.runs == 0 || args.seconds == 0 {
-        bail!("--runs and --seconds must be at least 1");
-    }
-    let c = Client::new(&args.conn)?;
-    // A server that is not ready answers 503, which is an error here.
+/// What every viewer benchmark checks and sets up first: the server is
+/// ready (a server that is not answers 503, an error here), its pid for its
+/// CPU, and the benchmark's own CPU cgroup for itself and its viewer; each
+/// said when it cannot be had.
+fn server_and_cgroup(
+    c: &Client,
+    server_pid: Option<i32>,
+) -> anyhow::Result<(Option<i32>, Option<ViewerCgroup>)> {
     c.json("GET", "/health", None)?;
-    let server = args.server_pid.or_else(find_server_pid);
+    let server = server_pid.or_else(find_server_pid);
     if server.is_none() {
         eprintln!(
-            "no single `sandcast serve` process found; server CPU is not measured (--server-pid)"
+            "no single `sandcast serve` process found; the server's cost is not measured (--server-pid)"
         );
     }
     let cgroup = ViewerCgroup::join();
@@ -658,6 +668,15 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
             "no CPU cgroup for the viewer (not root?); it competes with the session per process"
         );
     }
+    Ok((server, cgroup))
+}
+
+fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
+    if args.runs == 0 || args.seconds == 0 {
+        bail!("--runs and --seconds must be at least 1");
+    }
+    let c = Client::new(&args.conn)?;
+    let (server, cgroup) = server_and_cgroup(&c, args.server_pid)?;
     let link = match &args.impair {
         Some(imp) => {
             let link = impaired_link(&c, &args.conn.server, imp)?;
@@ -668,13 +687,7 @@ fn run_view(args: &ViewArgs) -> anyhow::Result<ExitCode> {
     };
     let base = link.as_ref().map(|l| l.viewer_base());
     let mut driver = Driver::start(&args.driver, link.as_ref())?;
-    let server_base = base
-        .clone()
-        .unwrap_or_else(|| args.conn.server.trim_end_matches('/').to_owned());
-    driver.call(
-        json!({"cmd": "warm", "url": format!("{server_base}/health")}),
-        Duration::from_secs(60),
-    )?;
+    driver.warm(base.as_deref().unwrap_or(&args.conn.server))?;
     let mut report = BTreeMap::new();
     let window = Duration::from_secs(args.seconds + 60);
 

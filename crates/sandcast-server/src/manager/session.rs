@@ -1232,7 +1232,7 @@ impl Actor {
             return;
         }
         self.recorder = None;
-        if !self.gateway_video && self.video_sockets == 0 && self.control.is_some() {
+        if !self.gateway_video && !self.video_elsewhere() && self.control.is_some() {
             self.send_agent(Message::Video(VideoControl::Stop));
         }
         self.tell_watched();

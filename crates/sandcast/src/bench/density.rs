@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use super::{
     Client, ConnArgs, DEFAULT_DRIVER, Driver, SessionGuard, TICKS_PER_SECOND, ViewMode,
-    ViewerCgroup, cgroup_memory_mib, clock_page, cpu_ticks, find_server_pid, fmt, median,
-    open_session, session_ticks, still_page,
+    cgroup_memory_mib, clock_page, cpu_ticks, fmt, median, open_session, server_and_cgroup,
+    session_ticks, still_page,
 };
 
 /// Arguments of `sandcast bench density`.
@@ -115,19 +115,9 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<std::process::ExitCode> {
         bail!("--step, --seconds and --max-idle must be at least 1");
     }
     let c = Client::new(&args.conn)?;
-    c.json("GET", "/health", None)?;
-    let server = args.server_pid.or_else(find_server_pid);
-    if server.is_none() {
-        eprintln!(
-            "no single `sandcast serve` process found; the server's cost is not measured (--server-pid)"
-        );
-    }
-    let cgroup = ViewerCgroup::join();
+    let (server, cgroup) = server_and_cgroup(&c, args.server_pid)?;
     let mut driver = Driver::start(&args.driver, None)?;
-    driver.call(
-        json!({"cmd": "warm", "url": format!("{}/health", args.conn.server.trim_end_matches('/'))}),
-        Duration::from_secs(60),
-    )?;
+    driver.warm(&args.conn.server)?;
     let (watched, _, _) = open_session(
         &c,
         &mut driver,

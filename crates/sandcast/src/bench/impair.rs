@@ -107,9 +107,10 @@ impl std::fmt::Display for Impairment {
 }
 
 /// Runs a command; an error names it and what it printed.
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+fn run<S: AsRef<str>>(program: &str, args: &[S]) -> anyhow::Result<()> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = Command::new(program)
-        .args(args)
+        .args(&args)
         .output()
         .with_context(|| format!("running {program} (is it installed? iproute2, iptables)"))?;
     if !out.status.success() {
@@ -238,10 +239,9 @@ impl Link {
         run("iptables", &["-t", "mangle", "-N", &chain])?;
         link.has_chain = true;
         // Rule 1 is the loss, replaced for a burst (`set_loss`).
-        let rule = Self::loss_rule(&chain, "-A", imp.loss_permille);
         run(
             "iptables",
-            &rule.iter().map(String::as_str).collect::<Vec<_>>(),
+            &Self::loss_rule(&chain, "-A", imp.loss_permille),
         )?;
         if !imp.delay.is_zero() {
             let q = queue.to_string();
@@ -328,11 +328,7 @@ impl Link {
 
     /// Changes the random loss (for a burst).
     pub fn set_loss(&self, permille: u32) -> anyhow::Result<()> {
-        let args = Self::loss_rule(&self.chain, "-R", permille);
-        run(
-            "iptables",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
+        run("iptables", &Self::loss_rule(&self.chain, "-R", permille))
     }
 
     /// The server's base URL as the viewer reaches it: the relay.
