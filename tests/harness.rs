@@ -109,6 +109,8 @@ pub struct ServerOptions {
     pub args: Vec<String>,
     /// Extra keys of the `[webrtc]` table.
     pub webrtc: String,
+    /// Extra keys of the `[session]` table.
+    pub session: String,
     /// Keep the server's default rate limits (the harness otherwise raises
     /// the per-address limit of requests without the key, which tests
     /// probing refusals spend quickly).
@@ -306,13 +308,14 @@ impl Server {
             .collect();
         let cfg = format!(
             "data_dir = {data:?}\n{top}\n\
-             [session]\negress = false\n\n\
+             [session]\negress = false\n{session}\n\n\
              [browser]\nbinary = {binary:?}\nextra_args = {args}\n\n\
              [host]\nname_prefix = \"{prefix}\"\ncgroup_parent = \"sandcast-e2e\"\n\n\
              [webrtc]\nudp_bind = \"127.0.0.1:0\"\ntcp_bind = \"127.0.0.1:0\"\npublic_ips = [\"127.0.0.1\"]\n{webrtc}\n\n\
              {tables}\n",
             data = self.data.path().to_str().expect("utf-8 temp path"),
             top = self.opts.top,
+            session = self.opts.session,
             args = serde_json::to_string(&extra_args).expect("json"),
             binary = self
                 .opts

@@ -218,6 +218,9 @@ pub struct Driver {
     transfers: Option<Transfers>,
     /// Ids of `DOM.setFileInputFiles` commands, whose failure is logged.
     choosing: HashMap<u64, u64>,
+    /// The tabs attached now (targets of type `page` but the browser's
+    /// own WebUI, such as its omnibox popup), by their flat session.
+    pages: HashMap<String, String>,
 }
 
 impl Driver {
@@ -256,6 +259,7 @@ impl Driver {
             focus_bucket: Bucket::new(REPORTS_PER_SECOND, REPORTS_PER_SECOND, now),
             transfers,
             choosing: HashMap::new(),
+            pages: HashMap::new(),
         }
     }
 
@@ -276,6 +280,21 @@ impl Driver {
     pub fn activate(&mut self, target: &str) {
         self.cmds
             .add("Target.activateTarget", json!({ "targetId": target }), None);
+    }
+
+    /// Closes every page but `keep`, the tab [`Driver::open`] made to
+    /// replace them.
+    pub fn close_others(&mut self, keep: &str) {
+        let others: Vec<String> = self
+            .pages
+            .values()
+            .filter(|t| t.as_str() != keep)
+            .cloned()
+            .collect();
+        for target in others {
+            self.cmds
+                .add("Target.closeTarget", json!({ "targetId": target }), None);
+        }
     }
 
     /// Asks the browser to close cleanly (the session ends): the only way
@@ -345,6 +364,15 @@ impl Driver {
                 if params["targetInfo"]["type"] != "page" {
                     return None;
                 }
+                let url = params["targetInfo"]["url"].as_str().unwrap_or_default();
+                let browsers_own = ["chrome://", "chrome-untrusted://", "devtools://"]
+                    .iter()
+                    .any(|p| url.starts_with(p));
+                if let Some(target) = params["targetInfo"]["targetId"].as_str()
+                    && !browsers_own
+                {
+                    self.pages.insert(session.to_string(), target.to_string());
+                }
                 // Bindings exist only in contexts Runtime inspects; enabling
                 // it announces every page context, now and later, and the
                 // script is put into each (below).
@@ -368,6 +396,7 @@ impl Driver {
             }
             "Target.detachedFromTarget" => {
                 let gone = params["sessionId"].as_str()?;
+                self.pages.remove(gone);
                 if let Some(t) = &mut self.transfers
                     && t.chooser.as_ref().is_some_and(|c| c.session == gone)
                 {
@@ -513,7 +542,7 @@ pub async fn run(
     }
     let mut driver = Driver::new(transfers_home, Instant::now());
     // Open requests waiting for the browser's answer, by command id.
-    let mut opening: HashMap<u64, oneshot::Sender<Result<(), String>>> = HashMap::new();
+    let mut opening: HashMap<u64, OpenRequest> = HashMap::new();
     loop {
         let pending = driver.take_commands();
         if !pending.is_empty() && tx.write_all(&pending).await.is_err() {
@@ -534,7 +563,7 @@ pub async fn run(
             req = opens.recv() => {
                 let Some(req) = req else { continue };
                 let id = driver.open(&req.url);
-                opening.insert(id, req.reply);
+                opening.insert(id, req);
                 continue;
             }
             choice = choices.recv() => {
@@ -545,19 +574,22 @@ pub async fn run(
                 continue;
             }
         };
-        if let Some(reply) = msg["id"].as_u64().and_then(|id| opening.remove(&id)) {
+        if let Some(req) = msg["id"].as_u64().and_then(|id| opening.remove(&id)) {
             let answer = match (
                 msg["result"]["targetId"].as_str(),
                 msg["error"]["message"].as_str(),
             ) {
                 (Some(target), _) => {
                     driver.activate(target);
+                    if req.replace {
+                        driver.close_others(target);
+                    }
                     Ok(())
                 }
                 (None, Some(e)) => Err(format!("the browser refused it: {e}")),
                 (None, None) => Err("the browser did not say".to_string()),
             };
-            let _ = reply.send(answer);
+            let _ = req.reply.send(answer);
             continue;
         }
         if let Some(m) = driver.on_message(&msg, Instant::now()) {
@@ -651,6 +683,36 @@ mod tests {
     fn attached(session: &str) -> Value {
         json!({"method": "Target.attachedToTarget", "params": {
             "sessionId": session, "targetInfo": {"type": "page", "targetId": "T"}}})
+    }
+
+    fn attached_to(session: &str, kind: &str, target: &str) -> Value {
+        json!({"method": "Target.attachedToTarget", "params": {
+            "sessionId": session, "targetInfo": {"type": kind, "targetId": target, "url": "about:blank"}}})
+    }
+
+    #[test]
+    fn a_replacing_tab_closes_every_other_page_and_nothing_else() {
+        let now = Instant::now();
+        let mut d = Driver::new(None, now);
+        commands(&mut d);
+        d.on_message(&attached_to("S1", "page", "BLANK"), now);
+        d.on_message(&attached_to("S2", "service_worker", "WORKER"), now);
+        d.on_message(&attached_to("S3", "page", "GONE"), now);
+        d.on_message(
+            &json!({"method": "Target.detachedFromTarget", "params": {"sessionId": "S3"}}),
+            now,
+        );
+        d.on_message(&attached_to("S4", "page", "NEW"), now);
+        // The browser's own popups are pages too, and not the warm-up's.
+        let mut popup = attached_to("S5", "page", "POPUP");
+        popup["params"]["targetInfo"]["url"] = json!("chrome://omnibox-popup.top-chrome/");
+        d.on_message(&popup, now);
+        commands(&mut d);
+        d.close_others("NEW");
+        let c = commands(&mut d);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0]["method"], "Target.closeTarget");
+        assert_eq!(c[0]["params"]["targetId"], "BLANK");
     }
 
     #[test]

@@ -41,6 +41,9 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(30);
 pub struct OpenRequest {
     /// A checked URL (see [`check_url`]).
     pub url: String,
+    /// The new tab replaces every other page (a pooled session's claim:
+    /// nothing of its warm-up stays, not even in the back history).
+    pub replace: bool,
     /// `Err` names why the browser did not open it.
     pub reply: oneshot::Sender<Result<(), String>>,
 }
@@ -136,7 +139,15 @@ async fn answer(conn: UnixStream, tx: mpsc::Sender<OpenRequest>) -> std::io::Res
             Err(e) => Err(e),
             Ok(url) => {
                 let (reply, rx) = oneshot::channel();
-                if tx.send(OpenRequest { url, reply }).await.is_err() {
+                if tx
+                    .send(OpenRequest {
+                        url,
+                        replace: false,
+                        reply,
+                    })
+                    .await
+                    .is_err()
+                {
                     Err("the agent is stopping".to_string())
                 } else {
                     match tokio::time::timeout(OPEN_DEADLINE, rx).await {

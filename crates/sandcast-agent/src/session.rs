@@ -109,6 +109,25 @@ pub async fn run(target: Target, mmds: Option<SocketAddr>) -> anyhow::Result<()>
                     Message::Shutdown => break "the server asked to shut down".to_string(),
                     Message::Ping { seq } => { let _ = out_tx.send(Message::Pong { seq }).await; }
                     Message::Watched { watched } => supervisor.set_watched(watched),
+                    Message::Claim(config) => {
+                        agent_log(&out_tx, format!("claimed for session {}", config.session_id));
+                        let out = out_tx.clone();
+                        match supervisor.claim(*config) {
+                            Ok(answer) => {
+                                tokio::spawn(async move {
+                                    let error = match answer.await {
+                                        Ok(Ok(())) => None,
+                                        Ok(Err(e)) => Some(e),
+                                        Err(_) => Some("the browser went away before the page opened".into()),
+                                    };
+                                    let _ = out.send(Message::Claimed { error }).await;
+                                });
+                            }
+                            Err(error) => {
+                                let _ = out.send(Message::Claimed { error: Some(error) }).await;
+                            }
+                        }
+                    }
                     Message::ChooseFiles { chooser, paths } => {
                         supervisor.choose(crate::devtools::Choice { chooser, paths });
                     }

@@ -69,6 +69,11 @@ pub struct Supervisor {
     pub devtools_port: watch::Receiver<Option<u16>>,
     /// Ready and fatal events.
     pub events: mpsc::Receiver<Event>,
+    ctx: Arc<Ctx>,
+    /// URLs for the browser's DevTools task; kept here too so the channel
+    /// stays open whatever becomes of the opener.
+    opens: mpsc::Sender<OpenRequest>,
+    claimed: bool,
 }
 
 #[derive(Default)]
@@ -80,6 +85,11 @@ struct ReadyFlags {
 }
 
 impl Ctx {
+    /// The configuration now.
+    fn config(&self) -> SessionConfig {
+        self.config.lock().unwrap().clone()
+    }
+
     /// The stop a child of `kind` obeys: the display's comes last.
     fn stop_for(&self, kind: Kind) -> watch::Receiver<bool> {
         if kind == Kind::Xvfb {
@@ -91,7 +101,9 @@ impl Ctx {
 }
 
 struct Ctx {
-    config: SessionConfig,
+    /// The session's configuration; a claim (see [`Supervisor::claim`])
+    /// replaces it once, so a child started or restarted later follows it.
+    config: Mutex<SessionConfig>,
     out: mpsc::Sender<Message>,
     stop: watch::Receiver<bool>,
     /// The display's own stop, given once everything on it has stopped (a
@@ -166,10 +178,10 @@ impl Supervisor {
         let own_sandbox = !root && children::user_namespaces_work().await;
         let launch = config.launch.clone().filter(|argv| !argv.is_empty());
         let (open_tx, open_rx) = mpsc::channel(16);
-        let (opener, open_task) = start_opener(open_tx, &out);
+        let (opener, open_task) = start_opener(open_tx.clone(), &out);
         let (choices_tx, choices_rx) = mpsc::channel(8);
         let ctx = Arc::new(Ctx {
-            config,
+            config: Mutex::new(config),
             out,
             stop: stop_rx,
             stop_display: stop_display_rx,
@@ -207,7 +219,42 @@ impl Supervisor {
             vnc_port: vnc_rx,
             devtools_port: devtools_rx,
             events: events_rx,
+            ctx,
+            opens: open_tx,
+            claimed: false,
         }
+    }
+
+    /// A pooled session is given to its user (see [`Message::Claim`]): the
+    /// configuration becomes `config`, its start URL opens in a tab that
+    /// replaces the warm-up's, and its launch command starts. The browser
+    /// is resumed and counts as watched until the server says otherwise.
+    /// The answer comes when the tab is open. Only once: a session is
+    /// claimed by one request.
+    pub fn claim(
+        &mut self,
+        config: SessionConfig,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
+        if self.claimed {
+            return Err("the session was claimed already".into());
+        }
+        self.claimed = true;
+        let url = config.start_url.clone();
+        let launch = config.launch.as_ref().is_some_and(|argv| !argv.is_empty());
+        *self.ctx.config.lock().unwrap() = config;
+        self.watched.send_replace(true);
+        if launch {
+            self.tasks.spawn(supervise(self.ctx.clone(), Kind::Launch));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.opens
+            .try_send(OpenRequest {
+                url,
+                replace: true,
+                reply,
+            })
+            .map_err(|e| format!("the browser's tab cannot be opened: {e}"))?;
+        Ok(answer)
     }
 
     /// The server says whether anyone watches the session.
@@ -285,7 +332,7 @@ impl DevtoolsPipe {
 }
 
 fn prepare(ctx: &Ctx, kind: Kind, display: &str) -> anyhow::Result<Prepared> {
-    let config = &ctx.config;
+    let config = &ctx.config();
     Ok(match kind {
         Kind::Xvfb => {
             let (read, write) = pipe()?;
@@ -366,7 +413,7 @@ enum RunEnd {
 
 async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
     let name = kind.name();
-    let mut tracker = RestartTracker::new(ctx.config.restart);
+    let mut tracker = RestartTracker::new(ctx.config().restart);
     let mut stop = ctx.stop_for(kind);
     let mut display_rx = ctx.display.subscribe();
     let mut last_exit = None;
@@ -454,7 +501,7 @@ async fn supervise(ctx: Arc<Ctx>, kind: Kind) {
             }
             RunEnd::Exited(exit) => exit,
         };
-        if kind == Kind::Launch && ctx.config.launch_once {
+        if kind == Kind::Launch && ctx.config().launch_once {
             // Its exit is the session's outcome, not a crash to mend.
             log(&ctx, &format!("{name} ended ({exit}); it runs once"));
             report(
@@ -569,7 +616,7 @@ async fn run_once(
             ctx.opens.clone(),
             rx,
             ctx.choices.clone(),
-            ctx.config.transfers.then(|| {
+            ctx.config().transfers.then(|| {
                 std::env::var_os("HOME")
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(|| sandcast_proto::files::SESSION_HOME.into())
@@ -650,8 +697,9 @@ async fn run_once(
     .await;
     // Only the browser is paused, and only when the configuration says
     // after how long.
-    let pause_after = (kind == Kind::Browser && ctx.config.pause_unwatched_ms > 0)
-        .then(|| Duration::from_millis(ctx.config.pause_unwatched_ms));
+    let pause_ms = ctx.config().pause_unwatched_ms;
+    let pause_after =
+        (kind == Kind::Browser && pause_ms > 0).then(|| Duration::from_millis(pause_ms));
     let mut watched = ctx.watched.clone();
     let mut watch_open = true;
     let mut paused = false;
@@ -720,7 +768,7 @@ async fn wait_ready(ctx: &Arc<Ctx>, probe: Probe, display: &str) -> anyhow::Resu
             .await?;
             // The layout too, so the browser and the input injector start
             // with the keymap the person's keyboard expects.
-            if let Some(layout) = &ctx.config.keyboard_layout {
+            if let Some(layout) = &ctx.config().keyboard_layout {
                 children::set_keyboard_layout(&d, layout).await?;
             }
             ctx.display.send_replace(Some(d));

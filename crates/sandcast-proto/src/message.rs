@@ -72,6 +72,22 @@ pub enum Message {
         /// How it ended.
         exit: ExitInfo,
     },
+    /// Server → agent: a session started ahead of any request (the warm
+    /// pool: a blank page, no launch command) is given to one. The
+    /// configuration is the session's own; of it the agent applies the
+    /// start URL (opened in a new tab that replaces every other, so no
+    /// history of the warm-up is left), the launch command and
+    /// `launch_once`; the server claims only sessions whose other settings
+    /// are those the pool started with. A paused browser is resumed at
+    /// once, as if watched; the server says when nobody watches.
+    Claim(Box<SessionConfig>),
+    /// Agent → server: the claim is applied (the start page's tab is open),
+    /// or why it could not be.
+    Claimed {
+        /// Why the claim failed; none: the session is ready.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// Agent → server: the session cannot work; the agent gives up.
     Fatal {
         /// Why, in words, naming the child and its last output.
@@ -500,6 +516,34 @@ mod tests {
             Message::FileChooser {
                 chooser: 1,
                 multiple: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_claim_carries_the_whole_configuration_and_its_answer_an_optional_error() {
+        let cfg: SessionConfig = serde_json::from_str(
+            r#"{"session_id":"s","width":1280,"height":720,"start_url":"https://example.com/",
+                "browser":{"binary":"/usr/bin/chromium"},"launch":["true"]}"#,
+        )
+        .unwrap();
+        let json = serde_json::to_string(&Message::Claim(Box::new(cfg.clone()))).unwrap();
+        assert!(
+            json.starts_with(r#"{"type":"claim","session_id":"s""#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<Message>(&json).unwrap(),
+            Message::Claim(Box::new(cfg))
+        );
+        assert_eq!(
+            serde_json::to_string(&Message::Claimed { error: None }).unwrap(),
+            r#"{"type":"claimed"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Message>(r#"{"type":"claimed","error":"no tab"}"#).unwrap(),
+            Message::Claimed {
+                error: Some("no tab".into())
             }
         );
     }

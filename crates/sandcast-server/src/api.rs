@@ -1003,6 +1003,8 @@ pub async fn metrics(
     if let Ok(counts) = state.manager.store().count_by_state() {
         metrics.set_states(&counts);
     }
+    let (ready, pooled) = state.manager.pool_counts();
+    metrics.set_pool(ready, pooled);
     let text = if auth::is_operator(&headers, &state.api_key) {
         let viewers = match state.manager.gateway() {
             Some(gw) => gw.all_counters().await,

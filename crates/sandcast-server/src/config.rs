@@ -373,6 +373,17 @@ pub struct SessionDefaults {
     pub pause_unwatched_seconds: u64,
     /// Size of a user's profile (its quota), in MiB, when it is made.
     pub profile_mib: u64,
+    /// Sessions kept started ahead of any request (the warm pool): a
+    /// create that fits one (the default size, egress and kiosk setting,
+    /// no profile, keyboard layout or recording) is ready in the time a
+    /// tab takes to open. Each costs an idle session's memory; pooled
+    /// sessions count toward `max_sessions` and give way to a create that
+    /// needs the room. 0: none.
+    pub pool_size: usize,
+    /// Pooled sessions' browsers are in kiosk mode (no tabs or address
+    /// bar): only kiosk requests fit them then. Set it to what the
+    /// operator's requests ask for.
+    pub pool_kiosk: bool,
 }
 
 impl Default for SessionDefaults {
@@ -395,6 +406,8 @@ impl Default for SessionDefaults {
             start_timeout_seconds: 60,
             pause_unwatched_seconds: 10,
             profile_mib: 512,
+            pool_size: 0,
+            pool_kiosk: false,
         }
     }
 }
@@ -912,6 +925,12 @@ impl Config {
                 p.result_ttl_seconds,
             )
             .map_err(|(field, e)| format!("providers.{name}.{field}: {e}"))?;
+        }
+        if self.session.pool_size > 64 {
+            return Err(format!(
+                "session.pool_size = {} is more than 64",
+                self.session.pool_size
+            ));
         }
         if !(16..=1 << 20).contains(&self.session.profile_mib) {
             return Err(format!(

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub restarts: Counter,
     /// Seconds from create to ready.
     pub start_seconds: Histogram,
+    /// Sessions of the warm pool, ready or warming, set at each scrape.
+    pool: Family<Vec<(String, String)>, Gauge>,
     live: LiveFamilies,
 }
 
@@ -200,7 +202,16 @@ impl Metrics {
         let starts = Counter::default();
         let failures = Counter::default();
         let restarts = Counter::default();
-        let start_seconds = Histogram::new([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]);
+        // From 50 ms: a session claimed from the warm pool is ready that fast.
+        let start_seconds = Histogram::new([
+            0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+        ]);
+        let pool = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "pool_sessions",
+            "Sessions of the warm pool: ready to be claimed, or warming",
+            pool.clone(),
+        );
         registry.register("sessions", "Sessions by state", sessions.clone());
         registry.register("session_starts", "Sessions created", starts.clone());
         registry.register("session_failures", "Sessions that failed", failures.clone());
@@ -223,8 +234,18 @@ impl Metrics {
             failures,
             restarts,
             start_seconds,
+            pool,
             live,
         }
+    }
+
+    /// The warm pool's sessions now: `ready` of `all`.
+    pub fn set_pool(&self, ready: usize, all: usize) {
+        let state = |s: &str| vec![("state".to_string(), s.to_string())];
+        self.pool.get_or_create(&state("ready")).set(ready as i64);
+        self.pool
+            .get_or_create(&state("warming"))
+            .set(all.saturating_sub(ready) as i64);
     }
 
     /// The text exposition with the per-session and per-viewer series of
@@ -334,6 +355,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sandcast_child_restarts_total 0"), "{text}");
+        m.set_pool(1, 3);
+        let text = m.render();
+        assert!(
+            text.contains("sandcast_pool_sessions{state=\"ready\"} 1")
+                && text.contains("sandcast_pool_sessions{state=\"warming\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]

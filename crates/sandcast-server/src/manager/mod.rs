@@ -5,17 +5,21 @@
 //!
 //! Sessions start on create and stop on request, on TTL or idle timeout,
 //! when their agent dies, and all of them at shutdown. The registry's lock
-//! guards only the map of handles; `max_sessions` is enforced under it, in
-//! the same step that adds a session, so concurrent creates never exceed it.
+//! guards only the map of handles and the warm [`pool`]'s bookkeeping;
+//! `max_sessions` is enforced under it, in the same step that adds a
+//! session or claims a pooled one, so concurrent creates never exceed it
+//! and a pooled session is claimed once.
 
 pub mod agent_conn;
 pub mod backlog;
+pub mod pool;
 pub mod session;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -24,7 +28,7 @@ use sandcast_proto::{FileOp, StreamTarget};
 use sandcast_webrtc::{Gateway, GatewayEvent};
 use serde_json::json;
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::auth;
 use crate::config::Config;
@@ -90,7 +94,13 @@ pub struct Manager {
     gateway: Option<Gateway>,
     metrics: Arc<Metrics>,
     agent_binary: PathBuf,
-    live: Mutex<HashMap<String, Arc<Live>>>,
+    live: Mutex<Registry>,
+    /// What every pooled session starts as.
+    pool_spec: Spec,
+    /// Wakes the task that fills the pool.
+    pool_wake: Arc<Notify>,
+    /// The server is shutting down: the pool is not filled again.
+    closing: AtomicBool,
     /// Which profile is in use, by whom (a session id, or an import): one
     /// ext4 file system is never mounted twice.
     profiles: Arc<Mutex<HashMap<String, String>>>,
@@ -98,6 +108,12 @@ pub struct Manager {
     webhooks: Arc<Webhooks>,
     /// What the recordings use on disk, for `[recording] disk_mib`.
     recordings: Arc<crate::recording::Disk>,
+}
+
+/// The live sessions, pooled ones included, and the pool's bookkeeping.
+struct Registry {
+    sessions: HashMap<String, Arc<Live>>,
+    pool: pool::Pool,
 }
 
 /// A profile in use; released when dropped.
@@ -130,14 +146,21 @@ impl Manager {
     ) -> Arc<Manager> {
         let (events, _) = broadcast::channel(1024);
         let webhooks = Arc::new(Webhooks::new(&config, store.clone()));
+        let pool_size = config.session.pool_size;
         let m = Arc::new(Manager {
+            pool_spec: pool::spec(&config),
+            pool_wake: Arc::new(Notify::new()),
+            closing: AtomicBool::new(false),
             config,
             store,
             backend,
             gateway,
             metrics,
             agent_binary,
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::new(Registry {
+                sessions: HashMap::new(),
+                pool: pool::Pool::new(pool_size),
+            }),
             profiles: Arc::new(Mutex::new(HashMap::new())),
             events,
             webhooks,
@@ -145,6 +168,9 @@ impl Manager {
         });
         if let Some(events) = m.gateway.as_ref().and_then(Gateway::events) {
             tokio::spawn(relay(Arc::downgrade(&m), events));
+        }
+        if pool_size > 0 {
+            tokio::spawn(fill_pool(Arc::downgrade(&m), m.pool_wake.clone()));
         }
         m
     }
@@ -202,19 +228,27 @@ impl Manager {
 
     /// A live session.
     pub fn live(&self, id: &str) -> Option<Arc<Live>> {
-        self.live.lock().unwrap().get(id).cloned()
+        self.live.lock().unwrap().sessions.get(id).cloned()
     }
 
-    /// Every live session's id and last published state.
+    /// Every live session's id and last published state (pooled sessions
+    /// are nobody's yet, and not among them).
     pub fn live_snapshots(&self) -> Vec<(String, Snapshot)> {
-        let live: Vec<(String, Arc<Live>)> = self
-            .live
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, l)| (id.clone(), l.clone()))
-            .collect();
+        let live: Vec<(String, Arc<Live>)> = {
+            let reg = self.live.lock().unwrap();
+            reg.sessions
+                .iter()
+                .filter(|(id, _)| !reg.pool.holds(id))
+                .map(|(id, l)| (id.clone(), l.clone()))
+                .collect()
+        };
         live.into_iter().map(|(id, l)| (id, l.snapshot())).collect()
+    }
+
+    /// Pooled sessions: ready to be claimed, and all of them.
+    pub fn pool_counts(&self) -> (usize, usize) {
+        let reg = self.live.lock().unwrap();
+        (reg.pool.ready(), reg.pool.count())
     }
 
     /// What the recordings use on disk.
@@ -258,16 +292,15 @@ impl Manager {
         Ok(ids)
     }
 
-    /// Creates a session and starts it in the background. Returns its row
-    /// and viewer token.
+    /// Creates a session and starts it in the background, or claims a
+    /// pooled session it fits. Returns its row and viewer token.
     pub fn create(self: &Arc<Self>, req: NewSession) -> Result<(Row, String), ManagerError> {
-        let id = hex::encode(rand::random::<[u8; 12]>());
         let token = auth::new_secret();
         let now = now_ms();
-        let row = Row {
-            id: id.clone(),
-            user_id: req.user_id,
-            provider: req.provider,
+        let row = |id: String, req: &NewSession| Row {
+            id,
+            user_id: req.user_id.clone(),
+            provider: req.provider.clone(),
             state: State::Starting,
             reason: None,
             spec: req.spec.clone(),
@@ -278,19 +311,56 @@ impl Manager {
             stopped_ms: None,
             exit_code: None,
         };
+        let ttl = Duration::from_secs(req.ttl_seconds);
+        if pool::fits(&self.pool_spec, &req.spec) {
+            let claimed = {
+                let mut reg = self.live.lock().unwrap();
+                reg.pool
+                    .take()
+                    .and_then(|id| Some((reg.sessions.get(&id)?.clone(), id)))
+            };
+            if let Some((live, id)) = claimed {
+                self.pool_wake.notify_one();
+                let row = row(id.clone(), &req);
+                if let Err(e) = self.store.insert(&row) {
+                    tokio::spawn(async move { live.stop("its claim failed").await });
+                    return Err(e.into());
+                }
+                let claim = Command::Claim(Box::new(session::Claim {
+                    spec: req.spec,
+                    ttl,
+                }));
+                self.metrics.starts.inc();
+                self.event(&id, "state", json!({"state": "starting"}));
+                if live.commands().try_send(claim).is_err() {
+                    // Its task ended as it was claimed (it failed meanwhile).
+                    let reason = "the pooled session ended as it was claimed";
+                    if self
+                        .store
+                        .set_state(&id, State::Failed, Some(reason), now_ms())?
+                    {
+                        self.event(&id, "state", json!({"state": "failed", "reason": reason}));
+                    }
+                }
+                return Ok((row, token));
+            }
+        }
+        let id = hex::encode(rand::random::<[u8; 12]>());
+        let row = row(id.clone(), &req);
         let profile = req.spec.profile.clone();
-        let (live, mut actor) = session::new(
-            self.clone(),
-            id.clone(),
-            req.spec,
-            Duration::from_secs(req.ttl_seconds),
-        );
-        {
+        let (live, mut actor) = session::new(self.clone(), id.clone(), req.spec, ttl, false);
+        let evicted = {
             // The count and the reservation are one step under one lock,
             // and so is the profile's.
-            let mut map = self.live.lock().unwrap();
-            if map.len() >= self.config.max_sessions {
-                return Err(ManagerError::Full(map.len()));
+            let mut reg = self.live.lock().unwrap();
+            let mut evicted = None;
+            if reg.sessions.len() >= self.config.max_sessions {
+                // A pooled session gives way to a request it does not fit.
+                let victim = reg
+                    .pool
+                    .evict()
+                    .ok_or(ManagerError::Full(reg.sessions.len()))?;
+                evicted = reg.sessions.remove(&victim);
             }
             if let Some(user) = &profile {
                 let claim = self.claim_profile(user, &id).map_err(|other| {
@@ -300,16 +370,68 @@ impl Manager {
                 })?;
                 actor.hold_profile(claim);
             }
-            map.insert(id.clone(), live);
+            reg.sessions.insert(id.clone(), live);
+            evicted
+        };
+        if let Some(pooled) = evicted {
+            tokio::spawn(async move { pooled.stop("it gave way to a new session").await });
         }
         if let Err(e) = self.store.insert(&row) {
-            self.live.lock().unwrap().remove(&id);
+            self.live.lock().unwrap().sessions.remove(&id);
             return Err(e.into());
         }
         self.metrics.starts.inc();
         self.event(&id, "state", json!({"state": "starting"}));
         tokio::spawn(actor.run());
         Ok((row, token))
+    }
+
+    /// Starts a pooled session when the pool wants one; whether it did.
+    fn start_pooled(self: &Arc<Self>) -> bool {
+        let id = hex::encode(rand::random::<[u8; 12]>());
+        let (live, actor) = session::new(
+            self.clone(),
+            id.clone(),
+            self.pool_spec.clone(),
+            pool::LIFETIME,
+            true,
+        );
+        {
+            let mut reg = self.live.lock().unwrap();
+            let wanted =
+                reg.pool
+                    .next(reg.sessions.len(), self.config.max_sessions, Instant::now())
+                    == pool::Next::Start;
+            if !wanted || self.closing.load(Ordering::Acquire) {
+                return false;
+            }
+            reg.pool.started(id.clone());
+            reg.sessions.insert(id, live);
+        }
+        tokio::spawn(actor.run());
+        true
+    }
+
+    /// A pooled session is ready to be claimed.
+    fn pool_ready(&self, id: &str) {
+        self.live.lock().unwrap().pool.mark_ready(id);
+        self.pool_wake.notify_one();
+    }
+
+    /// Whether `id` is a pooled session, not yet claimed.
+    fn pooled(&self, id: &str) -> bool {
+        self.live.lock().unwrap().pool.holds(id)
+    }
+
+    /// A session's task has ended: it is gone from the registry (and the
+    /// pool), and there is room again.
+    fn ended(&self, id: &str) {
+        {
+            let mut reg = self.live.lock().unwrap();
+            reg.sessions.remove(id);
+            reg.pool.gone(id, Instant::now());
+        }
+        self.pool_wake.notify_one();
     }
 
     fn event(&self, id: &str, kind: &'static str, data: serde_json::Value) {
@@ -355,9 +477,26 @@ impl Manager {
 
     /// Stops every live session (server shutdown).
     pub async fn stop_all(&self, reason: &str) {
-        let ids: Vec<String> = self.live.lock().unwrap().keys().cloned().collect();
-        let stops = ids.iter().map(|id| self.stop(id, reason));
-        futures::future::join_all(stops).await;
+        self.closing.store(true, Ordering::Release);
+        let (ids, pooled): (Vec<String>, Vec<Arc<Live>>) = {
+            let reg = self.live.lock().unwrap();
+            let ids = reg.sessions.keys().filter(|id| !reg.pool.holds(id));
+            let pooled = reg.sessions.iter().filter(|(id, _)| reg.pool.holds(id));
+            (
+                ids.cloned().collect(),
+                pooled.map(|(_, l)| l.clone()).collect(),
+            )
+        };
+        // Pooled sessions have no record to update: their tasks are told.
+        let pooled = pooled.iter().map(|l| l.stop(reason));
+        let stops = ids.iter().map(|id| async move {
+            let _ = self.stop(id, reason).await;
+        });
+        futures::future::join(
+            futures::future::join_all(stops),
+            futures::future::join_all(pooled),
+        )
+        .await;
     }
 
     /// Opens a byte stream to the session's VNC server through its agent.
@@ -421,6 +560,39 @@ impl Manager {
 /// one command as soon as its queue has room, while every other session's
 /// events go on. This task never waits on a session, so it keeps up with the
 /// gateway, whose queue to it holds every event (none is ever dropped).
+/// Keeps the warm pool filled: woken when a pooled session is claimed,
+/// becomes ready or ends, and when any session ends (there is room again).
+async fn fill_pool(m: Weak<Manager>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(m) = m.upgrade() else { return };
+            if m.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let next = {
+                let reg = m.live.lock().unwrap();
+                reg.pool
+                    .next(reg.sessions.len(), m.config.max_sessions, Instant::now())
+            };
+            if next == pool::Next::Start {
+                m.start_pooled();
+                continue;
+            }
+            next
+        };
+        // No strong reference while waiting: the manager may go.
+        match next {
+            pool::Next::At(t) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(t.into()) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            _ => wake.notified().await,
+        }
+    }
+}
+
 async fn relay(m: Weak<Manager>, mut rx: mpsc::UnboundedReceiver<GatewayEvent>) {
     let mut backlogs: HashMap<String, Backlog> = HashMap::new();
     let mut room = FuturesUnordered::new();

@@ -110,8 +110,19 @@ impl Holder {
     }
 }
 
+/// What a request that claims a pooled session wants of it.
+pub struct Claim {
+    /// The session's own specification (it fits the pool's: see
+    /// [`super::pool::fits`]).
+    pub spec: Spec,
+    /// Its time to live, from the claim.
+    pub ttl: Duration,
+}
+
 /// A command to a session's task.
 pub enum Command {
+    /// A pooled session is given to a request (its record now exists).
+    Claim(Box<Claim>),
     /// An event from the gateway for this session.
     Gateway(GatewayEvent),
     /// Gateway events that waited while the queue was full (see [`Backlog`]).
@@ -526,6 +537,16 @@ impl Core {
         self.viewers > 0 || self.automation > 0 || self.requests > 0
     }
 
+    /// A pooled session is claimed at `now`: its time to live and idle
+    /// timeout are the request's, counted from now, and it must be ready
+    /// (the claim applied) within the start timeout.
+    pub fn claim(&mut self, spec: &Spec, ttl: Duration, now: Instant) {
+        self.expires = now + ttl;
+        self.idle = Duration::from_secs(spec.idle_timeout_seconds);
+        self.last_activity = now;
+        self.start_deadline = Some(now + self.start_timeout);
+    }
+
     /// The agent said the session is ready.
     pub fn ready(&mut self) {
         self.start_deadline = None;
@@ -633,10 +654,21 @@ pub struct Actor {
     /// Whether the gateway's WebRTC viewers want the video now (its last
     /// word was `Start`, not `Stop`).
     gateway_video: bool,
+    /// In the warm pool, not yet claimed: no record, no events.
+    pooled: bool,
 }
 
 /// Makes a session's handle and its task (not yet running).
-pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>, Actor) {
+/// A `pooled` session waits in the warm pool: it has no record, says
+/// nothing to anyone, and becomes a request's session with a
+/// [`Command::Claim`].
+pub fn new(
+    m: Arc<Manager>,
+    id: String,
+    spec: Spec,
+    ttl: Duration,
+    pooled: bool,
+) -> (Arc<Live>, Actor) {
     let now = Instant::now();
     let start_timeout = Duration::from_secs(m.config.session.start_timeout_seconds);
     let core = Core::new(&spec, ttl, start_timeout, now);
@@ -714,6 +746,7 @@ pub fn new(m: Arc<Manager>, id: String, spec: Spec, ttl: Duration) -> (Arc<Live>
         video_frames,
         video_sockets: 0,
         gateway_video: false,
+        pooled,
     };
     (live, actor)
 }
@@ -804,6 +837,18 @@ impl Actor {
                 }
             }
         }
+        // A claim that came as the session ended finds no session to have:
+        // its record says so rather than staying `starting`.
+        self.commands.close();
+        while let Ok(cmd) = self.commands.try_recv() {
+            if let Command::Claim(_) = cmd {
+                self.pooled = false;
+                self.set_state(
+                    State::Failed,
+                    Some("the pooled session ended as it was claimed"),
+                );
+            }
+        }
         // After the final state and its log line: whoever waits for the end
         // (`Manager::stop`, log followers) finds the session's record and
         // log complete, and later lines reach followers only.
@@ -830,6 +875,9 @@ impl Actor {
     /// event budget; beyond it the report is dropped and counted, and the
     /// count stored before the next one that passes.
     fn agent_event(&mut self, kind: &'static str, data: serde_json::Value) {
+        if self.pooled {
+            return;
+        }
         match self.events_gate.admit(Instant::now()) {
             None => {}
             Some(0) => self.m.event(&self.id, kind, data),
@@ -862,6 +910,15 @@ impl Actor {
         reason: Option<&str>,
         extra: serde_json::Value,
     ) -> bool {
+        if self.pooled {
+            // Nobody's yet: the log has it, no record or event does.
+            self.note(&format!(
+                "pooled session {}{}",
+                state.as_str(),
+                reason.map(|r| format!(": {r}")).unwrap_or_default()
+            ));
+            return false;
+        }
         if !matches!(
             self.m.store.set_state(&self.id, state, reason, now_ms()),
             Ok(true)
@@ -972,6 +1029,9 @@ impl Actor {
     }
 
     async fn fail(&mut self, reason: &str) {
+        if self.pooled {
+            tracing::warn!(session = %self.id, %reason, "pooled session failed");
+        }
         if self.set_state(State::Failed, Some(reason)) {
             self.m.metrics.failures.inc();
             tracing::warn!(session = %self.id, %reason, "session failed");
@@ -1014,13 +1074,14 @@ impl Actor {
         // Its file system is unmounted with the instance: free for the next.
         self.profile_claim = None;
         let _ = std::fs::remove_dir_all(&self.dir);
-        self.m.live.lock().unwrap().remove(&self.id);
+        self.m.ended(&self.id);
         self.finished = true;
     }
 
     async fn on_command(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
+            Command::Claim(claim) => self.claim(*claim, now),
             Command::Gateway(ev) => {
                 if let GatewayEvent::ViewerState {
                     viewer,
@@ -1397,16 +1458,20 @@ impl Actor {
     async fn on_agent_message(&mut self, msg: Message) {
         let m = self.m.clone();
         match msg {
-            Message::Ready => {
+            Message::Ready if self.pooled => {
                 self.core.ready();
-                if self.set_state(State::Ready, None)
-                    && let Ok(Some(row)) = m.store.get(&self.id)
-                    && let Some(ready) = row.ready_ms
-                {
-                    let secs = (ready - row.created_ms) as f64 / 1000.0;
-                    m.metrics.start_seconds.observe(secs);
-                }
+                self.note("pooled session ready");
+                m.pool_ready(&self.id);
             }
+            Message::Claimed { error: Some(e) } if !self.pooled => {
+                self.fail(&format!("the claim of a pooled session failed: {e}"))
+                    .await;
+            }
+            Message::Claimed { error: None } if !self.pooled => {
+                self.tell_watched();
+                self.ready();
+            }
+            Message::Ready => self.ready(),
             Message::Fatal { reason } => self.fail(&reason).await,
             Message::Child(report) => {
                 if report.state == sandcast_proto::ChildState::Restarting
@@ -1474,6 +1539,40 @@ impl Actor {
             Message::LaunchEnded { exit } => self.launch_ended(exit),
             _ => {}
         }
+    }
+
+    /// The session is ready: its record says so, and the time it took is
+    /// measured.
+    fn ready(&mut self) {
+        let m = self.m.clone();
+        self.core.ready();
+        if self.set_state(State::Ready, None)
+            && let Ok(Some(row)) = m.store.get(&self.id)
+            && let Some(ready) = row.ready_ms
+        {
+            let secs = (ready - row.created_ms) as f64 / 1000.0;
+            m.metrics.start_seconds.observe(secs);
+        }
+    }
+
+    /// A pooled session becomes the request's: the agent applies what the
+    /// request wants (see [`Message::Claim`]) and says when it is done;
+    /// until then the session is `starting`.
+    fn claim(&mut self, claim: Claim, now: Instant) {
+        if !self.pooled || self.m.pooled(&self.id) {
+            // Never sent twice, nor to a session nobody took from the pool.
+            tracing::error!(session = %self.id, "a claim for a session that is not a claimed pooled one");
+            return;
+        }
+        self.pooled = false;
+        self.spec = claim.spec;
+        self.core.claim(&self.spec, claim.ttl, now);
+        self.note("claimed from the warm pool");
+        // The agent resumes the browser for the claim as if it were
+        // watched; the server says otherwise once it is applied.
+        self.told_watched = Some(true);
+        let config = self.session_config();
+        self.send_agent(Message::Claim(Box::new(config)));
     }
 
     /// The launch command of a `complete_on` session exited: its files are
@@ -1567,6 +1666,30 @@ mod tests {
             record: false,
             recording_ttl_seconds: None,
         }
+    }
+
+    #[test]
+    fn a_claimed_session_lives_by_the_requests_times_from_the_claim() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut c = Core::new(&spec(86_400), s(86_400), s(10), t0);
+        c.ready();
+        // Pooled for an hour, then claimed with a 2-minute life.
+        let t1 = t0 + s(3600);
+        assert_eq!(c.due(t1), None);
+        c.claim(&spec(30), s(120), t1);
+        assert_eq!(
+            c.next_deadline(),
+            t1 + s(10),
+            "the claim must be applied in time"
+        );
+        assert_eq!(c.due(t1 + s(10)), Some(Due::NotReady(10)));
+        c.ready();
+        assert_eq!(c.due(t1 + s(29)), None);
+        assert_eq!(c.due(t1 + s(30)), Some(Due::Idle(30)));
+        c.viewer(true, t1);
+        assert_eq!(c.due(t1 + s(119)), None);
+        assert_eq!(c.due(t1 + s(120)), Some(Due::Expired));
     }
 
     #[test]

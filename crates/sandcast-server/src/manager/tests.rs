@@ -73,6 +73,10 @@ impl Drop for TempDir {
 }
 
 fn manager(max_sessions: usize) -> (Arc<Manager>, TempDir) {
+    manager_with(max_sessions, |_| {})
+}
+
+fn manager_with(max_sessions: usize, tweak: impl FnOnce(&mut Config)) -> (Arc<Manager>, TempDir) {
     let dir = std::env::temp_dir().join(format!(
         "sandcast-manager-{}-{}",
         std::process::id(),
@@ -85,6 +89,7 @@ fn manager(max_sessions: usize) -> (Arc<Manager>, TempDir) {
         ..Config::default()
     };
     config.session.idle_timeout_seconds = 3600;
+    tweak(&mut config);
     let store = Arc::new(Store::open(&dir.join("db.sqlite")).unwrap());
     let m = Manager::new(
         Arc::new(config),
@@ -330,7 +335,7 @@ async fn concurrent_creates_never_exceed_max_sessions() {
             .all(|e| matches!(e, ManagerError::Full(3)))
     );
     m.stop_all("test over").await;
-    assert!(m.live.lock().unwrap().is_empty());
+    assert!(m.live.lock().unwrap().sessions.is_empty());
     // Room again once they are gone.
     assert!(m.create(request()).is_ok());
     m.stop_all("test over").await;
@@ -463,5 +468,171 @@ async fn a_revoked_or_expired_token_ends_what_was_opened_with_it() {
     // The session's own token is not revoked with it.
     assert!(tokio::time::timeout(soon, live.lost(&own)).await.is_err());
     assert_eq!(m.token_grant(&row.id, &row.id).unwrap(), None);
+    m.stop_all("test over").await;
+}
+
+/// The pooled session the pool started (waits for the pool's task).
+async fn pooled_id(m: &Manager, not: &[&str]) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        {
+            let reg = m.live.lock().unwrap();
+            let found = reg
+                .sessions
+                .keys()
+                .find(|id| reg.pool.holds(id) && !not.contains(&id.as_str()));
+            if let Some(id) = found {
+                return id.clone();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pooled session within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the store has `id` in `state`.
+async fn wait_state(m: &Manager, id: &str, state: State) -> Row {
+    let mut events = m.subscribe();
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(row) = m.store().get(id).unwrap()
+            && row.state == state
+        {
+            return row;
+        }
+        let left = Duration::from_secs(10).saturating_sub(t0.elapsed());
+        assert!(
+            tokio::time::timeout(left, events.recv()).await.is_ok(),
+            "{id} not {state:?} within 10 s"
+        );
+    }
+}
+
+/// A request the pool's sessions fit (the configured egress).
+fn fitting(m: &Manager) -> NewSession {
+    let mut req = request();
+    req.spec.egress = m.config.session.egress.clone();
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_claims_a_ready_pooled_session_which_the_pool_replaces() {
+    let (m, _dir) = manager_with(4, |c| c.session.pool_size = 1);
+    let pooled = pooled_id(&m, &[]).await;
+    assert!(
+        m.store().get(&pooled).unwrap().is_none(),
+        "nobody's yet: no record"
+    );
+    let mut agent = control(&m, &pooled).await;
+    // Not ready yet: a create starts cold.
+    let (cold, _) = m.create(fitting(&m)).unwrap();
+    assert_ne!(cold.id, pooled);
+    agent.send(Message::Ready).await.unwrap();
+    let t0 = std::time::Instant::now();
+    while m.pool_counts() != (1, 1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            m.pool_counts()
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        m.live_snapshots().iter().all(|(id, _)| *id != pooled),
+        "a pooled session is not among the live ones"
+    );
+
+    let mut req = fitting(&m);
+    req.spec.start_url = "https://example.com/start".into();
+    req.spec.launch = Some(vec!["gh".into(), "auth".into(), "login".into()]);
+    req.ttl_seconds = 120;
+    let (row, _) = m.create(req).unwrap();
+    assert_eq!(row.id, pooled, "the ready pooled session is claimed");
+    assert_eq!(row.state, State::Starting);
+    let config = loop {
+        match next_message(&mut agent).await {
+            Some(Message::Claim(c)) => break c,
+            Some(_) => {}
+            None => panic!("the agent's connection ended"),
+        }
+    };
+    assert_eq!(config.start_url, "https://example.com/start");
+    assert_eq!(config.launch.as_deref().unwrap()[0], "gh");
+    assert_eq!(config.session_id, pooled);
+    agent.send(Message::Claimed { error: None }).await.unwrap();
+    let ready = wait_state(&m, &pooled, State::Ready).await;
+    assert_eq!(ready.expires_ms, row.created_ms + 120_000);
+    // The agent hears that nobody watches once the claim is applied.
+    loop {
+        match next_message(&mut agent).await {
+            Some(Message::Watched { watched }) => break assert!(!watched),
+            Some(_) => {}
+            None => panic!("the agent's connection ended"),
+        }
+    }
+    // The pool starts another.
+    let next = pooled_id(&m, &[&pooled]).await;
+    assert_ne!(next, pooled);
+    assert!(m.live_snapshots().iter().any(|(id, _)| *id == pooled));
+    m.stop_all("test over").await;
+    assert!(
+        m.live.lock().unwrap().sessions.is_empty(),
+        "pooled ones stop too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_agent_cannot_apply_fails_the_session() {
+    let (m, _dir) = manager_with(2, |c| c.session.pool_size = 1);
+    let pooled = pooled_id(&m, &[]).await;
+    let mut agent = control(&m, &pooled).await;
+    agent.send(Message::Ready).await.unwrap();
+    while m.pool_counts().0 == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (row, _) = m.create(fitting(&m)).unwrap();
+    assert_eq!(row.id, pooled);
+    while !matches!(next_message(&mut agent).await, Some(Message::Claim(_))) {}
+    agent
+        .send(Message::Claimed {
+            error: Some("no tab".into()),
+        })
+        .await
+        .unwrap();
+    let failed = wait_state(&m, &pooled, State::Failed).await;
+    assert!(failed.reason.unwrap().contains("no tab"));
+    m.stop_all("test over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_session_gives_way_to_a_request_it_does_not_fit() {
+    let (m, _dir) = manager_with(1, |c| c.session.pool_size = 1);
+    let pooled = pooled_id(&m, &[]).await;
+    let mut agent = control(&m, &pooled).await;
+    agent.send(Message::Ready).await.unwrap();
+    while m.pool_counts().0 == 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut kiosk = fitting(&m);
+    kiosk.spec.kiosk = true;
+    let (row, _) = m.create(kiosk).unwrap();
+    assert_ne!(row.id, pooled, "a kiosk session starts cold");
+    // The pooled one is stopped, and the server stays within its limit.
+    loop {
+        match next_message(&mut agent).await {
+            Some(Message::Shutdown) | None => break,
+            Some(_) => {}
+        }
+    }
+    {
+        let reg = m.live.lock().unwrap();
+        assert_eq!(reg.sessions.len(), 1);
+        assert!(reg.sessions.contains_key(&row.id));
+    }
+    // Full with a session of someone's: no pooled one and no room.
+    assert!(matches!(m.create(fitting(&m)), Err(ManagerError::Full(1))));
     m.stop_all("test over").await;
 }
