@@ -22,6 +22,9 @@
 //       WebRTC only: presented is drawn time to the video frame callback
 //       (the compositor has shown it), toReceive to the arrival of the
 //       frame's last packet, toCapture to the capture (its RTP time).
+//   {"cmd":"prepare","width":1280,"height":720}
+//       a new browser context and tab (empty cache) that the next `open` of
+//       that size uses, so the time after a POST is the viewer page's own.
 //   {"cmd":"warm","url":URL}  loads a page once, so the browser is warm.
 //   {"cmd":"close"}    closes the viewer.       {"cmd":"quit"}  ends.
 // Errors answer {ok:false, error}. Uses playwright-core from tests/browser.
@@ -213,6 +216,8 @@ let page = null;
 let mode = null;
 let consoleErrors = [];
 
+let prepared = null;
+
 async function closeViewer() {
   const c = ctx;
   ctx = null;
@@ -227,9 +232,12 @@ const commands = {
     await closeViewer();
     consoleErrors = [];
     mode = want;
-    ctx = await browser.newContext({ viewport: { width, height } });
-    await ctx.addInitScript({ content: prelude });
-    page = await ctx.newPage();
+    const ready = prepared?.width === width && prepared?.height === height ? prepared : null;
+    if (prepared && !ready) await prepared.ctx.close().catch(() => {});
+    prepared = null;
+    ctx = ready ? ready.ctx : await browser.newContext({ viewport: { width, height } });
+    if (!ready) await ctx.addInitScript({ content: prelude });
+    page = ready ? ready.page : await ctx.newPage();
     page.on('pageerror', (e) => consoleErrors.push(e.message));
     page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
     const nav = Date.now();
@@ -276,6 +284,18 @@ const commands = {
       toCapture: summarizeLatency(res.toCapture),
       rates: rates(res.a, res.b, mode),
     };
+  },
+
+  // A tab of its own, empty cache and all, ready for the next `open` of
+  // this size: a person's browser is running before a session is made,
+  // so what comes after the POST is the viewer page's own load.
+  async prepare({ width = 1280, height = 720 }) {
+    await closeViewer();
+    if (prepared) await prepared.ctx.close().catch(() => {});
+    const c = await browser.newContext({ viewport: { width, height } });
+    await c.addInitScript({ content: prelude });
+    prepared = { ctx: c, page: await c.newPage(), width, height };
+    return {};
   },
 
   // Loads `url` once in a throw-away context, so the first measured page

@@ -137,7 +137,11 @@ fn a_claimed_session_is_ready_at_once_and_like_a_fresh_one() {
     );
     // Nothing of the warm-up: one tab, on the start page, no back entry.
     let (tabs, history) = tabs_and_history(&s, &id);
-    assert_eq!(tabs, std::slice::from_ref(&page), "the claimed session's tabs");
+    assert_eq!(
+        tabs,
+        std::slice::from_ref(&page),
+        "the claimed session's tabs"
+    );
     assert_eq!(history, 1, "the claimed session's history");
     // Shown and typed into through the real viewer.
     let view = run_viewer(&json!({

@@ -10,8 +10,6 @@
 // cannot play either. The full API (attributes, properties, events, methods)
 // is in docs/embedding.md.
 
-import RFB from '../vendor/novnc/core/rfb.js';
-import { encodings } from '../vendor/novnc/core/encodings.js';
 import { connectWebRtc } from './webrtc.js';
 import { connectWsVideo } from './wsvideo.js';
 import { attachInput } from './input.js';
@@ -99,16 +97,36 @@ export function insecureContextNotice(secure = globalThis.isSecureContext) {
     + 'and fullscreen cannot capture shortcuts; open the viewer over HTTPS';
 }
 
-// x11vnc (the VNC server of every session) accepts noVNC's extended
-// clipboard through libvncserver but never applies its data to the X
-// selections, so pasted text would silently vanish. Without that
-// pseudo-encoding noVNC falls back to classic cut text, which x11vnc handles.
-if (!RFB.messages.clientEncodings.sandcast) {
-  const send = RFB.messages.clientEncodings;
-  RFB.messages.clientEncodings = Object.assign(
-    (sock, encs) => send.call(RFB.messages, sock, encs.filter((e) => e !== encodings.pseudoEncodingExtendedClipboard)),
-    { sandcast: true },
-  );
+let novnc = null;
+
+/**
+ * noVNC, loaded the first time a viewer falls back to it: most never do,
+ * and its 50 modules would otherwise be half of what the page loads before
+ * the first picture.
+ */
+function loadRfb() {
+  novnc ??= Promise.all([
+    import('../vendor/novnc/core/rfb.js'),
+    import('../vendor/novnc/core/encodings.js'),
+  ]).then(([{ default: RFB }, { encodings }]) => {
+    // x11vnc (the VNC server of every session) accepts noVNC's extended
+    // clipboard through libvncserver but never applies its data to the X
+    // selections, so pasted text would silently vanish. Without that
+    // pseudo-encoding noVNC falls back to classic cut text, which x11vnc
+    // handles.
+    if (!RFB.messages.clientEncodings.sandcast) {
+      const send = RFB.messages.clientEncodings;
+      RFB.messages.clientEncodings = Object.assign(
+        (sock, encs) => send.call(RFB.messages, sock, encs.filter((e) => e !== encodings.pseudoEncodingExtendedClipboard)),
+        { sandcast: true },
+      );
+    }
+    return RFB;
+  }).catch((e) => {
+    novnc = null; // a later fallback tries again
+    throw e;
+  });
+  return novnc;
 }
 
 /** Reads a positive integer attribute, else the default. */
@@ -669,6 +687,17 @@ export class SandcastViewer extends HTMLElement {
     this._video.hidden = true;
     this._wsCanvas.hidden = true;
     this._set({ mode: 'vnc', connected: false, path: why, reason: why }, 'connecting to noVNC…', why);
+    loadRfb().then((RFB) => {
+      if (run !== this._run) return;
+      this._openVnc(run, RFB, box);
+    }, (e) => {
+      if (run !== this._run) return;
+      this._set({ mode: null }, 'noVNC could not be loaded', msg(e));
+      this._retry(run);
+    });
+  }
+
+  _openVnc(run, RFB, box) {
     let rfb;
     try {
       rfb = new RFB(box, vncUrl(this.server, this.session, this.token), { shared: true });

@@ -65,6 +65,11 @@ pub fn xvfb(display_fd: i32, (w, h): (u32, u32)) -> Command {
             "96".into(),
             "+extension".into(),
             "RANDR".into(),
+            // Nothing in a session draws with OpenGL on the X server (the
+            // browser runs with --disable-gpu); without GLX, Xvfb does not
+            // load Mesa: 20 MiB less a session (docs/benchmarks.md).
+            "-extension".into(),
+            "GLX".into(),
         ],
         niceness: 0,
     }
@@ -85,7 +90,16 @@ pub fn browser(
         "--disable-background-networking".into(),
         "--disable-component-update".into(),
         "--disable-sync".into(),
-        "--disable-features=Translate,MediaRouter".into(),
+        // What a session does not need, for memory (docs/benchmarks.md,
+        // "Density"): the omnibox popup as a WebUI page (a renderer process
+        // of its own; the native popup is used instead), a spare renderer
+        // kept for the next navigation, and the network service's own
+        // process (it runs in the browser's: the session is the sandbox
+        // around both).
+        "--disable-features=Translate,MediaRouter,WebUIOmniboxPopup,WebUIOmniboxFullPopup,\
+         WebUIOmniboxAimPopup,SpareRendererForSitePerProcess"
+            .into(),
+        "--enable-features=NetworkServiceInProcess2".into(),
         "--password-store=basic".into(),
         "--noerrdialogs".into(),
         "--hide-crash-restore-bubble".into(),

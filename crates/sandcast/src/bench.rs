@@ -612,6 +612,12 @@ fn open_session<'a>(
     mode: ViewMode,
     base: Option<&str>,
 ) -> anyhow::Result<(SessionGuard<'a>, f64, Value)> {
+    // A person's browser runs before the session is made: its new tab is
+    // ready, and what follows the POST is the viewer page's own load.
+    driver.call(
+        json!({"cmd": "prepare", "width": width, "height": height}),
+        Duration::from_secs(30),
+    )?;
     let posted = now_ms();
     let created = c.json(
         "POST",
