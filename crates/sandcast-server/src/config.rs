@@ -421,8 +421,10 @@ pub struct BrowserSettings {
     /// Extra flags.
     pub extra_args: Vec<String>,
     /// Let the browser draw each frame as soon as it is ready rather than on
-    /// its own 60 Hz timer (`--disable-frame-rate-limit`): one or two frames
-    /// less latency, more CPU while a page animates.
+    /// its own 60 Hz timer (`--disable-frame-rate-limit`). Off by default:
+    /// on the 60 Hz timer a page animating without pause costs a third of
+    /// the CPU at the same WebRTC latency (docs/benchmarks.md); on, the
+    /// canvas fallbacks (WebSocket stream, noVNC) keep a lower p50.
     pub low_latency: bool,
     /// URLs the browser refuses to open (Chromium's `URLBlocklist` managed
     /// policy): by default local files, Chromium's own pages and `about:`.
@@ -450,7 +452,7 @@ impl Default for BrowserSettings {
         BrowserSettings {
             binary: "/usr/bin/chromium".into(),
             extra_args: Vec::new(),
-            low_latency: true,
+            low_latency: false,
             blocked_urls: policy.blocked_urls,
             allowed_urls: policy.allowed_urls,
         }
@@ -1071,14 +1073,17 @@ mod tests {
         assert_eq!(c.rate_limit.webrtc_per_minute, 10_000);
         assert_eq!(c.webrtc.max_fps, 60);
         assert_eq!(c.webrtc.h264_tuning, sandcast_proto::H264Tuning::Camera);
-        assert!(c.browser.low_latency);
-        assert_eq!(c.browser.session_args(), ["--disable-frame-rate-limit"]);
-        let plain = BrowserSettings {
-            low_latency: false,
+        assert!(!c.browser.low_latency);
+        assert!(c.browser.session_args().is_empty());
+        let fast = BrowserSettings {
+            low_latency: true,
             extra_args: vec!["--lang=de".into()],
             ..BrowserSettings::default()
         };
-        assert_eq!(plain.session_args(), ["--lang=de"]);
+        assert_eq!(
+            fast.session_args(),
+            ["--disable-frame-rate-limit", "--lang=de"]
+        );
         assert_eq!(c.sandbox.state_dir, c.data_dir.join("sandbox"));
         assert!(c.sandbox.hide_paths.contains(&c.data_dir));
         assert_eq!(c.firecracker.to_backend().jailer, None);
