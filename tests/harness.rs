@@ -1076,6 +1076,17 @@ pub mod colours {
     pub const TYPED: &str = "#c00000";
 }
 
+/// Viewer steps for [`input_page`]: the page shown, a click, "hi" typed.
+pub fn input_steps() -> Value {
+    serde_json::json!([
+        { "expect": colours::START, "timeoutMs": 30000 },
+        { "click": true },
+        { "expect": colours::CLICKED },
+        { "type": "hi" },
+        { "expect": colours::TYPED },
+    ])
+}
+
 /// A page that is green, turns blue on a click and red once "hi" is typed.
 pub fn input_page() -> String {
     data_url(&format!(

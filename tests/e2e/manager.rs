@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sandcast_e2e::{
-    Server, ServerOptions, agent_process, children_running, colours, input_page, run_browser,
-    wait_no_leftovers,
+    Server, ServerOptions, agent_process, children_running, colours, input_page, input_steps,
+    run_browser, wait_no_leftovers,
 };
 use serde_json::{Value, json};
 
@@ -129,13 +129,7 @@ fn a_stopped_agent_flooded_with_input_does_not_hold_up_another_session() {
         "e2e-viewer.mjs",
         &json!({
             "url": created_b["viewer_url"], "kind": "video", "mode": "webrtc",
-            "steps": [
-                { "expect": colours::START, "timeoutMs": 30000 },
-                { "click": true },
-                { "expect": colours::CLICKED },
-                { "type": "hi" },
-                { "expect": colours::TYPED },
-            ],
+            "steps": input_steps(),
         }),
     );
     let b_took = t0.elapsed();

@@ -7,7 +7,7 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use sandcast_e2e::{Server, ServerOptions, colours, input_page, run_viewer, with_query};
+use sandcast_e2e::{Server, ServerOptions, input_page, input_steps, run_viewer, with_query};
 use serde_json::{Value, json};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
@@ -148,13 +148,7 @@ fn a_claimed_session_is_ready_at_once_and_like_a_fresh_one() {
         "url": with_query(created["viewer_url"].as_str().unwrap(), "mode=webrtc"),
         "kind": "video",
         "mode": "webrtc",
-        "steps": [
-            { "expect": colours::START, "timeoutMs": 30000 },
-            { "click": true },
-            { "expect": colours::CLICKED },
-            { "type": "hi" },
-            { "expect": colours::TYPED },
-        ],
+        "steps": input_steps(),
     }));
     assert_eq!(view["ok"], true, "{view:#}");
 

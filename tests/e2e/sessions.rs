@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use sandcast_e2e::{
     LOCAL_PASTE, REMOTE_COPY, Server, ServerOptions, child, children_running, clipboard_page,
-    clipboard_page_copying, colours, data_url, find_session_process, input_page, run_browser,
-    run_viewer, wait_no_leftovers, with_query,
+    clipboard_page_copying, colours, data_url, find_session_process, input_page, input_steps,
+    run_browser, run_viewer, wait_no_leftovers, with_query,
 };
 use serde_json::{Value, json};
 
@@ -36,16 +36,6 @@ fn delete_clean(s: &Server, id: &str) {
         "session {id} left behind:\n{}",
         left.join("\n")
     );
-}
-
-fn input_steps() -> Value {
-    json!([
-        { "expect": colours::START, "timeoutMs": 30000 },
-        { "click": true },
-        { "expect": colours::CLICKED },
-        { "type": "hi" },
-        { "expect": colours::TYPED },
-    ])
 }
 
 /// [`input_steps`], then `more`.

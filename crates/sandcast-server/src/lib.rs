@@ -376,21 +376,7 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
     let new = manager::NewSession {
         user_id: Some("demo".into()),
         provider: None,
-        spec: store::Spec {
-            start_url: cfg.session.start_url.clone(),
-            width: cfg.session.width,
-            height: cfg.session.height,
-            kiosk: false,
-            launch: None,
-            idle_timeout_seconds: cfg.session.idle_timeout_seconds,
-            egress: cfg.session.egress.clone(),
-            keyboard_layout: None,
-            outcome: Default::default(),
-            profile: None,
-            transfers: true,
-            record: false,
-            recording_ttl_seconds: None,
-        },
+        spec: store::Spec::from_defaults(&cfg.session),
         ttl_seconds: cfg.session.ttl_seconds,
     };
     let (row, token) = match m.create(new) {

@@ -132,6 +132,27 @@ fn transfers_default() -> bool {
     true
 }
 
+impl Spec {
+    /// A session of the configured defaults: no request said otherwise.
+    pub fn from_defaults(s: &crate::config::SessionDefaults) -> Spec {
+        Spec {
+            start_url: s.start_url.clone(),
+            width: s.width,
+            height: s.height,
+            kiosk: false,
+            launch: None,
+            idle_timeout_seconds: s.idle_timeout_seconds,
+            egress: s.egress.clone(),
+            keyboard_layout: None,
+            outcome: Default::default(),
+            profile: None,
+            transfers: true,
+            record: false,
+            recording_ttl_seconds: None,
+        }
+    }
+}
+
 /// What ends a session with an outcome (`complete_on`), and what is kept
 /// of it. Part of [`Spec`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -62,21 +62,11 @@ pub enum Next {
 /// as `pool_kiosk` says), on a blank page, with no launch command, living
 /// at most a day (then it is replaced by a fresh one).
 pub fn spec(config: &Config) -> Spec {
-    let s = &config.session;
     Spec {
         start_url: "about:blank".into(),
-        width: s.width,
-        height: s.height,
-        kiosk: s.pool_kiosk,
-        launch: None,
+        kiosk: config.session.pool_kiosk,
         idle_timeout_seconds: LIFETIME.as_secs(),
-        egress: s.egress.clone(),
-        keyboard_layout: None,
-        outcome: Default::default(),
-        profile: None,
-        transfers: true,
-        record: false,
-        recording_ttl_seconds: None,
+        ..Spec::from_defaults(&config.session)
     }
 }
 

@@ -511,6 +511,17 @@ async fn wait_state(m: &Manager, id: &str, state: State) -> Row {
     }
 }
 
+/// The pool's session once its agent (the test) said it is ready.
+async fn ready_pooled(m: &Manager) -> (String, Conn) {
+    let pooled = pooled_id(m, &[]).await;
+    let mut agent = control(m, &pooled).await;
+    agent.send(Message::Ready).await.unwrap();
+    while m.pool_counts().0 == 0 {
+        tokio::task::yield_now().await;
+    }
+    (pooled, agent)
+}
+
 /// A request the pool's sessions fit (the configured egress).
 fn fitting(m: &Manager) -> NewSession {
     let mut req = request();
@@ -587,12 +598,7 @@ async fn a_create_claims_a_ready_pooled_session_which_the_pool_replaces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_the_agent_cannot_apply_fails_the_session() {
     let (m, _dir) = manager_with(2, |c| c.session.pool_size = 1);
-    let pooled = pooled_id(&m, &[]).await;
-    let mut agent = control(&m, &pooled).await;
-    agent.send(Message::Ready).await.unwrap();
-    while m.pool_counts().0 == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (pooled, mut agent) = ready_pooled(&m).await;
     let (row, _) = m.create(fitting(&m)).unwrap();
     assert_eq!(row.id, pooled);
     while !matches!(next_message(&mut agent).await, Some(Message::Claim(_))) {}
@@ -610,12 +616,7 @@ async fn a_claim_the_agent_cannot_apply_fails_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_session_gives_way_to_a_request_it_does_not_fit() {
     let (m, _dir) = manager_with(1, |c| c.session.pool_size = 1);
-    let pooled = pooled_id(&m, &[]).await;
-    let mut agent = control(&m, &pooled).await;
-    agent.send(Message::Ready).await.unwrap();
-    while m.pool_counts().0 == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (pooled, mut agent) = ready_pooled(&m).await;
     let mut kiosk = fitting(&m);
     kiosk.spec.kiosk = true;
     let (row, _) = m.create(kiosk).unwrap();
