@@ -353,14 +353,8 @@ impl Manager {
             // The count and the reservation are one step under one lock,
             // and so is the profile's.
             let mut reg = self.live.lock().unwrap();
-            let mut evicted = None;
-            if reg.sessions.len() >= self.config.max_sessions {
-                // A pooled session gives way to a request it does not fit.
-                let victim = reg
-                    .pool
-                    .evict()
-                    .ok_or(ManagerError::Full(reg.sessions.len()))?;
-                evicted = reg.sessions.remove(&victim);
+            if reg.sessions.len() >= self.config.max_sessions && reg.pool.count() == 0 {
+                return Err(ManagerError::Full(reg.sessions.len()));
             }
             if let Some(user) = &profile {
                 let claim = self.claim_profile(user, &id).map_err(|other| {
@@ -369,6 +363,13 @@ impl Manager {
                     ))
                 })?;
                 actor.hold_profile(claim);
+            }
+            // Past every refusal: a pooled session gives way to a request
+            // it does not fit only when that request will run.
+            let mut evicted = None;
+            if reg.sessions.len() >= self.config.max_sessions {
+                let victim = reg.pool.evict().expect("checked above: the pool has one");
+                evicted = reg.sessions.remove(&victim);
             }
             reg.sessions.insert(id.clone(), live);
             evicted

@@ -617,6 +617,13 @@ async fn a_claim_the_agent_cannot_apply_fails_the_session() {
 async fn a_pooled_session_gives_way_to_a_request_it_does_not_fit() {
     let (m, _dir) = manager_with(1, |c| c.session.pool_size = 1);
     let (pooled, mut agent) = ready_pooled(&m).await;
+    // A request refused for another reason takes nothing from the pool.
+    let _held = m.claim_profile("alice", "elsewhere").unwrap();
+    let mut alice = fitting(&m);
+    alice.user_id = Some("alice".into());
+    alice.spec.profile = Some("alice".into());
+    assert!(matches!(m.create(alice), Err(ManagerError::Conflict(_))));
+    assert_eq!(m.pool_counts(), (1, 1), "the pooled session is still there");
     let mut kiosk = fitting(&m);
     kiosk.spec.kiosk = true;
     let (row, _) = m.create(kiosk).unwrap();
