@@ -1652,19 +1652,9 @@ mod tests {
 
     fn spec(idle: u64) -> Spec {
         Spec {
-            start_url: "about:blank".into(),
-            width: 1280,
-            height: 720,
-            kiosk: false,
-            launch: None,
             idle_timeout_seconds: idle,
             egress: sandcast_backend::Egress::None,
-            keyboard_layout: None,
-            outcome: Default::default(),
-            profile: None,
-            transfers: true,
-            record: false,
-            recording_ttl_seconds: None,
+            ..Spec::from_defaults(&crate::config::SessionDefaults::default())
         }
     }
 

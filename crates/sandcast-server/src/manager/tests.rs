@@ -107,19 +107,9 @@ fn request() -> NewSession {
         user_id: None,
         provider: None,
         spec: Spec {
-            start_url: "about:blank".into(),
-            width: 1280,
-            height: 720,
-            kiosk: false,
-            launch: None,
             idle_timeout_seconds: 3600,
             egress: sandcast_backend::Egress::None,
-            keyboard_layout: None,
-            outcome: Default::default(),
-            profile: None,
-            transfers: true,
-            record: false,
-            recording_ttl_seconds: None,
+            ..Spec::from_defaults(&crate::config::SessionDefaults::default())
         },
         ttl_seconds: 3600,
     }
