@@ -915,6 +915,24 @@ fn the_video_socket_sends_documented_frames_bounds_its_viewers_and_ends_on_revoc
     );
     assert_eq!(&m[18..22], &[0, 0, 0, 1], "Annex B: a start code first");
     assert_eq!(s.session(&id)["viewers"], 1);
+    // The operator sees what the stream sent (counted as it is sent).
+    let metrics = s.api("GET", "/metrics", None).body;
+    let sent = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "sandcast_stream_frames_sent_total{{session=\"{id}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no stream frames in /metrics:\n{metrics}"));
+    assert!(sent >= 1, "{sent} frames sent");
+    assert!(
+        metrics.contains(&format!(
+            "sandcast_stream_freezes_total{{session=\"{id}\"}} 0"
+        )),
+        "{metrics}"
+    );
 
     // As many as WebRTC allows a session; one more is refused, saying why.
     let mut more: Vec<_> = (1..16)

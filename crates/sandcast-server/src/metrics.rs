@@ -44,6 +44,53 @@ pub struct Metrics {
     live: LiveFamilies,
 }
 
+/// What a session's viewers of the WebSocket video stream were sent, all
+/// of them together; counted by their sockets as they send, read at each
+/// scrape (atomics: no lock between a socket and the scrape).
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    /// Frames sent.
+    pub frames_sent: AtomicU64,
+    /// Frames not sent (waiting for a key frame, or the link full).
+    pub frames_skipped: AtomicU64,
+    /// Encoded bytes sent.
+    pub bytes_sent: AtomicU64,
+    /// Gaps over 250 ms between frames sent with frames skipped between
+    /// (see `sandcast_webrtc::freeze`).
+    pub freezes: AtomicU64,
+    /// Their total length in milliseconds.
+    pub freeze_ms: AtomicU64,
+}
+
+/// A copy of [`StreamCounters`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTotals {
+    /// Frames sent.
+    pub frames_sent: u64,
+    /// Frames not sent.
+    pub frames_skipped: u64,
+    /// Encoded bytes sent.
+    pub bytes_sent: u64,
+    /// Freezes.
+    pub freezes: u64,
+    /// Their total length in milliseconds.
+    pub freeze_ms: u64,
+}
+
+impl StreamCounters {
+    /// The counts now.
+    pub fn totals(&self) -> StreamTotals {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StreamTotals {
+            frames_sent: get(&self.frames_sent),
+            frames_skipped: get(&self.frames_skipped),
+            bytes_sent: get(&self.bytes_sent),
+            freezes: get(&self.freezes),
+            freeze_ms: get(&self.freeze_ms),
+        }
+    }
+}
+
 /// The per-session and per-viewer series.
 #[derive(Default)]
 struct LiveFamilies {
@@ -64,6 +111,11 @@ struct LiveFamilies {
     rtt: Floats,
     loss: Floats,
     target_bitrate: Family<Labels, Gauge>,
+    stream_frames_sent: Counters,
+    stream_frames_skipped: Counters,
+    stream_bytes_sent: Counters,
+    stream_freezes: Counters,
+    stream_freeze_seconds: Floats,
 }
 
 impl LiveFamilies {
@@ -102,6 +154,31 @@ impl LiveFamilies {
             "session_input_dropped",
             "Input events the session's agent refused (its report)",
             self.input_dropped.clone(),
+        );
+        r.register(
+            "stream_frames_sent",
+            "Video frames sent to a session's viewers of the WebSocket video stream, all together",
+            self.stream_frames_sent.clone(),
+        );
+        r.register(
+            "stream_frames_skipped",
+            "Video frames not sent to a WebSocket stream viewer (waiting for a key frame, or its link full)",
+            self.stream_frames_skipped.clone(),
+        );
+        r.register(
+            "stream_sent_bytes",
+            "Encoded video bytes sent to a session's WebSocket stream viewers",
+            self.stream_bytes_sent.clone(),
+        );
+        r.register(
+            "stream_freezes",
+            "Times a WebSocket stream viewer got no frame for over 250 ms while the encoder made frames",
+            self.stream_freezes.clone(),
+        );
+        r.register(
+            "stream_freeze_seconds",
+            "Total length of the WebSocket stream viewers' freezes (grows like a counter)",
+            self.stream_freeze_seconds.clone(),
         );
         r.register(
             "viewer_frames_sent",
@@ -160,6 +237,7 @@ impl LiveFamilies {
         self.automation.clear();
         self.encode_seconds.clear();
         self.freeze_seconds.clear();
+        self.stream_freeze_seconds.clear();
         for f in [
             &self.frames_encoded,
             &self.key_frames,
@@ -171,6 +249,10 @@ impl LiveFamilies {
             &self.bytes_sent,
             &self.key_frame_requests,
             &self.freezes,
+            &self.stream_frames_sent,
+            &self.stream_frames_skipped,
+            &self.stream_bytes_sent,
+            &self.stream_freezes,
         ] {
             f.clear();
         }
@@ -283,6 +365,16 @@ impl Metrics {
                 .set(s.agent.encode_us as f64 / 1e6);
             set(&f.frames_dropped, &l, s.agent.frames_dropped);
             set(&f.input_dropped, &l, s.agent.input_dropped);
+            let st = &s.stream;
+            if *st != StreamTotals::default() {
+                set(&f.stream_frames_sent, &l, st.frames_sent);
+                set(&f.stream_frames_skipped, &l, st.frames_skipped);
+                set(&f.stream_bytes_sent, &l, st.bytes_sent);
+                set(&f.stream_freezes, &l, st.freezes);
+                f.stream_freeze_seconds
+                    .get_or_create(&l)
+                    .set(st.freeze_ms as f64 / 1000.0);
+            }
         }
         for (session, viewer, c) in viewers {
             let l = vec![
@@ -374,8 +466,17 @@ mod tests {
                 encode_us: 210_000,
                 ..Default::default()
             },
+            stream: StreamTotals {
+                frames_sent: 30,
+                frames_skipped: 4,
+                bytes_sent: 9_000,
+                freezes: 1,
+                freeze_ms: 400,
+            },
             ..Default::default()
         };
+        // A session no stream viewer ever opened has no stream series.
+        let quiet = Snapshot::default();
         let counters = ViewerCounters {
             frames_sent: 40,
             bytes_sent: 123_456,
@@ -386,8 +487,12 @@ mod tests {
             ..Default::default()
         };
         let text = m.render_live(
-            &[("abc".into(), snap)],
+            &[("abc".into(), snap), ("def".into(), quiet)],
             &[("abc".into(), ViewerId(7), counters)],
+        );
+        assert!(
+            !text.contains("sandcast_stream_frames_sent_total{session=\"def\"}"),
+            "{text}"
         );
         for want in [
             "sandcast_session_viewers{session=\"abc\"} 1",
@@ -399,6 +504,11 @@ mod tests {
             "sandcast_viewer_loss_ratio{session=\"abc\",viewer=\"7\"} 0.025",
             "sandcast_viewer_freezes_total{session=\"abc\",viewer=\"7\"} 2",
             "sandcast_viewer_freeze_seconds{session=\"abc\",viewer=\"7\"} 1.5",
+            "sandcast_stream_frames_sent_total{session=\"abc\"} 30",
+            "sandcast_stream_frames_skipped_total{session=\"abc\"} 4",
+            "sandcast_stream_sent_bytes_total{session=\"abc\"} 9000",
+            "sandcast_stream_freezes_total{session=\"abc\"} 1",
+            "sandcast_stream_freeze_seconds{session=\"abc\"} 0.4",
         ] {
             assert!(text.contains(want), "{want} not in {text}");
         }

@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -212,6 +213,12 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
     tokio::pin!(lost);
     let mut gate = KeyGate::default();
     let mut in_flight = InFlight::default();
+    let mut freeze = sandcast_webrtc::freeze::FreezeMeter::default();
+    let counts = live.stream();
+    let skipped = |freeze: &mut sandcast_webrtc::freeze::FreezeMeter| {
+        freeze.skipped();
+        counts.frames_skipped.fetch_add(1, Ordering::Relaxed);
+    };
     loop {
         tokio::select! {
             f = frames.recv() => match f {
@@ -221,6 +228,7 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
                         // The link is full: skip, and resume at a key frame,
                         // asked for when the skipping starts and whenever
                         // one is skipped (none would come by itself).
+                        skipped(&mut freeze);
                         let was_waiting = gate.waiting();
                         gate.missed();
                         if !was_waiting || frame.header.keyframe {
@@ -229,19 +237,26 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, grant: Grant) {
                         continue;
                     }
                     if !gate.pass(&frame.header) {
+                        skipped(&mut freeze);
                         continue;
                     }
-                    let sent = tokio::time::timeout(
-                        SEND_STALL,
-                        socket.send(WsMessage::Binary(message(&frame))),
-                    )
-                    .await;
+                    let msg = message(&frame);
+                    let bytes = frame.data.len() as u64;
+                    let sent = tokio::time::timeout(SEND_STALL, socket.send(WsMessage::Binary(msg))).await;
                     if !matches!(sent, Ok(Ok(()))) {
                         break;
                     }
                     in_flight.sent(frame.header.seq, now);
+                    counts.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    counts.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                    if let Some(gap) = freeze.sent(now) {
+                        counts.freezes.fetch_add(1, Ordering::Relaxed);
+                        counts.freeze_ms.fetch_add(gap.as_millis() as u64, Ordering::Relaxed);
+                    }
                 }
-                Err(RecvError::Lagged(_)) => {
+                Err(RecvError::Lagged(n)) => {
+                    freeze.skipped();
+                    counts.frames_skipped.fetch_add(n, Ordering::Relaxed);
                     gate.missed();
                     live.video_socket(VideoSocket::Lagged).await;
                 }

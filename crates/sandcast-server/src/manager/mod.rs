@@ -242,7 +242,13 @@ impl Manager {
                 .map(|(id, l)| (id.clone(), l.clone()))
                 .collect()
         };
-        live.into_iter().map(|(id, l)| (id, l.snapshot())).collect()
+        live.into_iter()
+            .map(|(id, l)| {
+                let mut s = l.snapshot();
+                s.stream = l.stream().totals();
+                (id, s)
+            })
+            .collect()
     }
 
     /// Pooled sessions: ready to be claimed, and all of them.

@@ -76,6 +76,9 @@ pub struct Snapshot {
     /// The agent's own counters, as it last reported them (its word: for
     /// the operator's metrics, never for a decision).
     pub agent: sandcast_proto::AgentStats,
+    /// What the WebSocket video stream's viewers were sent (filled in by
+    /// [`super::Manager::live_snapshots`] from [`Live::stream`]).
+    pub stream: crate::metrics::StreamTotals,
 }
 
 /// Who holds control of a session's input.
@@ -206,6 +209,8 @@ pub struct Live {
     video_slots: Arc<Semaphore>,
     /// Ids of the session's tokens revoked while it runs.
     revoked: watch::Receiver<HashSet<String>>,
+    /// What its WebSocket video stream's viewers were sent.
+    stream: Arc<crate::metrics::StreamCounters>,
 }
 
 /// The `Instant` of a time in ms since the epoch (now if it has passed).
@@ -289,6 +294,12 @@ impl Live {
     /// remote focus), for viewers on an input socket rather than WebRTC.
     pub fn viewer_messages(&self) -> broadcast::Receiver<ViewerMessage> {
         self.to_sockets.subscribe()
+    }
+
+    /// What the session's WebSocket video stream viewers were sent, counted
+    /// by their sockets.
+    pub fn stream(&self) -> &crate::metrics::StreamCounters {
+        &self.stream
     }
 
     /// The session's encoded video from now on, for a viewer of the
@@ -596,6 +607,8 @@ impl Core {
             automation: self.automation,
             control: self.control,
             agent: self.agent.clone(),
+            // The sockets count these, not the session's task.
+            stream: Default::default(),
         }
     }
 }
@@ -707,6 +720,7 @@ pub fn new(
         video_slots: Arc::new(Semaphore::new(
             sandcast_webrtc::HubConfig::default().max_viewers_per_session,
         )),
+        stream: Arc::default(),
     });
     let dir = m.config.data_dir.join("sessions").join(&id);
     let actor = Actor {
