@@ -336,7 +336,7 @@ impl Metrics {
     /// (for a scrape without the key) never shows them.
     pub fn render_live(
         &self,
-        sessions: &[(String, Snapshot)],
+        sessions: &[(String, Snapshot, StreamTotals)],
         viewers: &[(String, ViewerId, ViewerCounters)],
     ) -> String {
         let registry = self.registry.lock().unwrap();
@@ -349,12 +349,12 @@ impl Metrics {
 
     fn set_live(
         &self,
-        sessions: &[(String, Snapshot)],
+        sessions: &[(String, Snapshot, StreamTotals)],
         viewers: &[(String, ViewerId, ViewerCounters)],
     ) {
         // Empty: render_live clears them before it lets go of the lock.
         let f = &self.live;
-        for (id, s) in sessions {
+        for (id, s, st) in sessions {
             let l = vec![("session".to_string(), id.clone())];
             f.viewers.get_or_create(&l).set(s.viewers as i64);
             f.automation.get_or_create(&l).set(s.automation as i64);
@@ -365,7 +365,6 @@ impl Metrics {
                 .set(s.agent.encode_us as f64 / 1e6);
             set(&f.frames_dropped, &l, s.agent.frames_dropped);
             set(&f.input_dropped, &l, s.agent.input_dropped);
-            let st = &s.stream;
             if *st != StreamTotals::default() {
                 set(&f.stream_frames_sent, &l, st.frames_sent);
                 set(&f.stream_frames_skipped, &l, st.frames_skipped);
@@ -466,14 +465,14 @@ mod tests {
                 encode_us: 210_000,
                 ..Default::default()
             },
-            stream: StreamTotals {
-                frames_sent: 30,
-                frames_skipped: 4,
-                bytes_sent: 9_000,
-                freezes: 1,
-                freeze_ms: 400,
-            },
             ..Default::default()
+        };
+        let stream = StreamTotals {
+            frames_sent: 30,
+            frames_skipped: 4,
+            bytes_sent: 9_000,
+            freezes: 1,
+            freeze_ms: 400,
         };
         // A session no stream viewer ever opened has no stream series.
         let quiet = Snapshot::default();
@@ -487,7 +486,10 @@ mod tests {
             ..Default::default()
         };
         let text = m.render_live(
-            &[("abc".into(), snap), ("def".into(), quiet)],
+            &[
+                ("abc".into(), snap, stream),
+                ("def".into(), quiet, StreamTotals::default()),
+            ],
             &[("abc".into(), ViewerId(7), counters)],
         );
         assert!(

@@ -32,7 +32,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::auth;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StreamTotals};
 use crate::store::{Row, Spec, State, Store};
 use crate::webhooks::Webhooks;
 use backlog::Backlog;
@@ -231,9 +231,10 @@ impl Manager {
         self.live.lock().unwrap().sessions.get(id).cloned()
     }
 
-    /// Every live session's id and last published state (pooled sessions
-    /// are nobody's yet, and not among them).
-    pub fn live_snapshots(&self) -> Vec<(String, Snapshot)> {
+    /// Every live session's id, last published state and what its
+    /// WebSocket stream viewers were sent (pooled sessions are nobody's
+    /// yet, and not among them).
+    pub fn live_snapshots(&self) -> Vec<(String, Snapshot, StreamTotals)> {
         let live: Vec<(String, Arc<Live>)> = {
             let reg = self.live.lock().unwrap();
             reg.sessions
@@ -243,11 +244,7 @@ impl Manager {
                 .collect()
         };
         live.into_iter()
-            .map(|(id, l)| {
-                let mut s = l.snapshot();
-                s.stream = l.stream().totals();
-                (id, s)
-            })
+            .map(|(id, l)| (id, l.snapshot(), l.stream().totals()))
             .collect()
     }
 

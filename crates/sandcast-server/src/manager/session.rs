@@ -76,9 +76,6 @@ pub struct Snapshot {
     /// The agent's own counters, as it last reported them (its word: for
     /// the operator's metrics, never for a decision).
     pub agent: sandcast_proto::AgentStats,
-    /// What the WebSocket video stream's viewers were sent (filled in by
-    /// [`super::Manager::live_snapshots`] from [`Live::stream`]).
-    pub stream: crate::metrics::StreamTotals,
 }
 
 /// Who holds control of a session's input.
@@ -607,8 +604,6 @@ impl Core {
             automation: self.automation,
             control: self.control,
             agent: self.agent.clone(),
-            // The sockets count these, not the session's task.
-            stream: Default::default(),
         }
     }
 }

@@ -542,7 +542,7 @@ async fn a_create_claims_a_ready_pooled_session_which_the_pool_replaces() {
         tokio::task::yield_now().await;
     }
     assert!(
-        m.live_snapshots().iter().all(|(id, _)| *id != pooled),
+        m.live_snapshots().iter().all(|(id, ..)| *id != pooled),
         "a pooled session is not among the live ones"
     );
 
@@ -577,7 +577,7 @@ async fn a_create_claims_a_ready_pooled_session_which_the_pool_replaces() {
     // The pool starts another.
     let next = pooled_id(&m, &[&pooled]).await;
     assert_ne!(next, pooled);
-    assert!(m.live_snapshots().iter().any(|(id, _)| *id == pooled));
+    assert!(m.live_snapshots().iter().any(|(id, ..)| *id == pooled));
     m.stop_all("test over").await;
     assert!(
         m.live.lock().unwrap().sessions.is_empty(),
