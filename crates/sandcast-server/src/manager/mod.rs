@@ -336,7 +336,10 @@ impl Manager {
                 self.metrics.starts.inc();
                 self.event(&id, "state", json!({"state": "starting"}));
                 if live.commands().try_send(claim).is_err() {
-                    // Its task ended as it was claimed (it failed meanwhile).
+                    // Its task ended as it was claimed (it failed
+                    // meanwhile), or could not take the claim: it is
+                    // nobody's now, and stops if it still runs.
+                    tokio::spawn(async move { live.stop("its claim failed").await });
                     let reason = "the pooled session ended as it was claimed";
                     if self
                         .store
