@@ -7,7 +7,9 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use sandcast_e2e::{Server, ServerOptions, input_page, input_steps, run_viewer, with_query};
+use sandcast_e2e::{
+    Server, ServerOptions, input_page, input_steps, processes, run_viewer, with_query,
+};
 use serde_json::{Value, json};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
@@ -38,6 +40,20 @@ fn wait_pool_ready(s: &Server, n: u64) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether a browser of this server's sessions is stopped (paused, as an
+/// unwatched session's is).
+fn a_browser_is_paused(s: &Server) -> bool {
+    let cgroup = format!("sandcast-e2e/{}/", s.instance());
+    processes().iter().any(|p| {
+        p.cgroup.contains(&cgroup)
+            && p.comm.starts_with("chrom")
+            && std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+                .ok()
+                .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                .unwrap_or(false)
+    })
 }
 
 /// The session's browser through the server's DevTools endpoint.
@@ -116,10 +132,16 @@ fn session_log(s: &Server, id: &str) -> String {
 #[test]
 fn a_claimed_session_is_ready_at_once_and_like_a_fresh_one() {
     let mut s = Server::start(ServerOptions {
-        session: "pool_size = 1\npool_kiosk = true".into(),
+        session: "pool_size = 1\npool_kiosk = true\npause_unwatched_seconds = 1".into(),
         ..Default::default()
     });
     wait_pool_ready(&s, 1);
+    // The pooled browser waits paused; the claim must wake it.
+    let t0 = Instant::now();
+    while !a_browser_is_paused(&s) {
+        assert!(t0.elapsed() < READY, "the pooled browser was never paused");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         s.session_ids().is_empty(),
         "a pooled session is nobody's: not listed"

@@ -227,9 +227,9 @@ impl Supervisor {
 
     /// A pooled session is given to its user (see [`Message::Claim`]): the
     /// configuration becomes `config`, its start URL opens in a tab that
-    /// replaces the warm-up's, and its launch command starts. The browser
-    /// is resumed and counts as watched until the server says otherwise.
-    /// The answer comes when the tab is open. Only once: a session is
+    /// replaces the warm-up's, and its launch command starts (the server
+    /// says the session is watched first, so a paused browser runs). The
+    /// answer comes when the tab is open. Only once: a session is
     /// claimed by one request.
     pub fn claim(
         &mut self,
@@ -242,7 +242,6 @@ impl Supervisor {
         let url = config.start_url.clone();
         let launch = config.launch.as_ref().is_some_and(|argv| !argv.is_empty());
         *self.ctx.config.lock().unwrap() = config;
-        self.watched.send_replace(true);
         if launch {
             self.tasks.spawn(supervise(self.ctx.clone(), Kind::Launch));
         }

@@ -78,8 +78,8 @@ pub enum Message {
     /// start URL (opened in a new tab that replaces every other, so no
     /// history of the warm-up is left), the launch command and
     /// `launch_once`; the server claims only sessions whose other settings
-    /// are those the pool started with. A paused browser is resumed at
-    /// once, as if watched; the server says when nobody watches.
+    /// are those the pool started with. The server sends `Watched` (true)
+    /// before it, so a paused browser runs to open the tab.
     Claim(Box<SessionConfig>),
     /// Agent → server: the claim is applied (the start page's tab is open),
     /// or why it could not be.

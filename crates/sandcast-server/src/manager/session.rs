@@ -1577,9 +1577,10 @@ impl Actor {
         self.spec = claim.spec;
         self.core.claim(&self.spec, claim.ttl, now);
         self.note("claimed from the warm pool");
-        // The agent resumes the browser for the claim as if it were
-        // watched; the server says otherwise once it is applied.
+        // A paused browser opens no tab: it counts as watched until the
+        // claim is applied, then as what it is (`tell_watched` on `Claimed`).
         self.told_watched = Some(true);
+        self.send_agent(Message::Watched { watched: true });
         let config = self.session_config();
         self.send_agent(Message::Claim(Box::new(config)));
     }

@@ -553,13 +553,17 @@ async fn a_create_claims_a_ready_pooled_session_which_the_pool_replaces() {
     let (row, _) = m.create(req).unwrap();
     assert_eq!(row.id, pooled, "the ready pooled session is claimed");
     assert_eq!(row.state, State::Starting);
+    // Watched first, so a paused browser runs to open the tab.
+    let mut watched = None;
     let config = loop {
         match next_message(&mut agent).await {
             Some(Message::Claim(c)) => break c,
+            Some(Message::Watched { watched: w }) => watched = Some(w),
             Some(_) => {}
             None => panic!("the agent's connection ended"),
         }
     };
+    assert_eq!(watched, Some(true), "the last word before the claim");
     assert_eq!(config.start_url, "https://example.com/start");
     assert_eq!(config.launch.as_deref().unwrap()[0], "gh");
     assert_eq!(config.session_id, pooled);
