@@ -21,12 +21,14 @@ RUN_PACKAGES=(
   chromium xvfb xauth x11vnc fonts-liberation fonts-dejavu-core
   bubblewrap nftables iptables iproute2 procps util-linux e2fsprogs perl
 )
-# Tests also build images, drive X displays and inspect them.
+# Tests also build images, drive X displays and inspect them, and run
+# throw-away PostgreSQL servers (the cluster's store).
 TEST_PACKAGES=(
   "${RUN_PACKAGES[@]}"
   mmdebstrap debian-archive-keyring
   x11-utils x11-xserver-utils xdotool
   ffmpeg
+  postgresql-15
 )
 
 say() {

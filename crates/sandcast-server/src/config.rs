@@ -75,7 +75,49 @@ pub struct Config {
     pub cdp: CdpLimits,
     /// Recordings of sessions created with `record: true`.
     pub recording: RecordingSettings,
+    /// The session store: empty for the SQLite file in `data_dir` (one
+    /// host), or a PostgreSQL URL (`postgres://user:password@host/db`)
+    /// shared by the nodes of a cluster.
+    pub store: String,
+    /// The secret node-to-node requests carry (at least 32 characters, the
+    /// same on every node); needed with a PostgreSQL store.
+    pub cluster_secret: String,
+    /// This node, when `store` is PostgreSQL.
+    pub cluster: ClusterSettings,
 }
+
+/// `[cluster]`: this server as a node of a cluster (a PostgreSQL `store`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's id; empty means the host name and the instance id.
+    pub node_id: String,
+    /// Where other nodes reach this node's API; empty means the listen
+    /// address (this host's address when listening on every address).
+    pub api_url: String,
+    /// Seconds between heartbeats.
+    pub heartbeat_seconds: u64,
+    /// Seconds without a heartbeat after which a node is lost: its
+    /// sessions fail with reason "node lost".
+    pub lost_after_seconds: u64,
+    /// Placement picks the freest of this many random nodes.
+    pub candidates: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            node_id: String::new(),
+            api_url: String::new(),
+            heartbeat_seconds: 2,
+            lost_after_seconds: 15,
+            candidates: 2,
+        }
+    }
+}
+
+/// The shortest `cluster_secret`.
+pub const MIN_CLUSTER_SECRET: usize = 32;
 
 /// `[cdp]`: automation clients on `/api/sessions/{id}/cdp`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -635,6 +677,9 @@ impl Default for Config {
             webhook_retry: WebhookRetry::default(),
             cdp: CdpLimits::default(),
             recording: RecordingSettings::default(),
+            store: String::new(),
+            cluster_secret: String::new(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -859,6 +904,11 @@ impl Config {
         }
     }
 
+    /// Whether the store is PostgreSQL: this server is a node of a cluster.
+    pub fn clustered(&self) -> bool {
+        self.store.starts_with("postgres://") || self.store.starts_with("postgresql://")
+    }
+
     /// The certificate and key files when TLS is configured.
     pub fn tls_files(&self) -> Option<(&Path, &Path)> {
         Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
@@ -927,6 +977,47 @@ impl Config {
                 p.result_ttl_seconds,
             )
             .map_err(|(field, e)| format!("providers.{name}.{field}: {e}"))?;
+        }
+        if self.clustered() {
+            if self.cluster_secret.len() < MIN_CLUSTER_SECRET {
+                return Err(format!(
+                    "cluster_secret: a PostgreSQL store makes this server a node of a cluster, \
+                     and its nodes need a shared secret of at least {MIN_CLUSTER_SECRET} characters \
+                     (e.g. `openssl rand -hex 32`)"
+                ));
+            }
+            if self.api_key.is_empty() {
+                return Err(
+                    "api_key: every node of a cluster answers the API, so they need \
+                    the same api_key; set it (a PostgreSQL store is configured)"
+                        .into(),
+                );
+            }
+            if self.session.pool_size > 0 {
+                return Err(
+                    "session.pool_size: a node of a cluster keeps no pool yet; set it to 0 \
+                    or use the SQLite store"
+                        .into(),
+                );
+            }
+            let c = &self.cluster;
+            if c.heartbeat_seconds == 0 || c.lost_after_seconds < 2 * c.heartbeat_seconds {
+                return Err(format!(
+                    "cluster.lost_after_seconds = {} must be at least twice cluster.heartbeat_seconds = {} (and that at least 1)",
+                    c.lost_after_seconds, c.heartbeat_seconds
+                ));
+            }
+            if !(1..=16).contains(&c.candidates) {
+                return Err(format!(
+                    "cluster.candidates = {} is outside 1 to 16",
+                    c.candidates
+                ));
+            }
+        } else if !self.store.is_empty() {
+            return Err(format!(
+                "store = {:?}: empty (SQLite in data_dir) or a postgres:// URL",
+                crate::store::redact_url(&self.store)
+            ));
         }
         if self.session.pool_size > 64 {
             return Err(format!(

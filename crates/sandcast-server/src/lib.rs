@@ -222,10 +222,13 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let store = Arc::new(
-        store::Store::open(&config.data_dir.join("sandcast.sqlite"))
-            .context("opening the session store")?,
-    );
+    let store = store::open(&config).with_context(|| match config.clustered() {
+        true => format!(
+            "opening the session store {}",
+            store::redact_url(&config.store)
+        ),
+        false => "opening the session store".to_string(),
+    })?;
     let key_path = config.data_dir.join("api_key");
     let api_key = auth::load_or_create_api_key(&config.api_key, &key_path)
         .with_context(|| format!("reading or writing {}", key_path.display()))?;

@@ -692,6 +692,7 @@ mod tests {
             expires_ms: 1_700_003_600_000,
             stopped_ms: None,
             exit_code: None,
+            node: String::new(),
         }
     }
 

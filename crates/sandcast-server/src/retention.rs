@@ -34,7 +34,7 @@ pub fn interval(retention_seconds: u64) -> Duration {
 /// Removes every session that ended at or before `cutoff_ms` and is not
 /// `live`, and log files that belong to no session.
 pub fn sweep(
-    store: &Store,
+    store: &dyn Store,
     logs_dir: &Path,
     cutoff_ms: i64,
     live: impl Fn(&str) -> bool,
@@ -140,7 +140,7 @@ mod tests {
     fn a_sweep_removes_ended_sessions_files_and_orphans_only() {
         let dir = std::env::temp_dir().join(format!("sc-retention-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("db.sqlite")).unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(&dir.join("db.sqlite")).unwrap();
         let logs = dir.join("logs");
         let ids = [
             "aaaaaaaaaaaaaaaaaaaaaaaa", // ended long ago

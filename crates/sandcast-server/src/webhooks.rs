@@ -26,7 +26,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, watch};
@@ -35,6 +34,8 @@ use crate::api::AppState;
 use crate::config::{Config, Webhook, WebhookRetry};
 use crate::error::ApiError;
 use crate::manager::now_ms;
+#[cfg(test)]
+use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
 /// The events a webhook can subscribe to: the session states `ready`,
@@ -89,7 +90,7 @@ pub enum DeliveryState {
 }
 
 impl DeliveryState {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DeliveryState::Pending => "pending",
             DeliveryState::Delivered => "delivered",
@@ -97,7 +98,7 @@ impl DeliveryState {
         }
     }
 
-    fn parse(s: &str) -> DeliveryState {
+    pub(crate) fn parse(s: &str) -> DeliveryState {
         match s {
             "pending" => DeliveryState::Pending,
             "delivered" => DeliveryState::Delivered,
@@ -152,63 +153,38 @@ impl Outcome {
     }
 }
 
-/// Writes a pending delivery, due at once.
-pub fn enqueue(conn: &Connection, d: &NewDelivery) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO webhook_deliveries (id, url, event, session_id, body, created_ms, state, next_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?6)",
-        params![d.id, d.url, d.event, d.session_id, d.body, d.created_ms],
-    )?;
-    Ok(())
+/// What becomes of a delivery: after an attempt, or given up without one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryUpdate {
+    /// Its state now.
+    pub state: DeliveryState,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When it is tried next, while pending.
+    pub next_ms: Option<i64>,
+    /// The attempt just made: when, and the status it was answered (none:
+    /// given up without one, and the last attempt's figures stay).
+    pub attempt: Option<(i64, Option<u16>)>,
+    /// Why it was not acknowledged.
+    pub error: Option<String>,
 }
 
-/// The oldest pending delivery of every endpoint, due or not.
-pub fn heads(conn: &Connection) -> Result<Vec<Head>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT d.seq, d.id, d.url, d.event, d.session_id, d.body, d.created_ms, d.attempts,
-            COALESCE(d.next_ms, d.created_ms)
-         FROM webhook_deliveries d
-         JOIN (SELECT MIN(seq) AS seq FROM webhook_deliveries WHERE state = 'pending'
-               GROUP BY url) h ON d.seq = h.seq
-         ORDER BY d.seq",
-    )?;
-    let heads = stmt
-        .query_map([], |r| {
-            Ok(Head {
-                seq: r.get(0)?,
-                delivery: NewDelivery {
-                    id: r.get(1)?,
-                    url: r.get(2)?,
-                    event: r.get(3)?,
-                    session_id: r.get(4)?,
-                    body: r.get(5)?,
-                    created_ms: r.get(6)?,
-                },
-                attempts: r.get(7)?,
-                next_ms: r.get(8)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(heads)
-}
-
-/// Records an attempt at `now_ms`: delivered when acknowledged; else due
-/// again after [`backoff`], or `failed` once `give_up_seconds` after the
-/// event have passed (the last attempt is made at that time). Returns the
-/// delivery's new state.
-pub fn record_attempt(
-    conn: &Connection,
+/// What an attempt at `now_ms` makes of a delivery: delivered when
+/// acknowledged; else due again after [`backoff`], or `failed` once
+/// `give_up_seconds` after the event have passed (the last attempt is made
+/// at that time).
+pub fn after_attempt(
     head: &Head,
     outcome: &Outcome,
     now_ms: i64,
     retry: &WebhookRetry,
-) -> Result<DeliveryState, StoreError> {
+) -> DeliveryUpdate {
     let attempts = head.attempts + 1;
     let give_up_ms = head
         .delivery
         .created_ms
         .saturating_add(retry.give_up_seconds.saturating_mul(1000) as i64);
-    let (state, next) = if outcome.acknowledged() {
+    let (state, next_ms) = if outcome.acknowledged() {
         (DeliveryState::Delivered, None)
     } else if now_ms >= give_up_ms {
         (DeliveryState::Failed, None)
@@ -219,41 +195,25 @@ pub fn record_attempt(
             Some(now_ms.saturating_add(wait).min(give_up_ms)),
         )
     };
-    conn.execute(
-        "UPDATE webhook_deliveries SET state = ?2, attempts = ?3, next_ms = ?4, last_ms = ?5,
-            last_status = ?6, last_error = ?7
-         WHERE seq = ?1",
-        params![
-            head.seq,
-            state.as_str(),
-            attempts,
-            next,
-            now_ms,
-            outcome.status,
-            outcome.error
-        ],
-    )?;
-    Ok(state)
+    DeliveryUpdate {
+        state,
+        attempts,
+        next_ms,
+        attempt: Some((now_ms, outcome.status)),
+        error: outcome.error.clone(),
+    }
 }
 
-/// Gives a pending delivery up without an attempt (its endpoint is no
+/// A pending delivery given up without an attempt (its endpoint is no
 /// longer configured).
-pub fn give_up(conn: &Connection, seq: i64, why: &str) -> Result<(), StoreError> {
-    conn.execute(
-        "UPDATE webhook_deliveries SET state = 'failed', next_ms = NULL, last_error = ?2
-         WHERE seq = ?1",
-        params![seq, why],
-    )?;
-    Ok(())
-}
-
-/// Removes delivered and failed deliveries of events before `cutoff_ms`;
-/// returns how many.
-pub fn prune(conn: &Connection, cutoff_ms: i64) -> Result<usize, StoreError> {
-    Ok(conn.execute(
-        "DELETE FROM webhook_deliveries WHERE created_ms < ?1 AND state != 'pending'",
-        [cutoff_ms],
-    )?)
+pub fn given_up(head: &Head, why: &str) -> DeliveryUpdate {
+    DeliveryUpdate {
+        state: DeliveryState::Failed,
+        attempts: head.attempts,
+        next_ms: None,
+        attempt: None,
+        error: Some(why.to_string()),
+    }
 }
 
 /// A delivery as `GET /api/webhooks/deliveries` shows it.
@@ -295,41 +255,11 @@ pub struct DeliveryList {
     pub deliveries: Vec<Delivery>,
 }
 
-fn rfc3339(ms: i64) -> String {
+/// A time as the API shows it.
+pub(crate) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// The `limit` most recent deliveries, newest event first.
-pub fn recent(conn: &Connection, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, url, event, session_id, state, attempts, created_ms, last_ms, last_status,
-            last_error, next_ms
-         FROM webhook_deliveries ORDER BY seq DESC LIMIT ?1",
-    )?;
-    let rows = stmt
-        .query_map([limit as i64], |r| {
-            let state = DeliveryState::parse(&r.get::<_, String>(4)?);
-            Ok(Delivery {
-                id: r.get(0)?,
-                url: r.get(1)?,
-                event: r.get(2)?,
-                session_id: r.get(3)?,
-                state,
-                attempts: r.get(5)?,
-                created_at: rfc3339(r.get(6)?),
-                last_attempt_at: r.get::<_, Option<i64>>(7)?.map(rfc3339),
-                last_status: r.get(8)?,
-                last_error: r.get(9)?,
-                next_attempt_at: r
-                    .get::<_, Option<i64>>(10)?
-                    .filter(|_| state == DeliveryState::Pending)
-                    .map(rfc3339),
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
 }
 
 /// The configured webhooks over the store, and the worker's wake-up.
@@ -337,7 +267,7 @@ pub struct Webhooks {
     hooks: Vec<Webhook>,
     retry: WebhookRetry,
     retention_ms: i64,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     wake: Notify,
 }
 
@@ -362,7 +292,7 @@ const PRUNE_EVERY_MS: i64 = 3600 * 1000;
 
 impl Webhooks {
     /// The configuration's webhooks over `store`.
-    pub fn new(config: &Config, store: Arc<Store>) -> Webhooks {
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Webhooks {
         Webhooks {
             hooks: config.webhooks.clone(),
             retry: config.webhook_retry.clone(),
@@ -397,8 +327,7 @@ impl Webhooks {
         at_ms: i64,
     ) -> Result<(), StoreError> {
         let row = self.store.get(session_id)?;
-        let mut conn = self.store.conn();
-        let tx = conn.transaction()?;
+        let mut deliveries = Vec::new();
         for hook in self.hooks.iter().filter(|h| h.wants(event)) {
             let id = hex::encode(rand::random::<[u8; 16]>());
             let body = json!({
@@ -410,20 +339,16 @@ impl Webhooks {
                 "at_ms": at_ms,
                 "data": data,
             });
-            enqueue(
-                &tx,
-                &NewDelivery {
-                    id,
-                    url: hook.url.clone(),
-                    event: event.to_string(),
-                    session_id: session_id.to_string(),
-                    body: body.to_string(),
-                    created_ms: at_ms,
-                },
-            )?;
+            deliveries.push(NewDelivery {
+                id,
+                url: hook.url.clone(),
+                event: event.to_string(),
+                session_id: session_id.to_string(),
+                body: body.to_string(),
+                created_ms: at_ms,
+            });
         }
-        tx.commit()?;
-        Ok(())
+        self.store.enqueue_deliveries(&deliveries)
     }
 
     /// Starts the delivery worker.
@@ -452,12 +377,12 @@ impl Webhooks {
             let now = now_ms();
             if now - pruned_ms >= PRUNE_EVERY_MS {
                 pruned_ms = now;
-                if let Err(e) = prune(&self.store.conn(), now - self.retention_ms) {
+                if let Err(e) = self.store.prune_deliveries(now - self.retention_ms) {
                     tracing::warn!(error = %e, "could not remove old webhook deliveries");
                 }
             }
             let mut wait = Duration::from_millis(PRUNE_EVERY_MS as u64);
-            let heads = match heads(&self.store.conn()) {
+            let heads = match self.store.delivery_heads() {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(error = %e, "could not read webhook deliveries");
@@ -477,7 +402,7 @@ impl Webhooks {
                 }
                 let Some(secret) = secrets.get(url.as_str()) else {
                     let why = "its webhook is no longer configured";
-                    if let Err(e) = give_up(&self.store.conn(), head.seq, why) {
+                    if let Err(e) = self.store.update_delivery(head.seq, &given_up(&head, why)) {
                         tracing::error!(error = %e, "could not give a webhook delivery up");
                     }
                     again = true;
@@ -509,7 +434,12 @@ impl Webhooks {
 
     fn finish(&self, head: &Head, outcome: &Outcome) {
         let d = &head.delivery;
-        match record_attempt(&self.store.conn(), head, outcome, now_ms(), &self.retry) {
+        let update = after_attempt(head, outcome, now_ms(), &self.retry);
+        match self
+            .store
+            .update_delivery(head.seq, &update)
+            .map(|()| update.state)
+        {
             Ok(DeliveryState::Delivered) => {
                 tracing::debug!(delivery = %d.id, url = %d.url, event = %d.event, "webhook delivered")
             }
@@ -602,7 +532,7 @@ pub async fn deliveries(
                     .detail(json!({ "field": "limit" }))
             })?,
     };
-    let deliveries = recent(&state.manager.store().conn(), limit)?;
+    let deliveries = state.manager.store().recent_deliveries(limit)?;
     Ok(Json(DeliveryList { deliveries }))
 }
 
@@ -659,147 +589,14 @@ mod tests {
         assert_eq!(event_name("dropped", &state("ready")), None);
     }
 
-    fn temp_store() -> (tempfile::TempDir, Arc<Store>) {
+    fn temp_store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("db.sqlite")).unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap());
         (dir, store)
     }
 
-    fn delivery(n: u32, url: &str, at: i64) -> NewDelivery {
-        NewDelivery {
-            id: format!("d{n}"),
-            url: url.into(),
-            event: "ready".into(),
-            session_id: "s".into(),
-            body: format!("{{\"n\":{n}}}"),
-            created_ms: at,
-        }
-    }
-
-    fn failed(status: u16) -> Outcome {
-        Outcome {
-            status: Some(status),
-            error: Some(format!("HTTP {status}")),
-        }
-    }
-
-    const OK: Outcome = Outcome {
-        status: Some(200),
-        error: None,
-    };
-
     fn head_of<'a>(heads: &'a [Head], url: &str) -> &'a Head {
         heads.iter().find(|h| h.delivery.url == url).unwrap()
-    }
-
-    /// Per endpoint, the next delivery is the oldest pending one, and it
-    /// stays so through failures until it is acknowledged; endpoints do
-    /// not wait for each other.
-    #[test]
-    fn each_endpoint_gets_its_deliveries_in_order_each_acknowledged_first() {
-        let (_dir, store) = temp_store();
-        let retry = WebhookRetry::default();
-        let conn = store.conn();
-        for (n, url) in [(1, "http://a/"), (2, "http://b/"), (3, "http://a/")] {
-            enqueue(&conn, &delivery(n, url, 1000)).unwrap();
-        }
-        let heads = heads(&conn).unwrap();
-        assert_eq!(heads.len(), 2);
-        assert_eq!(head_of(&heads, "http://a/").delivery.id, "d1");
-        assert_eq!(head_of(&heads, "http://a/").next_ms, 1000, "due at once");
-        assert_eq!(head_of(&heads, "http://b/").delivery.id, "d2");
-
-        // Two failures: d1 stays a's head, due after 1 s, then 2 s.
-        let h = head_of(&heads, "http://a/").clone();
-        let st = record_attempt(&conn, &h, &failed(500), 1100, &retry).unwrap();
-        assert_eq!(st, DeliveryState::Pending);
-        let heads = super::heads(&conn).unwrap();
-        let h = head_of(&heads, "http://a/").clone();
-        assert_eq!(
-            (h.delivery.id.as_str(), h.attempts, h.next_ms),
-            ("d1", 1, 2100)
-        );
-        let timeout = Outcome {
-            status: None,
-            error: Some("timed out".into()),
-        };
-        record_attempt(&conn, &h, &timeout, 2100, &retry).unwrap();
-        let heads = super::heads(&conn).unwrap();
-        let h = head_of(&heads, "http://a/").clone();
-        assert_eq!(
-            (h.delivery.id.as_str(), h.attempts, h.next_ms),
-            ("d1", 2, 4100)
-        );
-        // b was not held up.
-        let b = head_of(&heads, "http://b/").clone();
-        assert_eq!(
-            record_attempt(&conn, &b, &OK, 2200, &retry).unwrap(),
-            DeliveryState::Delivered
-        );
-
-        // Acknowledged: d3 is next for a.
-        assert_eq!(
-            record_attempt(&conn, &h, &OK, 4100, &retry).unwrap(),
-            DeliveryState::Delivered
-        );
-        let heads = super::heads(&conn).unwrap();
-        assert_eq!(heads.len(), 1);
-        assert_eq!(heads[0].delivery.id, "d3");
-
-        let shown = recent(&conn, 10).unwrap();
-        let ids: Vec<&str> = shown.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, ["d3", "d2", "d1"], "newest first");
-        let d1 = &shown[2];
-        assert_eq!(d1.state, DeliveryState::Delivered);
-        assert_eq!((d1.attempts, d1.last_status), (3, Some(200)));
-        assert_eq!(d1.last_error, None);
-        assert_eq!(d1.next_attempt_at, None);
-        assert_eq!(d1.created_at, "1970-01-01T00:00:01.000Z");
-        assert_eq!(
-            shown[0].next_attempt_at.as_deref(),
-            Some("1970-01-01T00:00:01.000Z")
-        );
-        assert_eq!(recent(&conn, 1).unwrap().len(), 1);
-    }
-
-    /// Retries stop `give_up_seconds` after the event: the last wait is cut
-    /// to that time, and a failure then gives the delivery up, so the next
-    /// one goes.
-    #[test]
-    fn a_delivery_is_given_up_at_the_deadline_and_the_next_one_goes() {
-        let (_dir, store) = temp_store();
-        let retry = WebhookRetry {
-            first_ms: 1000,
-            max_ms: 60_000,
-            give_up_seconds: 10,
-            ..WebhookRetry::default()
-        };
-        let conn = store.conn();
-        enqueue(&conn, &delivery(1, "http://a/", 0)).unwrap();
-        enqueue(&conn, &delivery(2, "http://a/", 5)).unwrap();
-        let mut now = 0;
-        let mut times = Vec::new();
-        loop {
-            let h = heads(&conn).unwrap()[0].clone();
-            if h.delivery.id != "d1" {
-                break;
-            }
-            now = now.max(h.next_ms);
-            times.push(now);
-            record_attempt(&conn, &h, &failed(503), now, &retry).unwrap();
-        }
-        assert_eq!(times, [0, 1000, 3000, 7000, 10_000]);
-        let shown = recent(&conn, 10).unwrap();
-        assert_eq!(shown[1].state, DeliveryState::Failed);
-        assert_eq!(shown[1].last_error.as_deref(), Some("HTTP 503"));
-        assert_eq!(shown[1].next_attempt_at, None);
-        assert_eq!(shown[0].state, DeliveryState::Pending);
-
-        // Old finished deliveries are pruned; pending ones never.
-        assert_eq!(prune(&conn, 100).unwrap(), 1);
-        assert_eq!(recent(&conn, 10).unwrap().len(), 1);
-        give_up(&conn, heads(&conn).unwrap()[0].seq, "gone").unwrap();
-        assert!(heads(&conn).unwrap().is_empty());
     }
 
     fn session_row(id: &str) -> crate::store::Row {
@@ -848,9 +645,8 @@ mod tests {
         );
         drop(hooks);
         drop(store);
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
-        let conn = store.conn();
-        let shown = recent(&conn, 10).unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        let shown = store.recent_deliveries(10).unwrap();
         let got: Vec<(&str, &str)> = shown
             .iter()
             .rev()
@@ -865,7 +661,7 @@ mod tests {
                 ("http://ends/", "stopped"),
             ]
         );
-        let h = heads(&conn).unwrap();
+        let h = store.delivery_heads().unwrap();
         let body: Value = serde_json::from_str(&head_of(&h, "http://all/").delivery.body).unwrap();
         assert_eq!(
             body,
@@ -880,7 +676,8 @@ mod tests {
             })
         );
         let completed: Value = serde_json::from_str(
-            &conn
+            &rusqlite::Connection::open(dir.path().join("db.sqlite"))
+                .unwrap()
                 .query_row(
                     "SELECT body FROM webhook_deliveries WHERE event = 'completed'",
                     [],

@@ -89,7 +89,7 @@ impl From<crate::store::StoreError> for ManagerError {
 /// The manager.
 pub struct Manager {
     config: Arc<Config>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     backend: Arc<dyn Backend>,
     gateway: Option<Gateway>,
     metrics: Arc<Metrics>,
@@ -138,7 +138,7 @@ impl Manager {
     /// A manager over a store and a backend.
     pub fn new(
         config: Arc<Config>,
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         backend: Arc<dyn Backend>,
         gateway: Option<Gateway>,
         metrics: Arc<Metrics>,
@@ -207,8 +207,8 @@ impl Manager {
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     /// The backend.
@@ -313,6 +313,7 @@ impl Manager {
             expires_ms: now + (req.ttl_seconds as i64) * 1000,
             stopped_ms: None,
             exit_code: None,
+            node: String::new(),
         };
         let ttl = Duration::from_secs(req.ttl_seconds);
         if pool::fits(&self.pool_spec, &req.spec) {

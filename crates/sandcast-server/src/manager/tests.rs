@@ -90,7 +90,8 @@ fn manager_with(max_sessions: usize, tweak: impl FnOnce(&mut Config)) -> (Arc<Ma
     };
     config.session.idle_timeout_seconds = 3600;
     tweak(&mut config);
-    let store = Arc::new(Store::open(&dir.join("db.sqlite")).unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(crate::store::sqlite::SqliteStore::open(&dir.join("db.sqlite")).unwrap());
     let m = Manager::new(
         Arc::new(config),
         store,
