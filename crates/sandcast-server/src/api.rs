@@ -34,6 +34,8 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     /// The operator key.
     pub api_key: Arc<String>,
+    /// This server as a node of a cluster, when its store is PostgreSQL.
+    pub node: Option<Arc<crate::cluster::Node>>,
 }
 
 /// Requires the operator key on `/api/*` (signaling has its own check).
@@ -371,6 +373,7 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
         "transfers": row.spec.transfers,
         "record": row.spec.record,
         "exit_code": row.exit_code,
+        "node": (!row.node.is_empty()).then_some(&row.node),
         "profile": row.spec.profile.is_some(),
         "idle_timeout_seconds": row.spec.idle_timeout_seconds,
         "created_at": rfc3339(row.created_ms),
@@ -424,6 +427,28 @@ async fn created(
     conflict: ProfileConflict,
 ) -> Result<Response, ApiError> {
     let m = &state.manager;
+    if let Some(node) = &state.node {
+        if new.spec.profile.is_some() {
+            // A profile is a file system on one node's disk.
+            return Err(ApiError::bad_request(
+                "profile: a node of a cluster keeps no profiles yet; create it without profile",
+            )
+            .detail(json!({ "field": "profile" })));
+        }
+        let (row, token) = crate::cluster::create(state, node, new).await?;
+        let base = m
+            .store()
+            .cluster()
+            .and_then(|c| c.nodes(crate::manager::now_ms()).ok())
+            .and_then(|nodes| nodes.into_iter().find(|n| n.info.id == row.node))
+            .map(|n| n.info.public_url)
+            .unwrap_or_else(|| base_url(state, headers));
+        let mut body = session_json(&row, m.live(&row.id).as_deref());
+        body["viewer_url"] = json!(format!("{base}/viewer/{}#token={token}", row.id));
+        body["viewer_token"] = json!(token);
+        body["cdp_url"] = json!(crate::cdp::cdp_url(state, headers, &row.id));
+        return Ok((StatusCode::CREATED, Json(body)).into_response());
+    }
     let holder = new
         .spec
         .profile

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod budget;
 pub mod capacity;
 pub mod cdp;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod files;
@@ -119,6 +120,8 @@ fn api_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(cdp::list))
         .routes(routes!(cdp::list_alias))
         .routes(routes!(cdp::get_control, cdp::put_control))
+        .routes(routes!(cluster::list))
+        .routes(routes!(cluster::drain, cluster::undrain))
 }
 
 /// The routes outside the API key's check; documented like the others.
@@ -136,6 +139,8 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::download))
         .routes(routes!(viewer::upload))
         .routes(routes!(viewer::asset))
+        // Checks the cluster secret itself.
+        .routes(routes!(cluster::start))
 }
 
 /// The two route tables and the OpenAPI document of both.
@@ -181,6 +186,11 @@ pub fn router(
         .layer(axum::Extension(health))
         .layer(axum::Extension(Arc::new(viewer::Signaling::default())))
         .layer(DefaultBodyLimit::max(limits::MAX_BODY))
+        // Before every handler: a session another node runs is answered there.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cluster::route,
+        ))
         // The viewer may be embedded in an operator's page on another origin;
         // no cookies are used, so no credentials are allowed.
         .layer(
@@ -288,17 +298,25 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .refresh_every(Arc::downgrade(&manager), health::REFRESH),
     );
     let api_key = Arc::new(api_key);
-    let state = api::AppState {
-        manager: manager.clone(),
-        api_key: api_key.clone(),
-    };
-    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit, api_key));
-    tokio::spawn(limiters.clone().trim_every(ratelimit::TRIM));
-    let app = router(state, metrics, limiters, health);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let node = config
+        .clustered()
+        .then(|| Arc::new(cluster::Node::new(&config, addr)));
+    if let Some(node) = &node {
+        println!("node {} of the cluster", node.id());
+        tokio::spawn(cluster::run(node.clone(), Arc::downgrade(&manager)));
+    }
+    let state = api::AppState {
+        manager: manager.clone(),
+        api_key: api_key.clone(),
+        node,
+    };
+    let limiters = Arc::new(ratelimit::Limiters::new(&config.rate_limit, api_key));
+    tokio::spawn(limiters.clone().trim_every(ratelimit::TRIM));
+    let app = router(state, metrics, limiters, health);
     println!("sandcast listening on {}://{addr}", config.scheme());
     if let Some(w) = config.plain_http_warning() {
         tracing::warn!("{w}");
@@ -421,7 +439,8 @@ async fn open_session(m: Arc<manager::Manager>, addr: SocketAddr) {
     println!("viewer: {base}/viewer/{}#token={token}", row.id);
 }
 
-fn local_ip() -> Option<String> {
+/// This host's address toward the outside, if it has one.
+pub(crate) fn local_ip() -> Option<String> {
     // The address the host would use to reach the outside; no packet is sent.
     let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
     s.connect("192.0.2.1:9").ok()?;

@@ -326,6 +326,8 @@ pub struct Session {
     /// The launch command's exit code, once it exited in a session with
     /// `complete_on`.
     pub exit_code: Option<i32>,
+    /// The node of the cluster that runs it; null on a single host.
+    pub node: Option<String>,
     /// Its home is its user's profile.
     pub profile: bool,
     /// Seconds without a viewer before it stops.

@@ -332,3 +332,38 @@ pub fn run(conn: &ConnArgs, cmd: SessionCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `sandcast node`: the nodes of a cluster (a PostgreSQL store).
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Every node: its URLs, slots, load, heartbeat, whether it drains.
+    List,
+    /// Place no new sessions on a node; its sessions go on until they end.
+    Drain {
+        /// Node id (as `sandcast node list` shows it).
+        id: String,
+    },
+    /// Place new sessions on a node again.
+    Undrain {
+        /// Node id.
+        id: String,
+    },
+}
+
+/// Runs a node command.
+pub fn run_node(conn: &ConnArgs, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
+    let c = Client::new(conn)?;
+    let out = match cmd {
+        NodeCommand::List => c.json("GET", "/api/nodes", None)?,
+        NodeCommand::Drain { id } => {
+            c.call("PUT", &format!("/api/nodes/{}/drain", encode(&id)), None)?;
+            json!({ "node": id, "draining": true })
+        }
+        NodeCommand::Undrain { id } => {
+            c.call("DELETE", &format!("/api/nodes/{}/drain", encode(&id)), None)?;
+            json!({ "node": id, "draining": false })
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -36,6 +36,13 @@ enum Command {
         #[command(subcommand)]
         command: client::SessionCommand,
     },
+    /// The nodes of a cluster, through a running node's API.
+    Node {
+        #[command(flatten)]
+        conn: client::ConnArgs,
+        #[command(subcommand)]
+        command: client::NodeCommand,
+    },
     /// Check this host and say exactly what is missing.
     Doctor(ServeArgs),
     /// Build a root file system image.
@@ -153,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Session { conn, command } => client::run(&conn, command),
+        Command::Node { conn, command } => client::run_node(&conn, command),
         Command::Doctor(args) => doctor::run(&args),
         Command::Image { command } => image(command),
         Command::Bench { command } => bench::run(command),

@@ -63,6 +63,33 @@ pub struct NewSession {
     pub ttl_seconds: u64,
 }
 
+impl NewSession {
+    /// The row of a new session `id` of this request, created at `now`,
+    /// opened by viewer `token`.
+    pub fn row(&self, id: String, token: &str, now: i64) -> Row {
+        Row {
+            id,
+            user_id: self.user_id.clone(),
+            provider: self.provider.clone(),
+            state: State::Starting,
+            reason: None,
+            spec: self.spec.clone(),
+            token_hash: auth::hash_token(token),
+            created_ms: now,
+            ready_ms: None,
+            expires_ms: now + (self.ttl_seconds as i64) * 1000,
+            stopped_ms: None,
+            exit_code: None,
+            node: String::new(),
+        }
+    }
+}
+
+/// A new session id.
+pub fn new_id() -> String {
+    hex::encode(rand::random::<[u8; 12]>())
+}
+
 /// Why the manager refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -300,21 +327,7 @@ impl Manager {
     pub fn create(self: &Arc<Self>, req: NewSession) -> Result<(Row, String), ManagerError> {
         let token = auth::new_secret();
         let now = now_ms();
-        let row = |id: String, req: &NewSession| Row {
-            id,
-            user_id: req.user_id.clone(),
-            provider: req.provider.clone(),
-            state: State::Starting,
-            reason: None,
-            spec: req.spec.clone(),
-            token_hash: auth::hash_token(&token),
-            created_ms: now,
-            ready_ms: None,
-            expires_ms: now + (req.ttl_seconds as i64) * 1000,
-            stopped_ms: None,
-            exit_code: None,
-            node: String::new(),
-        };
+        let row = |id: String, req: &NewSession| req.row(id, &token, now);
         let ttl = Duration::from_secs(req.ttl_seconds);
         if pool::fits(&self.pool_spec, &req.spec) {
             let claimed = {
@@ -352,10 +365,25 @@ impl Manager {
                 return Ok((row, token));
             }
         }
-        let id = hex::encode(rand::random::<[u8; 12]>());
-        let row = row(id.clone(), &req);
-        let profile = req.spec.profile.clone();
-        let (live, mut actor) = session::new(self.clone(), id.clone(), req.spec, ttl, false);
+        let row = self.start(row(new_id(), &req), ttl, true)?;
+        Ok((row, token))
+    }
+
+    /// Starts a session whose row another node placed on this one (see
+    /// [`crate::cluster`]); its row is already in the store.
+    pub fn start_placed(self: &Arc<Self>, row: Row) -> Result<(), ManagerError> {
+        let left = (row.expires_ms - now_ms()).max(1000) as u64;
+        self.start(row, Duration::from_millis(left), false)
+            .map(drop)
+    }
+
+    /// Starts a session of `row`'s spec in the background, inserting its
+    /// row first when `insert`.
+    fn start(self: &Arc<Self>, row: Row, ttl: Duration, insert: bool) -> Result<Row, ManagerError> {
+        let id = row.id.clone();
+        let profile = row.spec.profile.clone();
+        let (live, mut actor) =
+            session::new(self.clone(), id.clone(), row.spec.clone(), ttl, false);
         let evicted = {
             // The count and the reservation are one step under one lock,
             // and so is the profile's.
@@ -384,19 +412,19 @@ impl Manager {
         if let Some(pooled) = evicted {
             tokio::spawn(async move { pooled.stop("it gave way to a new session").await });
         }
-        if let Err(e) = self.store.insert(&row) {
+        if insert && let Err(e) = self.store.insert(&row) {
             self.live.lock().unwrap().sessions.remove(&id);
             return Err(e.into());
         }
         self.metrics.starts.inc();
         self.event(&id, "state", json!({"state": "starting"}));
         tokio::spawn(actor.run());
-        Ok((row, token))
+        Ok(row)
     }
 
     /// Starts a pooled session when the pool wants one; whether it did.
     fn start_pooled(self: &Arc<Self>) -> bool {
-        let id = hex::encode(rand::random::<[u8; 12]>());
+        let id = new_id();
         let (live, actor) = session::new(
             self.clone(),
             id.clone(),
@@ -442,7 +470,8 @@ impl Manager {
         self.pool_wake.notify_one();
     }
 
-    fn event(&self, id: &str, kind: &'static str, data: serde_json::Value) {
+    /// Records a session event and tells the webhooks and subscribers.
+    pub(crate) fn event(&self, id: &str, kind: &'static str, data: serde_json::Value) {
         let at = now_ms();
         let _ = self.store.add_event(id, kind, &data, at);
         // Written before anyone hears of the event, so none is lost.
@@ -483,9 +512,19 @@ impl Manager {
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))
     }
 
+    /// How many sessions run here, pooled ones included.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().unwrap().sessions.len()
+    }
+
     /// Stops every live session (server shutdown).
     pub async fn stop_all(&self, reason: &str) {
         self.closing.store(true, Ordering::Release);
+        self.stop_all_sessions(reason).await;
+    }
+
+    /// Stops every live session, pooled ones too, and goes on serving.
+    pub async fn stop_all_sessions(&self, reason: &str) {
         let (ids, pooled): (Vec<String>, Vec<Arc<Live>>) = {
             let reg = self.live.lock().unwrap();
             let ids = reg.sessions.keys().filter(|id| !reg.pool.holds(id));

@@ -145,9 +145,12 @@ impl TestPostgres {
         self.url(name)
     }
 
-    /// The connection string of database `name`.
+    /// The `postgres://` URL of database `name` (over the Unix socket).
     pub fn url(&self, name: &str) -> String {
-        format!("host={} user=postgres dbname={name}", self.dir.display())
+        format!(
+            "postgres:///{name}?host={}&user=postgres",
+            self.dir.display()
+        )
     }
 
     /// The directory of its socket.
