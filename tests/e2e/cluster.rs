@@ -92,9 +92,32 @@ fn three_nodes_place_route_drain_and_lose_a_node() {
     let b = a.start_beside(node_options(&url, "b"));
     let mut c = a.start_beside(node_options(&url, "c"));
     let all = [&a, &b, &c];
+
     wait_until("three nodes joined", Duration::from_secs(20), || {
         nodes(&a).len() == 3
     });
+
+    // A user's profile stays on the node of their first profile session:
+    // the next one, asked of other nodes, is made there, and the profile
+    // is read through any node.
+    let first = a.create(&json!({ "user_id": "alice", "profile": true, "kiosk": true }));
+    let home = first["node"].as_str().expect("node").to_string();
+    let id = first["id"].as_str().unwrap();
+    b.wait_state(id, "ready", READY);
+    assert_eq!(c.delete(id)["state"], "stopped");
+    let others = [("a", &a), ("b", &b), ("c", &c)]
+        .into_iter()
+        .filter(|(n, _)| *n != home)
+        .map(|(_, s)| s);
+    for s in others {
+        let again = s.create(&json!({ "user_id": "alice", "profile": true, "kiosk": true }));
+        assert_eq!(again["node"], home.as_str(), "{again}");
+        let id = again["id"].as_str().unwrap();
+        s.wait_state(id, "ready", READY);
+        let profile = s.api("GET", "/api/users/alice/profile", None);
+        assert_eq!(profile.status, 200, "{}", profile.body);
+        assert_eq!(s.delete(id)["state"], "stopped");
+    }
 
     // 30 creates at once, ten through each node: exactly the cluster's
     // slots are used, each session once, no node above its max_sessions.

@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth;
@@ -151,7 +151,7 @@ pub struct CreateRequest {
 }
 
 /// What a create does when the user's profile is in a live session.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProfileConflict {
     /// Answer with the live session.
@@ -420,35 +420,32 @@ pub(crate) fn base_url(state: &AppState, headers: &HeaderMap) -> String {
 /// profile to let go of it.
 const PROFILE_HANDOVER: std::time::Duration = std::time::Duration::from_secs(15);
 
-async fn created(
+pub(crate) async fn created(
+    state: &AppState,
+    headers: &HeaderMap,
+    new: NewSession,
+    conflict: ProfileConflict,
+) -> Result<Response, ApiError> {
+    // In a cluster a profile lives on one node: a create for it is made
+    // there, where the sessions that may hold it run.
+    if let (Some(node), Some(user)) = (&state.node, new.spec.profile.as_deref())
+        && let Some(pinned) = crate::cluster::profile_node(state, user)?
+        && pinned != node.id()
+    {
+        return crate::cluster::create_on(state, node, &pinned, &new, conflict).await;
+    }
+    created_here(state, headers, new, conflict).await
+}
+
+/// [`created`] on this node: the user's profile, if any, is here or
+/// nowhere yet.
+pub(crate) async fn created_here(
     state: &AppState,
     headers: &HeaderMap,
     new: NewSession,
     conflict: ProfileConflict,
 ) -> Result<Response, ApiError> {
     let m = &state.manager;
-    if let Some(node) = &state.node {
-        if new.spec.profile.is_some() {
-            // A profile is a file system on one node's disk.
-            return Err(ApiError::bad_request(
-                "profile: a node of a cluster keeps no profiles yet; create it without profile",
-            )
-            .detail(json!({ "field": "profile" })));
-        }
-        let (row, token) = crate::cluster::create(state, node, new).await?;
-        let base = m
-            .store()
-            .cluster()
-            .and_then(|c| c.nodes(crate::manager::now_ms()).ok())
-            .and_then(|nodes| nodes.into_iter().find(|n| n.info.id == row.node))
-            .map(|n| n.info.public_url)
-            .unwrap_or_else(|| base_url(state, headers));
-        let mut body = session_json(&row, m.live(&row.id).as_deref());
-        body["viewer_url"] = json!(format!("{base}/viewer/{}#token={token}", row.id));
-        body["viewer_token"] = json!(token);
-        body["cdp_url"] = json!(crate::cdp::cdp_url(state, headers, &row.id));
-        return Ok((StatusCode::CREATED, Json(body)).into_response());
-    }
     let holder = new
         .spec
         .profile
@@ -472,12 +469,20 @@ async fn created(
             let _ = tokio::time::timeout(PROFILE_HANDOVER, ended.wait_for(|e| *e)).await;
         }
     }
-    let (status, (row, token)) = match existing {
-        Some(id) => (StatusCode::OK, state.manager.new_viewer_token(&id)?),
-        None => (StatusCode::CREATED, state.manager.create(new)?),
+    let (status, (row, token)) = match (existing, &state.node) {
+        (Some(id), _) => (StatusCode::OK, state.manager.new_viewer_token(&id)?),
+        (None, Some(node)) => (
+            StatusCode::CREATED,
+            crate::cluster::create(state, node, new).await?,
+        ),
+        (None, None) => (StatusCode::CREATED, state.manager.create(new)?),
+    };
+    let base = match &state.node {
+        Some(node) => crate::cluster::public_url(state, node, &row.node),
+        None => base_url(state, headers),
     };
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
-    body["viewer_url"] = json!(viewer_url(state, headers, &row.id, &token));
+    body["viewer_url"] = json!(format!("{base}/viewer/{}#token={token}", row.id));
     body["viewer_token"] = json!(token);
     body["cdp_url"] = json!(crate::cdp::cdp_url(state, headers, &row.id));
     Ok((status, Json(body)).into_response())

@@ -31,10 +31,11 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
 use crate::api::AppState;
+use crate::api::ProfileConflict;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::manager::{Manager, ManagerError, NewSession, new_id, now_ms};
-use crate::store::{Cluster, NodeInfo, NodeLoad, NodeRow, Row, State as SessionState};
+use crate::store::{Cluster, NodeInfo, NodeLoad, NodeRow, Placement, Row, State as SessionState};
 
 /// The header node-to-node requests carry the cluster secret in.
 pub const SECRET_HEADER: &str = "x-sandcast-cluster";
@@ -202,14 +203,24 @@ pub async fn create(
         let now = now_ms();
         let mut row = req.row(new_id(), &token, now);
         let fresh_after = now - (c.lost_after_seconds as i64) * 1000;
-        let Some(owner) = cluster.place(&row, c.candidates, fresh_after, &exclude)? else {
-            break;
+        let owner = match cluster.place(&row, c.candidates, fresh_after, &exclude)? {
+            Placement::Placed(owner) => owner,
+            Placement::Full => break,
+            Placement::Pinned(n) => {
+                return Err(ApiError::from(ManagerError::Full(0)).detail(json!({
+                    "why": format!(
+                        "the user's profile is on node {n}, which cannot take a session now \
+                         (full, draining or silent)"
+                    ),
+                    "node": n,
+                })));
+            }
         };
         row.node = owner.clone();
         let started = if owner == node.id() {
             m.start_placed(row.clone()).map_err(ApiError::from)
         } else {
-            start_remote(node, cluster, &owner, &row.id).await
+            start_remote(state, node, &owner, &row.id).await
         };
         match started {
             Ok(()) => return Ok((row, token)),
@@ -237,18 +248,119 @@ pub async fn create(
     }))
 }
 
+/// The node that keeps `user_id`'s profile, if any.
+pub fn profile_node(state: &AppState, user_id: &str) -> Result<Option<String>, ApiError> {
+    Ok(cluster_of(&state.manager).profile_node(user_id)?)
+}
+
+/// The public URL of `owner` (this node's own when it is this node or
+/// unknown).
+pub fn public_url(state: &AppState, node: &Node, owner: &str) -> String {
+    if owner.is_empty() || owner == node.id() {
+        return node.info.public_url.clone();
+    }
+    cluster_of(&state.manager)
+        .nodes(now_ms())
+        .ok()
+        .and_then(|nodes| nodes.into_iter().find(|n| n.info.id == owner))
+        .map_or_else(|| node.info.public_url.clone(), |n| n.info.public_url)
+}
+
+/// A create handed from one node to another.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct HandedCreate {
+    /// The validated request.
+    #[schema(value_type = Object)]
+    pub request: NewSession,
+    /// What to do when the user's profile is in a live session.
+    pub conflict: ProfileConflict,
+}
+
+/// Makes a create on `target` (where the user's profile is) and answers
+/// with what it answered.
+pub async fn create_on(
+    state: &AppState,
+    node: &Node,
+    target: &str,
+    new: &NewSession,
+    conflict: ProfileConflict,
+) -> Result<Response, ApiError> {
+    let target = node_row(state, target)?;
+    let body = serde_json::to_vec(&HandedCreate {
+        request: new.clone(),
+        conflict,
+    })
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let req = axum::http::Request::post(format!("{}/api/cluster/sessions", target.info.api_url))
+        .header(SECRET_HEADER, &node.secret)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    match tokio::time::timeout(START_TIMEOUT, node.http.request(req)).await {
+        Ok(Ok(resp)) => Ok(resp.map(Body::new)),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("node {} that keeps the profile: {e}", target.info.id),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "node {} that keeps the profile did not answer",
+                target.info.id
+            ),
+        )),
+    }
+}
+
+fn node_row(state: &AppState, id: &str) -> Result<NodeRow, ApiError> {
+    cluster_of(&state.manager)
+        .nodes(now_ms())?
+        .into_iter()
+        .find(|n| n.info.id == id)
+        .ok_or_else(|| ApiError::internal(format!("node {id} has no row")))
+}
+
+/// Create a session on this node, handed over by another node of the
+/// cluster (the user's profile is here).
+///
+/// Between the nodes of a cluster only: the request carries the cluster
+/// secret in `X-Sandcast-Cluster`. Answers as `POST /api/sessions` does.
+#[utoipa::path(
+    post,
+    path = "/api/cluster/sessions",
+    tag = "cluster",
+    security(("cluster_secret" = [])),
+    request_body = HandedCreate,
+    responses(
+        (status = 201, description = "Created, as `POST /api/sessions` answers.", body = crate::openapi::Session),
+        (status = 200, description = "The user's live session, as `POST /api/sessions` answers.", body = crate::openapi::Session),
+        (status = 401, description = "No or a wrong cluster secret.", body = crate::error::ErrorBody),
+        (status = 503, description = "No room.", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn handed_create(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    if !state.node.as_ref().is_some_and(|n| n.vouched(&headers)) {
+        return Err(ApiError::unauthorized(
+            "node-to-node requests carry the cluster secret",
+        ));
+    }
+    let handed: HandedCreate = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("a handed create: {e}")))?;
+    crate::api::created_here(&state, &headers, handed.request, handed.conflict).await
+}
+
 /// Asks `owner` to start session `id`, placed on it.
 async fn start_remote(
+    state: &AppState,
     node: &Node,
-    cluster: &dyn Cluster,
     owner: &str,
     id: &str,
 ) -> Result<(), ApiError> {
-    let target = cluster
-        .nodes(now_ms())?
-        .into_iter()
-        .find(|n| n.info.id == owner)
-        .ok_or_else(|| ApiError::internal(format!("node {owner} has no row")))?;
+    let target = node_row(state, owner)?;
     let req = axum::http::Request::post(format!(
         "{}/api/cluster/sessions/{id}/start",
         target.info.api_url
@@ -277,6 +389,7 @@ async fn start_remote(
     post,
     path = "/api/cluster/sessions/{id}/start",
     tag = "cluster",
+    security(("cluster_secret" = [])),
     params(("id" = String, Path, description = "Session id.")),
     responses(
         (status = 202, description = "It is starting."),
@@ -391,7 +504,15 @@ fn session_of(path: &str) -> Option<(&str, bool)> {
     None
 }
 
-/// Sends a request about a session that another node runs to that node:
+/// The user whose profile a path is about.
+fn profile_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/users/")?
+        .strip_suffix("/profile")
+        .filter(|u| !u.is_empty() && !u.contains('/'))
+}
+
+/// Sends a request about a session that another node runs (or a profile
+/// another node keeps) to that node:
 /// a viewer page is redirected (its streams then go there directly), the
 /// rest is forwarded, WebSocket upgrades included. A request that another
 /// node forwarded is answered here, whatever the store says, so no request
@@ -400,15 +521,25 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
     let Some(node) = state.node.clone() else {
         return next.run(req).await;
     };
-    let Some((id, page)) = session_of(req.uri().path()) else {
-        return next.run(req).await;
-    };
-    if node.vouched(req.headers()) || state.manager.live(id).is_some() {
+    if node.vouched(req.headers()) {
         return next.run(req).await;
     }
-    let owner = match state.manager.store().get(id) {
-        Ok(Some(row)) if !row.node.is_empty() && row.node != node.id() => row.node,
-        _ => return next.run(req).await,
+    let path = req.uri().path().to_string();
+    let (owner, page) = if let Some(user) = profile_of(&path) {
+        match cluster_of(&state.manager).profile_node(user) {
+            Ok(Some(n)) if n != node.id() => (n, false),
+            _ => return next.run(req).await,
+        }
+    } else if let Some((id, page)) = session_of(&path) {
+        if state.manager.live(id).is_some() {
+            return next.run(req).await;
+        }
+        match state.manager.store().get(id) {
+            Ok(Some(row)) if !row.node.is_empty() && row.node != node.id() => (row.node, page),
+            _ => return next.run(req).await,
+        }
+    } else {
+        return next.run(req).await;
     };
     let target = match cluster_of(&state.manager).nodes(now_ms()) {
         Ok(nodes) => nodes.into_iter().find(|n| n.info.id == owner),
@@ -503,5 +634,9 @@ mod tests {
         assert_eq!(session_of("/api/sessions/"), None);
         assert_eq!(session_of("/api/nodes"), None);
         assert_eq!(session_of("/assets/x.js"), None);
+        assert_eq!(profile_of("/api/users/alice/profile"), Some("alice"));
+        assert_eq!(profile_of("/api/users//profile"), None);
+        assert_eq!(profile_of("/api/users/a/b/profile"), None);
+        assert_eq!(profile_of("/api/users/alice"), None);
     }
 }

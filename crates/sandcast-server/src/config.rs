@@ -810,9 +810,15 @@ pub fn is_setting(key: &str) -> bool {
 }
 
 /// `SANDCAST_*` variables of other parts of sandcast: the log filter and the
-/// client's server URL and CA (`SANDCAST_API_KEY` and `SANDCAST_DATA_DIR` mean the
+/// client's server URL and CA, the tests' switch (`SANDCAST_API_KEY` and `SANDCAST_DATA_DIR` mean the
 /// same to the client and the server).
-pub const RESERVED_ENV: [&str; 3] = ["SANDCAST_LOG", "SANDCAST_SERVER", "SANDCAST_CA_CERT"];
+pub const RESERVED_ENV: [&str; 4] = [
+    "SANDCAST_LOG",
+    "SANDCAST_SERVER",
+    "SANDCAST_CA_CERT",
+    // The tests' switch: PostgreSQL tests fail rather than skip.
+    "SANDCAST_REQUIRE_POSTGRES",
+];
 
 /// `SANDCAST_*` variables in the environment that are neither settings nor
 /// reserved, so ignored: worth a warning, they may be misspelt settings.

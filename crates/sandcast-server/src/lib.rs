@@ -139,8 +139,9 @@ fn open_routes() -> OpenApiRouter<api::AppState> {
         .routes(routes!(viewer::download))
         .routes(routes!(viewer::upload))
         .routes(routes!(viewer::asset))
-        // Checks the cluster secret itself.
+        // These check the cluster secret themselves.
         .routes(routes!(cluster::start))
+        .routes(routes!(cluster::handed_create))
 }
 
 /// The two route tables and the OpenAPI document of both.

@@ -102,6 +102,14 @@ impl Modify for SecuritySchemes {
             ),
         );
         components.add_security_scheme(
+            "cluster_secret",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Sandcast-Cluster",
+                "The cluster secret (`cluster_secret`), on requests between the nodes \
+                 of a cluster only.",
+            ))),
+        );
+        components.add_security_scheme(
             "viewer_token_query",
             SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
                 "token",

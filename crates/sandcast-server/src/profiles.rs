@@ -350,6 +350,10 @@ pub async fn delete(
     std::fs::remove_file(meta_path(&dir, &user_id))
         .map_err(|e| ApiError::internal(format!("wiping the profile: {e}")))?;
     let _ = std::fs::remove_file(image(&dir, &user_id));
+    // In a cluster, the user's next profile may be made on any node.
+    if let Some(c) = state.manager.store().cluster() {
+        c.unpin_profile(&user_id)?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -387,6 +391,17 @@ pub async fn put(
                 format!("session {id} has the profile of {user_id:?} now; delete it first"),
             )
         })?;
+    // In a cluster the profile is kept here from now on (a request for a
+    // profile another node keeps was forwarded there before this).
+    if let Some(c) = state.manager.store().cluster() {
+        let kept = c.pin_profile(&user_id)?;
+        if kept != c.node_id() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("node {kept} keeps the profile of {user_id:?}; try again"),
+            ));
+        }
+    }
     let cfg = state.manager.config();
     let dir = dir(&cfg.data_dir);
     let img = prepare(&dir, &user_id, cfg.session.profile_mib, "import")

@@ -50,8 +50,9 @@ pub struct SessionEvent {
     pub data: serde_json::Value,
 }
 
-/// A validated request for a new session.
-#[derive(Debug, Clone)]
+/// A validated request for a new session (also as one node hands it to
+/// another, see [`crate::cluster`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewSession {
     /// Operator's user id.
     pub user_id: Option<String>,

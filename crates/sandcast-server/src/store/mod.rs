@@ -418,19 +418,40 @@ pub trait Cluster: Send + Sync {
     /// inserts `row` on it in the same transaction. The slots are counted
     /// from the sessions themselves, under a lock of the candidates' rows:
     /// concurrent placements never overfill a node, and stale heartbeat
-    /// figures cannot send every create to the same one. `None`: no
-    /// node has room.
+    /// figures cannot send every create to the same one.
+    ///
+    /// A session with a profile goes where its user's profile is (the
+    /// first one's node keeps it), or nowhere.
     fn place(
         &self,
         row: &Row,
         candidates: usize,
         fresh_after_ms: i64,
         exclude: &[String],
-    ) -> Result<Option<String>>;
+    ) -> Result<Placement>;
+    /// The node that keeps `user_id`'s profile, if any does.
+    fn profile_node(&self, user_id: &str) -> Result<Option<String>>;
+    /// Keeps `user_id`'s profile on this node unless another node keeps it
+    /// already; returns the node that does.
+    fn pin_profile(&self, user_id: &str) -> Result<String>;
+    /// This node no longer keeps `user_id`'s profile.
+    fn unpin_profile(&self, user_id: &str) -> Result<()>;
     /// Marks nodes whose last heartbeat is older than `cutoff_ms` lost and
     /// fails their live sessions with `reason`; pending webhook deliveries
     /// of a lost node are sent by this one. Returns the failed sessions.
     fn fail_lost(&self, cutoff_ms: i64, reason: &str, now_ms: i64) -> Result<Vec<String>>;
+}
+
+/// Where a new session went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Inserted on this node.
+    Placed(String),
+    /// No node has room.
+    Full,
+    /// Its user's profile is on this node, which cannot take it now
+    /// (draining, lost, silent, full, or excluded).
+    Pinned(String),
 }
 
 /// What a node says of itself when it joins.

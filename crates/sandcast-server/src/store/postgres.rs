@@ -14,8 +14,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use super::{
-    Cluster, NodeInfo, NodeLoad, NodeRow, PageQuery, Result, Row, State, Store, StoreError,
-    TokenRow,
+    Cluster, NodeInfo, NodeLoad, NodeRow, PageQuery, Placement, Result, Row, State, Store,
+    StoreError, TokenRow,
 };
 use crate::webhooks::{Delivery, DeliveryState, DeliveryUpdate, Head, NewDelivery, rfc3339};
 
@@ -28,7 +28,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 const POOL_SIZE: usize = 8;
 
 /// The schema, one step per entry, in order; never edited once released.
-const MIGRATIONS: &[&str] = &["CREATE TABLE sessions (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
         user_id TEXT,
         provider TEXT,
@@ -102,7 +103,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE sessions (
         lost BOOLEAN NOT NULL DEFAULT FALSE,
         joined_ms BIGINT NOT NULL,
         heartbeat_ms BIGINT NOT NULL
-    );"];
+    );",
+    // Which node keeps each user's profile (a file system on its disk).
+    "CREATE TABLE profiles (
+        user_id TEXT PRIMARY KEY,
+        node TEXT NOT NULL
+    );",
+];
 
 /// Taken while migrating: any number that no other user of the database
 /// takes.
@@ -843,7 +850,7 @@ impl Cluster for PgStore {
         candidates: usize,
         fresh_after_ms: i64,
         exclude: &[String],
-    ) -> Result<Option<String>> {
+    ) -> Result<Placement> {
         let pool = self.pool.clone();
         let (row, exclude) = (row.clone(), exclude.to_vec());
         let k = candidates.max(1);
@@ -859,22 +866,38 @@ impl Cluster for PgStore {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
+            let user = row.spec.profile.clone();
+            let pinned: Option<String> = match &user {
+                Some(u) => c
+                    .query_opt("SELECT node FROM profiles WHERE user_id = $1", &[u])
+                    .await?
+                    .map(|r| r.get(0)),
+                None => None,
+            };
             // K at random first; only when none of them has room, all of
             // them (in a transaction of its own, so locks are only ever
-            // taken in id order).
-            let mut sample = eligible.clone();
-            {
-                use rand::seq::SliceRandom;
-                sample.shuffle(&mut rand::rng());
-            }
-            sample.truncate(k);
-            sample.sort();
-            let mut rounds = vec![sample];
-            if eligible.len() > k {
-                let mut all = eligible;
-                all.sort();
-                rounds.push(all);
-            }
+            // taken in id order). A pinned profile allows its node alone.
+            let rounds = match &pinned {
+                Some(n) if eligible.contains(n) => vec![vec![n.clone()]],
+                Some(n) => return Ok(Placement::Pinned(n.clone())),
+                None => {
+                    let mut sample = eligible.clone();
+                    {
+                        use rand::seq::SliceRandom;
+                        sample.shuffle(&mut rand::rng());
+                    }
+                    sample.truncate(k);
+                    sample.sort();
+                    let mut rounds = vec![sample];
+                    if eligible.len() > k {
+                        let mut all = eligible;
+                        all.sort();
+                        rounds.push(all);
+                    }
+                    rounds
+                }
+            };
+            let mut placed = None;
             for ids in rounds {
                 let tx = c.transaction().await?;
                 // Draining and lost are read again under the lock: a drain
@@ -883,12 +906,67 @@ impl Cluster for PgStore {
                 if let Some(node) = freest(locked) {
                     insert_session(&tx, row.clone(), node.clone()).await?;
                     tx.commit().await?;
-                    return Ok(Some(node));
+                    placed = Some(node);
+                    break;
                 }
                 tx.rollback().await?;
             }
-            Ok(None)
+            let Some(node) = placed else {
+                return Ok(match pinned {
+                    Some(n) => Placement::Pinned(n),
+                    None => Placement::Full,
+                });
+            };
+            // A first profile session keeps the profile where it went;
+            // of two racing for one user, the first pin wins and the
+            // other's row goes (it was never started).
+            if let (Some(u), None) = (&user, &pinned) {
+                c.execute(
+                    "INSERT INTO profiles (user_id, node) VALUES ($1, $2)
+                     ON CONFLICT (user_id) DO NOTHING",
+                    &[u, &node],
+                )
+                .await?;
+                let kept: String = c
+                    .query_one("SELECT node FROM profiles WHERE user_id = $1", &[u])
+                    .await?
+                    .get(0);
+                if kept != node {
+                    c.execute("DELETE FROM sessions WHERE id = $1", &[&row.id])
+                        .await?;
+                    return Ok(Placement::Pinned(kept));
+                }
+            }
+            Ok(Placement::Placed(node))
         })
+    }
+
+    fn profile_node(&self, user_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .query(
+                "SELECT node FROM profiles WHERE user_id = $1".into(),
+                args![user_id.to_string()],
+                |r| Ok(r.try_get(0)?),
+            )?
+            .into_iter()
+            .next())
+    }
+
+    fn pin_profile(&self, user_id: &str) -> Result<String> {
+        self.execute(
+            "INSERT INTO profiles (user_id, node) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
+            args![user_id.to_string(), self.node.clone()],
+        )?;
+        self.profile_node(user_id)?
+            .ok_or_else(|| pg(format!("the profile pin of {user_id:?} vanished")))
+    }
+
+    fn unpin_profile(&self, user_id: &str) -> Result<()> {
+        self.execute(
+            "DELETE FROM profiles WHERE user_id = $1 AND node = $2",
+            args![user_id.to_string(), self.node.clone()],
+        )
+        .map(drop)
     }
 
     fn fail_lost(&self, cutoff_ms: i64, reason: &str, now_ms: i64) -> Result<Vec<String>> {
@@ -1018,7 +1096,10 @@ pub(crate) mod tests {
                     let store = &nodes[i % 3];
                     scope.spawn(move || {
                         let row = Row::for_test(&format!("s{i:02}"));
-                        let at = store.place(&row, 2, 0, &[]).unwrap();
+                        let at = match store.place(&row, 2, 0, &[]).unwrap() {
+                            Placement::Placed(n) => Some(n),
+                            _ => None,
+                        };
                         (row.id, at)
                     })
                 })
@@ -1050,7 +1131,10 @@ pub(crate) mod tests {
             let nodes = cluster(&url, &[("a", 10), ("b", 10), ("c", 10)]);
             for i in 0..12 {
                 let row = Row::for_test(&format!("s{i}"));
-                assert!(nodes[i % 3].place(&row, k, 0, &[]).unwrap().is_some());
+                assert!(matches!(
+                    nodes[i % 3].place(&row, k, 0, &[]).unwrap(),
+                    Placement::Placed(_)
+                ));
             }
             let counts: Vec<u32> = placed(&nodes[0]).iter().map(|(_, n)| *n).collect();
             let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
@@ -1073,9 +1157,13 @@ pub(crate) mod tests {
         nodes[3].heartbeat(&NodeLoad::default(), 5000).unwrap();
         nodes[0].heartbeat(&NodeLoad::default(), 5000).unwrap();
         let fresh_after = 4000;
-        let place = |id: &str, exclude: &[String]| {
-            a.place(&Row::for_test(id), 4, fresh_after, exclude)
-                .unwrap()
+        let place = |id: &str, exclude: &[String]| match a
+            .place(&Row::for_test(id), 4, fresh_after, exclude)
+            .unwrap()
+        {
+            Placement::Placed(n) => Some(n),
+            Placement::Full => None,
+            p => panic!("{p:?}"),
         };
         assert_eq!(place("s1", &[]).as_deref(), Some("d"), "d has most room");
         assert_eq!(place("s2", &["d".into()]).as_deref(), Some("a"));
@@ -1085,6 +1173,88 @@ pub(crate) mod tests {
         assert!(a.set_draining("b", false).unwrap());
         nodes[1].heartbeat(&NodeLoad::default(), 5000).unwrap();
         assert_eq!(place("s5", &["d".into()]).as_deref(), Some("b"));
+    }
+
+    fn with_profile(id: &str, user: &str) -> Row {
+        let base = Row::for_test(id);
+        Row {
+            spec: crate::store::Spec {
+                profile: Some(user.into()),
+                ..base.spec
+            },
+            ..base
+        }
+    }
+
+    /// A user's profile sessions all go to the node of the first one, also
+    /// when they race; a node that cannot take one means none is placed.
+    #[test]
+    fn profile_sessions_follow_their_profile() {
+        let Some(pg) = server() else { return };
+        let url = pg.database("pins");
+        let nodes = cluster(&url, &[("a", 3), ("b", 3), ("c", 3)]);
+        let Placement::Placed(home) = nodes[0]
+            .place(&with_profile("p0", "alice"), 3, 0, &[])
+            .unwrap()
+        else {
+            panic!("placed");
+        };
+        for (i, node) in nodes.iter().enumerate().skip(1) {
+            let got = node.place(&with_profile(&format!("p{i}"), "alice"), 3, 0, &[]);
+            assert_eq!(got.unwrap(), Placement::Placed(home.clone()));
+        }
+        assert_eq!(
+            nodes[0]
+                .place(&with_profile("p3", "alice"), 3, 0, &[])
+                .unwrap(),
+            Placement::Pinned(home.clone()),
+            "its node is full"
+        );
+        assert_eq!(nodes[1].profile_node("alice").unwrap(), Some(home.clone()));
+        assert_eq!(nodes[1].profile_node("nobody").unwrap(), None);
+        // Eight racing first sessions of one user: all on one node.
+        let got: Vec<Placement> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = &nodes[i % 3];
+                    scope.spawn(move || {
+                        store
+                            .place(&with_profile(&format!("q{i}"), "bob"), 1, 0, &[])
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let bob = nodes[0].profile_node("bob").unwrap().expect("pinned");
+        for p in &got {
+            match p {
+                Placement::Placed(n) | Placement::Pinned(n) => assert_eq!(n, &bob, "{got:?}"),
+                Placement::Full => {}
+            }
+        }
+        let rows = nodes[0]
+            .page(&PageQuery {
+                limit: 100,
+                ..PageQuery::default()
+            })
+            .unwrap();
+        let bobs: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.spec.profile.as_deref() == Some("bob"))
+            .collect();
+        assert!(
+            !bobs.is_empty() && bobs.iter().all(|r| r.node == bob),
+            "{bobs:?}"
+        );
+        // An import pins to the node it reaches first; only that node unpins.
+        let (b, c) = (&nodes[1], &nodes[2]);
+        assert_eq!(b.pin_profile("carol").unwrap(), "b");
+        assert_eq!(c.pin_profile("carol").unwrap(), "b");
+        c.unpin_profile("carol").unwrap();
+        assert_eq!(c.profile_node("carol").unwrap().as_deref(), Some("b"));
+        b.unpin_profile("carol").unwrap();
+        assert_eq!(c.profile_node("carol").unwrap(), None);
     }
 
     /// A silent node is declared lost once (by whichever node looks
@@ -1099,8 +1269,8 @@ pub(crate) mod tests {
         a.set_draining("a", true).unwrap();
         for id in ["s1", "s2", "s3"] {
             assert_eq!(
-                b.place(&Row::for_test(id), 2, 0, &[]).unwrap().as_deref(),
-                Some("b")
+                b.place(&Row::for_test(id), 2, 0, &[]).unwrap(),
+                Placement::Placed("b".into())
             );
         }
         b.set_state("s2", State::Stopping, None, 1500).unwrap();
