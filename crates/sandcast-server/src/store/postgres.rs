@@ -195,6 +195,9 @@ impl PgStore {
             let tx = c.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
+            // "already exists, skipping" on every start is not news.
+            tx.batch_execute("SET LOCAL client_min_messages = warning")
+                .await?;
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS sandcast_migrations (version INTEGER PRIMARY KEY)",
             )
