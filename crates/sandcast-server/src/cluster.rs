@@ -328,6 +328,7 @@ fn node_row(state: &AppState, id: &str) -> Result<NodeRow, ApiError> {
 #[utoipa::path(
     post,
     path = "/api/cluster/sessions",
+    operation_id = "create_handed_session",
     tag = "cluster",
     security(("cluster_secret" = [])),
     request_body = HandedCreate,
@@ -388,6 +389,7 @@ async fn start_remote(
 #[utoipa::path(
     post,
     path = "/api/cluster/sessions/{id}/start",
+    operation_id = "start_placed_session",
     tag = "cluster",
     security(("cluster_secret" = [])),
     params(("id" = String, Path, description = "Session id.")),
@@ -424,6 +426,7 @@ pub async fn start(
 #[utoipa::path(
     get,
     path = "/api/nodes",
+    operation_id = "list_nodes",
     tag = "cluster",
     security(("api_key" = [])),
     responses(
@@ -444,6 +447,7 @@ fn not_clustered() -> ApiError {
 #[utoipa::path(
     put,
     path = "/api/nodes/{id}/drain",
+    operation_id = "drain_node",
     tag = "cluster",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Node id.")),
@@ -463,6 +467,7 @@ pub async fn drain(
 #[utoipa::path(
     delete,
     path = "/api/nodes/{id}/drain",
+    operation_id = "undrain_node",
     tag = "cluster",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Node id.")),

@@ -1478,9 +1478,9 @@ impl Actor {
             }
             Message::Claimed { error: None } if !self.pooled => {
                 self.tell_watched();
-                self.ready();
+                self.ready().await;
             }
-            Message::Ready => self.ready(),
+            Message::Ready => self.ready().await,
             Message::Fatal { reason } => self.fail(&reason).await,
             Message::Child(report) => {
                 if report.state == sandcast_proto::ChildState::Restarting
@@ -1552,11 +1552,24 @@ impl Actor {
 
     /// The session is ready: its record says so, and the time it took is
     /// measured.
-    fn ready(&mut self) {
+    async fn ready(&mut self) {
         let m = self.m.clone();
         self.core.ready();
-        if self.set_state(State::Ready, None)
-            && let Ok(Some(row)) = m.store.get(&self.id)
+        if !self.set_state(State::Ready, None) {
+            // Its record ended while it started (in a cluster, the node
+            // that placed it here gave up on it): nobody has it, so it
+            // must not run on.
+            let ended = match m.store.get(&self.id) {
+                Ok(None) => true,
+                Ok(Some(row)) => !row.state.is_live(),
+                Err(_) => false,
+            };
+            if ended {
+                self.stop("its record ended before it was ready").await;
+            }
+            return;
+        }
+        if let Ok(Some(row)) = m.store.get(&self.id)
             && let Some(ready) = row.ready_ms
         {
             let secs = (ready - row.created_ms) as f64 / 1000.0;

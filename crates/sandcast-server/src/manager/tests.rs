@@ -639,3 +639,28 @@ async fn a_pooled_session_gives_way_to_a_request_it_does_not_fit() {
     assert!(matches!(m.create(fitting(&m)), Err(ManagerError::Full(1))));
     m.stop_all("test over").await;
 }
+
+/// A session whose record ended while it started (in a cluster: the node
+/// that placed it gave up on it) stops when its agent says it is ready,
+/// rather than running on for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_record_ended_while_it_started_stops_when_ready() {
+    let (m, _dir) = manager(2);
+    let (row, _) = m.create(request()).unwrap();
+    let mut agent = control(&m, &row.id).await;
+    assert!(
+        m.store()
+            .set_state(&row.id, State::Failed, Some("node b gave up"), now_ms())
+            .unwrap()
+    );
+    agent.send(Message::Ready).await.unwrap();
+    let live = m.live(&row.id).expect("live until it hears it is ready");
+    let mut ended = live.ended();
+    tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|e| *e))
+        .await
+        .expect("stopped within 10 s")
+        .unwrap();
+    let row = m.store().get(&row.id).unwrap().unwrap();
+    assert_eq!(row.state, State::Stopped, "{row:?}");
+    m.stop_all("test over").await;
+}
