@@ -569,6 +569,14 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
     forward(&node, &target, req).await
 }
 
+/// `X-Forwarded-For` with `peer` appended to what it said before.
+fn forwarded_for(before: Option<&str>, peer: std::net::IpAddr) -> String {
+    match before.map(str::trim).filter(|b| !b.is_empty()) {
+        Some(before) => format!("{before}, {peer}"),
+        None => peer.to_string(),
+    }
+}
+
 /// Forwards `req` to `target`, bridging a WebSocket upgrade.
 async fn forward(node: &Node, target: &NodeRow, mut req: Request) -> Response {
     let upgrading = req.headers().contains_key(header::UPGRADE);
@@ -585,6 +593,18 @@ async fn forward(node: &Node, target: &NodeRow, mut req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     parts.uri = uri;
     parts.headers.remove(header::HOST);
+    // The client's address as this node saw it, appended: the owner counts
+    // requests per client when it trusts the nodes (`trusted_proxies`).
+    if let Some(axum::extract::ConnectInfo(peer)) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    {
+        let xff = header::HeaderName::from_static("x-forwarded-for");
+        let before = parts.headers.get(&xff).and_then(|v| v.to_str().ok());
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for(before, peer.ip())) {
+            parts.headers.insert(xff, v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&node.secret) {
         parts.headers.insert(SECRET_HEADER, v);
     }
@@ -621,6 +641,17 @@ async fn forward(node: &Node, target: &NodeRow, mut req: Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_appended_to_forwarded_for() {
+        let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip), "203.0.113.7");
+        assert_eq!(forwarded_for(Some(" "), ip), "203.0.113.7");
+        assert_eq!(
+            forwarded_for(Some("198.51.100.1"), ip),
+            "198.51.100.1, 203.0.113.7"
+        );
+    }
 
     #[test]
     fn per_session_paths_name_their_session() {

@@ -40,14 +40,33 @@ pub fn node_id(config: &crate::Config) -> String {
     format!("{}-{}", host.trim(), config.host_config().instance)
 }
 
+/// Counts by state name as a database groups them, with every state (0
+/// for those it had none of).
+fn every_state(counts: &[(String, i64)]) -> Vec<(State, i64)> {
+    State::ALL
+        .iter()
+        .map(|s| {
+            let n = counts
+                .iter()
+                .filter(|(name, _)| name == s.as_str())
+                .map(|(_, n)| n)
+                .sum();
+            (*s, n)
+        })
+        .collect()
+}
+
 /// A store URL with its password replaced, for messages.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.split_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:***@{host}"),
+    // The last `@` before the query ends the user information (a password
+    // may hold an unescaped `@` of its own).
+    let head = rest.split('?').next().unwrap_or(rest);
+    match head.rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{}", &rest[at + 1..]),
             None => url.to_string(),
         },
         None => url.to_string(),
@@ -534,5 +553,27 @@ impl Row {
             exit_code: None,
             node: String::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_store_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact_url("postgres://sc:s3cret@db:5432/sc"),
+            "postgres://sc:***@db:5432/sc"
+        );
+        assert_eq!(redact_url("postgres://sc@db/sc"), "postgres://sc@db/sc");
+        assert_eq!(
+            redact_url("postgres://sc:p@ss@db/sc?sslmode=disable"),
+            "postgres://sc:***@db/sc?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("postgres:///sc?host=/run/postgresql"),
+            "postgres:///sc?host=/run/postgresql"
+        );
     }
 }

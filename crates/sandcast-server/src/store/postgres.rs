@@ -474,17 +474,7 @@ impl Store for PgStore {
             args![],
             |r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)?)),
         )?;
-        Ok(State::ALL
-            .iter()
-            .map(|s| {
-                let n = counts
-                    .iter()
-                    .filter(|(name, _)| name == s.as_str())
-                    .map(|(_, n)| n)
-                    .sum();
-                (*s, n)
-            })
-            .collect())
+        Ok(super::every_state(&counts))
     }
 
     fn ended_before(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>> {

@@ -253,17 +253,7 @@ impl Store for SqliteStore {
         let counts: Vec<(String, i64)> = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<std::result::Result<_, _>>()?;
-        Ok(State::ALL
-            .iter()
-            .map(|s| {
-                let n = counts
-                    .iter()
-                    .filter(|(name, _)| name == s.as_str())
-                    .map(|(_, n)| n)
-                    .sum();
-                (*s, n)
-            })
-            .collect())
+        Ok(super::every_state(&counts))
     }
 
     fn ended_before(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>> {
