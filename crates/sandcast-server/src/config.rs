@@ -1224,6 +1224,52 @@ mod tests {
         );
     }
 
+    /// `deploy/`'s node configuration is one the server takes, as a node.
+    #[test]
+    fn the_deploy_example_is_a_node_configuration() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/systemd/sandcast.toml.example");
+        let c = Config::load(Some(&file), Figment::new()).unwrap();
+        assert!(c.clustered());
+        assert_eq!(c.cluster.node_id, "node-1");
+        assert_eq!(c.cluster.api_url, "http://10.0.0.11:8080");
+        assert_eq!(c.max_sessions, 40);
+    }
+
+    /// A cluster's settings are checked, each refusal naming its key.
+    #[test]
+    fn a_node_needs_a_secret_a_key_and_no_pool() {
+        let node = || Config {
+            store: "postgres://sc@db/sc".into(),
+            cluster_secret: "s".repeat(MIN_CLUSTER_SECRET),
+            api_key: "k".into(),
+            ..Config::default()
+        };
+        assert!(node().check().is_ok());
+        let short = Config {
+            cluster_secret: "short".into(),
+            ..node()
+        };
+        assert!(short.check().unwrap_err().starts_with("cluster_secret"));
+        let no_key = Config {
+            api_key: String::new(),
+            ..node()
+        };
+        assert!(no_key.check().unwrap_err().starts_with("api_key"));
+        let mut pool = node();
+        pool.session.pool_size = 1;
+        assert!(pool.check().unwrap_err().starts_with("session.pool_size"));
+        let mut fast = node();
+        fast.cluster.lost_after_seconds = 3;
+        assert!(fast.check().unwrap_err().contains("lost_after_seconds"));
+        let sqlite_typo = Config {
+            store: "mysql://x:pw@db".into(),
+            ..Config::default()
+        };
+        let e = sqlite_typo.check().unwrap_err();
+        assert!(e.starts_with("store") && !e.contains("pw"), "{e}");
+    }
+
     #[test]
     fn moved_keys_are_refused_naming_their_replacement() {
         let dir = std::env::temp_dir().join(format!("sc-config-moved-{}", std::process::id()));
