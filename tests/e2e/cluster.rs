@@ -79,13 +79,8 @@ fn owner_of(s: &Server, id: &str) -> String {
 
 #[test]
 fn three_nodes_place_route_drain_and_lose_a_node() {
-    let pg = match TestPostgres::start() {
-        Ok(pg) => pg,
-        Err(why) if std::env::var_os("SANDCAST_REQUIRE_POSTGRES").is_none() => {
-            eprintln!("SKIPPED: no PostgreSQL server for the cluster: {why}");
-            return;
-        }
-        Err(why) => panic!("SANDCAST_REQUIRE_POSTGRES is set: {why}"),
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
     };
     let url = pg.database("cluster");
     let a = Server::start(node_options(&url, "a"));

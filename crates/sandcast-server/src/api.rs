@@ -390,7 +390,12 @@ pub fn session_json(row: &Row, live: Option<&Live>) -> Value {
 /// The viewer of session `id` opened with `token` (in the fragment, which
 /// browsers never send).
 pub(crate) fn viewer_url(state: &AppState, headers: &HeaderMap, id: &str, token: &str) -> String {
-    format!("{}/viewer/{id}#token={token}", base_url(state, headers))
+    viewer_url_at(&base_url(state, headers), id, token)
+}
+
+/// The viewer of session `id` on the server at `base`.
+fn viewer_url_at(base: &str, id: &str, token: &str) -> String {
+    format!("{base}/viewer/{id}#token={token}")
 }
 
 /// This server's base URL as the client reached it (or `public_url`).
@@ -469,20 +474,26 @@ pub(crate) async fn created_here(
             let _ = tokio::time::timeout(PROFILE_HANDOVER, ended.wait_for(|e| *e)).await;
         }
     }
-    let (status, (row, token)) = match (existing, &state.node) {
-        (Some(id), _) => (StatusCode::OK, state.manager.new_viewer_token(&id)?),
-        (None, Some(node)) => (
-            StatusCode::CREATED,
-            crate::cluster::create(state, node, new).await?,
+    let (status, (row, token), base) = match (existing, &state.node) {
+        (Some(id), node) => (
+            StatusCode::OK,
+            state.manager.new_viewer_token(&id)?,
+            // The profile's session runs here, on this node.
+            node.as_ref()
+                .map_or_else(|| base_url(state, headers), |n| n.public_url().to_string()),
         ),
-        (None, None) => (StatusCode::CREATED, state.manager.create(new)?),
-    };
-    let base = match &state.node {
-        Some(node) => crate::cluster::public_url(state, node, &row.node),
-        None => base_url(state, headers),
+        (None, Some(node)) => {
+            let (row, token, base) = crate::cluster::create(state, node, new).await?;
+            (StatusCode::CREATED, (row, token), base)
+        }
+        (None, None) => (
+            StatusCode::CREATED,
+            state.manager.create(new)?,
+            base_url(state, headers),
+        ),
     };
     let mut body = session_json(&row, state.manager.live(&row.id).as_deref());
-    body["viewer_url"] = json!(format!("{base}/viewer/{}#token={token}", row.id));
+    body["viewer_url"] = json!(viewer_url_at(&base, &row.id, &token));
     body["viewer_token"] = json!(token);
     body["cdp_url"] = json!(crate::cdp::cdp_url(state, headers, &row.id));
     Ok((status, Json(body)).into_response())

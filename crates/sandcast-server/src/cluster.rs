@@ -34,7 +34,7 @@ use crate::api::AppState;
 use crate::api::ProfileConflict;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::manager::{Manager, ManagerError, NewSession, new_id, now_ms};
+use crate::manager::{Manager, NewSession, new_id, now_ms};
 use crate::store::{Cluster, NodeInfo, NodeLoad, NodeRow, Placement, Row, State as SessionState};
 
 /// The header node-to-node requests carry the cluster secret in.
@@ -95,6 +95,11 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> &str {
         &self.info.id
+    }
+
+    /// Where viewers reach this node.
+    pub fn public_url(&self) -> &str {
+        &self.info.public_url
     }
 
     /// Whether a request carries the cluster secret (constant time).
@@ -187,12 +192,13 @@ pub async fn run(node: Arc<Node>, m: std::sync::Weak<Manager>) {
 
 /// Creates a session somewhere in the cluster: placed by the store, started
 /// by the chosen node. A node that cannot start it fails it, and the next
-/// candidate gets a new session, once. Returns the row and viewer token.
+/// candidate gets a new session, once. Returns the row, its viewer token
+/// and the public URL of the node that runs it.
 pub async fn create(
     state: &AppState,
     node: &Node,
     req: NewSession,
-) -> Result<(Row, String), ApiError> {
+) -> Result<(Row, String, String), ApiError> {
     let m = &state.manager;
     let cluster = cluster_of(m);
     let c = &m.config().cluster;
@@ -207,23 +213,26 @@ pub async fn create(
             Placement::Placed(owner) => owner,
             Placement::Full => break,
             Placement::Pinned(n) => {
-                return Err(ApiError::from(ManagerError::Full(0)).detail(json!({
-                    "why": format!(
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
                         "the user's profile is on node {n}, which cannot take a session now \
                          (full, draining or silent)"
                     ),
-                    "node": n,
-                })));
+                )
+                .detail(json!({ "node": n })));
             }
         };
         row.node = owner.clone();
         let started = if owner == node.id() {
-            m.start_placed(row.clone()).map_err(ApiError::from)
+            m.start_placed(row.clone())
+                .map(|()| node.info.public_url.clone())
+                .map_err(ApiError::from)
         } else {
             start_remote(state, node, &owner, &row.id).await
         };
         match started {
-            Ok(()) => return Ok((row, token)),
+            Ok(public_url) => return Ok((row, token, public_url)),
             Err(e) => {
                 let reason = format!("node {owner} could not start it: {}", e.error);
                 tracing::warn!(session = %row.id, node = %owner, error = %e.error, "placement failed; trying the next node");
@@ -242,28 +251,16 @@ pub async fn create(
         }
     }
     Err(last.unwrap_or_else(|| {
-        ApiError::from(ManagerError::Full(0)).detail(json!({
-            "why": "no node of the cluster has room (every node is full, draining or silent)"
-        }))
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no node of the cluster has room: every node is full, draining or silent",
+        )
     }))
 }
 
 /// The node that keeps `user_id`'s profile, if any.
 pub fn profile_node(state: &AppState, user_id: &str) -> Result<Option<String>, ApiError> {
     Ok(cluster_of(&state.manager).profile_node(user_id)?)
-}
-
-/// The public URL of `owner` (this node's own when it is this node or
-/// unknown).
-pub fn public_url(state: &AppState, node: &Node, owner: &str) -> String {
-    if owner.is_empty() || owner == node.id() {
-        return node.info.public_url.clone();
-    }
-    cluster_of(&state.manager)
-        .nodes(now_ms())
-        .ok()
-        .and_then(|nodes| nodes.into_iter().find(|n| n.info.id == owner))
-        .map_or_else(|| node.info.public_url.clone(), |n| n.info.public_url)
 }
 
 /// A create handed from one node to another.
@@ -314,9 +311,7 @@ pub async fn create_on(
 
 fn node_row(state: &AppState, id: &str) -> Result<NodeRow, ApiError> {
     cluster_of(&state.manager)
-        .nodes(now_ms())?
-        .into_iter()
-        .find(|n| n.info.id == id)
+        .node(id)?
         .ok_or_else(|| ApiError::internal(format!("node {id} has no row")))
 }
 
@@ -354,13 +349,14 @@ pub async fn handed_create(
     crate::api::created_here(&state, &headers, handed.request, handed.conflict).await
 }
 
-/// Asks `owner` to start session `id`, placed on it.
+/// Asks `owner` to start session `id`, placed on it; returns the owner's
+/// public URL.
 async fn start_remote(
     state: &AppState,
     node: &Node,
     owner: &str,
     id: &str,
-) -> Result<(), ApiError> {
+) -> Result<String, ApiError> {
     let target = node_row(state, owner)?;
     let req = axum::http::Request::post(format!(
         "{}/api/cluster/sessions/{id}/start",
@@ -374,7 +370,7 @@ async fn start_remote(
         .map_err(|_| ApiError::internal(format!("node {owner} did not answer")))?
         .map_err(|e| ApiError::internal(format!("node {owner}: {e}")))?;
     if resp.status().is_success() {
-        return Ok(());
+        return Ok(target.info.public_url);
     }
     let status = resp.status();
     Err(ApiError::internal(format!(
@@ -436,7 +432,7 @@ pub async fn start(
 )]
 pub async fn list(State(state): State<AppState>) -> Result<axum::Json<Vec<NodeRow>>, ApiError> {
     let cluster = state.manager.store().cluster().ok_or_else(not_clustered)?;
-    Ok(axum::Json(cluster.nodes(now_ms())?))
+    Ok(axum::Json(cluster.nodes()?))
 }
 
 fn not_clustered() -> ApiError {
@@ -546,8 +542,8 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
     } else {
         return next.run(req).await;
     };
-    let target = match cluster_of(&state.manager).nodes(now_ms()) {
-        Ok(nodes) => nodes.into_iter().find(|n| n.info.id == owner),
+    let target = match cluster_of(&state.manager).node(&owner) {
+        Ok(target) => target,
         Err(e) => return ApiError::from(e).into_response(),
     };
     let Some(target) = target.filter(|t| !t.lost) else {

@@ -427,7 +427,9 @@ pub trait Cluster: Send + Sync {
     /// and [`Cluster::join`] again.
     fn heartbeat(&self, load: &NodeLoad, now_ms: i64) -> Result<bool>;
     /// Every node, by id.
-    fn nodes(&self, now_ms: i64) -> Result<Vec<NodeRow>>;
+    fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// One node.
+    fn node(&self, node_id: &str) -> Result<Option<NodeRow>>;
     /// Whether new sessions may be placed on a node; returns whether it
     /// exists.
     fn set_draining(&self, node_id: &str, draining: bool) -> Result<bool>;

@@ -702,6 +702,39 @@ impl Store for PgStore {
     }
 }
 
+/// Nodes with the sessions placed on each that have not ended, as
+/// [`read_node`] reads them.
+fn select_nodes() -> String {
+    format!(
+        "SELECT n.id, n.api_url, n.public_url, n.webrtc, n.version, n.max_sessions,
+            n.sessions, n.free_mib, n.idle_millis, n.draining, n.lost, n.heartbeat_ms,
+            (SELECT COUNT(*) FROM sessions s WHERE s.node = n.id AND s.state IN {LIVE})
+         FROM nodes n"
+    )
+}
+
+fn read_node(r: &tokio_postgres::Row) -> Result<NodeRow> {
+    Ok(NodeRow {
+        info: NodeInfo {
+            id: r.try_get(0)?,
+            api_url: r.try_get(1)?,
+            public_url: r.try_get(2)?,
+            webrtc: serde_json::from_str(r.try_get(3)?)?,
+            version: r.try_get(4)?,
+            max_sessions: r.try_get::<_, i32>(5)? as u32,
+        },
+        load: NodeLoad {
+            sessions: r.try_get::<_, i32>(6)? as u32,
+            free_mib: r.try_get::<_, i64>(7)? as u64,
+            idle_millis: r.try_get::<_, i32>(8)? as u32,
+        },
+        draining: r.try_get(9)?,
+        lost: r.try_get(10)?,
+        heartbeat_ms: r.try_get(11)?,
+        placed: r.try_get::<_, i64>(12)? as u32,
+    })
+}
+
 /// A candidate node under its row lock: its room and free memory.
 struct Candidate {
     id: String,
@@ -797,37 +830,21 @@ impl Cluster for PgStore {
         )? > 0)
     }
 
-    fn nodes(&self, _now_ms: i64) -> Result<Vec<NodeRow>> {
+    fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.query(
-            format!(
-                "SELECT n.id, n.api_url, n.public_url, n.webrtc, n.version, n.max_sessions,
-                    n.sessions, n.free_mib, n.idle_millis, n.draining, n.lost, n.heartbeat_ms,
-                    (SELECT COUNT(*) FROM sessions s WHERE s.node = n.id AND s.state IN {LIVE})
-                 FROM nodes n ORDER BY n.id"
-            ),
+            format!("{} ORDER BY n.id", select_nodes()),
             args![],
-            |r| {
-                Ok(NodeRow {
-                    info: NodeInfo {
-                        id: r.try_get(0)?,
-                        api_url: r.try_get(1)?,
-                        public_url: r.try_get(2)?,
-                        webrtc: serde_json::from_str(r.try_get(3)?)?,
-                        version: r.try_get(4)?,
-                        max_sessions: r.try_get::<_, i32>(5)? as u32,
-                    },
-                    load: NodeLoad {
-                        sessions: r.try_get::<_, i32>(6)? as u32,
-                        free_mib: r.try_get::<_, i64>(7)? as u64,
-                        idle_millis: r.try_get::<_, i32>(8)? as u32,
-                    },
-                    draining: r.try_get(9)?,
-                    lost: r.try_get(10)?,
-                    heartbeat_ms: r.try_get(11)?,
-                    placed: r.try_get::<_, i64>(12)? as u32,
-                })
-            },
+            read_node,
         )
+    }
+
+    fn node(&self, node_id: &str) -> Result<Option<NodeRow>> {
+        let rows = self.query(
+            format!("{} WHERE n.id = $1", select_nodes()),
+            args![node_id.to_string()],
+            read_node,
+        )?;
+        Ok(rows.into_iter().next())
     }
 
     fn set_draining(&self, node_id: &str, draining: bool) -> Result<bool> {
@@ -1014,29 +1031,17 @@ impl Cluster for PgStore {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::store::suite;
     use crate::store::testing::TestPostgres;
 
-    /// A throw-away PostgreSQL server, or none, said visibly, when this
-    /// machine has no PostgreSQL 15; `SANDCAST_REQUIRE_POSTGRES` (set by
-    /// `scripts/test`, which installs it) makes that a failure instead.
-    pub(crate) fn server() -> Option<TestPostgres> {
-        match TestPostgres::start() {
-            Ok(pg) => Some(pg),
-            Err(why) if std::env::var_os("SANDCAST_REQUIRE_POSTGRES").is_none() => {
-                eprintln!("SKIPPED: no PostgreSQL server for this test: {why}");
-                None
-            }
-            Err(why) => panic!("SANDCAST_REQUIRE_POSTGRES is set: {why}"),
-        }
-    }
-
     /// The store suite, each case on a database of its own.
     #[test]
     fn postgres_passes_the_store_suite() {
-        let Some(pg) = server() else { return };
+        let Some(pg) = TestPostgres::start_or_skip() else {
+            return;
+        };
         for (i, (name, case)) in suite::CASES.iter().enumerate() {
             let url = pg.database(&format!("case{i}"));
             eprintln!("case {name}");
@@ -1068,7 +1073,7 @@ pub(crate) mod tests {
     }
 
     fn placed(s: &PgStore) -> Vec<(String, u32)> {
-        s.nodes(0)
+        s.nodes()
             .unwrap()
             .into_iter()
             .map(|n| (n.info.id, n.placed))
@@ -1080,7 +1085,9 @@ pub(crate) mod tests {
     /// the same figures.
     #[test]
     fn concurrent_placements_never_overfill_a_node() {
-        let Some(pg) = server() else { return };
+        let Some(pg) = TestPostgres::start_or_skip() else {
+            return;
+        };
         let url = pg.database("place");
         let nodes = cluster(&url, &[("a", 4), ("b", 4), ("c", 2)]);
         let results: Vec<(String, Option<String>)> = std::thread::scope(|scope| {
@@ -1118,7 +1125,9 @@ pub(crate) mod tests {
     /// even; with two of three it never strays far.
     #[test]
     fn placement_goes_to_the_freest_candidate() {
-        let Some(pg) = server() else { return };
+        let Some(pg) = TestPostgres::start_or_skip() else {
+            return;
+        };
         for (k, spread) in [(3, 0), (2, 2)] {
             let url = pg.database(&format!("spread{k}"));
             let nodes = cluster(&url, &[("a", 10), ("b", 10), ("c", 10)]);
@@ -1140,7 +1149,9 @@ pub(crate) mod tests {
     /// ended session frees its slot.
     #[test]
     fn placement_skips_draining_lost_stale_and_excluded_nodes() {
-        let Some(pg) = server() else { return };
+        let Some(pg) = TestPostgres::start_or_skip() else {
+            return;
+        };
         let url = pg.database("skip");
         let nodes = cluster(&url, &[("a", 1), ("b", 5), ("c", 5), ("d", 5)]);
         let a = &nodes[0];
@@ -1183,7 +1194,9 @@ pub(crate) mod tests {
     /// when they race; a node that cannot take one means none is placed.
     #[test]
     fn profile_sessions_follow_their_profile() {
-        let Some(pg) = server() else { return };
+        let Some(pg) = TestPostgres::start_or_skip() else {
+            return;
+        };
         let url = pg.database("pins");
         let nodes = cluster(&url, &[("a", 3), ("b", 3), ("c", 3)]);
         let Placement::Placed(home) = nodes[0]
@@ -1255,7 +1268,9 @@ pub(crate) mod tests {
     /// node that noticed; its own heartbeat then says so, and it rejoins.
     #[test]
     fn a_lost_node_fails_its_sessions_once_and_rejoins() {
-        let Some(pg) = server() else { return };
+        let Some(pg) = TestPostgres::start_or_skip() else {
+            return;
+        };
         let url = pg.database("lost");
         let nodes = cluster(&url, &[("a", 5), ("b", 5)]);
         let (a, b) = (&nodes[0], &nodes[1]);
@@ -1291,16 +1306,18 @@ pub(crate) mod tests {
         assert_eq!(a.get("s3").unwrap().unwrap().reason, None, "ended before");
         assert_eq!(a.delivery_heads().unwrap()[0].delivery.id, "d1");
         assert!(b.delivery_heads().unwrap().is_empty());
-        assert!(a.nodes(0).unwrap()[1].lost);
+        assert!(a.nodes().unwrap()[1].lost);
+        assert!(a.node("b").unwrap().unwrap().lost);
+        assert!(a.node("zz").unwrap().is_none());
         assert!(
             !b.heartbeat(&NodeLoad::default(), 9500).unwrap(),
             "b hears it was lost"
         );
         b.join(&info("b", 5), 9600).unwrap();
         assert!(b.heartbeat(&NodeLoad::default(), 9700).unwrap());
-        let row = a.nodes(0).unwrap().remove(1);
+        let row = a.nodes().unwrap().remove(1);
         assert!(!row.lost && !row.draining);
-        assert!(a.nodes(0).unwrap()[0].draining, "a's drain is kept");
+        assert!(a.nodes().unwrap()[0].draining, "a's drain is kept");
         // b restarted: only its own sessions are reconciled.
         a.set_draining("a", false).unwrap();
         a.place(&Row::for_test("on-a"), 1, 9000, &["b".into()])

@@ -126,6 +126,20 @@ impl TestPostgres {
         }
     }
 
+    /// [`TestPostgres::start`], or none, said visibly, when this machine
+    /// cannot run one; `SANDCAST_REQUIRE_POSTGRES` (set by `scripts/test`,
+    /// which installs PostgreSQL) makes that a failure instead.
+    pub fn start_or_skip() -> Option<TestPostgres> {
+        match TestPostgres::start() {
+            Ok(pg) => Some(pg),
+            Err(why) if std::env::var_os("SANDCAST_REQUIRE_POSTGRES").is_none() => {
+                eprintln!("SKIPPED: no PostgreSQL server for this test: {why}");
+                None
+            }
+            Err(why) => panic!("SANDCAST_REQUIRE_POSTGRES is set: {why}"),
+        }
+    }
+
     /// Makes a new, empty database and returns its connection string.
     pub fn database(&self, name: &str) -> String {
         let out = Command::new(Path::new(BIN).join("psql"))
