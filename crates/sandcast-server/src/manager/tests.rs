@@ -653,9 +653,10 @@ async fn a_session_whose_record_ended_while_it_started_stops_when_ready() {
             .set_state(&row.id, State::Failed, Some("node b gave up"), now_ms())
             .unwrap()
     );
-    agent.send(Message::Ready).await.unwrap();
+    // Watched before the agent speaks: the session may be gone at once.
     let live = m.live(&row.id).expect("live until it hears it is ready");
     let mut ended = live.ended();
+    agent.send(Message::Ready).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|e| *e))
         .await
         .expect("stopped within 10 s")
